@@ -1,0 +1,179 @@
+"""
+The envelope codec: client JSON text -> requests, and server envelopes -> JSON bytes.
+
+Pure functions. Decoding never raises: input it refuses becomes an :class:`Invalid`
+value carrying the ``error`` code the protocol names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Union
+
+import attrs
+
+from ._types import RoomName, is_valid_room
+
+# Error codes of the protocol's ``error`` envelope.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+NOT_JOINED = "not_joined"
+INVALID_ROOM = "invalid_room"
+RATE_LIMITED = "rate_limited"
+FORBIDDEN = "forbidden"
+
+
+@attrs.frozen
+class Chat:
+    """``{"type":"chat","content":...,"room"?:R}``: publish; room None means the default."""
+
+    room: RoomName | None
+    content: object
+
+
+@attrs.frozen
+class Join:
+    """``{"type":"join","room":R}``."""
+
+    room: RoomName
+
+
+@attrs.frozen
+class Leave:
+    """``{"type":"leave","room":R}``."""
+
+    room: RoomName
+
+
+@attrs.frozen
+class Ping:
+    """``{"type":"ping"}``: an application-level ping."""
+
+
+@attrs.frozen
+class Invalid:
+    """A message the server refuses; answered with an ``error`` envelope."""
+
+    code: str
+    reason: str
+
+
+Request = Union[Chat, Join, Leave, Ping, Invalid]
+
+_PING = Ping()
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e999 parses as inf, which JSON cannot carry back out.
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constants(text: str) -> object:
+    raise ValueError(f"not JSON: {text}")
+
+
+_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constants)
+
+
+def _room_field(value: object) -> RoomName | Invalid:
+    if is_valid_room(value):
+        return RoomName(value)  # type: ignore[arg-type]
+    return Invalid(INVALID_ROOM, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+
+
+def decode_request(text: str) -> Request:
+    """
+    Decode one client message.
+
+    Fields the protocol does not define, and ``username``, ``timestamp`` and ``seq``
+    on a chat, are ignored: the server sets those. A chat's ``room`` that is absent,
+    null or empty (as the original clients send it) means the connection's default room.
+    """
+    try:
+        obj = _decoder.decode(text)
+    except (ValueError, RecursionError):
+        return Invalid(BAD_JSON, "message is not valid JSON")
+    if type(obj) is not dict:
+        return Invalid(BAD_MESSAGE, "message must be a JSON object")
+    kind = obj.get("type")
+    if kind == "chat":
+        if "content" not in obj:
+            return Invalid(BAD_MESSAGE, "chat needs a content field")
+        room = obj.get("room")
+        if room is None or room == "":
+            return Chat(None, obj["content"])
+        checked = _room_field(room)
+        if type(checked) is Invalid:
+            return checked
+        return Chat(checked, obj["content"])  # type: ignore[arg-type]
+    if kind == "join" or kind == "leave":
+        if "room" not in obj:
+            return Invalid(BAD_MESSAGE, f"{kind} needs a room field")
+        checked = _room_field(obj["room"])
+        if type(checked) is Invalid:
+            return checked
+        return Join(checked) if kind == "join" else Leave(checked)  # type: ignore[arg-type]
+    if kind == "ping":
+        return _PING
+    if type(kind) is not str:
+        return Invalid(BAD_MESSAGE, "message needs a string type field")
+    return Invalid(BAD_MESSAGE, "unknown message type")
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def encode(envelope: dict[str, object]) -> bytes:
+    """Encode a server envelope as compact JSON bytes (ASCII-safe)."""
+    return _dumps(envelope).encode("ascii")
+
+
+def encode_chat(
+    username: str, content: object, room: str, timestamp: int, seq: int
+) -> bytes | None:
+    """Encode a chat envelope; None when *content* cannot be re-encoded (too deep)."""
+    try:
+        return encode(
+            {
+                "type": "chat",
+                "username": username,
+                "content": content,
+                "room": room,
+                "timestamp": timestamp,
+                "seq": seq,
+            }
+        )
+    except (ValueError, RecursionError):
+        return None
+
+
+def encode_presence(event: str, username: str, room: str, timestamp: int) -> bytes:
+    """Encode a ``presence`` join or leave envelope."""
+    verb = "joined" if event == "join" else "left"
+    return encode(
+        {
+            "type": "presence",
+            "event": event,
+            "username": username,
+            "content": f"{username} {verb} the room",
+            "room": room,
+            "timestamp": timestamp,
+        }
+    )
+
+
+def encode_presence_state(room: str, users: list[str]) -> bytes:
+    """Encode a ``presence_state`` envelope; *users* must already be sorted."""
+    return encode({"type": "presence_state", "room": room, "users": users})
+
+
+def encode_error(code: str, reason: str) -> bytes:
+    """Encode an ``error`` envelope."""
+    return encode({"type": "error", "code": code, "content": reason})
+
+
+PONG = encode({"type": "pong"})

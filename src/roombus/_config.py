@@ -1,0 +1,117 @@
+"""BrokerConfig: every limit and interval of the core, validated once."""
+
+from __future__ import annotations
+
+import math
+
+from collections.abc import Iterable
+
+import attrs
+
+from ._errors import ConfigError
+from ._handshake import normalize_origin
+
+#: Room for the envelope around content of the maximum inbound size
+#: (username, room, timestamp, seq and JSON escaping of the short fields).
+ENVELOPE_OVERHEAD = 1024
+
+
+def _positive_finite(setting: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(setting, f"must be a positive number of seconds, not {value!r}")
+
+
+def _positive_int(setting: str, value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(setting, f"must be a positive integer, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class BrokerConfig:
+    """
+    The core's settings. Every field has a production default.
+
+    Attributes:
+        ping_interval: Seconds of silence (no pong) after which a connection is pinged.
+        ping_timeout: Seconds a pinged connection has to answer before it is closed.
+            A connection is therefore closed exactly ``ping_interval + ping_timeout``
+            seconds after its last pong (or its connect).
+        max_message_bytes: Largest inbound message, in UTF-8 bytes; larger ones close
+            the connection with 1009.
+        send_queue: Most messages that may wait for one slow receiver.
+        send_queue_bytes: Most bytes that may wait for one slow receiver.
+        max_rooms_per_connection: Rooms one connection may be in at once.
+    """
+
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
+    max_message_bytes: int = 64 * 1024
+    send_queue: int = 1024
+    send_queue_bytes: int = 4 * 1024 * 1024
+    max_rooms_per_connection: int = 100
+
+    def __attrs_post_init__(self) -> None:
+        _positive_finite("ping-interval", self.ping_interval)
+        _positive_finite("ping-timeout", self.ping_timeout)
+        _positive_int("max-message-bytes", self.max_message_bytes)
+        _positive_int("send-queue", self.send_queue)
+        _positive_int("send-queue-bytes", self.send_queue_bytes)
+        _positive_int("max-rooms-per-connection", self.max_rooms_per_connection)
+        if self.send_queue_bytes < self.max_message_bytes + ENVELOPE_OVERHEAD:
+            raise ConfigError(
+                "send-queue-bytes",
+                f"must be at least max-message-bytes + {ENVELOPE_OVERHEAD} "
+                f"({self.max_message_bytes + ENVELOPE_OVERHEAD}) so that one maximal "
+                f"message fits, not {self.send_queue_bytes}",
+            )
+
+
+def _origins(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(normalize_origin(v) for v in values)
+
+
+def _non_negative_int(setting: str, value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(setting, f"must be a non-negative integer, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """
+    Settings of a network server driving the core (transport-level, not the core's).
+
+    Attributes:
+        host: Address to listen on.
+        port: TCP port to listen on; 0 picks a free one.
+        handshake_timeout: Seconds a client has to complete its opening request;
+            after that its TCP connection is closed.
+        close_timeout: Seconds to wait for the close handshake (and a slow client's
+            last bytes) before dropping the TCP connection; also bounds shutdown.
+        max_header_bytes: Largest opening request (line and headers); larger gets 431.
+        allowed_origins: If not empty, the only ``Origin`` values an upgrade may carry
+            (normalized: lower case, no trailing slash); others get 403.
+        page: HTML served at ``GET /`` (the chat page), or None for 404.
+        backlog: The listen backlog.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
+    max_header_bytes: int = 16 * 1024
+    allowed_origins: frozenset[str] = attrs.field(default=frozenset(), converter=_origins)
+    page: bytes | None = None
+    backlog: int = 1024
+
+    def __attrs_post_init__(self) -> None:
+        if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
+            raise ConfigError("port", f"must be 0-65535, not {self.port!r}")
+        _positive_finite("handshake-timeout", self.handshake_timeout)
+        _positive_finite("close-timeout", self.close_timeout)
+        _positive_int("max-header-bytes", self.max_header_bytes)
+        _non_negative_int("backlog", self.backlog)
+        for origin in self.allowed_origins:
+            if "://" not in origin:
+                raise ConfigError(
+                    "allowed-origin", f"{origin!r} is not an origin like https://example.com"
+                )

@@ -1,0 +1,164 @@
+"""
+The opening handshake's decisions, as pure functions of a parsed HTTP request.
+
+Given a request's method, target and headers, :func:`route_request` decides: upgrade
+to a WebSocket for a room and user, or answer with a plain HTTP response (the chat
+page, ``/healthz``, or a refusal with the status the protocol names). Parsing HTTP
+and writing bytes belong to the wire layer; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Collection, Sequence
+from urllib.parse import parse_qsl
+
+import attrs
+
+from ._types import RoomName, Username, is_valid_room, is_valid_username
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+@attrs.frozen(kw_only=True)
+class Upgrade:
+    """
+    Accept the WebSocket upgrade.
+
+    Attributes:
+        room: The room to join on connect.
+        username: The user, from the query string.
+        accept: The ``Sec-WebSocket-Accept`` value for the response.
+    """
+
+    room: RoomName
+    username: Username
+    accept: bytes
+
+
+@attrs.frozen(kw_only=True)
+class HttpResponse:
+    """
+    Answer with a plain HTTP response and close.
+
+    Attributes:
+        status: The status code.
+        body: The body.
+        content_type: The body's media type.
+        headers: Any further headers.
+    """
+
+    status: int
+    body: bytes
+    content_type: bytes = b"text/plain; charset=utf-8"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+
+
+def _refuse(status: int, text: str, *headers: tuple[bytes, bytes]) -> HttpResponse:
+    return HttpResponse(status=status, body=text.encode() + b"\n", headers=headers)
+
+
+def _tokens(headers: Headers, name: bytes) -> set[bytes]:
+    found: set[bytes] = set()
+    for key, value in headers:
+        if key == name:
+            found.update(t.strip().lower() for t in value.split(b","))
+    return found
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def normalize_origin(origin: str) -> str:
+    """An origin as compared against the allow-list: lower case, no trailing slash."""
+    return origin.strip().rstrip("/").lower()
+
+
+def route_request(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    *,
+    allowed_origins: Collection[str] = (),
+    page: bytes | None = None,
+) -> Upgrade | HttpResponse:
+    """
+    Decide what to do with one HTTP request.
+
+    Args:
+        method: The request method, e.g. ``b"GET"``.
+        target: The request target, e.g. ``b"/ws?room=lobby&username=ann"``.
+        headers: The headers, names in lower case (as h11 gives them).
+        allowed_origins: If not empty, the only ``Origin`` values (normalized with
+            :func:`normalize_origin`) an upgrade may carry; others get 403.
+        page: An HTML page to serve at ``/``, if any.
+    """
+    path, _, query = target.partition(b"?")
+    if method not in (b"GET", b"HEAD"):
+        return _refuse(405, "method not allowed", (b"allow", b"GET, HEAD"))
+    if path == b"/healthz":
+        return HttpResponse(status=200, body=b"ok\n")
+    if path == b"/" and page is not None:
+        return HttpResponse(status=200, body=page, content_type=b"text/html; charset=utf-8")
+    if path != b"/ws":
+        return _refuse(404, "not found")
+
+    if b"websocket" not in _tokens(headers, b"upgrade") or b"upgrade" not in _tokens(
+        headers, b"connection"
+    ):
+        return _refuse(
+            426,
+            "this endpoint speaks WebSocket only",
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+        )
+    if method != b"GET":
+        return _refuse(405, "a WebSocket upgrade must be a GET", (b"allow", b"GET"))
+    if _header(headers, b"sec-websocket-version") != b"13":
+        return _refuse(
+            426, "unsupported WebSocket version (13 only)", (b"sec-websocket-version", b"13")
+        )
+    key = _header(headers, b"sec-websocket-key")
+    try:
+        if key is None or len(base64.b64decode(key, validate=True)) != 16:
+            return _refuse(400, "missing or invalid Sec-WebSocket-Key")
+    except binascii.Error:
+        return _refuse(400, "missing or invalid Sec-WebSocket-Key")
+    if allowed_origins:
+        origin = _header(headers, b"origin")
+        if origin is None or normalize_origin(origin.decode("latin-1")) not in allowed_origins:
+            return _refuse(403, "origin not allowed")
+
+    try:
+        params = parse_qsl(query.decode("ascii"), keep_blank_values=True, errors="strict")
+    except UnicodeError:
+        return _refuse(400, "query string is not valid UTF-8")
+    room: str | None = None
+    username: str | None = None
+    for name, value in params:  # the first of repeated parameters wins
+        if name == "room" and room is None:
+            room = value
+        elif name == "username" and username is None:
+            username = value
+    if not is_valid_room(room):
+        return _refuse(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    if not is_valid_username(username):
+        return _refuse(400, "username must be 1-64 characters with no control characters")
+    return Upgrade(
+        room=RoomName(room),  # type: ignore[arg-type]
+        username=Username(username),  # type: ignore[arg-type]
+        accept=accept_token(key),
+    )

@@ -1,0 +1,41 @@
+"""Identifier types and the validation rules for names that come off the wire."""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+#: A connection, as numbered by the driver. Delivery is per connection.
+ConnectionId = NewType("ConnectionId", int)
+#: A user's name. Presence is per user: one user may hold several connections.
+Username = NewType("Username", str)
+#: A room's name, always valid by :func:`is_valid_room` once inside the broker.
+RoomName = NewType("RoomName", str)
+
+MAX_NAME_LENGTH = 64
+
+_ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# C0 controls, DEL and C1 controls.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def is_valid_room(name: object) -> bool:
+    """
+    Tell whether *name* is a usable room name.
+
+    A room name is 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``.
+    """
+    return type(name) is str and _ROOM_RE.fullmatch(name) is not None
+
+
+def is_valid_username(name: object) -> bool:
+    """
+    Tell whether *name* is a usable username.
+
+    A username is 1 to 64 characters with no control characters.
+    """
+    return (
+        type(name) is str
+        and 0 < len(name) <= MAX_NAME_LENGTH
+        and _CONTROL_RE.search(name) is None
+    )

@@ -1,0 +1,295 @@
+"""
+The wire layer: one server-side connection's bytes <-> the core's events. Still sans-IO.
+
+h11 parses the opening HTTP request (bounded in size); wsproto parses frames after the
+upgrade. Outbound data frames are built here by hand: server frames are unmasked and
+no extension is negotiated, so a broadcast's frame is the same bytes for every
+receiver and is built once (:func:`text_frame`).
+"""
+
+from __future__ import annotations
+
+import enum
+from http import HTTPStatus
+from typing import Union
+
+import attrs
+import h11
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+
+from ._handshake import HttpResponse, Upgrade
+
+# Close codes (RFC 6455 section 7.4.1).
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+INVALID_DATA = 1007
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame carrying *payload* (server to client)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+PING_FRAME = b"\x89\x00"
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked close frame; the reason is cut to fit the 125-byte control limit."""
+    body = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(body))) + body
+
+
+@attrs.frozen
+class RequestReceived:
+    """The opening HTTP request is complete."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+@attrs.frozen
+class BadRequest:
+    """The opening request is malformed or too large: answer *response* and close."""
+
+    response: HttpResponse
+
+
+@attrs.frozen
+class MessageReceived:
+    """A complete text message."""
+
+    text: str
+
+
+@attrs.frozen
+class PongFrameReceived:
+    """A pong frame."""
+
+
+@attrs.frozen
+class Reply:
+    """Protocol bytes the peer must get (a pong answering its ping)."""
+
+    data: bytes
+
+
+@attrs.frozen
+class Closed:
+    """
+    The WebSocket is over. Write *data* (a close frame, possibly empty), then end the
+    TCP connection.
+
+    Attributes:
+        code: The close code: the peer's, or ours when we refuse its input.
+        data: The close frame to send, or empty if none is due.
+        by_peer: True if the peer started the close (or vanished).
+    """
+
+    code: int
+    data: bytes
+    by_peer: bool
+
+
+WireEvent = Union[RequestReceived, BadRequest, MessageReceived, PongFrameReceived, Reply, Closed]
+
+
+class WireState(enum.Enum):
+    """Where a connection's wire stands."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_PONG = PongFrameReceived()
+
+
+class ServerWire:
+    """
+    One server-side connection, from the first request byte to the close.
+
+    Args:
+        max_header_bytes: Largest opening request (line and headers) accepted; larger
+            ones get 431.
+        max_message_bytes: Largest inbound message; larger ones close with 1009.
+    """
+
+    def __init__(self, *, max_header_bytes: int = 16384, max_message_bytes: int = 65536) -> None:
+        self.state = WireState.HANDSHAKE
+        self._h11: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=max_header_bytes
+        )
+        self._ws: Connection | None = None
+        self._max_message = max_message_bytes
+        self._quarter = max_message_bytes // 4
+        self._parts: list[str] = []
+        self._chars = 0  # characters of the message being received
+        self._encoded = -1  # its UTF-8 bytes, once counted (-1: not yet)
+        self._trailing = b""
+
+    # -- handshake --------------------------------------------------------------------
+
+    def _receive_request(self, data: bytes | None) -> list[WireEvent]:
+        h = self._h11
+        assert h is not None
+        try:
+            # h11 spells end-of-stream as b"".
+            if data is None:
+                h.receive_data(b"")
+            elif data:
+                h.receive_data(data)
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            self.state = WireState.CLOSED
+            status = exc.error_status_hint
+            text = "request header too large" if status == 431 else "malformed HTTP request"
+            return [BadRequest(HttpResponse(status=status, body=text.encode() + b"\n"))]
+        if type(event) is h11.Request:
+            return [RequestReceived(event.method, event.target, list(event.headers))]
+        if event is h11.NEED_DATA:
+            return []
+        # ConnectionClosed before a full request: nothing to answer.
+        self.state = WireState.CLOSED
+        return [Closed(code=CloseReason.ABNORMAL_CLOSURE, data=b"", by_peer=True)]
+
+    def respond(self, response: HttpResponse, *, head: bool = False) -> bytes:
+        """The bytes of a plain HTTP *response* (no body for HEAD); the connection is then over."""
+        self.state = WireState.CLOSED
+        try:
+            phrase = HTTPStatus(response.status).phrase.encode()
+        except ValueError:
+            phrase = b""
+        lines = [
+            b"HTTP/1.1 %d %s" % (response.status, phrase),
+            b"content-type: " + response.content_type,
+            b"content-length: %d" % len(response.body),
+            b"connection: close",
+            b"cache-control: no-store",
+        ]
+        lines.extend(name + b": " + value for name, value in response.headers)
+        head_bytes = b"\r\n".join(lines) + b"\r\n\r\n"
+        return head_bytes if head else head_bytes + response.body
+
+    def accept(self, upgrade: Upgrade) -> bytes:
+        """Switch to WebSocket; returns the 101 response to write."""
+        h = self._h11
+        assert h is not None and self.state is WireState.HANDSHAKE
+        self._trailing = h.trailing_data[0]
+        self._h11 = None
+        self._ws = Connection(ConnectionType.SERVER)
+        self.state = WireState.OPEN
+        return (
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + upgrade.accept + b"\r\n\r\n"
+        )
+
+    # -- frames -----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | None) -> list[WireEvent]:
+        """
+        Feed bytes from the peer (None at end of stream); returns what they mean.
+
+        After :meth:`accept`, call once with ``b""`` to process bytes that came with
+        the request.
+        """
+        if self.state is WireState.HANDSHAKE:
+            return self._receive_request(data)
+        ws = self._ws
+        if ws is None or ws.state is ConnectionState.CLOSED:
+            return []
+        if self._trailing:
+            trailing, self._trailing = self._trailing, b""
+            ws.receive_data(trailing)
+        if data is None or data:
+            ws.receive_data(data)
+        out: list[WireEvent] = []
+        for event in ws.events():
+            kind = type(event)
+            if kind is TextMessage:
+                part = event.data
+                self._chars += len(part)
+                # Characters under-count UTF-8 bytes by at most 4x: count bytes exactly
+                # only once the message is long enough for it to matter.
+                if self._chars > self._quarter and self._too_big(part):
+                    out.append(self._close(MESSAGE_TOO_BIG, "message too big"))
+                    break
+                if not event.message_finished:
+                    self._parts.append(part)
+                    continue
+                if self._parts:
+                    self._parts.append(part)
+                    part = "".join(self._parts)
+                    self._parts = []
+                self._chars = 0
+                self._encoded = -1
+                out.append(MessageReceived(part))
+            elif kind is Pong:
+                out.append(_PONG)
+            elif kind is Ping:
+                out.append(Reply(ws.send(event.response())))
+            elif kind is BytesMessage:
+                out.append(self._close(UNSUPPORTED_DATA, "binary frames are not supported"))
+                break
+            elif kind is CloseConnection:
+                out.append(self._on_close(event))
+                break
+        return out
+
+    def _too_big(self, part: str) -> bool:
+        if self._chars > self._max_message:
+            return True
+        if self._encoded < 0:  # first time: count the earlier parts too
+            self._encoded = sum(len(p.encode()) for p in self._parts)
+        self._encoded += len(part.encode())
+        return self._encoded > self._max_message
+
+    def _on_close(self, event: CloseConnection) -> Closed:
+        ws = self._ws
+        assert ws is not None
+        if ws.state is ConnectionState.REMOTE_CLOSING:
+            # The peer sent a close frame: answer it.
+            return Closed(code=event.code, data=ws.send(event.response()), by_peer=True)
+        if ws.state is ConnectionState.CLOSED:
+            # The answer to our own close, or the stream ended without one.
+            return Closed(code=event.code, data=b"", by_peer=True)
+        # wsproto refused the peer's bytes (bad UTF-8, protocol violation).
+        return self._close(event.code, event.reason or "protocol error")
+
+    def _close(self, code: int, reason: str) -> Closed:
+        ws = self._ws
+        assert ws is not None
+        data = ws.send(CloseConnection(code=code, reason=reason[:120]))
+        return Closed(code=code, data=data, by_peer=False)
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        """Start a close from our side; returns the close frame (empty if too late)."""
+        ws = self._ws
+        if ws is None or ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            return b""
+        return ws.send(CloseConnection(code=code, reason=reason[:120]))
+
+    @property
+    def closed(self) -> bool:
+        """True once no more frames may be sent."""
+        ws = self._ws
+        return ws is None or ws.state is not ConnectionState.OPEN

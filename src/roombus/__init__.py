@@ -40,7 +40,6 @@ from ._types import is_valid_username as is_valid_username
 from ._version import __version__ as __version__
 
 __all__ = [
-    "PING_TIMEOUT_CODE",
     "Action",
     "Broker",
     "BrokerConfig",
@@ -57,6 +56,7 @@ __all__ = [
     "LocalProtocolError",
     "MessagePublished",
     "Notice",
+    "PING_TIMEOUT_CODE",
     "PongReceived",
     "QueueState",
     "RoomName",

@@ -138,6 +138,8 @@ class ServerWire:
             h11.SERVER, max_incomplete_event_size=max_header_bytes
         )
         self._ws: Connection | None = None
+        self._max_header_bytes = max_header_bytes
+        self._received = 0  # bytes of the opening request so far
         self._max_message = max_message_bytes
         self._quarter = max_message_bytes // 4
         self._parts: list[str] = []
@@ -155,6 +157,7 @@ class ServerWire:
             if data is None:
                 h.receive_data(b"")
             elif data:
+                self._received += len(data)
                 h.receive_data(data)
             event = h.next_event()
         except h11.RemoteProtocolError as exc:
@@ -163,6 +166,10 @@ class ServerWire:
             text = "request header too large" if status == 431 else "malformed HTTP request"
             return [BadRequest(HttpResponse(status=status, body=text.encode() + b"\n"))]
         if type(event) is h11.Request:
+            # h11 bounds only a request still incomplete; bound a whole one too.
+            if self._received - len(h.trailing_data[0]) > self._max_header_bytes:
+                self.state = WireState.CLOSED
+                return [BadRequest(HttpResponse(status=431, body=b"request header too large\n"))]
             return [RequestReceived(event.method, event.target, list(event.headers))]
         if event is h11.NEED_DATA:
             return []
@@ -276,10 +283,8 @@ class ServerWire:
         return self._close(event.code, event.reason or "protocol error")
 
     def _close(self, code: int, reason: str) -> Closed:
-        ws = self._ws
-        assert ws is not None
-        data = ws.send(CloseConnection(code=code, reason=reason[:120]))
-        return Closed(code=code, data=data, by_peer=False)
+        # Empty data when our close frame already went out (we are LOCAL_CLOSING).
+        return Closed(code=code, data=self.close(code, reason), by_peer=False)
 
     def close(self, code: int, reason: str = "") -> bytes:
         """Start a close from our side; returns the close frame (empty if too late)."""

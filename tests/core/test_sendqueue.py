@@ -1,0 +1,114 @@
+"""The slow-consumer policy: bounded, ordered, and never cut mid-frame."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roombus import QueueState, SendQueue
+
+
+def test_frames_are_written_together_and_in_order() -> None:
+    q = SendQueue(10, 1000)
+    assert q.push(b"aa")
+    assert q.push(b"bbb")
+    assert q.push_control(b"P")
+    assert q.data() == b"aabbbP"
+    q.consume(3)
+    assert q.data() == b"bbP"
+    assert q.messages == 1
+    q.consume(3)
+    assert not q
+    assert q.data() == b""
+
+
+def test_overflow_by_count_drops_unstarted_frames_but_keeps_a_started_one() -> None:
+    q = SendQueue(2, 1000)
+    assert q.push(b"12345")
+    q.consume(2)  # the head is half written
+    assert q.push(b"abc")
+    assert not q.push(b"too many")
+    assert q.state is QueueState.OVERFLOWED
+    assert q.data() == b"345"
+    assert not q.push(b"x")
+    assert q.close_with(b"CLOSE", drop_pending=True)
+    assert q.data() == b"345CLOSE"
+    assert q.state is QueueState.CLOSING
+    assert not q.push_control(b"P")
+    assert not q.close_with(b"again", drop_pending=False)
+
+
+def test_overflow_by_bytes() -> None:
+    q = SendQueue(100, 10)
+    assert q.push(b"x" * 6)
+    assert not q.push(b"y" * 5)
+    assert q.state is QueueState.OVERFLOWED
+    assert q.data() == b""
+
+
+def test_close_keeps_pending_when_asked() -> None:
+    q = SendQueue(10, 100)
+    q.push(b"data")
+    q.close_with(b"C", drop_pending=False)
+    assert q.data() == b"dataC"
+
+
+def test_consuming_more_than_pending_is_an_error() -> None:
+    q = SendQueue(10, 100)
+    q.push(b"ab")
+    with pytest.raises(ValueError, match="consume"):
+        q.consume(3)
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.binary(min_size=1, max_size=40)),
+        st.tuples(st.just("control"), st.binary(min_size=1, max_size=4)),
+        st.tuples(st.just("write"), st.integers(min_value=0, max_value=100)),
+        st.tuples(st.just("close"), st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+@given(max_messages=st.integers(1, 6), max_bytes=st.integers(1, 120), ops=ops)
+def test_queue_against_a_model(max_messages: int, max_bytes: int, ops: list) -> None:
+    """Bounds never exceeded; the bytes written are a prefix-respecting sequence of whole
+    frames, in push order; after overflow, only a started frame's rest and a close follow."""
+    q = SendQueue(max_messages, max_bytes)
+    written = b""
+    accepted: list[bytes] = []  # every frame accepted, in order
+    for op, arg in ops:
+        if op == "push":
+            ok = q.push(arg)
+            if ok:
+                accepted.append(arg)
+            assert ok == (q.state is QueueState.OPEN)
+        elif op == "control":
+            if q.push_control(arg):
+                accepted.append(arg)
+        elif op == "close":
+            if q.close_with(b"<CLOSE>", drop_pending=arg):
+                accepted.append(b"<CLOSE>")
+        else:
+            data = q.data()
+            n = min(arg, len(data))
+            q.consume(n)
+            written += data[:n]
+        assert q.messages <= max_messages
+        assert q.data_bytes <= max_bytes
+        assert q.nbytes >= len(q.data())
+    # Whatever was written is a concatenation of accepted frames, in order, possibly
+    # skipping dropped ones, and never a frame cut and followed by another.
+    rest = written
+    i = 0
+    while rest:
+        while i < len(accepted) and not (
+            rest.startswith(accepted[i]) or (len(rest) < len(accepted[i])
+                                             and accepted[i].startswith(rest))
+        ):
+            i += 1
+        assert i < len(accepted), f"written bytes {written!r} not made of frames {accepted!r}"
+        rest = rest[len(accepted[i]):]
+        i += 1

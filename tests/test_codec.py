@@ -1,0 +1,72 @@
+"""The envelope codec: decoding never raises, encoding round-trips."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roombus import _codec as codec
+
+from .strategies import json_values, rooms
+
+
+@given(st.text())
+def test_decoding_arbitrary_text_never_raises(text: str) -> None:
+    result = codec.decode_request(text)
+    assert isinstance(result, (codec.Chat, codec.Join, codec.Leave, codec.Ping, codec.Invalid))
+
+
+@given(json_values)
+def test_decoding_arbitrary_json_never_raises(value: object) -> None:
+    result = codec.decode_request(json.dumps(value))
+    if not isinstance(value, dict):
+        assert result == codec.Invalid(codec.BAD_MESSAGE, "message must be a JSON object")
+
+
+@given(st.dictionaries(st.sampled_from(["type", "room", "content", "username"]), json_values))
+def test_decoding_arbitrary_objects_never_raises(obj: dict[str, object]) -> None:
+    codec.decode_request(json.dumps(obj))
+
+
+@given(content=json_values, room=rooms)
+def test_chat_round_trip(content: object, room: str) -> None:
+    request = codec.decode_request(json.dumps({"type": "chat", "content": content, "room": room}))
+    assert request == codec.Chat(room, content)  # type: ignore[arg-type]
+    payload = codec.encode_chat("ann", content, room, 5, 7)
+    assert payload is not None
+    assert json.loads(payload) == {
+        "type": "chat", "username": "ann", "content": content, "room": room, "timestamp": 5,
+        "seq": 7,
+    }
+    payload.decode("ascii")  # safe for any client
+
+
+def test_lone_surrogates_in_content_are_escaped_not_fatal() -> None:
+    request = codec.decode_request('{"type":"chat","content":"\\ud800"}')
+    assert isinstance(request, codec.Chat)
+    payload = codec.encode_chat("ann", request.content, "r", 0, 1)
+    assert payload is not None
+    assert b"\\ud800" in payload
+
+
+def test_original_clients_empty_and_null_room_mean_the_default() -> None:
+    assert codec.decode_request('{"type":"chat","content":"x","room":""}') == codec.Chat(None, "x")
+    assert codec.decode_request('{"type":"chat","content":"x","room":null}') == codec.Chat(
+        None, "x"
+    )
+
+
+def test_encoded_envelopes() -> None:
+    assert json.loads(codec.encode_presence("leave", "ann", "r", 3)) == {
+        "type": "presence", "event": "leave", "username": "ann", "content": "ann left the room",
+        "room": "r", "timestamp": 3,
+    }
+    assert json.loads(codec.encode_presence_state("r", ["a", "b"])) == {
+        "type": "presence_state", "room": "r", "users": ["a", "b"],
+    }
+    assert json.loads(codec.encode_error("bad_json", "x")) == {
+        "type": "error", "code": "bad_json", "content": "x",
+    }
+    assert json.loads(codec.PONG) == {"type": "pong"}

@@ -1,0 +1,96 @@
+"""Routing of the opening request: statuses for every refusal, and the upgrade."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roombus._handshake import HttpResponse, Upgrade, accept_token, route_request
+
+KEY = base64.b64encode(b"0123456789abcdef")
+UPGRADE = [
+    (b"host", b"x"),
+    (b"upgrade", b"websocket"),
+    (b"connection", b"keep-alive, Upgrade"),
+    (b"sec-websocket-version", b"13"),
+    (b"sec-websocket-key", KEY),
+]
+
+
+def test_rfc6455_example_accept_token() -> None:
+    assert accept_token(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_upgrade() -> None:
+    decision = route_request(b"GET", b"/ws?room=lobby&username=ann%20b", UPGRADE)
+    assert decision == Upgrade(room="lobby", username="ann b", accept=accept_token(KEY))
+
+
+def test_first_of_repeated_parameters_wins() -> None:
+    decision = route_request(b"GET", b"/ws?room=a&room=b&username=u&username=v", UPGRADE)
+    assert isinstance(decision, Upgrade)
+    assert (decision.room, decision.username) == ("a", "u")
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    [
+        (b"GET", b"/ws?room=lobby", UPGRADE, 400),
+        (b"GET", b"/ws?username=ann", UPGRADE, 400),
+        (b"GET", b"/ws?room=&username=ann", UPGRADE, 400),
+        (b"GET", b"/ws?room=lobby&username=", UPGRADE, 400),
+        (b"GET", b"/ws?room=a%20b&username=ann", UPGRADE, 400),
+        (b"GET", b"/ws?room=" + b"r" * 65 + b"&username=ann", UPGRADE, 400),
+        (b"GET", b"/ws?room=lobby&username=" + b"u" * 65, UPGRADE, 400),
+        (b"GET", b"/ws?room=lobby&username=a%0Ab", UPGRADE, 400),
+        (b"GET", b"/ws?room=lobby&username=%ff", UPGRADE, 400),
+        (b"GET", b"/ws?room=lobby&username=ann", [(b"host", b"x")], 426),
+        (b"GET", b"/ws?room=lobby&username=ann", UPGRADE[:3] + [(b"sec-websocket-version", b"8")]
+         + UPGRADE[4:], 426),
+        (b"GET", b"/ws?room=lobby&username=ann", UPGRADE[:4], 400),
+        (b"GET", b"/ws?room=lobby&username=ann", [*UPGRADE[:4], (b"sec-websocket-key", b"!!")],
+         400),
+        (b"POST", b"/ws?room=lobby&username=ann", UPGRADE, 405),
+        (b"GET", b"/nope", [], 404),
+        (b"GET", b"/", [], 404),
+    ],
+)
+def test_refusals(method: bytes, target: bytes, headers: list, status: int) -> None:
+    decision = route_request(method, target, headers)
+    assert isinstance(decision, HttpResponse)
+    assert decision.status == status
+
+
+def test_origin_allow_list() -> None:
+    allowed = frozenset({"https://chat.example.com"})
+    target = b"/ws?room=lobby&username=ann"
+    refused = route_request(b"GET", target, UPGRADE, allowed_origins=allowed)
+    assert isinstance(refused, HttpResponse) and refused.status == 403
+    evil = [*UPGRADE, (b"origin", b"https://evil.example")]
+    refused = route_request(b"GET", target, evil, allowed_origins=allowed)
+    assert isinstance(refused, HttpResponse) and refused.status == 403
+    good = [*UPGRADE, (b"origin", b"HTTPS://Chat.Example.com/")]
+    assert isinstance(route_request(b"GET", target, good, allowed_origins=allowed), Upgrade)
+
+
+def test_page_and_health() -> None:
+    page = route_request(b"GET", b"/", [], page=b"<html>")
+    assert isinstance(page, HttpResponse) and (page.status, page.body) == (200, b"<html>")
+    health = route_request(b"GET", b"/healthz", [])
+    assert isinstance(health, HttpResponse) and health.status == 200
+
+
+@given(
+    method=st.binary(max_size=8),
+    target=st.binary(max_size=200),
+    headers=st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=60)), max_size=8),
+)
+def test_any_request_gets_a_decision(method: bytes, target: bytes, headers: list) -> None:
+    decision = route_request(method, target, headers, allowed_origins=frozenset({"https://a"}))
+    if isinstance(decision, HttpResponse):
+        assert 200 <= decision.status < 600
+    else:
+        assert isinstance(decision, Upgrade)

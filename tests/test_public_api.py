@@ -1,0 +1,49 @@
+"""The public surface: what `import roombus` gives, and that it needs no trio."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import roombus
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert roombus.__all__ == sorted(roombus.__all__)
+    for name in roombus.__all__:
+        assert hasattr(roombus, name), name
+    public = {n for n in dir(roombus) if not n.startswith("_")}
+    assert public - set(roombus.__all__) <= {"trio", "annotations"}
+
+
+def test_core_imports_without_trio_and_trio_adapter_needs_it() -> None:
+    code = (
+        "import sys; sys.modules['trio'] = None\n"
+        "import roombus\n"
+        "b = roombus.Broker()\n"
+        "assert 'trio' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "try:\n"
+        "    import roombus.trio\n"
+        "except ImportError:\n"
+        "    print('adapter-needs-trio')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "adapter-needs-trio"
+
+
+def test_core_imports_no_socket_or_clock_modules() -> None:
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import roombus\n"
+        "new = set(sys.modules) - before\n"
+        "bad = {m for m in new if m.split('.')[0] in {'trio', 'socket', 'asyncio', 'wsproto',"
+        " 'h11', 'selectors', 'ssl'}}\n"
+        "print(sorted(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"

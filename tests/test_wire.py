@@ -1,0 +1,177 @@
+"""The wire layer, bytes in and bytes out, with no network and no trio."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from roombus._handshake import Upgrade, route_request
+from roombus._wire import (
+    BadRequest,
+    Closed,
+    MessageReceived,
+    PongFrameReceived,
+    Reply,
+    RequestReceived,
+    ServerWire,
+    WireState,
+    close_frame,
+    text_frame,
+)
+
+KEY = base64.b64encode(b"0123456789abcdef")
+REQUEST = (
+    b"GET /ws?room=lobby&username=ann HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + KEY + b"\r\n\r\n"
+)
+
+
+def raw_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked client frame with an all-zero mask (payload bytes unchanged)."""
+    assert len(payload) < 126
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def opened(**kw: int) -> tuple[ServerWire, Connection]:
+    wire = ServerWire(**kw)
+    (event,) = wire.receive_data(REQUEST)
+    assert isinstance(event, RequestReceived)
+    decision = route_request(event.method, event.target, event.headers)
+    assert isinstance(decision, Upgrade)
+    response = wire.accept(decision)
+    assert response.startswith(b"HTTP/1.1 101 ")
+    assert wire.receive_data(b"") == []
+    return wire, Connection(ConnectionType.CLIENT)
+
+
+def test_request_in_pieces_then_messages() -> None:
+    wire = ServerWire()
+    assert wire.receive_data(REQUEST[:10]) == []
+    (event,) = wire.receive_data(REQUEST[10:])
+    assert isinstance(event, RequestReceived)
+    assert event.target == b"/ws?room=lobby&username=ann"
+
+
+def test_bytes_that_came_with_the_request_are_not_lost() -> None:
+    wire = ServerWire()
+    client = Connection(ConnectionType.CLIENT)
+    (event,) = wire.receive_data(REQUEST + client.send(TextMessage(data="early")))
+    decision = route_request(event.method, event.target, event.headers)  # type: ignore[union-attr]
+    wire.accept(decision)  # type: ignore[arg-type]
+    assert wire.receive_data(b"") == [MessageReceived("early")]
+
+
+def test_text_fragments_ping_pong() -> None:
+    wire, client = opened()
+    data = client.send(TextMessage(data="hel", message_finished=False))
+    data += client.send(TextMessage(data="lo ☃", message_finished=True))
+    data += client.send(Ping(payload=b"p"))
+    data += raw_frame(0xA, b"")
+    events = wire.receive_data(data)
+    assert events[0] == MessageReceived("hello ☃")
+    assert isinstance(events[1], Reply)
+    assert events[1].data == b"\x8a\x01p"
+    assert events[2] == PongFrameReceived()
+
+
+def test_peer_close_is_answered() -> None:
+    wire, client = opened()
+    (event,) = wire.receive_data(client.send(CloseConnection(code=1000, reason="bye")))
+    assert event == Closed(code=1000, data=close_frame(1000, "bye"), by_peer=True)
+    assert wire.receive_data(b"more") == []
+
+
+def test_end_of_stream() -> None:
+    wire, _ = opened()
+    (event,) = wire.receive_data(None)
+    assert isinstance(event, Closed) and event.code == 1006 and event.by_peer
+
+
+def closing_code(wire: ServerWire, data: bytes) -> int:
+    events = wire.receive_data(data)
+    closed = [e for e in events if isinstance(e, Closed)]
+    assert closed, events
+    assert not closed[0].by_peer
+    assert closed[0].data[:1] == b"\x88"
+    return int.from_bytes(closed[0].data[2:4], "big")
+
+
+def test_invalid_utf8_closes_1007() -> None:
+    wire, _ = opened()
+    assert closing_code(wire, raw_frame(0x1, b"ok \xff\xfe")) == 1007
+
+
+def test_binary_closes_1003() -> None:
+    wire, client = opened()
+    assert closing_code(wire, client.send(BytesMessage(data=b"\x00"))) == 1003
+
+
+def test_too_big_closes_1009_also_when_fragmented() -> None:
+    wire, client = opened(max_message_bytes=100)
+    assert wire.receive_data(client.send(TextMessage(data="x" * 100))) == [
+        MessageReceived("x" * 100)
+    ]
+    data = client.send(TextMessage(data="é" * 30, message_finished=False))  # 60 bytes
+    assert wire.receive_data(data) == []
+    data = client.send(TextMessage(data="é" * 21, message_finished=True))  # 102 in all
+    assert closing_code(wire, data) == 1009
+
+
+def test_protocol_violations_close_1002() -> None:
+    wire, _ = opened()
+    assert closing_code(wire, b"\x81\x02hi") == 1002  # unmasked client frame
+    wire, _ = opened()
+    assert closing_code(wire, raw_frame(0x3, b"")) == 1002  # reserved opcode
+    wire, _ = opened()
+    assert closing_code(wire, raw_frame(0x0, b"x")) == 1002  # continuation of nothing
+
+
+def test_bad_and_oversized_requests() -> None:
+    (event,) = ServerWire().receive_data(b"\x16\x03\x01 not http\r\n\r\n")
+    assert isinstance(event, BadRequest) and event.response.status == 400
+    (event,) = ServerWire(max_header_bytes=100).receive_data(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 200 + b"\r\n\r\n"
+    )
+    assert isinstance(event, BadRequest) and event.response.status == 431
+    (event,) = ServerWire().receive_data(None)
+    assert isinstance(event, Closed)
+
+
+def test_responses_and_frames() -> None:
+    wire = ServerWire()
+    wire.receive_data(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+    decision = route_request(b"GET", b"/nope", [])
+    assert not isinstance(decision, Upgrade)
+    out = wire.respond(decision)
+    assert out.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert out.endswith(b"\r\n\r\nnot found\n")
+    assert wire.state is WireState.CLOSED
+    assert wire.respond(decision, head=True).endswith(b"\r\n\r\n")
+    for size in (0, 125, 126, 65535, 65536):
+        client = Connection(ConnectionType.CLIENT)
+        client.receive_data(text_frame(b"a" * size))
+        (event,) = client.events()
+        assert event == TextMessage(data="a" * size)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_before_the_handshake(data: bytes) -> None:
+    wire = ServerWire(max_header_bytes=256)
+    for event in wire.receive_data(data) + wire.receive_data(None):
+        assert isinstance(event, (RequestReceived, BadRequest, Closed))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=80), max_size=6))
+def test_arbitrary_bytes_after_the_handshake(chunks: list[bytes]) -> None:
+    wire, _ = opened(max_message_bytes=64)
+    for chunk in [*chunks, None]:
+        for event in wire.receive_data(chunk):
+            assert isinstance(event, (MessageReceived, PongFrameReceived, Reply, Closed))
+            if isinstance(event, MessageReceived):
+                assert len(event.text.encode()) <= 64

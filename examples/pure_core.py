@@ -10,7 +10,10 @@ Run it with ``python examples/pure_core.py``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from roombus import (
+    Action,
     Broker,
     BrokerConfig,
     ClientConnected,
@@ -23,6 +26,9 @@ from roombus import (
     Username,
 )
 
+if TYPE_CHECKING:
+    from roombus import Event
+
 # The driver owns both clocks: monotonic seconds for deadlines, Unix seconds for stamps.
 EPOCH = 1_700_000_000
 ANN, BOB = ConnectionId(1), ConnectionId(2)
@@ -31,7 +37,7 @@ LOBBY = RoomName("lobby")
 broker = Broker(BrokerConfig(ping_interval=20.0, ping_timeout=10.0))
 
 
-def show(title, actions):
+def show(title: str, actions: list[Action]) -> None:
     print(f"-- {title}")
     for action in actions:
         if type(action) is Deliver:
@@ -40,7 +46,7 @@ def show(title, actions):
             print(f"   {action!r}")
 
 
-def at(now, event):
+def at(now: float, event: Event) -> None:
     show(f"t={now:g}: {event!r}", broker.handle(event, now=now, timestamp=EPOCH + int(now)))
 
 

@@ -16,10 +16,9 @@ import signal
 import sys
 from functools import partial
 
-import trio
-
 import roombus
 import roombus.trio
+import trio
 from roombus import BrokerConfig, ServerConfig
 
 
@@ -44,8 +43,9 @@ async def main(port: int) -> None:
                 BrokerConfig(ping_interval=20.0, ping_timeout=10.0),
                 ServerConfig(host="127.0.0.1", port=port),
             )
-            print(f"listening on ws://127.0.0.1:{server.port}/ws?room=lobby&username=...",
-                  flush=True)
+            print(
+                f"listening on ws://127.0.0.1:{server.port}/ws?room=lobby&username=...", flush=True
+            )
             nursery.start_soon(tick, server)
             async for _ in signals:  # Ctrl-C: clients get close 1001, then we return
                 nursery.cancel_scope.cancel()

@@ -227,4 +227,4 @@ class BrokerMachine(RuleBasedStateMachine):
 
 
 TestBroker = BrokerMachine.TestCase
-TestBroker.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestBroker.settings = settings(stateful_step_count=40)

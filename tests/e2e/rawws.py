@@ -135,6 +135,19 @@ def http_exchange(port: int, request: bytes, *, timeout: float = TIMEOUT) -> Htt
     return HttpResponse(status, headers, body)
 
 
+def response_head(port: int, request: bytes, *, timeout: float = TIMEOUT) -> int:
+    """Send *request*, read just the response head, close; returns the status."""
+    with open_socket(port, timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return parse_response_head(data)[0]
+
+
 def read_to_eof(sock: socket.socket, *, timeout: float = TIMEOUT) -> bytes:
     """Everything the peer sends until it closes (a reset counts as a close)."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,10 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True)
 settings.register_profile(
-    "long", max_examples=5000, deadline=None, print_blob=True,
+    "long",
+    max_examples=5000,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -48,9 +48,7 @@ def disconnect(broker: Broker, n: int, now: float = 0.0) -> list[Action]:
 
 def deliveries(actions: list[Action]) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
     """The Deliver actions as (receivers, decoded envelope), in order."""
-    return [
-        (tuple(a.conns), json.loads(a.payload)) for a in actions if isinstance(a, Deliver)
-    ]
+    return [(tuple(a.conns), json.loads(a.payload)) for a in actions if isinstance(a, Deliver)]
 
 
 def inbox(actions: list[Action], n: int) -> list[dict[str, Any]]:

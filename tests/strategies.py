@@ -9,14 +9,16 @@ ROOM_ALPHABET = "ABCabc019_.:-"
 rooms = st.text(ROOM_ALPHABET, min_size=1, max_size=64)
 few_rooms = st.sampled_from(["r1", "r2", "r3"])
 few_users = st.sampled_from(["ann", "bob", "cy"])
-usernames = st.text(
-    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64
-)
+usernames = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)

@@ -37,7 +37,11 @@ def test_chat_round_trip(content: object, room: str) -> None:
     payload = codec.encode_chat("ann", content, room, 5, 7)
     assert payload is not None
     assert json.loads(payload) == {
-        "type": "chat", "username": "ann", "content": content, "room": room, "timestamp": 5,
+        "type": "chat",
+        "username": "ann",
+        "content": content,
+        "room": room,
+        "timestamp": 5,
         "seq": 7,
     }
     payload.decode("ascii")  # safe for any client
@@ -60,13 +64,21 @@ def test_original_clients_empty_and_null_room_mean_the_default() -> None:
 
 def test_encoded_envelopes() -> None:
     assert json.loads(codec.encode_presence("leave", "ann", "r", 3)) == {
-        "type": "presence", "event": "leave", "username": "ann", "content": "ann left the room",
-        "room": "r", "timestamp": 3,
+        "type": "presence",
+        "event": "leave",
+        "username": "ann",
+        "content": "ann left the room",
+        "room": "r",
+        "timestamp": 3,
     }
     assert json.loads(codec.encode_presence_state("r", ["a", "b"])) == {
-        "type": "presence_state", "room": "r", "users": ["a", "b"],
+        "type": "presence_state",
+        "room": "r",
+        "users": ["a", "b"],
     }
     assert json.loads(codec.encode_error("bad_json", "x")) == {
-        "type": "error", "code": "bad_json", "content": "x",
+        "type": "error",
+        "code": "bad_json",
+        "content": "x",
     }
     assert json.loads(codec.PONG) == {"type": "pong"}

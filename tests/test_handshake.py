@@ -48,11 +48,19 @@ def test_first_of_repeated_parameters_wins() -> None:
         (b"GET", b"/ws?room=lobby&username=a%0Ab", UPGRADE, 400),
         (b"GET", b"/ws?room=lobby&username=%ff", UPGRADE, 400),
         (b"GET", b"/ws?room=lobby&username=ann", [(b"host", b"x")], 426),
-        (b"GET", b"/ws?room=lobby&username=ann", UPGRADE[:3] + [(b"sec-websocket-version", b"8")]
-         + UPGRADE[4:], 426),
+        (
+            b"GET",
+            b"/ws?room=lobby&username=ann",
+            [*UPGRADE[:3], (b"sec-websocket-version", b"8"), *UPGRADE[4:]],
+            426,
+        ),
         (b"GET", b"/ws?room=lobby&username=ann", UPGRADE[:4], 400),
-        (b"GET", b"/ws?room=lobby&username=ann", [*UPGRADE[:4], (b"sec-websocket-key", b"!!")],
-         400),
+        (
+            b"GET",
+            b"/ws?room=lobby&username=ann",
+            [*UPGRADE[:4], (b"sec-websocket-key", b"!!")],
+            400,
+        ),
         (b"POST", b"/ws?room=lobby&username=ann", UPGRADE, 405),
         (b"GET", b"/nope", [], 404),
         (b"GET", b"/", [], 404),

@@ -7,8 +7,6 @@ driver must carry them out.
 
 from __future__ import annotations
 
-from typing import Union
-
 import attrs
 
 from ._types import ConnectionId, RoomName, Username
@@ -107,5 +105,5 @@ class MessagePublished:
     timestamp: int
 
 
-Notice = Union[UserJoined, UserLeft, MessagePublished]
-Action = Union[Deliver, SendPing, Close, UserJoined, UserLeft, MessagePublished]
+Notice = UserJoined | UserLeft | MessagePublished
+Action = Deliver | SendPing | Close | UserJoined | UserLeft | MessagePublished

@@ -184,9 +184,7 @@ class Broker:
         heapq.heappush(self._timers, (c.heartbeat.deadline, self._gen, conn))
         if len(self._timers) > 2 * len(self._conns) + 64:
             # Pongs left many stale entries behind: rebuild from live ones only.
-            self._timers = [
-                (c.heartbeat.deadline, c.timer_gen, k) for k, c in self._conns.items()
-            ]
+            self._timers = [(c.heartbeat.deadline, c.timer_gen, k) for k, c in self._conns.items()]
             heapq.heapify(self._timers)
 
     # -- events -----------------------------------------------------------------------
@@ -205,19 +203,18 @@ class Broker:
                 already connected. Never because of a client's input.
         """
         actions: list[Action] = []
-        kind = type(event)
-        if kind is TextReceived:
-            c = self._conns.get(event.conn)  # type: ignore[union-attr]
+        if isinstance(event, TextReceived):
+            c = self._conns.get(event.conn)
             if c is not None:
-                self._on_text(event.conn, c, event.text, timestamp, actions)  # type: ignore[union-attr]
-        elif kind is PongReceived:
+                self._on_text(event.conn, c, event.text, timestamp, actions)
+        elif isinstance(event, PongReceived):
             c = self._conns.get(event.conn)
             if c is not None:
                 c.heartbeat.pong(now)
                 self._schedule(event.conn, c)
-        elif kind is ClientConnected:
-            self._on_connect(event, now, timestamp, actions)  # type: ignore[arg-type]
-        elif kind is ClientDisconnected:
+        elif isinstance(event, ClientConnected):
+            self._on_connect(event, now, timestamp, actions)
+        elif isinstance(event, ClientDisconnected):
             c = self._conns.get(event.conn)
             if c is not None:
                 self._disconnect(event.conn, c, timestamp, actions)
@@ -225,9 +222,7 @@ class Broker:
             raise LocalProtocolError(f"not an event: {event!r}")
         return actions
 
-    def publish(
-        self, room: str, content: object, *, username: str, timestamp: int
-    ) -> list[Action]:
+    def publish(self, room: str, content: object, *, username: str, timestamp: int) -> list[Action]:
         """
         Publish a chat message from server-side code to everyone in *room*.
 
@@ -270,7 +265,9 @@ class Broker:
         if event.room is not None:
             self._join(conn, c, event.room, timestamp, actions)
 
-    def _deliver(self, conns: tuple[ConnectionId, ...], payload: bytes, actions: list[Action]) -> None:
+    def _deliver(
+        self, conns: tuple[ConnectionId, ...], payload: bytes, actions: list[Action]
+    ) -> None:
         self._deliveries += len(conns)
         actions.append(Deliver(conns=conns, payload=payload))
 
@@ -338,38 +335,32 @@ class Broker:
         self, conn: ConnectionId, c: _Conn, text: str, timestamp: int, actions: list[Action]
     ) -> None:
         request = codec.decode_request(text)
-        kind = type(request)
-        if kind is codec.Chat:
-            room = request.room or c.default_room  # type: ignore[union-attr]
+        if isinstance(request, codec.Chat):
+            room = request.room or c.default_room
             if room is None or room not in c.rooms:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
-            elif not self._publish(room, c.username, request.content, timestamp, actions):  # type: ignore[union-attr]
+            elif not self._publish(room, c.username, request.content, timestamp, actions):
                 self._error(conn, codec.BAD_MESSAGE, "content is nested too deeply", actions)
-        elif kind is codec.Join:
-            room = request.room  # type: ignore[union-attr]
+        elif isinstance(request, codec.Join):
+            room = request.room
             if room in c.rooms:
                 # Already in: answer with the current state, which doubles as an ack.
-                r = self._registry.rooms[room]
-                self._deliver((conn,), codec.encode_presence_state(room, sorted(r.users)), actions)
+                users = sorted(self._registry.rooms[room].users)
+                self._deliver((conn,), codec.encode_presence_state(room, users), actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
-                self._error(
-                    conn,
-                    codec.FORBIDDEN,
-                    f"at most {self.config.max_rooms_per_connection} rooms per connection",
-                    actions,
-                )
+                limit = self.config.max_rooms_per_connection
+                self._error(conn, codec.FORBIDDEN, f"at most {limit} rooms per connection", actions)
             else:
                 self._join(conn, c, room, timestamp, actions)
-        elif kind is codec.Leave:
-            room = request.room  # type: ignore[union-attr]
-            if room in c.rooms:
-                self._leave(conn, c, room, timestamp, actions)
+        elif isinstance(request, codec.Leave):
+            if request.room in c.rooms:
+                self._leave(conn, c, request.room, timestamp, actions)
             else:
-                self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
-        elif kind is codec.Ping:
+                self._error(conn, codec.NOT_JOINED, f"not in room {request.room!r}", actions)
+        elif isinstance(request, codec.Ping):
             self._deliver((conn,), codec.PONG, actions)
         else:
-            self._error(conn, request.code, request.reason, actions)  # type: ignore[union-attr]
+            self._error(conn, request.code, request.reason, actions)
 
     def connected(self) -> Iterable[ConnectionId]:
         """The live connections (a snapshot)."""

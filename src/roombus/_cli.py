@@ -186,9 +186,7 @@ def build_configs(
         values["allowed_origins"] = values.pop("allowed_origin")
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
-    server = ServerConfig(
-        page=page, **{k: v for k, v in values.items() if k not in broker_fields}
-    )
+    server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
     return broker, server, level
 
 
@@ -231,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(_serve, broker, server)
     except OSError as exc:
-        print(f"roombus serve: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"roombus serve: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Union
+from collections.abc import Sequence
 
 import attrs
 
@@ -59,7 +59,7 @@ class Invalid:
     reason: str
 
 
-Request = Union[Chat, Join, Leave, Ping, Invalid]
+Request = Chat | Join | Leave | Ping | Invalid
 
 _PING = Ping()
 
@@ -166,9 +166,9 @@ def encode_presence(event: str, username: str, room: str, timestamp: int) -> byt
     )
 
 
-def encode_presence_state(room: str, users: list[str]) -> bytes:
+def encode_presence_state(room: str, users: Sequence[str]) -> bytes:
     """Encode a ``presence_state`` envelope; *users* must already be sorted."""
-    return encode({"type": "presence_state", "room": room, "users": users})
+    return encode({"type": "presence_state", "room": room, "users": list(users)})
 
 
 def encode_error(code: str, reason: str) -> bytes:

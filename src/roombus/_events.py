@@ -6,8 +6,6 @@ Each is a frozen value. Pass them to :meth:`roombus.Broker.handle`.
 
 from __future__ import annotations
 
-from typing import Union
-
 import attrs
 
 from ._types import ConnectionId, RoomName, Username
@@ -70,4 +68,4 @@ class ClientDisconnected:
     conn: ConnectionId
 
 
-Event = Union[ClientConnected, TextReceived, PongReceived, ClientDisconnected]
+Event = ClientConnected | TextReceived | PongReceived | ClientDisconnected

@@ -35,7 +35,5 @@ def is_valid_username(name: object) -> bool:
     A username is 1 to 64 characters with no control characters.
     """
     return (
-        type(name) is str
-        and 0 < len(name) <= MAX_NAME_LENGTH
-        and _CONTROL_RE.search(name) is None
+        type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH and _CONTROL_RE.search(name) is None
     )

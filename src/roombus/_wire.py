@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 from http import HTTPStatus
-from typing import Union
 
 import attrs
 import h11
@@ -108,7 +107,7 @@ class Closed:
     by_peer: bool
 
 
-WireEvent = Union[RequestReceived, BadRequest, MessageReceived, PongFrameReceived, Reply, Closed]
+WireEvent = RequestReceived | BadRequest | MessageReceived | PongFrameReceived | Reply | Closed
 
 
 class WireState(enum.Enum):
@@ -231,8 +230,7 @@ class ServerWire:
             ws.receive_data(data)
         out: list[WireEvent] = []
         for event in ws.events():
-            kind = type(event)
-            if kind is TextMessage:
+            if isinstance(event, TextMessage):
                 part = event.data
                 self._chars += len(part)
                 # Characters under-count UTF-8 bytes by at most 4x: count bytes exactly
@@ -250,14 +248,14 @@ class ServerWire:
                 self._chars = 0
                 self._encoded = -1
                 out.append(MessageReceived(part))
-            elif kind is Pong:
+            elif isinstance(event, Pong):
                 out.append(_PONG)
-            elif kind is Ping:
+            elif isinstance(event, Ping):
                 out.append(Reply(ws.send(event.response())))
-            elif kind is BytesMessage:
+            elif isinstance(event, BytesMessage):
                 out.append(self._close(UNSUPPORTED_DATA, "binary frames are not supported"))
                 break
-            elif kind is CloseConnection:
+            elif isinstance(event, CloseConnection):
                 out.append(self._on_close(event))
                 break
         return out

@@ -107,8 +107,9 @@ def test_chat_reaches_every_member_with_server_fields() -> None:
     connect(b, 1, "ann")
     connect(b, 2, "bob")
     actions = send(
-        b, 1, {"type": "chat", "content": "hi", "username": "eve", "room": "", "seq": 99,
-               "timestamp": 1}
+        b,
+        1,
+        {"type": "chat", "content": "hi", "username": "eve", "room": "", "seq": 99, "timestamp": 1},
     )
     assert deliveries(actions) == [
         (
@@ -142,15 +143,17 @@ def test_several_rooms_and_isolation() -> None:
     in_lobby = send(b, 1, {"type": "chat", "content": "y"})
     assert deliveries(in_lobby)[0][0] == (1,)
     refused = send(b, 2, {"type": "chat", "room": "lobby", "content": "z"})
-    assert deliveries(refused) == [((2,), {"type": "error", "code": "not_joined",
-                                           "content": "not in room 'lobby'"})]
+    assert deliveries(refused) == [
+        ((2,), {"type": "error", "code": "not_joined", "content": "not in room 'lobby'"})
+    ]
     assert b.seq("lobby") == 1
     left = send(b, 1, {"type": "leave", "room": "other"})
     assert inbox(left, 2)[0]["event"] == "leave"
     assert inbox(left, 1) == []
-    assert deliveries(send(b, 1, {"type": "chat", "room": "other", "content": 1}))[0][1][
-        "code"
-    ] == "not_joined"
+    assert (
+        deliveries(send(b, 1, {"type": "chat", "room": "other", "content": 1}))[0][1]["code"]
+        == "not_joined"
+    )
 
 
 def test_rejoining_a_joined_room_answers_with_state_only() -> None:
@@ -263,9 +266,7 @@ def test_connecting_an_id_twice_is_a_driver_error() -> None:
     b = Broker()
     connect(b, 1, "ann")
     with pytest.raises(LocalProtocolError):
-        b.handle(
-            ClientConnected(conn=ConnectionId(1), username=Username("x")), now=0, timestamp=TS
-        )
+        b.handle(ClientConnected(conn=ConnectionId(1), username=Username("x")), now=0, timestamp=TS)
     with pytest.raises(LocalProtocolError):
         b.handle("nonsense", now=0, timestamp=TS)  # type: ignore[arg-type]
 
@@ -276,8 +277,12 @@ def test_server_publish() -> None:
     connect(b, 1, "ann")
     actions = b.publish("lobby", {"n": 1}, username="server", timestamp=TS)
     assert deliveries(actions)[0][1] == {
-        "type": "chat", "username": "server", "content": {"n": 1}, "room": "lobby",
-        "timestamp": TS, "seq": 1,
+        "type": "chat",
+        "username": "server",
+        "content": {"n": 1},
+        "room": "lobby",
+        "timestamp": TS,
+        "seq": 1,
     }
     with pytest.raises(ValueError, match="room"):
         b.publish("bad room", 1, username="server", timestamp=TS)

@@ -76,7 +76,7 @@ class BrokerMachine(RuleBasedStateMachine):
             if self.members(room):  # a leave goes to the rest: none if nobody is left
                 expected += [("leave", room, u) for u in old - new]
         assert sorted(s[:3] for s in seen) == sorted(expected)
-        for event, room, _, receivers in seen:
+        for _event, room, _, receivers in seen:
             # A join reaches every member (the joiner too); a leave the rest.
             assert receivers == frozenset(self.members(room))
             assert receivers
@@ -119,7 +119,9 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(c=conns, room=few_rooms)
     def join(self, c: int, room: str) -> None:
         before = self.snapshot()
-        actions = self.run(TextReceived(conn=ConnectionId(c), text=json.dumps({"type": "join", "room": room})))
+        actions = self.run(
+            TextReceived(conn=ConnectionId(c), text=json.dumps({"type": "join", "room": room}))
+        )
         if c in self.rooms:
             self.rooms[c].add(room)
         self.check_presence(actions, before)
@@ -127,7 +129,9 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(c=conns, room=few_rooms)
     def leave(self, c: int, room: str) -> None:
         before = self.snapshot()
-        actions = self.run(TextReceived(conn=ConnectionId(c), text=json.dumps({"type": "leave", "room": room})))
+        actions = self.run(
+            TextReceived(conn=ConnectionId(c), text=json.dumps({"type": "leave", "room": room}))
+        )
         if c in self.rooms and room in self.rooms[c]:
             self.rooms[c].discard(room)
             self.free_empty_rooms()
@@ -138,7 +142,10 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(c=conns, room=few_rooms, content=st.integers())
     def chat(self, c: int, room: str, content: int) -> None:
         actions = self.run(
-            TextReceived(conn=ConnectionId(c), text=json.dumps({"type": "chat", "room": room, "content": content}))
+            TextReceived(
+                conn=ConnectionId(c),
+                text=json.dumps({"type": "chat", "room": room, "content": content}),
+            )
         )
         if c not in self.rooms:
             assert actions == []
@@ -149,8 +156,14 @@ class BrokerMachine(RuleBasedStateMachine):
             self.seq[room] += 1
             assert sorted(deliver.conns) == sorted(self.members(room))
             assert len(set(deliver.conns)) == len(deliver.conns)
-            assert env == {"type": "chat", "username": self.user[c], "content": content,
-                           "room": room, "timestamp": 0, "seq": self.seq[room]}
+            assert env == {
+                "type": "chat",
+                "username": self.user[c],
+                "content": content,
+                "room": room,
+                "timestamp": 0,
+                "seq": self.seq[room],
+            }
         else:
             assert deliver.conns == (c,)
             assert env["code"] == "not_joined"
@@ -220,8 +233,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def deadline_is_the_earliest_needed(self) -> None:
         """The reported deadline is exactly the earliest ping or expiry still to come."""
         expected = [
-            t + INTERVAL + (TIMEOUT if c in self.pinged else 0.0)
-            for c, t in self.alive_at.items()
+            t + INTERVAL + (TIMEOUT if c in self.pinged else 0.0) for c, t in self.alive_at.items()
         ]
         assert self.broker.next_deadline() == (min(expected) if expected else None)
 

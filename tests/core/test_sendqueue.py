@@ -105,10 +105,10 @@ def test_queue_against_a_model(max_messages: int, max_bytes: int, ops: list) -> 
     i = 0
     while rest:
         while i < len(accepted) and not (
-            rest.startswith(accepted[i]) or (len(rest) < len(accepted[i])
-                                             and accepted[i].startswith(rest))
+            rest.startswith(accepted[i])
+            or (len(rest) < len(accepted[i]) and accepted[i].startswith(rest))
         ):
             i += 1
         assert i < len(accepted), f"written bytes {written!r} not made of frames {accepted!r}"
-        rest = rest[len(accepted[i]):]
+        rest = rest[len(accepted[i]) :]
         i += 1

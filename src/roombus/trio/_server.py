@@ -138,7 +138,7 @@ class _StreamTransport:
 
     async def receive(self) -> bytes:
         try:
-            return await self.stream.receive_some(RECEIVE_SIZE)
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _Broken from exc
 
@@ -364,8 +364,13 @@ class Server:
         conn.queue.push_control(wire.accept(decision))
         self._conns[cid] = conn
         self._mark_dirty(conn)
-        log.debug("%s connected as %r in %r (conn %d)", transport.peer, decision.username,
-                  decision.room, cid)
+        log.debug(
+            "%s connected as %r in %r (conn %d)",
+            transport.peer,
+            decision.username,
+            decision.room,
+            cid,
+        )
         try:
             self._apply(
                 self.broker.handle(
@@ -424,16 +429,20 @@ class Server:
                         if isinstance(decision, Upgrade):
                             return decision
                         if decision.status >= 400:
-                            log.info("%s refused with %d: %s", transport.peer, decision.status,
-                                     decision.body.decode(errors="replace").strip())
+                            log.info(
+                                "%s refused with %d: %s",
+                                transport.peer,
+                                decision.status,
+                                decision.body.decode(errors="replace").strip(),
+                            )
                         return decision, event.method == b"HEAD"
                     if type(event) is BadRequest:
-                        log.info("%s sent a bad request: %d", transport.peer,
-                                 event.response.status)
+                        log.info("%s sent a bad request: %d", transport.peer, event.response.status)
                         return event.response, False
                     return None  # the peer went away mid-request
-        log.info("%s did not complete its handshake in %s s", transport.peer,
-                 config.handshake_timeout)
+        log.info(
+            "%s did not complete its handshake in %s s", transport.peer, config.handshake_timeout
+        )
         return None
 
     def _receive(self, conn: _Connection, data: bytes | None) -> bool:
@@ -507,11 +516,10 @@ class Server:
         conns = self._conns
         overflowed: list[_Connection] = []
         for action in actions:
-            kind = type(action)
-            if kind is Deliver:
-                frame = text_frame(action.payload)  # type: ignore[union-attr]
+            if isinstance(action, Deliver):
+                frame = text_frame(action.payload)
                 dirty = self._dirty
-                for cid in action.conns:  # type: ignore[union-attr]
+                for cid in action.conns:
                     conn = conns.get(cid)
                     if conn is None:
                         continue
@@ -521,30 +529,39 @@ class Server:
                         dirty[cid] = conn
                     elif queue.state is QueueState.OVERFLOWED and not conn.closing:
                         overflowed.append(conn)
-            elif kind is SendPing:
-                conn = conns.get(action.conn)  # type: ignore[union-attr]
+            elif isinstance(action, SendPing):
+                conn = conns.get(action.conn)
                 if conn is not None and conn.queue is not None:
                     conn.queue.push_control(PING_FRAME)
                     self._dirty[conn.cid] = conn
-            elif kind is Close:
-                conn = conns.get(action.conn)  # type: ignore[union-attr]
+            elif isinstance(action, Close):
+                conn = conns.get(action.conn)
                 if conn is not None:
-                    log.info("closing conn %d (%s): %d %s", conn.cid, conn.transport.peer,
-                             action.code, action.reason)  # type: ignore[union-attr]
-                    self._close(conn, action.code, action.reason, drop_pending=True)  # type: ignore[union-attr]
+                    log.info(
+                        "closing conn %d (%s): %d %s",
+                        conn.cid,
+                        conn.transport.peer,
+                        action.code,
+                        action.reason,
+                    )
+                    self._close(conn, action.code, action.reason, drop_pending=True)
             elif self._on_notice is not None:
                 try:
-                    self._on_notice(action)  # type: ignore[arg-type]
+                    self._on_notice(action)
                 except Exception:
                     log.exception("on_notice hook failed for %r", action)
         if self._dirty:
             self._wake_flusher()
         for conn in overflowed:
             self.overflows += 1
-            log.warning("conn %d (%s) fell behind (send queue full); closing with 1008",
-                        conn.cid, conn.transport.peer)
-            self._close(conn, POLICY_VIOLATION, "send queue full: reading too slowly",
-                        drop_pending=True)
+            log.warning(
+                "conn %d (%s) fell behind (send queue full); closing with 1008",
+                conn.cid,
+                conn.transport.peer,
+            )
+            self._close(
+                conn, POLICY_VIOLATION, "send queue full: reading too slowly", drop_pending=True
+            )
             self._forget(conn)
 
     def _mark_dirty(self, conn: _Connection) -> None:

@@ -12,7 +12,7 @@ The queue is bounded twice: in frames (``max_messages``) and in bytes
 (``max_bytes``). A frame that would cross either bound is refused, and the queue
 becomes OVERFLOWED: the receiver is too slow, and the policy is to give up on it
 rather than make anyone else wait or grow memory. What was queued and not yet
-started is dropped; a frame already partly written is kept (a WebSocket stream
+started is dropped; a chunk already partly written is kept (a WebSocket stream
 cannot be cut mid-frame), so that a close frame can follow it. Control frames
 (pings, pongs, close) are small and never refused, so a close can always be
 queued.
@@ -31,13 +31,8 @@ CLOSING      refused            refused               refused
 from __future__ import annotations
 
 import enum
-import itertools
-from collections import deque
 
 import attrs
-
-#: Write at most this much in one call; big enough to coalesce many frames.
-MAX_WRITE = 256 * 1024
 
 
 class QueueState(enum.Enum):
@@ -53,6 +48,10 @@ class SendQueue:
     """
     A bounded queue of outgoing frames for one connection.
 
+    Frames wait in a list until :meth:`data` joins them into one *chunk*, which is
+    then written until done; frames pushed meanwhile wait for the next chunk. A data
+    frame counts against the bounds until its chunk is completely written.
+
     Args:
         max_messages: Most data frames that may wait.
         max_bytes: Most bytes of data frames that may wait.
@@ -61,21 +60,25 @@ class SendQueue:
     max_messages: int
     max_bytes: int
     state: QueueState = QueueState.OPEN
-    # (frame, counts against the bounds): data frames count, control frames do not.
-    _frames: deque[tuple[bytes, bool]] = attrs.field(factory=deque)
-    _nbytes: int = 0  # bytes pending, the head's unsent part included
-    _data_bytes: int = 0  # bytes of pending data frames (whole frames)
-    _data_frames: int = 0  # pending data frames
-    _head_sent: int = 0  # bytes of the head frame already written
+    _pending: list[bytes] = attrs.field(factory=list)  # frames not yet in a chunk
+    _pending_control: int = 0  # control frames among them
+    _pending_control_bytes: int = 0
+    _chunk: bytes = b""  # the bytes being written
+    _chunk_sent: int = 0  # how much of the chunk is written
+    _chunk_data: int = 0  # data frames in the chunk
+    _chunk_data_bytes: int = 0
+    _data_frames: int = 0  # data frames waiting, in the chunk or not
+    _data_bytes: int = 0
+    _nbytes: int = 0  # every byte still to write
 
     @property
     def messages(self) -> int:
-        """Data frames pending (control frames not counted)."""
+        """Data frames waiting (control frames not counted); never above ``max_messages``."""
         return self._data_frames
 
     @property
     def data_bytes(self) -> int:
-        """Bytes of pending data frames; never above ``max_bytes``."""
+        """Bytes of data frames waiting; never above ``max_bytes``."""
         return self._data_bytes
 
     @property
@@ -95,26 +98,34 @@ class SendQueue:
             queue is then OVERFLOWED and its unstarted frames are dropped), or
             because the queue is no longer OPEN.
         """
-        if self.state is not QueueState.OPEN:
-            return False
         size = len(frame)
-        if self._data_frames >= self.max_messages or self._data_bytes + size > self.max_bytes:
-            self.state = QueueState.OVERFLOWED
-            self._drop_unstarted()
+        if (
+            self._data_frames >= self.max_messages
+            or self._data_bytes + size > self.max_bytes
+            or self.state is not QueueState.OPEN
+        ):
+            if self.state is QueueState.OPEN:
+                self.state = QueueState.OVERFLOWED
+                self._drop_unstarted()
             return False
-        self._frames.append((frame, True))
-        self._nbytes += size
-        self._data_bytes += size
+        self._pending.append(frame)
         self._data_frames += 1
+        self._data_bytes += size
+        self._nbytes += size
         return True
 
     def push_control(self, frame: bytes) -> bool:
         """Queue a ping or pong frame; refused only after a close frame."""
         if self.state is QueueState.CLOSING:
             return False
-        self._frames.append((frame, False))
-        self._nbytes += len(frame)
+        self._push_control(frame)
         return True
+
+    def _push_control(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._pending_control += 1
+        self._pending_control_bytes += len(frame)
+        self._nbytes += len(frame)
 
     def close_with(self, frame: bytes, *, drop_pending: bool) -> bool:
         """
@@ -133,52 +144,52 @@ class SendQueue:
         if drop_pending:
             self._drop_unstarted()
         self.state = QueueState.CLOSING
-        self._frames.append((frame, False))
-        self._nbytes += len(frame)
+        self._push_control(frame)
         return True
 
-    def data(self) -> bytes:
-        """The bytes to write next (several frames joined); empty if none."""
-        frames = self._frames
-        if not frames:
-            return b""
-        head = frames[0][0]
-        if self._head_sent:
-            head = head[self._head_sent :]
-        if len(frames) == 1:
-            return head
-        parts = [head]
-        size = len(head)
-        for frame, _ in itertools.islice(frames, 1, None):
-            if size >= MAX_WRITE:
-                break
-            parts.append(frame)
-            size += len(frame)
-        return b"".join(parts)
+    def data(self) -> bytes | memoryview:
+        """The bytes to write next (many frames joined); empty if none."""
+        if not self._chunk:
+            pending = self._pending
+            if not pending:
+                return b""
+            self._chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+            self._chunk_data = len(pending) - self._pending_control
+            self._chunk_data_bytes = len(self._chunk) - self._pending_control_bytes
+            pending.clear()
+            self._pending_control = self._pending_control_bytes = 0
+        if self._chunk_sent:
+            return memoryview(self._chunk)[self._chunk_sent :]
+        return self._chunk
 
     def consume(self, n: int) -> None:
         """Report that the first *n* bytes of :meth:`data` were written."""
-        if n < 0 or n > self._nbytes:
-            raise ValueError(f"cannot consume {n} of {self._nbytes} pending bytes")
+        if n == 0:
+            return
+        if not self._chunk:
+            self.data()
+        if n < 0 or n > len(self._chunk) - self._chunk_sent:
+            raise ValueError(
+                f"cannot consume {n} of {len(self._chunk) - self._chunk_sent} bytes of data()"
+            )
         self._nbytes -= n
-        frames = self._frames
-        n += self._head_sent
-        while frames and n >= len(frames[0][0]):
-            frame, counted = frames.popleft()
-            n -= len(frame)
-            if counted:
-                self._data_frames -= 1
-                self._data_bytes -= len(frame)
-        self._head_sent = n
+        self._chunk_sent += n
+        if self._chunk_sent == len(self._chunk):
+            self._data_frames -= self._chunk_data
+            self._data_bytes -= self._chunk_data_bytes
+            self._chunk = b""
+            self._chunk_sent = self._chunk_data = self._chunk_data_bytes = 0
 
     def _drop_unstarted(self) -> None:
-        frames = self._frames
-        keep = frames.popleft() if self._head_sent else None
-        while frames:
-            frame, counted = frames.pop()
-            self._nbytes -= len(frame)
-            if counted:
-                self._data_frames -= 1
-                self._data_bytes -= len(frame)
-        if keep is not None:
-            frames.append(keep)
+        """Drop every frame not started; a chunk partly written is finished first."""
+        if self._chunk and not self._chunk_sent:
+            self._data_frames -= self._chunk_data
+            self._data_bytes -= self._chunk_data_bytes
+            self._nbytes -= len(self._chunk)
+            self._chunk = b""
+            self._chunk_data = self._chunk_data_bytes = 0
+        self._nbytes = len(self._chunk) - self._chunk_sent
+        self._data_frames = self._chunk_data
+        self._data_bytes = self._chunk_data_bytes
+        self._pending.clear()
+        self._pending_control = self._pending_control_bytes = 0

@@ -79,7 +79,7 @@ class _SocketTransport:
         self.sock = sock
         self.peer = peer
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: bytes | memoryview) -> int:
         try:
             return self.sock.send(data)
         except BlockingIOError:
@@ -87,7 +87,7 @@ class _SocketTransport:
         except OSError as exc:
             raise _Broken from exc
 
-    async def send(self, data: bytes) -> int:
+    async def send(self, data: bytes | memoryview) -> int:
         try:
             await trio.lowlevel.wait_writable(self.sock)
         except (trio.ClosedResourceError, OSError) as exc:
@@ -126,10 +126,10 @@ class _StreamTransport:
         self.stream = stream
         self.peer = peer
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: bytes | memoryview) -> int:
         return 0
 
-    async def send(self, data: bytes) -> int:
+    async def send(self, data: bytes | memoryview) -> int:
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

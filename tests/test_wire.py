@@ -175,3 +175,66 @@ def test_arbitrary_bytes_after_the_handshake(chunks: list[bytes]) -> None:
             assert isinstance(event, (MessageReceived, PongFrameReceived, Reply, Closed))
             if isinstance(event, MessageReceived):
                 assert len(event.text.encode()) <= 64
+
+
+def _client_frames() -> st.SearchStrategy[list[bytes]]:
+    """Streams of client frames, mostly valid: fragments, control frames, some bad input."""
+    text = st.text(max_size=300)
+    one = st.one_of(
+        text.map(lambda t: ("text", t)),
+        st.tuples(st.just("frag"), st.lists(text, min_size=2, max_size=4)),
+        st.just(("ping", "")),
+        st.just(("pong", "")),
+        st.binary(max_size=20).map(lambda b: ("rawtext", b)),
+        st.binary(max_size=10).map(lambda b: ("binary", b)),
+        st.binary(min_size=1, max_size=12).map(lambda b: ("garbage", b)),
+    )
+
+    def build(items: list[tuple[str, object]]) -> list[bytes]:
+        client = Connection(ConnectionType.CLIENT)
+        out = []
+        for kind, arg in items:
+            if kind == "text":
+                out.append(client.send(TextMessage(data=arg)))  # type: ignore[arg-type]
+            elif kind == "frag":
+                parts = arg  # type: ignore[assignment]
+                for i, part in enumerate(parts):  # type: ignore[arg-type]
+                    fin = i == len(parts) - 1  # type: ignore[arg-type]
+                    out.append(client.send(TextMessage(data=part, message_finished=fin)))
+                    if i == 0:
+                        out.append(client.send(Ping(payload=b"mid")))
+            elif kind == "ping":
+                out.append(client.send(Ping(payload=b"x")))
+            elif kind == "pong":
+                out.append(raw_frame(0xA, b""))
+            elif kind == "rawtext":
+                out.append(raw_frame(0x1, arg))  # type: ignore[arg-type]
+            elif kind == "binary":
+                out.append(client.send(BytesMessage(data=arg)))  # type: ignore[arg-type]
+            else:
+                out.append(arg)  # type: ignore[arg-type]
+        return out
+
+    return st.lists(one, max_size=12).map(build)
+
+
+@settings(max_examples=300)
+@given(frames=_client_frames(), cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_fast_path_matches_wsproto_alone(frames: list[bytes], cuts: list[int]) -> None:
+    """Whatever the bytes and however they are split, the fast path for simple text frames
+    gives exactly the events wsproto alone gives."""
+    stream = b"".join(frames)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    results = []
+    for fast in (True, False):
+        wire, _ = opened(max_message_bytes=200)
+        if not fast:
+            wire._fast_max = -1  # everything through wsproto
+        events: list[object] = []
+        for chunk in [*chunks, None]:
+            events += wire.receive_data(chunk)
+            if any(isinstance(e, Closed) for e in events):
+                break
+        results.append(events)
+    assert results[0] == results[1]

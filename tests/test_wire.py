@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -225,7 +226,7 @@ def test_fast_path_matches_wsproto_alone(frames: list[bytes], cuts: list[int]) -
     gives exactly the events wsproto alone gives."""
     stream = b"".join(frames)
     bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
     results = []
     for fast in (True, False):
         wire, _ = opened(max_message_bytes=200)

@@ -27,6 +27,7 @@ from ._config import BrokerConfig
 from ._errors import LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._heartbeat import Heartbeat, HeartbeatState
+from ._ratelimit import RateDecision, RateLimiter
 from ._registry import Registry
 from ._types import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Close code for a peer that stopped answering pings (as websockets uses it).
 PING_TIMEOUT_CODE: Final = 1011
+#: Close code for a peer that broke a policy (sustained flooding).
+POLICY_VIOLATION: Final = 1008
 
 
 @attrs.frozen(kw_only=True)
@@ -60,6 +63,7 @@ class _Conn:
     username: Username
     default_room: RoomName | None
     heartbeat: Heartbeat
+    limiter: RateLimiter | None
     rooms: dict[RoomName, None] = attrs.field(factory=dict)  # ordered set
     timer_gen: int = 0  # the generation of this connection's live timer entry
 
@@ -206,7 +210,17 @@ class Broker:
         if isinstance(event, TextReceived):
             c = self._conns.get(event.conn)
             if c is not None:
-                self._on_text(event.conn, c, event.text, timestamp, actions)
+                limiter = c.limiter
+                decision = RateDecision.ALLOW if limiter is None else limiter.take(now)
+                if decision is RateDecision.ALLOW:
+                    self._on_text(event.conn, c, event.text, timestamp, actions)
+                elif decision is RateDecision.REFUSE:
+                    self._error(event.conn, codec.RATE_LIMITED, "too many messages", actions)
+                else:
+                    actions.append(
+                        Close(conn=event.conn, code=POLICY_VIOLATION, reason="rate limit exceeded")
+                    )
+                    self._disconnect(event.conn, c, timestamp, actions)
         elif isinstance(event, PongReceived):
             c = self._conns.get(event.conn)
             if c is not None:
@@ -259,6 +273,11 @@ class Broker:
             username=event.username,
             default_room=event.room,
             heartbeat=Heartbeat.start(config.ping_interval, config.ping_timeout, now),
+            limiter=(
+                RateLimiter(config.rate_limit, config.rate_burst, now)
+                if config.rate_limit
+                else None
+            ),
         )
         self._conns[conn] = c
         self._schedule(conn, c)

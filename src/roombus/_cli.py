@@ -34,6 +34,7 @@ class _Option:
     type: Callable[[str], Any]
     help: str
     repeat: bool = False
+    metavar: str | None = None
 
     @property
     def env(self) -> str:
@@ -50,13 +51,22 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+
+
 _defaults_b = BrokerConfig()
 _defaults_s = ServerConfig()
 
 # Option -> (config object, field) is by name: each flag's dest is a field of one of them.
 SERVE_OPTIONS = (
-    _Option("host", str, f"address to listen on (default {_defaults_s.host})"),
-    _Option("port", int, f"TCP port (default {_defaults_s.port}; 0 picks one)"),
+    _Option("host", str, f"address to listen on (default {_defaults_s.host})", metavar="ADDRESS"),
+    _Option("port", int, f"TCP port (default {_defaults_s.port}; 0 picks one)", metavar="PORT"),
     _Option(
         "ping-interval",
         float,
@@ -90,6 +100,18 @@ SERVE_OPTIONS = (
         f"rooms one connection may join (default {_defaults_b.max_rooms_per_connection})",
     ),
     _Option(
+        "rate-limit",
+        float,
+        f"messages per second one connection may send on average; 0 turns it off "
+        f"(default {_defaults_b.rate_limit:g})",
+        metavar="PER_SECOND",
+    ),
+    _Option(
+        "rate-burst",
+        int,
+        f"messages one connection may send at once (default {_defaults_b.rate_burst})",
+    ),
+    _Option(
         "handshake-timeout",
         float,
         f"seconds to complete the opening request (default {_defaults_s.handshake_timeout:g})",
@@ -111,10 +133,23 @@ SERVE_OPTIONS = (
         "an Origin allowed to connect (repeatable; the variable takes a comma-separated "
         "list); with none given, any origin may connect",
         repeat=True,
+        metavar="ORIGIN",
     ),
-    _Option("page", str, "HTML file to serve at / (default: the bundled chat page)"),
-    _Option("log-level", _log_level, "debug, info, warning or error (default info)"),
+    _Option("backlog", int, f"the listen backlog (default {_defaults_s.backlog})"),
+    _Option(
+        "page", str, "HTML file to serve at / (default: the bundled chat page)", metavar="FILE"
+    ),
+    _Option("no-page", _flag, "answer / with 404 instead of serving a page", metavar="BOOL"),
+    _Option(
+        "log-level",
+        _log_level,
+        "debug, info, warning or error (default info)",
+        metavar="LEVEL",
+    ),
 )
+
+
+_METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,16 +165,22 @@ def _parser() -> argparse.ArgumentParser:
         "environment variable, shown in brackets.",
     )
     for opt in SERVE_OPTIONS:
+        if opt.type is _flag:
+            serve.add_argument(
+                f"--{opt.flag}",
+                dest=opt.dest,
+                action="store_const",
+                const="1",
+                help=f"{opt.help} [{opt.env}=1]",
+            )
+            continue
         serve.add_argument(
             f"--{opt.flag}",
             dest=opt.dest,
             action="append" if opt.repeat else "store",
-            metavar=opt.dest.upper().split("_")[-1] if opt.type is not str else None,
+            metavar=opt.metavar or _METAVARS.get(opt.type, "VALUE"),
             help=f"{opt.help} [{opt.env}]",
         )
-    serve.add_argument(
-        "--no-page", action="store_true", help="answer / with 404 instead of the chat page"
-    )
     return parser
 
 
@@ -172,7 +213,7 @@ def build_configs(
     values = _settings(args, environ)
     level = values.pop("log_level", "info")
     page_path = values.pop("page", None)
-    if args.no_page:
+    if values.pop("no_page", False):
         page = None
     elif page_path is not None:
         try:
@@ -228,10 +269,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trio.run(_serve, broker, server)
-    except OSError as exc:
+    except BaseException as exc:
+        # Binding happens inside the nursery, so the error may come in a group.
+        error = _find(exc, OSError)
+        if error is None:
+            raise
         print(
-            f"roombus serve: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
+            f"roombus serve: cannot listen on {server.host}:{server.port}: "
+            f"{error.strerror or error}",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find(inner, kind)
+        if found is not None:
+            return found
+    return None

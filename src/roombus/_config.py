@@ -40,6 +40,11 @@ class BrokerConfig:
         send_queue: Most messages that may wait for one slow receiver.
         send_queue_bytes: Most bytes that may wait for one slow receiver.
         max_rooms_per_connection: Rooms one connection may be in at once.
+        rate_limit: Messages per second one connection may send on average; 0 turns
+            rate limiting off. Over it, messages are refused with ``rate_limited``;
+            sustained abuse (more than twice the rate, for long enough to pile up
+            ``rate_burst`` refusals) closes the connection with 1008.
+        rate_burst: Messages one connection may send at once above the average.
     """
 
     ping_interval: float = 20.0
@@ -48,8 +53,19 @@ class BrokerConfig:
     send_queue: int = 1024
     send_queue_bytes: int = 4 * 1024 * 1024
     max_rooms_per_connection: int = 100
+    rate_limit: float = 1000.0
+    rate_burst: int = 2000
 
     def __attrs_post_init__(self) -> None:
+        if not (
+            isinstance(self.rate_limit, (int, float))
+            and math.isfinite(self.rate_limit)
+            and self.rate_limit >= 0
+        ):
+            raise ConfigError(
+                "rate-limit", f"must be a non-negative number (0: off), not {self.rate_limit!r}"
+            )
+        _positive_int("rate-burst", self.rate_burst)
         _positive_finite("ping-interval", self.ping_interval)
         _positive_finite("ping-timeout", self.ping_timeout)
         _positive_int("max-message-bytes", self.max_message_bytes)

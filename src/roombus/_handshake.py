@@ -123,7 +123,6 @@ def route_request(
             426,
             "this endpoint speaks WebSocket only",
             (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
         )
     if method != b"GET":
         return _refuse(405, "a WebSocket upgrade must be a GET", (b"allow", b"GET"))

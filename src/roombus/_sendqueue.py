@@ -12,10 +12,10 @@ The queue is bounded twice: in frames (``max_messages``) and in bytes
 (``max_bytes``). A frame that would cross either bound is refused, and the queue
 becomes OVERFLOWED: the receiver is too slow, and the policy is to give up on it
 rather than make anyone else wait or grow memory. What was queued and not yet
-started is dropped; a chunk already partly written is kept (a WebSocket stream
-cannot be cut mid-frame), so that a close frame can follow it. Control frames
-(pings, pongs, close) are small and never refused, so a close can always be
-queued.
+handed out is dropped; the chunk :meth:`SendQueue.data` already returned is kept
+(it may be in flight, and a WebSocket stream cannot be cut mid-frame), so that a
+close frame can follow it. Control frames (pings, pongs, close) are small and never
+refused, so a close can always be queued.
 
 States and what each input does:
 
@@ -181,13 +181,9 @@ class SendQueue:
             self._chunk_sent = self._chunk_data = self._chunk_data_bytes = 0
 
     def _drop_unstarted(self) -> None:
-        """Drop every frame not started; a chunk partly written is finished first."""
-        if self._chunk and not self._chunk_sent:
-            self._data_frames -= self._chunk_data
-            self._data_bytes -= self._chunk_data_bytes
-            self._nbytes -= len(self._chunk)
-            self._chunk = b""
-            self._chunk_data = self._chunk_data_bytes = 0
+        """Drop every frame not yet handed out; the chunk :meth:`data` returned is finished
+        first, even if none of it was reported written yet: a driver may be awaiting its
+        write (and will :meth:`consume` it), and a stream cannot be cut mid-frame."""
         self._nbytes = len(self._chunk) - self._chunk_sent
         self._data_frames = self._chunk_data
         self._data_bytes = self._chunk_data_bytes

@@ -25,11 +25,12 @@ from typing import Any
 
 import attrs
 import pytest
-import trio
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 import roombus.trio
+import trio
 from roombus import BrokerConfig, Notice, ServerConfig
 
 from .rawws import HOST, TIMEOUT, RawWS
@@ -64,20 +65,35 @@ class Client:
         return msg
 
     def expect_chat(self, content: Any, username: str, room: str | None = None) -> Any:
-        return self.expect(type="chat", content=content, username=username,
-                           room=room or self.room)
+        return self.expect(type="chat", content=content, username=username, room=room or self.room)
 
     def ping(self) -> None:
         """App-level ping; returns when the pong is the next message (a barrier)."""
         self.send({"type": "ping"})
         self.expect(type="pong")
 
+    def until_closed(self, timeout: float = TIMEOUT) -> ConnectionClosed:
+        """Read (and drop) messages until the server closes; returns how it closed."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self.ws.recv(timeout=max(deadline - time.monotonic(), 0))
+        except ConnectionClosed as exc:
+            return exc
+
     def close(self) -> None:
         self.ws.close()
 
 
-def open_client(port: int, room: str, username: str, *, expect_join: bool | None = True,
-                origin: str | None = None, **kw: Any) -> Client:
+def open_client(
+    port: int,
+    room: str,
+    username: str,
+    *,
+    expect_join: bool | None = True,
+    origin: str | None = None,
+    **kw: Any,
+) -> Client:
     """
     Connect to ``/ws?room=&username=``. With *expect_join* True, read the client's own
     presence join and then its presence_state; with False, only the presence_state
@@ -123,8 +139,16 @@ class _ErrorLog(logging.Handler):
 class ServerThread:
     """A roombus server running ``trio.run`` in a background thread."""
 
-    def __init__(self, broker_config: BrokerConfig, server_config: ServerConfig,
-                 on_notice: Callable[[Notice], None] | None = None) -> None:
+    def __init__(
+        self,
+        broker_config: BrokerConfig,
+        server_config: ServerConfig,
+        on_notice: Callable[[Notice], None] | None = None,
+        *,
+        via_stream: bool = False,
+    ) -> None:
+        self.via_stream = via_stream
+        self.allow_crash = False  # for xfail tests of crashes: stop() then does not raise
         self.broker_config = broker_config
         self.server_config = server_config
         self.notices: list[Notice] = []
@@ -169,12 +193,33 @@ class ServerThread:
         with trio.CancelScope() as scope:
             self._scope = scope
             async with trio.open_nursery() as nursery:
-                serve = partial(roombus.trio.serve, self.broker_config, self.server_config,
-                                on_notice=self._on_notice)
-                self.server = await nursery.start(serve)
-                self.port = self.server.port
+                if self.via_stream:
+                    await self._start_via_stream(nursery)
+                else:
+                    serve = partial(
+                        roombus.trio.serve,
+                        self.broker_config,
+                        self.server_config,
+                        on_notice=self._on_notice,
+                    )
+                    self.server = await nursery.start(serve)
+                    self.port = self.server.port
                 self._ready.set()
         self.stopped_cleanly = True
+
+    async def _start_via_stream(self, nursery: trio.Nursery) -> None:
+        """No listener of its own: trio.serve_tcp hands each stream to handle_stream."""
+        server = roombus.trio.Server(
+            self.broker_config, self.server_config, on_notice=self._on_notice
+        )
+        await nursery.start(roombus.trio.run_server, server)
+        self.server = server
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await server.handle_stream(stream, "tcp")
+
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=HOST))
+        self.port = listeners[0].socket.getsockname()[1]
 
     def stop(self, timeout: float = 10.0) -> float:
         """Cancel the server (graceful shutdown) and wait for it; returns the seconds taken."""
@@ -186,6 +231,8 @@ class ServerThread:
                 pass
             self._thread.join(timeout)
             assert not self._thread.is_alive(), f"server did not stop within {timeout} s"
+        if self.allow_crash:
+            return time.monotonic() - t0
         if self.error is not None:
             raise self.error
         assert self.stopped_cleanly
@@ -205,8 +252,7 @@ class ServerThread:
         assert self.server is not None
         return self.call(partial(self.server.publish, room, content, **kw))
 
-    def wait_notice(self, predicate: Callable[[Notice], bool], timeout: float = TIMEOUT
-                    ) -> Notice:
+    def wait_notice(self, predicate: Callable[[Notice], bool], timeout: float = TIMEOUT) -> Notice:
         with self._notice_cond:
             found: list[Notice] = []
 
@@ -282,10 +328,14 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
     logger = logging.getLogger("roombus")
     logger.addHandler(errors)
 
-    def make(*, on_notice: Callable[[Notice], None] | None = None, **settings: Any
-             ) -> ServerThread:
+    def make(
+        *,
+        on_notice: Callable[[Notice], None] | None = None,
+        via_stream: bool = False,
+        **settings: Any,
+    ) -> ServerThread:
         broker, server = split_config(**settings)
-        st = ServerThread(broker, server, on_notice)
+        st = ServerThread(broker, server, on_notice, via_stream=via_stream)
         servers.append(st)
         return st.start()
 
@@ -322,8 +372,9 @@ LISTENING_RE = re.compile(r"listening on ws://([^/\s]+):(\d+)/ws")
 class CliServer:
     """``python -m roombus serve`` in a subprocess; stderr is collected by a thread."""
 
-    def __init__(self, *args: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+        env = {**environ, **(env or {})}
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "roombus", "serve", "--host", HOST, *args],
@@ -397,8 +448,8 @@ def cli() -> Iterator[Callable[..., CliServer]]:
     """A factory: ``cli("--port", "0", ...)`` runs ``roombus serve``; killed at teardown."""
     procs: list[CliServer] = []
 
-    def start(*args: str) -> CliServer:
-        p = CliServer(*args)
+    def start(*args: str, env: dict[str, str] | None = None) -> CliServer:
+        p = CliServer(*args, env=env)
         procs.append(p)
         return p
 

@@ -167,8 +167,9 @@ def read_to_eof(sock: socket.socket, *, timeout: float = TIMEOUT) -> bytes:
     return b"".join(chunks)
 
 
-def get(port: int, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
-        ) -> HttpResponse:
+def get(
+    port: int, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+) -> HttpResponse:
     """A plain HTTP/1.1 request."""
     h = {"Host": HOST, "Connection": "close"}
     h.update(headers or {})

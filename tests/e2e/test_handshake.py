@@ -6,11 +6,20 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from .conftest import open_client
-from .rawws import RawWS, get, http_exchange, open_socket, read_to_eof, response_head, upgrade_request
+from .rawws import (
+    RawWS,
+    get,
+    http_exchange,
+    open_socket,
+    read_to_eof,
+    response_head,
+    upgrade_request,
+)
 
 
-def assert_refused(port: int, target: str, status: int, headers: dict[str, str] | None = None
-                   ) -> None:
+def assert_refused(
+    port: int, target: str, status: int, headers: dict[str, str] | None = None
+) -> None:
     resp = http_exchange(port, upgrade_request(target, headers))
     assert resp.status == status, resp
     assert "sec-websocket-accept" not in resp.headers
@@ -191,8 +200,9 @@ def test_garbage_instead_of_http_is_400_and_others_are_served(server, garbage):
 
 
 def test_non_get_method(server):
-    resp = http_exchange(server.port, b"POST /ws?room=a&username=b HTTP/1.1\r\nHost: x\r\n"
-                                      b"Content-Length: 0\r\n\r\n")
+    resp = http_exchange(
+        server.port, b"POST /ws?room=a&username=b HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
     assert 400 <= resp.status < 500
     server.assert_serving()
 

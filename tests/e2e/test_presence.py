@@ -9,12 +9,19 @@ def test_joiner_gets_its_join_then_presence_state(server):
     (ann,) = server.room("lobby", "ann")
     bob = server.connect("lobby", "bob", expect_join=None)
     first, second = bob.recv(), bob.recv()
-    assert first == {**first, "type": "presence", "event": "join", "username": "bob",
-                     "room": "lobby", "content": "bob joined the room"}
+    assert first == {
+        **first,
+        "type": "presence",
+        "event": "join",
+        "username": "bob",
+        "room": "lobby",
+        "content": "bob joined the room",
+    }
     assert isinstance(first["timestamp"], int)
     assert second == {"type": "presence_state", "room": "lobby", "users": ["ann", "bob"]}
-    ann.expect(type="presence", event="join", username="bob", room="lobby",
-               content="bob joined the room")
+    ann.expect(
+        type="presence", event="join", username="bob", room="lobby", content="bob joined the room"
+    )
 
 
 def test_first_member_sees_only_itself(server):
@@ -88,8 +95,9 @@ def test_second_connection_of_a_user_is_silent_and_leave_waits_for_the_last(serv
     ann2.expect_chat("still here", "ann")
 
     ann2.close()  # the last one: now bob hears the leave
-    msg = bob.expect(type="presence", event="leave", username="ann", room="lobby",
-                     content="ann left the room")
+    msg = bob.expect(
+        type="presence", event="leave", username="ann", room="lobby", content="ann left the room"
+    )
     assert isinstance(msg["timestamp"], int)
 
 

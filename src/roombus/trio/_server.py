@@ -206,7 +206,7 @@ class Server:
         self._timer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
-        self._handshakes = 0
+        self._handshaking: set[trio.CancelScope] = set()  # handshakes in progress
         self._all_closed = trio.Event()
         self._listeners: list[socket.socket] = []
         self.overflows = 0  # slow consumers closed
@@ -236,7 +236,13 @@ class Server:
         """
         Serve one client over any trio Stream until it ends (e.g. a TLS stream, or a
         memory stream in tests). Never raises for anything the client does.
+
+        Raises:
+            RuntimeError: if the server is not running (see :func:`run_server`).
         """
+        if self._nursery is None or self._shutting_down:
+            await trio.aclose_forcefully(stream)
+            raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
 
     # -- the tasks ---------------------------------------------------------------------
@@ -263,13 +269,15 @@ class Server:
         for lsock in self._listeners:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
+        for scope in self._handshaking:
+            scope.cancel()  # not a client yet: just drop it
         for conn in list(self._conns.values()):
             self._close(conn, GOING_AWAY, "server shutting down", drop_pending=False)
         self._world.deadline = trio.current_time() + self.config.close_timeout
         self._check_all_closed()
 
     def _check_all_closed(self) -> None:
-        if self._shutting_down and not self._conns and not self._handshakes:
+        if self._shutting_down and not self._conns and not self._handshaking:
             self._all_closed.set()
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
@@ -304,7 +312,7 @@ class Server:
         while True:
             if not self._dirty:
                 self._flusher_parked = True
-                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                await trio.lowlevel.wait_task_rescheduled(self._unpark_flusher)
                 self._flusher_parked = False
             dirty, self._dirty = self._dirty, {}
             for conn in dirty.values():
@@ -312,6 +320,11 @@ class Server:
             # Let readers run before the next sweep, so frames can pile up and be
             # written together.
             await trio.lowlevel.checkpoint()
+
+    def _unpark_flusher(self, _: object) -> trio.lowlevel.Abort:
+        # Cancelled while parked: make sure nobody reschedules it as well.
+        self._flusher_parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _timer_loop(self) -> None:
         broker = self.broker
@@ -333,35 +346,46 @@ class Server:
     # -- one connection ----------------------------------------------------------------
 
     async def _handle(self, transport: _Transport) -> None:
+        """One connection's whole life; its transport is closed on every way out."""
+        try:
+            await self._serve_connection(transport)
+        except _Broken:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+            self._check_all_closed()
+
+    async def _serve_connection(self, transport: _Transport) -> None:
         config = self.config
         broker_config = self.broker.config
         wire = ServerWire(
             max_header_bytes=config.max_header_bytes,
             max_message_bytes=broker_config.max_message_bytes,
         )
-        self._handshakes += 1
+        scope = trio.CancelScope()
+        self._handshaking.add(scope)
         try:
-            decision = await self._handshake(transport, wire)
+            with scope:
+                decision = await self._handshake(transport, wire)
         finally:
-            self._handshakes -= 1
+            self._handshaking.discard(scope)
+        if scope.cancelled_caught or decision is None:
+            return
         if not isinstance(decision, Upgrade):
-            if decision is not None:
-                with trio.move_on_after(config.close_timeout):
-                    data = wire.respond(decision[0], head=decision[1])
-                    try:
-                        while data:
-                            data = data[await transport.send(data) :]
-                    except _Broken:
-                        pass
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
-            self._check_all_closed()
+            with trio.move_on_after(config.close_timeout):
+                data: bytes = wire.respond(decision[0], head=decision[1])
+                while data:
+                    data = data[await transport.send(data) :]
             return
 
         cid = ConnectionId(next(self._ids))
         conn = _Connection(cid, transport, wire)
         conn.queue = SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
         conn.queue.push_control(wire.accept(decision))
+        # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
+        # so the response goes out even if bytes that came with the request close us.
+        conn.queue.data()
         self._conns[cid] = conn
         self._mark_dirty(conn)
         log.debug(
@@ -390,8 +414,6 @@ class Server:
                             break
                 # Our close is queued or the peer's answered: let it reach the wire.
                 await self._wait_flushed(conn)
-        except _Broken:
-            pass
         finally:
             self._conns.pop(cid, None)
             self._dirty.pop(cid, None)
@@ -401,9 +423,6 @@ class Server:
                         ClientDisconnected(conn=cid), now=trio.current_time(), timestamp=_wall()
                     )
                 )
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
-            self._check_all_closed()
 
     async def _handshake(
         self, transport: _Transport, wire: ServerWire

@@ -6,7 +6,7 @@ Importing this module needs trio; ``import roombus`` (the core) does not.
 
 from __future__ import annotations
 
-from ._server import NoticeHook as NoticeHook
+from .._hub import NoticeHook as NoticeHook
 from ._server import Server as Server
 from ._server import run_server as run_server
 from ._server import serve as serve

@@ -1,69 +1,42 @@
 """
-The trio adapter: accept connections, move bytes, carry out the core's actions.
+The trio adapter: sockets, tasks and the clock around a sans-IO :class:`~roombus.hub.Hub`.
 
 Theory of operation
 -------------------
-Every connection has one task, its *reader*: it runs the opening handshake, then
-feeds what arrives to the wire layer and the broker, and carries out the actions
-that come back (:meth:`Server._apply`) before its next ``await``. trio runs one
-task at a time, so the broker needs no lock.
+Every connection has one task, its *reader*: it feeds what arrives to the hub, then
+carries out the hub's outputs (:meth:`Server._after`) before its next ``await``. trio
+runs one task at a time, so the hub needs no lock.
 
-Writing never blocks a broadcast. :meth:`Server._apply` frames a broadcast once and
-appends the same bytes to each receiver's :class:`~roombus.SendQueue`, then marks the
-receiver *dirty*. One *flusher* task writes every dirty connection's pending frames
-in one non-blocking ``send()`` each; frames that pile up while the flusher waits for
-its turn go out together (coalescing). Only when the kernel refuses bytes does a
-connection get a *drainer* task, which waits until the socket is writable. A queue
-over its bound means a slow consumer: it is closed with 1008 (see SendQueue), and
-nobody else waits for it.
+Writing never blocks a broadcast. The hub frames a broadcast once and appends the same
+bytes to each receiver's send queue; one *flusher* task writes every dirty queue in
+one non-blocking ``send()``; frames that pile up while the flusher waits for its turn
+go out together (coalescing). Only when the kernel refuses bytes does a connection
+get a *drainer* task, which waits until its socket is writable. A *timer* task sleeps
+until the hub's next deadline (heartbeats, handshake and close timeouts).
 
-One *timer* task sleeps until the broker's next deadline and then calls
-``handle_timeout``. Shutdown (cancellation of :func:`serve`) stops accepting, sends
-close 1001 to everyone, and waits at most ``close_timeout`` for the close handshakes.
+Shutdown (cancellation of :func:`serve`) stops accepting, has the hub close everyone
+with 1001, and gives the clients ``close_timeout`` to answer.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import math
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
 import trio
 
-from .._actions import Close, Deliver, Notice, SendPing
-from .._broker import Broker
 from .._config import BrokerConfig, ServerConfig
-from .._events import ClientConnected, ClientDisconnected, PongReceived, TextReceived
-from .._handshake import HttpResponse, Upgrade, route_request
-from .._sendqueue import QueueState, SendQueue
+from .._hub import Hub, NoticeHook
+from .._sendqueue import SendQueue
 from .._types import ConnectionId
-from .._wire import (
-    GOING_AWAY,
-    PING_FRAME,
-    POLICY_VIOLATION,
-    BadRequest,
-    Closed,
-    MessageReceived,
-    PongFrameReceived,
-    Reply,
-    RequestReceived,
-    ServerWire,
-    text_frame,
-)
-
-if TYPE_CHECKING:
-    from .._actions import Action
 
 log: Final = logging.getLogger("roombus")
 
 RECEIVE_SIZE: Final = 65536
-
-NoticeHook = Callable[[Notice], None]
 
 
 class _Broken(Exception):
@@ -149,38 +122,27 @@ class _StreamTransport:
 _Transport = _SocketTransport | _StreamTransport
 
 
-class _Connection:
-    __slots__ = (
-        "cid",
-        "closing",
-        "drained",
-        "draining",
-        "queue",
-        "reader_scope",
-        "transport",
-        "wire",
-    )
+class _Link:
+    """What the adapter keeps per connection: its transport and its reader's scope."""
 
-    def __init__(self, cid: ConnectionId, transport: _Transport, wire: ServerWire) -> None:
-        self.cid = cid
+    __slots__ = ("draining", "scope", "transport")
+
+    def __init__(self, transport: _Transport) -> None:
         self.transport = transport
-        self.wire = wire
-        self.queue: SendQueue | None = None
-        self.reader_scope = trio.CancelScope()
+        self.scope = trio.CancelScope()
         self.draining = False  # a drainer task owns the writes
-        self.drained = trio.Event()  # set when the current drainer ends
-        self.closing = False  # a close frame is queued; the reader ends soon
 
 
 @final
 class Server:
     """
-    A running roombus server: the broker, its connections, and the way in for an app.
+    A running roombus server: the hub, its connections, and the way in for an app.
 
     Get one from :func:`serve` through ``nursery.start``. All methods are synchronous
     and must be called from the trio thread that runs the server.
 
     Attributes:
+        hub: The sans-IO hub (connections, send queues, broker).
         broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
         config: The server's transport settings.
         port: The TCP port actually bound (useful with ``port=0``), or None when
@@ -194,22 +156,18 @@ class Server:
         *,
         on_notice: NoticeHook | None = None,
     ) -> None:
-        self.broker = Broker(broker_config)
-        self.config = config if config is not None else ServerConfig()
+        self.hub = Hub(broker_config, config, on_notice=on_notice)
+        self.broker = self.hub.broker
+        self.config = self.hub.config
         self.port: int | None = None
-        self._on_notice = on_notice
-        self._conns: dict[ConnectionId, _Connection] = {}
-        self._ids = itertools.count(1)
-        self._dirty: dict[ConnectionId, _Connection] = {}
+        self._links: dict[ConnectionId, _Link] = {}
         self._flusher: trio.lowlevel.Task | None = None
         self._flusher_parked = False
         self._timer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._shutting_down = False
-        self._handshaking: set[trio.CancelScope] = set()  # handshakes in progress
+        self._world = trio.CancelScope()
         self._all_closed = trio.Event()
         self._listeners: list[socket.socket] = []
-        self.overflows = 0  # slow consumers closed
 
     # -- public API for the embedding app ----------------------------------------------
 
@@ -223,14 +181,21 @@ class Server:
         Raises:
             ValueError: if the room or username is invalid or content is not JSON.
         """
-        actions = self.broker.publish(room, content, username=username, timestamp=_wall())
-        self._apply(actions)
-        return sum(len(a.conns) for a in actions if type(a) is Deliver)
+        count = self.hub.publish(
+            room, content, username=username, now=trio.current_time(), timestamp=_wall()
+        )
+        self._after()
+        return count
 
     @property
     def connection_count(self) -> int:
         """Open WebSocket connections."""
-        return len(self._conns)
+        return self.hub.websocket_count
+
+    @property
+    def overflows(self) -> int:
+        """Slow consumers closed (send queue over its bound) since the start."""
+        return self.hub.overflows
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str = "stream") -> None:
         """
@@ -240,7 +205,7 @@ class Server:
         Raises:
             RuntimeError: if the server is not running (see :func:`run_server`).
         """
-        if self._nursery is None or self._shutting_down:
+        if self._nursery is None or self.hub.shutting_down:
             await trio.aclose_forcefully(stream)
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
@@ -263,21 +228,20 @@ class Server:
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, close everyone with 1001, bound the wait for them."""
-        if self._shutting_down:
+        if self.hub.shutting_down:
             return
-        self._shutting_down = True
         for lsock in self._listeners:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
-        for scope in self._handshaking:
-            scope.cancel()  # not a client yet: just drop it
-        for conn in list(self._conns.values()):
-            self._close(conn, GOING_AWAY, "server shutting down", drop_pending=False)
-        self._world.deadline = trio.current_time() + self.config.close_timeout
+        now = trio.current_time()
+        self.hub.shutdown(now=now)
+        self._after()
+        # The hub drops every transport by close_timeout; this is the backstop.
+        self._world.deadline = now + self.config.close_timeout + 1.0
         self._check_all_closed()
 
     def _check_all_closed(self) -> None:
-        if self._shutting_down and not self._conns and not self._handshaking:
+        if self.hub.shutting_down and not self._links:
             self._all_closed.set()
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
@@ -307,16 +271,55 @@ class Server:
                 peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
                 nursery.start_soon(self._handle, _SocketTransport(sock, peer))
 
+    async def _handle(self, transport: _Transport) -> None:
+        """One connection's whole life; its transport is closed on every way out."""
+        hub = self.hub
+        cid = hub.open(now=trio.current_time(), peer=transport.peer)
+        link = _Link(transport)
+        self._links[cid] = link
+        try:
+            with link.scope:
+                self._after()
+                while True:
+                    data = await transport.receive()
+                    hub.receive(cid, data or None, now=trio.current_time(), timestamp=_wall())
+                    self._after()
+                    if not data:
+                        # The peer sent all it will; wait until the hub is done writing.
+                        await trio.sleep_forever()
+        except _Broken:
+            pass
+        finally:
+            del self._links[cid]
+            hub.lost(cid, now=trio.current_time(), timestamp=_wall())
+            self._after()
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+            self._check_all_closed()
+
+    def _after(self) -> None:
+        """Carry out the hub's outputs: close what must close, wake the flusher and timer."""
+        hub = self.hub
+        for cid in hub.take_to_close():
+            link = self._links.get(cid)
+            if link is not None:
+                link.scope.cancel()
+        if hub.has_dirty():
+            self._wake_flusher()
+        if hub.deadline_moved:
+            hub.deadline_moved = False
+            deadline = hub.next_deadline()
+            if deadline is not None and deadline < self._timer_scope.deadline:
+                self._timer_scope.deadline = deadline
+
     async def _flush_loop(self) -> None:
         self._flusher = trio.lowlevel.current_task()
         while True:
-            if not self._dirty:
+            if not self.hub.has_dirty():
                 self._flusher_parked = True
                 await trio.lowlevel.wait_task_rescheduled(self._unpark_flusher)
                 self._flusher_parked = False
-            dirty, self._dirty = self._dirty, {}
-            for conn in dirty.values():
-                self._flush(conn)
+            self._flush_all()
             # Let readers run before the next sweep, so frames can pile up and be
             # written together.
             await trio.lowlevel.checkpoint()
@@ -326,303 +329,61 @@ class Server:
         self._flusher_parked = False
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def _timer_loop(self) -> None:
-        broker = self.broker
-        while True:
-            deadline = broker.next_deadline()
-            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            now = trio.current_time()
-            deadline = broker.next_deadline()
-            if deadline is not None and deadline <= now:
-                self._apply(broker.handle_timeout(now=now, timestamp=_wall()))
-
-    def _rearm_timer(self) -> None:
-        deadline = self.broker.next_deadline()
-        if deadline is not None and deadline < self._timer_scope.deadline:
-            self._timer_scope.deadline = deadline
-
-    # -- one connection ----------------------------------------------------------------
-
-    async def _handle(self, transport: _Transport) -> None:
-        """One connection's whole life; its transport is closed on every way out."""
-        try:
-            await self._serve_connection(transport)
-        except _Broken:
-            pass
-        finally:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
-            self._check_all_closed()
-
-    async def _serve_connection(self, transport: _Transport) -> None:
-        config = self.config
-        broker_config = self.broker.config
-        wire = ServerWire(
-            max_header_bytes=config.max_header_bytes,
-            max_message_bytes=broker_config.max_message_bytes,
-        )
-        scope = trio.CancelScope()
-        self._handshaking.add(scope)
-        try:
-            with scope:
-                decision = await self._handshake(transport, wire)
-        finally:
-            self._handshaking.discard(scope)
-        if scope.cancelled_caught or decision is None:
-            return
-        if not isinstance(decision, Upgrade):
-            with trio.move_on_after(config.close_timeout):
-                data: bytes = wire.respond(decision[0], head=decision[1])
-                while data:
-                    data = data[await transport.send(data) :]
-            return
-
-        cid = ConnectionId(next(self._ids))
-        conn = _Connection(cid, transport, wire)
-        conn.queue = SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
-        conn.queue.push_control(wire.accept(decision))
-        # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
-        # so the response goes out even if bytes that came with the request close us.
-        conn.queue.data()
-        self._conns[cid] = conn
-        self._mark_dirty(conn)
-        log.debug(
-            "%s connected as %r in %r (conn %d)",
-            transport.peer,
-            decision.username,
-            decision.room,
-            cid,
-        )
-        try:
-            self._apply(
-                self.broker.handle(
-                    ClientConnected(conn=cid, username=decision.username, room=decision.room),
-                    now=trio.current_time(),
-                    timestamp=_wall(),
-                )
-            )
-            self._rearm_timer()
-            if self._shutting_down:
-                self._close(conn, GOING_AWAY, "server shutting down", drop_pending=False)
-            with conn.reader_scope:
-                if self._receive(conn, b""):
-                    while True:
-                        data = await transport.receive()
-                        if not self._receive(conn, data or None):
-                            break
-                # Our close is queued or the peer's answered: let it reach the wire.
-                await self._wait_flushed(conn)
-        finally:
-            self._conns.pop(cid, None)
-            self._dirty.pop(cid, None)
-            if cid in self.broker:
-                self._apply(
-                    self.broker.handle(
-                        ClientDisconnected(conn=cid), now=trio.current_time(), timestamp=_wall()
-                    )
-                )
-
-    async def _handshake(
-        self, transport: _Transport, wire: ServerWire
-    ) -> Upgrade | tuple[HttpResponse, bool] | None:
-        config = self.config
-        with trio.move_on_after(config.handshake_timeout):
-            while True:
-                try:
-                    data = await transport.receive()
-                except _Broken:
-                    return None
-                for event in wire.receive_data(data or None):
-                    if type(event) is RequestReceived:
-                        decision = route_request(
-                            event.method,
-                            event.target,
-                            event.headers,
-                            allowed_origins=config.allowed_origins,
-                            page=config.page,
-                        )
-                        if self._shutting_down and isinstance(decision, Upgrade):
-                            decision = HttpResponse(status=503, body=b"shutting down\n")
-                        if isinstance(decision, Upgrade):
-                            return decision
-                        if decision.status >= 400:
-                            log.info(
-                                "%s refused with %d: %s",
-                                transport.peer,
-                                decision.status,
-                                decision.body.decode(errors="replace").strip(),
-                            )
-                        return decision, event.method == b"HEAD"
-                    if type(event) is BadRequest:
-                        log.info("%s sent a bad request: %d", transport.peer, event.response.status)
-                        return event.response, False
-                    return None  # the peer went away mid-request
-        log.info(
-            "%s did not complete its handshake in %s s", transport.peer, config.handshake_timeout
-        )
-        return None
-
-    def _receive(self, conn: _Connection, data: bytes | None) -> bool:
-        """Handle bytes from *conn*; False once its reading is over."""
-        broker = self.broker
-        cid = conn.cid
-        for event in conn.wire.receive_data(data):
-            kind = type(event)
-            if kind is MessageReceived:
-                if not conn.closing:
-                    self._apply(
-                        broker.handle(
-                            TextReceived(conn=cid, text=event.text),  # type: ignore[union-attr]
-                            now=trio.current_time(),
-                            timestamp=_wall(),
-                        )
-                    )
-            elif kind is PongFrameReceived:
-                broker.handle(PongReceived(conn=cid), now=trio.current_time(), timestamp=0)
-                self._rearm_timer()
-            elif kind is Reply:
-                assert conn.queue is not None
-                conn.queue.push_control(event.data)  # type: ignore[union-attr]
-                self._mark_dirty(conn)
-            elif kind is Closed:
-                assert conn.queue is not None
-                if event.data:  # type: ignore[union-attr]
-                    # Our answer to the peer's close, or our refusal of its input.
-                    conn.queue.close_with(event.data, drop_pending=not event.by_peer)  # type: ignore[union-attr]
-                    self._mark_dirty(conn)
-                conn.closing = True
-                self._forget(conn)
-                return False
-        return True
-
-    async def _wait_flushed(self, conn: _Connection) -> None:
-        """Write what is left for *conn* (its close frame), within the close timeout."""
-        conn.reader_scope.deadline = min(
-            conn.reader_scope.deadline, trio.current_time() + self.config.close_timeout
-        )
-        self._flush(conn)
-        if conn.draining:
-            await conn.drained.wait()
-
-    def _forget(self, conn: _Connection) -> None:
-        """Tell the broker *conn* is gone (it stops getting messages at once)."""
-        if conn.cid in self.broker:
-            self._apply(
-                self.broker.handle(
-                    ClientDisconnected(conn=conn.cid), now=trio.current_time(), timestamp=_wall()
-                )
-            )
-
-    def _close(self, conn: _Connection, code: int, reason: str, *, drop_pending: bool) -> None:
-        """Start closing *conn* from our side; its reader ends within close_timeout."""
-        if conn.closing:
-            return
-        conn.closing = True
-        frame = conn.wire.close(code, reason)
-        assert conn.queue is not None
-        if frame:
-            conn.queue.close_with(frame, drop_pending=drop_pending)
-            self._mark_dirty(conn)
-        conn.reader_scope.deadline = min(
-            conn.reader_scope.deadline, trio.current_time() + self.config.close_timeout
-        )
-
-    # -- carrying out actions ----------------------------------------------------------
-
-    def _apply(self, actions: list[Action]) -> None:
-        conns = self._conns
-        overflowed: list[_Connection] = []
-        for action in actions:
-            if isinstance(action, Deliver):
-                frame = text_frame(action.payload)
-                dirty = self._dirty
-                for cid in action.conns:
-                    conn = conns.get(cid)
-                    if conn is None:
-                        continue
-                    queue = conn.queue
-                    assert queue is not None
-                    if queue.push(frame):
-                        dirty[cid] = conn
-                    elif queue.state is QueueState.OVERFLOWED and not conn.closing:
-                        overflowed.append(conn)
-            elif isinstance(action, SendPing):
-                conn = conns.get(action.conn)
-                if conn is not None and conn.queue is not None:
-                    conn.queue.push_control(PING_FRAME)
-                    self._dirty[conn.cid] = conn
-            elif isinstance(action, Close):
-                conn = conns.get(action.conn)
-                if conn is not None:
-                    log.info(
-                        "closing conn %d (%s): %d %s",
-                        conn.cid,
-                        conn.transport.peer,
-                        action.code,
-                        action.reason,
-                    )
-                    self._close(conn, action.code, action.reason, drop_pending=True)
-            elif self._on_notice is not None:
-                try:
-                    self._on_notice(action)
-                except Exception:
-                    log.exception("on_notice hook failed for %r", action)
-        if self._dirty:
-            self._wake_flusher()
-        for conn in overflowed:
-            self.overflows += 1
-            log.warning(
-                "conn %d (%s) fell behind (send queue full); closing with 1008",
-                conn.cid,
-                conn.transport.peer,
-            )
-            self._close(
-                conn, POLICY_VIOLATION, "send queue full: reading too slowly", drop_pending=True
-            )
-            self._forget(conn)
-
-    def _mark_dirty(self, conn: _Connection) -> None:
-        self._dirty[conn.cid] = conn
-        self._wake_flusher()
-
     def _wake_flusher(self) -> None:
         if self._flusher_parked and self._flusher is not None:
             self._flusher_parked = False
             trio.lowlevel.reschedule(self._flusher)
 
-    def _flush(self, conn: _Connection) -> None:
-        if conn.draining:
-            return
-        queue = conn.queue
-        assert queue is not None
-        try:
-            while queue:
-                data = queue.data()
-                sent = conn.transport.try_send(data)
-                queue.consume(sent)
-                if sent < len(data):
-                    break
-        except _Broken:
-            conn.reader_scope.cancel()
-            return
-        if queue and self._nursery is not None:
-            conn.draining = True
-            conn.drained = trio.Event()
-            self._nursery.start_soon(self._drain, conn)
+    def _flush_all(self) -> None:
+        hub = self.hub
+        links = self._links
+        nursery = self._nursery
+        for cid, queue in hub.take_dirty():
+            link = links.get(cid)
+            if link is None or link.draining:
+                continue
+            try_send = link.transport.try_send
+            try:
+                while queue:
+                    data = queue.data()
+                    sent = try_send(data)
+                    queue.consume(sent)
+                    if sent < len(data):
+                        break
+            except _Broken:
+                link.scope.cancel()
+                continue
+            if not queue:
+                hub.flushed(cid)
+            elif nursery is not None:
+                link.draining = True
+                nursery.start_soon(self._drain, cid, link, queue)
+        self._after()
 
-    async def _drain(self, conn: _Connection) -> None:
-        queue = conn.queue
-        assert queue is not None
+    async def _drain(self, cid: ConnectionId, link: _Link, queue: SendQueue) -> None:
         try:
             while queue:
-                queue.consume(await conn.transport.send(queue.data()))
+                queue.consume(await link.transport.send(queue.data()))
         except _Broken:
-            conn.reader_scope.cancel()
+            link.scope.cancel()
+            return
         finally:
-            conn.draining = False
-            conn.drained.set()
+            link.draining = False
+        self.hub.flushed(cid)
+        self._after()
+
+    async def _timer_loop(self) -> None:
+        hub = self.hub
+        while True:
+            deadline = hub.next_deadline()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            now = trio.current_time()
+            deadline = hub.next_deadline()
+            if deadline is not None and deadline <= now:
+                hub.timeout(now=now, timestamp=_wall())
+                self._after()
 
 
 def _wall() -> int:

@@ -1,0 +1,468 @@
+"""
+The hub: every connection's wire, send queue and lifecycle around one broker. Sans-IO.
+
+An adapter (trio, asyncio, your own) owns the sockets and the clock; the hub owns
+everything else. The contract, in full:
+
+* A new transport connection: ``cid = hub.open(now=..., peer=...)``.
+* Bytes from it: ``hub.receive(cid, data, now=..., timestamp=...)``; ``None`` at end
+  of stream.
+* After **every** hub call, carry out its outputs:
+
+  - :meth:`Hub.take_dirty` lists connections with bytes to write: write
+    ``queue.data()`` as far as the transport takes it, report it with
+    ``queue.consume(n)``, and once a queue is empty call :meth:`Hub.flushed`.
+  - :meth:`Hub.take_to_close` lists connections whose transport must be closed now
+    (whatever is still queued). Then call :meth:`Hub.lost`.
+  - :meth:`Hub.next_deadline` is when to call :meth:`Hub.timeout` next.
+
+* A transport that breaks or ends: :meth:`Hub.lost` (idempotent).
+* Shutdown: :meth:`Hub.shutdown`; done when :attr:`Hub.connection_count` is zero.
+
+Connection lifecycle (``_Phase``):
+
+=========== ============================================ ==========================
+phase        what happens                                 ends
+=========== ============================================ ==========================
+HANDSHAKE    the HTTP request arrives                     upgrade -> OPEN; plain
+                                                          answer -> FINISHING;
+                                                          handshake timeout -> gone
+OPEN         frames in, broker actions out                we close -> CLOSING; the
+                                                          peer closes or breaks the
+                                                          protocol -> FINISHING
+CLOSING      our close frame is queued; wait for the      peer's close -> FINISHING;
+             peer's answer                                close timeout -> gone
+FINISHING    last bytes queued (an HTTP answer, a close   queue empty or close
+             frame); then the transport is closed         timeout -> gone
+=========== ============================================ ==========================
+
+The broker forgets a connection as soon as it leaves OPEN, so the rest of its rooms
+learn of the departure at once, not after the close handshake.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from ._actions import Action, Close, Deliver, Notice, SendPing
+from ._broker import Broker
+from ._config import BrokerConfig, ServerConfig
+from ._events import ClientConnected, ClientDisconnected, PongReceived, TextReceived
+from ._handshake import HttpResponse, Upgrade, route_request
+from ._sendqueue import QueueState, SendQueue
+from ._types import ConnectionId
+from ._wire import (
+    GOING_AWAY,
+    PING_FRAME,
+    POLICY_VIOLATION,
+    BadRequest,
+    Closed,
+    MessageReceived,
+    PongFrameReceived,
+    Reply,
+    RequestReceived,
+    ServerWire,
+    text_frame,
+)
+
+log: Final = logging.getLogger("roombus")
+
+NoticeHook = Callable[[Notice], None]
+
+
+class _Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    FINISHING = "finishing"
+
+
+class _Conn:
+    __slots__ = ("cid", "deadline", "peer", "phase", "queue", "wire")
+
+    def __init__(self, cid: ConnectionId, peer: str, wire: ServerWire, queue: SendQueue) -> None:
+        self.cid = cid
+        self.peer = peer
+        self.wire = wire
+        self.queue = queue
+        self.phase = _Phase.HANDSHAKE
+        self.deadline: float | None = None  # when the transport is dropped regardless
+
+
+class Hub:
+    """
+    Connections, their wires and send queues, and the broker: a server minus the I/O.
+
+    Args:
+        broker_config: The core's limits and intervals.
+        config: Transport-level settings (timeouts, origins, page, header limit).
+        on_notice: Called with every notice (a user joined or left, a message was
+            published), synchronously; an exception it raises is logged and ignored.
+    """
+
+    def __init__(
+        self,
+        broker_config: BrokerConfig | None = None,
+        config: ServerConfig | None = None,
+        *,
+        on_notice: NoticeHook | None = None,
+    ) -> None:
+        self.broker = Broker(broker_config)
+        self.config = config if config is not None else ServerConfig()
+        self.on_notice = on_notice
+        self.shutting_down = False
+        #: Slow consumers closed since the start.
+        self.overflows = 0
+        self._conns: dict[ConnectionId, _Conn] = {}
+        self._ids = itertools.count(1)
+        self._dirty: dict[ConnectionId, SendQueue] = {}
+        self._to_close: list[ConnectionId] = []
+        # (deadline, cid): an entry is live while it equals the connection's deadline.
+        self._deadlines: list[tuple[float, ConnectionId]] = []
+        #: Set when :meth:`next_deadline` may have moved earlier; an adapter may clear it
+        #: after re-reading the deadline, to skip that work after most calls.
+        self.deadline_moved = False
+
+    # -- introspection ----------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        """Transport connections the hub still tracks, handshakes included."""
+        return len(self._conns)
+
+    @property
+    def websocket_count(self) -> int:
+        """Connections that completed the upgrade and are open."""
+        return self.broker.statistics().connections
+
+    def queue(self, cid: ConnectionId) -> SendQueue | None:
+        """The send queue of *cid*, or None if the hub no longer knows it."""
+        conn = self._conns.get(cid)
+        return conn.queue if conn is not None else None
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def take_dirty(self) -> list[tuple[ConnectionId, SendQueue]]:
+        """Connections with new bytes to write since the last call."""
+        if not self._dirty:
+            return []
+        dirty, self._dirty = self._dirty, {}
+        return list(dirty.items())
+
+    def has_dirty(self) -> bool:
+        """Whether :meth:`take_dirty` has anything."""
+        return bool(self._dirty)
+
+    def take_to_close(self) -> list[ConnectionId]:
+        """Connections whose transport must be closed now."""
+        if not self._to_close:
+            return []
+        to_close, self._to_close = self._to_close, []
+        return to_close
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`timeout` next has work: a heartbeat, or a handshake or close timeout."""
+        deadlines = self._deadlines
+        conns = self._conns
+        while deadlines:
+            at, cid = deadlines[0]
+            conn = conns.get(cid)
+            if conn is not None and conn.deadline == at:
+                break
+            heapq.heappop(deadlines)
+        own = deadlines[0][0] if deadlines else None
+        beat = self.broker.next_deadline()
+        if own is None:
+            return beat
+        return own if beat is None else min(own, beat)
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def open(self, *, now: float, peer: str = "") -> ConnectionId:
+        """A new transport connection; it has the handshake timeout to send its request."""
+        cid = ConnectionId(next(self._ids))
+        broker_config = self.broker.config
+        wire = ServerWire(
+            max_header_bytes=self.config.max_header_bytes,
+            max_message_bytes=broker_config.max_message_bytes,
+        )
+        conn = _Conn(
+            cid, peer, wire, SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
+        )
+        self._conns[cid] = conn
+        if self.shutting_down:
+            self._drop(conn)
+        else:
+            self._set_deadline(conn, now + self.config.handshake_timeout)
+        return cid
+
+    def receive(self, cid: ConnectionId, data: bytes | None, *, now: float, timestamp: int) -> None:
+        """Bytes from *cid*'s peer; None at end of stream."""
+        conn = self._conns.get(cid)
+        if conn is None:
+            return
+        phase = conn.phase
+        if phase is _Phase.OPEN:
+            self._receive_frames(conn, data, now, timestamp)
+        elif phase is _Phase.HANDSHAKE:
+            self._receive_request(conn, data, now, timestamp)
+        elif phase is _Phase.CLOSING:
+            # Only the peer's answer to our close matters now.
+            for event in conn.wire.receive_data(data):
+                if type(event) is Closed:
+                    self._finish(conn, event.data, now, drop_pending=False)
+                    break
+        # FINISHING: input no longer matters; the last bytes go out (a half-closed peer
+        # can still read them) or the close timeout drops the transport.
+
+    def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
+        """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""
+        conn = self._conns.pop(cid, None)
+        if conn is None:
+            return
+        self._dirty.pop(cid, None)
+        if cid in self.broker:
+            self._apply(
+                self.broker.handle(ClientDisconnected(conn=cid), now=now, timestamp=timestamp),
+                now,
+                timestamp,
+            )
+
+    def flushed(self, cid: ConnectionId) -> None:
+        """*cid*'s queue was written out completely."""
+        conn = self._conns.get(cid)
+        if conn is not None and conn.phase is _Phase.FINISHING and not conn.queue:
+            self._drop(conn)
+
+    def timeout(self, *, now: float, timestamp: int) -> None:
+        """Let time pass up to *now*: heartbeats, handshake and close timeouts."""
+        self._apply(self.broker.handle_timeout(now=now, timestamp=timestamp), now, timestamp)
+        deadlines = self._deadlines
+        conns = self._conns
+        while deadlines and deadlines[0][0] <= now:
+            at, cid = heapq.heappop(deadlines)
+            conn = conns.get(cid)
+            if conn is None or conn.deadline != at:
+                continue
+            if conn.phase is _Phase.HANDSHAKE:
+                log.info("%s did not complete its handshake in time", conn.peer)
+            self._drop(conn)
+
+    def publish(
+        self, room: str, content: object, *, username: str, now: float, timestamp: int
+    ) -> int:
+        """
+        Publish a chat message from server-side code; returns how many receivers.
+
+        Raises:
+            ValueError: if the room or username is invalid or content is not JSON.
+        """
+        actions = self.broker.publish(room, content, username=username, timestamp=timestamp)
+        self._apply(actions, now, timestamp)
+        return sum(len(a.conns) for a in actions if type(a) is Deliver)
+
+    def shutdown(self, *, now: float) -> None:
+        """Close every connection (1001 for clients; handshakes are dropped)."""
+        self.shutting_down = True
+        for conn in list(self._conns.values()):
+            if conn.phase is _Phase.HANDSHAKE:
+                self._drop(conn)
+            elif conn.phase is _Phase.OPEN:
+                self._close(conn, GOING_AWAY, "server shutting down", now, drop_pending=False)
+
+    # -- phases -----------------------------------------------------------------------
+
+    def _receive_request(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
+        config = self.config
+        for event in conn.wire.receive_data(data):
+            if type(event) is RequestReceived:
+                decision = route_request(
+                    event.method,
+                    event.target,
+                    event.headers,
+                    allowed_origins=config.allowed_origins,
+                    page=config.page,
+                )
+                if isinstance(decision, Upgrade):
+                    self._upgrade(conn, decision, now, timestamp)
+                    return
+                if decision.status >= 400:
+                    log.info(
+                        "%s refused with %d: %s",
+                        conn.peer,
+                        decision.status,
+                        decision.body.decode(errors="replace").strip(),
+                    )
+                self._respond(conn, decision, now, head=event.method == b"HEAD")
+            elif type(event) is BadRequest:
+                log.info("%s sent a bad request: %d", conn.peer, event.response.status)
+                self._respond(conn, event.response, now, head=False)
+            else:  # the peer went away mid-request
+                self._drop(conn)
+            return
+
+    def _respond(self, conn: _Conn, response: HttpResponse, now: float, *, head: bool) -> None:
+        self._finish(conn, conn.wire.respond(response, head=head), now, drop_pending=True)
+
+    def _upgrade(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
+        cid = conn.cid
+        queue = conn.queue
+        queue.push_control(conn.wire.accept(upgrade))
+        # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
+        # so the response goes out even if bytes that came with the request close us.
+        queue.data()
+        self._dirty[cid] = queue
+        conn.phase = _Phase.OPEN
+        conn.deadline = None
+        self.deadline_moved = True  # its heartbeat starts
+        log.debug(
+            "%s connected as %r in %r (conn %d)", conn.peer, upgrade.username, upgrade.room, cid
+        )
+        self._apply(
+            self.broker.handle(
+                ClientConnected(conn=cid, username=upgrade.username, room=upgrade.room),
+                now=now,
+                timestamp=timestamp,
+            ),
+            now,
+            timestamp,
+        )
+        if conn.phase is _Phase.OPEN:
+            self._receive_frames(conn, b"", now, timestamp)  # bytes sent with the request
+
+    def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
+        broker = self.broker
+        cid = conn.cid
+        for event in conn.wire.receive_data(data):
+            kind = type(event)
+            if kind is MessageReceived:
+                self._apply(
+                    broker.handle(
+                        TextReceived(conn=cid, text=event.text),  # type: ignore[union-attr]
+                        now=now,
+                        timestamp=timestamp,
+                    ),
+                    now,
+                    timestamp,
+                )
+                if conn.phase is not _Phase.OPEN:
+                    return  # closed by the broker (a flooder): ignore the rest
+            elif kind is PongFrameReceived:
+                broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
+                self.deadline_moved = True
+            elif kind is Reply:
+                conn.queue.push_control(event.data)  # type: ignore[union-attr]
+                self._dirty[cid] = conn.queue
+            elif kind is Closed:
+                # The peer closed (we answer), or broke the protocol (we refuse).
+                self._forget(conn, now, timestamp)
+                self._finish(conn, event.data, now, drop_pending=not event.by_peer)  # type: ignore[union-attr]
+                return
+
+    def _forget(self, conn: _Conn, now: float, timestamp: int) -> None:
+        """Tell the broker *conn* is gone (it stops getting messages at once)."""
+        if conn.cid in self.broker:
+            self._apply(
+                self.broker.handle(ClientDisconnected(conn=conn.cid), now=now, timestamp=timestamp),
+                now,
+                timestamp,
+            )
+
+    def _close(
+        self, conn: _Conn, code: int, reason: str, now: float, *, drop_pending: bool
+    ) -> None:
+        """Start closing an OPEN connection from our side."""
+        frame = conn.wire.close(code, reason)
+        if frame:
+            conn.queue.close_with(frame, drop_pending=drop_pending)
+            self._dirty[conn.cid] = conn.queue
+        conn.phase = _Phase.CLOSING
+        self._set_deadline(conn, now + self.config.close_timeout)
+
+    def _finish(self, conn: _Conn, data: bytes, now: float, *, drop_pending: bool) -> None:
+        """Queue the last bytes; the transport closes once they are written."""
+        conn.phase = _Phase.FINISHING
+        if data:
+            conn.queue.close_with(data, drop_pending=drop_pending)
+        if conn.queue:
+            self._dirty[conn.cid] = conn.queue
+            self._set_deadline(conn, now + self.config.close_timeout)
+        else:
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        """The transport must close now."""
+        if conn.deadline != -1.0:
+            conn.deadline = -1.0  # marks it as dropped
+            self._to_close.append(conn.cid)
+
+    def _set_deadline(self, conn: _Conn, at: float) -> None:
+        self.deadline_moved = True
+        conn.deadline = at
+        heapq.heappush(self._deadlines, (at, conn.cid))
+
+    # -- carrying out the broker's actions --------------------------------------------
+
+    def _apply(self, actions: list[Action], now: float, timestamp: int) -> None:
+        conns = self._conns
+        dirty = self._dirty
+        overflowed: list[_Conn] = []
+        for action in actions:
+            if isinstance(action, Deliver):
+                frame = text_frame(action.payload)
+                for cid in action.conns:
+                    conn = conns.get(cid)
+                    if conn is None:
+                        continue
+                    queue = conn.queue
+                    if queue.push(frame):
+                        dirty[cid] = queue
+                    elif queue.state is QueueState.OVERFLOWED and conn.phase is _Phase.OPEN:
+                        overflowed.append(conn)
+            elif isinstance(action, SendPing):
+                conn = conns.get(action.conn)
+                if conn is not None and conn.queue.push_control(PING_FRAME):
+                    dirty[conn.cid] = conn.queue
+            elif isinstance(action, Close):
+                conn = conns.get(action.conn)
+                if conn is not None and conn.phase is _Phase.OPEN:
+                    log.info(
+                        "closing conn %d (%s): %d %s",
+                        conn.cid,
+                        conn.peer,
+                        action.code,
+                        action.reason,
+                    )
+                    self._close(conn, action.code, action.reason, now, drop_pending=True)
+            elif self.on_notice is not None:
+                try:
+                    self.on_notice(action)
+                except Exception:
+                    log.exception("on_notice hook failed for %r", action)
+        for conn in overflowed:
+            if conn.phase is not _Phase.OPEN:
+                continue
+            self.overflows += 1
+            log.warning(
+                "conn %d (%s) fell behind (send queue full); closing with 1008", conn.cid, conn.peer
+            )
+            self._close(
+                conn,
+                POLICY_VIOLATION,
+                "send queue full: reading too slowly",
+                now,
+                drop_pending=True,
+            )
+            if conn.cid in self.broker:
+                self._apply(
+                    self.broker.handle(
+                        ClientDisconnected(conn=conn.cid), now=now, timestamp=timestamp
+                    ),
+                    now,
+                    timestamp,
+                )

@@ -44,15 +44,24 @@ def test_chat_round_trip(content: object, room: str) -> None:
         "timestamp": 5,
         "seq": 7,
     }
-    payload.decode("ascii")  # safe for any client
+    payload.decode("utf-8")  # valid UTF-8 for any client, whatever the content
 
 
 def test_lone_surrogates_in_content_are_escaped_not_fatal() -> None:
-    request = codec.decode_request('{"type":"chat","content":"\\ud800"}')
+    request = codec.decode_request('{"type":"chat","content":"é\\ud800", "x": ["\\udfff"]}')
     assert isinstance(request, codec.Chat)
     payload = codec.encode_chat("ann", request.content, "r", 0, 1)
     assert payload is not None
     assert b"\\ud800" in payload
+    assert json.loads(payload)["content"] == "é\ud800"
+    payload.decode("utf-8")
+    assert codec.encode({"a": ["\udfff"]}) == b'{"a":["\\udfff"]}'
+
+
+def test_non_ascii_content_is_not_inflated() -> None:
+    payload = codec.encode_chat("ann", "é" * 1000, "r", 0, 1)
+    assert payload is not None
+    assert len(payload) < 2000 + 100
 
 
 def test_original_clients_empty_and_null_room_mean_the_default() -> None:

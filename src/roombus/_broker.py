@@ -166,10 +166,10 @@ class Broker:
             timestamp: Wall-clock Unix seconds, for envelopes this produces.
         """
         actions: list[Action] = []
-        timers = self._timers
         conns = self._conns
-        while timers and timers[0][0] <= now:
-            _, gen, conn = heapq.heappop(timers)
+        # self._timers is re-read every time: _schedule may rebuild it meanwhile.
+        while self._timers and self._timers[0][0] <= now:
+            _, gen, conn = heapq.heappop(self._timers)
             c = conns.get(conn)
             if c is None or c.timer_gen != gen:
                 continue
@@ -211,7 +211,11 @@ class Broker:
             c = self._conns.get(event.conn)
             if c is not None:
                 limiter = c.limiter
-                decision = RateDecision.ALLOW if limiter is None else limiter.take(now)
+                decision = (
+                    RateDecision.ALLOW
+                    if limiter is None
+                    else limiter.take(now, 1 + (len(event.text) >> 12))
+                )
                 if decision is RateDecision.ALLOW:
                     self._on_text(event.conn, c, event.text, timestamp, actions)
                 elif decision is RateDecision.REFUSE:
@@ -223,7 +227,7 @@ class Broker:
                     self._disconnect(event.conn, c, timestamp, actions)
         elif isinstance(event, PongReceived):
             c = self._conns.get(event.conn)
-            if c is not None:
+            if c is not None and self.config.heartbeat:
                 c.heartbeat.pong(now)
                 self._schedule(event.conn, c)
         elif isinstance(event, ClientConnected):
@@ -280,7 +284,8 @@ class Broker:
             ),
         )
         self._conns[conn] = c
-        self._schedule(conn, c)
+        if config.heartbeat:  # off: the transport owns pings, and no timer is kept
+            self._schedule(conn, c)
         if event.room is not None:
             self._join(conn, c, event.room, timestamp, actions)
 
@@ -359,7 +364,12 @@ class Broker:
             if room is None or room not in c.rooms:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
             elif not self._publish(room, c.username, request.content, timestamp, actions):
-                self._error(conn, codec.BAD_MESSAGE, "content is nested too deeply", actions)
+                self._error(
+                    conn,
+                    codec.BAD_MESSAGE,
+                    "content cannot be forwarded: nested too deeply or a number out of range",
+                    actions,
+                )
         elif isinstance(request, codec.Join):
             room = request.room
             if room in c.rooms:

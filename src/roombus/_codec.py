@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from json.encoder import encode_basestring_ascii
+import re
+from json.encoder import encode_basestring
 
 import attrs
 
@@ -65,19 +66,14 @@ Request = Chat | Join | Leave | Ping | Invalid
 _PING = Ping()
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # 1e999 parses as inf, which JSON cannot carry back out.
-        raise ValueError(f"number out of range: {text}")
-    return value
-
-
 def _no_constants(text: str) -> object:
     raise ValueError(f"not JSON: {text}")
 
 
-_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constants)
+# NaN and Infinity are not JSON. A number too large for a float (1e999) decodes to inf
+# and is refused when the envelope is encoded (allow_nan=False); checking every float
+# while decoding would cost a Python call per number.
+_decoder = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def _room_field(value: object) -> RoomName | Invalid:
@@ -125,20 +121,34 @@ def decode_request(text: str) -> Request:
     return Invalid(BAD_MESSAGE, "unknown message type")
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-_escape = encode_basestring_ascii  # a str as an ASCII-only JSON string literal
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+_escape = encode_basestring  # a str as a JSON string literal, non-ASCII kept
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    r"""
+    UTF-8 bytes of JSON text. Text is not escaped to ASCII (which would triple the
+    size of non-ASCII content), except lone surrogates (JSON can carry ``"\ud800"``,
+    UTF-8 cannot), which are escaped back.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
 
 
 def encode(envelope: dict[str, object]) -> bytes:
-    """Encode a server envelope as compact JSON bytes (ASCII-safe)."""
-    return _dumps(envelope).encode("ascii")
+    """Encode a server envelope as compact JSON, in UTF-8."""
+    return _utf8(_dumps(envelope))
 
 
 def encode_chat(
     username: str, content: object, room: str, timestamp: int, seq: int
 ) -> bytes | None:
     """
-    Encode a chat envelope; None when *content* cannot be re-encoded (too deep).
+    Encode a chat envelope; None when *content* cannot be re-encoded (nested too
+    deeply, or a number out of range such as 1e999).
 
     Built from pieces rather than through a dict: this runs once per published
     message, and string content (the common case) needs only the C string escaper.
@@ -150,10 +160,11 @@ def encode_chat(
             body = _dumps(content)
         except (ValueError, RecursionError):
             return None
-    return (
+    text = (
         f'{{"type":"chat","username":{_escape(username)},"content":{body},'
         f'"room":{_escape(room)},"timestamp":{int(timestamp)},"seq":{int(seq)}}}'
-    ).encode("ascii")
+    )
+    return _utf8(text)
 
 
 def encode_presence(event: str, username: str, room: str, timestamp: int) -> bytes:

@@ -45,6 +45,10 @@ class BrokerConfig:
             sustained abuse (more than twice the rate, for long enough to pile up
             ``rate_burst`` refusals) closes the connection with 1008.
         rate_burst: Messages one connection may send at once above the average.
+        heartbeat: Whether the core pings connections (``ping_interval``,
+            ``ping_timeout``) and closes those that stop answering. Turn it off when the
+            transport owns pings and never reports pongs, as an ASGI server does
+            (uvicorn's ``--ws-ping-interval``); the two intervals are then ignored.
     """
 
     ping_interval: float = 20.0
@@ -55,8 +59,11 @@ class BrokerConfig:
     max_rooms_per_connection: int = 100
     rate_limit: float = 1000.0
     rate_burst: int = 2000
+    heartbeat: bool = True
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.heartbeat, bool):
+            raise ConfigError("heartbeat", f"must be True or False, not {self.heartbeat!r}")
         if not (
             isinstance(self.rate_limit, (int, float))
             and math.isfinite(self.rate_limit)

@@ -136,6 +136,29 @@ def route_request(
             return _refuse(400, "missing or invalid Sec-WebSocket-Key")
     except binascii.Error:
         return _refuse(400, "missing or invalid Sec-WebSocket-Key")
+    return _admit(query, headers, allowed_origins, accept_token(key))
+
+
+def route_websocket(
+    target: bytes, headers: Headers, *, allowed_origins: Collection[str] = ()
+) -> Upgrade | HttpResponse:
+    """
+    Decide on a WebSocket whose handshake a server has already checked (an ASGI server
+    does): the path, the ``Origin`` allow-list, and the room and username.
+
+    The arguments and refusals are those of :func:`route_request`; an :class:`Upgrade`
+    has an empty ``accept``, since the server answers the handshake itself.
+    """
+    path, _, query = target.partition(b"?")
+    if path != b"/ws":
+        return _refuse(404, "not found")
+    return _admit(query, headers, allowed_origins, b"")
+
+
+def _admit(
+    query: bytes, headers: Headers, allowed_origins: Collection[str], accept: bytes
+) -> Upgrade | HttpResponse:
+    """The checks every WebSocket passes, however its handshake is done."""
     if allowed_origins:
         origin = _header(headers, b"origin")
         if origin is None or normalize_origin(origin.decode("latin-1")) not in allowed_origins:
@@ -159,5 +182,5 @@ def route_request(
     return Upgrade(
         room=RoomName(room),  # type: ignore[arg-type]
         username=Username(username),  # type: ignore[arg-type]
-        accept=accept_token(key),
+        accept=accept,
     )

@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 Each connection may send ``rate`` messages per second on average and ``burst`` at
 once: a bucket holds up to ``burst`` tokens, refills at ``rate`` per second, and every
-message takes one. A message that finds the bucket empty is refused (the broker
+message takes one, plus one per 4 KiB of its text (a 64 KiB message takes 17),
+since what a message costs the server grows with its size. A message that finds the bucket empty is refused (the broker
 answers ``rate_limited`` and drops it).
 
 Refusals are tallied in a second counter, *strikes*, that drains at the same
@@ -50,16 +51,16 @@ class RateLimiter:
     )
     strikes: float = 0.0
 
-    def take(self, now: float) -> RateDecision:
-        """Account for one message arriving at *now*."""
+    def take(self, now: float, cost: float = 1.0) -> RateDecision:
+        """Account for a message arriving at *now* that costs *cost* tokens."""
         elapsed = now - self.updated_at
         if elapsed > 0:
             self.updated_at = now
             refill = elapsed * self.rate
             self.tokens = min(float(self.burst), self.tokens + refill)
             self.strikes = max(0.0, self.strikes - refill)
-        if self.tokens > 1.0 - 1e-9:  # tolerate rounding in the refill
-            self.tokens -= 1.0
+        if self.tokens > cost - 1e-9:  # tolerate rounding in the refill
+            self.tokens -= cost
             return RateDecision.ALLOW
         self.strikes += 1.0
         return RateDecision.ABUSE if self.strikes > self.burst else RateDecision.REFUSE

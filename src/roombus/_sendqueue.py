@@ -63,6 +63,7 @@ class SendQueue:
     _pending: list[bytes] = attrs.field(factory=list)  # frames not yet in a chunk
     _pending_control: int = 0  # control frames among them
     _pending_control_bytes: int = 0
+    _pending_pong: int = -1  # index of a pong among the pending frames, if any
     _chunk: bytes = b""  # the bytes being written
     _chunk_sent: int = 0  # how much of the chunk is written
     _chunk_data: int = 0  # data frames in the chunk
@@ -101,7 +102,8 @@ class SendQueue:
         size = len(frame)
         if (
             self._data_frames >= self.max_messages
-            or self._data_bytes + size > self.max_bytes
+            # One frame alone always fits: the bound is on a backlog, not a message.
+            or (self._data_bytes + size > self.max_bytes and self._data_frames)
             or self.state is not QueueState.OPEN
         ):
             if self.state is QueueState.OPEN:
@@ -118,6 +120,25 @@ class SendQueue:
         """Queue a ping or pong frame; refused only after a close frame."""
         if self.state is QueueState.CLOSING:
             return False
+        self._push_control(frame)
+        return True
+
+    def push_pong(self, frame: bytes) -> bool:
+        """
+        Queue a pong, replacing one still waiting: only the latest ping needs an answer
+        (RFC 6455 5.5.3), so a ping flood cannot grow the queue.
+        """
+        if self.state is QueueState.CLOSING:
+            return False
+        pending = self._pending
+        if self._pending_pong >= 0:
+            old = pending[self._pending_pong]
+            pending[self._pending_pong] = frame
+            delta = len(frame) - len(old)
+            self._pending_control_bytes += delta
+            self._nbytes += delta
+            return True
+        self._pending_pong = len(pending)
         self._push_control(frame)
         return True
 
@@ -158,6 +179,7 @@ class SendQueue:
             self._chunk_data_bytes = len(self._chunk) - self._pending_control_bytes
             pending.clear()
             self._pending_control = self._pending_control_bytes = 0
+            self._pending_pong = -1
         if self._chunk_sent:
             return memoryview(self._chunk)[self._chunk_sent :]
         return self._chunk
@@ -189,3 +211,132 @@ class SendQueue:
         self._data_bytes = self._chunk_data_bytes
         self._pending.clear()
         self._pending_control = self._pending_control_bytes = 0
+        self._pending_pong = -1
+
+
+@attrs.frozen
+class CloseMessage:
+    """
+    The close that ends a :class:`MessageQueue`: the transport closes with this code.
+
+    Attributes:
+        code: The WebSocket close code.
+        reason: The close reason (at most 123 UTF-8 bytes).
+    """
+
+    code: int
+    reason: str
+
+
+#: What a :class:`MessageQueue` hands out: a text message's UTF-8 payload, or the close.
+OutMessage = bytes | CloseMessage
+
+
+@attrs.define
+class MessageQueue:
+    """
+    The same policy for a transport that frames messages itself (an ASGI server).
+
+    It holds whole text messages (their UTF-8 payloads, unframed) and, last, at most
+    one :class:`CloseMessage`, and has the states and bounds of :class:`SendQueue`.
+    :meth:`data` hands out every pending message as one *batch*; the transport sends
+    them one by one and reports each with ``consume(1)``. A message counts against the
+    bounds until it is reported sent, and a batch handed out is never dropped (the
+    driver may be awaiting a send of it), so a close always follows it.
+
+    Args:
+        max_messages: Most data messages that may wait.
+        max_bytes: Most bytes of data messages that may wait.
+    """
+
+    max_messages: int
+    max_bytes: int
+    state: QueueState = QueueState.OPEN
+    _pending: list[OutMessage] = attrs.field(factory=list)  # not yet in a batch
+    _batch: list[OutMessage] = attrs.field(factory=list)  # handed out
+    _batch_sent: int = 0  # how much of the batch is sent
+    _data_frames: int = 0  # data messages waiting, in the batch or not
+    _data_bytes: int = 0
+
+    @property
+    def messages(self) -> int:
+        """Data messages waiting; never above ``max_messages``."""
+        return self._data_frames
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of data messages waiting; never above ``max_bytes``."""
+        return self._data_bytes
+
+    def __bool__(self) -> bool:
+        return bool(self._pending) or self._batch_sent < len(self._batch)
+
+    def push(self, payload: bytes) -> bool:
+        """
+        Queue a text message (its UTF-8 payload).
+
+        Returns:
+            True if queued; False if refused, exactly as :meth:`SendQueue.push`.
+        """
+        size = len(payload)
+        if (
+            self._data_frames >= self.max_messages
+            or self._data_bytes + size > self.max_bytes
+            or self.state is not QueueState.OPEN
+        ):
+            if self.state is QueueState.OPEN:
+                self.state = QueueState.OVERFLOWED
+                self._drop_unstarted()
+            return False
+        self._pending.append(payload)
+        self._data_frames += 1
+        self._data_bytes += size
+        return True
+
+    def close_with(self, close: CloseMessage, *, drop_pending: bool) -> bool:
+        """
+        Queue the close; nothing can be queued after it.
+
+        Args:
+            close: The close code and reason.
+            drop_pending: Drop messages not yet handed out first.
+
+        Returns:
+            False if a close was already queued.
+        """
+        if self.state is QueueState.CLOSING:
+            return False
+        if drop_pending:
+            self._drop_unstarted()
+        self.state = QueueState.CLOSING
+        self._pending.append(close)
+        return True
+
+    def data(self) -> list[OutMessage]:
+        """The messages to send next, in order (a new batch once the last is sent)."""
+        if self._batch_sent == len(self._batch):
+            self._batch, self._pending = self._pending, []
+            self._batch_sent = 0
+        return self._batch[self._batch_sent :]
+
+    def consume(self, n: int) -> None:
+        """Report that the first *n* messages of :meth:`data` were sent."""
+        if n == 0:
+            return
+        if self._batch_sent == len(self._batch):
+            self.data()
+        start = self._batch_sent
+        if n < 0 or n > len(self._batch) - start:
+            raise ValueError(f"cannot consume {n} of {len(self._batch) - start} messages of data()")
+        for item in self._batch[start : start + n]:
+            if type(item) is bytes:
+                self._data_frames -= 1
+                self._data_bytes -= len(item)
+        self._batch_sent = start + n
+
+    def _drop_unstarted(self) -> None:
+        """Drop every message not yet handed out; the batch is kept (see the class)."""
+        self._pending.clear()
+        rest = [m for m in self._batch[self._batch_sent :] if type(m) is bytes]
+        self._data_frames = len(rest)
+        self._data_bytes = sum(len(m) for m in rest)

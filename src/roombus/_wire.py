@@ -350,7 +350,9 @@ class ServerWire:
             elif isinstance(event, Pong):
                 out.append(_PONG)
             elif isinstance(event, Ping):
-                out.append(Reply(ws.send(event.response())))
+                # After our close frame, no pong may follow it (RFC 6455 5.5.1).
+                if ws.state is ConnectionState.OPEN:
+                    out.append(Reply(ws.send(event.response())))
             elif isinstance(event, BytesMessage):
                 out.append(self._close(UNSUPPORTED_DATA, "binary frames are not supported"))
                 return True

@@ -12,7 +12,7 @@ BAD = [
     ("", "bad_json"),
     ('{"type":"chat","content":NaN}', "bad_json"),
     ('{"type":"chat","content":Infinity}', "bad_json"),
-    ('{"type":"chat","content":1e999}', "bad_json"),
+    ('{"type":"chat","content":1e999}', "bad_message"),
     ('{"type":"chat","content":"x"} trailing', "bad_json"),
     ("[" * 30_000 + "]" * 30_000, "bad_json"),  # under 64 KiB, over any recursion limit
     ("[1,2]", "bad_message"),

@@ -255,7 +255,8 @@ def test_slow_consumer_is_closed_and_nobody_waits_for_it(make_server):
     then a little longer. The well-behaved clients get every message, in order, quickly.
     """
     size, window, after_drop, cap = 48 * 1024, 8, 20, 1000
-    srv = make_server(send_queue=16, send_queue_bytes=256 * 1024, close_timeout=1.0)
+    # rate_limit=0: this floods on purpose, and is about the send queue, not the limiter.
+    srv = make_server(send_queue=16, send_queue_bytes=256 * 1024, close_timeout=1.0, rate_limit=0)
     sender, receiver = srv.room("lobby", "sender", "receiver")
     slow = srv.raw("lobby", "slow", rcvbuf=4096)  # joins, then never reads again
     for c in (sender, receiver):
@@ -347,7 +348,11 @@ def test_slow_consumer_is_closed_and_nobody_waits_for_it(make_server):
 def test_slow_consumer_that_reads_late_sees_a_1008_close(make_server):
     """Once it reads again, a slow consumer finds its backlog cut and a 1008 close."""
     srv = make_server(
-        max_message_bytes=4096, send_queue=8, send_queue_bytes=16 * 1024, close_timeout=3.0
+        max_message_bytes=4096,
+        send_queue=8,
+        send_queue_bytes=16 * 1024,
+        close_timeout=3.0,
+        rate_limit=0,  # a flood on purpose: this is about the send queue
     )
     (sender,) = srv.room("lobby", "sender")
     slow = srv.raw("lobby", "slow", rcvbuf=4096)

@@ -275,7 +275,11 @@ class Server:
                     continue  # ECONNABORTED and the like concern one client only
                 sock.setblocking(False)
                 if sock.family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    try:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    except OSError:  # the client already reset (seen on BSDs)
+                        sock.close()
+                        continue
                 peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
                 nursery.start_soon(self._handle, _SocketTransport(sock, peer))
 
@@ -297,6 +301,9 @@ class Server:
                         await trio.sleep_forever()
         except _Broken:
             pass
+        except Exception:
+            # A bug, not a client's doing: lose this connection, never the server.
+            log.exception("internal error on %s; dropping the connection", transport.peer)
         finally:
             del self._links[cid]
             hub.lost(cid, now=trio.current_time(), timestamp=_wall())

@@ -22,3 +22,18 @@ json_values = st.recursive(
     max_leaves=12,
 )
 durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)
+
+#: Client messages the broker refuses, with the ``error`` code each gets.
+bad_requests = st.sampled_from(
+    [
+        ("not json", "bad_json"),
+        ('{"type": "chat", "content": NaN}', "bad_json"),
+        ("[1, 2]", "bad_message"),
+        ('{"type": "dance"}', "bad_message"),
+        ('{"type": 7}', "bad_message"),
+        ('{"type": "chat"}', "bad_message"),
+        ('{"type": "join"}', "bad_message"),
+        ('{"type": "leave", "room": "no spaces"}', "invalid_room"),
+        ('{"type": "chat", "room": 5, "content": 1}', "invalid_room"),
+    ]
+)

@@ -48,3 +48,26 @@ def test_core_imports_no_socket_or_clock_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_adapter_modules_export_what_they_document() -> None:
+    import roombus.asgi
+    import roombus.asyncio
+    import roombus.hub
+
+    assert roombus.asyncio.__all__ == ["NoticeHook", "Server", "serve"]
+    assert roombus.asgi.__all__ == ["RoombusASGI", "create_app"]
+    assert roombus.hub.__all__ == ["Hub", "NoticeHook"]
+    for module in (roombus.asgi, roombus.asyncio, roombus.hub):
+        for name in module.__all__:
+            assert hasattr(module, name), (module, name)
+
+
+def test_asyncio_adapter_imports_without_trio() -> None:
+    code = (
+        "import sys; sys.modules['trio'] = None\nimport roombus.asyncio, roombus.hub\nprint('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "ok"

@@ -1,5 +1,6 @@
 """
-The command line: ``roombus serve``. The only place that calls ``trio.run()``.
+The command line: ``roombus serve``. The only place that calls ``trio.run()`` (or,
+with ``--transport asyncio``, ``asyncio.run()``).
 
 Every option has an environment-variable twin: ``ROOMBUS_`` + the option's name in
 upper case with dashes as underscores (``--ping-interval`` -> ``ROOMBUS_PING_INTERVAL``).
@@ -26,6 +27,7 @@ from ._version import __version__
 log = logging.getLogger("roombus")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TRANSPORTS = ("trio", "asyncio")
 
 
 @attrs.frozen
@@ -51,6 +53,12 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _transport(text: str) -> str:
+    if text.strip().lower() not in TRANSPORTS:
+        raise ValueError(f"must be one of {', '.join(TRANSPORTS)}")
+    return text.strip().lower()
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -65,6 +73,12 @@ _defaults_s = ServerConfig()
 
 # Option -> (config object, field) is by name: each flag's dest is a field of one of them.
 SERVE_OPTIONS = (
+    _Option(
+        "transport",
+        _transport,
+        "the I/O framework that runs the server: trio or asyncio (default trio)",
+        metavar="NAME",
+    ),
     _Option("host", str, f"address to listen on (default {_defaults_s.host})", metavar="ADDRESS"),
     _Option("port", int, f"TCP port (default {_defaults_s.port}; 0 picks one)", metavar="PORT"),
     _Option(
@@ -76,6 +90,12 @@ SERVE_OPTIONS = (
         "ping-timeout",
         float,
         f"seconds a ping has to be answered (default {_defaults_b.ping_timeout:g})",
+    ),
+    _Option(
+        "no-heartbeat",
+        _flag,
+        "never ping clients nor close silent ones (for a proxy or server that pings)",
+        metavar="BOOL",
     ),
     _Option(
         "max-message-bytes",
@@ -206,12 +226,22 @@ def _settings(
     return values
 
 
-def build_configs(
-    args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
-) -> tuple[BrokerConfig, ServerConfig, str]:
-    """The configs a ``serve`` command line asks for, and the log level."""
+@attrs.frozen
+class Settings:
+    """What a ``serve`` command line (or the environment alone) asks for."""
+
+    broker: BrokerConfig
+    server: ServerConfig
+    log_level: str
+    transport: str
+
+
+def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> Settings:
+    """The configs a ``serve`` command line asks for, the log level and the transport."""
     values = _settings(args, environ)
     level = values.pop("log_level", "info")
+    transport = values.pop("transport", "trio")
+    values["heartbeat"] = not values.pop("no_heartbeat", False)
     page_path = values.pop("page", None)
     if values.pop("no_page", False):
         page = None
@@ -228,7 +258,16 @@ def build_configs(
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
     server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
-    return broker, server, level
+    return Settings(broker, server, level, transport)
+
+
+def settings_from_environ(environ: dict[str, str] | os._Environ[str]) -> Settings:
+    """The settings of ``roombus serve`` with no flags: the ``ROOMBUS_*`` variables.
+
+    Raises:
+        ConfigError: naming the variable, if one is invalid.
+    """
+    return build_configs(_parser().parse_args(["serve"]), environ)
 
 
 async def _serve(broker: BrokerConfig, server: ServerConfig) -> None:
@@ -249,6 +288,31 @@ async def _serve(broker: BrokerConfig, server: ServerConfig) -> None:
     log.info("stopped")
 
 
+async def _serve_asyncio(broker: BrokerConfig, server: ServerConfig) -> None:
+    import asyncio
+
+    from .asyncio import serve
+
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with serve(broker, server) as running:
+        log.info(
+            "roombus %s listening on ws://%s:%d/ws (asyncio)",
+            __version__,
+            server.host,
+            running.port,
+        )
+        log.info("%s received: closing connections", (await received).name)
+    log.info("stopped")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
@@ -257,18 +321,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        broker, server, level = build_configs(args, os.environ)
+        settings = build_configs(args, os.environ)
     except ConfigError as exc:
         parser.exit(2, f"roombus serve: error: {exc}\n")
+    broker, server = settings.broker, settings.server
     logging.basicConfig(
-        level=level.upper(),
+        level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    import trio
-
     try:
-        trio.run(_serve, broker, server)
+        if settings.transport == "asyncio":
+            import asyncio
+
+            asyncio.run(_serve_asyncio(broker, server))
+        else:
+            import trio
+
+            trio.run(_serve, broker, server)
     except BaseException as exc:
         # Binding happens inside the nursery, so the error may come in a group.
         error = _find(exc, OSError)

@@ -8,9 +8,8 @@ value carrying the ``error`` code the protocol names.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from json.encoder import encode_basestring
 
 import attrs

@@ -131,12 +131,16 @@ def route_request(
             426, "unsupported WebSocket version (13 only)", (b"sec-websocket-version", b"13")
         )
     key = _header(headers, b"sec-websocket-key")
-    try:
-        if key is None or len(base64.b64decode(key, validate=True)) != 16:
-            return _refuse(400, "missing or invalid Sec-WebSocket-Key")
-    except binascii.Error:
+    if key is None or not _valid_key(key):
         return _refuse(400, "missing or invalid Sec-WebSocket-Key")
     return _admit(query, headers, allowed_origins, accept_token(key))
+
+
+def _valid_key(key: bytes) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 def route_websocket(
@@ -147,11 +151,15 @@ def route_websocket(
     does): the path, the ``Origin`` allow-list, and the room and username.
 
     The arguments and refusals are those of :func:`route_request`; an :class:`Upgrade`
-    has an empty ``accept``, since the server answers the handshake itself.
+    has an empty ``accept``, since the server answers the handshake itself. A
+    ``Sec-WebSocket-Key`` is checked again if there is one, as not every server does.
     """
     path, _, query = target.partition(b"?")
     if path != b"/ws":
         return _refuse(404, "not found")
+    key = _header(headers, b"sec-websocket-key")
+    if key is not None and not _valid_key(key):
+        return _refuse(400, "missing or invalid Sec-WebSocket-Key")
     return _admit(query, headers, allowed_origins, b"")
 
 

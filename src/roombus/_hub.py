@@ -19,6 +19,25 @@ everything else. The contract, in full:
 * A transport that breaks or ends: :meth:`Hub.lost` (idempotent).
 * Shutdown: :meth:`Hub.shutdown`; done when :attr:`Hub.connection_count` is zero.
 
+A transport that already speaks WebSocket *messages* (an ASGI server: it parses the
+handshake, frames, pings and the close handshake itself) drives a hub made with
+``framed=False`` instead, through two other inputs and one other output:
+
+* An upgrade request: ``hub.open_websocket(target, headers, now=..., ...)`` returns
+  the :class:`~roombus._handshake.HttpResponse` to refuse it with, or the id of an
+  open connection: accept the WebSocket, then send its queue.
+* A whole message from it: :meth:`Hub.receive_message` (``str`` for text, ``bytes``
+  for binary). Its end: :meth:`Hub.lost`.
+* :meth:`Hub.take_dirty_messages` (not ``take_dirty``) lists connections with
+  messages to send: a :class:`~roombus._sendqueue.MessageQueue` of UTF-8 payloads and,
+  last, a :class:`~roombus._sendqueue.CloseMessage`. Report each one sent with
+  ``queue.consume(1)``, and call :meth:`Hub.flushed` once the queue is empty.
+
+Such a hub has no heartbeat (the server pings; ``BrokerConfig.heartbeat`` must be
+off) and no HANDSHAKE or FINISHING phase: a connection starts OPEN, and once its
+close is queued it is CLOSING until the server reports the peer gone (:meth:`Hub.lost`,
+on the peer's answer) or the close timeout drops it.
+
 Connection lifecycle (``_Phase``):
 
 =========== ============================================ ==========================
@@ -47,19 +66,22 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from ._actions import Action, Close, Deliver, Notice, SendPing
 from ._broker import Broker
 from ._config import BrokerConfig, ServerConfig
+from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, PongReceived, TextReceived
-from ._handshake import HttpResponse, Upgrade, route_request
-from ._sendqueue import QueueState, SendQueue
+from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
+from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
 from ._wire import (
     GOING_AWAY,
+    MESSAGE_TOO_BIG,
     PING_FRAME,
     POLICY_VIOLATION,
+    UNSUPPORTED_DATA,
     BadRequest,
     Closed,
     MessageReceived,
@@ -85,7 +107,13 @@ class _Phase(enum.Enum):
 class _Conn:
     __slots__ = ("cid", "deadline", "peer", "phase", "queue", "wire")
 
-    def __init__(self, cid: ConnectionId, peer: str, wire: ServerWire, queue: SendQueue) -> None:
+    def __init__(
+        self,
+        cid: ConnectionId,
+        peer: str,
+        wire: ServerWire | None,  # None: the transport frames messages itself
+        queue: SendQueue | MessageQueue,
+    ) -> None:
         self.cid = cid
         self.peer = peer
         self.wire = wire
@@ -103,6 +131,13 @@ class Hub:
         config: Transport-level settings (timeouts, origins, page, header limit).
         on_notice: Called with every notice (a user joined or left, a message was
             published), synchronously; an exception it raises is logged and ignored.
+        framed: True for a transport of bytes (the hub parses HTTP and frames); False
+            for one that speaks WebSocket messages itself (an ASGI server). See the
+            module docstring for each contract.
+
+    Raises:
+        ConfigError: if *framed* is False and the broker's heartbeat is on: such a
+            transport never reports pongs.
     """
 
     def __init__(
@@ -111,7 +146,15 @@ class Hub:
         config: ServerConfig | None = None,
         *,
         on_notice: NoticeHook | None = None,
+        framed: bool = True,
     ) -> None:
+        if not framed and (broker_config is None or broker_config.heartbeat):
+            raise ConfigError(
+                "heartbeat",
+                "must be off for a transport that owns pings (framed=False): "
+                "use the server's own ping setting",
+            )
+        self.framed = framed
         self.broker = Broker(broker_config)
         self.config = config if config is not None else ServerConfig()
         self.on_notice = on_notice
@@ -120,7 +163,7 @@ class Hub:
         self.overflows = 0
         self._conns: dict[ConnectionId, _Conn] = {}
         self._ids = itertools.count(1)
-        self._dirty: dict[ConnectionId, SendQueue] = {}
+        self._dirty: dict[ConnectionId, SendQueue | MessageQueue] = {}
         self._to_close: list[ConnectionId] = []
         # (deadline, cid): an entry is live while it equals the connection's deadline.
         self._deadlines: list[tuple[float, ConnectionId]] = []
@@ -140,7 +183,7 @@ class Hub:
         """Connections that completed the upgrade and are open."""
         return self.broker.statistics().connections
 
-    def queue(self, cid: ConnectionId) -> SendQueue | None:
+    def queue(self, cid: ConnectionId) -> SendQueue | MessageQueue | None:
         """The send queue of *cid*, or None if the hub no longer knows it."""
         conn = self._conns.get(cid)
         return conn.queue if conn is not None else None
@@ -148,11 +191,18 @@ class Hub:
     # -- outputs ----------------------------------------------------------------------
 
     def take_dirty(self) -> list[tuple[ConnectionId, SendQueue]]:
-        """Connections with new bytes to write since the last call."""
+        """Connections with new bytes to write since the last call (a framed hub)."""
         if not self._dirty:
             return []
         dirty, self._dirty = self._dirty, {}
-        return list(dirty.items())
+        return cast("list[tuple[ConnectionId, SendQueue]]", list(dirty.items()))
+
+    def take_dirty_messages(self) -> list[tuple[ConnectionId, MessageQueue]]:
+        """Connections with new messages to send since the last call (``framed=False``)."""
+        if not self._dirty:
+            return []
+        dirty, self._dirty = self._dirty, {}
+        return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
 
     def has_dirty(self) -> bool:
         """Whether :meth:`take_dirty` has anything."""
@@ -184,7 +234,14 @@ class Hub:
     # -- inputs -----------------------------------------------------------------------
 
     def open(self, *, now: float, peer: str = "") -> ConnectionId:
-        """A new transport connection; it has the handshake timeout to send its request."""
+        """
+        A new transport connection; it has the handshake timeout to send its request.
+
+        Raises:
+            LocalProtocolError: in a hub made with ``framed=False``.
+        """
+        if not self.framed:
+            raise LocalProtocolError("a hub with framed=False opens with open_websocket()")
         cid = ConnectionId(next(self._ids))
         broker_config = self.broker.config
         wire = ServerWire(
@@ -201,8 +258,75 @@ class Hub:
             self._set_deadline(conn, now + self.config.handshake_timeout)
         return cid
 
+    def open_websocket(
+        self, target: bytes, headers: Headers, *, now: float, timestamp: int, peer: str = ""
+    ) -> ConnectionId | HttpResponse:
+        """
+        A WebSocket handshake a message transport has checked and not yet answered.
+
+        Args:
+            target: The request target (``b"/ws?room=lobby&username=ann"``).
+            headers: The request headers, names in lower case.
+
+        Returns:
+            The response to refuse it with (before accepting: a 403 for a bad origin,
+            400 for a bad room or username, 404 for another path, 503 during shutdown),
+            or the id of the new, open connection: accept the WebSocket, then send
+            its queue (its presence messages are already in it).
+
+        Raises:
+            LocalProtocolError: in a framed hub.
+        """
+        if self.framed:
+            raise LocalProtocolError("a framed hub opens with open() and receive()")
+        if self.shutting_down:
+            return HttpResponse(status=503, body=b"server shutting down\n")
+        decision = route_websocket(target, headers, allowed_origins=self.config.allowed_origins)
+        if isinstance(decision, HttpResponse):
+            _log_refusal(peer, decision)
+            return decision
+        cid = ConnectionId(next(self._ids))
+        broker_config = self.broker.config
+        conn = _Conn(
+            cid,
+            peer,
+            None,
+            MessageQueue(broker_config.send_queue, broker_config.send_queue_bytes),
+        )
+        conn.phase = _Phase.OPEN
+        self._conns[cid] = conn
+        self._connect(conn, decision, now, timestamp)
+        return cid
+
+    def receive_message(
+        self, cid: ConnectionId, message: str | bytes, *, now: float, timestamp: int
+    ) -> None:
+        """
+        A whole message from *cid*'s peer (``framed=False``): ``str`` for a text
+        message, ``bytes`` for a binary one (refused with 1003). A text message over
+        ``max_message_bytes`` closes with 1009.
+        """
+        conn = self._conns.get(cid)
+        if conn is None or conn.phase is not _Phase.OPEN:
+            return
+        if type(message) is not str:
+            self._refuse(conn, UNSUPPORTED_DATA, "binary frames are not supported", now, timestamp)
+            return
+        limit = self.broker.config.max_message_bytes
+        # A character is at most 4 UTF-8 bytes: count bytes only when it may matter.
+        if len(message) > limit or (
+            len(message) * 4 > limit and len(message.encode("utf-8", "surrogatepass")) > limit
+        ):
+            self._refuse(conn, MESSAGE_TOO_BIG, "message too big", now, timestamp)
+            return
+        self._apply(
+            self.broker.handle(TextReceived(conn=cid, text=message), now=now, timestamp=timestamp),
+            now,
+            timestamp,
+        )
+
     def receive(self, cid: ConnectionId, data: bytes | None, *, now: float, timestamp: int) -> None:
-        """Bytes from *cid*'s peer; None at end of stream."""
+        """Bytes from *cid*'s peer; None at end of stream (a framed hub)."""
         conn = self._conns.get(cid)
         if conn is None:
             return
@@ -213,7 +337,9 @@ class Hub:
             self._receive_request(conn, data, now, timestamp)
         elif phase is _Phase.CLOSING:
             # Only the peer's answer to our close matters now.
-            for event in conn.wire.receive_data(data):
+            wire = conn.wire
+            assert wire is not None  # message connections are never CLOSING
+            for event in wire.receive_data(data):
                 if type(event) is Closed:
                     self._finish(conn, event.data, now, drop_pending=False)
                     break
@@ -279,7 +405,9 @@ class Hub:
 
     def _receive_request(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
         config = self.config
-        for event in conn.wire.receive_data(data):
+        wire = conn.wire
+        assert wire is not None  # message connections start OPEN
+        for event in wire.receive_data(data):
             if type(event) is RequestReceived:
                 decision = route_request(
                     event.method,
@@ -291,13 +419,7 @@ class Hub:
                 if isinstance(decision, Upgrade):
                     self._upgrade(conn, decision, now, timestamp)
                     return
-                if decision.status >= 400:
-                    log.info(
-                        "%s refused with %d: %s",
-                        conn.peer,
-                        decision.status,
-                        decision.body.decode(errors="replace").strip(),
-                    )
+                _log_refusal(conn.peer, decision)
                 self._respond(conn, decision, now, head=event.method == b"HEAD")
             elif type(event) is BadRequest:
                 log.info("%s sent a bad request: %d", conn.peer, event.response.status)
@@ -307,18 +429,28 @@ class Hub:
             return
 
     def _respond(self, conn: _Conn, response: HttpResponse, now: float, *, head: bool) -> None:
-        self._finish(conn, conn.wire.respond(response, head=head), now, drop_pending=True)
+        wire = conn.wire
+        assert wire is not None
+        self._finish(conn, wire.respond(response, head=head), now, drop_pending=True)
 
     def _upgrade(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
-        cid = conn.cid
         queue = conn.queue
-        queue.push_control(conn.wire.accept(upgrade))
+        wire = conn.wire
+        assert isinstance(queue, SendQueue) and wire is not None
+        queue.push_control(wire.accept(upgrade))
         # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
         # so the response goes out even if bytes that came with the request close us.
         queue.data()
-        self._dirty[cid] = queue
+        self._dirty[conn.cid] = queue
         conn.phase = _Phase.OPEN
         conn.deadline = None
+        self._connect(conn, upgrade, now, timestamp)
+        if conn.phase is _Phase.OPEN:
+            self._receive_frames(conn, b"", now, timestamp)  # bytes sent with the request
+
+    def _connect(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
+        """An OPEN connection joins the broker (and its room)."""
+        cid = conn.cid
         self.deadline_moved = True  # its heartbeat starts
         log.debug(
             "%s connected as %r in %r (conn %d)", conn.peer, upgrade.username, upgrade.room, cid
@@ -332,13 +464,20 @@ class Hub:
             now,
             timestamp,
         )
-        if conn.phase is _Phase.OPEN:
-            self._receive_frames(conn, b"", now, timestamp)  # bytes sent with the request
+
+    def _refuse(self, conn: _Conn, code: int, reason: str, now: float, timestamp: int) -> None:
+        """Close an OPEN message connection for what its peer sent."""
+        log.info("closing conn %d (%s): %d %s", conn.cid, conn.peer, code, reason)
+        self._forget(conn, now, timestamp)
+        self._close(conn, code, reason, now, drop_pending=True)
 
     def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
         broker = self.broker
         cid = conn.cid
-        for event in conn.wire.receive_data(data):
+        wire = conn.wire
+        if wire is None:
+            raise LocalProtocolError("a hub with framed=False takes receive_message()")
+        for event in wire.receive_data(data):
             kind = type(event)
             if kind is MessageReceived:
                 self._apply(
@@ -356,8 +495,9 @@ class Hub:
                 broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
                 self.deadline_moved = True
             elif kind is Reply:
-                conn.queue.push_control(event.data)  # type: ignore[union-attr]
-                self._dirty[cid] = conn.queue
+                queue = cast("SendQueue", conn.queue)
+                queue.push_control(event.data)  # type: ignore[union-attr]
+                self._dirty[cid] = queue
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse).
                 self._forget(conn, now, timestamp)
@@ -377,10 +517,22 @@ class Hub:
         self, conn: _Conn, code: int, reason: str, now: float, *, drop_pending: bool
     ) -> None:
         """Start closing an OPEN connection from our side."""
-        frame = conn.wire.close(code, reason)
+        queue = conn.queue
+        if isinstance(queue, MessageQueue):
+            # The server frames the close and answers the peer's; the connection is
+            # CLOSING until the server reports the peer gone (lost()), since some
+            # servers end the TCP connection as soon as the app returns.
+            queue.close_with(CloseMessage(code, reason[:120]), drop_pending=drop_pending)
+            self._dirty[conn.cid] = queue
+            conn.phase = _Phase.CLOSING
+            self._set_deadline(conn, now + self.config.close_timeout)
+            return
+        wire = conn.wire
+        assert wire is not None
+        frame = wire.close(code, reason)
         if frame:
-            conn.queue.close_with(frame, drop_pending=drop_pending)
-            self._dirty[conn.cid] = conn.queue
+            queue.close_with(frame, drop_pending=drop_pending)
+            self._dirty[conn.cid] = queue
         conn.phase = _Phase.CLOSING
         self._set_deadline(conn, now + self.config.close_timeout)
 
@@ -388,7 +540,7 @@ class Hub:
         """Queue the last bytes; the transport closes once they are written."""
         conn.phase = _Phase.FINISHING
         if data:
-            conn.queue.close_with(data, drop_pending=drop_pending)
+            cast("SendQueue", conn.queue).close_with(data, drop_pending=drop_pending)
         if conn.queue:
             self._dirty[conn.cid] = conn.queue
             self._set_deadline(conn, now + self.config.close_timeout)
@@ -414,7 +566,8 @@ class Hub:
         overflowed: list[_Conn] = []
         for action in actions:
             if isinstance(action, Deliver):
-                frame = text_frame(action.payload)
+                # Framed once for every receiver; a message transport frames it itself.
+                frame = text_frame(action.payload) if self.framed else action.payload
                 for cid in action.conns:
                     conn = conns.get(cid)
                     if conn is None:
@@ -426,7 +579,7 @@ class Hub:
                         overflowed.append(conn)
             elif isinstance(action, SendPing):
                 conn = conns.get(action.conn)
-                if conn is not None and conn.queue.push_control(PING_FRAME):
+                if conn is not None and cast("SendQueue", conn.queue).push_control(PING_FRAME):
                     dirty[conn.cid] = conn.queue
             elif isinstance(action, Close):
                 conn = conns.get(action.conn)
@@ -466,3 +619,13 @@ class Hub:
                     now,
                     timestamp,
                 )
+
+
+def _log_refusal(peer: str, response: HttpResponse) -> None:
+    if response.status >= 400:
+        log.info(
+            "%s refused with %d: %s",
+            peer,
+            response.status,
+            response.body.decode(errors="replace").strip(),
+        )

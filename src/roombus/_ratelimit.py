@@ -6,8 +6,8 @@ Theory of operation
 Each connection may send ``rate`` messages per second on average and ``burst`` at
 once: a bucket holds up to ``burst`` tokens, refills at ``rate`` per second, and every
 message takes one, plus one per 4 KiB of its text (a 64 KiB message takes 17),
-since what a message costs the server grows with its size. A message that finds the bucket empty is refused (the broker
-answers ``rate_limited`` and drops it).
+since what a message costs the server grows with its size. A message that finds
+the bucket empty is refused (the broker answers ``rate_limited`` and drops it).
 
 Refusals are tallied in a second counter, *strikes*, that drains at the same
 ``rate``. A client that keeps sending more than twice its allowance makes strikes

@@ -281,7 +281,8 @@ class MessageQueue:
         size = len(payload)
         if (
             self._data_frames >= self.max_messages
-            or self._data_bytes + size > self.max_bytes
+            # One message alone always fits, as in SendQueue.
+            or (self._data_bytes + size > self.max_bytes and self._data_frames)
             or self.state is not QueueState.OPEN
         ):
             if self.state is QueueState.OPEN:

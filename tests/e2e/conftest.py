@@ -1,11 +1,12 @@
 """
 End-to-end fixtures: a real roombus server on a loopback port, and real clients.
 
-The server runs in-process in a background thread (``trio.run`` of
-``roombus.trio.serve`` with port 0); tests talk to it over sockets with the
-``websockets`` sync client (an independent implementation) or with raw sockets
-(:mod:`.rawws`) when they need to misbehave. A few tests run the real command line
-in a subprocess (:class:`CliServer`).
+The server runs in-process in a background thread, over each transport in turn (see
+:mod:`.servers`: trio, asyncio, and the ASGI app under uvicorn and hypercorn); tests
+talk to it over sockets with the ``websockets`` sync client (an independent
+implementation) or with raw sockets (:mod:`.rawws`) when they need to misbehave. A few
+tests run the real command line in a subprocess (:class:`CliServer`), with each of its
+transports.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
 
 import attrs
@@ -29,11 +29,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-import roombus.trio
-import trio
 from roombus import BrokerConfig, Notice, ServerConfig
 
-from .rawws import HOST, TIMEOUT, RawWS
+from .rawws import HOST, TIMEOUT
+from .servers import TRANSPORTS, Capabilities, ServerThread, TrioServer, _ErrorLog
 
 _BROKER_FIELDS = set(attrs.fields_dict(BrokerConfig))
 _SERVER_FIELDS = set(attrs.fields_dict(ServerConfig))
@@ -127,184 +126,6 @@ def open_client(
     return client
 
 
-class _ErrorLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-class ServerThread:
-    """A roombus server running ``trio.run`` in a background thread."""
-
-    def __init__(
-        self,
-        broker_config: BrokerConfig,
-        server_config: ServerConfig,
-        on_notice: Callable[[Notice], None] | None = None,
-        *,
-        via_stream: bool = False,
-    ) -> None:
-        self.via_stream = via_stream
-        self.allow_crash = False  # for xfail tests of crashes: stop() then does not raise
-        self.broker_config = broker_config
-        self.server_config = server_config
-        self.notices: list[Notice] = []
-        self._notice_cond = threading.Condition()
-        self._user_hook = on_notice
-        self.server: roombus.trio.Server | None = None
-        self.port = 0
-        self.error: BaseException | None = None
-        self.stopped_cleanly = False
-        self._ready = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
-        self._clients: list[Client] = []
-        self._raws: list[RawWS] = []
-        self._thread = threading.Thread(target=self._main, name="roombus-server", daemon=True)
-
-    # -- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        assert self._ready.wait(10), "server did not start"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def _main(self) -> None:
-        try:
-            trio.run(self._amain)
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-
-    def _on_notice(self, notice: Notice) -> None:
-        with self._notice_cond:
-            self.notices.append(notice)
-            self._notice_cond.notify_all()
-        if self._user_hook is not None:
-            self._user_hook(notice)
-
-    async def _amain(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            async with trio.open_nursery() as nursery:
-                if self.via_stream:
-                    await self._start_via_stream(nursery)
-                else:
-                    serve = partial(
-                        roombus.trio.serve,
-                        self.broker_config,
-                        self.server_config,
-                        on_notice=self._on_notice,
-                    )
-                    self.server = await nursery.start(serve)
-                    self.port = self.server.port
-                self._ready.set()
-        self.stopped_cleanly = True
-
-    async def _start_via_stream(self, nursery: trio.Nursery) -> None:
-        """No listener of its own: trio.serve_tcp hands each stream to handle_stream."""
-        server = roombus.trio.Server(
-            self.broker_config, self.server_config, on_notice=self._on_notice
-        )
-        await nursery.start(roombus.trio.run_server, server)
-        self.server = server
-
-        async def handler(stream: trio.SocketStream) -> None:
-            await server.handle_stream(stream, "tcp")
-
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=HOST))
-        self.port = listeners[0].socket.getsockname()[1]
-
-    def stop(self, timeout: float = 10.0) -> float:
-        """Cancel the server (graceful shutdown) and wait for it; returns the seconds taken."""
-        t0 = time.monotonic()
-        if self._thread.is_alive():
-            try:
-                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-            self._thread.join(timeout)
-            assert not self._thread.is_alive(), f"server did not stop within {timeout} s"
-        if self.allow_crash:
-            return time.monotonic() - t0
-        if self.error is not None:
-            raise self.error
-        assert self.stopped_cleanly
-        return time.monotonic() - t0
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    # -- running code in the server's thread ----------------------------------------
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a synchronous function in the trio thread (the server API is trio-bound)."""
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
-
-    def publish(self, room: str, content: Any, **kw: Any) -> int:
-        assert self.server is not None
-        return self.call(partial(self.server.publish, room, content, **kw))
-
-    def wait_notice(self, predicate: Callable[[Notice], bool], timeout: float = TIMEOUT) -> Notice:
-        with self._notice_cond:
-            found: list[Notice] = []
-
-            def check() -> bool:
-                found[:] = [n for n in self.notices if predicate(n)]
-                return bool(found)
-
-            assert self._notice_cond.wait_for(check, timeout), f"no such notice: {self.notices}"
-            return found[0]
-
-    # -- clients, closed at teardown -----------------------------------------------------
-
-    def connect(self, room: str = "lobby", username: str = "ann", **kw: Any) -> Client:
-        client = open_client(self.port, room, username, **kw)
-        self._clients.append(client)
-        return client
-
-    def room(self, room: str, *usernames: str) -> list[Client]:
-        """Connect each user in turn; earlier members see (and consume) later joins."""
-        clients: list[Client] = []
-        for name in usernames:
-            client = self.connect(room, name)
-            for other in clients:
-                other.expect(type="presence", event="join", username=name, room=room)
-            clients.append(client)
-        return clients
-
-    def raw(self, room: str = "lobby", username: str = "raw", **kw: Any) -> RawWS:
-        raw = RawWS.connect(self.port, room, username, **kw)
-        self._raws.append(raw)
-        return raw
-
-    def track(self, raw: RawWS) -> RawWS:
-        self._raws.append(raw)
-        return raw
-
-    def close_clients(self) -> None:
-        for raw in self._raws:
-            raw.close()
-        for client in self._clients:
-            client.close()
-
-    def assert_serving(self) -> None:
-        """A fresh client can still connect and chat: the server survived."""
-        assert self.alive, self.error
-        with open_client(self.port, "health-check", "probe").ws as ws:
-            client = Client(ws, "health-check", "probe")
-            client.chat("still here?")
-            msg = client.expect(type="chat", content="still here?", username="probe")
-            assert msg["seq"] >= 1
-
-
 def split_config(**settings: Any) -> tuple[BrokerConfig, ServerConfig]:
     """Route keyword settings to BrokerConfig or ServerConfig by field name."""
     unknown = set(settings) - _BROKER_FIELDS - _SERVER_FIELDS
@@ -315,18 +136,31 @@ def split_config(**settings: Any) -> tuple[BrokerConfig, ServerConfig]:
     return broker, ServerConfig(**server_settings)
 
 
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport in turn: every test that starts a server runs over all of them."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_server() -> Iterator[Callable[..., ServerThread]]:
+def caps(transport: str) -> Capabilities:
+    """What the transport under test declares it does where transports differ."""
+    return TRANSPORTS[transport].caps
+
+
+@pytest.fixture
+def make_server(transport: str) -> Iterator[Callable[..., ServerThread]]:
     """
     A factory: ``make_server(max_message_bytes=1024, handshake_timeout=0.3, ...)``
-    starts a server with those settings (BrokerConfig or ServerConfig fields, by name).
-    At teardown its clients are closed, it is stopped, and the test fails if it
-    crashed or logged an error.
+    starts a server over the transport under test with those settings (BrokerConfig or
+    ServerConfig fields, by name). At teardown its clients are closed, it is stopped,
+    and the test fails if it crashed or logged an error (roombus's, or its server's).
     """
     servers: list[ServerThread] = []
     errors = _ErrorLog()
-    logger = logging.getLogger("roombus")
-    logger.addHandler(errors)
+    loggers = [logging.getLogger(name) for name in ("roombus", "uvicorn.error", "hypercorn.error")]
+    for logger in loggers:
+        logger.addHandler(errors)
 
     def make(
         *,
@@ -335,7 +169,12 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
         **settings: Any,
     ) -> ServerThread:
         broker, server = split_config(**settings)
-        st = ServerThread(broker, server, on_notice, via_stream=via_stream)
+        st: ServerThread
+        if via_stream:
+            assert transport == "trio", "handle_stream is the trio adapter's"
+            st = TrioServer(broker, server, on_notice, via_stream=True)
+        else:
+            st = TRANSPORTS[transport](broker, server, on_notice)
         servers.append(st)
         return st.start()
 
@@ -348,7 +187,8 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
         messages = [r.getMessage() for r in errors.records]
         assert not messages, f"the server logged errors: {messages}"
     finally:
-        logger.removeHandler(errors)
+        for logger in loggers:
+            logger.removeHandler(errors)
         for st in servers:
             if st._thread.is_alive():  # a failed test: do not leave the thread behind
                 st.close_clients()
@@ -372,10 +212,14 @@ LISTENING_RE = re.compile(r"listening on ws://([^/\s]+):(\d+)/ws")
 class CliServer:
     """``python -m roombus serve`` in a subprocess; stderr is collected by a thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, transport: str = "trio"
+    ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
         env = {**environ, **(env or {})}
         env["PYTHONUNBUFFERED"] = "1"
+        env["ROOMBUS_TRANSPORT"] = transport  # the variable: a test may still give the flag
+        self.transport = transport
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "roombus", "serve", "--host", HOST, *args],
             stdin=subprocess.DEVNULL,
@@ -443,13 +287,16 @@ class CliServer:
                 pipe.close()
 
 
-@pytest.fixture
-def cli() -> Iterator[Callable[..., CliServer]]:
-    """A factory: ``cli("--port", "0", ...)`` runs ``roombus serve``; killed at teardown."""
+@pytest.fixture(params=["trio", "asyncio"])
+def cli(request: pytest.FixtureRequest) -> Iterator[Callable[..., CliServer]]:
+    """
+    A factory: ``cli("--port", "0", ...)`` runs ``roombus serve`` with each of its
+    transports in turn (``ROOMBUS_TRANSPORT``); killed at teardown.
+    """
     procs: list[CliServer] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> CliServer:
-        p = CliServer(*args, env=env)
+        p = CliServer(*args, env=env, transport=request.param)
         procs.append(p)
         return p
 

@@ -314,3 +314,33 @@ class RawWS:
                 frames.append(self.recv_frame(max(deadline - time.monotonic(), 0.001)))
             except Eof:
                 return frames
+
+
+def read_until(sock: socket.socket, marker: bytes, *, timeout: float = TIMEOUT) -> bytes:
+    """Read until *marker* has arrived (the peer may keep the connection open)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{marker!r} did not arrive; got {data[:200]!r}")
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise Eof(f"closed before {marker!r}; got {data[:200]!r}")
+        data += chunk
+    return data
+
+
+def read_response(port: int, request: bytes, *, timeout: float = TIMEOUT) -> HttpResponse:
+    """Send *request*; read one response (head, then the body by its length), not to EOF."""
+    with open_socket(port, timeout=timeout) as sock:
+        sock.sendall(request)
+        status, headers, body = parse_response_head(read_until(sock, b"\r\n\r\n"))
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return HttpResponse(status, headers, body)

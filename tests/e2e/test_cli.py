@@ -173,3 +173,35 @@ def test_close_frame_reaches_a_raw_client_on_sigint(cli):
         frames = raw.wait_eof()
         assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1001
     assert proc.wait(EXIT_BOUND) == 0
+
+
+def test_the_transport_comes_from_the_variable_and_the_flag_wins(cli):
+    proc = cli("--port", "0")
+    proc.wait_listening()
+    assert ("(asyncio)" in proc.stderr) == (proc.transport == "asyncio")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(EXIT_BOUND) == 0
+    other = "trio" if proc.transport == "asyncio" else "asyncio"
+    flagged = cli("--port", "0", "--transport", other)
+    flagged.wait_listening()
+    assert ("(asyncio)" in flagged.stderr) == (other == "asyncio")
+    flagged.signal(signal.SIGTERM)
+    assert flagged.wait(EXIT_BOUND) == 0
+    bad = cli("--port", "0", "--transport", "gevent")
+    assert bad.wait(15) == 2
+    assert "transport" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_no_heartbeat_option(cli):
+    proc = cli("--port", "0", "--ping-interval", "0.2", "--ping-timeout", "0.2", "--no-heartbeat")
+    port = proc.wait_listening()
+    with RawWS.connect(port, "lobby", "quiet") as raw:
+        assert raw.recv_json()["type"] == "presence"
+        assert raw.recv_json()["type"] == "presence_state"
+        with pytest.raises(TimeoutError):  # neither a ping nor a close, past 0.4 s
+            raw.recv_frame(timeout=0.8)
+        raw.send_json({"type": "ping"})
+        assert raw.recv_json() == {"type": "pong"}
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(EXIT_BOUND) == 0

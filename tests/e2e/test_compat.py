@@ -90,10 +90,25 @@ def test_client_offering_permessage_deflate_still_works(server):
     assert bob.expect_chat("x" * 5000, "ann")["seq"] == 1
 
 
-def test_frames_sent_together_with_the_handshake_are_handled(server):
+def test_frames_sent_together_with_the_handshake_are_handled(server, caps):
     """A client may pipeline its first frames right behind the opening request."""
     (ann,) = server.room("lobby", "ann")
     extra = client_frame(OP_TEXT, b'{"type":"chat","content":"early"}')
+    if caps.early_frames == "unsafe":
+        # hypercorn answers 400 to data before the upgrade, racing the app's accept;
+        # when the accept wins, its own connection task fails (and with the trio worker
+        # the whole server). Browsers never pipeline frames; the table says so.
+        assert caps.name.startswith("hypercorn")
+        return
+    if caps.early_frames == "lost":  # uvicorn: upgraded, but the early frame is never read
+        raw = server.track(RawWS.connect(server.port, "lobby", "eager", extra=extra))
+        assert raw.recv_json()["type"] == "presence"
+        assert raw.recv_json()["type"] == "presence_state"
+        ann.expect(type="presence", event="join", username="eager")
+        ann.ping()  # the early chat was not published
+        server.assert_serving()
+        return
+    assert caps.early_frames == "handled"
     raw = server.track(RawWS.connect(server.port, "lobby", "eager", extra=extra))
     assert raw.recv_json()["type"] == "presence"
     assert raw.recv_json()["type"] == "presence_state"

@@ -11,7 +11,9 @@ from .rawws import (
     get,
     http_exchange,
     open_socket,
+    read_response,
     read_to_eof,
+    read_until,
     response_head,
     upgrade_request,
 )
@@ -90,8 +92,17 @@ def test_repeated_query_parameters_first_wins(server):
     ],
     ids=["no-upgrade", "other-protocol", "no-connection-upgrade"],
 )
-def test_non_upgrade_request_to_ws_is_400_or_426(server, headers):
-    resp = http_exchange(server.port, upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", headers))
+def test_non_upgrade_request_to_ws_is_400_or_426(server, caps, headers):
+    request = upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", headers)
+    if headers["Upgrade"] == "h2c" and caps.h2c_upgrade:
+        # The server switches to HTTP/2 (RFC 7540 3.2) and answers the request there:
+        # roombus still refuses it.
+        with open_socket(server.port) as sock:
+            sock.sendall(request)
+            data = read_until(sock, b"this endpoint speaks WebSocket only")
+        assert data.startswith(b"HTTP/1.1 101 ")
+        return
+    resp = http_exchange(server.port, request)
     assert resp.status in (400, 426), resp
 
 
@@ -108,8 +119,12 @@ def test_plain_get_of_ws_is_400_or_426(server):
     ],
     ids=["version-8", "short-key", "bad-key"],
 )
-def test_bad_websocket_headers_are_refused(server, headers):
-    resp = http_exchange(server.port, upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", headers))
+def test_bad_websocket_headers_are_refused(server, caps, headers):
+    request = upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", headers)
+    if caps.own_refusals_close:
+        resp = http_exchange(server.port, request)  # answered, then closed
+    else:
+        resp = read_response(server.port, request)  # answered; the server keeps the TCP
     assert resp.status in (400, 426), resp
     assert "sec-websocket-accept" not in resp.headers
 
@@ -160,19 +175,31 @@ def test_without_allow_list_any_origin_works(server):
     c.ping()
 
 
-def test_oversized_request_headers_get_431(server):
+def test_oversized_request_headers_get_431(server, caps):
     """Default max_header_bytes is 16 KiB; send 32 KiB of headers in one go."""
-    resp = http_exchange(
-        server.port, upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", {"X-Big": "a" * 32768})
-    )
-    assert resp.status == 431
+    request = upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", {"X-Big": "a" * 32768})
+    if caps.header_limit_status is None:
+        # The server bounds only requests still incomplete: a complete one, however
+        # large, is not refused (hypercorn upgrades it; uvicorn never answers). Either
+        # way the server goes on serving everyone else.
+        with open_socket(server.port, timeout=0.5) as sock:
+            sock.sendall(request)
+            try:
+                assert not sock.recv(65536).startswith(b"HTTP/1.1 431")
+            except TimeoutError:
+                pass
+        server.assert_serving()
+        return
+    resp = http_exchange(server.port, request)
+    assert resp.status == caps.header_limit_status == 431
     server.assert_serving()
 
 
-def test_oversized_request_line_gets_431_with_a_small_limit(make_server):
+def test_oversized_request_line_gets_431_with_a_small_limit(make_server, caps):
     srv = make_server(max_header_bytes=1024)
     resp = http_exchange(srv.port, upgrade_request(f"/ws?{ROOM_OK}&username={'u' * 2000}"))
-    assert resp.status == 431
+    # Without a limit of its own (see above), roombus refuses the 2000-character name.
+    assert resp.status == (caps.header_limit_status or 400)
     # Just under the limit is fine.
     request = upgrade_request(f"/ws?{ROOM_OK}&{USER_OK}", {"X-Pad": "p" * 500})
     assert response_head(srv.port, request) == 101

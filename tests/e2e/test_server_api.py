@@ -157,7 +157,16 @@ def test_connection_count(server):
 # -- handle_stream: the server over any trio Stream -----------------------------------------
 
 
-def test_handle_stream_over_trio_tcp(make_server):
+def assert_no_handle_stream(make_server, caps) -> None:
+    """Only roombus.trio serves connections handed in as streams; the others own theirs."""
+    assert not caps.handle_stream
+    assert not hasattr(make_server().server, "handle_stream")
+
+
+def test_handle_stream_over_trio_tcp(make_server, caps):
+    if not caps.handle_stream:
+        assert_no_handle_stream(make_server, caps)
+        return
     srv = make_server(via_stream=True)
     ann, bob = srv.room("lobby", "ann", "bob")
     ann.chat("over a stream")
@@ -168,7 +177,7 @@ def test_handle_stream_over_trio_tcp(make_server):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_slow_consumer_over_a_stream_does_not_crash_the_server(make_server):
+def test_slow_consumer_over_a_stream_does_not_crash_the_server(make_server, caps):
     """
     Regression: over handle_stream every write goes through the drainer (send_all). A
     slow consumer overflowed while its drainer was inside send_all with a chunk the
@@ -176,6 +185,9 @@ def test_slow_consumer_over_a_stream_does_not_crash_the_server(make_server):
     read again, send_all returned and consume() got more bytes than data() then had:
     ValueError, and the whole server died (as TrioInternalError, often).
     """
+    if not caps.handle_stream:
+        assert_no_handle_stream(make_server, caps)
+        return
     srv = make_server(via_stream=True, send_queue=16, send_queue_bytes=256 * 1024)
     srv.allow_crash = True  # if it does crash: fail in the test body, clean up here
     try:

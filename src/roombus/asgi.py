@@ -1,0 +1,422 @@
+"""
+roombus.asgi: the broker as an ASGI application, for uvicorn, hypercorn, Starlette
+and FastAPI.
+
+Serve the whole protocol with no code of your own (settings from the ``ROOMBUS_*``
+environment variables of ``roombus serve``)::
+
+    uvicorn --factory roombus.asgi:create_app --ws-ping-interval 20 --ws-ping-timeout 10
+    hypercorn --worker-class trio 'roombus.asgi:create_app()'
+
+or mount a :class:`RoombusASGI` in your own app (see ``examples/fastapi_app.py``).
+
+Theory of operation
+-------------------
+An ASGI server parses HTTP, frames WebSocket messages, answers pings and runs the
+close handshake, so the app drives a :class:`~roombus.hub.Hub` made with
+``framed=False``: whole messages in (:meth:`~roombus.hub.Hub.receive_message`),
+whole messages out (a :class:`~roombus._sendqueue.MessageQueue` per connection).
+Each connection is the server's task running :meth:`RoombusASGI.__call__`: it reads
+(``receive()``) and feeds the hub, while a *writer* task sends its queue, one
+``send()`` per message; a send that waits on a slow client leaves the rest in the
+bounded queue, where the hub's slow-consumer policy sees it. A *timer* task, started
+with the first connection, sleeps until the hub's next deadline (close timeouts).
+
+anyio runs these tasks, so the same code serves asyncio (uvicorn, hypercorn) and trio
+(hypercorn's trio worker). Install it with the extra: ``pip install 'roombus[asgi]'``.
+
+What the server owns instead of roombus: listening, the HTTP parser and its limits,
+pings (the core heartbeat must be off: ``BrokerConfig(heartbeat=False)``; use
+``uvicorn --ws-ping-interval`` or hypercorn's ``websocket_ping_interval``), protocol
+errors in frames (the server closes with its own codes), and shutdown (uvicorn
+closes WebSockets with 1012; hypercorn waits for them up to its graceful timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, Final, final
+
+import anyio
+import anyio.lowlevel
+import attrs
+
+from ._config import BrokerConfig, ServerConfig
+from ._handshake import HttpResponse, Upgrade, route_request
+from ._hub import Hub, NoticeHook
+from ._sendqueue import MessageQueue
+from ._types import ConnectionId
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log: Final = logging.getLogger("roombus")
+
+
+class _Link:
+    """What the app keeps per connection: its scope, its queue, its writer's wake-up."""
+
+    __slots__ = ("queue", "scope", "wake")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.queue: MessageQueue | None = None  # known once the hub marks it dirty
+        self.wake: anyio.Event | None = None  # set to wake the writer
+
+
+@final
+class RoombusASGI:
+    """
+    A roombus server as an ASGI 3 application: ``/ws`` (WebSocket), ``/healthz`` and
+    the page at ``/`` (HTTP), and the ``lifespan`` protocol.
+
+    Mounted under a path (``app.mount("/bus", bus)``), it answers relative to it
+    (``/bus/ws``). A framework does not pass a mounted app the lifespan events: give
+    it :meth:`lifespan` (``FastAPI(lifespan=bus.lifespan)``) for a graceful shutdown.
+
+    Args:
+        broker_config: The core's limits; its ``heartbeat`` must be off (the default
+            here), since the ASGI server owns pings.
+        config: ``allowed_origins``, ``page`` and ``close_timeout`` apply; the
+            address, backlog, handshake timeout and header limit are the ASGI
+            server's own settings.
+        on_notice: Called with every :data:`~roombus.Notice`, synchronously; an
+            exception it raises is logged.
+
+    Raises:
+        ConfigError: if *broker_config* has the heartbeat on.
+
+    Attributes:
+        hub: The sans-IO hub (``framed=False``).
+        broker: The core (read-only use).
+        config: The transport settings.
+    """
+
+    def __init__(
+        self,
+        broker_config: BrokerConfig | None = None,
+        config: ServerConfig | None = None,
+        *,
+        on_notice: NoticeHook | None = None,
+    ) -> None:
+        if broker_config is None:
+            broker_config = BrokerConfig(heartbeat=False)
+        self.hub = Hub(broker_config, config, on_notice=on_notice, framed=False)
+        self.broker = self.hub.broker
+        self.config = self.hub.config
+        self._links: dict[ConnectionId, _Link] = {}
+        self._timer_started = False
+        self._timer_task: asyncio.Task[None] | None = None  # asyncio keeps only weak refs
+        self._timer_scope: anyio.CancelScope | None = None  # its sleep, until a deadline
+        self._timer_stop: anyio.CancelScope | None = None  # the whole timer task
+        self._closed = False
+        self._all_closed: anyio.Event | None = None
+
+    # -- public API for the embedding app ----------------------------------------------
+
+    def publish(self, room: str, content: object, *, username: str = "server") -> int:
+        """
+        Publish a chat message to every member of *room*, as *username*. Call it from
+        the event loop (or trio run) that serves the app.
+
+        Returns:
+            How many connections it was delivered to (0 if the room has no members).
+
+        Raises:
+            ValueError: if the room or username is invalid or content is not JSON.
+        """
+        count = self.hub.publish(
+            room, content, username=username, now=anyio.current_time(), timestamp=_wall()
+        )
+        self._after()
+        return count
+
+    @property
+    def connection_count(self) -> int:
+        """Open WebSocket connections."""
+        return self.hub.websocket_count
+
+    @property
+    def overflows(self) -> int:
+        """Slow consumers closed (send queue over its bound) since the start."""
+        return self.hub.overflows
+
+    async def aclose(self) -> None:
+        """
+        Shut down: refuse new WebSockets (503), close every open one with 1001 after
+        what is queued for it, and wait at most ``close_timeout`` for them. Idempotent.
+        """
+        hub = self.hub
+        if not hub.shutting_down:
+            hub.shutdown(now=anyio.current_time())
+            self._after()
+        if self._links:
+            self._all_closed = anyio.Event()
+            with anyio.move_on_after(self.config.close_timeout + 1.0):
+                await self._all_closed.wait()
+            for link in list(self._links.values()):
+                link.scope.cancel()
+        self._closed = True
+        if self._timer_stop is not None:
+            self._timer_stop.cancel()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """
+        The app's life, for a framework's ``lifespan=`` argument: on exit, :meth:`aclose`.
+        """
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    # -- ASGI --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, send: Send) -> None:
+        method = str(scope["method"]).encode()
+        decision = route_request(
+            method,
+            _target(scope),
+            scope.get("headers") or [],
+            allowed_origins=self.config.allowed_origins,
+            page=self.config.page,
+        )
+        if isinstance(decision, Upgrade):  # the server has its WebSocket support off
+            decision = HttpResponse(status=426, body=b"this server does not speak WebSocket\n")
+        elif decision.status >= 400:
+            log.info("%s refused with %d", _peer(scope), decision.status)
+        await send(
+            {"type": "http.response.start", "status": decision.status, "headers": _head(decision)}
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if method == b"HEAD" else decision.body}
+        )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        hub = self.hub
+        self._start_timer()
+        opened = hub.open_websocket(
+            _target(scope),
+            scope.get("headers") or [],
+            now=anyio.current_time(),
+            timestamp=_wall(),
+            peer=_peer(scope),
+        )
+        if isinstance(opened, HttpResponse):
+            await _refuse(scope, send, opened)
+            return
+        cid = opened
+        link = _Link()
+        self._links[cid] = link
+        try:
+            with link.scope:
+                self._after()  # the link learns its queue (its presence messages)
+                try:
+                    await send({"type": "websocket.accept"})
+                except Exception as exc:  # an OSError by the spec; some servers differ
+                    log.info("%s could not be accepted: %r", _peer(scope), exc)
+                    return
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._write_loop, cid, link, send)
+                    await self._read_loop(cid, receive)
+                    tasks.cancel_scope.cancel()
+        finally:
+            del self._links[cid]
+            hub.lost(cid, now=anyio.current_time(), timestamp=_wall())
+            self._after()
+
+    async def _read_loop(self, cid: ConnectionId, receive: Receive) -> None:
+        hub = self.hub
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                hub.receive_message(
+                    cid,
+                    text if text is not None else bytes(message.get("bytes") or b""),
+                    now=anyio.current_time(),
+                    timestamp=_wall(),
+                )
+                self._after()
+                # A server may have many messages ready: let the writers woken by this
+                # one send before the next is read, as the flusher runs between reads in
+                # roombus.trio (else a burst fills the send queues of readers keeping up).
+                await anyio.lowlevel.checkpoint()
+            elif kind == "websocket.disconnect":
+                return
+
+    async def _write_loop(self, cid: ConnectionId, link: _Link, send: Send) -> None:
+        hub = self.hub
+        try:
+            while True:
+                queue = link.queue
+                if queue is None or not queue:
+                    link.wake = anyio.Event()
+                    await link.wake.wait()
+                    continue
+                for item in queue.data():
+                    if isinstance(item, bytes):
+                        await send({"type": "websocket.send", "text": item.decode()})
+                    else:
+                        await send(
+                            {"type": "websocket.close", "code": item.code, "reason": item.reason}
+                        )
+                    queue.consume(1)
+                if not queue:
+                    hub.flushed(cid)
+                    self._after()
+        except OSError:  # ASGI servers raise an OSError for a send to a vanished client
+            link.scope.cancel()
+
+    # -- carrying out the hub's outputs ------------------------------------------------
+
+    def _after(self) -> None:
+        """Close what must close, wake the writers, re-arm the timer."""
+        hub = self.hub
+        links = self._links
+        for cid in hub.take_to_close():
+            link = links.get(cid)
+            if link is not None:
+                link.scope.cancel()
+        for cid, queue in hub.take_dirty_messages():
+            link = links.get(cid)
+            if link is not None:
+                link.queue = queue
+                if link.wake is not None:
+                    link.wake.set()
+        if hub.deadline_moved:
+            hub.deadline_moved = False
+            deadline = hub.next_deadline()
+            scope = self._timer_scope
+            if deadline is not None and scope is not None and deadline < scope.deadline:
+                scope.deadline = deadline
+        if self._all_closed is not None and not links:
+            self._all_closed.set()
+
+    def _start_timer(self) -> None:
+        """Start the timer task once, outliving the connection that starts it."""
+        if self._timer_started:
+            return
+        self._timer_started = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: trio (hypercorn's trio worker)
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._timer_loop)
+        else:
+            self._timer_task = loop.create_task(self._timer_loop())
+
+    async def _timer_loop(self) -> None:
+        hub = self.hub
+        with anyio.CancelScope() as self._timer_stop:
+            while not self._closed:
+                deadline = hub.next_deadline()
+                with anyio.CancelScope(
+                    deadline=math.inf if deadline is None else deadline
+                ) as scope:
+                    self._timer_scope = scope
+                    await anyio.sleep_forever()
+                now = anyio.current_time()
+                deadline = hub.next_deadline()
+                if deadline is not None and deadline <= now:
+                    hub.timeout(now=now, timestamp=_wall())
+                    self._after()
+
+
+def _wall() -> int:
+    return int(time.time())
+
+
+def _target(scope: Scope) -> bytes:
+    """The request target relative to where the app is mounted, with its query."""
+    path = str(scope.get("path") or "/")
+    root = str(scope.get("root_path") or "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    query = bytes(scope.get("query_string") or b"")
+    target = path.encode("utf-8", "replace")
+    return target + b"?" + query if query else target
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "asgi"
+
+
+def _head(response: HttpResponse) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", response.content_type),
+        (b"content-length", b"%d" % len(response.body)),
+        (b"connection", b"close"),  # as roombus.trio: answer, then close
+        (b"cache-control", b"no-store"),
+        *response.headers,
+    ]
+
+
+async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
+    """Refuse a WebSocket before accepting it: with *response* if the server can send
+    one (the ``websocket.http.response`` extension), else with the server's 403."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": response.status,
+                "headers": _head(response),
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+def create_app() -> RoombusASGI:
+    """
+    A :class:`RoombusASGI` configured like ``roombus serve``, from the ``ROOMBUS_*``
+    environment variables; for ``uvicorn --factory roombus.asgi:create_app``.
+
+    The heartbeat is always off (the server pings: set its ping interval), and the
+    address and HTTP limits are the server's; ``ROOMBUS_LOG_LEVEL`` sets the level of
+    the ``roombus`` logger.
+
+    Raises:
+        ConfigError: naming the variable, if one is invalid.
+    """
+    from ._cli import settings_from_environ
+
+    settings = settings_from_environ(os.environ)
+    log.setLevel(settings.log_level.upper())
+    return RoombusASGI(attrs.evolve(settings.broker, heartbeat=False), settings.server)
+
+
+__all__ = ["RoombusASGI", "create_app"]

@@ -1,0 +1,423 @@
+"""
+The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
+:class:`~roombus.hub.Hub`, in the image of :mod:`roombus.trio`.
+
+Theory of operation
+-------------------
+Every connection is an :class:`asyncio.Protocol`. What arrives goes to the hub, and
+the hub's outputs are carried out (:meth:`Server._after`) before the callback
+returns. asyncio runs one callback at a time, so the hub needs no lock.
+
+Writing never blocks a broadcast, and never grows without bound. The hub frames a
+broadcast once and appends the same bytes to each receiver's send queue; one *flush*
+callback, scheduled once however many queues became dirty, writes every dirty queue
+(frames that pile up meanwhile go out together). ``transport.write()`` never blocks:
+it buffers what the kernel refuses. So the adapter writes to a connection only while
+its transport has not asked to pause (``pause_writing``, past the buffer's high-water
+mark); a paused connection's frames stay in its bounded send queue, where the hub's
+slow-consumer policy sees them, and go out on ``resume_writing``. A timer handle
+fires at the hub's next deadline (heartbeats, handshake and close timeouts).
+
+Shutdown (leaving :func:`serve`'s ``async with``, or cancelling ``await serve()``)
+stops accepting, has the hub close everyone with 1001, and gives the clients
+``close_timeout`` to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Coroutine, Generator
+from types import TracebackType
+from typing import Final, final
+
+from .._config import BrokerConfig, ServerConfig
+from .._hub import Hub, NoticeHook
+from .._sendqueue import SendQueue
+from .._types import ConnectionId
+
+#: Most bytes fed to the hub between two flushes (as roombus.trio reads them).
+RECEIVE_SIZE: Final = 65536
+#: A sweep that writes to this many connections means the server is busy ...
+BUSY_SWEEP: Final = 128
+#: ... and then the next sweep waits this long (seconds), to coalesce frames (as the
+#: trio adapter does).
+WRITE_DELAY: Final = 0.004
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: hands the loop's callbacks to the server."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.cid: ConnectionId | None = None  # None once the hub let go of it
+        self.paused = False  # the transport's buffer is over its high-water mark
+        self.stalled: SendQueue | None = None  # frames that wait for resume_writing
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.server._open(self, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.server._receive(self, data)
+
+    def eof_received(self) -> bool:
+        self.server._receive(self, None)
+        return True  # keep the transport open: the last bytes may still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.server._resume(self)
+
+
+@final
+class Server:
+    """
+    A running roombus server: the hub, its connections, and the way in for an app.
+
+    Get one from :func:`serve`. All methods are synchronous (but :meth:`aclose`) and
+    must be called from the thread of the event loop that runs the server.
+
+    Attributes:
+        hub: The sans-IO hub (connections, send queues, broker).
+        broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
+        config: The server's transport settings.
+        port: The TCP port actually bound (useful with ``port=0``).
+    """
+
+    def __init__(
+        self,
+        broker_config: BrokerConfig | None = None,
+        config: ServerConfig | None = None,
+        *,
+        on_notice: NoticeHook | None = None,
+    ) -> None:
+        self.hub = Hub(broker_config, config, on_notice=on_notice)
+        self.broker = self.hub.broker
+        self.config = self.hub.config
+        self.port: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._links: dict[ConnectionId, _Protocol] = {}
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_delay = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._all_closed = asyncio.Event()
+
+    # -- public API for the embedding app ----------------------------------------------
+
+    def publish(self, room: str, content: object, *, username: str = "server") -> int:
+        """
+        Publish a chat message to every member of *room*, as *username*.
+
+        Returns:
+            How many connections it was delivered to (0 if the room has no members).
+
+        Raises:
+            ValueError: if the room or username is invalid or content is not JSON.
+        """
+        count = self.hub.publish(
+            room, content, username=username, now=self._loop.time(), timestamp=_wall()
+        )
+        self._after()
+        return count
+
+    @property
+    def connection_count(self) -> int:
+        """Open WebSocket connections."""
+        return self.hub.websocket_count
+
+    @property
+    def overflows(self) -> int:
+        """Slow consumers closed (send queue over its bound) since the start."""
+        return self.hub.overflows
+
+    async def aclose(self) -> None:
+        """
+        Shut down gracefully: stop accepting, close every client with 1001, and wait at
+        most ``config.close_timeout`` seconds for them (then drop the rest). Idempotent.
+        """
+        hub = self.hub
+        if not hub.shutting_down:
+            for listener in self._listeners:
+                listener.close()
+            hub.shutdown(now=self._loop.time())
+            self._after()
+        if self._links:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.config.close_timeout + 1.0)
+            except asyncio.TimeoutError:
+                pass  # the hub drops every transport by close_timeout; this is the backstop
+            for proto in list(self._links.values()):
+                if proto.transport is not None:
+                    proto.transport.abort()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        for handle in (self._timer, self._flush_handle):
+            if handle is not None:
+                handle.cancel()
+
+    # -- binding -----------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        config = self.config
+        host: str | None = config.host
+        if config.port == 0:
+            # One address only, so that ``port`` is unambiguous (as in roombus.trio).
+            infos = await self._loop.getaddrinfo(
+                config.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            host = str(infos[0][4][0])
+        listener = await self._loop.create_server(
+            lambda: _Protocol(self),
+            host,
+            config.port,
+            backlog=config.backlog,
+            reuse_address=True,
+        )
+        self._listeners.append(listener)
+        self.port = listener.sockets[0].getsockname()[1]
+
+    # -- the protocols' callbacks ------------------------------------------------------
+
+    def _open(self, proto: _Protocol, transport: asyncio.Transport) -> None:
+        proto.transport = transport
+        addr = transport.get_extra_info("peername")
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        cid = self.hub.open(now=self._loop.time(), peer=peer)
+        proto.cid = cid
+        self._links[cid] = proto
+        self._after()
+
+    def _receive(self, proto: _Protocol, data: bytes | None) -> None:
+        cid = proto.cid
+        if cid is None:
+            return
+        hub = self.hub
+        if data is not None and len(data) > RECEIVE_SIZE:
+            # asyncio reads up to 256 KiB at once. Feed it in trio-sized slices and
+            # write between them, so that a burst of broadcasts is not held back until
+            # the send queues overflow (their bounds are for slow readers only).
+            for start in range(0, len(data) - RECEIVE_SIZE, RECEIVE_SIZE):
+                hub.receive(
+                    cid,
+                    data[start : start + RECEIVE_SIZE],
+                    now=self._loop.time(),
+                    timestamp=_wall(),
+                )
+                if hub.has_dirty():
+                    self._flush_all()
+                if proto.cid is None:
+                    return
+            data = data[start + RECEIVE_SIZE :]
+        hub.receive(cid, data, now=self._loop.time(), timestamp=_wall())
+        self._after()
+
+    def _lost(self, proto: _Protocol) -> None:
+        cid = proto.cid
+        if cid is not None:
+            proto.cid = None
+            del self._links[cid]
+            self.hub.lost(cid, now=self._loop.time(), timestamp=_wall())
+            self._after()
+
+    def _resume(self, proto: _Protocol) -> None:
+        queue = proto.stalled
+        cid = proto.cid
+        if queue is not None and cid is not None:
+            proto.stalled = None
+            self._write(cid, proto, queue)
+            self._after()
+
+    # -- carrying out the hub's outputs ------------------------------------------------
+
+    def _after(self) -> None:
+        """Close what must close, schedule the flush, re-arm the timer."""
+        hub = self.hub
+        loop = self._loop
+        while to_close := hub.take_to_close():
+            now = loop.time()
+            for cid in to_close:
+                proto = self._links.pop(cid, None)
+                if proto is not None:
+                    proto.cid = None
+                    self._end(proto)
+                hub.lost(cid, now=now, timestamp=_wall())
+        if self._flush_handle is None and hub.has_dirty():
+            if self._flush_delay:
+                self._flush_handle = loop.call_later(self._flush_delay, self._flush_all)
+            else:
+                self._flush_handle = loop.call_soon(self._flush_all)
+        if hub.deadline_moved:
+            hub.deadline_moved = False
+            self._arm_timer()
+        if hub.shutting_down and not self._links:
+            self._all_closed.set()
+
+    def _end(self, proto: _Protocol) -> None:
+        """Close a transport the hub is done with; what it buffered still goes out."""
+        transport = proto.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A peer that never reads again would keep it open forever.
+            self._loop.call_later(self.config.close_timeout, transport.abort)
+
+    def _flush_all(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # a no-op when it is the handle running this
+            self._flush_handle = None
+        links = self._links
+        dirty = self.hub.take_dirty()
+        for cid, queue in dirty:
+            proto = links.get(cid)
+            if proto is not None:
+                self._write(cid, proto, queue)
+        self._flush_delay = WRITE_DELAY if len(dirty) >= BUSY_SWEEP else 0.0
+        self._after()
+
+    def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue) -> None:
+        """Hand the queue to the transport until it is empty or the transport pauses."""
+        transport = proto.transport
+        if transport is None or transport.is_closing():
+            return  # connection_lost follows
+        while queue and not proto.paused:
+            data = queue.data()
+            transport.write(data)  # may call pause_writing() before it returns
+            queue.consume(len(data))
+        if queue:
+            proto.stalled = queue
+        else:
+            self.hub.flushed(cid)
+
+    def _arm_timer(self) -> None:
+        deadline = self.hub.next_deadline()
+        timer = self._timer
+        if timer is not None:
+            if deadline is not None and timer.when() <= deadline:
+                return  # it fires first and re-arms then
+            timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        hub = self.hub
+        now = self._loop.time()
+        deadline = hub.next_deadline()
+        if deadline is not None and deadline <= now:
+            hub.timeout(now=now, timestamp=_wall())
+        self._arm_timer()
+        self._after()
+
+
+def _wall() -> int:
+    return int(time.time())
+
+
+@final
+class serve(Coroutine[object, object, None]):  # used like a function, as asyncio.timeout is
+    """
+    Run a roombus server in the running event loop.
+
+    As an async context manager, it listens on entry and shuts down gracefully on
+    exit (close 1001 to every client, at most ``config.close_timeout`` seconds)::
+
+        async with roombus.asyncio.serve(BrokerConfig(), ServerConfig(port=0)) as server:
+            print(server.port)
+            server.publish("lobby", "hello")
+            await asyncio.sleep(3600)
+
+    As a coroutine (awaited, or run as a task), it serves until cancelled, then shuts
+    down the same way and lets the cancellation propagate; *on_ready* gets the
+    :class:`Server` once it listens::
+
+        task = asyncio.create_task(roombus.asyncio.serve(broker_config, config, on_ready=print))
+
+    Args:
+        broker_config: The core's limits and intervals.
+        config: Address and transport settings.
+        on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
+            a message was published), synchronously; an exception it raises is logged.
+        on_ready: Called with the running :class:`Server` once it listens (when
+            awaited).
+
+    Raises:
+        OSError: if the address cannot be bound (on entry, or when awaited).
+    """
+
+    def __init__(
+        self,
+        broker_config: BrokerConfig | None = None,
+        config: ServerConfig | None = None,
+        *,
+        on_notice: NoticeHook | None = None,
+        on_ready: Callable[[Server], object] | None = None,
+    ) -> None:
+        self._args = (broker_config, config)
+        self._on_notice = on_notice
+        self._on_ready = on_ready
+        self._server: Server | None = None
+        self._running: Coroutine[object, object, None] | None = None  # once awaited
+
+    async def _start(self) -> Server:
+        server = Server(*self._args, on_notice=self._on_notice)
+        await server._listen()
+        self._server = server
+        return server
+
+    async def __aenter__(self) -> Server:
+        return await self._start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        await self._server.aclose()
+
+    async def _run(self) -> None:
+        server = await self._start()
+        try:
+            if self._on_ready is not None:
+                self._on_ready(server)
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            await server.aclose()
+
+    # -- the coroutine protocol, so that asyncio.create_task() takes it too ------------
+
+    def _coroutine(self) -> Coroutine[object, object, None]:
+        if self._running is None:
+            self._running = self._run()
+        return self._running
+
+    def __await__(self) -> Generator[object, None, None]:
+        return self._coroutine().__await__()
+
+    def send(self, value: object) -> object:
+        return self._coroutine().send(value)
+
+    def throw(  # type: ignore[override]  # the one-argument form only: it is the current one
+        self, exc: BaseException | type[BaseException], /
+    ) -> object:
+        return self._coroutine().throw(exc)
+
+    def close(self) -> None:
+        if self._running is not None:
+            self._running.close()
+
+
+__all__ = ["Server", "serve"]

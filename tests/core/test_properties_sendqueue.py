@@ -1,0 +1,117 @@
+"""
+The slow-consumer policy, twice: ``MessageQueue`` (for transports that frame messages
+themselves) must decide exactly as ``SendQueue`` does, and a pong waiting to go out is
+replaced by a newer one rather than piling up.
+
+Both queues get the same random operations: push a message, hand out what is waiting
+(as a driver starting a write), report some of it written, close (dropping what was not
+handed out, or not). Their answers, states and counts must agree at every step, and
+each must write out exactly the messages the policy keeps, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roombus import QueueState, SendQueue
+from roombus._sendqueue import CloseMessage, MessageQueue
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(1, 60)),
+        st.tuples(st.just("take"), st.just(0)),
+        st.tuples(st.just("write"), st.integers(0, 5)),
+        st.tuples(st.just("close"), st.booleans()),
+    ),
+    max_size=40,
+)
+
+
+@given(max_messages=st.integers(1, 5), max_bytes=st.integers(1, 150), ops=ops)
+def test_message_queue_keeps_the_send_queue_policy(
+    max_messages: int, max_bytes: int, ops: list[tuple[str, Any]]
+) -> None:
+    frames = SendQueue(max_messages, max_bytes)
+    messages = MessageQueue(max_messages, max_bytes)
+    handed: list[bytes] = []  # SendQueue: the frames of the chunk handed out, unwritten
+    out_frames: list[bytes] = []
+    out_messages: list[object] = []
+    n = 0
+    for op, arg in ops:
+        if op == "push":
+            n += 1
+            payload = bytes([65 + n % 26]) * arg  # one letter per message, arg long
+            assert frames.push(payload) == messages.push(payload)
+        elif op == "take":
+            # A driver starts a write of everything waiting.
+            if not handed:
+                chunk = bytes(frames.data())
+                batch = messages.data()
+                assert chunk == b"".join(m if type(m) is bytes else b"<close>" for m in batch)
+                handed = [m if type(m) is bytes else b"<close>" for m in batch]
+        elif op == "write":
+            # The write reports its first `arg` messages sent.
+            k = min(arg, len(handed))
+            if k:
+                frames.consume(sum(map(len, handed[:k])))
+                messages.consume(k)
+                out_frames += handed[:k]
+                out_messages += handed[:k]
+                handed = handed[k:]
+        else:
+            ok = frames.close_with(b"<close>", drop_pending=arg)
+            assert ok == messages.close_with(CloseMessage(1008, "slow"), drop_pending=arg)
+        assert frames.state is messages.state
+        assert (frames.messages, frames.data_bytes) == (messages.messages, messages.data_bytes)
+        assert frames.messages <= max_messages
+        assert frames.data_bytes <= max_bytes or frames.messages == 1
+    assert out_frames == out_messages
+
+
+@given(st.lists(st.sampled_from(["ping", "take", "write", "data", "data"]), max_size=40))
+def test_only_the_latest_pong_waits(ops: list[str]) -> None:
+    """RFC 6455 5.5.3: a pong answers the latest ping; one not yet handed out is replaced,
+    so a ping flood cannot grow the queue; one handed out goes out as it was. Pongs are
+    not data: they never count against the bounds, and still queue after an overflow."""
+    q = SendQueue(4, 1000)
+    n = 0
+    waiting: list[bytes] = []  # what the policy says must still go out, in order
+    handed = b""
+    for op in ops:
+        n += 1
+        if op == "ping":
+            pong = b"P%03d" % n
+            assert q.push_pong(pong)
+            # A pong not handed out yet is replaced in place; else this one queues.
+            for i, frame in enumerate(waiting):
+                if frame.startswith(b"P"):
+                    waiting[i] = pong
+                    break
+            else:
+                waiting.append(pong)
+        elif op == "data":
+            count = handed.count(b"d") + sum(f.startswith(b"d") for f in waiting)
+            was_open = q.state is QueueState.OPEN
+            assert q.push(b"d%03d" % n) == (was_open and count < 4)
+            if was_open and count < 4:
+                waiting.append(b"d%03d" % n)
+            elif was_open:
+                waiting = []  # the overflow drops what was not handed out
+        elif op == "take" and not handed:
+            handed = bytes(q.data())
+            assert handed == b"".join(waiting)
+            waiting = []
+        elif op == "write" and handed:
+            q.consume(len(handed))
+            handed = b""
+        data = [f for f in waiting if f.startswith(b"d")]
+        assert sum(f.startswith(b"P") for f in waiting) <= 1
+        assert q.nbytes == len(handed) + sum(map(len, waiting))
+        assert q.messages == handed.count(b"d") + len(data)
+        assert q.data_bytes == 4 * q.messages
+    if handed:
+        q.consume(len(handed))
+    assert bytes(q.data()) == b"".join(waiting)

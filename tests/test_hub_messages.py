@@ -1,0 +1,169 @@
+"""The hub for transports that speak WebSocket messages themselves (``framed=False``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from roombus import BrokerConfig, ConfigError, ConnectionId, LocalProtocolError, ServerConfig
+from roombus._handshake import HttpResponse
+from roombus._sendqueue import CloseMessage, MessageQueue
+from roombus.hub import Hub
+
+TS = 1_700_000_000
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+QUIET = BrokerConfig(heartbeat=False)
+
+
+def make_hub(**settings: Any) -> Hub:
+    broker = {k: v for k, v in settings.items() if k in BrokerConfig.__annotations__}
+    server = {k: v for k, v in settings.items() if k not in broker}
+    return Hub(BrokerConfig(heartbeat=False, **broker), ServerConfig(**server), framed=False)
+
+
+def open_ws(hub: Hub, username: str, room: str = "lobby", now: float = 0.0) -> ConnectionId:
+    opened = hub.open_websocket(
+        f"/ws?room={room}&username={username}".encode(),
+        [(b"sec-websocket-key", KEY)],
+        now=now,
+        timestamp=TS,
+    )
+    assert not isinstance(opened, HttpResponse), opened
+    return opened
+
+
+def outbox(hub: Hub) -> dict[ConnectionId, list[Any]]:
+    """What each dirty connection has to send (decoded), all of it sent and reported."""
+    out: dict[ConnectionId, list[Any]] = {}
+    for cid, queue in hub.take_dirty_messages():
+        items = out.setdefault(cid, [])
+        while queue:
+            for item in queue.data():
+                items.append(json.loads(item) if isinstance(item, bytes) else item)
+                queue.consume(1)
+        hub.flushed(cid)
+    return out
+
+
+def test_the_heartbeat_must_be_off() -> None:
+    for config in (None, BrokerConfig()):
+        with pytest.raises(ConfigError, match="heartbeat"):
+            Hub(config, framed=False)
+
+
+def test_each_hub_takes_only_its_own_kind_of_connection() -> None:
+    messages = Hub(QUIET, framed=False)
+    with pytest.raises(LocalProtocolError):
+        messages.open(now=0.0)
+    framed = Hub()
+    with pytest.raises(LocalProtocolError):
+        framed.open_websocket(b"/ws?room=a&username=b", [], now=0.0, timestamp=TS)
+
+
+def test_open_joins_at_once_and_the_queue_holds_the_presence_messages() -> None:
+    hub = make_hub()
+    ann = open_ws(hub, "ann")
+    assert hub.websocket_count == 1
+    assert [m["type"] for m in outbox(hub)[ann]] == ["presence", "presence_state"]
+    bob = open_ws(hub, "bob")
+    out = outbox(hub)
+    assert out[ann] == [out[bob][0]]  # bob's join, to both
+    hub.receive_message(bob, '{"type":"chat","content":"hi"}', now=1.0, timestamp=TS)
+    out = outbox(hub)
+    assert out[ann] == out[bob]
+    assert out[ann][0]["content"] == "hi"
+    assert hub.next_deadline() is None  # no heartbeat, no handshake phase
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "status"),
+    [
+        (b"/ws?room=lobby&username=ann", [(b"origin", b"https://evil.example")], 403),
+        (b"/ws?room=lobby&username=ann", [], 403),  # no origin at all
+        (b"/ws?room=a%20b&username=ann", [(b"origin", b"https://ok.example")], 400),
+        (b"/ws?room=lobby", [(b"origin", b"https://ok.example")], 400),
+        (b"/elsewhere?room=lobby&username=ann", [], 404),
+        (
+            b"/ws?room=lobby&username=ann",
+            [(b"origin", b"https://ok.example"), (b"sec-websocket-key", b"short")],
+            400,
+        ),
+    ],
+)
+def test_refusals_come_before_any_connection(
+    target: bytes, headers: list[tuple[bytes, bytes]], status: int
+) -> None:
+    hub = make_hub(allowed_origins=["https://ok.example"])
+    refused = hub.open_websocket(target, headers, now=0.0, timestamp=TS)
+    assert isinstance(refused, HttpResponse) and refused.status == status
+    assert hub.connection_count == 0
+
+
+def test_binary_closes_1003_and_the_others_learn_at_once() -> None:
+    hub = make_hub(close_timeout=2.0)
+    ann, bob = open_ws(hub, "ann"), open_ws(hub, "bob")
+    outbox(hub)
+    hub.receive_message(bob, b"\x00", now=1.0, timestamp=TS)
+    out = outbox(hub)
+    assert out[bob] == [CloseMessage(1003, "binary frames are not supported")]
+    assert out[ann][0]["event"] == "leave"
+    assert hub.websocket_count == 1
+    # CLOSING until the server reports the peer gone; more input is ignored.
+    hub.receive_message(bob, '{"type":"chat","content":"late"}', now=1.5, timestamp=TS)
+    assert outbox(hub) == {}
+    assert hub.take_to_close() == []
+    hub.lost(bob, now=1.6, timestamp=TS)
+    assert hub.connection_count == 1
+
+
+def test_unanswered_close_is_dropped_after_the_close_timeout() -> None:
+    hub = make_hub(close_timeout=2.0)
+    ann = open_ws(hub, "ann")
+    hub.receive_message(ann, b"binary", now=1.0, timestamp=TS)
+    assert hub.next_deadline() == 3.0
+    hub.timeout(now=2.9, timestamp=TS)
+    assert hub.take_to_close() == []
+    hub.timeout(now=3.0, timestamp=TS)
+    assert hub.take_to_close() == [ann]
+
+
+def test_size_limit_in_utf8_bytes() -> None:
+    hub = make_hub(max_message_bytes=1024, send_queue_bytes=4096)
+    ann = open_ws(hub, "ann")
+    outbox(hub)
+    at_limit = '{"type":"chat","content":"' + "x" * (1024 - 28) + '"}'
+    hub.receive_message(ann, at_limit, now=0.0, timestamp=TS)
+    assert outbox(hub)[ann][0]["type"] == "chat"
+    # 400 characters, but 1200 bytes.
+    hub.receive_message(ann, '{"type":"chat","content":"' + "€" * 400 + '"}', now=0, timestamp=TS)
+    assert outbox(hub)[ann] == [CloseMessage(1009, "message too big")]
+
+
+def test_shutdown_closes_with_1001_after_what_is_queued_and_refuses_newcomers() -> None:
+    hub = make_hub()
+    ann = open_ws(hub, "ann")
+    hub.shutdown(now=0.0)
+    out = outbox(hub)[ann]
+    assert [m["type"] for m in out[:-1]] == ["presence", "presence_state"]
+    assert out[-1] == CloseMessage(1001, "server shutting down")
+    refused = hub.open_websocket(b"/ws?room=a&username=b", [], now=0.0, timestamp=TS)
+    assert isinstance(refused, HttpResponse) and refused.status == 503
+
+
+def test_a_slow_reader_is_closed_1008_with_its_backlog_dropped() -> None:
+    hub = make_hub(send_queue=3)
+    ann, slow = open_ws(hub, "ann"), open_ws(hub, "slow")
+    outbox(hub)
+    queues = dict(hub.take_dirty_messages())
+    for i in range(4):  # slow never sends
+        hub.receive_message(ann, json.dumps({"type": "chat", "content": i}), now=0, timestamp=TS)
+        queues.update(hub.take_dirty_messages())
+        while queues[ann]:
+            queues[ann].consume(len(queues[ann].data()))
+    queue = queues[slow]
+    assert isinstance(queue, MessageQueue)
+    assert queue.data()[-1] == CloseMessage(1008, "send queue full: reading too slowly")
+    assert hub.overflows == 1
+    assert hub.websocket_count == 1

@@ -144,7 +144,7 @@ def test_size_limit_in_utf8_bytes() -> None:
 def test_shutdown_closes_with_1001_after_what_is_queued_and_refuses_newcomers() -> None:
     hub = make_hub()
     ann = open_ws(hub, "ann")
-    hub.shutdown(now=0.0)
+    hub.shutdown(now=0.0, timestamp=0)
     out = outbox(hub)[ann]
     assert [m["type"] for m in out[:-1]] == ["presence", "presence_state"]
     assert out[-1] == CloseMessage(1001, "server shutting down")

@@ -102,6 +102,7 @@ class _Phase(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     FINISHING = "finishing"
+    DROPPED = "dropped"  # the adapter must close the transport; input is ignored
 
 
 class _Conn:
@@ -165,6 +166,8 @@ class Hub:
         self._ids = itertools.count(1)
         self._dirty: dict[ConnectionId, SendQueue | MessageQueue] = {}
         self._to_close: list[ConnectionId] = []
+        self._overflowed: list[_Conn] = []  # slow consumers still to close
+        self._handling_overflow = False
         # (deadline, cid): an entry is live while it equals the connection's deadline.
         self._deadlines: list[tuple[float, ConnectionId]] = []
         #: Set when :meth:`next_deadline` may have moved earlier; an adapter may clear it
@@ -352,12 +355,7 @@ class Hub:
         if conn is None:
             return
         self._dirty.pop(cid, None)
-        if cid in self.broker:
-            self._apply(
-                self.broker.handle(ClientDisconnected(conn=cid), now=now, timestamp=timestamp),
-                now,
-                timestamp,
-            )
+        self._forget(conn, now, timestamp)
 
     def flushed(self, cid: ConnectionId) -> None:
         """*cid*'s queue was written out completely."""
@@ -392,7 +390,7 @@ class Hub:
         self._apply(actions, now, timestamp)
         return sum(len(a.conns) for a in actions if type(a) is Deliver)
 
-    def shutdown(self, *, now: float) -> None:
+    def shutdown(self, *, now: float, timestamp: int) -> None:
         """Close every connection (1001 for clients; handshakes are dropped)."""
         self.shutting_down = True
         for conn in list(self._conns.values()):
@@ -400,6 +398,7 @@ class Hub:
                 self._drop(conn)
             elif conn.phase is _Phase.OPEN:
                 self._close(conn, GOING_AWAY, "server shutting down", now, drop_pending=False)
+                self._forget(conn, now, timestamp)
 
     # -- phases -----------------------------------------------------------------------
 
@@ -495,8 +494,9 @@ class Hub:
                 broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
                 self.deadline_moved = True
             elif kind is Reply:
+                # Only the latest ping needs its pong: a ping flood cannot grow the queue.
                 queue = cast("SendQueue", conn.queue)
-                queue.push_control(event.data)  # type: ignore[union-attr]
+                queue.push_pong(event.data)  # type: ignore[union-attr]
                 self._dirty[cid] = queue
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse).
@@ -548,9 +548,10 @@ class Hub:
             self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
-        """The transport must close now."""
-        if conn.deadline != -1.0:
-            conn.deadline = -1.0  # marks it as dropped
+        """The transport must close now; nothing it sends matters any more."""
+        if conn.phase is not _Phase.DROPPED:
+            conn.phase = _Phase.DROPPED
+            conn.deadline = None
             self._to_close.append(conn.cid)
 
     def _set_deadline(self, conn: _Conn, at: float) -> None:
@@ -563,7 +564,7 @@ class Hub:
     def _apply(self, actions: list[Action], now: float, timestamp: int) -> None:
         conns = self._conns
         dirty = self._dirty
-        overflowed: list[_Conn] = []
+        overflowed = self._overflowed
         for action in actions:
             if isinstance(action, Deliver):
                 # Framed once for every receiver; a message transport frames it itself.
@@ -597,28 +598,36 @@ class Hub:
                     self.on_notice(action)
                 except Exception:
                     log.exception("on_notice hook failed for %r", action)
-        for conn in overflowed:
-            if conn.phase is not _Phase.OPEN:
-                continue
-            self.overflows += 1
-            log.warning(
-                "conn %d (%s) fell behind (send queue full); closing with 1008", conn.cid, conn.peer
-            )
-            self._close(
-                conn,
-                POLICY_VIOLATION,
-                "send queue full: reading too slowly",
-                now,
-                drop_pending=True,
-            )
-            if conn.cid in self.broker:
-                self._apply(
-                    self.broker.handle(
-                        ClientDisconnected(conn=conn.cid), now=now, timestamp=timestamp
-                    ),
-                    now,
-                    timestamp,
-                )
+        if self._handling_overflow or not overflowed:
+            return
+        # Slow consumers are closed here, at the outermost call: telling the broker one
+        # is gone sends leaves that may overflow others, which join the worklist rather
+        # than recurse (a thousand slow clients in one room must not blow the stack).
+        self._handling_overflow = True
+        try:
+            while overflowed:
+                batch = overflowed[:]
+                overflowed.clear()
+                for conn in batch:
+                    if conn.phase is not _Phase.OPEN:
+                        continue
+                    self.overflows += 1
+                    log.warning(
+                        "conn %d (%s) fell behind (send queue full); closing with 1008",
+                        conn.cid,
+                        conn.peer,
+                    )
+                    self._close(
+                        conn,
+                        POLICY_VIOLATION,
+                        "send queue full: reading too slowly",
+                        now,
+                        drop_pending=True,
+                    )
+                for conn in batch:
+                    self._forget(conn, now, timestamp)
+        finally:
+            self._handling_overflow = False
 
 
 def _log_refusal(peer: str, response: HttpResponse) -> None:

@@ -156,7 +156,7 @@ class RoombusASGI:
         """
         hub = self.hub
         if not hub.shutting_down:
-            hub.shutdown(now=anyio.current_time())
+            hub.shutdown(now=anyio.current_time(), timestamp=_wall())
             self._after()
         if self._links:
             self._all_closed = anyio.Event()

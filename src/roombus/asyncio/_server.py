@@ -149,7 +149,7 @@ class Server:
         if not hub.shutting_down:
             for listener in self._listeners:
                 listener.close()
-            hub.shutdown(now=self._loop.time())
+            hub.shutdown(now=self._loop.time(), timestamp=_wall())
             self._after()
         if self._links:
             try:

@@ -242,7 +242,7 @@ class Server:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
         now = trio.current_time()
-        self.hub.shutdown(now=now)
+        self.hub.shutdown(now=now, timestamp=_wall())
         self._after()
         # The hub drops every transport by close_timeout; this is the backstop.
         self._world.deadline = now + self.config.close_timeout + 1.0

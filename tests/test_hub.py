@@ -1,0 +1,122 @@
+"""The framed hub driven by hand: bytes in, bytes and closes out, no trio."""
+
+from __future__ import annotations
+
+import base64
+
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+from roombus import BrokerConfig, ServerConfig
+from roombus._sendqueue import SendQueue
+from roombus.hub import Hub
+
+KEY = base64.b64encode(b"0123456789abcdef")
+
+
+def request(room: str, user: str) -> bytes:
+    return (
+        f"GET /ws?room={room}&username={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    ).encode() + b"Sec-WebSocket-Key: " + KEY + b"\r\n\r\n"
+
+
+def connect(hub: Hub, room: str, user: str) -> int:
+    cid = hub.open(now=0.0)
+    hub.receive(cid, request(room, user), now=0.0, timestamp=0)
+    return cid
+
+
+def written(hub: Hub) -> dict[int, bytes]:
+    """Write out everything the hub asks for, as a driver with fast peers would."""
+    out: dict[int, bytes] = {}
+    for cid, queue in hub.take_dirty():
+        data = b""
+        while queue:
+            chunk = queue.data()
+            data += chunk
+            queue.consume(len(chunk))
+        hub.flushed(cid)
+        out[cid] = data
+    return out
+
+
+def test_a_thousand_slow_consumers_overflowing_at_once_do_not_recurse() -> None:
+    """Each overflow sends a leave to the rest, which are overflowing too: the hub
+    works through them as a list, not by recursion."""
+    n = 1200
+    hub = Hub(BrokerConfig(send_queue=2, rate_limit=0), ServerConfig())
+    publisher = connect(hub, "lobby", "pub")
+    slow = [connect(hub, "lobby", f"u{i}") for i in range(n)]
+    # Nobody reads: the join presence storm alone overflows every queue, in cascades.
+    for i in range(3):
+        msg = Connection(ConnectionType.CLIENT).send(
+            TextMessage(data='{"type":"chat","content":%d}' % i)
+        )
+        hub.receive(publisher, msg, now=1.0, timestamp=0)
+    assert hub.overflows >= n
+    assert hub.websocket_count <= 1  # the last to join may still be within its bounds
+    for cid in slow[:-1]:
+        queue = hub.queue(cid)
+        assert isinstance(queue, SendQueue)
+        out = b""
+        while queue:
+            out += queue.data()
+            queue.consume(len(queue.data()))
+        assert out.endswith(b"\x88\x25\x03\xf0send queue full: reading too slowly")
+
+
+def test_a_ping_after_our_close_gets_no_pong_and_breaks_nothing() -> None:
+    hub = Hub(BrokerConfig(ping_interval=1, ping_timeout=1), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    written(hub)
+    hub.timeout(now=1.0, timestamp=0)  # pinged
+    hub.timeout(now=2.0, timestamp=0)  # no pong: closed with 1011
+    out = written(hub)[cid]
+    assert out.endswith(b"\x88\x0e\x03\xf3ping timeout")
+    client = Connection(ConnectionType.CLIENT)
+    hub.receive(cid, client.send(Ping(payload=b"x")), now=2.1, timestamp=0)
+    assert written(hub) == {}
+
+
+def test_a_ping_flood_from_a_client_that_never_reads_stays_bounded() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    queue = hub.queue(cid)
+    assert isinstance(queue, SendQueue)
+    ping = Connection(ConnectionType.CLIENT).send(Ping(payload=b"p" * 125))
+    before = queue.nbytes
+    for _ in range(10_000):
+        hub.receive(cid, ping, now=0.0, timestamp=0)
+    assert queue.nbytes <= before + 127
+
+
+def test_a_dropped_connection_is_never_upgraded() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = hub.open(now=0.0)
+    hub.shutdown(now=0.0, timestamp=0)
+    assert hub.take_to_close() == [cid]
+    hub.receive(cid, request("lobby", "ann"), now=0.0, timestamp=0)
+    assert hub.websocket_count == 0
+    assert hub.take_dirty() == []
+
+
+def test_shutdown_tells_the_broker_at_once() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    connect(hub, "lobby", "ann")
+    connect(hub, "lobby", "bob")
+    hub.shutdown(now=0.0, timestamp=0)
+    assert hub.websocket_count == 0
+    assert hub.broker.rooms == []
+    closes = written(hub)
+    assert all(data.endswith(b"server shutting down") for data in closes.values())
+
+
+def test_the_peer_close_is_answered_and_the_transport_then_closed() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    written(hub)
+    client = Connection(ConnectionType.CLIENT)
+    hub.receive(cid, client.send(CloseConnection(code=1000)), now=0.0, timestamp=0)
+    assert written(hub)[cid] == b"\x88\x02\x03\xe8"
+    assert hub.take_to_close() == [cid]

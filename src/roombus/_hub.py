@@ -398,7 +398,10 @@ class Hub:
                 self._drop(conn)
             elif conn.phase is _Phase.OPEN:
                 self._close(conn, GOING_AWAY, "server shutting down", now, drop_pending=False)
-                self._forget(conn, now, timestamp)
+        # Only then tell the broker: every queue is closing, so nobody gets a leave
+        # between their last message and the close.
+        for conn in list(self._conns.values()):
+            self._forget(conn, now, timestamp)
 
     # -- phases -----------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ def test_a_thousand_slow_consumers_overflowing_at_once_do_not_recurse() -> None:
     # Nobody reads: the join presence storm alone overflows every queue, in cascades.
     for i in range(3):
         msg = Connection(ConnectionType.CLIENT).send(
-            TextMessage(data='{"type":"chat","content":%d}' % i)
+            TextMessage(data=f'{{"type":"chat","content":{i}}}')
         )
         hub.receive(publisher, msg, now=1.0, timestamp=0)
     assert hub.overflows >= n

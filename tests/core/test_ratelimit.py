@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -90,10 +91,7 @@ def test_config_validation_names_the_setting() -> None:
         ({"ping_interval": 0}, "ping-interval"),
         ({"max_message_bytes": 10**7}, "send-queue-bytes"),
     ]:
-        try:
+        with pytest.raises(ConfigError) as info:
             BrokerConfig(**kwargs)
-        except ConfigError as exc:
-            assert exc.setting == setting
-            assert str(exc).startswith(setting)
-        else:
-            raise AssertionError(f"{kwargs} accepted")
+        assert info.value.setting == setting
+        assert str(info.value).startswith(setting)

@@ -381,7 +381,9 @@ class Pipe:
 
     def wrote(self, data: bytes, n: int) -> None:
         """*n* bytes of *data* (from ``take()``) reached the receiver."""
+        pending = self.queue.nbytes
         self.queue.consume(n)
+        assert self.queue.nbytes == pending - n, "consume() did not count what was written"
         self.written += n
         self.received += data[:n]
         assert self.chunk is not None

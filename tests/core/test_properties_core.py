@@ -74,7 +74,9 @@ class Driver:
             while q and c not in self.slow:
                 data = q.data()
                 assert data, "bytes pending, yet nothing to write"
+                pending = q.nbytes
                 q.consume(len(data))
+                assert q.nbytes == pending - len(data), "consume() did not count what was written"
                 self.read[c] += data
 
     def inbox(self, c: int) -> list[dict[str, Any]]:

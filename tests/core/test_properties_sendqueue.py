@@ -77,13 +77,11 @@ def test_only_the_latest_pong_waits(ops: list[str]) -> None:
     so a ping flood cannot grow the queue; one handed out goes out as it was. Pongs are
     not data: they never count against the bounds, and still queue after an overflow."""
     q = SendQueue(4, 1000)
-    n = 0
     waiting: list[bytes] = []  # what the policy says must still go out, in order
     handed = b""
-    for op in ops:
-        n += 1
+    for n, op in enumerate(ops, start=1):
         if op == "ping":
-            pong = b"P%03d" % n
+            pong = b"P" + b"%d" % n * (n % 3 + 1)  # pongs of different lengths
             assert q.push_pong(pong)
             # A pong not handed out yet is replaced in place; else this one queues.
             for i, frame in enumerate(waiting):
@@ -115,3 +113,31 @@ def test_only_the_latest_pong_waits(ops: list[str]) -> None:
     if handed:
         q.consume(len(handed))
     assert bytes(q.data()) == b"".join(waiting)
+
+
+@given(st.integers(1, 50), st.integers(0, 50))
+def test_a_frame_that_exactly_fills_the_bound_fits(first: int, room: int) -> None:
+    """The byte bound is inclusive: a backlog of exactly ``max_bytes`` is allowed."""
+    for queue in (SendQueue(10, first + room), MessageQueue(10, first + room)):
+        assert queue.push(b"a" * first)
+        if room:
+            assert queue.push(b"b" * room)  # exactly at the bound
+        assert not queue.push(b"c")  # one byte over
+        assert queue.state is QueueState.OVERFLOWED
+
+
+@given(st.binary(min_size=2, max_size=40), st.data())
+def test_a_driver_cannot_report_more_than_it_was_handed(frame: bytes, data: st.DataObject) -> None:
+    q = SendQueue(10, 1000)
+    q.push(frame)
+    chunk = bytes(q.data())
+    k = data.draw(st.integers(1, len(chunk) - 1))
+    q.consume(k)  # a partial write
+    try:
+        q.consume(len(chunk) - k + 1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("consumed more than data() handed out")
+    q.consume(len(chunk) - k)
+    assert not q

@@ -48,6 +48,7 @@ import anyio.lowlevel
 import attrs
 
 from ._config import BrokerConfig, ServerConfig
+from ._facade import ServerFacade
 from ._handshake import HttpResponse, Upgrade, route_request
 from ._hub import Hub, NoticeHook
 from ._sendqueue import MessageQueue
@@ -73,7 +74,7 @@ class _Link:
 
 
 @final
-class RoombusASGI:
+class RoombusASGI(ServerFacade):
     """
     A roombus server as an ASGI 3 application: ``/ws`` (WebSocket), ``/healthz`` and
     the page at ``/`` (HTTP), and the ``lifespan`` protocol.
@@ -122,32 +123,8 @@ class RoombusASGI:
 
     # -- public API for the embedding app ----------------------------------------------
 
-    def publish(self, room: str, content: object, *, username: str = "server") -> int:
-        """
-        Publish a chat message to every member of *room*, as *username*. Call it from
-        the event loop (or trio run) that serves the app.
-
-        Returns:
-            How many connections it was delivered to (0 if the room has no members).
-
-        Raises:
-            ValueError: if the room or username is invalid or content is not JSON.
-        """
-        count = self.hub.publish(
-            room, content, username=username, now=anyio.current_time(), timestamp=_wall()
-        )
-        self._after()
-        return count
-
-    @property
-    def connection_count(self) -> int:
-        """Open WebSocket connections."""
-        return self.hub.websocket_count
-
-    @property
-    def overflows(self) -> int:
-        """Slow consumers closed (send queue over its bound) since the start."""
-        return self.hub.overflows
+    def _now(self) -> float:
+        return anyio.current_time()
 
     async def aclose(self) -> None:
         """

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Final, final
 
 from .._config import BrokerConfig, ServerConfig
+from .._facade import ServerFacade
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId
@@ -79,7 +80,7 @@ class _Protocol(asyncio.Protocol):
 
 
 @final
-class Server:
+class Server(ServerFacade):
     """
     A running roombus server: the hub, its connections, and the way in for an app.
 
@@ -114,31 +115,8 @@ class Server:
 
     # -- public API for the embedding app ----------------------------------------------
 
-    def publish(self, room: str, content: object, *, username: str = "server") -> int:
-        """
-        Publish a chat message to every member of *room*, as *username*.
-
-        Returns:
-            How many connections it was delivered to (0 if the room has no members).
-
-        Raises:
-            ValueError: if the room or username is invalid or content is not JSON.
-        """
-        count = self.hub.publish(
-            room, content, username=username, now=self._loop.time(), timestamp=_wall()
-        )
-        self._after()
-        return count
-
-    @property
-    def connection_count(self) -> int:
-        """Open WebSocket connections."""
-        return self.hub.websocket_count
-
-    @property
-    def overflows(self) -> int:
-        """Slow consumers closed (send queue over its bound) since the start."""
-        return self.hub.overflows
+    def _now(self) -> float:
+        return self._loop.time()
 
     async def aclose(self) -> None:
         """

@@ -30,6 +30,7 @@ from typing import Final, final
 import trio
 
 from .._config import BrokerConfig, ServerConfig
+from .._facade import ServerFacade
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId
@@ -142,7 +143,7 @@ class _Link:
 
 
 @final
-class Server:
+class Server(ServerFacade):
     """
     A running roombus server: the hub, its connections, and the way in for an app.
 
@@ -179,31 +180,8 @@ class Server:
 
     # -- public API for the embedding app ----------------------------------------------
 
-    def publish(self, room: str, content: object, *, username: str = "server") -> int:
-        """
-        Publish a chat message to every member of *room*, as *username*.
-
-        Returns:
-            How many connections it was delivered to (0 if the room has no members).
-
-        Raises:
-            ValueError: if the room or username is invalid or content is not JSON.
-        """
-        count = self.hub.publish(
-            room, content, username=username, now=trio.current_time(), timestamp=_wall()
-        )
-        self._after()
-        return count
-
-    @property
-    def connection_count(self) -> int:
-        """Open WebSocket connections."""
-        return self.hub.websocket_count
-
-    @property
-    def overflows(self) -> int:
-        """Slow consumers closed (send queue over its bound) since the start."""
-        return self.hub.overflows
+    def _now(self) -> float:
+        return trio.current_time()
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str = "stream") -> None:
         """

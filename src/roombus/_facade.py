@@ -7,6 +7,11 @@ import time
 from ._hub import Hub
 
 
+def wall() -> int:
+    """Wall-clock Unix seconds, the ``timestamp`` adapters stamp on envelopes."""
+    return int(time.time())
+
+
 class ServerFacade:
     """
     The app-facing part of a running server, the same for every transport.
@@ -34,7 +39,7 @@ class ServerFacade:
             ValueError: if the room or username is invalid or content is not JSON.
         """
         count = self.hub.publish(
-            room, content, username=username, now=self._now(), timestamp=int(time.time())
+            room, content, username=username, now=self._now(), timestamp=wall()
         )
         self._after()
         return count

@@ -43,6 +43,24 @@ class QueueState(enum.Enum):
     CLOSING = "closing"  #: a close frame is queued; nothing may follow it
 
 
+def _refuses(queue: SendQueue | MessageQueue, size: int) -> bool:
+    """
+    The slow-consumer policy both queues share: refuse a message of *size* bytes that
+    would cross a bound (and overflow, dropping what was not handed out), or any message
+    once the queue is no longer OPEN. One message alone always fits: the bound is on a
+    backlog, not on a message.
+    """
+    if queue.state is not QueueState.OPEN:
+        return True
+    if queue._data_frames >= queue.max_messages or (
+        queue._data_bytes + size > queue.max_bytes and queue._data_frames
+    ):
+        queue.state = QueueState.OVERFLOWED
+        queue._drop_unstarted()
+        return True
+    return False
+
+
 @attrs.define
 class SendQueue:
     """
@@ -100,15 +118,7 @@ class SendQueue:
             because the queue is no longer OPEN.
         """
         size = len(frame)
-        if (
-            self._data_frames >= self.max_messages
-            # One frame alone always fits: the bound is on a backlog, not a message.
-            or (self._data_bytes + size > self.max_bytes and self._data_frames)
-            or self.state is not QueueState.OPEN
-        ):
-            if self.state is QueueState.OPEN:
-                self.state = QueueState.OVERFLOWED
-                self._drop_unstarted()
+        if _refuses(self, size):
             return False
         self._pending.append(frame)
         self._data_frames += 1
@@ -279,15 +289,7 @@ class MessageQueue:
             True if queued; False if refused, exactly as :meth:`SendQueue.push`.
         """
         size = len(payload)
-        if (
-            self._data_frames >= self.max_messages
-            # One message alone always fits, as in SendQueue.
-            or (self._data_bytes + size > self.max_bytes and self._data_frames)
-            or self.state is not QueueState.OPEN
-        ):
-            if self.state is QueueState.OPEN:
-                self.state = QueueState.OVERFLOWED
-                self._drop_unstarted()
+        if _refuses(self, size):
             return False
         self._pending.append(payload)
         self._data_frames += 1

@@ -39,7 +39,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final, final
 
@@ -49,6 +48,7 @@ import attrs
 
 from ._config import BrokerConfig, ServerConfig
 from ._facade import ServerFacade
+from ._facade import wall as _wall
 from ._handshake import HttpResponse, Upgrade, route_request
 from ._hub import Hub, NoticeHook
 from ._sendqueue import MessageQueue
@@ -329,10 +329,6 @@ class RoombusASGI(ServerFacade):
                 if deadline is not None and deadline <= now:
                     hub.timeout(now=now, timestamp=_wall())
                     self._after()
-
-
-def _wall() -> int:
-    return int(time.time())
 
 
 def _target(scope: Scope) -> bytes:

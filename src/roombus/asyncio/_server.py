@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Final, final
 
 from .._config import BrokerConfig, ServerConfig
 from .._facade import ServerFacade
+from .._facade import wall as _wall
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId
@@ -297,10 +297,6 @@ class Server(ServerFacade):
             hub.timeout(now=now, timestamp=_wall())
         self._arm_timer()
         self._after()
-
-
-def _wall() -> int:
-    return int(time.time())
 
 
 @final

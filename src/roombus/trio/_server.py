@@ -24,13 +24,13 @@ import errno
 import logging
 import math
 import socket
-import time
 from typing import Final, final
 
 import trio
 
 from .._config import BrokerConfig, ServerConfig
 from .._facade import ServerFacade
+from .._facade import wall as _wall
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId
@@ -383,10 +383,6 @@ class Server(ServerFacade):
             if deadline is not None and deadline <= now:
                 hub.timeout(now=now, timestamp=_wall())
                 self._after()
-
-
-def _wall() -> int:
-    return int(time.time())
 
 
 def _listen(config: ServerConfig) -> list[socket.socket]:

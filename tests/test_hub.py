@@ -45,7 +45,7 @@ def test_a_thousand_slow_consumers_overflowing_at_once_do_not_recurse() -> None:
     """Each overflow sends a leave to the rest, which are overflowing too: the hub
     works through them as a list, not by recursion."""
     n = 1200
-    hub = Hub(BrokerConfig(send_queue=2, rate_limit=0), ServerConfig())
+    hub = Hub(BrokerConfig(send_queue=2, rate_limit=0), ServerConfig(max_connections_per_ip=0))
     publisher = connect(hub, "lobby", "pub")
     slow = [connect(hub, "lobby", f"u{i}") for i in range(n)]
     # Nobody reads: the join presence storm alone overflows every queue, in cascades.

@@ -105,5 +105,81 @@ class MessagePublished:
     timestamp: int
 
 
+@attrs.frozen(kw_only=True)
+class Subscribe:
+    """
+    Backplane: listen to *room*'s channel, then report the room's presence snapshot
+    with :class:`~roombus.RoomSynced`. Also asked again to re-read the snapshot of a
+    room already listened to (after a gap in its records, or a reconnect).
+
+    Attributes:
+        room: The room.
+    """
+
+    room: RoomName
+
+
+@attrs.frozen(kw_only=True)
+class Unsubscribe:
+    """
+    Backplane: stop listening to *room*'s channel (its last local member left).
+
+    Attributes:
+        room: The room.
+    """
+
+    room: RoomName
+
+
+@attrs.frozen(kw_only=True)
+class Relay:
+    """
+    Backplane: publish a chat message to *room* on every node.
+
+    The backplane numbers it (the room's ``seq``, one counter for the cluster) and
+    publishes the record ``m <seq> <node> <ref> <prefix>``; every node, this one
+    included, delivers it when the record arrives, so all see the same order.
+
+    Attributes:
+        room: The room.
+        ref: This node's number for the message, echoed in the record.
+        prefix: The chat envelope up to its ``seq`` value (``...,"seq":``).
+    """
+
+    room: RoomName
+    ref: int
+    prefix: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Announce:
+    """
+    Backplane: record that *username* is (or no longer is) present in *room* on this
+    node, and publish the change (``j``/``l <version> <node> <username>``) if it is one.
+
+    Attributes:
+        room: The room.
+        username: The user.
+        present: True when the user's first local connection joined, False when
+            its last one left.
+    """
+
+    room: RoomName
+    username: Username
+    present: bool
+
+
 Notice = UserJoined | UserLeft | MessagePublished
-Action = Deliver | SendPing | Close | UserJoined | UserLeft | MessagePublished
+BackplaneAction = Subscribe | Unsubscribe | Relay | Announce
+Action = (
+    Deliver
+    | SendPing
+    | Close
+    | UserJoined
+    | UserLeft
+    | MessagePublished
+    | Subscribe
+    | Unsubscribe
+    | Relay
+    | Announce
+)

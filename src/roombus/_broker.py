@@ -16,16 +16,32 @@ import attrs
 from . import _codec as codec
 from ._actions import (
     Action,
+    Announce,
     Close,
     Deliver,
     MessagePublished,
+    Relay,
     SendPing,
+    Subscribe,
+    Unsubscribe,
     UserJoined,
     UserLeft,
 )
+from ._auth import Authorizer, Identity
+from ._cluster import ChatRecord, ClusterRoom, PresenceRecord, is_valid_node_id, parse_record
 from ._config import BrokerConfig
-from ._errors import LocalProtocolError
-from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
+from ._errors import ConfigError, LocalProtocolError
+from ._events import (
+    BackplaneLost,
+    BackplaneRestored,
+    ClientConnected,
+    ClientDisconnected,
+    Event,
+    PongReceived,
+    RecordReceived,
+    RoomSynced,
+    TextReceived,
+)
 from ._heartbeat import Heartbeat, HeartbeatState
 from ._ratelimit import RateDecision, RateLimiter
 from ._registry import Registry
@@ -36,8 +52,15 @@ if TYPE_CHECKING:
 
 #: Close code for a peer that stopped answering pings (as websockets uses it).
 PING_TIMEOUT_CODE: Final = 1011
-#: Close code for a peer that broke a policy (sustained flooding).
+#: Close code for a peer that broke a policy (sustained flooding, expired credentials).
 POLICY_VIOLATION: Final = 1008
+
+# What a connection may do in one room, decided once when it joins.
+_PUBLISH: Final = 1
+_PRESENCE: Final = 2
+_ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
+# Waiting for the room's cluster-wide presence before joining it.
+_PENDING: Final = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -48,14 +71,24 @@ class BrokerStatistics:
     Attributes:
         connections: Live connections.
         rooms: Rooms with at least one member.
-        messages_published: Chat messages delivered to a room since the start.
+        messages_published: Chat messages delivered to a room since the start (in a
+            cluster: those published through this node).
         deliveries: Envelopes handed out (one per receiver) since the start.
+        relay_unconfirmed: In a cluster, messages published through this node while
+            the backplane was down, or not yet back from it when it went down:
+            delivered here, maybe not on other nodes.
+        presence_gaps: In a cluster, times a room's presence records had a gap (a
+            record lost), after which the room's presence was read again.
+        backplane_online: In a cluster, whether the backplane is connected.
     """
 
     connections: int
     rooms: int
     messages_published: int
     deliveries: int
+    relay_unconfirmed: int = 0
+    presence_gaps: int = 0
+    backplane_online: bool = False
 
 
 @attrs.define
@@ -64,7 +97,10 @@ class _Conn:
     default_room: RoomName | None
     heartbeat: Heartbeat
     limiter: RateLimiter | None
-    rooms: dict[RoomName, None] = attrs.field(factory=dict)  # ordered set
+    identity: Identity | None = None
+    expires: float | None = None
+    # room -> rights (_PUBLISH | _PRESENCE), in join order
+    rooms: dict[RoomName, int] = attrs.field(factory=dict)
     timer_gen: int = 0  # the generation of this connection's live timer entry
 
 
@@ -75,6 +111,16 @@ class Broker:
 
     Args:
         config: Limits and intervals; the defaults suit production.
+        authorizer: Decides, per connection and room, whether it may join, publish
+            and see presence; asked once when the connection joins the room. None
+            lets everyone do everything.
+        node: This node's id in a cluster, to drive a backplane (see
+            :class:`~roombus.Relay`); None for a broker on its own. A cluster
+            broker starts offline (serving locally) until it is told
+            :class:`~roombus.BackplaneRestored`.
+
+    Raises:
+        ConfigError: if *node* is not 1-64 characters of ``A-Z a-z 0-9 _ . : -``.
 
     Example::
 
@@ -89,8 +135,28 @@ class Broker:
         #  Deliver(conns=(1,), payload=b'{"type":"presence_state",...}')]
     """
 
-    def __init__(self, config: BrokerConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig | None = None,
+        *,
+        authorizer: Authorizer | None = None,
+        node: str | None = None,
+    ) -> None:
         self.config: Final = config if config is not None else BrokerConfig()
+        self.authorizer: Final = authorizer
+        if node is not None and not is_valid_node_id(node):
+            raise ConfigError(
+                "node-id", f"must be 1-64 characters of A-Z a-z 0-9 _ . : -, not {node!r}"
+            )
+        self.node: Final = node
+        self._online = False
+        self._cluster: dict[RoomName, ClusterRoom] = {}
+        self._refs = 0
+        self._relay_unconfirmed = 0
+        self._presence_gaps = 0
+        # (deadline, conn): when a connection's credentials expire. An entry is live
+        # while it equals the connection's ``expires``; others are skipped or pruned.
+        self._expiries: list[tuple[float, ConnectionId]] = []
         self._registry = Registry()
         self._conns: dict[ConnectionId, _Conn] = {}
         # (deadline, generation, conn); an entry is live while its generation is the
@@ -108,9 +174,20 @@ class Broker:
         return list(self._registry.rooms)
 
     def members(self, room: str) -> list[Username]:
-        """The users present in *room*, sorted; empty for an unknown room."""
-        r = self._registry.rooms.get(RoomName(room))
-        return sorted(r.users) if r is not None else []
+        """The users present in *room* (in a cluster: on any node), sorted."""
+        return sorted(self._present(RoomName(room)))
+
+    def _present(self, room: RoomName) -> set[Username]:
+        r = self._registry.rooms.get(room)
+        users = set(r.users) if r is not None else set()
+        cr = self._cluster.get(room)
+        if cr is not None:
+            users.update(cr.remote)
+        return users
+
+    def local_presence(self) -> list[tuple[RoomName, list[Username]]]:
+        """Each room with members here and its users here: what a node keeps announced."""
+        return [(name, list(r.users)) for name, r in self._registry.rooms.items()]
 
     def connections(self, room: str) -> list[ConnectionId]:
         """The connections in *room*, in join order; empty for an unknown room."""
@@ -124,6 +201,9 @@ class Broker:
 
     def seq(self, room: str) -> int:
         """The sequence number of *room*'s last chat message (0 before the first)."""
+        cr = self._cluster.get(RoomName(room))
+        if cr is not None:
+            return cr.seq
         r = self._registry.rooms.get(RoomName(room))
         return r.seq if r is not None else 0
 
@@ -137,6 +217,9 @@ class Broker:
             rooms=len(self._registry.rooms),
             messages_published=self._messages_published,
             deliveries=self._deliveries,
+            relay_unconfirmed=self._relay_unconfirmed,
+            presence_gaps=self._presence_gaps,
+            backplane_online=self._online,
         )
 
     # -- time -------------------------------------------------------------------------
@@ -149,13 +232,24 @@ class Broker:
         """
         timers = self._timers
         conns = self._conns
+        beat: float | None = None
         while timers:
             deadline, gen, conn = timers[0]
             c = conns.get(conn)
             if c is not None and c.timer_gen == gen:
-                return deadline
+                beat = deadline
+                break
             heapq.heappop(timers)
-        return None
+        expiries = self._expiries
+        while expiries:
+            at, conn = expiries[0]
+            c = conns.get(conn)
+            if c is not None and c.expires == at:
+                break
+            heapq.heappop(expiries)
+        if not expiries:
+            return beat
+        return expiries[0][0] if beat is None else min(beat, expiries[0][0])
 
     def handle_timeout(self, *, now: float, timestamp: int) -> list[Action]:
         """
@@ -167,6 +261,15 @@ class Broker:
         """
         actions: list[Action] = []
         conns = self._conns
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            at, conn = heapq.heappop(expiries)
+            c = conns.get(conn)
+            if c is not None and c.expires == at:
+                actions.append(
+                    Close(conn=conn, code=POLICY_VIOLATION, reason="credentials expired")
+                )
+                self._disconnect(conn, c, timestamp, actions)
         # self._timers is re-read every time: _schedule may rebuild it meanwhile.
         while self._timers and self._timers[0][0] <= now:
             _, gen, conn = heapq.heappop(self._timers)
@@ -236,6 +339,19 @@ class Broker:
             c = self._conns.get(event.conn)
             if c is not None:
                 self._disconnect(event.conn, c, timestamp, actions)
+        elif (
+            isinstance(event, (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored))
+            and self.node is None
+        ):
+            raise LocalProtocolError(f"a backplane event for a broker with no node: {event!r}")
+        elif isinstance(event, RecordReceived):
+            self._on_record(event, timestamp, actions)
+        elif isinstance(event, RoomSynced):
+            self._on_synced(event, timestamp, actions)
+        elif isinstance(event, BackplaneLost):
+            self._on_lost(timestamp, actions)
+        elif isinstance(event, BackplaneRestored):
+            self._on_restored(actions)
         else:
             raise LocalProtocolError(f"not an event: {event!r}")
         return actions
@@ -259,9 +375,15 @@ class Broker:
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"content is not encodable as JSON: {exc}") from None
         actions: list[Action] = []
-        r = self._registry.rooms.get(RoomName(room))
-        if r is not None:
-            self._publish(r.name, Username(username), content, timestamp, actions)
+        name = RoomName(room)
+        if self.node is not None and self._online and name not in self._cluster:
+            # No member here, maybe some elsewhere: relay, with nothing to wait for.
+            prefix = codec.chat_prefix(username, content, room, timestamp)
+            if prefix is not None:
+                self._refs += 1
+                actions.append(Relay(room=name, ref=self._refs, prefix=prefix))
+        elif name in self._registry.rooms or name in self._cluster:
+            self._publish(name, Username(username), content, timestamp, actions)
         return actions
 
     # -- internals --------------------------------------------------------------------
@@ -282,12 +404,72 @@ class Broker:
                 if config.rate_limit
                 else None
             ),
+            identity=event.identity,
+            expires=event.expires,
         )
         self._conns[conn] = c
         if config.heartbeat:  # off: the transport owns pings, and no timer is kept
             self._schedule(conn, c)
+        if event.expires is not None:
+            heapq.heappush(self._expiries, (event.expires, conn))
+            if len(self._expiries) > 2 * len(self._conns) + 64:
+                # Departed connections left entries behind: keep the live ones only.
+                self._expiries = [
+                    (k.expires, cid) for cid, k in self._conns.items() if k.expires is not None
+                ]
+                heapq.heapify(self._expiries)
         if event.room is not None:
-            self._join(conn, c, event.room, timestamp, actions)
+            self._try_join(conn, c, event.room, timestamp, actions)
+
+    def refusal(self, room: RoomName, username: Username, identity: Identity | None) -> str | None:
+        """
+        Why a connection of *username* may not join *room* now, or None if it may.
+
+        A driver asks before it accepts a handshake, to refuse it with HTTP 403
+        rather than open a WebSocket that cannot join its room.
+        """
+        authorizer = self.authorizer
+        if authorizer is not None and not authorizer.may_join(
+            self._identity(username, identity), room
+        ):
+            return f"not allowed in room {room!r}"
+        limit = self.config.max_connections_per_room
+        r = self._registry.rooms.get(room)
+        if limit and r is not None and len(r.members) >= limit:
+            return f"room {room!r} is full ({limit} connections)"
+        return None
+
+    @staticmethod
+    def _identity(username: Username, identity: Identity | None) -> Identity:
+        return identity if identity is not None else Identity(username=username)
+
+    def _try_join(
+        self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
+    ) -> None:
+        """Join if the authorizer and the room's size allow it, else a ``forbidden`` error."""
+        reason = self.refusal(room, c.username, c.identity)
+        if reason is not None:
+            self._error(conn, codec.FORBIDDEN, reason, actions)
+            return
+        rights = _ALL_RIGHTS
+        authorizer = self.authorizer
+        if authorizer is not None:
+            identity = self._identity(c.username, c.identity)
+            rights = (_PUBLISH if authorizer.may_publish(identity, room) else 0) | (
+                _PRESENCE if authorizer.may_see_presence(identity, room) else 0
+            )
+        if self.node is not None:
+            cr = self._cluster.get(room)
+            if cr is None:
+                cr = self._cluster[room] = ClusterRoom()
+                if self._online:
+                    actions.append(Subscribe(room=room))
+            if self._online and not cr.synced:
+                # Joined once the room's presence across the cluster is known.
+                cr.pending[conn] = rights
+                c.rooms[room] = rights | _PENDING
+                return
+        self._join(conn, c, room, rights, timestamp, actions)
 
     def _deliver(
         self, conns: tuple[ConnectionId, ...], payload: bytes, actions: list[Action]
@@ -298,33 +480,73 @@ class Broker:
     def _error(self, conn: ConnectionId, code: str, reason: str, actions: list[Action]) -> None:
         self._deliver((conn,), codec.encode_error(code, reason), actions)
 
+    def _presence_audience(
+        self, members: Iterable[ConnectionId], room: RoomName
+    ) -> tuple[ConnectionId, ...]:
+        """Those of *members* who may see *room*'s presence."""
+        if self.authorizer is None:
+            return tuple(members)
+        conns = self._conns
+        return tuple(m for m in members if conns[m].rooms[room] & _PRESENCE)
+
     def _join(
-        self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
+        self,
+        conn: ConnectionId,
+        c: _Conn,
+        room: RoomName,
+        rights: int,
+        timestamp: int,
+        actions: list[Action],
     ) -> None:
         r, first = self._registry.join(room, conn, c.username)
-        c.rooms[room] = None
+        c.rooms[room] = rights
+        cr = self._cluster.get(room)
+        if cr is not None:
+            if first and self._online:
+                actions.append(Announce(room=room, username=c.username, present=True))
+            # Present elsewhere already: no news for anyone.
+            first = first and c.username not in cr.remote
         if first:
-            self._deliver(
-                tuple(r.members),
-                codec.encode_presence("join", c.username, room, timestamp),
-                actions,
-            )
+            audience = self._presence_audience(r.members, room)
+            if audience:
+                self._deliver(
+                    audience, codec.encode_presence("join", c.username, room, timestamp), actions
+                )
             actions.append(UserJoined(room=room, username=c.username))
-        self._deliver((conn,), codec.encode_presence_state(room, sorted(r.users)), actions)
+        if rights & _PRESENCE:
+            users = sorted(r.users) if cr is None else sorted(self._present(room))
+            self._deliver((conn,), codec.encode_presence_state(room, users), actions)
 
     def _leave(
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
     ) -> None:
-        del c.rooms[room]
+        rights = c.rooms.pop(room)
+        cr = self._cluster.get(room)
+        if rights & _PENDING:
+            assert cr is not None
+            del cr.pending[conn]
+            self._release(room, cr, actions)
+            return
         r, username, last = self._registry.leave(room, conn)
+        if cr is not None:
+            if last and self._online:
+                actions.append(Announce(room=room, username=username, present=False))
+            self._release(room, cr, actions)
+            last = last and username not in cr.remote
         if last:
-            if r.members:
+            audience = self._presence_audience(r.members, room)
+            if audience:
                 self._deliver(
-                    tuple(r.members),
-                    codec.encode_presence("leave", username, room, timestamp),
-                    actions,
+                    audience, codec.encode_presence("leave", username, room, timestamp), actions
                 )
             actions.append(UserLeft(room=room, username=username))
+
+    def _release(self, room: RoomName, cr: ClusterRoom, actions: list[Action]) -> None:
+        """Stop listening to *room* if nobody here is in it or waiting for it."""
+        if not cr.pending and room not in self._registry.rooms:
+            del self._cluster[room]
+            if self._online:
+                actions.append(Unsubscribe(room=room))
 
     def _disconnect(
         self, conn: ConnectionId, c: _Conn, timestamp: int, actions: list[Action]
@@ -341,6 +563,9 @@ class Broker:
         timestamp: int,
         actions: list[Action],
     ) -> bool:
+        cr = self._cluster.get(room)
+        if cr is not None:
+            return self._publish_cluster(room, cr, username, content, timestamp, actions)
         r = self._registry.rooms[room]
         payload = codec.encode_chat(username, content, room, timestamp, r.seq + 1)
         if payload is None:
@@ -355,14 +580,194 @@ class Broker:
         )
         return True
 
+    # -- the cluster ------------------------------------------------------------------
+
+    def _publish_cluster(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        username: Username,
+        content: object,
+        timestamp: int,
+        actions: list[Action],
+    ) -> bool:
+        prefix = codec.chat_prefix(username, content, room, timestamp)
+        if prefix is None:
+            return False
+        if self._online:
+            # Delivered here too when it comes back: one order on every node.
+            self._refs += 1
+            cr.outbox.append((self._refs, username, content, timestamp))
+            actions.append(Relay(room=room, ref=self._refs, prefix=prefix))
+        else:
+            self._relay_unconfirmed += 1
+            self._deliver_local(room, cr, prefix, username, content, timestamp, actions)
+        return True
+
+    def _deliver_local(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        prefix: bytes,
+        username: Username,
+        content: object,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        """Deliver a message of this node here only, numbered on from the last seen."""
+        cr.seq += 1
+        self._messages_published += 1
+        r = self._registry.rooms.get(room)
+        if r is not None:
+            self._deliver(tuple(r.members), codec.complete_chat(prefix, cr.seq), actions)
+        actions.append(
+            MessagePublished(
+                room=room, username=username, content=content, seq=cr.seq, timestamp=timestamp
+            )
+        )
+
+    def _on_record(self, event: RecordReceived, timestamp: int, actions: list[Action]) -> None:
+        room = event.room
+        cr = self._cluster.get(room)
+        record = parse_record(event.data)
+        if cr is None or record is None:
+            return  # no longer listening, or not a record of ours
+        if isinstance(record, ChatRecord):
+            cr.seq = record.seq
+            r = self._registry.rooms.get(room)
+            if r is not None:
+                self._deliver(
+                    tuple(r.members), codec.complete_chat(record.prefix, record.seq), actions
+                )
+            if record.node == self.node:
+                outbox = cr.outbox
+                while outbox and outbox[0][0] <= record.ref:
+                    ref, username, content, stamp = outbox.popleft()
+                    if ref == record.ref:
+                        self._messages_published += 1
+                        actions.append(
+                            MessagePublished(
+                                room=room,
+                                username=username,
+                                content=content,
+                                seq=record.seq,
+                                timestamp=stamp,
+                            )
+                        )
+            return
+        if not cr.synced:
+            cr.buffered(record)
+            return
+        self._apply_presence(room, cr, record, timestamp, actions)
+
+    def _apply_presence(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        record: PresenceRecord,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        if record.version > cr.version + 1:
+            # A record went missing: apply this one, and read the presence again.
+            self._presence_gaps += 1
+            actions.append(Subscribe(room=room))
+        user = record.username
+        r = self._registry.rooms.get(room)
+        local = r.users if r is not None else {}
+        was = user in local or user in cr.remote
+        if not cr.apply(record, self.node or "") or user in local:
+            return
+        now_present = user in cr.remote
+        if r is not None and was != now_present:
+            self._announce_change(r.members, room, user, now_present, timestamp, actions)
+
+    def _announce_change(
+        self,
+        members: Iterable[ConnectionId],
+        room: RoomName,
+        user: Username,
+        present: bool,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        audience = self._presence_audience(members, room)
+        if audience:
+            event = "join" if present else "leave"
+            self._deliver(audience, codec.encode_presence(event, user, room, timestamp), actions)
+
+    def _on_synced(self, event: RoomSynced, timestamp: int, actions: list[Action]) -> None:
+        room = event.room
+        cr = self._cluster.get(room)
+        if cr is None:
+            return
+        r = self._registry.rooms.get(room)
+        local = r.users if r is not None else {}
+        before = set(cr.remote)
+        remote: dict[Username, set[str]] = {}
+        for node, name in event.entries:
+            if node != self.node and is_valid_username(name):
+                remote.setdefault(Username(name), set()).add(node)
+        cr.remote = remote
+        cr.version = event.version
+        cr.synced = True
+        if r is not None:
+            for user in sorted(before.symmetric_difference(remote)):
+                if user not in local:
+                    self._announce_change(r.members, room, user, user in remote, timestamp, actions)
+        buffered, cr.buffer = cr.buffer, []
+        for record in sorted(buffered, key=lambda rec: rec.version):
+            if record.version > cr.version:
+                self._apply_presence(room, cr, record, timestamp, actions)
+        if cr.resync:
+            cr.resync = False
+            actions.append(Subscribe(room=room))
+        self._join_pending(room, cr, timestamp, actions)
+
+    def _join_pending(
+        self, room: RoomName, cr: ClusterRoom, timestamp: int, actions: list[Action]
+    ) -> None:
+        pending, cr.pending = cr.pending, {}
+        for conn, rights in pending.items():
+            c = self._conns[ConnectionId(conn)]
+            self._join(ConnectionId(conn), c, room, rights, timestamp, actions)
+
+    def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
+        self._online = False
+        for room, cr in self._cluster.items():
+            cr.synced = False
+            cr.buffer.clear()
+            cr.resync = False
+            # Relayed but not back: maybe lost on the way. Deliver them here at least.
+            outbox, cr.outbox = cr.outbox, type(cr.outbox)()
+            for _, username, content, stamp in outbox:
+                prefix = codec.chat_prefix(username, content, room, stamp)
+                if prefix is not None:
+                    self._relay_unconfirmed += 1
+                    self._deliver_local(room, cr, prefix, username, content, stamp, actions)
+            self._join_pending(room, cr, timestamp, actions)
+
+    def _on_restored(self, actions: list[Action]) -> None:
+        self._online = True
+        registry = self._registry.rooms
+        for room in self._cluster:
+            actions.append(Subscribe(room=room))
+            r = registry.get(room)
+            if r is not None:
+                for user in r.users:
+                    actions.append(Announce(room=room, username=user, present=True))
+
     def _on_text(
         self, conn: ConnectionId, c: _Conn, text: str, timestamp: int, actions: list[Action]
     ) -> None:
         request = codec.decode_request(text)
         if isinstance(request, codec.Chat):
             room = request.room or c.default_room
-            if room is None or room not in c.rooms:
+            rights = c.rooms.get(room) if room is not None else None
+            if room is None or rights is None:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
+            elif not rights & _PUBLISH:
+                self._error(conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions)
             elif not self._publish(room, c.username, request.content, timestamp, actions):
                 self._error(
                     conn,
@@ -372,15 +777,18 @@ class Broker:
                 )
         elif isinstance(request, codec.Join):
             room = request.room
-            if room in c.rooms:
-                # Already in: answer with the current state, which doubles as an ack.
-                users = sorted(self._registry.rooms[room].users)
-                self._deliver((conn,), codec.encode_presence_state(room, users), actions)
+            rights = c.rooms.get(room)
+            if rights is not None:
+                # Already in: answer with the current state, which doubles as an ack
+                # (or, still waiting for the cluster's, with that once it is known).
+                if rights & _PRESENCE and not rights & _PENDING:
+                    users = sorted(self._present(room))
+                    self._deliver((conn,), codec.encode_presence_state(room, users), actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection
                 self._error(conn, codec.FORBIDDEN, f"at most {limit} rooms per connection", actions)
             else:
-                self._join(conn, c, room, timestamp, actions)
+                self._try_join(conn, c, room, timestamp, actions)
         elif isinstance(request, codec.Leave):
             if request.room in c.rooms:
                 self._leave(conn, c, request.room, timestamp, actions)

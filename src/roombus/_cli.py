@@ -3,16 +3,19 @@ The command line: ``roombus serve``. The only place that calls ``trio.run()`` (o
 with ``--transport asyncio``, ``asyncio.run()``).
 
 Every option has an environment-variable twin: ``ROOMBUS_`` + the option's name in
-upper case with dashes as underscores (``--ping-interval`` -> ``ROOMBUS_PING_INTERVAL``).
-A flag on the command line wins over its variable.
+upper case with dashes as underscores (``--ping-interval`` -> ``ROOMBUS_PING_INTERVAL``),
+and a key of the same name in a TOML configuration file (``--config FILE``). A flag
+on the command line wins over its variable, which wins over the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -20,6 +23,7 @@ from typing import Any
 
 import attrs
 
+from ._auth import JWTAuthenticator
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError
 from ._version import __version__
@@ -120,6 +124,24 @@ SERVE_OPTIONS = (
         f"rooms one connection may join (default {_defaults_b.max_rooms_per_connection})",
     ),
     _Option(
+        "max-connections-per-room",
+        int,
+        f"connections one room may hold; 0: no limit "
+        f"(default {_defaults_b.max_connections_per_room})",
+    ),
+    _Option(
+        "max-connections",
+        int,
+        f"connections at once; beyond it requests get 503; 0: no limit "
+        f"(default {_defaults_s.max_connections})",
+    ),
+    _Option(
+        "max-connections-per-ip",
+        int,
+        f"connections at once from one client address; beyond it requests get 429; "
+        f"0: no limit (default {_defaults_s.max_connections_per_ip})",
+    ),
+    _Option(
         "rate-limit",
         float,
         f"messages per second one connection may send on average; 0 turns it off "
@@ -157,6 +179,38 @@ SERVE_OPTIONS = (
     ),
     _Option("backlog", int, f"the listen backlog (default {_defaults_s.backlog})"),
     _Option(
+        "certfile",
+        str,
+        "serve TLS (wss://) with this PEM certificate chain (default: plain TCP)",
+        metavar="FILE",
+    ),
+    _Option(
+        "keyfile",
+        str,
+        "the PEM private key for --certfile (default: read from the certificate file)",
+        metavar="FILE",
+    ),
+    _Option(
+        "jwt-secret",
+        str,
+        "require a JWT signed with this HS256 secret (at least 32 bytes; prefer the "
+        "variable: a flag shows in the process list)",
+        metavar="SECRET",
+    ),
+    _Option(
+        "jwt-public-key",
+        str,
+        "require a JWT signed with the RS256 key whose PEM public key is in FILE",
+        metavar="FILE",
+    ),
+    _Option(
+        "jwt-leeway",
+        float,
+        "seconds of clock skew allowed on a token's exp and nbf (default 30)",
+    ),
+    _Option("jwt-audience", str, "require this aud claim in tokens", metavar="TEXT"),
+    _Option("jwt-issuer", str, "require this iss claim in tokens", metavar="TEXT"),
+    _Option(
         "page", str, "HTML file to serve at / (default: the bundled chat page)", metavar="FILE"
     ),
     _Option("no-page", _flag, "answer / with 404 instead of serving a page", metavar="BOOL"),
@@ -172,6 +226,34 @@ SERVE_OPTIONS = (
 _METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
 
 
+def _unknown_keys(table: dict[str, Any], path: str) -> ConfigError | None:
+    known = {opt.dest for opt in SERVE_OPTIONS}
+    for key in table:
+        if key.replace("-", "_") not in known or key.replace("-", "_") == "config":
+            return ConfigError(f"{path}: {key}", "unknown setting")
+    return None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML configuration file, keyed by option ``dest``."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    table = table.get("roombus", table) if isinstance(table.get("roombus"), dict) else table
+    error = _unknown_keys(table, path)
+    if error is not None:
+        raise error
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roombus", description="Room-based WebSocket pub/sub with presence."
@@ -183,6 +265,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the server",
         description="Run the roombus server. Every option can also be set with its "
         "environment variable, shown in brackets.",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys are the option names: "
+        "port = 8765, allowed-origin = [...]) [ROOMBUS_CONFIG]",
     )
     for opt in SERVE_OPTIONS:
         if opt.type is _flag:
@@ -207,7 +295,14 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(
     args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
 ) -> dict[str, Any]:
-    """Merge flags over environment variables and convert; ValueError names the setting."""
+    """
+    Merge flags over environment variables over the configuration file, and convert.
+
+    Raises:
+        ConfigError: naming the flag, variable or file key that is invalid.
+    """
+    config_path = getattr(args, "config", None) or environ.get("ROOMBUS_CONFIG")
+    from_file = _read_file(config_path) if config_path else {}
     values: dict[str, Any] = {}
     for opt in SERVE_OPTIONS:
         raw = getattr(args, opt.dest)
@@ -217,13 +312,35 @@ def _settings(
             source = opt.env
             if opt.repeat:
                 raw = [part for part in raw.split(",") if part.strip()]
+        if raw is None and opt.dest in from_file:
+            source = f"{config_path}: {opt.flag}"
+            try:
+                raw = _from_toml(opt, from_file[opt.dest])
+            except ValueError as exc:
+                raise ConfigError(source, str(exc)) from None
         if raw is None:
             continue
         try:
             values[opt.dest] = [opt.type(r) for r in raw] if opt.repeat else opt.type(raw)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(source, f"invalid value {raw!r}: {exc}") from None
     return values
+
+
+def _from_toml(opt: _Option, value: object) -> Any:
+    """A TOML value as the text (or list of texts) a flag would carry."""
+    if opt.repeat:
+        items = value if isinstance(value, list) else [value]
+        return [_toml_text(v) for v in items]
+    return _toml_text(value)
+
+
+def _toml_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ValueError(f"{value!r} is not a string, number or boolean")
 
 
 @attrs.frozen
@@ -234,6 +351,52 @@ class Settings:
     server: ServerConfig
     log_level: str
     transport: str
+    authenticator: JWTAuthenticator | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
+def _authenticator(values: dict[str, Any]) -> JWTAuthenticator | None:
+    secret = values.pop("jwt_secret", None)
+    key_path = values.pop("jwt_public_key", None)
+    options = {
+        name: values.pop(f"jwt_{name}")
+        for name in ("leeway", "audience", "issuer")
+        if f"jwt_{name}" in values
+    }
+    if secret is None and key_path is None:
+        if options:
+            raise ConfigError(
+                "jwt-" + next(iter(options)), "needs --jwt-secret or --jwt-public-key"
+            )
+        return None
+    if secret is not None and key_path is not None:
+        raise ConfigError("jwt-secret", "give either --jwt-secret or --jwt-public-key, not both")
+    public_key = None
+    if key_path is not None:
+        try:
+            with open(key_path, "rb") as f:
+                public_key = f.read()
+        except OSError as exc:
+            raise ConfigError("jwt-public-key", f"cannot read {key_path}: {exc.strerror}") from None
+    return JWTAuthenticator(secret=secret, public_key=public_key, **options)
+
+
+def _ssl_context(values: dict[str, Any]) -> ssl.SSLContext | None:
+    certfile = values.pop("certfile", None)
+    keyfile = values.pop("keyfile", None)
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError("keyfile", "needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except OSError as exc:
+        setting = "keyfile" if keyfile and exc.filename == keyfile else "certfile"
+        raise ConfigError(setting, f"cannot read: {exc.strerror or exc}") from None
+    except ssl.SSLError as exc:
+        raise ConfigError("certfile", f"not a usable certificate and key: {exc.reason}") from None
+    return context
 
 
 def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> Settings:
@@ -255,10 +418,12 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Enviro
         page = resources.files("roombus").joinpath("_static/chat.html").read_bytes()
     if "allowed_origin" in values:
         values["allowed_origins"] = values.pop("allowed_origin")
+    authenticator = _authenticator(values)
+    ssl_context = _ssl_context(values)
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
     server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
-    return Settings(broker, server, level, transport)
+    return Settings(broker, server, level, transport, authenticator, ssl_context)
 
 
 def settings_from_environ(environ: dict[str, str] | os._Environ[str]) -> Settings:
@@ -270,17 +435,28 @@ def settings_from_environ(environ: dict[str, str] | os._Environ[str]) -> Setting
     return build_configs(_parser().parse_args(["serve"]), environ)
 
 
-async def _serve(broker: BrokerConfig, server: ServerConfig) -> None:
+def _url(settings: Settings, port: int | None) -> str:
+    scheme = "wss" if settings.ssl_context is not None else "ws"
+    return f"{scheme}://{settings.server.host}:{port}/ws"
+
+
+async def _serve(settings: Settings) -> None:
     import trio
 
     from .trio import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(serve, broker, server)
-            log.info(
-                "roombus %s listening on ws://%s:%d/ws", __version__, server.host, running.port
+            running = await nursery.start(
+                functools.partial(
+                    serve,
+                    settings.broker,
+                    settings.server,
+                    authenticator=settings.authenticator,
+                    ssl_context=settings.ssl_context,
+                )
             )
+            log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
             async for signum in signals:
                 log.info("%s received: closing connections", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -288,7 +464,7 @@ async def _serve(broker: BrokerConfig, server: ServerConfig) -> None:
     log.info("stopped")
 
 
-async def _serve_asyncio(broker: BrokerConfig, server: ServerConfig) -> None:
+async def _serve_asyncio(settings: Settings) -> None:
     import asyncio
 
     from .asyncio import serve
@@ -302,13 +478,13 @@ async def _serve_asyncio(broker: BrokerConfig, server: ServerConfig) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    async with serve(broker, server) as running:
-        log.info(
-            "roombus %s listening on ws://%s:%d/ws (asyncio)",
-            __version__,
-            server.host,
-            running.port,
-        )
+    async with serve(
+        settings.broker,
+        settings.server,
+        authenticator=settings.authenticator,
+        ssl_context=settings.ssl_context,
+    ) as running:
+        log.info("roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port))
         log.info("%s received: closing connections", (await received).name)
     log.info("stopped")
 
@@ -324,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = build_configs(args, os.environ)
     except ConfigError as exc:
         parser.exit(2, f"roombus serve: error: {exc}\n")
-    broker, server = settings.broker, settings.server
+    server = settings.server
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -334,11 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.transport == "asyncio":
             import asyncio
 
-            asyncio.run(_serve_asyncio(broker, server))
+            asyncio.run(_serve_asyncio(settings))
         else:
             import trio
 
-            trio.run(_serve, broker, server)
+            trio.run(_serve, settings)
     except BaseException as exc:
         # Binding happens inside the nursery, so the error may come in a group.
         error = _find(exc, OSError)

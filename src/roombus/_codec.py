@@ -166,6 +166,21 @@ def encode_chat(
     return _utf8(text)
 
 
+def chat_prefix(username: str, content: object, room: str, timestamp: int) -> bytes | None:
+    """
+    A chat envelope up to its ``seq`` value (``...,"seq":``), for a sequence number
+    someone else assigns; complete it with :func:`complete_chat`. None as for
+    :func:`encode_chat`.
+    """
+    encoded = encode_chat(username, content, room, timestamp, 0)
+    return None if encoded is None else encoded[:-2]
+
+
+def complete_chat(prefix: bytes, seq: int) -> bytes:
+    """The chat envelope of :func:`chat_prefix`'s *prefix* with *seq*."""
+    return b"%b%d}" % (prefix, seq)
+
+
 def encode_presence(event: str, username: str, room: str, timestamp: int) -> bytes:
     """Encode a ``presence`` join or leave envelope."""
     verb = "joined" if event == "join" else "left"

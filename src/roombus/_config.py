@@ -25,6 +25,11 @@ def _positive_int(setting: str, value: int) -> None:
         raise ConfigError(setting, f"must be a positive integer, not {value!r}")
 
 
+def _non_negative_int(setting: str, value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(setting, f"must be a non-negative integer, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class BrokerConfig:
     """
@@ -40,6 +45,8 @@ class BrokerConfig:
         send_queue: Most messages that may wait for one slow receiver.
         send_queue_bytes: Most bytes that may wait for one slow receiver.
         max_rooms_per_connection: Rooms one connection may be in at once.
+        max_connections_per_room: Connections one room may hold; a join beyond it is
+            refused (``forbidden``, or 403 for the room of the URL). 0: no limit.
         rate_limit: Messages per second one connection may send on average; 0 turns
             rate limiting off. Over it, messages are refused with ``rate_limited``;
             sustained abuse (more than twice the rate, for long enough to pile up
@@ -57,6 +64,7 @@ class BrokerConfig:
     send_queue: int = 1024
     send_queue_bytes: int = 4 * 1024 * 1024
     max_rooms_per_connection: int = 100
+    max_connections_per_room: int = 10_000
     rate_limit: float = 1000.0
     rate_burst: int = 2000
     heartbeat: bool = True
@@ -79,6 +87,7 @@ class BrokerConfig:
         _positive_int("send-queue", self.send_queue)
         _positive_int("send-queue-bytes", self.send_queue_bytes)
         _positive_int("max-rooms-per-connection", self.max_rooms_per_connection)
+        _non_negative_int("max-connections-per-room", self.max_connections_per_room)
         if self.send_queue_bytes < self.max_message_bytes + ENVELOPE_OVERHEAD:
             raise ConfigError(
                 "send-queue-bytes",
@@ -90,11 +99,6 @@ class BrokerConfig:
 
 def _origins(values: Iterable[str]) -> frozenset[str]:
     return frozenset(normalize_origin(v) for v in values)
-
-
-def _non_negative_int(setting: str, value: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        raise ConfigError(setting, f"must be a non-negative integer, not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +114,10 @@ class ServerConfig:
         close_timeout: Seconds to wait for the close handshake (and a slow client's
             last bytes) before dropping the TCP connection; also bounds shutdown.
         max_header_bytes: Largest opening request (line and headers); larger gets 431.
+        max_connections: Most transport connections at once (handshakes included);
+            beyond it a request is answered 503. 0: no limit.
+        max_connections_per_ip: Most transport connections at once from one client
+            address; beyond it a request is answered 429. 0: no limit.
         allowed_origins: If not empty, the only ``Origin`` values an upgrade may carry
             (normalized: lower case, no trailing slash); others get 403.
         page: HTML served at ``GET /`` (the chat page), or None for 404.
@@ -121,6 +129,8 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     max_header_bytes: int = 16 * 1024
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1_000
     allowed_origins: frozenset[str] = attrs.field(default=frozenset(), converter=_origins)
     page: bytes | None = None
     backlog: int = 1024
@@ -132,6 +142,8 @@ class ServerConfig:
         _positive_finite("close-timeout", self.close_timeout)
         _positive_int("max-header-bytes", self.max_header_bytes)
         _non_negative_int("backlog", self.backlog)
+        _non_negative_int("max-connections", self.max_connections)
+        _non_negative_int("max-connections-per-ip", self.max_connections_per_ip)
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 
+from ._auth import Identity
 from ._types import ConnectionId, RoomName, Username
 
 
@@ -20,11 +21,17 @@ class ClientConnected:
         conn: The id the driver gave this connection; unique among live connections.
         username: Who the client is (already validated or authenticated by the driver).
         room: The room it joins on connect (``/ws?room=R``), or None to join none yet.
+        identity: What an authenticator established about the client, for the
+            broker's authorizer; None when nobody authenticated it.
+        expires: The driver's clock (``now``) at which the client's credentials
+            expire; the broker then closes the connection with 1008. None: never.
     """
 
     conn: ConnectionId
     username: Username
     room: RoomName | None = None
+    identity: Identity | None = attrs.field(default=None, repr=False)
+    expires: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -68,4 +75,56 @@ class ClientDisconnected:
     conn: ConnectionId
 
 
-Event = ClientConnected | TextReceived | PongReceived | ClientDisconnected
+@attrs.frozen(kw_only=True)
+class RoomSynced:
+    """
+    Backplane: the presence of *room* across the cluster, read after its channel was
+    listened to (the answer to :class:`~roombus.Subscribe`).
+
+    Attributes:
+        room: The room.
+        version: The room's record counter when the snapshot was read; records up
+            to it are in the snapshot.
+        entries: ``(node, username)`` for every user present on every node.
+    """
+
+    room: RoomName
+    version: int
+    entries: tuple[tuple[str, str], ...]
+
+
+@attrs.frozen(kw_only=True)
+class RecordReceived:
+    """
+    Backplane: a record arrived on *room*'s channel (a chat message, or a presence
+    change of some node, this one included).
+
+    Attributes:
+        room: The room.
+        data: The record as published.
+    """
+
+    room: RoomName
+    data: bytes
+
+
+@attrs.frozen(kw_only=True)
+class BackplaneLost:
+    """Backplane: the connection to the other nodes is gone; serve locally meanwhile."""
+
+
+@attrs.frozen(kw_only=True)
+class BackplaneRestored:
+    """Backplane: connected (again). The broker re-subscribes and re-announces."""
+
+
+Event = (
+    ClientConnected
+    | TextReceived
+    | PongReceived
+    | ClientDisconnected
+    | RoomSynced
+    | RecordReceived
+    | BackplaneLost
+    | BackplaneRestored
+)

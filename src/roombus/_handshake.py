@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import attrs
 
+from ._auth import Authenticator, Identity, Refusal, selected_subprotocol
 from ._types import RoomName, Username, is_valid_room, is_valid_username
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -31,13 +32,17 @@ class Upgrade:
 
     Attributes:
         room: The room to join on connect.
-        username: The user, from the query string.
+        username: The user: the authenticated identity's, else the query string's.
         accept: The ``Sec-WebSocket-Accept`` value for the response.
+        identity: What the authenticator established, or None without one.
+        subprotocol: The ``Sec-WebSocket-Protocol`` to answer with, or None.
     """
 
     room: RoomName
     username: Username
     accept: bytes
+    identity: Identity | None = attrs.field(default=None, repr=False)
+    subprotocol: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -94,6 +99,8 @@ def route_request(
     *,
     allowed_origins: Collection[str] = (),
     page: bytes | None = None,
+    authenticator: Authenticator | None = None,
+    now: float = 0.0,
 ) -> Upgrade | HttpResponse:
     """
     Decide what to do with one HTTP request.
@@ -105,6 +112,9 @@ def route_request(
         allowed_origins: If not empty, the only ``Origin`` values (normalized with
             :func:`normalize_origin`) an upgrade may carry; others get 403.
         page: An HTML page to serve at ``/``, if any.
+        authenticator: If given, it decides who the client is (the query's
+            ``username`` is then ignored); its refusal is the answer (401/403).
+        now: Wall-clock Unix seconds, for the authenticator's expiry checks.
     """
     path, _, query = target.partition(b"?")
     if method not in (b"GET", b"HEAD"):
@@ -133,7 +143,7 @@ def route_request(
     key = _header(headers, b"sec-websocket-key")
     if key is None or not _valid_key(key):
         return _refuse(400, "missing or invalid Sec-WebSocket-Key")
-    return _admit(query, headers, allowed_origins, accept_token(key))
+    return _admit(path, query, headers, allowed_origins, accept_token(key), authenticator, now)
 
 
 def _valid_key(key: bytes) -> bool:
@@ -144,7 +154,12 @@ def _valid_key(key: bytes) -> bool:
 
 
 def route_websocket(
-    target: bytes, headers: Headers, *, allowed_origins: Collection[str] = ()
+    target: bytes,
+    headers: Headers,
+    *,
+    allowed_origins: Collection[str] = (),
+    authenticator: Authenticator | None = None,
+    now: float = 0.0,
 ) -> Upgrade | HttpResponse:
     """
     Decide on a WebSocket whose handshake a server has already checked (an ASGI server
@@ -160,11 +175,17 @@ def route_websocket(
     key = _header(headers, b"sec-websocket-key")
     if key is not None and not _valid_key(key):
         return _refuse(400, "missing or invalid Sec-WebSocket-Key")
-    return _admit(query, headers, allowed_origins, b"")
+    return _admit(path, query, headers, allowed_origins, b"", authenticator, now)
 
 
 def _admit(
-    query: bytes, headers: Headers, allowed_origins: Collection[str], accept: bytes
+    path: bytes,
+    query: bytes,
+    headers: Headers,
+    allowed_origins: Collection[str],
+    accept: bytes,
+    authenticator: Authenticator | None,
+    now: float,
 ) -> Upgrade | HttpResponse:
     """The checks every WebSocket passes, however its handshake is done."""
     if allowed_origins:
@@ -183,6 +204,15 @@ def _admit(
             room = value
         elif name == "username" and username is None:
             username = value
+    identity: Identity | None = None
+    if authenticator is not None:
+        verdict = authenticator.authenticate(path=path, query=query, headers=headers, now=now)
+        if isinstance(verdict, Refusal):
+            if verdict.status == 401:
+                return _refuse(401, verdict.reason, (b"www-authenticate", b"Bearer"))
+            return _refuse(verdict.status, verdict.reason)
+        identity = verdict
+        username = verdict.username
     if not is_valid_room(room):
         return _refuse(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
     if not is_valid_username(username):
@@ -191,4 +221,6 @@ def _admit(
         room=RoomName(room),  # type: ignore[arg-type]
         username=Username(username),  # type: ignore[arg-type]
         accept=accept,
+        identity=identity,
+        subprotocol=selected_subprotocol(headers),
     )

@@ -68,11 +68,22 @@ import logging
 from collections.abc import Callable
 from typing import Final, cast
 
-from ._actions import Action, Close, Deliver, Notice, SendPing
+from ._actions import (
+    Action,
+    BackplaneAction,
+    Close,
+    Deliver,
+    MessagePublished,
+    Notice,
+    SendPing,
+    UserJoined,
+    UserLeft,
+)
+from ._auth import Authenticator, Authorizer, ClaimsAuthorizer
 from ._broker import Broker
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
-from ._events import ClientConnected, ClientDisconnected, PongReceived, TextReceived
+from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
 from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
@@ -106,7 +117,7 @@ class _Phase(enum.Enum):
 
 
 class _Conn:
-    __slots__ = ("cid", "deadline", "peer", "phase", "queue", "wire")
+    __slots__ = ("cid", "deadline", "ip", "peer", "phase", "queue", "refusal", "wire")
 
     def __init__(
         self,
@@ -117,10 +128,19 @@ class _Conn:
     ) -> None:
         self.cid = cid
         self.peer = peer
+        self.ip = peer_address(peer)
         self.wire = wire
         self.queue = queue
         self.phase = _Phase.HANDSHAKE
         self.deadline: float | None = None  # when the transport is dropped regardless
+        # The answer to its request, decided before it arrived (a connection limit).
+        self.refusal: HttpResponse | None = None
+
+
+def peer_address(peer: str) -> str:
+    """The client address in a peer label such as ``"203.0.113.9:51234"`` or ``"::1:80"``."""
+    host, sep, _ = peer.rpartition(":")
+    return host if sep else peer
 
 
 class Hub:
@@ -135,6 +155,14 @@ class Hub:
         framed: True for a transport of bytes (the hub parses HTTP and frames); False
             for one that speaks WebSocket messages itself (an ASGI server). See the
             module docstring for each contract.
+        authenticator: Decides who a client is from its request (401/403 before the
+            upgrade otherwise); without one, the query's ``username`` is taken as is.
+        authorizer: Decides per room who may join, publish and see presence. With an
+            authenticator and no authorizer, the identity's room rules (the token's
+            ``rooms`` claim) decide.
+        node: This node's id in a cluster: the broker then asks for backplane work
+            (:meth:`take_backplane`) and takes backplane events
+            (:meth:`backplane_event`). None: a broker on its own.
 
     Raises:
         ConfigError: if *framed* is False and the broker's heartbeat is on: such a
@@ -148,6 +176,9 @@ class Hub:
         *,
         on_notice: NoticeHook | None = None,
         framed: bool = True,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        node: str | None = None,
     ) -> None:
         if not framed and (broker_config is None or broker_config.heartbeat):
             raise ConfigError(
@@ -156,8 +187,15 @@ class Hub:
                 "use the server's own ping setting",
             )
         self.framed = framed
-        self.broker = Broker(broker_config)
+        if authorizer is None and authenticator is not None:
+            authorizer = ClaimsAuthorizer()
+        self.authenticator = authenticator
+        self.broker = Broker(broker_config, authorizer=authorizer, node=node)
+        self._backplane: list[BackplaneAction] = []
         self.config = config if config is not None else ServerConfig()
+        #: Requests refused because of a connection limit since the start.
+        self.limit_refusals = 0
+        self._per_ip: dict[str, int] = {}
         self.on_notice = on_notice
         self.shutting_down = False
         #: Slow consumers closed since the start.
@@ -207,6 +245,13 @@ class Hub:
         dirty, self._dirty = self._dirty, {}
         return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
 
+    def take_backplane(self) -> list[BackplaneAction]:
+        """Backplane work the broker asked for since the last call, in order."""
+        if not self._backplane:
+            return []
+        work, self._backplane = self._backplane, []
+        return work
+
     def has_dirty(self) -> bool:
         """Whether :meth:`take_dirty` has anything."""
         return bool(self._dirty)
@@ -254,12 +299,43 @@ class Hub:
         conn = _Conn(
             cid, peer, wire, SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
         )
-        self._conns[cid] = conn
+        self._add(conn)
         if self.shutting_down:
+            self._drop(conn)
+            return cid
+        conn.refusal = self._over_limit(conn)
+        config = self.config
+        if conn.refusal is not None and (
+            self._per_ip[conn.ip] > 2 * max(config.max_connections_per_ip, 64)
+            or len(self._conns) > config.max_connections + max(config.max_connections // 8, 64)
+        ):
+            # Far over a limit: not even an answer (descriptors are what is scarce).
             self._drop(conn)
         else:
             self._set_deadline(conn, now + self.config.handshake_timeout)
         return cid
+
+    def _add(self, conn: _Conn) -> None:
+        self._conns[conn.cid] = conn
+        self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+
+    def _over_limit(self, conn: _Conn) -> HttpResponse | None:
+        """The answer for a connection beyond a connection limit (counting itself)."""
+        config = self.config
+        if config.max_connections and len(self._conns) > config.max_connections:
+            self.limit_refusals += 1
+            log.info("%s refused: over max-connections (%d)", conn.peer, config.max_connections)
+            return HttpResponse(
+                status=503, body=b"server full: too many connections\n", headers=_RETRY
+            )
+        limit = config.max_connections_per_ip
+        if limit and self._per_ip[conn.ip] > limit:
+            self.limit_refusals += 1
+            log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
+            return HttpResponse(
+                status=429, body=b"too many connections from your address\n", headers=_RETRY
+            )
+        return None
 
     def open_websocket(
         self, target: bytes, headers: Headers, *, now: float, timestamp: int, peer: str = ""
@@ -284,7 +360,15 @@ class Hub:
             raise LocalProtocolError("a framed hub opens with open() and receive()")
         if self.shutting_down:
             return HttpResponse(status=503, body=b"server shutting down\n")
-        decision = route_websocket(target, headers, allowed_origins=self.config.allowed_origins)
+        decision = route_websocket(
+            target,
+            headers,
+            allowed_origins=self.config.allowed_origins,
+            authenticator=self.authenticator,
+            now=timestamp,
+        )
+        if isinstance(decision, Upgrade):
+            decision = self._admit(decision)
         if isinstance(decision, HttpResponse):
             _log_refusal(peer, decision)
             return decision
@@ -296,10 +380,21 @@ class Hub:
             None,
             MessageQueue(broker_config.send_queue, broker_config.send_queue_bytes),
         )
+        self._add(conn)
+        refusal = self._over_limit(conn)
+        if refusal is not None:
+            self.lost(cid, now=now, timestamp=timestamp)
+            return refusal
         conn.phase = _Phase.OPEN
-        self._conns[cid] = conn
         self._connect(conn, decision, now, timestamp)
         return cid
+
+    def _admit(self, upgrade: Upgrade) -> Upgrade | HttpResponse:
+        """The room's checks (authorization, size) before a WebSocket opens."""
+        reason = self.broker.refusal(upgrade.room, upgrade.username, upgrade.identity)
+        if reason is not None:
+            return HttpResponse(status=403, body=reason.encode() + b"\n")
+        return upgrade
 
     def receive_message(
         self, cid: ConnectionId, message: str | bytes, *, now: float, timestamp: int
@@ -354,6 +449,11 @@ class Hub:
         conn = self._conns.pop(cid, None)
         if conn is None:
             return
+        count = self._per_ip[conn.ip] - 1
+        if count:
+            self._per_ip[conn.ip] = count
+        else:
+            del self._per_ip[conn.ip]
         self._dirty.pop(cid, None)
         self._forget(conn, now, timestamp)
 
@@ -376,6 +476,10 @@ class Hub:
             if conn.phase is _Phase.HANDSHAKE:
                 log.info("%s did not complete its handshake in time", conn.peer)
             self._drop(conn)
+
+    def backplane_event(self, event: Event, *, now: float, timestamp: int) -> None:
+        """A backplane event (a record, a room's snapshot, the link lost or back)."""
+        self._apply(self.broker.handle(event, now=now, timestamp=timestamp), now, timestamp)
 
     def publish(
         self, room: str, content: object, *, username: str, now: float, timestamp: int
@@ -411,13 +515,20 @@ class Hub:
         assert wire is not None  # message connections start OPEN
         for event in wire.receive_data(data):
             if type(event) is RequestReceived:
+                if conn.refusal is not None:
+                    self._respond(conn, conn.refusal, now, head=event.method == b"HEAD")
+                    return
                 decision = route_request(
                     event.method,
                     event.target,
                     event.headers,
                     allowed_origins=config.allowed_origins,
                     page=config.page,
+                    authenticator=self.authenticator,
+                    now=timestamp,
                 )
+                if isinstance(decision, Upgrade):
+                    decision = self._admit(decision)
                 if isinstance(decision, Upgrade):
                     self._upgrade(conn, decision, now, timestamp)
                     return
@@ -457,9 +568,22 @@ class Hub:
         log.debug(
             "%s connected as %r in %r (conn %d)", conn.peer, upgrade.username, upgrade.room, cid
         )
+        identity = upgrade.identity
+        expires = None
+        if identity is not None and identity.expires_at is not None:
+            # The credentials' wall-clock expiry (plus the clock skew the authenticator
+            # allows, as it admitted them), on the driver's clock.
+            leeway = getattr(self.authenticator, "leeway", 0.0)
+            expires = now + max(0.0, identity.expires_at + leeway - timestamp)
         self._apply(
             self.broker.handle(
-                ClientConnected(conn=cid, username=upgrade.username, room=upgrade.room),
+                ClientConnected(
+                    conn=cid,
+                    username=upgrade.username,
+                    room=upgrade.room,
+                    identity=identity,
+                    expires=expires,
+                ),
                 now=now,
                 timestamp=timestamp,
             ),
@@ -596,11 +720,14 @@ class Hub:
                         action.reason,
                     )
                     self._close(conn, action.code, action.reason, now, drop_pending=True)
-            elif self.on_notice is not None:
-                try:
-                    self.on_notice(action)
-                except Exception:
-                    log.exception("on_notice hook failed for %r", action)
+            elif isinstance(action, (UserJoined, UserLeft, MessagePublished)):
+                if self.on_notice is not None:
+                    try:
+                        self.on_notice(action)
+                    except Exception:
+                        log.exception("on_notice hook failed for %r", action)
+            else:
+                self._backplane.append(action)
         if self._handling_overflow or not overflowed:
             return
         # Slow consumers are closed here, at the outermost call: telling the broker one
@@ -631,6 +758,9 @@ class Hub:
                     self._forget(conn, now, timestamp)
         finally:
             self._handling_overflow = False
+
+
+_RETRY: Final = ((b"retry-after", b"5"),)
 
 
 def _log_refusal(peer: str, response: HttpResponse) -> None:

@@ -205,11 +205,16 @@ class ServerWire:
         self._h11 = None
         self._ws = Connection(ConnectionType.SERVER)
         self.state = WireState.OPEN
+        protocol = (
+            b"Sec-WebSocket-Protocol: " + upgrade.subprotocol + b"\r\n"
+            if upgrade.subprotocol is not None
+            else b""
+        )
         return (
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: websocket\r\n"
             b"Connection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + upgrade.accept + b"\r\n\r\n"
+            b"Sec-WebSocket-Accept: " + upgrade.accept + b"\r\n" + protocol + b"\r\n"
         )
 
     # -- frames -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 
+from ._auth import Authenticator, Authorizer
 from ._config import BrokerConfig, ServerConfig
 from ._facade import ServerFacade
 from ._facade import wall as _wall
@@ -91,6 +92,9 @@ class RoombusASGI(ServerFacade):
             server's own settings.
         on_notice: Called with every :data:`~roombus.Notice`, synchronously; an
             exception it raises is logged.
+        authenticator: Who a client is, from its request; refused requests get
+            401/403 (as an HTTP response where the server supports it).
+        authorizer: Per-room rights; by default the identity's room rules.
 
     Raises:
         ConfigError: if *broker_config* has the heartbeat on.
@@ -107,10 +111,19 @@ class RoombusASGI(ServerFacade):
         config: ServerConfig | None = None,
         *,
         on_notice: NoticeHook | None = None,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         if broker_config is None:
             broker_config = BrokerConfig(heartbeat=False)
-        self.hub = Hub(broker_config, config, on_notice=on_notice, framed=False)
+        self.hub = Hub(
+            broker_config,
+            config,
+            on_notice=on_notice,
+            framed=False,
+            authenticator=authenticator,
+            authorizer=authorizer,
+        )
         self.broker = self.hub.broker
         self.config = self.hub.config
         self._links: dict[ConnectionId, _Link] = {}
@@ -218,7 +231,10 @@ class RoombusASGI(ServerFacade):
             with link.scope:
                 self._after()  # the link learns its queue (its presence messages)
                 try:
-                    await send({"type": "websocket.accept"})
+                    accept: dict[str, Any] = {"type": "websocket.accept"}
+                    if "roombus" in scope.get("subprotocols", ()):
+                        accept["subprotocol"] = "roombus"
+                    await send(accept)
                 except Exception as exc:  # an OSError by the spec; some servers differ
                     log.info("%s could not be accepted: %r", _peer(scope), exc)
                     return
@@ -389,7 +405,11 @@ def create_app() -> RoombusASGI:
 
     settings = settings_from_environ(os.environ)
     log.setLevel(settings.log_level.upper())
-    return RoombusASGI(attrs.evolve(settings.broker, heartbeat=False), settings.server)
+    return RoombusASGI(
+        attrs.evolve(settings.broker, heartbeat=False),
+        settings.server,
+        authenticator=settings.authenticator,
+    )
 
 
 __all__ = ["RoombusASGI", "create_app"]

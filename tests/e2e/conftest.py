@@ -166,6 +166,7 @@ def make_server(transport: str) -> Iterator[Callable[..., ServerThread]]:
         *,
         on_notice: Callable[[Notice], None] | None = None,
         via_stream: bool = False,
+        extra: dict[str, Any] | None = None,
         **settings: Any,
     ) -> ServerThread:
         broker, server = split_config(**settings)
@@ -175,6 +176,7 @@ def make_server(transport: str) -> Iterator[Callable[..., ServerThread]]:
             st = TrioServer(broker, server, on_notice, via_stream=True)
         else:
             st = TRANSPORTS[transport](broker, server, on_notice)
+        st.extra = extra or {}
         servers.append(st)
         return st.start()
 

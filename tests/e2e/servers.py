@@ -178,6 +178,8 @@ class ServerThread:
         on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.allow_crash = False  # for xfail tests of crashes: stop() then does not raise
+        #: Further keyword arguments for the server (authenticator, authorizer, ...).
+        self.extra: dict[str, Any] = {}
         self.broker_config = broker_config
         self.server_config = server_config
         self.notices: list[Notice] = []
@@ -338,6 +340,7 @@ class TrioServer(ServerThread):
                         self.broker_config,
                         self.server_config,
                         on_notice=self._on_notice,
+                        **self.extra,
                     )
                     self.server = await nursery.start(serve)
                     self.port = self.server.port
@@ -347,7 +350,7 @@ class TrioServer(ServerThread):
     async def _start_via_stream(self, nursery: trio.Nursery) -> None:
         """No listener of its own: trio.serve_tcp hands each stream to handle_stream."""
         server = roombus.trio.Server(
-            self.broker_config, self.server_config, on_notice=self._on_notice
+            self.broker_config, self.server_config, on_notice=self._on_notice, **self.extra
         )
         await nursery.start(roombus.trio.run_server, server)
         self.server = server
@@ -401,7 +404,7 @@ class AsyncioServer(_AsyncioThread):
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         async with roombus.asyncio.serve(
-            self.broker_config, self.server_config, on_notice=self._on_notice
+            self.broker_config, self.server_config, on_notice=self._on_notice, **self.extra
         ) as server:
             self.server = server
             self.port = server.port
@@ -450,7 +453,7 @@ class _Asgi:
 def _app(st: ServerThread) -> RoombusASGI:
     # The server pings instead of the core: the suite's heartbeat settings go to it.
     broker = attrs.evolve(st.broker_config, heartbeat=False)
-    return RoombusASGI(broker, st.server_config, on_notice=st._on_notice)
+    return RoombusASGI(broker, st.server_config, on_notice=st._on_notice, **st.extra)
 
 
 class UvicornServer(_AsyncioThread):

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Final, final
 
+from .._auth import Authenticator, Authorizer
 from .._config import BrokerConfig, ServerConfig
 from .._facade import ServerFacade
 from .._facade import wall as _wall
@@ -100,8 +102,19 @@ class Server(ServerFacade):
         config: ServerConfig | None = None,
         *,
         on_notice: NoticeHook | None = None,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.hub = Hub(broker_config, config, on_notice=on_notice)
+        self.hub = Hub(
+            broker_config,
+            config,
+            on_notice=on_notice,
+            authenticator=authenticator,
+            authorizer=authorizer,
+        )
+        #: TLS for accepted connections (``wss://``), or None for plain TCP.
+        self.ssl_context = ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -160,6 +173,8 @@ class Server(ServerFacade):
             config.port,
             backlog=config.backlog,
             reuse_address=True,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=config.handshake_timeout if self.ssl_context else None,
         )
         self._listeners.append(listener)
         self.port = listener.sockets[0].getsockname()[1]
@@ -325,6 +340,10 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
             a message was published), synchronously; an exception it raises is logged.
         on_ready: Called with the running :class:`Server` once it listens (when
             awaited).
+        authenticator: Who a client is, from its request; refused requests get
+            401/403.
+        authorizer: Per-room rights; by default the identity's room rules.
+        ssl_context: Serve TLS (``wss://``) with this server-side context.
 
     Raises:
         OSError: if the address cannot be bound (on entry, or when awaited).
@@ -337,15 +356,23 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
         *,
         on_notice: NoticeHook | None = None,
         on_ready: Callable[[Server], object] | None = None,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._args = (broker_config, config)
-        self._on_notice = on_notice
+        self._options = {
+            "on_notice": on_notice,
+            "authenticator": authenticator,
+            "authorizer": authorizer,
+            "ssl_context": ssl_context,
+        }
         self._on_ready = on_ready
         self._server: Server | None = None
         self._running: Coroutine[object, object, None] | None = None  # once awaited
 
     async def _start(self) -> Server:
-        server = Server(*self._args, on_notice=self._on_notice)
+        server = Server(*self._args, **self._options)  # type: ignore[arg-type]
         await server._listen()
         self._server = server
         return server

@@ -24,10 +24,12 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from typing import Final, final
 
 import trio
 
+from .._auth import Authenticator, Authorizer
 from .._config import BrokerConfig, ServerConfig
 from .._facade import ServerFacade
 from .._facade import wall as _wall
@@ -164,8 +166,19 @@ class Server(ServerFacade):
         config: ServerConfig | None = None,
         *,
         on_notice: NoticeHook | None = None,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.hub = Hub(broker_config, config, on_notice=on_notice)
+        self.hub = Hub(
+            broker_config,
+            config,
+            on_notice=on_notice,
+            authenticator=authenticator,
+            authorizer=authorizer,
+        )
+        #: TLS for accepted connections (``wss://``), or None for plain TCP.
+        self.ssl_context = ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -259,7 +272,17 @@ class Server(ServerFacade):
                         sock.close()
                         continue
                 peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-                nursery.start_soon(self._handle, _SocketTransport(sock, peer))
+                if self.ssl_context is None:
+                    nursery.start_soon(self._handle, _SocketTransport(sock, peer))
+                else:
+                    # The TLS handshake happens on the first receive, inside the
+                    # handshake timeout like the HTTP request.
+                    stream = trio.SSLStream(
+                        trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                        self.ssl_context,
+                        server_side=True,
+                    )
+                    nursery.start_soon(self._handle, _StreamTransport(stream, peer))
 
     async def _handle(self, transport: _Transport) -> None:
         """One connection's whole life; its transport is closed on every way out."""
@@ -413,6 +436,9 @@ async def serve(
     config: ServerConfig | None = None,
     *,
     on_notice: NoticeHook | None = None,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -432,11 +458,23 @@ async def serve(
         config: Address and transport settings.
         on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
             a message was published), synchronously; an exception it raises is logged.
+        authenticator: Who a client is, from its request (e.g.
+            :class:`roombus.JWTAuthenticator`); refused requests get 401/403.
+        authorizer: Per-room rights (join, publish, see presence); by default the
+            authenticated identity's room rules.
+        ssl_context: Serve TLS (``wss://``) with this server-side context.
 
     Raises:
         OSError: if the address cannot be bound (before ``task_status.started``).
     """
-    server = Server(broker_config, config, on_notice=on_notice)
+    server = Server(
+        broker_config,
+        config,
+        on_notice=on_notice,
+        authenticator=authenticator,
+        authorizer=authorizer,
+        ssl_context=ssl_context,
+    )
     server._listeners = _listen(server.config)
     server.port = server._listeners[0].getsockname()[1]
     await run_server(server, task_status=task_status)

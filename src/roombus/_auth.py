@@ -1,0 +1,738 @@
+"""
+Authentication and room authorization, as pure functions of a request and the time.
+
+Two questions, asked at different moments, so two plug points:
+
+* :class:`Authenticator` — *who is this?* Asked once per handshake, with the
+  request's path, query and headers and the current time; answers with an
+  :class:`Identity` or a :class:`Refusal` (an HTTP status and a short reason).
+  :class:`JWTAuthenticator` checks bearer tokens with PyJWT; anything else (a
+  session cookie, an API key) is a class with an ``authenticate`` method.
+* :class:`Authorizer` — *may this identity do that in this room?* Asked by the broker
+  when a connection joins a room, so it is synchronous and pure.
+  :class:`ClaimsAuthorizer` answers from the identity's :class:`RoomRules`.
+
+Nothing here reads a clock or touches a socket: ``now`` is a parameter, which is
+what lets the tests pin expiry to the second. PyJWT and cryptography are imported
+only when a :class:`JWTAuthenticator` is made, so the core needs neither.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
+from urllib.parse import parse_qsl
+
+import attrs
+
+from ._errors import ConfigError
+from ._types import RoomName, Username, is_valid_username
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+#: Request headers, names in lower case (as h11 gives them). The same alias as
+#: ``_handshake.Headers``, spelt here because the handshake imports this module.
+Headers = Sequence[tuple[bytes, bytes]]
+
+#: The subprotocol a server answers when a browser carried its token as
+#: ``bearer.<token>`` in ``Sec-WebSocket-Protocol``: it must echo one the client
+#: offered, and echoing the token would publish it in the response.
+SUBPROTOCOL: Final = b"roombus"
+#: The prefix of an offered subprotocol that carries a bearer token.
+BEARER_SUBPROTOCOL_PREFIX: Final = b"bearer."
+
+#: Longest token looked at. A token is decoded and its signature checked before
+#: anything else, so an unbounded one would be unbounded work per handshake.
+MAX_TOKEN_LENGTH: Final = 16 * 1024
+#: Most patterns in one of a :class:`RoomRules`' lists.
+MAX_ROOM_PATTERNS: Final = 256
+#: Longest room pattern.
+MAX_ROOM_PATTERN_LENGTH: Final = 128
+#: Shortest HMAC secret: RFC 7518 3.2 wants a key at least as long as the hash.
+MIN_SECRET_BYTES: Final = 32
+#: Smallest RSA key, in bits (NIST SP 800-131A; PyJWT warns below it).
+MIN_RSA_BITS: Final = 2048
+
+_NO_SUBPROTOCOL_REASON: Final = "offer the 'roombus' subprotocol alongside bearer.<token>"
+
+
+# --- Room rules ------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Glob:
+    """
+    One wildcard pattern, split at its ``*`` into fixed-length segments.
+
+    A glob matches when the first segment matches at the start, the last at the
+    end, and the middle ones in order in between; taking each middle segment at
+    its leftmost place is always right, so matching is a few regex scans with no
+    backtracking. (A regex like ``.*a.*a.*a`` would backtrack exponentially, and
+    the patterns come from tokens.) ``?`` is one character; everything else,
+    ``[`` included, is literal.
+    """
+
+    head: re.Pattern[str]
+    head_length: int
+    middles: tuple[re.Pattern[str], ...]
+    #: None when the pattern has no ``*``: then *head* must match the whole name.
+    tail: re.Pattern[str] | None
+    tail_length: int
+
+    def matches(self, name: str) -> bool:
+        if self.tail is None:
+            return self.head.fullmatch(name) is not None
+        end = len(name) - self.tail_length
+        if end < self.head_length or self.head.match(name) is None:
+            return False
+        if self.tail.match(name, end) is None:
+            return False
+        pos = self.head_length
+        for middle in self.middles:
+            found = middle.search(name, pos, end)
+            if found is None:
+                return False
+            pos = found.end()
+        return True
+
+
+def _segment(text: str) -> re.Pattern[str]:
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in text), re.DOTALL)
+
+
+def _compile_glob(pattern: str) -> _Glob:
+    head, *rest = pattern.split("*")
+    if not rest:
+        return _Glob(_segment(head), len(head), (), None, 0)
+    *middles, tail = rest
+    return _Glob(
+        _segment(head),
+        len(head),
+        tuple(_segment(m) for m in middles if m),
+        _segment(tail),
+        len(tail),
+    )
+
+
+@attrs.frozen
+class _Matcher:
+    """A compiled pattern list, with the common cases (``*``, plain names) kept cheap."""
+
+    anything: bool
+    exact: frozenset[str]
+    globs: tuple[_Glob, ...]
+
+    def __call__(self, name: str) -> bool:
+        return self.anything or name in self.exact or any(g.matches(name) for g in self.globs)
+
+
+def _compile(patterns: tuple[str, ...]) -> _Matcher:
+    anything = any(p.strip("*") == "" for p in patterns)
+    exact = frozenset(p for p in patterns if "*" not in p and "?" not in p)
+    globs = tuple(_compile_glob(p) for p in patterns if p not in exact and p.strip("*"))
+    return _Matcher(anything, exact, globs)
+
+
+def _check_patterns(value: object) -> tuple[str, ...]:
+    """*value* as a tuple of room patterns, or ValueError if it is not a short list of them."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError("room patterns must be a list of strings")
+    patterns = tuple(value)
+    if len(patterns) > MAX_ROOM_PATTERNS:
+        raise ValueError(f"at most {MAX_ROOM_PATTERNS} room patterns")
+    for p in patterns:
+        if type(p) is not str or not 0 < len(p) <= MAX_ROOM_PATTERN_LENGTH:
+            raise ValueError(
+                f"a room pattern must be a string of 1-{MAX_ROOM_PATTERN_LENGTH} characters"
+            )
+    return patterns
+
+
+def _pattern_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return _check_patterns(value)
+
+
+_RIGHTS: Final = frozenset({"join", "publish", "presence"})
+
+
+@attrs.frozen(kw_only=True)
+class RoomRules:
+    """
+    Which rooms an identity may join, publish to, and see the presence of.
+
+    Each list holds patterns: a room name (``"lobby"``), or one with wildcards
+    (``"tenant-42:*"``, ``"*"``), where ``*`` is any run of characters and ``?`` any
+    one character. Nothing else is special: ``[`` is literal, unlike in
+    :mod:`fnmatch` (room names cannot contain it anyway). A list is at most
+    :data:`MAX_ROOM_PATTERNS` patterns of at most :data:`MAX_ROOM_PATTERN_LENGTH`
+    characters, and matching never backtracks, so rules from a token cannot make
+    a join slow.
+
+    An empty list allows nothing: the rights are independent, so a token can grant
+    a read-only seat (``join`` without ``publish``) or a silent one (no ``presence``).
+
+    Attributes:
+        join: Rooms the identity may join (and so receive messages from).
+        publish: Rooms it may send messages to.
+        presence: Rooms whose presence (who is there, who joins and leaves) it sees.
+
+    Raises:
+        ValueError: A list is not a list of strings, or is out of bounds.
+    """
+
+    join: tuple[str, ...] = attrs.field(default=(), converter=_pattern_tuple)
+    publish: tuple[str, ...] = attrs.field(default=(), converter=_pattern_tuple)
+    presence: tuple[str, ...] = attrs.field(default=(), converter=_pattern_tuple)
+    # Compiled once, here: the broker asks on every join.
+    _join: _Matcher = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(lambda s: _compile(s.join), True)
+    )
+    _publish: _Matcher = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(lambda s: _compile(s.publish), True),
+    )
+    _presence: _Matcher = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(lambda s: _compile(s.presence), True),
+    )
+
+    @classmethod
+    def from_claim(cls, claim: object) -> RoomRules:
+        """
+        Rules from a token's ``rooms`` claim.
+
+        The claim is either a list of patterns, granting all three rights in those
+        rooms, or an object ``{"join": [...], "publish": [...], "presence": [...]}``.
+        In the object form a missing key grants that right nowhere, and an unknown
+        key is an error rather than ignored, so a misspelt ``"publsh"`` is caught
+        at the first handshake instead of silently muting a user.
+
+        Raises:
+            ValueError: The claim has any other shape (``null`` included: an issuer
+                that meant "no rooms" must not get "all rooms").
+        """
+        if isinstance(claim, list):
+            patterns = _check_patterns(claim)
+            return cls(join=patterns, publish=patterns, presence=patterns)
+        if isinstance(claim, dict):
+            if not claim.keys() <= _RIGHTS:
+                raise ValueError("a rooms object may only have join, publish and presence")
+            lists = {}
+            for right in _RIGHTS:
+                value = claim.get(right, [])
+                if not isinstance(value, list):
+                    raise ValueError(f"rooms.{right} must be a list")
+                lists[right] = _check_patterns(value)
+            return cls(**lists)
+        raise ValueError("the rooms claim must be a list or an object")
+
+    def may_join(self, room: RoomName) -> bool:
+        """Tell whether the rules allow joining *room*."""
+        return self._join(room)
+
+    def may_publish(self, room: RoomName) -> bool:
+        """Tell whether the rules allow publishing to *room*."""
+        return self._publish(room)
+
+    def may_see_presence(self, room: RoomName) -> bool:
+        """Tell whether the rules allow seeing who is in *room*."""
+        return self._presence(room)
+
+
+# --- Identities and refusals --------------------------------------------------------
+
+
+def _freeze(value: object) -> object:
+    """A deep, read-only copy of a JSON value: objects become mappingproxies, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _frozen_claims(claims: Mapping[str, object]) -> Mapping[str, object]:
+    return _freeze(claims)  # type: ignore[return-value]  # a Mapping freezes to a Mapping
+
+
+@attrs.frozen(kw_only=True)
+class Identity:
+    """
+    Who a client is, as an :class:`Authenticator` established it.
+
+    Attributes:
+        username: The user; presence is per username.
+        expires_at: When the credentials expire, in unix seconds (a token's
+            ``exp``), or None if they do not. The driver closes the connection then.
+        rooms: What the identity may do where, or None for no restrictions.
+        claims: Everything the authenticator learnt (a token's claims), for a custom
+            :class:`Authorizer`. A read-only deep copy, and left out of ``repr`` so a
+            logged identity does not leak what the issuer put in the token.
+    """
+
+    username: Username
+    expires_at: float | None = None
+    rooms: RoomRules | None = None
+    claims: Mapping[str, object] = attrs.field(
+        factory=dict, converter=_frozen_claims, repr=False, hash=False
+    )
+
+
+@attrs.frozen
+class Refusal:
+    """
+    Why a handshake is refused, as the HTTP response should say it.
+
+    Attributes:
+        status: 401 for missing, invalid or expired credentials (try again with
+            better ones), 403 for valid credentials that do not allow this, 400 for
+            a request that cannot be answered at all (see :func:`selected_subprotocol`).
+        reason: A short text for the response body and the log. It never contains
+            the credentials, so it is safe to show and to log.
+    """
+
+    status: int
+    reason: str
+
+
+class Authenticator(Protocol):
+    """
+    Decides who a handshaking client is.
+
+    Implement this to plug in any scheme (a session cookie, an API key, mTLS
+    details a proxy put in a header). An implementation must not raise because of
+    what the client sent: bad or missing credentials are a :class:`Refusal`.
+    """
+
+    def authenticate(
+        self, *, path: bytes, query: bytes, headers: Headers, now: float
+    ) -> Identity | Refusal:
+        """
+        Authenticate one handshake.
+
+        Args:
+            path: The request path, e.g. ``b"/ws"``.
+            query: The query string, without the ``?``.
+            headers: The headers, names in lower case.
+            now: The current time in unix seconds (wall clock, as ``exp`` is).
+        """
+        ...
+
+
+# --- Finding the token -----------------------------------------------------------------
+
+
+def _offered_subprotocols(headers: Headers) -> list[bytes]:
+    offered: list[bytes] = []
+    for name, value in headers:
+        if name == b"sec-websocket-protocol":
+            offered.extend(p.strip() for p in value.split(b","))
+    return [p for p in offered if p]
+
+
+def _authorization_token(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.strip().partition(b" ")
+            token = credentials.strip()
+            if scheme.lower() == b"bearer" and token:
+                return token.decode("latin-1")
+    return None
+
+
+def _subprotocol_token(offered: Iterable[bytes]) -> str | None:
+    for protocol in offered:
+        if protocol.startswith(BEARER_SUBPROTOCOL_PREFIX):
+            token = protocol[len(BEARER_SUBPROTOCOL_PREFIX) :]
+            if token:
+                return token.decode("latin-1")
+    return None
+
+
+def _query_token(query: bytes) -> str | None:
+    try:
+        params = parse_qsl(query.decode("ascii"), keep_blank_values=True, errors="strict")
+    except UnicodeError:
+        return None
+    for name, value in params:
+        if name == "token":  # the first of repeated parameters wins, as for room
+            return value or None
+    return None
+
+
+def token_from_request(path: bytes, query: bytes, headers: Headers) -> str | None:
+    """
+    The bearer token a request carries, or None.
+
+    The sources, in order, and the first that has one wins (a bad token there is
+    not rescued by a good one further down):
+
+    1. ``Authorization: Bearer <token>``, for clients that can set headers;
+    2. ``Sec-WebSocket-Protocol: roombus, bearer.<token>``, for browsers, whose
+       WebSocket API cannot set headers but can offer subprotocols;
+    3. ``?token=<token>``, last because query strings end up in access logs.
+
+    *path* is unused: it is there so the arguments are those of
+    :meth:`Authenticator.authenticate`.
+    """
+    del path
+    return (
+        _authorization_token(headers)
+        or _subprotocol_token(_offered_subprotocols(headers))
+        or _query_token(query)
+    )
+
+
+def selected_subprotocol(headers: Headers) -> bytes | None:
+    """
+    The subprotocol the handshake response should name: :data:`SUBPROTOCOL` if the
+    client offered it, else None (no ``Sec-WebSocket-Protocol`` in the response).
+
+    Browsers fail a handshake that offered subprotocols and got none back, and the
+    answer must be one of those offered; a client carrying ``bearer.<token>``
+    therefore offers ``roombus`` too, and the server answers that, never the token.
+    :class:`JWTAuthenticator` refuses (400) a request that offers a bearer token
+    without ``roombus``, so after it accepted, this is never None for such a client.
+    """
+    return SUBPROTOCOL if SUBPROTOCOL in _offered_subprotocols(headers) else None
+
+
+# --- JWT -------------------------------------------------------------------------------
+
+
+def _numeric_date(value: object) -> float | None:
+    """A NumericDate claim (``exp``, ``nbf``) as seconds, or None if it is not a finite number."""
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if type(value) is float and math.isfinite(value):
+        return value
+    return None
+
+
+def _load_public_key(pem: str | bytes) -> tuple[RSAPublicKey | EllipticCurvePublicKey, str]:
+    """The key and the one algorithm it verifies, or ConfigError."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ec import (
+        SECP256R1,
+        EllipticCurvePublicKey,
+    )
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            "jwt-public-key", "not a PEM public key (-----BEGIN PUBLIC KEY-----)"
+        ) from None
+    if isinstance(key, RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ConfigError(
+                "jwt-public-key",
+                f"the RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are needed",
+            )
+        return key, "RS256"
+    if isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, SECP256R1):
+        return key, "ES256"
+    raise ConfigError("jwt-public-key", "must be an RSA or P-256 (ES256) public key")
+
+
+def _check_secret(secret: str | bytes) -> bytes:
+    from jwt.algorithms import HMACAlgorithm
+    from jwt.exceptions import InvalidKeyError
+
+    if not isinstance(secret, (str, bytes)):
+        raise ConfigError("jwt-secret", f"must be a string or bytes, not {type(secret).__name__}")
+    data = secret.encode() if isinstance(secret, str) else secret
+    if len(data) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            "jwt-secret", f"must be at least {MIN_SECRET_BYTES} bytes, not {len(data)}"
+        )
+    try:
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(data)
+    except InvalidKeyError:
+        raise ConfigError(
+            "jwt-secret", "looks like a public key or a JWK, not an HMAC secret"
+        ) from None
+    return data
+
+
+def _check_name(setting: str, value: object, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not (isinstance(value, str) and value):
+        raise ConfigError(setting, f"must be a non-empty string, not {value!r}")
+
+
+@final
+class JWTAuthenticator:
+    """
+    Authenticates a handshake by a signed JSON Web Token (RFC 7519), with PyJWT.
+
+    The token comes from the request as :func:`token_from_request` finds it. Its
+    signature must verify with the one configured key, and its ``exp``, ``nbf``,
+    ``aud`` and ``iss`` must hold; then the username comes from ``sub`` and the
+    room rules from ``rooms`` (see :meth:`RoomRules.from_claim`; no claim means no
+    restrictions).
+
+    Exactly one key is configured, and it fixes the one algorithm accepted:
+    a *secret* means HS256; a *public_key* means RS256 (RSA) or ES256 (P-256).
+    The token's own ``alg`` header is never trusted to choose, so ``alg: none``
+    and HS256 tokens "signed" with the public key are refused.
+
+    Time claims are checked against the *now* passed in, not the clock (PyJWT's own
+    checks read the clock, so they are off): a token is accepted while
+    ``now <= exp + leeway`` and once ``now >= nbf - leeway``.
+
+    Args:
+        secret: The HMAC secret (HS256), at least 32 bytes (RFC 7518 3.2). A shorter
+            one is a :class:`ConfigError` rather than PyJWT's per-token warning: a
+            short HMAC key can be brute-forced from any token, so it is a
+            misconfiguration, and a warning per handshake would flood the log.
+        public_key: A PEM public key (RS256 with RSA of 2048 bits or more, or ES256).
+        leeway: Seconds of clock skew tolerated on ``exp`` and ``nbf``.
+        audience: If set, ``aud`` must be it or a list holding it. If not, a token with
+            ``aud`` is refused, as RFC 7519 4.1.3 requires: a token for another
+            service must not work here.
+        issuer: If set, ``iss`` must be it.
+        require_exp: Refuse tokens without ``exp`` (that would never expire).
+        username_claim: The claim holding the username.
+        rooms_claim: The claim holding the room rules.
+
+    Raises:
+        ConfigError: No key, both keys, a bad key, or a bad option. Also when
+            PyJWT or cryptography is not installed.
+    """
+
+    __slots__ = (
+        "_algorithms",
+        "_key",
+        "audience",
+        "issuer",
+        "leeway",
+        "require_exp",
+        "rooms_claim",
+        "username_claim",
+    )
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes | None = None,
+        public_key: str | bytes | None = None,
+        leeway: float = 30.0,
+        audience: str | None = None,
+        issuer: str | None = None,
+        require_exp: bool = True,
+        username_claim: str = "sub",
+        rooms_claim: str = "rooms",
+    ) -> None:
+        if (secret is None) == (public_key is None):
+            raise ConfigError("jwt-secret", "give exactly one of a secret and a public key")
+        setting = "jwt-secret" if public_key is None else "jwt-public-key"
+        try:
+            import cryptography  # noqa: F401
+            import jwt  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                setting, "JWT authentication needs PyJWT with cryptography (PyJWT[crypto])"
+            ) from None
+        if not (
+            isinstance(leeway, (int, float))
+            and not isinstance(leeway, bool)
+            and math.isfinite(leeway)
+            and leeway >= 0
+        ):
+            raise ConfigError("jwt-leeway", f"must be a non-negative number, not {leeway!r}")
+        _check_name("jwt-audience", audience, optional=True)
+        _check_name("jwt-issuer", issuer, optional=True)
+        _check_name("jwt-username-claim", username_claim)
+        _check_name("jwt-rooms-claim", rooms_claim)
+
+        key: bytes | RSAPublicKey | EllipticCurvePublicKey
+        if secret is not None:
+            key, algorithm = _check_secret(secret), "HS256"
+        else:
+            assert public_key is not None
+            key, algorithm = _load_public_key(public_key)
+        self._key: Final = key
+        self._algorithms: Final = (algorithm,)
+        self.leeway: Final = float(leeway)
+        self.audience: Final = audience
+        self.issuer: Final = issuer
+        self.require_exp: Final = require_exp
+        self.username_claim: Final = username_claim
+        self.rooms_claim: Final = rooms_claim
+
+    def __repr__(self) -> str:  # never the key
+        return (
+            f"JWTAuthenticator(algorithm={self._algorithms[0]!r}, leeway={self.leeway!r}, "
+            f"audience={self.audience!r}, issuer={self.issuer!r})"
+        )
+
+    @property
+    def algorithm(self) -> str:
+        """The one signature algorithm accepted: ``HS256``, ``RS256`` or ``ES256``."""
+        return self._algorithms[0]
+
+    def authenticate(
+        self, *, path: bytes, query: bytes, headers: Headers, now: float
+    ) -> Identity | Refusal:
+        """
+        Check the request's token; see the class docstring for what is checked.
+
+        The refusals: 400 for a ``bearer.<token>`` subprotocol offered without
+        ``roombus`` (the handshake could not be answered, see
+        :func:`selected_subprotocol`); 401 ``missing token``, ``token too long``,
+        ``invalid token`` (malformed, bad signature, wrong algorithm or key),
+        ``token expired``, ``token not yet valid``, ``token has no expiry``,
+        ``invalid audience``, ``invalid issuer``, ``invalid sub claim``;
+        403 ``invalid rooms claim``.
+        """
+        offered = _offered_subprotocols(headers)
+        if SUBPROTOCOL not in offered and any(
+            p.startswith(BEARER_SUBPROTOCOL_PREFIX) for p in offered
+        ):
+            return Refusal(400, _NO_SUBPROTOCOL_REASON)
+        token = token_from_request(path, query, headers)
+        if token is None:
+            return Refusal(401, "missing token")
+        if len(token) > MAX_TOKEN_LENGTH:
+            return Refusal(401, "token too long")
+        claims = self._decode(token)
+        if claims is None:
+            return Refusal(401, "invalid token")
+        return self._check_claims(claims, now)
+
+    def _decode(self, token: str) -> dict[str, Any] | None:
+        """The token's claims if its signature verifies, else None."""
+        import jwt
+
+        try:
+            return jwt.decode(
+                token,
+                self._key,
+                algorithms=list(self._algorithms),
+                options={
+                    "verify_signature": True,
+                    # Checked in _check_claims, against `now` rather than the clock.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_sub": False,
+                    "verify_jti": False,
+                    "require": [],
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.PyJWTError:
+            return None
+
+    def _check_claims(self, claims: Mapping[str, Any], now: float) -> Identity | Refusal:
+        exp: float | None = None
+        if "exp" in claims:
+            exp = _numeric_date(claims["exp"])
+            if exp is None:
+                return Refusal(401, "invalid token")
+            if not now <= exp + self.leeway:
+                return Refusal(401, "token expired")
+        elif self.require_exp:
+            return Refusal(401, "token has no expiry")
+        if "nbf" in claims:
+            nbf = _numeric_date(claims["nbf"])
+            if nbf is None:
+                return Refusal(401, "invalid token")
+            if now < nbf - self.leeway:
+                return Refusal(401, "token not yet valid")
+        if not self._audience_ok(claims):
+            return Refusal(401, "invalid audience")
+        if self.issuer is not None and claims.get("iss") != self.issuer:
+            return Refusal(401, "invalid issuer")
+
+        username = claims.get(self.username_claim)
+        if not is_valid_username(username):
+            return Refusal(401, f"invalid {self.username_claim} claim")
+        rooms: RoomRules | None = None
+        if self.rooms_claim in claims:
+            try:
+                rooms = RoomRules.from_claim(claims[self.rooms_claim])
+            except ValueError:
+                return Refusal(403, f"invalid {self.rooms_claim} claim")
+        return Identity(
+            username=Username(username),  # type: ignore[arg-type]  # checked above
+            expires_at=exp,
+            rooms=rooms,
+            claims=claims,
+        )
+
+    def _audience_ok(self, claims: Mapping[str, Any]) -> bool:
+        if "aud" not in claims:
+            return self.audience is None
+        if self.audience is None:
+            return False
+        aud = claims["aud"]
+        if isinstance(aud, list):
+            return self.audience in aud
+        return bool(aud == self.audience)
+
+
+# --- Authorization ---------------------------------------------------------------------
+
+
+class Authorizer(Protocol):
+    """
+    Decides what an identity may do in a room.
+
+    The broker asks when a connection joins a room (rights are fixed for the
+    membership), so implementations must be quick, synchronous and pure: no I/O,
+    no clock. Anything slow (a database lookup) belongs in the
+    :class:`Authenticator`, whose result can carry it in :attr:`Identity.claims`.
+    """
+
+    def may_join(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity* may join *room*."""
+        ...
+
+    def may_publish(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity* may send messages to *room*."""
+        ...
+
+    def may_see_presence(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity* may see who joins and leaves *room*."""
+        ...
+
+
+@final
+@attrs.frozen
+class ClaimsAuthorizer:
+    """
+    The default :class:`Authorizer`: an identity's own :attr:`Identity.rooms` decide,
+    and an identity without room rules may do anything.
+    """
+
+    def may_join(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity*'s room rules allow joining *room*."""
+        return identity.rooms is None or identity.rooms.may_join(room)
+
+    def may_publish(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity*'s room rules allow publishing to *room*."""
+        return identity.rooms is None or identity.rooms.may_publish(room)
+
+    def may_see_presence(self, identity: Identity, room: RoomName) -> bool:
+        """Tell whether *identity*'s room rules allow seeing *room*'s presence."""
+        return identity.rooms is None or identity.rooms.may_see_presence(room)

@@ -1,0 +1,135 @@
+"""
+The broker's view of the other nodes of a cluster, and the records they exchange.
+
+A cluster shares one backplane (Redis). Each room has a channel, and every record on
+it reaches every node listening, in one order for all (the backplane serializes a
+channel). Records are bytes, fields separated by one space, the last field free:
+
+=================================== ================================================
+``m <seq> <node> <ref> <prefix>``   a chat message: its room-wide ``seq``, the node
+                                    it came through and that node's number for it,
+                                    and the envelope up to its ``seq`` value
+``j <version> <node> <username>``   *username* became present on *node*
+``l <version> <node> <username>``   *username* is no longer present on *node*
+=================================== ================================================
+
+``version`` counts a room's presence records; a snapshot of a room's presence carries
+the version it was read at, so a node that reads one knows which records it already
+reflects. Nothing here does I/O: the backplane driver publishes and reads the records.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Final
+
+import attrs
+
+from ._types import Username, is_valid_username
+
+#: A node id: what may stand between the spaces of a record.
+_NODE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+#: Records of a room that may wait for its snapshot before it must be read again.
+MAX_BUFFERED: Final = 10_000
+
+
+def is_valid_node_id(node: object) -> bool:
+    """A node id is 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``."""
+    return type(node) is str and _NODE_RE.fullmatch(node) is not None
+
+
+@attrs.frozen
+class ChatRecord:
+    seq: int
+    node: str
+    ref: int
+    prefix: bytes
+
+
+@attrs.frozen
+class PresenceRecord:
+    version: int
+    present: bool
+    node: str
+    username: Username
+
+
+def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
+    """A record off a room's channel, or None if it is not one of ours."""
+    try:
+        if data[:2] == b"m ":
+            _, seq, node, ref, prefix = data.split(b" ", 4)
+            return ChatRecord(int(seq), node.decode("ascii"), int(ref), prefix)
+        if data[:2] in (b"j ", b"l "):
+            kind, version, node, name = data.split(b" ", 3)
+            username = name.decode("utf-8")
+            if not is_valid_username(username):
+                return None
+            return PresenceRecord(
+                int(version), kind == b"j", node.decode("ascii"), Username(username)
+            )
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+@attrs.define
+class ClusterRoom:
+    """
+    One room as seen by a node of a cluster, kept while the node listens to it (it has
+    local members, or connections waiting to join).
+
+    Attributes:
+        remote: The users present on other nodes, and on which.
+        synced: Whether :attr:`remote` reflects a snapshot and every record since.
+        version: The last presence record applied (or the snapshot's).
+        seq: The last chat ``seq`` seen (continued locally while disconnected).
+        pending: Connections waiting for the snapshot to join, with their rights.
+        buffer: Presence records that arrived before the snapshot.
+        outbox: ``(ref, username, content, timestamp)`` of this node's relayed
+            messages not yet back from the backplane.
+        resync: Whether records were lost while waiting for the snapshot, so that
+            another one must be read.
+    """
+
+    remote: dict[Username, set[str]] = attrs.field(factory=dict)
+    synced: bool = False
+    version: int = 0
+    seq: int = 0
+    pending: dict[int, int] = attrs.field(factory=dict)
+    buffer: list[PresenceRecord] = attrs.field(factory=list)
+    outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)
+    resync: bool = False
+
+    def buffered(self, record: PresenceRecord) -> None:
+        """Keep *record* until the snapshot arrives (bounded: past it, read again)."""
+        if len(self.buffer) >= MAX_BUFFERED:
+            self.buffer.clear()
+            self.resync = True
+        self.buffer.append(record)
+
+    def apply(self, record: PresenceRecord, own: str) -> bool:
+        """
+        Apply a presence record of another node to :attr:`remote`.
+
+        Returns:
+            Whether it was news (newer than what is known). Records of node *own*
+            move the version only: local presence is known first-hand.
+        """
+        if record.version <= self.version:
+            return False
+        self.version = record.version
+        if record.node == own:
+            return True
+        nodes = self.remote.get(record.username)
+        if record.present:
+            if nodes is None:
+                self.remote[record.username] = {record.node}
+            else:
+                nodes.add(record.node)
+        elif nodes is not None:
+            nodes.discard(record.node)
+            if not nodes:
+                del self.remote[record.username]
+        return True

@@ -701,6 +701,8 @@ class Broker:
         cr = self._cluster.get(room)
         if cr is None:
             return
+        if cr.synced and event.version < cr.version:
+            return  # read before records already applied: stale
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
         before = set(cr.remote)

@@ -19,7 +19,7 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -27,6 +27,9 @@ from ._auth import JWTAuthenticator
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .trio import RedisBackplane
 
 log = logging.getLogger("roombus")
 
@@ -209,6 +212,30 @@ SERVE_OPTIONS = (
         "seconds of clock skew allowed on a token's exp and nbf (default 30)",
     ),
     _Option("jwt-audience", str, "require this aud claim in tokens", metavar="TEXT"),
+    _Option(
+        "redis",
+        str,
+        "join a cluster of nodes through this Redis: redis://[[user]:password@]host[:port]"
+        "[/db] (default: serve alone)",
+        metavar="URL",
+    ),
+    _Option(
+        "node-id",
+        str,
+        "this node's id in the cluster (default: host name, process id and a random part)",
+        metavar="ID",
+    ),
+    _Option(
+        "presence-ttl",
+        float,
+        "seconds within which the users of a node that died leave everywhere (default 15)",
+    ),
+    _Option(
+        "redis-prefix",
+        str,
+        "prefix of the cluster's Redis keys and channels (default roombus)",
+        metavar="TEXT",
+    ),
     _Option("jwt-issuer", str, "require this iss claim in tokens", metavar="TEXT"),
     _Option(
         "page", str, "HTML file to serve at / (default: the bundled chat page)", metavar="FILE"
@@ -353,6 +380,29 @@ class Settings:
     transport: str
     authenticator: JWTAuthenticator | None = None
     ssl_context: ssl.SSLContext | None = None
+    backplane: RedisBackplane | None = None
+
+
+def _backplane(values: dict[str, Any], transport: str) -> RedisBackplane | None:
+    url = values.pop("redis", None)
+    options = {
+        name: values.pop(key)
+        for name, key in (
+            ("node_id", "node_id"),
+            ("presence_ttl", "presence_ttl"),
+            ("prefix", "redis_prefix"),
+        )
+        if key in values
+    }
+    if url is None:
+        if options:
+            raise ConfigError(next(iter(options)).replace("_", "-"), "needs --redis")
+        return None
+    if transport != "trio":
+        raise ConfigError("redis", "a cluster needs --transport trio")
+    from .trio import RedisBackplane
+
+    return RedisBackplane(url, **options)
 
 
 def _authenticator(values: dict[str, Any]) -> JWTAuthenticator | None:
@@ -420,10 +470,11 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Enviro
         values["allowed_origins"] = values.pop("allowed_origin")
     authenticator = _authenticator(values)
     ssl_context = _ssl_context(values)
+    backplane = _backplane(values, transport)
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
     server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
-    return Settings(broker, server, level, transport, authenticator, ssl_context)
+    return Settings(broker, server, level, transport, authenticator, ssl_context, backplane)
 
 
 def settings_from_environ(environ: dict[str, str] | os._Environ[str]) -> Settings:
@@ -454,6 +505,7 @@ async def _serve(settings: Settings) -> None:
                     settings.server,
                     authenticator=settings.authenticator,
                     ssl_context=settings.ssl_context,
+                    backplane=settings.backplane,
                 )
             )
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))

@@ -48,6 +48,7 @@ import attrs
 
 from ._auth import Authenticator, Authorizer
 from ._config import BrokerConfig, ServerConfig
+from ._errors import ConfigError
 from ._facade import ServerFacade
 from ._facade import wall as _wall
 from ._handshake import HttpResponse, Upgrade, route_request
@@ -404,6 +405,8 @@ def create_app() -> RoombusASGI:
     from ._cli import settings_from_environ
 
     settings = settings_from_environ(os.environ)
+    if settings.backplane is not None:
+        raise ConfigError("redis", "a cluster needs roombus serve (the trio server), not ASGI")
     log.setLevel(settings.log_level.upper())
     return RoombusASGI(
         attrs.evolve(settings.broker, heartbeat=False),

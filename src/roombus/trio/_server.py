@@ -31,11 +31,13 @@ import trio
 
 from .._auth import Authenticator, Authorizer
 from .._config import BrokerConfig, ServerConfig
+from .._events import Event
 from .._facade import ServerFacade
 from .._facade import wall as _wall
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
-from .._types import ConnectionId
+from .._types import ConnectionId, RoomName
+from ._backplane import RedisBackplane
 
 log: Final = logging.getLogger("roombus")
 
@@ -169,6 +171,7 @@ class Server(ServerFacade):
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        backplane: RedisBackplane | None = None,
     ) -> None:
         self.hub = Hub(
             broker_config,
@@ -176,7 +179,10 @@ class Server(ServerFacade):
             on_notice=on_notice,
             authenticator=authenticator,
             authorizer=authorizer,
+            node=backplane.node_id if backplane is not None else None,
         )
+        #: The link to the other nodes of a cluster, or None for a server on its own.
+        self.backplane = backplane
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
         self.ssl_context = ssl_context
         self.broker = self.hub.broker
@@ -209,6 +215,15 @@ class Server(ServerFacade):
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
 
+    def backplane_event(self, event: Event) -> None:
+        """Hand the broker what the backplane learnt (the other nodes' doings)."""
+        self.hub.backplane_event(event, now=trio.current_time(), timestamp=_wall())
+        self._after()
+
+    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
+        """Each room with members here, and its users here (for the backplane)."""
+        return [(room, list(users)) for room, users in self.broker.local_presence()]
+
     # -- the tasks ---------------------------------------------------------------------
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
@@ -219,10 +234,16 @@ class Server(ServerFacade):
                 self._nursery = nursery
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._timer_loop)
+                if self.backplane is not None:
+                    nursery.start_soon(self.backplane.run, self)
                 for lsock in self._listeners:
                     nursery.start_soon(self._accept_loop, lsock)
                 task_status.started()
                 await self._all_closed.wait()
+                if self.backplane is not None:
+                    # The goodbyes (presence leaves) go out before the link closes.
+                    with trio.move_on_after(self.config.close_timeout):
+                        await self.backplane.wait_idle()
                 nursery.cancel_scope.cancel()
 
     def _begin_shutdown(self) -> None:
@@ -322,6 +343,10 @@ class Server(ServerFacade):
                 link.scope.cancel()
         if hub.has_dirty():
             self._wake_flusher()
+        if self.backplane is not None:
+            work = hub.take_backplane()
+            if work:
+                self.backplane.submit(work)
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -439,6 +464,7 @@ async def serve(
     authenticator: Authenticator | None = None,
     authorizer: Authorizer | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    backplane: RedisBackplane | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -463,6 +489,8 @@ async def serve(
         authorizer: Per-room rights (join, publish, see presence); by default the
             authenticated identity's room rules.
         ssl_context: Serve TLS (``wss://``) with this server-side context.
+        backplane: Share rooms with other nodes through Redis
+            (:class:`roombus.trio.RedisBackplane`); the server runs it.
 
     Raises:
         OSError: if the address cannot be bound (before ``task_status.started``).
@@ -474,6 +502,7 @@ async def serve(
         authenticator=authenticator,
         authorizer=authorizer,
         ssl_context=ssl_context,
+        backplane=backplane,
     )
     server._listeners = _listen(server.config)
     server.port = server._listeners[0].getsockname()[1]

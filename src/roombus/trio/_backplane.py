@@ -1,0 +1,467 @@
+"""
+The Redis backplane: several roombus nodes serving the same rooms.
+
+The broker (in cluster mode) asks for backplane work as actions and takes what the
+other nodes did as events; this module carries them out over Redis:
+
+* Each room has a channel, ``<prefix>:{<room>}:c``, listened to (``SSUBSCRIBE``, or
+  ``SUBSCRIBE`` on a server without sharded pub/sub) only while the node has members
+  in the room. The ``{<room>}`` hash tag keeps a room's channel and keys on one shard
+  of a Redis Cluster, and spreads rooms over shards.
+* A chat message is numbered and published by one Lua script (``INCR`` of the room's
+  ``seq`` key, then publish), so ``seq`` is one counter per room for the whole cluster
+  and every node, the sender's included, delivers messages in the same order.
+* Presence is a sorted set per room, ``<prefix>:{<room>}:p``: a member
+  ``"<node> <username>"`` per user per node, scored with its expiry. A node refreshes
+  its members every ``presence_ttl / 3`` seconds; members of a node that stopped
+  refreshing (killed) are removed by whichever node refreshes the room next, which
+  publishes their leave. A change publishes a ``j``/``l`` record numbered by the
+  room's version key, so a node reading a snapshot knows which records it reflects.
+* Lost connection: the broker serves locally meanwhile (see
+  :class:`~roombus.BackplaneLost`); the backplane reconnects with exponential backoff
+  (0.1 s doubling to 5 s, with jitter), re-listens, re-announces, and re-reads every
+  room's presence.
+
+Redis is spoken through :mod:`roombus.trio._redis` (hiredis's parser and encoder over
+trio sockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Final, Protocol
+
+import attrs
+
+import trio
+
+from .._actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
+from .._cluster import is_valid_node_id
+from .._errors import ConfigError
+from .._events import BackplaneLost, BackplaneRestored, Event, RecordReceived, RoomSynced
+from .._types import RoomName
+from ._redis import (
+    Arg,
+    RedisConnection,
+    RedisConnectionError,
+    RedisError,
+    RedisSubscriber,
+    connect,
+    connect_subscriber,
+    parse_redis_url,
+    supports_sharded_pubsub,
+)
+
+if TYPE_CHECKING:
+    from ._redis import RedisAddress
+
+log: Final = logging.getLogger("roombus.backplane")
+
+#: Keys of a room idle this long (no message, no presence change) are left to expire.
+KEY_TTL_MS: Final = 24 * 3600 * 1000
+#: Reconnection backoff, in seconds: first wait and cap.
+BACKOFF_FIRST: Final = 0.1
+BACKOFF_CAP: Final = 5.0
+
+# Lua scripts. {pub} is SPUBLISH or PUBLISH; times are the Redis server's, in ms, so
+# the nodes' clocks do not matter. Members are "<node> <username>".
+_NOW: Final = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)"
+_REAP: Final = """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, m in ipairs(dead) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('{pub}', ARGV[1], 'l ' .. redis.call('INCR', KEYS[2]) .. ' ' .. m)
+end
+"""
+_KEEP: Final = """
+redis.call('PEXPIRE', KEYS[1], {key_ttl})
+redis.call('PEXPIRE', KEYS[2], {key_ttl})
+"""
+# KEYS: seq. ARGV: channel, node, ref, prefix. Returns the seq.
+_RELAY: Final = """
+local s = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], {key_ttl})
+redis.call('{pub}', ARGV[1], 'm ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+return s
+"""
+# KEYS: presence, version. ARGV: channel, member, "1"/"0", lifetime ms.
+_ANNOUNCE: Final = (
+    _NOW
+    + """
+if ARGV[3] == '1' then
+  if redis.call('ZADD', KEYS[1], now + ARGV[4], ARGV[2]) == 1 then
+    redis.call('{pub}', ARGV[1], 'j ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[2])
+  end
+elseif redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
+  redis.call('{pub}', ARGV[1], 'l ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[2])
+end
+"""
+    + _KEEP
+)
+# KEYS: presence, version. ARGV: channel, lifetime ms, members to keep... Refresh this
+# node's members first (so that a late refresh does not flap them), then reap.
+_REFRESH: Final = (
+    _NOW
+    + """
+for i = 3, #ARGV do
+  if redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[i]) == 1 then
+    redis.call('{pub}', ARGV[1], 'j ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[i])
+  end
+end
+"""
+    + _REAP
+    + _KEEP
+)
+# KEYS: presence, version. ARGV: channel. Returns {version, members}.
+_SNAPSHOT: Final = (
+    _NOW
+    + _REAP
+    + """
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1)}
+"""
+)
+
+_CHANNEL_RE: Final = re.compile(rb"\{([A-Za-z0-9_.:-]{1,64})\}:c\Z")
+
+
+class BackplaneHost(Protocol):
+    """What the backplane needs of the server it serves."""
+
+    def backplane_event(self, event: Event) -> None: ...
+
+    def local_presence(self) -> list[tuple[RoomName, list[str]]]: ...
+
+
+def generate_node_id() -> str:
+    """A node id unique enough across restarts: host name, process id, random."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "node"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@attrs.define
+class BackplaneStatistics:
+    """
+    Counters of a Redis backplane since it started.
+
+    Attributes:
+        online: Connected to Redis now.
+        connects: Successful connections (the first one included).
+        failures: Connections lost or refused.
+        dropped: Backplane work discarded because Redis was unreachable (messages
+            not relayed, presence changes not recorded; presence is re-announced on
+            reconnect, messages are delivered locally only).
+        relayed: Messages published to Redis.
+        received: Records received from Redis.
+        errors: Commands Redis answered with an error.
+    """
+
+    online: bool = False
+    connects: int = 0
+    failures: int = 0
+    dropped: int = 0
+    relayed: int = 0
+    received: int = 0
+    errors: int = 0
+
+
+class RedisBackplane:
+    """
+    Connects a trio roombus server to the other nodes through Redis.
+
+    Give it to :func:`roombus.trio.serve` (``backplane=``); the server runs it.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``.
+        node_id: This node's id, unique in the cluster (1-64 characters of
+            ``A-Z a-z 0-9 _ . : -``); generated if None.
+        presence_ttl: Seconds within which the users of a node that died (without
+            a goodbye) leave everywhere.
+        prefix: Prefix of every Redis key and channel.
+        connect_timeout: Seconds to connect (and log in) to Redis.
+
+    Raises:
+        ConfigError: for a bad URL, node id, TTL or prefix.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str | None = None,
+        presence_ttl: float = 15.0,
+        prefix: str = "roombus",
+        connect_timeout: float = 5.0,
+    ) -> None:
+        try:
+            self.address: RedisAddress = parse_redis_url(url)
+        except ValueError as exc:
+            raise ConfigError("redis", str(exc)) from None
+        if node_id is None:
+            node_id = generate_node_id()
+        if not is_valid_node_id(node_id):
+            raise ConfigError(
+                "node-id", f"must be 1-64 characters of A-Z a-z 0-9 _ . : -, not {node_id!r}"
+            )
+        if not (isinstance(presence_ttl, (int, float)) and 0.3 <= presence_ttl <= 86400):
+            raise ConfigError("presence-ttl", f"must be 0.3 to 86400 seconds, not {presence_ttl!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
+            raise ConfigError(
+                "redis-prefix", f"must be 1-64 of A-Z a-z 0-9 _ . : -, not {prefix!r}"
+            )
+        self.node_id: Final = node_id
+        self.presence_ttl: Final = float(presence_ttl)
+        self.prefix: Final = prefix
+        self.connect_timeout = connect_timeout
+        self.statistics = BackplaneStatistics()
+        self._work: deque[BackplaneAction] = deque()
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._scripts: dict[str, bytes] = {}
+        self._sharded = True
+        self._lasted = False
+
+    def __repr__(self) -> str:
+        return f"<RedisBackplane node={self.node_id!r} {self.address!r}>"
+
+    # -- names ------------------------------------------------------------------------
+
+    def _key(self, room: str, kind: str) -> str:
+        return f"{self.prefix}:{{{room}}}:{kind}"
+
+    def _member(self, username: str) -> str:
+        return f"{self.node_id} {username}"
+
+    # -- the server's side ------------------------------------------------------------
+
+    def submit(self, work: list[BackplaneAction]) -> None:
+        """Queue the broker's backplane work (from the server's trio thread)."""
+        if not self.statistics.online:
+            self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in work)
+            return
+        self._work.extend(work)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Until every queued piece of work was sent (or dropped for an outage)."""
+        await self._idle.wait()
+
+    async def run(self, host: BackplaneHost) -> None:
+        """Stay connected to Redis until cancelled, feeding *host* the other nodes' doings."""
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                cmd = await connect(self.address, connect_timeout=self.connect_timeout)
+            except (RedisConnectionError, RedisError, OSError) as exc:
+                self._failed(exc)
+            else:
+                try:
+                    await self._session(cmd, host)
+                except (RedisConnectionError, RedisError, OSError) as exc:
+                    self._failed(exc)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await cmd.aclose()
+                    if self.statistics.online:
+                        self._offline(host)
+            # A session that lasted resets the backoff; flapping backs off further.
+            backoff = BACKOFF_FIRST if self._lasted else min(backoff * 2, BACKOFF_CAP)
+            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+
+    def _failed(self, exc: BaseException) -> None:
+        self.statistics.failures += 1
+        log.warning("redis backplane %s: %s", "lost" if self.statistics.online else "down", exc)
+
+    def _offline(self, host: BackplaneHost) -> None:
+        self.statistics.online = False
+        self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in self._work)
+        self._work.clear()
+        self._idle.set()
+        host.backplane_event(BackplaneLost())
+
+    async def _session(self, cmd: RedisConnection, host: BackplaneHost) -> None:
+        """One connection's life, until it fails (raising why)."""
+        self._lasted = False
+        self._sharded = await supports_sharded_pubsub(cmd)
+        pub = "SPUBLISH" if self._sharded else "PUBLISH"
+        self._scripts = {}
+        for name, body in (
+            ("relay", _RELAY),
+            ("announce", _ANNOUNCE),
+            ("refresh", _REFRESH),
+            ("snapshot", _SNAPSHOT),
+        ):
+            source = body.replace("{pub}", pub).replace("{key_ttl}", str(KEY_TTL_MS))
+            self._scripts[name] = await cmd.execute("SCRIPT", "LOAD", source)
+        sub = await connect_subscriber(
+            self.address, sharded=self._sharded, connect_timeout=self.connect_timeout
+        )
+        try:
+            self.statistics.connects += 1
+            self.statistics.online = True
+            log.info(
+                "redis backplane connected as node %s (%s pub/sub)",
+                self.node_id,
+                "sharded" if self._sharded else "classic",
+            )
+            failure: list[BaseException] = []
+            async with trio.open_nursery() as nursery:
+
+                async def guard(task: Callable[[], Awaitable[None]]) -> None:
+                    try:
+                        await task()
+                    except (RedisConnectionError, RedisError, OSError) as exc:
+                        failure.append(exc)
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(guard, partial(self._read, sub, host))
+                nursery.start_soon(guard, partial(self._refresh_loop, cmd, host))
+                nursery.start_soon(guard, partial(self._write, cmd, sub, host))
+                nursery.start_soon(self._mark_lasting)
+                host.backplane_event(BackplaneRestored())
+            if failure:
+                raise failure[0]
+        finally:
+            with trio.CancelScope(shield=True):
+                await sub.aclose()
+
+    async def _mark_lasting(self) -> None:
+        await trio.sleep(BACKOFF_CAP)
+        self._lasted = True
+
+    # -- the tasks of one session -----------------------------------------------------
+
+    async def _read(self, sub: RedisSubscriber, host: BackplaneHost) -> None:
+        stats = self.statistics
+        while True:
+            channel, data = await sub.receive()
+            m = _CHANNEL_RE.search(channel)
+            if m is None:
+                continue
+            stats.received += 1
+            host.backplane_event(RecordReceived(room=RoomName(m.group(1).decode()), data=data))
+
+    async def _write(self, cmd: RedisConnection, sub: RedisSubscriber, host: BackplaneHost) -> None:
+        work = self._work
+        while True:
+            if not work:
+                self._idle.set()
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch: list[tuple[Arg, ...]] = []
+            while work and not isinstance(work[0], (Subscribe, Unsubscribe)):
+                batch.append(self._command(work.popleft()))  # type: ignore[arg-type]
+            if batch:
+                self._count_errors(await cmd.pipeline(batch))
+            rooms: list[RoomName] = []
+            while work and isinstance(work[0], Subscribe):
+                room = work.popleft().room
+                if room not in rooms:
+                    rooms.append(room)
+            if rooms:
+                await self._subscribe(cmd, sub, rooms, host)
+            gone: list[str] = []
+            while work and isinstance(work[0], Unsubscribe):
+                gone.append(self._key(work.popleft().room, "c"))
+            if gone:
+                await sub.unsubscribe(*gone)
+
+    def _command(self, action: Relay | Announce) -> tuple[Arg, ...]:
+        room = action.room
+        if isinstance(action, Relay):
+            self.statistics.relayed += 1
+            return (
+                "EVALSHA",
+                self._scripts["relay"],
+                1,
+                self._key(room, "s"),
+                self._key(room, "c"),
+                self.node_id,
+                action.ref,
+                action.prefix,
+            )
+        return (
+            "EVALSHA",
+            self._scripts["announce"],
+            2,
+            self._key(room, "p"),
+            self._key(room, "v"),
+            self._key(room, "c"),
+            self._member(action.username),
+            "1" if action.present else "0",
+            self._lifetime_ms,
+        )
+
+    @property
+    def _lifetime_ms(self) -> int:
+        """How long a presence member lives unrefreshed (refreshed every third of the TTL)."""
+        return int(self.presence_ttl * 2000 / 3)
+
+    async def _subscribe(
+        self, cmd: RedisConnection, sub: RedisSubscriber, rooms: list[RoomName], host: BackplaneHost
+    ) -> None:
+        # Listen first: records published from now on arrive. The snapshot, read after,
+        # has a version telling the broker which of them it already reflects.
+        await sub.subscribe(*(self._key(room, "c") for room in rooms))
+        replies = await cmd.pipeline(
+            [
+                (
+                    "EVALSHA",
+                    self._scripts["snapshot"],
+                    2,
+                    self._key(room, "p"),
+                    self._key(room, "v"),
+                    self._key(room, "c"),
+                )
+                for room in rooms
+            ]
+        )
+        for room, reply in zip(rooms, replies, strict=True):
+            if isinstance(reply, RedisError):
+                raise reply
+            version, members = reply
+            entries = []
+            for member in members:
+                node, _, username = member.decode("utf-8", "replace").partition(" ")
+                entries.append((node, username))
+            host.backplane_event(
+                RoomSynced(room=room, version=int(version), entries=tuple(entries))
+            )
+
+    async def _refresh_loop(self, cmd: RedisConnection, host: BackplaneHost) -> None:
+        period = self.presence_ttl / 3
+        while True:
+            await trio.sleep(period)
+            commands: list[tuple[Arg, ...]] = [
+                (
+                    "EVALSHA",
+                    self._scripts["refresh"],
+                    2,
+                    self._key(room, "p"),
+                    self._key(room, "v"),
+                    self._key(room, "c"),
+                    self._lifetime_ms,
+                    *(self._member(user) for user in users),
+                )
+                for room, users in host.local_presence()
+            ]
+            if commands:
+                self._count_errors(await cmd.pipeline(commands))
+
+    def _count_errors(self, replies: list[object]) -> None:
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                self.statistics.errors += 1
+                log.warning("redis backplane command failed: %s", reply)
+
+
+__all__ = ["BackplaneStatistics", "RedisBackplane", "generate_node_id"]

@@ -242,6 +242,12 @@ SERVE_OPTIONS = (
     ),
     _Option("no-page", _flag, "answer / with 404 instead of serving a page", metavar="BOOL"),
     _Option(
+        "no-metrics",
+        _flag,
+        "answer /metrics with 404 instead of counters and gauges",
+        metavar="BOOL",
+    ),
+    _Option(
         "log-level",
         _log_level,
         "debug, info, warning or error (default info)",
@@ -455,6 +461,7 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Enviro
     level = values.pop("log_level", "info")
     transport = values.pop("transport", "trio")
     values["heartbeat"] = not values.pop("no_heartbeat", False)
+    values["metrics"] = not values.pop("no_metrics", False)
     page_path = values.pop("page", None)
     if values.pop("no_page", False):
         page = None

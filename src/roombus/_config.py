@@ -121,6 +121,8 @@ class ServerConfig:
         allowed_origins: If not empty, the only ``Origin`` values an upgrade may carry
             (normalized: lower case, no trailing slash); others get 403.
         page: HTML served at ``GET /`` (the chat page), or None for 404.
+        metrics: Whether ``GET /metrics`` answers with counters and gauges (the
+            Prometheus text format); else 404.
         backlog: The listen backlog.
     """
 
@@ -133,6 +135,7 @@ class ServerConfig:
     max_connections_per_ip: int = 1_000
     allowed_origins: frozenset[str] = attrs.field(default=frozenset(), converter=_origins)
     page: bytes | None = None
+    metrics: bool = True
     backlog: int = 1024
 
     def __attrs_post_init__(self) -> None:

@@ -195,6 +195,8 @@ class Hub:
         self.config = config if config is not None else ServerConfig()
         #: Requests refused because of a connection limit since the start.
         self.limit_refusals = 0
+        #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
+        self.extra_metrics: Callable[[], dict[str, float]] | None = None
         self._per_ip: dict[str, int] = {}
         self.on_notice = on_notice
         self.shutting_down = False
@@ -244,6 +246,38 @@ class Hub:
             return []
         dirty, self._dirty = self._dirty, {}
         return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters, by Prometheus name (what ``GET /metrics`` shows)."""
+        stats = self.broker.statistics()
+        values: dict[str, float] = {
+            "roombus_transport_connections": len(self._conns),
+            "roombus_websocket_connections": stats.connections,
+            "roombus_rooms": stats.rooms,
+            "roombus_messages_published_total": stats.messages_published,
+            "roombus_deliveries_total": stats.deliveries,
+            "roombus_slow_consumers_closed_total": self.overflows,
+            "roombus_limit_refusals_total": self.limit_refusals,
+        }
+        if self.broker.node is not None:
+            values["roombus_backplane_online"] = int(stats.backplane_online)
+            values["roombus_relay_unconfirmed_total"] = stats.relay_unconfirmed
+            values["roombus_presence_gaps_total"] = stats.presence_gaps
+        if self.extra_metrics is not None:
+            values.update(self.extra_metrics())
+        return values
+
+    def metrics_response(self) -> HttpResponse:
+        """``GET /metrics``: :meth:`metrics` in the Prometheus text format."""
+        lines = []
+        for name, value in self.metrics().items():
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines.append(f"# TYPE {name} {kind}\n{name} {value:g}\n")
+        return HttpResponse(
+            status=200,
+            body="".join(lines).encode(),
+            content_type=b"text/plain; version=0.0.4; charset=utf-8",
+        )
 
     def take_backplane(self) -> list[BackplaneAction]:
         """Backplane work the broker asked for since the last call, in order."""
@@ -517,6 +551,13 @@ class Hub:
             if type(event) is RequestReceived:
                 if conn.refusal is not None:
                     self._respond(conn, conn.refusal, now, head=event.method == b"HEAD")
+                    return
+                if (
+                    config.metrics
+                    and event.method in (b"GET", b"HEAD")
+                    and event.target.partition(b"?")[0] == b"/metrics"
+                ):
+                    self._respond(conn, self.metrics_response(), now, head=event.method == b"HEAD")
                     return
                 decision = route_request(
                     event.method,

@@ -199,7 +199,9 @@ class RoombusASGI(ServerFacade):
             allowed_origins=self.config.allowed_origins,
             page=self.config.page,
         )
-        if isinstance(decision, Upgrade):  # the server has its WebSocket support off
+        if self.config.metrics and method in (b"GET", b"HEAD") and scope.get("path") == "/metrics":
+            decision = self.hub.metrics_response()
+        elif isinstance(decision, Upgrade):  # the server has its WebSocket support off
             decision = HttpResponse(status=426, body=b"this server does not speak WebSocket\n")
         elif decision.status >= 400:
             log.info("%s refused with %d", _peer(scope), decision.status)

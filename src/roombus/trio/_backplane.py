@@ -229,6 +229,18 @@ class RedisBackplane:
         self._sharded = True
         self._lasted = False
 
+    def metrics(self) -> dict[str, float]:
+        """The counters, by Prometheus name (for ``GET /metrics``)."""
+        stats = self.statistics
+        return {
+            "roombus_redis_connects_total": stats.connects,
+            "roombus_redis_failures_total": stats.failures,
+            "roombus_redis_dropped_total": stats.dropped,
+            "roombus_redis_relayed_total": stats.relayed,
+            "roombus_redis_received_total": stats.received,
+            "roombus_redis_errors_total": stats.errors,
+        }
+
     def __repr__(self) -> str:
         return f"<RedisBackplane node={self.node_id!r} {self.address!r}>"
 

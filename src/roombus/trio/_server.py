@@ -183,6 +183,8 @@ class Server(ServerFacade):
         )
         #: The link to the other nodes of a cluster, or None for a server on its own.
         self.backplane = backplane
+        if backplane is not None:
+            self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
         self.ssl_context = ssl_context
         self.broker = self.hub.broker

@@ -1,0 +1,238 @@
+"""
+Three roombus nodes, each its own process, behind one real Redis (started by the test
+from the ``redis-server`` binary; ``.ci/run`` installs it).
+
+Cross-node delivery and order, presence across nodes, a user on two nodes, a node
+killed with SIGKILL, and Redis restarted mid-traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Client, CliServer, open_client
+from tests.e2e.rawws import get
+from tests.redis.conftest import RedisProcess, start_redis
+
+TTL = 1.5  # presence TTL of the nodes: a killed node's users leave within it
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisProcess]:
+    proc = start_redis()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+Cluster = Callable[..., list[CliServer]]
+
+
+@pytest.fixture
+def cluster(redis: RedisProcess) -> Iterator[Cluster]:
+    """A factory: ``cluster(3)`` starts three nodes on *redis* and waits for them."""
+    nodes: list[CliServer] = []
+    clients: list[Client] = []
+
+    def start(n: int = 3, *args: str) -> list[CliServer]:
+        started = [
+            CliServer(
+                "--port",
+                "0",
+                "--redis",
+                redis.url,
+                "--node-id",
+                f"node-{len(nodes) + i}",
+                "--presence-ttl",
+                str(TTL),
+                *args,
+            )
+            for i in range(n)
+        ]
+        nodes.extend(started)
+        for node in started:
+            node.wait_listening()
+        for node in started:
+            wait_for(lambda node=node: metric(node, "roombus_backplane_online") == 1)
+        return started
+
+    start.clients = clients  # type: ignore[attr-defined]
+    try:
+        yield start
+    finally:
+        for c in clients:
+            c.close()
+        for node in nodes:
+            node.stop()
+
+
+def connect(cluster: Cluster, node: CliServer, room: str, user: str, **kw: Any) -> Client:
+    client = open_client(node.port, room, user, **kw)
+    cluster.clients.append(client)  # type: ignore[attr-defined]
+    return client
+
+
+def metric(node: CliServer, name: str) -> float | None:
+    resp = get(node.port, "/metrics")
+    for line in resp.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ")[1])
+    return None
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def drain(client: Client, *, until: Callable[[Any], bool], timeout: float = 10.0) -> list[Any]:
+    """Messages up to and including the first for which *until* holds."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = client.recv(timeout=max(deadline - time.monotonic(), 0.01))
+        got.append(msg)
+        if until(msg):
+            return got
+
+
+def test_messages_cross_nodes_in_one_order_with_one_seq(cluster):
+    nodes = cluster(3)
+    users = [connect(cluster, node, "lobby", f"u{i}") for i, node in enumerate(nodes)]
+    for i, c in enumerate(users):  # everyone sees everyone arrive
+        for j in range(i + 1, 3):
+            c.expect(type="presence", event="join", username=f"u{j}")
+    n = 60
+    for k in range(n):
+        for i, c in enumerate(users):
+            c.chat({"from": i, "k": k})
+    seen = []
+    for c in users:
+        chats = [m for m in drain(c, until=lambda m: m.get("seq") == 3 * n) if m["type"] == "chat"]
+        assert len(chats) == 3 * n
+        seen.append([(m["username"], m["content"]["k"], m["seq"]) for m in chats])
+        for i in range(3):  # per-sender order
+            ks = [k for u, k, _ in seen[-1] if u == f"u{i}"]
+            assert ks == list(range(n))
+        assert [s for _, _, s in seen[-1]] == list(range(1, 3 * n + 1))  # one gapless seq
+    assert seen[0] == seen[1] == seen[2]  # the same order on every node
+
+
+def test_presence_spans_nodes(cluster):
+    a, b, c = cluster(3)
+    ann = connect(cluster, a, "lobby", "ann")
+    bob = connect(cluster, b, "lobby", "bob")
+    ann.expect(type="presence", event="join", username="bob")
+    cid = open_client(c.port, "lobby", "cid", expect_join=None)
+    cluster.clients.append(cid)
+    cid.expect(type="presence", event="join", username="cid")
+    assert cid.expect(type="presence_state")["users"] == ["ann", "bob", "cid"]
+    for other in (ann, bob):
+        other.expect(type="presence", event="join", username="cid")
+    bob.close()
+    ann.expect(type="presence", event="leave", username="bob")
+    cid.expect(type="presence", event="leave", username="bob")
+    # Another room is its own: only its members hear of it.
+    connect(cluster, b, "other", "dan")
+    ann.ping()
+    cid.ping()
+
+
+def test_a_user_on_two_nodes_joins_once_and_leaves_once(cluster):
+    a, b, c = cluster(3)
+    watcher = connect(cluster, c, "lobby", "watcher")
+    ann_a = connect(cluster, a, "lobby", "ann")
+    watcher.expect(type="presence", event="join", username="ann")
+    ann_b = connect(cluster, b, "lobby", "ann", expect_join=False)  # present already
+    ann_a.close()
+    watcher.ping()  # no leave: ann is still on b
+    ann_b.chat("still here")
+    watcher.expect_chat("still here", "ann")
+    ann_b.close()
+    watcher.expect(type="presence", event="leave", username="ann")
+    watcher.ping()  # and only one
+
+
+def test_a_killed_node_s_users_leave_everywhere_within_the_ttl(cluster):
+    a, b, c = cluster(3)
+    ann = connect(cluster, a, "lobby", "ann")
+    cid = connect(cluster, c, "lobby", "cid")
+    ann.expect(type="presence", event="join", username="cid")
+    connect(cluster, b, "lobby", "bob")
+    for w in (ann, cid):
+        w.expect(type="presence", event="join", username="bob")
+    b.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    for w in (ann, cid):
+        w.expect(type="presence", event="leave", username="bob", timeout=TTL + 3)
+    converged = time.monotonic() - t0
+    assert converged <= TTL + 0.5, converged
+    ann.ping()
+    cid.ping()  # one leave each, nothing more
+    connect(cluster, a, "lobby", "eve")  # the room still works, on the living nodes
+    for w in (ann, cid):
+        w.expect(type="presence", event="join", username="eve")
+
+
+def test_redis_restart_mid_traffic(cluster, redis):
+    a, b = cluster(2)
+    ann = connect(cluster, a, "lobby", "ann")
+    bob = connect(cluster, b, "lobby", "bob")
+    ann.expect(type="presence", event="join", username="bob")
+    ann.chat("before")
+    for c in (ann, bob):
+        c.expect_chat("before", "ann")
+    redis.kill()
+    wait_for(lambda: metric(a, "roombus_backplane_online") == 0)
+    # Meanwhile each node still delivers locally, and counts what it could not relay.
+    ann.chat("during")
+    ann.expect_chat("during", "ann")
+    assert (metric(a, "roombus_relay_unconfirmed_total") or 0) >= 1
+    redis.restart()
+    for node in (a, b):
+        wait_for(lambda node=node: metric(node, "roombus_backplane_online") == 1, timeout=15)
+    # Presence was re-announced: a newcomer on either node sees both users.
+    cid = open_client(b.port, "lobby", "cid", expect_join=None)
+    cluster.clients.append(cid)
+    cid.expect(type="presence", event="join", username="cid")
+    assert cid.expect(type="presence_state")["users"] == ["ann", "bob", "cid"]
+    bob.chat("after")
+    drain(ann, until=lambda m: m.get("content") == "after")
+    msgs = drain(cid, until=lambda m: m.get("content") == "after")
+    assert [m["content"] for m in msgs if m["type"] == "chat"] == ["after"]
+    assert a.proc.poll() is None and b.proc.poll() is None  # nobody crashed
+    assert "Traceback" not in a.stderr + b.stderr
+
+
+def test_a_node_stopped_with_sigterm_says_goodbye_at_once(cluster):
+    a, b = cluster(2)
+    ann = connect(cluster, a, "lobby", "ann")
+    connect(cluster, b, "lobby", "bob")
+    ann.expect(type="presence", event="join", username="bob")
+    b.signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    ann.expect(type="presence", event="leave", username="bob", timeout=5)
+    assert b.wait(10) == 0
+    assert time.monotonic() - t0 < TTL  # not the TTL: the node said goodbye
+
+
+def test_json_of_a_cross_node_chat_is_the_protocol_s(cluster):
+    a, b = cluster(2)
+    ann = connect(cluster, a, "lobby", "ann")
+    bob = connect(cluster, b, "lobby", "bob")
+    ann.expect(type="presence", event="join", username="bob")
+    bob.send(json.dumps({"type": "chat", "content": {"é": [1, 2.5, None]}, "username": "x"}))
+    msg = ann.expect(type="chat", username="bob", room="lobby")
+    assert msg["content"] == {"é": [1, 2.5, None]}
+    assert set(msg) == {"type", "username", "content", "room", "timestamp", "seq"}
+    assert get(a.port, "/healthz").status == 200

@@ -8,13 +8,25 @@ Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``).
 from __future__ import annotations
 
 from ._actions import Action as Action
+from ._actions import Announce as Announce
+from ._actions import BackplaneAction as BackplaneAction
 from ._actions import Close as Close
 from ._actions import Deliver as Deliver
 from ._actions import MessagePublished as MessagePublished
 from ._actions import Notice as Notice
+from ._actions import Relay as Relay
 from ._actions import SendPing as SendPing
+from ._actions import Subscribe as Subscribe
+from ._actions import Unsubscribe as Unsubscribe
 from ._actions import UserJoined as UserJoined
 from ._actions import UserLeft as UserLeft
+from ._auth import Authenticator as Authenticator
+from ._auth import Authorizer as Authorizer
+from ._auth import ClaimsAuthorizer as ClaimsAuthorizer
+from ._auth import Identity as Identity
+from ._auth import JWTAuthenticator as JWTAuthenticator
+from ._auth import Refusal as Refusal
+from ._auth import RoomRules as RoomRules
 from ._broker import PING_TIMEOUT_CODE as PING_TIMEOUT_CODE
 from ._broker import Broker as Broker
 from ._broker import BrokerStatistics as BrokerStatistics
@@ -23,10 +35,14 @@ from ._config import ServerConfig as ServerConfig
 from ._errors import ConfigError as ConfigError
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import RoombusError as RoombusError
+from ._events import BackplaneLost as BackplaneLost
+from ._events import BackplaneRestored as BackplaneRestored
 from ._events import ClientConnected as ClientConnected
 from ._events import ClientDisconnected as ClientDisconnected
 from ._events import Event as Event
 from ._events import PongReceived as PongReceived
+from ._events import RecordReceived as RecordReceived
+from ._events import RoomSynced as RoomSynced
 from ._events import TextReceived as TextReceived
 from ._heartbeat import Heartbeat as Heartbeat
 from ._heartbeat import HeartbeatState as HeartbeatState
@@ -41,9 +57,16 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "Action",
+    "Announce",
+    "Authenticator",
+    "Authorizer",
+    "BackplaneAction",
+    "BackplaneLost",
+    "BackplaneRestored",
     "Broker",
     "BrokerConfig",
     "BrokerStatistics",
+    "ClaimsAuthorizer",
     "ClientConnected",
     "ClientDisconnected",
     "Close",
@@ -53,18 +76,27 @@ __all__ = [
     "Event",
     "Heartbeat",
     "HeartbeatState",
+    "Identity",
+    "JWTAuthenticator",
     "LocalProtocolError",
     "MessagePublished",
     "Notice",
     "PING_TIMEOUT_CODE",
     "PongReceived",
     "QueueState",
+    "RecordReceived",
+    "Refusal",
+    "Relay",
     "RoomName",
+    "RoomRules",
+    "RoomSynced",
     "RoombusError",
     "SendPing",
     "SendQueue",
     "ServerConfig",
+    "Subscribe",
     "TextReceived",
+    "Unsubscribe",
     "UserJoined",
     "UserLeft",
     "Username",

@@ -236,3 +236,53 @@ def test_json_of_a_cross_node_chat_is_the_protocol_s(cluster):
     assert msg["content"] == {"é": [1, 2.5, None]}
     assert set(msg) == {"type", "username", "content", "room", "timestamp", "seq"}
     assert get(a.port, "/healthz").status == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "setting"),
+    [
+        (["--redis", "http://127.0.0.1:6379"], "redis"),
+        (["--redis", "redis://127.0.0.1:notaport"], "redis"),
+        (["--redis", "redis://127.0.0.1:6379", "--node-id", "has space"], "node-id"),
+        (["--redis", "redis://127.0.0.1:6379", "--presence-ttl", "0"], "presence-ttl"),
+        (["--node-id", "n1"], "node-id"),
+        (["--redis", "redis://127.0.0.1:6379", "--transport", "asyncio"], "redis"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_cluster_config_errors_exit_2_naming_the_setting(args, setting):
+    proc = CliServer("--port", "0", *args)
+    try:
+        assert proc.wait(15) == 2
+        assert f"error: {setting}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        proc.stop()
+
+
+def test_a_node_started_before_redis_serves_locally_then_joins(redis):
+    """Redis down at start: the node serves its own clients, and joins once Redis is up."""
+    redis.stop()
+    node = CliServer("--port", "0", "--redis", redis.url, "--presence-ttl", str(TTL))
+    other = None
+    try:
+        port = node.wait_listening()
+        ann = open_client(port, "lobby", "ann")
+        ann.chat("alone")
+        ann.expect_chat("alone", "ann")
+        assert metric(node, "roombus_backplane_online") == 0
+        redis.restart()
+        wait_for(lambda: metric(node, "roombus_backplane_online") == 1, timeout=15)
+        other = CliServer("--port", "0", "--redis", redis.url, "--presence-ttl", str(TTL))
+        other_port = other.wait_listening()
+        wait_for(lambda: metric(other, "roombus_backplane_online") == 1)
+        bob = open_client(other_port, "lobby", "bob", expect_join=None)
+        bob.expect(type="presence", event="join", username="bob")
+        assert bob.expect(type="presence_state")["users"] == ["ann", "bob"]
+        ann.expect(type="presence", event="join", username="bob")
+        ann.close()
+        bob.close()
+    finally:
+        node.stop()
+        if other is not None:
+            other.stop()

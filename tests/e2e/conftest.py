@@ -208,7 +208,7 @@ def server(make_server: Callable[..., ServerThread]) -> ServerThread:
 
 # -- the command line in a subprocess -------------------------------------------------------
 
-LISTENING_RE = re.compile(r"listening on ws://([^/\s]+):(\d+)/ws")
+LISTENING_RE = re.compile(r"listening on wss?://([^/\s]+):(\d+)/ws")
 
 
 class CliServer:

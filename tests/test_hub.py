@@ -120,3 +120,36 @@ def test_the_peer_close_is_answered_and_the_transport_then_closed() -> None:
     hub.receive(cid, client.send(CloseConnection(code=1000)), now=0.0, timestamp=0)
     assert written(hub)[cid] == b"\x88\x02\x03\xe8"
     assert hub.take_to_close() == [cid]
+
+
+def _request(target: bytes = b"/ws?room=lobby&username=u") -> bytes:
+    key = base64.b64encode(b"k" * 16)
+    return (
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+    )
+
+
+def _status(hub: Hub, cid: int) -> bytes:
+    hub.receive(cid, _request(), now=0.0, timestamp=0)
+    queue = hub.queue(cid)
+    assert queue is not None and queue
+    return bytes(queue.data()).split(b"\r\n", 1)[0]
+
+
+def test_over_the_per_address_limit_gets_429_even_with_no_total_limit() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections=0, max_connections_per_ip=2))
+    for i in range(70):
+        hub.open(now=0.0, peer=f"10.0.0.{i}:1000")
+    first = [hub.open(now=0.0, peer="192.0.2.1:1") for _ in range(3)]
+    assert hub.take_to_close() == []  # answered, not dropped
+    assert _status(hub, first[2]) == b"HTTP/1.1 429 Too Many Requests"
+    assert _status(hub, first[0]) == b"HTTP/1.1 101 Switching Protocols"
+    assert hub.limit_refusals == 1
+
+
+def test_far_over_a_limit_is_dropped_without_an_answer() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections=10, max_connections_per_ip=0))
+    cids = [hub.open(now=0.0, peer=f"10.0.0.{i}:1") for i in range(10 + 64 + 1)]
+    assert hub.take_to_close() == [cids[-1]]
+    assert _status(hub, cids[10]) == b"HTTP/1.1 503 Service Unavailable"

@@ -464,9 +464,7 @@ def _check_secret(secret: str | bytes) -> bytes:
     try:
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(data)
     except InvalidKeyError:
-        raise ConfigError(
-            "jwt-secret", "looks like a public key or a JWK, not an HMAC secret"
-        ) from None
+        raise ConfigError("jwt-secret", "looks like a PEM or SSH key, not an HMAC secret") from None
     return data
 
 

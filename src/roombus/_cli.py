@@ -203,7 +203,7 @@ SERVE_OPTIONS = (
     _Option(
         "jwt-public-key",
         str,
-        "require a JWT signed with the RS256 key whose PEM public key is in FILE",
+        "require a JWT signed with the RS256 or ES256 key whose PEM public key is in FILE",
         metavar="FILE",
     ),
     _Option(
@@ -280,7 +280,11 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    table = table.get("roombus", table) if isinstance(table.get("roombus"), dict) else table
+    if isinstance(table.get("roombus"), dict):
+        others = [key for key in table if key != "roombus"]
+        if others:
+            raise ConfigError(f"{path}: {others[0]}", "outside the [roombus] table")
+        table = table["roombus"]
     error = _unknown_keys(table, path)
     if error is not None:
         raise error
@@ -444,14 +448,23 @@ def _ssl_context(values: dict[str, Any]) -> ssl.SSLContext | None:
         if keyfile is not None:
             raise ConfigError("keyfile", "needs --certfile")
         return None
+    for setting, path in (("certfile", certfile), ("keyfile", keyfile)):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise ConfigError(
+            "keyfile" if keyfile else "certfile",
+            f"not a usable certificate and private key: {exc.reason or exc}",
+        ) from None
     except OSError as exc:
-        setting = "keyfile" if keyfile and exc.filename == keyfile else "certfile"
-        raise ConfigError(setting, f"cannot read: {exc.strerror or exc}") from None
-    except ssl.SSLError as exc:
-        raise ConfigError("certfile", f"not a usable certificate and key: {exc.reason}") from None
+        raise ConfigError("certfile", f"cannot load: {exc.strerror or exc}") from None
     return context
 
 

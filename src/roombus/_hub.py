@@ -339,9 +339,10 @@ class Hub:
             return cid
         conn.refusal = self._over_limit(conn)
         config = self.config
+        per_ip, total = config.max_connections_per_ip, config.max_connections
         if conn.refusal is not None and (
-            self._per_ip[conn.ip] > 2 * max(config.max_connections_per_ip, 64)
-            or len(self._conns) > config.max_connections + max(config.max_connections // 8, 64)
+            (per_ip and self._per_ip[conn.ip] > 2 * max(per_ip, 64))
+            or (total and len(self._conns) > total + max(total // 8, 64))
         ):
             # Far over a limit: not even an answer (descriptors are what is scarce).
             self._drop(conn)

@@ -409,6 +409,8 @@ def create_app() -> RoombusASGI:
     settings = settings_from_environ(os.environ)
     if settings.backplane is not None:
         raise ConfigError("redis", "a cluster needs roombus serve (the trio server), not ASGI")
+    if settings.ssl_context is not None:
+        raise ConfigError("certfile", "under ASGI, TLS is the server's: use its own TLS options")
     log.setLevel(settings.log_level.upper())
     return RoombusASGI(
         attrs.evolve(settings.broker, heartbeat=False),

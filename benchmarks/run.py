@@ -44,7 +44,9 @@ sys.path.insert(0, str(HERE))
 from loadgen import proc_cpu_seconds, proc_rss_kb  # noqa: E402
 
 DEFAULT_SERVERS = {
-    "roombus": "{py} -m roombus serve --host 127.0.0.1 --port {port} --log-level warning",
+    # every client comes from 127.0.0.1: the per-address limit (1000 by default) is off
+    "roombus": "{py} -m roombus serve --host 127.0.0.1 --port {port} --log-level warning"
+    " --max-connections-per-ip 0",
     "websockets-peer": "{py} {here}/peers/websockets_peer.py --port {port}",
     "trio-websocket-peer": "{py} {here}/peers/trio_websocket_peer.py --port {port}",
 }

@@ -137,6 +137,8 @@ class BackplaneHost(Protocol):
 
     def backplane_event(self, event: Event) -> None: ...
 
+    def backplane_events(self, events: list[Event]) -> None: ...
+
     def local_presence(self) -> list[tuple[RoomName, list[str]]]: ...
 
 
@@ -354,13 +356,16 @@ class RedisBackplane:
 
     async def _read(self, sub: RedisSubscriber, host: BackplaneHost) -> None:
         stats = self.statistics
+        search = _CHANNEL_RE.search
         while True:
-            channel, data = await sub.receive()
-            m = _CHANNEL_RE.search(channel)
-            if m is None:
-                continue
-            stats.received += 1
-            host.backplane_event(RecordReceived(room=RoomName(m.group(1).decode()), data=data))
+            # A burst at once: the server then writes each client's share in one go.
+            events: list[Event] = []
+            for channel, data in await sub.receive_many():
+                m = search(channel)
+                if m is not None:
+                    events.append(RecordReceived(room=RoomName(m.group(1).decode()), data=data))
+            stats.received += len(events)
+            host.backplane_events(events)
 
     async def _write(self, cmd: RedisConnection, sub: RedisSubscriber, host: BackplaneHost) -> None:
         work = self._work

@@ -527,6 +527,17 @@ class RedisSubscriber(_Wire):
             self._hand_over()
         return self._messages.popleft()
 
+    async def receive_many(self) -> list[tuple[bytes, bytes]]:
+        """Wait for the next message, then return it with every one already read after it.
+
+        A consumer that hands a whole burst on at once lets its own writes coalesce.
+        """
+        batch = [await self.receive()]
+        messages = self._messages
+        while messages:
+            batch.append(messages.popleft())
+        return batch
+
     def messages(self) -> RedisSubscriber:
         """``async for channel, data in sub.messages()``: :meth:`receive` until lost."""
         return self

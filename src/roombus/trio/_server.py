@@ -222,6 +222,14 @@ class Server(ServerFacade):
         self.hub.backplane_event(event, now=trio.current_time(), timestamp=_wall())
         self._after()
 
+    def backplane_events(self, events: list[Event]) -> None:
+        """Hand the broker several backplane events, then write once."""
+        hub = self.hub
+        now, timestamp = trio.current_time(), _wall()
+        for event in events:
+            hub.backplane_event(event, now=now, timestamp=timestamp)
+        self._after()
+
     def local_presence(self) -> list[tuple[RoomName, list[str]]]:
         """Each room with members here, and its users here (for the backplane)."""
         return [(room, list(users)) for room, users in self.broker.local_presence()]

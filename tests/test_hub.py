@@ -153,3 +153,11 @@ def test_far_over_a_limit_is_dropped_without_an_answer() -> None:
     cids = [hub.open(now=0.0, peer=f"10.0.0.{i}:1") for i in range(10 + 64 + 1)]
     assert hub.take_to_close() == [cids[-1]]
     assert _status(hub, cids[10]) == b"HTTP/1.1 503 Service Unavailable"
+
+
+def test_connections_without_an_address_share_no_per_address_limit() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections=0, max_connections_per_ip=1))
+    cids = [hub.open(now=0.0, peer=peer) for peer in ("stream", "asgi", "", "stream")]
+    assert [_status(hub, cid) for cid in cids] == [b"HTTP/1.1 101 Switching Protocols"] * 4
+    ipv6 = [hub.open(now=0.0, peer="::1:5000"), hub.open(now=0.0, peer="::1:5001")]
+    assert _status(hub, ipv6[1]) == b"HTTP/1.1 429 Too Many Requests"

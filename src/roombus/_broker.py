@@ -434,9 +434,14 @@ class Broker:
         ):
             return f"not allowed in room {room!r}"
         limit = self.config.max_connections_per_room
-        r = self._registry.rooms.get(room)
-        if limit and r is not None and len(r.members) >= limit:
-            return f"room {room!r} is full ({limit} connections)"
+        if limit:
+            r = self._registry.rooms.get(room)
+            cr = self._cluster.get(room)
+            size = (len(r.members) if r is not None else 0) + (
+                len(cr.pending) if cr is not None else 0
+            )
+            if size >= limit:
+                return f"room {room!r} is full ({limit} connections)"
         return None
 
     @staticmethod
@@ -669,9 +674,13 @@ class Broker:
         actions: list[Action],
     ) -> None:
         if record.version > cr.version + 1:
-            # A record went missing: apply this one, and read the presence again.
+            # A record went missing: read the presence again, keeping what comes
+            # meanwhile (this one included) to apply on top of it.
             self._presence_gaps += 1
+            cr.synced = False
+            cr.buffered(record)
             actions.append(Subscribe(room=room))
+            return
         user = record.username
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
@@ -701,8 +710,8 @@ class Broker:
         cr = self._cluster.get(room)
         if cr is None:
             return
-        if cr.synced and event.version < cr.version:
-            return  # read before records already applied: stale
+        if event.version < cr.version:
+            return  # read before records already applied: stale; a newer one is coming
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
         before = set(cr.remote)
@@ -719,12 +728,17 @@ class Broker:
                     self._announce_change(r.members, room, user, user in remote, timestamp, actions)
         buffered, cr.buffer = cr.buffer, []
         for record in sorted(buffered, key=lambda rec: rec.version):
-            if record.version > cr.version:
+            if not cr.synced:  # a gap among them: the rest waits for the next snapshot
+                cr.buffered(record)
+            elif record.version > cr.version:
                 self._apply_presence(room, cr, record, timestamp, actions)
         if cr.resync:
             cr.resync = False
-            actions.append(Subscribe(room=room))
-        self._join_pending(room, cr, timestamp, actions)
+            if cr.synced:
+                cr.synced = False
+                actions.append(Subscribe(room=room))
+        if cr.synced:
+            self._join_pending(room, cr, timestamp, actions)
 
     def _join_pending(
         self, room: RoomName, cr: ClusterRoom, timestamp: int, actions: list[Action]
@@ -740,6 +754,7 @@ class Broker:
             cr.synced = False
             cr.buffer.clear()
             cr.resync = False
+            cr.version = 0  # Redis may come back without its data, counting from 0
             # Relayed but not back: maybe lost on the way. Deliver them here at least.
             outbox, cr.outbox = cr.outbox, type(cr.outbox)()
             for _, username, content, stamp in outbox:
@@ -752,8 +767,9 @@ class Broker:
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True
         registry = self._registry.rooms
+        # Every Subscribe first, then every Announce: a driver can batch each kind.
+        actions.extend(Subscribe(room=room) for room in self._cluster)
         for room in self._cluster:
-            actions.append(Subscribe(room=room))
             r = registry.get(room)
             if r is not None:
                 for user in r.users:

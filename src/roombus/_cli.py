@@ -256,6 +256,9 @@ SERVE_OPTIONS = (
 )
 
 
+# Settings whose value must never be echoed in an error message.
+_SECRETS = frozenset({"jwt_secret", "redis"})
+
 _METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
 
 
@@ -344,7 +347,9 @@ def _settings(
     for opt in SERVE_OPTIONS:
         raw = getattr(args, opt.dest)
         source = f"--{opt.flag}"
-        if raw is None and opt.env in environ:
+        if raw is None and environ.get(opt.env, "").strip():
+            # An empty variable (a blank template in a compose file) is unset, so
+            # that it never silently undoes the configuration file.
             raw = environ[opt.env]
             source = opt.env
             if opt.repeat:
@@ -354,13 +359,15 @@ def _settings(
             try:
                 raw = _from_toml(opt, from_file[opt.dest])
             except ValueError as exc:
-                raise ConfigError(source, str(exc)) from None
+                message = "must be a string" if opt.dest in _SECRETS else str(exc)
+                raise ConfigError(source, message) from None
         if raw is None:
             continue
         try:
             values[opt.dest] = [opt.type(r) for r in raw] if opt.repeat else opt.type(raw)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(source, f"invalid value {raw!r}: {exc}") from None
+            shown = "" if opt.dest in _SECRETS else f" {raw!r}"
+            raise ConfigError(source, f"invalid value{shown}: {exc}") from None
     return values
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import ipaddress
 import itertools
 import logging
 from collections.abc import Callable
@@ -128,6 +129,8 @@ class _Conn:
     ) -> None:
         self.cid = cid
         self.peer = peer
+        # None when the transport knows no address (a Unix socket, a stream handed
+        # in): such connections are not counted against one address's limit.
         self.ip = peer_address(peer)
         self.wire = wire
         self.queue = queue
@@ -137,10 +140,16 @@ class _Conn:
         self.refusal: HttpResponse | None = None
 
 
-def peer_address(peer: str) -> str:
-    """The client address in a peer label such as ``"203.0.113.9:51234"`` or ``"::1:80"``."""
+def peer_address(peer: str) -> str | None:
+    """
+    The client address in a peer label such as ``"203.0.113.9:51234"`` or
+    ``"::1:80"``; None if the label holds no IP address.
+    """
     host, sep, _ = peer.rpartition(":")
-    return host if sep else peer
+    try:
+        return str(ipaddress.ip_address(host.strip("[]") if sep else peer))
+    except ValueError:
+        return None
 
 
 class Hub:
@@ -341,7 +350,7 @@ class Hub:
         config = self.config
         per_ip, total = config.max_connections_per_ip, config.max_connections
         if conn.refusal is not None and (
-            (per_ip and self._per_ip[conn.ip] > 2 * max(per_ip, 64))
+            (per_ip and conn.ip is not None and self._per_ip[conn.ip] > 2 * max(per_ip, 64))
             or (total and len(self._conns) > total + max(total // 8, 64))
         ):
             # Far over a limit: not even an answer (descriptors are what is scarce).
@@ -352,7 +361,8 @@ class Hub:
 
     def _add(self, conn: _Conn) -> None:
         self._conns[conn.cid] = conn
-        self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+        if conn.ip is not None:
+            self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
 
     def _over_limit(self, conn: _Conn) -> HttpResponse | None:
         """The answer for a connection beyond a connection limit (counting itself)."""
@@ -364,7 +374,7 @@ class Hub:
                 status=503, body=b"server full: too many connections\n", headers=_RETRY
             )
         limit = config.max_connections_per_ip
-        if limit and self._per_ip[conn.ip] > limit:
+        if limit and conn.ip is not None and self._per_ip[conn.ip] > limit:
             self.limit_refusals += 1
             log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
             return HttpResponse(
@@ -484,11 +494,12 @@ class Hub:
         conn = self._conns.pop(cid, None)
         if conn is None:
             return
-        count = self._per_ip[conn.ip] - 1
-        if count:
-            self._per_ip[conn.ip] = count
-        else:
-            del self._per_ip[conn.ip]
+        if conn.ip is not None:
+            count = self._per_ip[conn.ip] - 1
+            if count:
+                self._per_ip[conn.ip] = count
+            else:
+                del self._per_ip[conn.ip]
         self._dirty.pop(cid, None)
         self._forget(conn, now, timestamp)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -286,3 +288,78 @@ def test_a_node_started_before_redis_serves_locally_then_joins(redis):
         node.stop()
         if other is not None:
             other.stop()
+
+
+def redis_cli(redis: RedisProcess, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(redis.port), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
+
+
+def test_redis_refusing_commands_falls_back_to_local_delivery(cluster, redis):
+    """SCRIPT FLUSH makes every relay fail: the node treats it as a lost link (serves
+    locally, counts it), reconnects, reloads its scripts and carries on."""
+    (a,) = cluster(1)
+    ann = connect(cluster, a, "lobby", "ann")
+    ann.chat("one")
+    ann.expect_chat("one", "ann")
+    assert redis_cli(redis, "SCRIPT", "FLUSH") == "OK"
+    for k in range(3):
+        ann.chat(f"during-{k}")
+    for k in range(3):
+        ann.expect_chat(f"during-{k}", "ann")
+    wait_for(lambda: (metric(a, "roombus_redis_connects_total") or 0) >= 2, timeout=15)
+    assert (metric(a, "roombus_redis_errors_total") or 0) >= 1
+    ann.chat("after")
+    ann.expect_chat("after", "ann")
+
+
+def test_an_unreadable_snapshot_ends_the_redis_session_not_the_node(cluster, redis):
+    (a,) = cluster(1)
+    assert redis_cli(redis, "SET", "roombus:{X}:v", "garbage") == "OK"
+    bob = open_client(a.port, "X", "bob", expect_join=None)
+    cluster.clients.append(bob)
+    bob.expect(type="presence", event="join", username="bob")  # served locally
+    bob.expect(type="presence_state", room="X")
+    bob.chat("still here")
+    bob.expect_chat("still here", "bob", room="X")
+    assert a.proc.poll() is None
+    assert "unreadable presence snapshot" in a.stderr
+
+
+def test_join_leave_join_keeps_every_message_after_the_last_join(cluster):
+    a, b = cluster(2)
+    carol = connect(cluster, a, "home", "carol")
+    bob = connect(cluster, b, "busy", "bob")
+    stop = threading.Event()
+
+    def flood() -> None:
+        k = 0
+        while not stop.is_set() and k < 3000:
+            bob.chat(k)
+            k += 1
+            time.sleep(0.001)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        for _ in range(5):
+            for kind in ("join", "leave", "join", "leave"):
+                carol.send({"type": kind, "room": "busy"})
+        carol.send({"type": "join", "room": "busy"})
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        flooder.join(10)
+    bob.chat("last")
+    msgs = drain(carol, until=lambda m: m.get("content") == "last")
+    seqs = [m["seq"] for m in msgs if m["type"] == "chat"]
+    # After the last join's presence_state, the room's messages come without a gap.
+    last_state = max(i for i, m in enumerate(msgs) if m["type"] == "presence_state")
+    tail = [m["seq"] for m in msgs[last_state:] if m["type"] == "chat"]
+    assert tail, seqs[-5:]
+    assert tail == list(range(tail[0], tail[0] + len(tail)))

@@ -70,6 +70,9 @@ KEY_TTL_MS: Final = 24 * 3600 * 1000
 #: Reconnection backoff, in seconds: first wait and cap.
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_CAP: Final = 5.0
+#: Seconds between liveness checks of both Redis connections, and how long each may
+#: take: a Redis that stops answering (a host gone, no reset) ends the session.
+KEEPALIVE: Final = 5.0
 
 # Lua scripts. {pub} is SPUBLISH or PUBLISH; times are the Redis server's, in ms, so
 # the nodes' clocks do not matter. Members are "<node> <username>".
@@ -230,6 +233,9 @@ class RedisBackplane:
         self._scripts: dict[str, bytes] = {}
         self._sharded = True
         self._lasted = False
+        # The rooms whose channel the broker wants listened to, as of the work queued:
+        # an Unsubscribe followed by a Subscribe of the same room is not carried out.
+        self._wanted: set[RoomName] = set()
 
     def metrics(self) -> dict[str, float]:
         """The counters, by Prometheus name (for ``GET /metrics``)."""
@@ -261,6 +267,12 @@ class RedisBackplane:
         if not self.statistics.online:
             self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in work)
             return
+        wanted = self._wanted
+        for action in work:
+            if isinstance(action, Subscribe):
+                wanted.add(action.room)
+            elif isinstance(action, Unsubscribe):
+                wanted.discard(action.room)
         self._work.extend(work)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
@@ -273,6 +285,7 @@ class RedisBackplane:
         """Stay connected to Redis until cancelled, feeding *host* the other nodes' doings."""
         backoff = BACKOFF_FIRST
         while True:
+            self._lasted = False
             try:
                 cmd = await connect(self.address, connect_timeout=self.connect_timeout)
             except (RedisConnectionError, RedisError, OSError) as exc:
@@ -280,7 +293,7 @@ class RedisBackplane:
             else:
                 try:
                     await self._session(cmd, host)
-                except (RedisConnectionError, RedisError, OSError) as exc:
+                except (RedisConnectionError, RedisError, OSError, trio.TooSlowError) as exc:
                     self._failed(exc)
                 finally:
                     with trio.CancelScope(shield=True):
@@ -299,6 +312,7 @@ class RedisBackplane:
         self.statistics.online = False
         self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in self._work)
         self._work.clear()
+        self._wanted.clear()
         self._idle.set()
         host.backplane_event(BackplaneLost())
 
@@ -333,13 +347,19 @@ class RedisBackplane:
                 async def guard(task: Callable[[], Awaitable[None]]) -> None:
                     try:
                         await task()
-                    except (RedisConnectionError, RedisError, OSError) as exc:
+                    except (RedisConnectionError, RedisError, OSError, trio.TooSlowError) as exc:
                         failure.append(exc)
+                        nursery.cancel_scope.cancel()
+                    except Exception as exc:
+                        # A bug (or a reply we cannot read): end this session, not the server.
+                        log.exception("redis backplane session failed")
+                        failure.append(RedisError(f"internal error: {exc!r}"))
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(guard, partial(self._read, sub, host))
                 nursery.start_soon(guard, partial(self._refresh_loop, cmd, host))
                 nursery.start_soon(guard, partial(self._write, cmd, sub, host))
+                nursery.start_soon(guard, partial(self._keepalive, cmd, sub))
                 nursery.start_soon(self._mark_lasting)
                 host.backplane_event(BackplaneRestored())
             if failure:
@@ -347,6 +367,13 @@ class RedisBackplane:
         finally:
             with trio.CancelScope(shield=True):
                 await sub.aclose()
+
+    async def _keepalive(self, cmd: RedisConnection, sub: RedisSubscriber) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE)
+            with trio.fail_after(KEEPALIVE):
+                await cmd.execute("PING")
+                await sub.ping()
 
     async def _mark_lasting(self) -> None:
         await trio.sleep(BACKOFF_CAP)
@@ -374,11 +401,22 @@ class RedisBackplane:
                 self._idle.set()
                 self._wake = trio.Event()
                 await self._wake.wait()
+            # Up to the next Subscribe: every command in one pipeline (in order), and
+            # the rooms no longer wanted in one unsubscribe (its order does not matter:
+            # it only stops records coming).
             batch: list[tuple[Arg, ...]] = []
-            while work and not isinstance(work[0], (Subscribe, Unsubscribe)):
-                batch.append(self._command(work.popleft()))  # type: ignore[arg-type]
+            gone: set[str] = set()
+            while work and not isinstance(work[0], Subscribe):
+                action = work.popleft()
+                if isinstance(action, Unsubscribe):
+                    if action.room not in self._wanted:
+                        gone.add(self._key(action.room, "c"))
+                elif isinstance(action, (Relay, Announce)):
+                    batch.append(self._command(action))
             if batch:
-                self._count_errors(await cmd.pipeline(batch))
+                self._check(await cmd.pipeline(batch))
+            if gone:
+                await sub.unsubscribe(*sorted(gone))
             rooms: list[RoomName] = []
             while work and isinstance(work[0], Subscribe):
                 room = work.popleft().room
@@ -386,11 +424,6 @@ class RedisBackplane:
                     rooms.append(room)
             if rooms:
                 await self._subscribe(cmd, sub, rooms, host)
-            gone: list[str] = []
-            while work and isinstance(work[0], Unsubscribe):
-                gone.append(self._key(work.popleft().room, "c"))
-            if gone:
-                await sub.unsubscribe(*gone)
 
     def _command(self, action: Relay | Announce) -> tuple[Arg, ...]:
         room = action.room
@@ -442,17 +475,20 @@ class RedisBackplane:
                 for room in rooms
             ]
         )
+        events: list[Event] = []
         for room, reply in zip(rooms, replies, strict=True):
             if isinstance(reply, RedisError):
                 raise reply
-            version, members = reply
-            entries = []
-            for member in members:
-                node, _, username = member.decode("utf-8", "replace").partition(" ")
-                entries.append((node, username))
-            host.backplane_event(
-                RoomSynced(room=room, version=int(version), entries=tuple(entries))
-            )
+            try:
+                version, members = reply
+                entries = []
+                for member in members:
+                    node, _, username = member.decode("utf-8", "replace").partition(" ")
+                    entries.append((node, username))
+                events.append(RoomSynced(room=room, version=int(version), entries=tuple(entries)))
+            except (TypeError, ValueError, AttributeError):
+                raise RedisError(f"unreadable presence snapshot of room {room!r}") from None
+        host.backplane_events(events)
 
     async def _refresh_loop(self, cmd: RedisConnection, host: BackplaneHost) -> None:
         period = self.presence_ttl / 3
@@ -472,13 +508,19 @@ class RedisBackplane:
                 for room, users in host.local_presence()
             ]
             if commands:
-                self._count_errors(await cmd.pipeline(commands))
+                self._check(await cmd.pipeline(commands))
 
-    def _count_errors(self, replies: list[object]) -> None:
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                self.statistics.errors += 1
-                log.warning("redis backplane command failed: %s", reply)
+    def _check(self, replies: list[object]) -> None:
+        """
+        An error reply (scripts flushed, a read-only replica, out of memory) ends the
+        session: the broker then serves locally and delivers what it had relayed,
+        rather than wait for records that will never come; reconnecting reloads the
+        scripts.
+        """
+        errors = [reply for reply in replies if isinstance(reply, RedisError)]
+        if errors:
+            self.statistics.errors += len(errors)
+            raise errors[0]
 
 
 __all__ = ["BackplaneStatistics", "RedisBackplane", "generate_node_id"]

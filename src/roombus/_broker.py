@@ -719,6 +719,13 @@ class Broker:
         for node, name in event.entries:
             if node != self.node and is_valid_username(name):
                 remote.setdefault(Username(name), set()).add(node)
+        if cr.lost_version and event.version < cr.lost_version:
+            # Redis came back without its data, and the other nodes may not have
+            # re-announced yet: keep who was there (no leaves now). The driver reads
+            # the snapshot again a little later, which settles it.
+            for user, nodes in cr.remote.items():
+                remote.setdefault(user, set()).update(nodes)
+        cr.lost_version = 0
         cr.remote = remote
         cr.version = event.version
         cr.synced = True
@@ -754,6 +761,7 @@ class Broker:
             cr.synced = False
             cr.buffer.clear()
             cr.resync = False
+            cr.lost_version = max(cr.version, cr.lost_version)
             cr.version = 0  # Redis may come back without its data, counting from 0
             # Relayed but not back: maybe lost on the way. Deliver them here at least.
             outbox, cr.outbox = cr.outbox, type(cr.outbox)()

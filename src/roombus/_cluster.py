@@ -91,6 +91,8 @@ class ClusterRoom:
             messages not yet back from the backplane.
         resync: Whether records were lost while waiting for the snapshot, so that
             another one must be read.
+        lost_version: The version known when the backplane was lost; a snapshot
+            below it after reconnecting means Redis lost its data (0: none).
     """
 
     remote: dict[Username, set[str]] = attrs.field(factory=dict)
@@ -101,6 +103,7 @@ class ClusterRoom:
     buffer: list[PresenceRecord] = attrs.field(factory=list)
     outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)
     resync: bool = False
+    lost_version: int = 0
 
     def buffered(self, record: PresenceRecord) -> None:
         """Keep *record* until the snapshot arrives (bounded: past it, read again)."""

@@ -208,8 +208,16 @@ def test_redis_restart_mid_traffic(cluster, redis):
     cluster.clients.append(cid)
     cid.expect(type="presence", event="join", username="cid")
     assert cid.expect(type="presence_state")["users"] == ["ann", "bob", "cid"]
+    time.sleep(TTL)  # past the nodes' second reading of the presence
     bob.chat("after")
-    drain(ann, until=lambda m: m.get("content") == "after")
+    seen = {
+        name: drain(client, until=lambda m: m.get("content") == "after")
+        for name, client in (("ann", ann), ("bob", bob))
+    }
+    for name, msgs in seen.items():
+        # Redis lost everything, yet nobody saw the other leave (and come back).
+        leaves = [m for m in msgs if m.get("event") == "leave"]
+        assert leaves == [], (name, leaves)
     msgs = drain(cid, until=lambda m: m.get("content") == "after")
     assert [m["content"] for m in msgs if m["type"] == "chat"] == ["after"]
     assert a.proc.poll() is None and b.proc.poll() is None  # nobody crashed

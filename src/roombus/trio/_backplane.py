@@ -360,6 +360,7 @@ class RedisBackplane:
                 nursery.start_soon(guard, partial(self._refresh_loop, cmd, host))
                 nursery.start_soon(guard, partial(self._write, cmd, sub, host))
                 nursery.start_soon(guard, partial(self._keepalive, cmd, sub))
+                nursery.start_soon(self._reread_presence)
                 nursery.start_soon(self._mark_lasting)
                 host.backplane_event(BackplaneRestored())
             if failure:
@@ -374,6 +375,16 @@ class RedisBackplane:
             with trio.fail_after(KEEPALIVE):
                 await cmd.execute("PING")
                 await sub.ping()
+
+    async def _reread_presence(self) -> None:
+        """
+        Read every room's presence again a third of the TTL after connecting: by then
+        the other nodes have re-announced their users if Redis lost its data, and
+        the broker settles who really is there (it kept everyone meanwhile).
+        """
+        await trio.sleep(self.presence_ttl / 3)
+        if self._wanted:
+            self.submit([Subscribe(room=room) for room in sorted(self._wanted)])
 
     async def _mark_lasting(self) -> None:
         await trio.sleep(BACKOFF_CAP)

@@ -422,6 +422,15 @@ def _backplane(values: dict[str, Any], transport: str) -> RedisBackplane | None:
     return RedisBackplane(url, **options)
 
 
+def _read_bytes(setting: str, path: str) -> bytes:
+    """The contents of the file a setting names; ConfigError naming it if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+
+
 def _authenticator(values: dict[str, Any]) -> JWTAuthenticator | None:
     secret = values.pop("jwt_secret", None)
     key_path = values.pop("jwt_public_key", None)
@@ -438,13 +447,7 @@ def _authenticator(values: dict[str, Any]) -> JWTAuthenticator | None:
         return None
     if secret is not None and key_path is not None:
         raise ConfigError("jwt-secret", "give either --jwt-secret or --jwt-public-key, not both")
-    public_key = None
-    if key_path is not None:
-        try:
-            with open(key_path, "rb") as f:
-                public_key = f.read()
-        except OSError as exc:
-            raise ConfigError("jwt-public-key", f"cannot read {key_path}: {exc.strerror}") from None
+    public_key = None if key_path is None else _read_bytes("jwt-public-key", key_path)
     return JWTAuthenticator(secret=secret, public_key=public_key, **options)
 
 
@@ -457,11 +460,7 @@ def _ssl_context(values: dict[str, Any]) -> ssl.SSLContext | None:
         return None
     for setting, path in (("certfile", certfile), ("keyfile", keyfile)):
         if path is not None:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+            _read_bytes(setting, path)  # a clear error for a missing or unreadable file
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)
@@ -486,11 +485,7 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Enviro
     if values.pop("no_page", False):
         page = None
     elif page_path is not None:
-        try:
-            with open(page_path, "rb") as f:
-                page = f.read()
-        except OSError as exc:
-            raise ConfigError("page", f"cannot read {page_path}: {exc.strerror}") from None
+        page = _read_bytes("page", page_path)
     else:
         page = resources.files("roombus").joinpath("_static/chat.html").read_bytes()
     if "allowed_origin" in values:

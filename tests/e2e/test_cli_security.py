@@ -30,7 +30,6 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect as ws_connect
 
 from .conftest import Client, CliServer, open_client
 from .rawws import (
@@ -42,6 +41,7 @@ from .rawws import (
     response_head,
     upgrade_request,
 )
+from .test_security import connect
 
 EXIT_BOUND = 5.0  # seconds from SIGTERM to the exit
 START_BOUND = 15.0  # seconds for a process to print its listening line, or exit
@@ -64,27 +64,6 @@ def forged(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) ->
         return signing_input + "."
     signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + _b64(signature)
-
-
-def connect(
-    port: int,
-    query: dict[str, str],
-    *,
-    headers: dict[str, str] | None = None,
-    scheme: str = "ws",
-    ssl_context: ssl.SSLContext | None = None,
-) -> Client:
-    ws = ws_connect(
-        f"{scheme}://{HOST}:{port}/ws?" + urlencode(query),
-        open_timeout=TIMEOUT,
-        close_timeout=2,
-        proxy=None,
-        compression=None,
-        additional_headers=headers,
-        ssl=ssl_context,
-    )
-    ws.__enter__()
-    return Client(ws, query.get("room", "lobby"), "?")
 
 
 def joined_as(client: Client, username: str) -> None:

@@ -114,9 +114,11 @@ class Subscribe:
 
     Attributes:
         room: The room.
+        gen: Which listening of the room this is; echo it in the answer.
     """
 
     room: RoomName
+    gen: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -61,6 +61,9 @@ _PRESENCE: Final = 2
 _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
 # Waiting for the room's cluster-wide presence before joining it.
 _PENDING: Final = 4
+#: Chats a room may hold for connections still joining it (one round trip's worth).
+MAX_HELD: Final = 1000
+_UNFORWARDABLE: Final = "content cannot be forwarded: nested too deeply or a number out of range"
 
 
 @attrs.frozen(kw_only=True)
@@ -152,6 +155,10 @@ class Broker:
         self._online = False
         self._cluster: dict[RoomName, ClusterRoom] = {}
         self._refs = 0
+        self._gens = 0
+        # Who this node told the backplane is present, per room: what to take back
+        # after an outage during which they left.
+        self._announced: dict[RoomName, set[Username]] = {}
         self._relay_unconfirmed = 0
         self._presence_gaps = 0
         # (deadline, conn): when a connection's credentials expire. An entry is live
@@ -466,9 +473,11 @@ class Broker:
         if self.node is not None:
             cr = self._cluster.get(room)
             if cr is None:
-                cr = self._cluster[room] = ClusterRoom()
+                self._gens += 1
+                cr = self._cluster[room] = ClusterRoom(gen=self._gens)
                 if self._online:
-                    actions.append(Subscribe(room=room))
+                    actions.append(Subscribe(room=room, gen=cr.gen))
+            cr.draining = False
             if self._online and not cr.synced:
                 # Joined once the room's presence across the cluster is known.
                 cr.pending[conn] = rights
@@ -508,7 +517,7 @@ class Broker:
         cr = self._cluster.get(room)
         if cr is not None:
             if first and self._online:
-                actions.append(Announce(room=room, username=c.username, present=True))
+                self._announce(room, c.username, True, actions)
             # Present elsewhere already: no news for anyone.
             first = first and c.username not in cr.remote
         if first:
@@ -530,12 +539,14 @@ class Broker:
         if rights & _PENDING:
             assert cr is not None
             del cr.pending[conn]
+            if cr.held:
+                cr.held = [held for held in cr.held if held[0] != conn]
             self._release(room, cr, actions)
             return
         r, username, last = self._registry.leave(room, conn)
         if cr is not None:
             if last and self._online:
-                actions.append(Announce(room=room, username=username, present=False))
+                self._announce(room, username, False, actions)
             self._release(room, cr, actions)
             last = last and username not in cr.remote
         if last:
@@ -547,11 +558,50 @@ class Broker:
             actions.append(UserLeft(room=room, username=username))
 
     def _release(self, room: RoomName, cr: ClusterRoom, actions: list[Action]) -> None:
-        """Stop listening to *room* if nobody here is in it or waiting for it."""
-        if not cr.pending and room not in self._registry.rooms:
-            del self._cluster[room]
-            if self._online:
-                actions.append(Unsubscribe(room=room))
+        """
+        Stop listening to *room* if nobody here is in it or waiting for it, once this
+        node's messages still on their way back are in (for their notices).
+        """
+        if cr.pending or room in self._registry.rooms:
+            return
+        if cr.outbox and self._online:
+            cr.draining = True
+            return
+        del self._cluster[room]
+        if self._online:
+            actions.append(Unsubscribe(room=room))
+
+    def _announce(
+        self, room: RoomName, username: Username, present: bool, actions: list[Action]
+    ) -> None:
+        announced = self._announced
+        if present:
+            announced.setdefault(room, set()).add(username)
+        else:
+            users = announced.get(room)
+            if users is not None:
+                users.discard(username)
+                if not users:
+                    del announced[room]
+        actions.append(Announce(room=room, username=username, present=present))
+
+    def _hold(
+        self,
+        conn: ConnectionId,
+        room: RoomName,
+        username: Username,
+        content: object,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        """A chat from a connection still joining *room*: published once it has joined."""
+        cr = self._cluster[room]
+        if codec.chat_prefix(username, content, room, timestamp) is None:
+            self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
+        elif len(cr.held) >= MAX_HELD:
+            self._error(conn, codec.NOT_JOINED, f"still joining room {room!r}", actions)
+        else:
+            cr.held.append((conn, content, timestamp))
 
     def _disconnect(
         self, conn: ConnectionId, c: _Conn, timestamp: int, actions: list[Action]
@@ -646,6 +696,10 @@ class Broker:
                 )
             if record.node == self.node:
                 outbox = cr.outbox
+                if cr.draining and outbox and outbox[-1][0] <= record.ref:
+                    cr.draining = False
+                    actions.append(Unsubscribe(room=room))
+                    del self._cluster[room]
                 while outbox and outbox[0][0] <= record.ref:
                     ref, username, content, stamp = outbox.popleft()
                     if ref == record.ref:
@@ -679,7 +733,7 @@ class Broker:
             self._presence_gaps += 1
             cr.synced = False
             cr.buffered(record)
-            actions.append(Subscribe(room=room))
+            actions.append(Subscribe(room=room, gen=cr.gen))
             return
         user = record.username
         r = self._registry.rooms.get(room)
@@ -710,8 +764,10 @@ class Broker:
         cr = self._cluster.get(room)
         if cr is None:
             return
-        if event.version < cr.version:
-            return  # read before records already applied: stale; a newer one is coming
+        if event.gen != cr.gen or event.version < cr.version:
+            # An answer to an earlier listening of the room, or read before records
+            # already applied: stale; a newer one is coming.
+            return
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
         before = set(cr.remote)
@@ -743,7 +799,7 @@ class Broker:
             cr.resync = False
             if cr.synced:
                 cr.synced = False
-                actions.append(Subscribe(room=room))
+                actions.append(Subscribe(room=room, gen=cr.gen))
         if cr.synced:
             self._join_pending(room, cr, timestamp, actions)
 
@@ -754,10 +810,15 @@ class Broker:
         for conn, rights in pending.items():
             c = self._conns[ConnectionId(conn)]
             self._join(ConnectionId(conn), c, room, rights, timestamp, actions)
+        held, cr.held = cr.held, []
+        for conn, content, stamp in held:
+            sender = self._conns.get(ConnectionId(conn))
+            if sender is not None and sender.rooms.get(room, _PENDING) & _PENDING == 0:
+                self._publish(room, sender.username, content, stamp, actions)
 
     def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
         self._online = False
-        for room, cr in self._cluster.items():
+        for room, cr in list(self._cluster.items()):
             cr.synced = False
             cr.buffer.clear()
             cr.resync = False
@@ -771,17 +832,25 @@ class Broker:
                     self._relay_unconfirmed += 1
                     self._deliver_local(room, cr, prefix, username, content, stamp, actions)
             self._join_pending(room, cr, timestamp, actions)
+            if cr.draining:
+                del self._cluster[room]
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True
         registry = self._registry.rooms
         # Every Subscribe first, then every Announce: a driver can batch each kind.
-        actions.extend(Subscribe(room=room) for room in self._cluster)
+        actions.extend(Subscribe(room=room, gen=cr.gen) for room, cr in self._cluster.items())
+        # Take back who left during the outage (rather than wait for their entries
+        # to expire), then announce everyone here.
+        for room, users in list(self._announced.items()):
+            r = registry.get(room)
+            for user in [u for u in users if r is None or u not in r.users]:
+                self._announce(room, user, False, actions)
         for room in self._cluster:
             r = registry.get(room)
             if r is not None:
                 for user in r.users:
-                    actions.append(Announce(room=room, username=user, present=True))
+                    self._announce(room, user, True, actions)
 
     def _on_text(
         self, conn: ConnectionId, c: _Conn, text: str, timestamp: int, actions: list[Action]
@@ -794,13 +863,10 @@ class Broker:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
             elif not rights & _PUBLISH:
                 self._error(conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions)
+            elif rights & _PENDING:
+                self._hold(conn, room, c.username, request.content, timestamp, actions)
             elif not self._publish(room, c.username, request.content, timestamp, actions):
-                self._error(
-                    conn,
-                    codec.BAD_MESSAGE,
-                    "content cannot be forwarded: nested too deeply or a number out of range",
-                    actions,
-                )
+                self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
         elif isinstance(request, codec.Join):
             room = request.room
             rights = c.rooms.get(room)

@@ -93,6 +93,11 @@ class ClusterRoom:
             another one must be read.
         lost_version: The version known when the backplane was lost; a snapshot
             below it after reconnecting means Redis lost its data (0: none).
+        gen: This listening's number (see :class:`~roombus.Subscribe`).
+        held: Chat messages of connections waiting to join, published once they
+            have: ``(conn, content, timestamp)``.
+        draining: Nobody here is in the room any more, but messages of this node
+            are still on their way back; it is released once they are in.
     """
 
     remote: dict[Username, set[str]] = attrs.field(factory=dict)
@@ -104,6 +109,9 @@ class ClusterRoom:
     outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)
     resync: bool = False
     lost_version: int = 0
+    gen: int = 0
+    held: list[tuple[int, object, int]] = attrs.field(factory=list)
+    draining: bool = False
 
     def buffered(self, record: PresenceRecord) -> None:
         """Keep *record* until the snapshot arrives (bounded: past it, read again)."""

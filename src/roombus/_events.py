@@ -86,11 +86,15 @@ class RoomSynced:
         version: The room's record counter when the snapshot was read; records up
             to it are in the snapshot.
         entries: ``(node, username)`` for every user present on every node.
+        gen: The ``gen`` of the :class:`~roombus.Subscribe` this answers; an answer
+            to an earlier listening of the room (since left and joined again) is
+            ignored.
     """
 
     room: RoomName
     version: int
     entries: tuple[tuple[str, str], ...]
+    gen: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -235,7 +235,7 @@ class RedisBackplane:
         self._lasted = False
         # The rooms whose channel the broker wants listened to, as of the work queued:
         # an Unsubscribe followed by a Subscribe of the same room is not carried out.
-        self._wanted: set[RoomName] = set()
+        self._wanted: dict[RoomName, int] = {}  # room -> the latest Subscribe's gen
 
     def metrics(self) -> dict[str, float]:
         """The counters, by Prometheus name (for ``GET /metrics``)."""
@@ -270,9 +270,9 @@ class RedisBackplane:
         wanted = self._wanted
         for action in work:
             if isinstance(action, Subscribe):
-                wanted.add(action.room)
+                wanted[action.room] = action.gen
             elif isinstance(action, Unsubscribe):
-                wanted.discard(action.room)
+                wanted.pop(action.room, None)
         self._work.extend(work)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
@@ -384,7 +384,9 @@ class RedisBackplane:
         """
         await trio.sleep(self.presence_ttl / 3)
         if self._wanted:
-            self.submit([Subscribe(room=room) for room in sorted(self._wanted)])
+            self.submit(
+                [Subscribe(room=room, gen=gen) for room, gen in sorted(self._wanted.items())]
+            )
 
     async def _mark_lasting(self) -> None:
         await trio.sleep(BACKOFF_CAP)
@@ -428,11 +430,11 @@ class RedisBackplane:
                 self._check(await cmd.pipeline(batch))
             if gone:
                 await sub.unsubscribe(*sorted(gone))
-            rooms: list[RoomName] = []
+            rooms: dict[RoomName, int] = {}  # the latest listening of each room
             while work and isinstance(work[0], Subscribe):
-                room = work.popleft().room
-                if room not in rooms:
-                    rooms.append(room)
+                subscribe = work.popleft()
+                assert isinstance(subscribe, Subscribe)
+                rooms[subscribe.room] = subscribe.gen
             if rooms:
                 await self._subscribe(cmd, sub, rooms, host)
 
@@ -468,7 +470,11 @@ class RedisBackplane:
         return int(self.presence_ttl * 2000 / 3)
 
     async def _subscribe(
-        self, cmd: RedisConnection, sub: RedisSubscriber, rooms: list[RoomName], host: BackplaneHost
+        self,
+        cmd: RedisConnection,
+        sub: RedisSubscriber,
+        rooms: dict[RoomName, int],
+        host: BackplaneHost,
     ) -> None:
         # Listen first: records published from now on arrive. The snapshot, read after,
         # has a version telling the broker which of them it already reflects.
@@ -487,7 +493,7 @@ class RedisBackplane:
             ]
         )
         events: list[Event] = []
-        for room, reply in zip(rooms, replies, strict=True):
+        for (room, gen), reply in zip(rooms.items(), replies, strict=True):
             if isinstance(reply, RedisError):
                 raise reply
             try:
@@ -496,7 +502,9 @@ class RedisBackplane:
                 for member in members:
                     node, _, username = member.decode("utf-8", "replace").partition(" ")
                     entries.append((node, username))
-                events.append(RoomSynced(room=room, version=int(version), entries=tuple(entries)))
+                events.append(
+                    RoomSynced(room=room, version=int(version), entries=tuple(entries), gen=gen)
+                )
             except (TypeError, ValueError, AttributeError):
                 raise RedisError(f"unreadable presence snapshot of room {room!r}") from None
         host.backplane_events(events)

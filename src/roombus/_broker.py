@@ -9,6 +9,7 @@ message becomes an ``error`` envelope, a dead peer a :class:`~roombus.Close`.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -159,6 +160,9 @@ class Broker:
         # Who this node told the backplane is present, per room: what to take back
         # after an outage during which they left.
         self._announced: dict[RoomName, set[Username]] = {}
+        # The latest leaves asked of the backplane: one may have been lost with the
+        # link, so they are asked again after it (asking twice changes nothing).
+        self._recent_leaves: deque[tuple[RoomName, Username]] = deque(maxlen=MAX_HELD)
         self._relay_unconfirmed = 0
         self._presence_gaps = 0
         # (deadline, conn): when a connection's credentials expire. An entry is live
@@ -578,6 +582,7 @@ class Broker:
         if present:
             announced.setdefault(room, set()).add(username)
         else:
+            self._recent_leaves.append((room, username))
             users = announced.get(room)
             if users is not None:
                 users.discard(username)
@@ -764,9 +769,13 @@ class Broker:
         cr = self._cluster.get(room)
         if cr is None:
             return
-        if event.gen != cr.gen or event.version < cr.version:
-            # An answer to an earlier listening of the room, or read before records
-            # already applied: stale; a newer one is coming.
+        if event.gen != cr.gen:
+            return  # an answer to an earlier listening of the room
+        if event.version < cr.version:
+            # Read before records already applied: stale. A newer one is coming,
+            # unless this was the reading meant to settle presence: ask again.
+            if cr.settling:
+                actions.append(Subscribe(room=room, gen=cr.gen))
             return
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
@@ -781,6 +790,9 @@ class Broker:
             # the snapshot again a little later, which settles it.
             for user, nodes in cr.remote.items():
                 remote.setdefault(user, set()).update(nodes)
+            cr.settling = True
+        else:
+            cr.settling = False
         cr.lost_version = 0
         cr.remote = remote
         cr.version = event.version
@@ -842,6 +854,11 @@ class Broker:
         actions.extend(Subscribe(room=room, gen=cr.gen) for room, cr in self._cluster.items())
         # Take back who left during the outage (rather than wait for their entries
         # to expire), then announce everyone here.
+        recent, self._recent_leaves = self._recent_leaves, deque(maxlen=MAX_HELD)
+        for room, user in recent:
+            r = registry.get(room)
+            if r is None or user not in r.users:
+                actions.append(Announce(room=room, username=user, present=False))
         for room, users in list(self._announced.items()):
             r = registry.get(room)
             for user in [u for u in users if r is None or u not in r.users]:

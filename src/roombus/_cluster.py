@@ -110,6 +110,7 @@ class ClusterRoom:
     resync: bool = False
     lost_version: int = 0
     gen: int = 0
+    settling: bool = False
     held: list[tuple[int, object, int]] = attrs.field(factory=list)
     draining: bool = False
 

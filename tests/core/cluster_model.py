@@ -1,0 +1,366 @@
+"""
+ModelBackplane: an in-memory model of what a cluster's backplane driver (Redis) does.
+
+The contract, as the broker's cluster mode expects it (``roombus.trio.RedisBackplane``
+implements it with Redis):
+
+* Each room has one channel. A record published on it reaches every node subscribed to
+  the room at the time, in one order (the same for every subscriber). A node's
+  deliveries of one channel are in that order; different channels interleave freely.
+* ``Subscribe(room, gen)``: the node is subscribed (idempotent); THEN the room's
+  presence is read (``version`` and every ``(node, username)`` entry) and answered
+  with ``RoomSynced(..., gen)``. Several Subscribes of a room may be answered once,
+  with the latest ``gen``. The answer joins the node's stream of the room's records
+  where it was read, but may overtake records ahead of it (published after the
+  subscription, before the read); and, with ``lag``, records published after the read
+  may overtake it (the snapshot comes on another connection than the records).
+* ``Unsubscribe(room)``: no more of the room's records for the node (with
+  ``skip_unsubscribe``, as the trio driver does, not carried out when a later
+  Subscribe of the room was asked for meanwhile).
+* ``Relay(room, ref, prefix)``: ``seq = INCR``; publish ``m <seq> <node> <ref> <prefix>``.
+* ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
+  set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
+* Each node has one connection: its commands run in the order asked for, interleaved
+  with other nodes'. A subscribe's snapshot read is a step of its own, some time after
+  the subscribe (the node's reads in order; its later commands may run first).
+* Entries expire (TTL) unless refreshed: a dead or disconnected node refreshes none, a
+  connected one those of :meth:`Broker.local_presence`. An expiry is published as an
+  ``l`` record like any removal.
+* A lost connection drops the node's subscriptions, its commands not yet run and
+  records not yet delivered; the broker is told ``BackplaneLost``. A Redis restart
+  wipes everything (counters, presence, subscriptions) and every node loses its link.
+  Some time after reconnecting, the driver reads again the presence of every room it
+  listens to (``Subscribe`` with the room's latest ``gen``).
+
+Nothing here knows about the broker: the test hands the brokers' backplane actions to
+:meth:`ModelBackplane.submit` and the model hands events back through ``deliver``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from roombus import (
+    Announce,
+    BackplaneAction,
+    Event,
+    RecordReceived,
+    Relay,
+    RoomName,
+    RoomSynced,
+    Subscribe,
+    Unsubscribe,
+)
+
+
+@attrs.define
+class Record:
+    data: bytes
+    index: int  # the backplane's count of records published, this one included
+
+
+@attrs.define
+class Snapshot:
+    version: int
+    entries: tuple[tuple[str, str], ...]
+    gen: int
+    index: int  # records published when it was read
+
+
+@attrs.define
+class Read:
+    """The snapshot read that follows a subscribe."""
+
+    room: str
+    gen: int
+
+
+@attrs.define
+class Channel:
+    """A room's keys on the backplane: counters, presence set, and its subscribers."""
+
+    seq: int = 0
+    version: int = 0
+    presence: set[tuple[str, str]] = attrs.field(factory=set)
+    subscribers: set[str] = attrs.field(factory=set)
+
+
+@attrs.define
+class Link:
+    """One node's connection to the backplane."""
+
+    node: str
+    alive: bool = True
+    online: bool = False
+    commands: deque[BackplaneAction] = attrs.field(factory=deque)
+    reads: deque[Read] = attrs.field(factory=deque)
+    inbox: dict[str, deque[Record | Snapshot]] = attrs.field(factory=dict)
+    wanted: dict[str, int] = attrs.field(factory=dict)  # room -> the latest Subscribe's gen
+    reread: bool = False  # the read-again after connecting is still to come
+
+    def drop_queues(self) -> None:
+        self.commands.clear()
+        self.reads.clear()
+        self.inbox.clear()
+        self.wanted.clear()
+        self.reread = False
+
+
+Work = tuple[str, str, str, int]  # (kind, node, room, index)
+
+
+class ModelBackplane:
+    """
+    Args:
+        nodes: The node ids.
+        deliver: Hands an event to a node's broker (which may submit more work).
+        lag: Whether records published after a snapshot was read may reach the node
+            before the snapshot does.
+        skip_unsubscribe: Whether an Unsubscribe superseded by a later Subscribe of
+            the same room is skipped (the trio driver) or carried out.
+        on_publish: Called with ``(room, data)`` for every record published.
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[str],
+        deliver: Callable[[str, Event], None],
+        *,
+        lag: bool = True,
+        skip_unsubscribe: bool = True,
+        on_publish: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.links = {n: Link(n) for n in nodes}
+        self.channels: dict[str, Channel] = {}
+        self.deliver = deliver
+        self.lag = lag
+        self.skip_unsubscribe = skip_unsubscribe
+        self.on_publish = on_publish
+        self.published = 0
+        self.delivering: Record | Snapshot | None = None  # what deliver() is handed now
+
+    def channel(self, room: str) -> Channel:
+        return self.channels.setdefault(room, Channel())
+
+    # -- what the brokers ask for -------------------------------------------------------
+
+    def submit(self, node: str, action: BackplaneAction) -> None:
+        """A broker's backplane action: queued on the node's connection (if it has one)."""
+        link = self.links[node]
+        if not (link.alive and link.online):
+            return  # no connection: the driver drops it
+        if isinstance(action, Subscribe):
+            link.wanted[action.room] = action.gen
+        elif isinstance(action, Unsubscribe):
+            link.wanted.pop(action.room, None)
+        link.commands.append(action)
+
+    # -- the backplane's side -----------------------------------------------------------
+
+    def publish(self, room: str, data: bytes) -> None:
+        ch = self.channel(room)
+        self.published += 1
+        if self.on_publish is not None:
+            self.on_publish(room, data)
+        for node in sorted(ch.subscribers):
+            self.links[node].inbox.setdefault(room, deque()).append(Record(data, self.published))
+
+    def announce(self, node: str, room: str, user: str, present: bool) -> None:
+        ch = self.channel(room)
+        entry = (node, user)
+        if present == (entry in ch.presence):
+            return
+        if present:
+            ch.presence.add(entry)
+        else:
+            ch.presence.discard(entry)
+        ch.version += 1
+        kind = b"j" if present else b"l"
+        self.publish(room, b"%s %d %s %s" % (kind, ch.version, node.encode(), user.encode()))
+
+    def run_command(self, node: str) -> None:
+        link = self.links[node]
+        action = link.commands.popleft()
+        room = action.room
+        ch = self.channel(room)
+        if isinstance(action, Subscribe):
+            ch.subscribers.add(node)
+            for read in link.reads:
+                if read.room == room:  # not read yet: one answer, with the latest gen
+                    read.gen = action.gen
+                    break
+            else:
+                link.reads.append(Read(room, action.gen))
+        elif isinstance(action, Unsubscribe):
+            if not (self.skip_unsubscribe and room in link.wanted):
+                ch.subscribers.discard(node)
+                link.inbox.pop(room, None)
+        elif isinstance(action, Relay):
+            ch.seq += 1
+            self.publish(room, b"m %d %s %d " % (ch.seq, node.encode(), action.ref) + action.prefix)
+        else:
+            assert isinstance(action, Announce)
+            self.announce(node, room, action.username, action.present)
+
+    def read_next(self, node: str) -> None:
+        link = self.links[node]
+        read = link.reads.popleft()
+        ch = self.channel(read.room)
+        link.inbox.setdefault(read.room, deque()).append(
+            Snapshot(ch.version, tuple(sorted(ch.presence)), read.gen, self.published)
+        )
+
+    def reread(self, node: str) -> None:
+        """A while after connecting, the driver reads every room's presence again."""
+        link = self.links[node]
+        link.reread = False
+        for room, gen in sorted(link.wanted.items()):
+            link.commands.append(Subscribe(room=RoomName(room), gen=gen))
+
+    def deliver_next(self, node: str, room: str) -> None:
+        link = self.links[node]
+        item = link.inbox[room].popleft()
+        if not link.inbox[room]:
+            del link.inbox[room]
+        self.delivering = item
+        if isinstance(item, Record):
+            self.deliver(node, RecordReceived(room=RoomName(room), data=item.data))
+        else:
+            self.deliver(
+                node,
+                RoomSynced(
+                    room=RoomName(room), version=item.version, entries=item.entries, gen=item.gen
+                ),
+            )
+        self.delivering = None
+
+    def swap(self, node: str, room: str, index: int) -> None:
+        """Items *index* - 1 and *index* of the node's room stream change places."""
+        box = self.links[node].inbox[room]
+        box[index - 1], box[index] = box[index], box[index - 1]
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def work(self, *, reorder: bool = True) -> list[Work]:
+        """Every step that could run next (with *reorder*, snapshots moving too)."""
+        out: list[Work] = []
+        for node, link in sorted(self.links.items()):
+            if not (link.alive and link.online):
+                continue
+            if link.commands:
+                out.append(("run", node, "", 0))
+            if link.reads:
+                out.append(("read", node, "", 0))
+            if link.reread:
+                out.append(("reread", node, "", 0))
+            for room, box in sorted(link.inbox.items()):
+                out.append(("deliver", node, room, 0))
+                if reorder:
+                    out.extend(self.moves(node, room, box))
+        return out
+
+    def moves(self, node: str, room: str, box: deque[Record | Snapshot]) -> list[Work]:
+        out: list[Work] = []
+        for i in range(1, len(box)):
+            before, after = box[i - 1], box[i]
+            # A snapshot may come earlier than a record published before it was read,
+            # and (with lag) later than one published after.
+            kinds = (type(before), type(after))
+            if kinds == (Record, Snapshot) and before.index <= after.index:
+                out.append(("overtake", node, room, i))
+            elif kinds == (Snapshot, Record) and self.lag and after.index > before.index:
+                out.append(("lag", node, room, i))
+        return out
+
+    def step(self, work: Work) -> None:
+        kind, node, room, index = work
+        if kind == "run":
+            self.run_command(node)
+        elif kind == "read":
+            self.read_next(node)
+        elif kind == "reread":
+            self.reread(node)
+        elif kind == "deliver":
+            self.deliver_next(node, room)
+        else:
+            self.swap(node, room, index)
+
+    def busy(self) -> bool:
+        return bool(self.work(reorder=False))
+
+    def drain(self, *, order: str = "", limit: int = 10_000) -> None:
+        """
+        Run every pending step to quiescence, taking turns (nodes' commands interleave).
+        *order* "early": snapshots overtake every record they may; "late": records
+        published after a snapshot was read overtake it (with ``lag``).
+        """
+        move = {"early": "overtake", "late": "lag"}.get(order)
+        for turn in range(limit):
+            work = self.work(reorder=move is not None)
+            moves = [w for w in work if w[0] == move]
+            work = [w for w in work if w[0] not in ("overtake", "lag")]
+            if not work:
+                return
+            self.step(moves[0] if moves else work[turn % len(work)])
+        raise AssertionError("the backplane never went quiet: the brokers keep asking")
+
+    # -- links and nodes ----------------------------------------------------------------
+
+    def lose(self, node: str) -> None:
+        link = self.links[node]
+        link.online = False
+        link.drop_queues()
+        for ch in self.channels.values():
+            ch.subscribers.discard(node)
+
+    def restore(self, node: str) -> None:
+        link = self.links[node]
+        assert link.alive and not link.online
+        link.online = True
+        link.reread = True
+
+    def kill(self, node: str) -> None:
+        """The node dies: no more commands, no deliveries; its entries expire."""
+        self.lose(node)
+        self.links[node].alive = False
+        self.expire(node, set())
+
+    def expire(self, node: str, refreshed: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """TTL: the node's entries not in *refreshed* (``(room, user)``) expire."""
+        gone = [
+            (room, user)
+            for room, ch in sorted(self.channels.items())
+            for n, user in sorted(ch.presence)
+            if n == node and (room, user) not in refreshed
+        ]
+        for room, user in gone:
+            self.announce(node, room, user, False)
+        return gone
+
+    def restart(self) -> list[str]:
+        """Redis restarts, empty. Returns the nodes that lose their link."""
+        self.channels.clear()
+        lost = [n for n, link in sorted(self.links.items()) if link.alive and link.online]
+        for n in lost:
+            self.lose(n)
+        return lost
+
+    # -- introspection ------------------------------------------------------------------
+
+    def entries(self, node: str) -> set[tuple[str, str]]:
+        """``(room, user)`` of the node's presence entries."""
+        return {
+            (room, user)
+            for room, ch in self.channels.items()
+            for n, user in ch.presence
+            if n == node
+        }
+
+    def pending_announces(self, node: str) -> list[Announce]:
+        return [a for a in self.links[node].commands if isinstance(a, Announce)]
+
+    def subscriptions(self, node: str) -> set[str]:
+        return {room for room, ch in self.channels.items() if node in ch.subscribers}

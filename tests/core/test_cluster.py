@@ -46,8 +46,8 @@ stayed. At the end every node is brought back, everyone leaves one by one (conve
 after each), and nothing is left: no cluster room, no subscription, no entry of a live
 node.
 
-The examples below spell out a few cases step by step; the ``xfail`` ones reproduce
-problems found in src/ (see their reasons).
+The examples below spell out a few cases step by step, among them the problems this
+suite found in src/ (kept as regression tests).
 """
 
 from __future__ import annotations

@@ -387,13 +387,11 @@ class Broker:
             raise ValueError(f"content is not encodable as JSON: {exc}") from None
         actions: list[Action] = []
         name = RoomName(room)
-        if self.node is not None and self._online and name not in self._cluster:
-            # No member here, maybe some elsewhere: relay, with nothing to wait for.
-            prefix = codec.chat_prefix(username, content, room, timestamp)
-            if prefix is not None:
-                self._refs += 1
-                actions.append(Relay(room=name, ref=self._refs, prefix=prefix))
-        elif name in self._registry.rooms or name in self._cluster:
+        if self.node is not None:
+            cr = self._cluster.get(name)
+            if cr is not None or self._online:  # no member here, maybe some elsewhere
+                self._publish_cluster(name, cr, Username(username), content, timestamp, actions)
+        elif name in self._registry.rooms:
             self._publish(name, Username(username), content, timestamp, actions)
         return actions
 
@@ -645,21 +643,27 @@ class Broker:
     def _publish_cluster(
         self,
         room: RoomName,
-        cr: ClusterRoom,
+        cr: ClusterRoom | None,
         username: Username,
         content: object,
         timestamp: int,
         actions: list[Action],
     ) -> bool:
+        """
+        Relay a message (delivered here too when it comes back: one order on every
+        node), or deliver it here only while the backplane is down. With no *cr*
+        (nobody here in the room) it is relayed with nothing to wait for.
+        """
         prefix = codec.chat_prefix(username, content, room, timestamp)
         if prefix is None:
             return False
         if self._online:
-            # Delivered here too when it comes back: one order on every node.
             self._refs += 1
-            cr.outbox.append((self._refs, username, content, timestamp))
+            if cr is not None:
+                cr.outbox.append((self._refs, username, content, timestamp))
             actions.append(Relay(room=room, ref=self._refs, prefix=prefix))
         else:
+            assert cr is not None
             self._relay_unconfirmed += 1
             self._deliver_local(room, cr, prefix, username, content, timestamp, actions)
         return True

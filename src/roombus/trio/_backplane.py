@@ -138,8 +138,6 @@ _CHANNEL_RE: Final = re.compile(rb"\{([A-Za-z0-9_.:-]{1,64})\}:c\Z")
 class BackplaneHost(Protocol):
     """What the backplane needs of the server it serves."""
 
-    def backplane_event(self, event: Event) -> None: ...
-
     def backplane_events(self, events: list[Event]) -> None: ...
 
     def local_presence(self) -> list[tuple[RoomName, list[str]]]: ...
@@ -314,7 +312,7 @@ class RedisBackplane:
         self._work.clear()
         self._wanted.clear()
         self._idle.set()
-        host.backplane_event(BackplaneLost())
+        host.backplane_events([BackplaneLost()])
 
     async def _session(self, cmd: RedisConnection, host: BackplaneHost) -> None:
         """One connection's life, until it fails (raising why)."""
@@ -362,7 +360,7 @@ class RedisBackplane:
                 nursery.start_soon(guard, partial(self._keepalive, cmd, sub))
                 nursery.start_soon(self._reread_presence)
                 nursery.start_soon(self._mark_lasting)
-                host.backplane_event(BackplaneRestored())
+                host.backplane_events([BackplaneRestored()])
             if failure:
                 raise failure[0]
         finally:

@@ -217,13 +217,9 @@ class Server(ServerFacade):
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
 
-    def backplane_event(self, event: Event) -> None:
-        """Hand the broker what the backplane learnt (the other nodes' doings)."""
-        self.hub.backplane_event(event, now=trio.current_time(), timestamp=_wall())
-        self._after()
-
     def backplane_events(self, events: list[Event]) -> None:
-        """Hand the broker several backplane events, then write once."""
+        """Hand the broker what the backplane learnt (the other nodes' doings), then
+        carry out its outputs once."""
         hub = self.hub
         now, timestamp = trio.current_time(), _wall()
         for event in events:

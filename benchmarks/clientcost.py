@@ -73,12 +73,12 @@ async def websockets_client(port: int, subs: int, rate: float, seconds: float, s
         delay = (due - time.monotonic_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)
-        content = "bm:1:0:%d:%d:" % (n + 1, time.monotonic_ns())
+        content = f"bm:1:0:{n + 1}:{time.monotonic_ns()}:"
         content += "x" * max(0, size - len(content))
         await pub.send(json.dumps({"type": "chat", "content": content}))
     expected = total * (subs + 1)
     t_end = time.monotonic() + 5
-    while received < expected and time.monotonic() < t_end:
+    while received < expected and time.monotonic() < t_end:  # noqa: ASYNC110 (a counter, polled)
         await asyncio.sleep(0.01)
     cpu = time.process_time() - cpu0
     for t in tasks:
@@ -98,9 +98,26 @@ async def websockets_client(port: int, subs: int, rate: float, seconds: float, s
 
 def raw_client(port: int, pid: int, subs: int, rate: float, seconds: float, cpus) -> dict:
     cmd = [
-        sys.executable, str(HERE / "loadgen.py"), "--scenario", "fanout", "--port", str(port),
-        "--server-pid", str(pid), "--subs", str(subs), "--publishers", "1", "--workers", "1",
-        "--rates", f"{rate},{rate}", "--stage-s", str(seconds), "--timeout", "120",
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--scenario",
+        "fanout",
+        "--port",
+        str(port),
+        "--server-pid",
+        str(pid),
+        "--subs",
+        str(subs),
+        "--publishers",
+        "1",
+        "--workers",
+        "1",
+        "--rates",
+        f"{rate},{rate}",
+        "--stage-s",
+        str(seconds),
+        "--timeout",
+        "120",
     ]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
         pin(proc.pid, cpus)
@@ -152,8 +169,10 @@ def main() -> int:
     with open(a.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"\n{a.subs} subscribers + 1 publisher at {a.rate:g} msg/s for {a.seconds:g} s; "
-          f"median of {a.reps}\n")
+    print(
+        f"\n{a.subs} subscribers + 1 publisher at {a.rate:g} msg/s for {a.seconds:g} s; "
+        f"median of {a.reps}\n"
+    )
     print("| server | client | client CPU per received message, us (all reps) | lost | p99 ms |")
     print("|---|---|---|---|---|")
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -163,8 +182,10 @@ def main() -> int:
         cost = [r["client_cpu_us_per_message"] for r in rs]
         lost = sum(r["expected"] - r["received"] for r in rs)
         p99 = statistics.median(r["p99_ms"] or 0 for r in rs)
-        print(f"| {server} | {client} | **{statistics.median(cost):.2f}** "
-              f"({', '.join(f'{c:.2f}' for c in cost)}) | {lost} | {p99:.1f} |")
+        print(
+            f"| {server} | {client} | **{statistics.median(cost):.2f}** "
+            f"({', '.join(f'{c:.2f}' for c in cost)}) | {lost} | {p99:.1f} |"
+        )
     return 0
 
 

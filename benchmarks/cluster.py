@@ -189,11 +189,14 @@ class Cluster:
         try:
             node_cmd = NODE_CMD
             if setup.redis:
-                self.redis = Server("cluster-redis", REDIS_CMD.replace("{redis}", redis_bin),
-                                    cpus, logdir)
+                self.redis = Server(
+                    "cluster-redis", REDIS_CMD.replace("{redis}", redis_bin), cpus, logdir
+                )
                 redis_ping(self.redis.port)
-                node_cmd += (f" --redis redis://127.0.0.1:{self.redis.port}/0"
-                             f" --presence-ttl {PRESENCE_TTL:g} --node-id n{{k}}")
+                node_cmd += (
+                    f" --redis redis://127.0.0.1:{self.redis.port}/0"
+                    f" --presence-ttl {PRESENCE_TTL:g} --node-id n{{k}}"
+                )
             for k in range(setup.nodes):
                 cmd = node_cmd.replace("{k}", str(k))
                 self.nodes.append(Server(f"cluster-node{k}", cmd, cpus, logdir))
@@ -292,8 +295,15 @@ class ClusterPool(loadgen.Pool):
             a, b = ctx.Pipe()
             p = ctx.Process(
                 target=cluster_worker_main,
-                args=(i, b, args.host, cluster.ports, args.size, inflight,
-                      args.poll_pause_ms / 1e3),
+                args=(
+                    i,
+                    b,
+                    args.host,
+                    cluster.ports,
+                    args.size,
+                    inflight,
+                    args.poll_pause_ms / 1e3,
+                ),
                 daemon=True,
             )
             p.start()
@@ -528,12 +538,28 @@ def presence_kill(cluster: Cluster) -> dict:
 
 
 def loadgen_args(a) -> argparse.Namespace:
-    la = loadgen.parse_args([
-        "--scenario", "fanout", "--port", "1",
-        "--subs", str(a.subs), "--publishers", str(a.publishers),
-        "--size", str(a.size), "--stage-s", str(a.stage_s), "--drain-s", str(a.drain_s),
-        "--refine", str(a.refine), "--workers", str(a.workers),
-    ])
+    la = loadgen.parse_args(
+        [
+            "--scenario",
+            "fanout",
+            "--port",
+            "1",
+            "--subs",
+            str(a.subs),
+            "--publishers",
+            str(a.publishers),
+            "--size",
+            str(a.size),
+            "--stage-s",
+            str(a.stage_s),
+            "--drain-s",
+            str(a.drain_s),
+            "--refine",
+            str(a.refine),
+            "--workers",
+            str(a.workers),
+        ]
+    )
     la.join_batch = 100
     return la
 
@@ -541,14 +567,18 @@ def loadgen_args(a) -> argparse.Namespace:
 def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dict:
     t_start = time.monotonic()
     cluster = Cluster(setup, cpus_srv, a.logdir, a.redis_server)
-    log(f"== {setup.label} rep {rep + 1}/{a.reps}: nodes {[n.pid for n in cluster.nodes]}"
-        + (f", redis {cluster.redis.pid}" if cluster.redis else ""))
+    log(
+        f"== {setup.label} rep {rep + 1}/{a.reps}: nodes {[n.pid for n in cluster.nodes]}"
+        + (f", redis {cluster.redis.pid}" if cluster.redis else "")
+    )
     res: dict = {"setup": setup.key, "label": setup.label, "rep": rep}
     pool = None
     try:
         res.update(presence_joins(cluster, a.joins))
-        log(f"   presence join same/other node: {res.get('join_same_ms')} / "
-            f"{res.get('join_other_ms')} ms")
+        log(
+            f"   presence join same/other node: {res.get('join_same_ms')} / "
+            f"{res.get('join_other_ms')} ms"
+        )
         la = loadgen_args(a)
         pool = ClusterPool(la, cluster, a.cpu_groups)
         n = setup.nodes
@@ -561,10 +591,12 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
 
         fixed = pool.stage(a.rate / p, members, a.lat_s, a.drain_s)
         res["fixed"] = fixed
-        log(f"   {a.rate:g} msg/s: p50 {fixed['p50_ms']} p99 {fixed['p99_ms']} ms, lost "
+        log(
+            f"   {a.rate:g} msg/s: p50 {fixed['p50_ms']} p99 {fixed['p99_ms']} ms, lost "
             f"{fixed['lost']}, nodes {fixed['node_cpu_pct']}% redis {fixed['redis_cpu_pct']}% "
             f"lg {fixed['loadgen_cpu_pct']}%; CPUs busy "
-            + ", ".join(f"{g} {fixed[g + '_cpus_busy_pct']}%" for g in a.cpu_groups))
+            + ", ".join(f"{g} {fixed[g + '_cpus_busy_pct']}%" for g in a.cpu_groups)
+        )
         if fixed["dropped"]:
             pool.reopen()
         pool.wait_quiet()
@@ -573,8 +605,14 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
         if prev_best:
             start = max(start / 4, prev_best / 2)  # the last rep's result, halved
         rmax = a.max_deliveries / members
-        r = ramp(pool, setup.label, start, rmax, start / 16,
-                 lambda rate: pool.stage(rate / p, members, la.stage_s, la.drain_s))
+        r = ramp(
+            pool,
+            setup.label,
+            start,
+            rmax,
+            start / 16,
+            lambda rate: pool.stage(rate / p, members, la.stage_s, la.drain_s),
+        )
         passed = [s for s in r["stages"] if s["passed"]]
         best = max(passed, key=lambda s: s["rate"]) if passed else None
         res["max"] = best
@@ -588,8 +626,10 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
         res["metrics"] = cluster.node_metrics()
         if n > 1:
             res.update(presence_kill(cluster))
-            log(f"   leave after SIGKILL of node 1: {res.get('kill_leave_same_s')} / "
-                f"{res.get('kill_leave_other_s')} s")
+            log(
+                f"   leave after SIGKILL of node 1: {res.get('kill_leave_same_s')} / "
+                f"{res.get('kill_leave_other_s')} s"
+            )
     except (RuntimeError, OSError) as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"
         log("   !!", res["error"])
@@ -599,8 +639,10 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
         res["processes"] = cluster.stop()
     res["wall_s"] = round(time.monotonic() - t_start, 1)
     mx = res.get("max") or {}
-    log(f"   -> max {mx.get('deliveries_per_s')} deliveries/s at {mx.get('rate')} msg/s "
-        f"(p99 {mx.get('p99_ms')} ms) in {res['wall_s']} s")
+    log(
+        f"   -> max {mx.get('deliveries_per_s')} deliveries/s at {mx.get('rate')} msg/s "
+        f"(p99 {mx.get('p99_ms')} ms) in {res['wall_s']} s"
+    )
     return res
 
 
@@ -623,8 +665,11 @@ ROWS = [
     ("publish rate at that point, msg/s", "max", "rate"),
     ("p99 latency at that rate, ms", "max", "p99_ms"),
     ("server CPU busy at that rate (every process on it), %", "max", "server_cpus_busy_pct"),
-    ("load generator CPU busy at that rate (every process on it), %", "max",
-     "loadgen_cpus_busy_pct"),
+    (
+        "load generator CPU busy at that rate (every process on it), %",
+        "max",
+        "loadgen_cpus_busy_pct",
+    ),
     ("CPUs busy at that rate (unpinned: all of them), %", "max", "all_cpus_busy_pct"),
     ("nodes CPU at that rate, % (sum)", "max", "server_cpu_pct"),
     ("redis CPU at that rate, %", "max", "redis_cpu_pct"),
@@ -638,8 +683,7 @@ ROWS = [
     ("{rate}: redis CPU per delivery, us", "fixed", "redis_cpu_us_per_delivery"),
     ("{rate}: nodes + redis CPU per delivery, us", "fixed", "side_cpu_us_per_delivery"),
     ("{rate}: server CPU busy (every process on it), %", "fixed", "server_cpus_busy_pct"),
-    ("{rate}: load generator CPU busy (every process on it), %", "fixed",
-     "loadgen_cpus_busy_pct"),
+    ("{rate}: load generator CPU busy (every process on it), %", "fixed", "loadgen_cpus_busy_pct"),
     ("{rate}: CPUs busy (unpinned: all of them), %", "fixed", "all_cpus_busy_pct"),
     ("{rate}: nodes CPU, % (sum)", "fixed", "server_cpu_pct"),
     ("{rate}: redis CPU, %", "fixed", "redis_cpu_pct"),
@@ -664,12 +708,16 @@ def fmt(v) -> str:
 
 def table(results: list[dict], setups: list[Setup], a) -> str:
     base = setups[0].key
-    lines = ["| metric | " + " | ".join(s.label for s in setups) + " |",
-             "|---" * (len(setups) + 1) + "|"]
+    lines = [
+        "| metric | " + " | ".join(s.label for s in setups) + " |",
+        "|---" * (len(setups) + 1) + "|",
+    ]
     rate = f"at {a.rate:g} msg/s ({a.rate * (a.subs + a.publishers):,.0f} deliveries/s)"
     for label, part, key in ROWS:
-        meds = {s.key: median([_g(r, part, key) for r in results if r["setup"] == s.key])
-                for s in setups}
+        meds = {
+            s.key: median([_g(r, part, key) for r in results if r["setup"] == s.key])
+            for s in setups
+        }
         if all(v is None for v in meds.values()):
             continue
         cells = []
@@ -689,9 +737,11 @@ def table(results: list[dict], setups: list[Setup], a) -> str:
 
 
 def details(results: list[dict], setups: list[Setup]) -> str:
-    out = ["Per repetition (to show the noise): max deliveries/s; at the fixed rate, % of the "
-           "server CPU(s): each node, Redis, softirq, and busy in all (every process and the "
-           "kernel; the rest is other processes and kernel time charged to no process)"]
+    out = [
+        "Per repetition (to show the noise): max deliveries/s; at the fixed rate, % of the "
+        "server CPU(s): each node, Redis, softirq, and busy in all (every process and the "
+        "kernel; the rest is other processes and kernel time charged to no process)"
+    ]
     for s in setups:
         rs = [r for r in results if r["setup"] == s.key]
         if not rs:
@@ -706,10 +756,13 @@ def cpu_split(st: dict | None) -> str:
     if not st:
         return "-"
     g = "server" if "server_cpus_busy_pct" in st else "all"
-    return ("nodes " + "+".join(f"{x:g}" for x in st["node_cpu_pct"])
-            + f", redis {st['redis_cpu_pct']:g}, softirq {st[g + '_cpus_softirq_pct']:g}"
-            + (f", steal {st[g + '_cpus_steal_pct']:g}" if st[g + "_cpus_steal_pct"] else "")
-            + f", busy {st[g + '_cpus_busy_pct']:g}")
+    return (
+        "nodes "
+        + "+".join(f"{x:g}" for x in st["node_cpu_pct"])
+        + f", redis {st['redis_cpu_pct']:g}, softirq {st[g + '_cpus_softirq_pct']:g}"
+        + (f", steal {st[g + '_cpus_steal_pct']:g}" if st[g + "_cpus_steal_pct"] else "")
+        + f", busy {st[g + '_cpus_busy_pct']:g}"
+    )
 
 
 def notes(results: list[dict]) -> list[str]:
@@ -727,10 +780,20 @@ def notes(results: list[dict]) -> list[str]:
         if (r.get("ramp") or {}).get("capped"):
             out.append(f"{tag}: reached the top of the ramp")
         for k, m in enumerate(r.get("metrics") or []):
-            bad = {key.removeprefix("roombus_"): int(v) for key, v in m.items() if v and key in (
-                "roombus_redis_failures_total", "roombus_redis_dropped_total",
-                "roombus_redis_errors_total", "roombus_presence_gaps_total",
-                "roombus_relay_unconfirmed_total", "roombus_slow_consumers_closed_total")}
+            bad = {
+                key.removeprefix("roombus_"): int(v)
+                for key, v in m.items()
+                if v
+                and key
+                in (
+                    "roombus_redis_failures_total",
+                    "roombus_redis_dropped_total",
+                    "roombus_redis_errors_total",
+                    "roombus_presence_gaps_total",
+                    "roombus_relay_unconfirmed_total",
+                    "roombus_slow_consumers_closed_total",
+                )
+            }
             if bad:
                 out.append(f"{tag} node {k}: {bad}")
         procs = r.get("processes") or {}
@@ -747,15 +810,25 @@ def notes(results: list[dict]) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--setup", action="append", choices=list(SETUPS), default=[],
-                    help="setups to run (repeatable; default all, in this order)")
+    ap.add_argument(
+        "--setup",
+        action="append",
+        choices=list(SETUPS),
+        default=[],
+        help="setups to run (repeatable; default all, in this order)",
+    )
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true",
-                    help="~1 minute: 1 rep, shorter stages, fewer joins")
+    ap.add_argument(
+        "--quick", action="store_true", help="~1 minute: 1 rep, shorter stages, fewer joins"
+    )
     ap.add_argument("--subs", type=int, default=None, help="subscribers (default 1000)")
-    ap.add_argument("--publishers", type=int, default=0,
-                    help="default: at least 3, and enough to stay under 800 msg/s each at "
-                         "--max-deliveries (roombus limits a connection to 1000 msg/s)")
+    ap.add_argument(
+        "--publishers",
+        type=int,
+        default=0,
+        help="default: at least 3, and enough to stay under 800 msg/s each at "
+        "--max-deliveries (roombus limits a connection to 1000 msg/s)",
+    )
     ap.add_argument("--size", type=int, default=100, help="bytes of chat content")
     ap.add_argument("--rate", type=float, default=200.0, help="fixed rate for latency, msg/s")
     ap.add_argument("--lat-s", type=float, default=2.0, help="seconds at the fixed rate")
@@ -767,15 +840,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--joins", type=int, default=20, help="presence joins to time per run")
     ap.add_argument("--workers", type=int, default=0, help="load generator processes")
     pin_g = ap.add_mutually_exclusive_group()
-    pin_g.add_argument("--pin", dest="pin", action="store_true", default=None,
-                       help="Redis and nodes on the first CPU, the rest for the load generator "
-                            "(default with 2+ CPUs)")
+    pin_g.add_argument(
+        "--pin",
+        dest="pin",
+        action="store_true",
+        default=None,
+        help="Redis and nodes on the first CPU, the rest for the load generator "
+        "(default with 2+ CPUs)",
+    )
     pin_g.add_argument("--no-pin", dest="pin", action="store_false")
-    ap.add_argument("--redis-server",
-                    default=shutil.which("redis-server") or "/usr/bin/redis-server")
+    ap.add_argument(
+        "--redis-server", default=shutil.which("redis-server") or "/usr/bin/redis-server"
+    )
     ap.add_argument("--timeout", type=float, default=900, help="hard limit for the whole run, s")
-    ap.add_argument("--out", default=str(HERE / "results" / "cluster.jsonl"),
-                    help="JSON lines appended, one per setup and repetition")
+    ap.add_argument(
+        "--out",
+        default=str(HERE / "results" / "cluster.jsonl"),
+        help="JSON lines appended, one per setup and repetition",
+    )
     a = ap.parse_args(argv)
     if a.quick:
         a.reps = 1
@@ -798,8 +880,9 @@ def main(argv=None) -> int:
     cpus_lg = set(cpus[1:]) if a.pin else None
     if cpus_lg:
         pin(0, cpus_lg)  # this script and the load generator's workers (forked later)
-    a.cpu_groups = ({"server": sorted(cpus_srv), "loadgen": sorted(cpus_lg)} if a.pin
-                    else {"all": cpus})
+    a.cpu_groups = (
+        {"server": sorted(cpus_srv), "loadgen": sorted(cpus_lg)} if a.pin else {"all": cpus}
+    )
     if not a.workers:
         a.workers = max(2, len(cpus_lg or cpus))
     with contextlib.suppress(ValueError, OSError):
@@ -820,9 +903,11 @@ def main(argv=None) -> int:
     signal.alarm(math.ceil(a.timeout))
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    log(f"run {run_id}: setups {[s.key for s in a.setups]}, {a.reps} reps, {a.subs} subs + "
+    log(
+        f"run {run_id}: setups {[s.key for s in a.setups]}, {a.reps} reps, {a.subs} subs + "
         f"{a.publishers} pubs, pinned={a.pin} (servers {sorted(cpus_srv or [])}, "
-        f"loadgen {sorted(cpus_lg or [])})")
+        f"loadgen {sorted(cpus_lg or [])})"
+    )
     results: list[dict] = []
     t0 = time.monotonic()
     best: dict[str, float] = {}
@@ -833,9 +918,13 @@ def main(argv=None) -> int:
                 if res.get("max"):
                     best[setup.key] = res["max"]["rate"]
                 results.append(res)
-                rec = {"run_id": run_id, "machine": machine(), "versions": versions(),
-                       "args": {k: v for k, v in vars(a).items() if k not in ("setups", "logdir")},
-                       **res}
+                rec = {
+                    "run_id": run_id,
+                    "machine": machine(),
+                    "versions": versions(),
+                    "args": {k: v for k, v in vars(a).items() if k not in ("setups", "logdir")},
+                    **res,
+                }
                 with open(a.out, "a") as f:
                     f.write(json.dumps(rec, default=str) + "\n")
     except (KeyboardInterrupt, RunTimeout) as exc:
@@ -843,13 +932,19 @@ def main(argv=None) -> int:
     finally:
         signal.alarm(0)
     wall = time.monotonic() - t0
-    print(f"\nroombus cluster benchmark, run {run_id}: 1 room, {a.subs} subscribers + "
-          f"{a.publishers} publishers ({a.size} B content); medians of {a.reps} interleaved "
-          f"reps; {wall:.0f} s")
-    print(f"pinned={a.pin}: Redis + nodes on CPU {sorted(cpus_srv or [])}, load generator on "
-          f"{sorted(cpus_lg or [])}; ratio = setup / {a.setups[0].label}")
-    print("Absolute numbers are bound by this machine (2 shared CPUs, the load generator on "
-          "one of them); compare the ratios.\n")
+    print(
+        f"\nroombus cluster benchmark, run {run_id}: 1 room, {a.subs} subscribers + "
+        f"{a.publishers} publishers ({a.size} B content); medians of {a.reps} interleaved "
+        f"reps; {wall:.0f} s"
+    )
+    print(
+        f"pinned={a.pin}: Redis + nodes on CPU {sorted(cpus_srv or [])}, load generator on "
+        f"{sorted(cpus_lg or [])}; ratio = setup / {a.setups[0].label}"
+    )
+    print(
+        "Absolute numbers are bound by this machine (2 shared CPUs, the load generator on "
+        "one of them); compare the ratios.\n"
+    )
     print(table(results, a.setups, a))
     print()
     print(details(results, a.setups))

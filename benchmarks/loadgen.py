@@ -98,8 +98,21 @@ def proc_rss_kb(pid: int) -> int:
 
 class Conn:
     __slots__ = (
-        "buf", "code", "fd", "key", "last", "out", "pubid", "ready", "role", "room", "slot",
-        "sock", "state", "t_open", "user",
+        "buf",
+        "code",
+        "fd",
+        "key",
+        "last",
+        "out",
+        "pubid",
+        "ready",
+        "role",
+        "room",
+        "slot",
+        "sock",
+        "state",
+        "t_open",
+        "user",
     )
 
     def __init__(self, room: str, user: str, role: str, pubid: int = -1, slot: int = -1):
@@ -860,8 +873,11 @@ class Pool:
             else None,
             "loadgen_cpu_pct": round(100 * lg_cpu / (w1 - w0 + 0.15), 1),
             "loadgen_cpu_us_per_delivery": round(1e6 * lg_cpu / received, 3) if received else None,
-            "loadgen_user_us_per_delivery": round(1e6 * sum(p["cpu_user"] for p in parts)
-                                                  / received, 3) if received else None,
+            "loadgen_user_us_per_delivery": round(
+                1e6 * sum(p["cpu_user"] for p in parts) / received, 3
+            )
+            if received
+            else None,
         }
         behind = send_span > dur * 1.1 + 0.05
         res["loadgen_behind"] = behind
@@ -1104,8 +1120,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=0, help="processes (default: usable CPUs, >= 2)")
     ap.add_argument("--inflight", type=int, default=50, help="parallel dials over all workers")
     ap.add_argument("--size", type=int, default=48, help="bytes of chat content")
-    ap.add_argument("--poll-pause-ms", type=float, default=1.0, help="pause after a busy "
-                    "poll round so the next one serves more sockets (adds <= this to latency)")
+    ap.add_argument(
+        "--poll-pause-ms",
+        type=float,
+        default=1.0,
+        help="pause after a busy "
+        "poll round so the next one serves more sockets (adds <= this to latency)",
+    )
     ap.add_argument("--timeout", type=float, default=300, help="hard limit for the whole run, s")
     ap.add_argument("--p99-limit-ms", type=float, default=100.0)
     ap.add_argument("--stage-s", type=float, default=1.5, help="seconds each stage publishes")
@@ -1114,13 +1135,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--join-batch", type=int, default=100, help="joins per paced setup batch")
     g = ap.add_argument_group("fanout")
     g.add_argument("--subs", type=int, default=1000)
-    g.add_argument("--publishers", type=int, default=0, help="default: enough to stay "
-                   "under --per-publisher-max msg/s each at --max-deliveries")
-    g.add_argument("--per-publisher-max", type=float, default=800.0,
-                   help="roombus rate-limits one connection to 1000 msg/s by default")
+    g.add_argument(
+        "--publishers",
+        type=int,
+        default=0,
+        help="default: enough to stay under --per-publisher-max msg/s each at --max-deliveries",
+    )
+    g.add_argument(
+        "--per-publisher-max",
+        type=float,
+        default=800.0,
+        help="roombus rate-limits one connection to 1000 msg/s by default",
+    )
     g.add_argument("--start-deliveries", type=float, default=8000.0)
-    g.add_argument("--rates", default="", help="comma-separated total publish rates: run "
-                   "exactly these stages (no ramp); for measuring the client")
+    g.add_argument(
+        "--rates",
+        default="",
+        help="comma-separated total publish rates: run "
+        "exactly these stages (no ramp); for measuring the client",
+    )
     g.add_argument("--max-deliveries", type=float, default=1_600_000.0)
     g = ap.add_argument_group("rooms / churn")
     g.add_argument("--rooms", type=int, default=0, help="default 100 (rooms), 10 (churn)")
@@ -1151,14 +1184,14 @@ def main(argv=None) -> int:
     with contextlib.suppress(ValueError, OSError):
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     def on_alarm(*_):
         raise TimeoutError(f"load generator hit its --timeout of {a.timeout} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(math.ceil(a.timeout)))
+    signal.alarm(math.ceil(a.timeout))
     pool = Pool(a)
     t0 = time.monotonic()
     out: dict = {"scenario": a.scenario, "workers": a.workers, "size": a.size}

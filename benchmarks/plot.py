@@ -25,8 +25,12 @@ STYLE = {"roombus": ("C0", "o"), "websockets-peer": ("C1", "s"), "trio-websocket
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("results", nargs="*", default=[str(HERE / "results" / "results.jsonl")])
-    ap.add_argument("--run-id", action="append", default=[],
-                    help="runs to plot (repeatable); default: the latest run with fanout records")
+    ap.add_argument(
+        "--run-id",
+        action="append",
+        default=[],
+        help="runs to plot (repeatable); default: the latest run with fanout records",
+    )
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "performance-fanout.png"))
     ap.add_argument("--title", default="")
     a = ap.parse_args()
@@ -57,8 +61,9 @@ def main() -> int:
         )
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for server, by_subs in sorted(data.items(), key=lambda kv: list(STYLE).index(kv[0])
-                                  if kv[0] in STYLE else 99):
+    for server, by_subs in sorted(
+        data.items(), key=lambda kv: list(STYLE).index(kv[0]) if kv[0] in STYLE else 99
+    ):
         color, marker = STYLE.get(server, (None, "x"))
         xs = sorted(by_subs)
         for ax, idx, scale in ((ax1, 0, 1e3), (ax2, 1, 1.0)):
@@ -66,8 +71,16 @@ def main() -> int:
             med = [statistics.median(v) for v in vals]
             lo = [m - min(v) for m, v in zip(med, vals, strict=True)]
             hi = [max(v) - m for m, v in zip(med, vals, strict=True)]
-            ax.errorbar(xs, med, yerr=[lo, hi], color=color, marker=marker, capsize=3,
-                        label=server, linewidth=1.6)
+            ax.errorbar(
+                xs,
+                med,
+                yerr=[lo, hi],
+                color=color,
+                marker=marker,
+                capsize=3,
+                label=server,
+                linewidth=1.6,
+            )
     ax1.set_title("max sustainable deliveries/s\n(nothing lost, p99 <= 100 ms)")
     ax1.set_ylabel("thousand deliveries per second (log scale)")
     ax2.set_title("p99 latency at that rate")
@@ -86,8 +99,12 @@ def main() -> int:
     ax2.set_ylim(bottom=0)
     ax1.legend(loc="best", fontsize=9)
     reps = max(len(v) for d in data.values() for v in d.values())
-    fig.suptitle(a.title or f"fan-out in one room (median of up to {reps} runs; bars: min-max)\n"
-                 f"runs {', '.join(runs)}", fontsize=10)
+    fig.suptitle(
+        a.title
+        or f"fan-out in one room (median of up to {reps} runs; bars: min-max)\n"
+        f"runs {', '.join(runs)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110)

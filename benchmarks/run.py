@@ -154,7 +154,9 @@ class Server:
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.logpath}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}; see {self.logpath}"
+                )
             with socket.socket() as s:
                 s.settimeout(0.5)
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
@@ -167,7 +169,9 @@ class Server:
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                self.samples.append((time.monotonic(), proc_cpu_seconds(self.pid), proc_rss_kb(self.pid)))
+                self.samples.append(
+                    (time.monotonic(), proc_cpu_seconds(self.pid), proc_rss_kb(self.pid))
+                )
 
     def stop(self) -> dict:
         self._stop.set()
@@ -223,18 +227,24 @@ def run_one(name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg
     server = Server(name, template, cpus_srv, Path(args.out).parent / "logs")
     log(f"== {label} rep {rep + 1}/{args.reps}: {name} (pid {server.pid}, port {server.port})")
     cmd = [
-        sys.executable, str(HERE / "loadgen.py"),
-        "--scenario", scenario,
-        "--port", str(server.port),
-        "--server-pid", str(server.pid),
-        "--timeout", str(args.timeout),
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--scenario",
+        scenario,
+        "--port",
+        str(server.port),
+        "--server-pid",
+        str(server.pid),
+        "--timeout",
+        str(args.timeout),
         *extra,
         *shlex.split(args.loadgen_args),
     ]
     t0 = time.time()
     try:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              text=True, start_new_session=True) as proc:
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
+        ) as proc:
             pin(proc.pid, cpus_lg)  # before it forks its workers, which inherit it
             try:
                 stdout, _ = proc.communicate(timeout=args.timeout + 30)
@@ -263,9 +273,12 @@ def run_one(name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg
         "server_samples": srv,
     }
     head = [m for m, _, _ in METRICS[scenario]][:2]
-    log(f"   -> {name}: " + ", ".join(f"{m}={result.get(m)}" for m in head)
+    log(
+        f"   -> {name}: "
+        + ", ".join(f"{m}={result.get(m)}" for m in head)
         + ("" if result.get("ok") else f"  ERROR {result.get('error')}")
-        + (f"  log: {srv['log_issues'][:3]}" if srv["log_issues"] else ""))
+        + (f"  log: {srv['log_issues'][:3]}" if srv["log_issues"] else "")
+    )
     return rec
 
 
@@ -298,7 +311,9 @@ def summarize(records: list[dict], baseline: str) -> str:
                 vals = [
                     r["result"][metric]
                     for r in recs
-                    if r["server"] == s and r["result"].get("ok") and r["result"].get(metric) is not None
+                    if r["server"] == s
+                    and r["result"].get("ok")
+                    and r["result"].get(metric) is not None
                 ]
                 meds[s] = statistics.median(vals) if vals else None
             base = meds.get(baseline)
@@ -330,26 +345,48 @@ def summarize(records: list[dict], baseline: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--server", action="append", default=[], metavar="NAME=TEMPLATE",
-                    help="a server command template (repeatable); default: roombus and both peers")
-    ap.add_argument("--only", action="append", default=[], metavar="NAME",
-                    help="run only these of the default servers (repeatable)")
+    ap.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=TEMPLATE",
+        help="a server command template (repeatable); default: roombus and both peers",
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only these of the default servers (repeatable)",
+    )
     ap.add_argument("--scenario", action="append", choices=sorted(METRICS), default=[])
     ap.add_argument("--subs", default="1000", help="fanout subscriber counts, comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--pin", dest="pin", action="store_true", default=None,
-                     help="server on the first of --cpus, load generator on the others "
-                          "(default with 2+ CPUs)")
+    pin.add_argument(
+        "--pin",
+        dest="pin",
+        action="store_true",
+        default=None,
+        help="server on the first of --cpus, load generator on the others (default with 2+ CPUs)",
+    )
     pin.add_argument("--no-pin", dest="pin", action="store_false")
-    ap.add_argument("--cpus", default="", help="CPUs to use, server first (default: all we may use)")
+    ap.add_argument(
+        "--cpus", default="", help="CPUs to use, server first (default: all we may use)"
+    )
     ap.add_argument("--baseline", default="roombus")
     ap.add_argument("--loadgen-args", default="", help="extra arguments for loadgen.py")
     ap.add_argument("--timeout", type=float, default=300, help="per load-generator run, s")
     ap.add_argument("--out", default=str(HERE / "results" / "results.jsonl"))
-    ap.add_argument("--summarize", nargs="*", metavar="FILE",
-                    help="print the summary of existing results (all runs, or --run-id) and exit")
-    ap.add_argument("--run-id", action="append", default=[], help="with --summarize: these runs only")
+    ap.add_argument(
+        "--summarize",
+        nargs="*",
+        metavar="FILE",
+        help="print the summary of existing results (all runs, or --run-id) and exit",
+    )
+    ap.add_argument(
+        "--run-id", action="append", default=[], help="with --summarize: these runs only"
+    )
     args = ap.parse_args()
 
     if args.summarize is not None:
@@ -380,21 +417,24 @@ def main() -> int:
     if cpus_lg:
         os.sched_setaffinity(0, cpus_lg)  # our own sampling stays off the server's CPU
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):  # servers and load generator inherit it
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    log(f"run {run_id}: servers {list(servers)}, pinned={args.pin} "
-        f"(server {sorted(cpus_srv or [])}, loadgen {sorted(cpus_lg or [])}), out {args.out}")
+    log(
+        f"run {run_id}: servers {list(servers)}, pinned={args.pin} "
+        f"(server {sorted(cpus_srv or [])}, loadgen {sorted(cpus_lg or [])}), out {args.out}"
+    )
     records = []
     t_start = time.monotonic()
     for scenario, label, extra in variants(args):
         for rep in range(args.reps):
             for name, template in servers.items():
                 try:
-                    rec = run_one(name, template, scenario, label, extra, rep, args,
-                                  cpus_srv, cpus_lg, run_id)
+                    rec = run_one(
+                        name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg, run_id
+                    )
                 except RuntimeError as exc:
                     log(f"   !! {name}: {exc}")
                     continue
@@ -402,7 +442,10 @@ def main() -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     log(f"done in {time.monotonic() - t_start:.0f} s; run id {run_id}")
-    print(f"\nMedians of {args.reps} (run {run_id}, pinned={args.pin}); ratio = server / {args.baseline}\n")
+    print(
+        f"\nMedians of {args.reps} (run {run_id}, pinned={args.pin}); "
+        f"ratio = server / {args.baseline}\n"
+    )
     print(summarize(records, args.baseline))
     return 0
 

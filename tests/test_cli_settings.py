@@ -26,9 +26,7 @@ def test_an_empty_variable_does_not_undo_the_file(tmp_path):
 
 def test_flag_beats_variable_beats_file(tmp_path):
     toml = "max-message-bytes = 1000\nsend-queue = 7\nrate-burst = 9\n"
-    s = settings(
-        tmp_path, toml, "--max-message-bytes", "3000", env={"ROOMBUS_SEND_QUEUE": "8"}
-    )
+    s = settings(tmp_path, toml, "--max-message-bytes", "3000", env={"ROOMBUS_SEND_QUEUE": "8"})
     assert (s.broker.max_message_bytes, s.broker.send_queue, s.broker.rate_burst) == (3000, 8, 9)
 
 

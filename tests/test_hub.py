@@ -16,9 +16,14 @@ KEY = base64.b64encode(b"0123456789abcdef")
 
 def request(room: str, user: str) -> bytes:
     return (
-        f"GET /ws?room={room}&username={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-    ).encode() + b"Sec-WebSocket-Key: " + KEY + b"\r\n\r\n"
+        (
+            f"GET /ws?room={room}&username={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        ).encode()
+        + b"Sec-WebSocket-Key: "
+        + KEY
+        + b"\r\n\r\n"
+    )
 
 
 def connect(hub: Hub, room: str, user: str) -> int:
@@ -126,7 +131,9 @@ def _request(target: bytes = b"/ws?room=lobby&username=u") -> bytes:
     key = base64.b64encode(b"k" * 16)
     return (
         b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        + key
+        + b"\r\n\r\n"
     )
 
 

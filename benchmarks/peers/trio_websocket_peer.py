@@ -12,8 +12,9 @@ import json
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+import trio
 
 QUEUE = 256  # messages that may wait for one member
 
@@ -44,8 +45,14 @@ def envelope(**fields: object) -> str:
 
 def presence(event: str, user: str, room: str) -> str:
     verb = "joined" if event == "join" else "left"
-    return envelope(type="presence", event=event, username=user,
-                    content=f"{user} {verb} the room", room=room, timestamp=int(time.time()))
+    return envelope(
+        type="presence",
+        event=event,
+        username=user,
+        content=f"{user} {verb} the room",
+        room=room,
+        timestamp=int(time.time()),
+    )
 
 
 async def writer(ws, queue: trio.MemoryReceiveChannel[str], done: trio.CancelScope) -> None:
@@ -69,8 +76,16 @@ async def reader(ws, room: Room, name: str, user: str, done: trio.CancelScope) -
                 continue
             if isinstance(msg, dict) and msg.get("type") == "chat" and "content" in msg:
                 room.seq += 1
-                room.broadcast(envelope(type="chat", username=user, content=msg["content"],
-                                        room=name, timestamp=int(time.time()), seq=room.seq))
+                room.broadcast(
+                    envelope(
+                        type="chat",
+                        username=user,
+                        content=msg["content"],
+                        room=name,
+                        timestamp=int(time.time()),
+                        seq=room.seq,
+                    )
+                )
     except ConnectionClosed:
         pass
     finally:

@@ -36,8 +36,14 @@ def envelope(**fields: object) -> str:
 
 def presence(event: str, user: str, room: str) -> str:
     verb = "joined" if event == "join" else "left"
-    return envelope(type="presence", event=event, username=user,
-                    content=f"{user} {verb} the room", room=room, timestamp=int(time.time()))
+    return envelope(
+        type="presence",
+        event=event,
+        username=user,
+        content=f"{user} {verb} the room",
+        room=room,
+        timestamp=int(time.time()),
+    )
 
 
 async def handler(ws: ServerConnection) -> None:
@@ -62,9 +68,17 @@ async def handler(ws: ServerConnection) -> None:
                 continue
             if isinstance(msg, dict) and msg.get("type") == "chat" and "content" in msg:
                 room.seq += 1
-                broadcast(room.conns, envelope(
-                    type="chat", username=user, content=msg["content"], room=name,
-                    timestamp=int(time.time()), seq=room.seq))
+                broadcast(
+                    room.conns,
+                    envelope(
+                        type="chat",
+                        username=user,
+                        content=msg["content"],
+                        room=name,
+                        timestamp=int(time.time()),
+                        seq=room.seq,
+                    ),
+                )
     except ConnectionClosed:
         pass
     finally:

@@ -28,7 +28,9 @@ def test_metrics_count_connections_and_messages(make_server):
     after = parse(resp.body)
     assert after["roombus_websocket_connections"] == 2
     assert after["roombus_rooms"] == 1
-    assert after["roombus_messages_published_total"] == before["roombus_messages_published_total"] + 1
+    assert (
+        after["roombus_messages_published_total"] == before["roombus_messages_published_total"] + 1
+    )
     assert b"# TYPE roombus_deliveries_total counter" in resp.body
 
 

@@ -71,3 +71,12 @@ def test_asyncio_adapter_imports_without_trio() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "ok"
+
+
+def test_asgi_without_anyio_names_the_extra() -> None:
+    code = "import sys; sys.modules['anyio'] = None\nimport roombus.asgi\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: roombus.asgi needs anyio"), last
+    assert "pip install 'roombus[asgi]'" in last

@@ -42,9 +42,17 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final, final
 
-import anyio
-import anyio.lowlevel
 import attrs
+
+try:
+    import anyio
+    import anyio.lowlevel
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
+        f"roombus.asgi needs anyio ({exc}): install roombus with its ASGI extra, "
+        "pip install 'roombus[asgi]'",
+        name=exc.name,
+    ) from None
 
 from ._auth import Authenticator, Authorizer
 from ._config import BrokerConfig, ServerConfig
@@ -192,6 +200,10 @@ class RoombusASGI(ServerFacade):
 
     async def _http(self, scope: Scope, send: Send) -> None:
         method = str(scope["method"]).encode()
+        if (too_large := self._oversized(scope)) is not None:
+            await send({"type": "http.response.start", "status": 431, "headers": _head(too_large)})
+            await send({"type": "http.response.body", "body": too_large.body})
+            return
         decision = route_request(
             method,
             _target(scope),
@@ -216,6 +228,9 @@ class RoombusASGI(ServerFacade):
         if (await receive())["type"] != "websocket.connect":
             return
         hub = self.hub
+        if (too_large := self._oversized(scope)) is not None:
+            await _refuse(scope, send, too_large)
+            return
         self._start_timer()
         opened = hub.open_websocket(
             _target(scope),
@@ -249,6 +264,20 @@ class RoombusASGI(ServerFacade):
             del self._links[cid]
             hub.lost(cid, now=anyio.current_time(), timestamp=_wall())
             self._after()
+
+    def _oversized(self, scope: Scope) -> HttpResponse | None:
+        """431 for a request whose target and headers exceed ``max_header_bytes``.
+
+        The server may have a limit of its own, or none for a complete request; either
+        way an oversized request is never routed, let alone upgraded.
+        """
+        size = len(_target(scope)) + sum(
+            len(name) + len(value) + 4 for name, value in scope.get("headers") or ()
+        )
+        if size <= self.config.max_header_bytes:
+            return None
+        log.info("%s refused with 431", _peer(scope))
+        return HttpResponse(status=431, body=b"request header too large\n")
 
     async def _read_loop(self, cid: ConnectionId, receive: Receive) -> None:
         hub = self.hub

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,9 +212,18 @@ def test_example_fastapi_app_under_uvicorn(served):
         with urllib.request.urlopen(request, timeout=5) as resp:
             assert json.load(resp) == {"delivered": 1}
         ann.expect(type="chat", username="server", content={"announcement": "hello"})
+        bad = urllib.request.Request(
+            f"http://{HOST}:{proc.port}/api/announce?text=hello&room=bad%20room", method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=5)
+        assert refused.value.code == 400
+        assert "invalid room name" in json.load(refused.value)["detail"]
+        ann.ping()  # nothing was published
     finally:
         ann.close()
     assert proc.stop(signal.SIGINT) == 0, proc.output
+    assert "Traceback" not in proc.output
     assert "notice: UserJoined(room='lobby', username='ann')" in proc.output
 
 

@@ -94,27 +94,27 @@ def test_frames_sent_together_with_the_handshake_are_handled(server, caps):
     """A client may pipeline its first frames right behind the opening request."""
     (ann,) = server.room("lobby", "ann")
     extra = client_frame(OP_TEXT, b'{"type":"chat","content":"early"}')
-    if caps.early_frames == "unsafe":
+    if not caps.early_frames_safe:
         # hypercorn answers 400 to data before the upgrade, racing the app's accept;
         # when the accept wins, its own connection task fails (and with the trio worker
         # the whole server). Browsers never pipeline frames; the table says so.
-        assert caps.name.startswith("hypercorn")
+        assert not caps.owns_protocol
         return
-    if caps.early_frames == "lost":  # uvicorn: upgraded, but the early frame is never read
-        raw = server.track(RawWS.connect(server.port, "lobby", "eager", extra=extra))
-        assert raw.recv_json()["type"] == "presence"
-        assert raw.recv_json()["type"] == "presence_state"
-        ann.expect(type="presence", event="join", username="eager")
-        ann.ping()  # the early chat was not published
-        server.assert_serving()
-        return
-    assert caps.early_frames == "handled"
     raw = server.track(RawWS.connect(server.port, "lobby", "eager", extra=extra))
     assert raw.recv_json()["type"] == "presence"
     assert raw.recv_json()["type"] == "presence_state"
-    msg = raw.recv_json()
-    assert (msg["type"], msg["content"], msg["username"]) == ("chat", "early", "eager")
     ann.expect(type="presence", event="join", username="eager")
+    try:
+        first = raw.recv_json(timeout=1.0)
+    except TimeoutError:
+        # An ASGI server may lose what arrived with the request (uvicorn does, and reads
+        # nothing more from that connection): the early chat was never published, and
+        # everyone else is served on.
+        assert not caps.owns_protocol
+        ann.ping()
+        server.assert_serving()
+        return
+    assert (first["type"], first["content"], first["username"]) == ("chat", "early", "eager")
     ann.expect_chat("early", "eager")
 
 

@@ -31,10 +31,12 @@ from roombus import (
     TextReceived,
 )
 from roombus._handshake import Upgrade, route_request
+from roombus._ratelimit import RateDecision
 from roombus._wire import (
     PING_FRAME,
     BadRequest,
     Closed,
+    FragmentReceived,
     MessageReceived,
     PongFrameReceived,
     Reply,
@@ -108,6 +110,8 @@ class Pipeline:
 
     def _frames(self, data: bytes | None) -> None:
         for event in self.wire.receive_data(data):
+            if self.done:  # closed by the broker (a flooder): the rest is ignored
+                return
             if isinstance(event, MessageReceived):
                 assert len(event.text.encode()) <= MAX_MESSAGE
                 self.apply(
@@ -116,9 +120,14 @@ class Pipeline:
                     )
                 )
             elif isinstance(event, PongFrameReceived):
-                assert self.broker.handle(PongReceived(conn=self.cid), now=0.0, timestamp=TS) == []
-            elif isinstance(event, Reply):
-                self.out += event.data
+                # Unsolicited (nothing here pings): charged, closed if abusive.
+                self.apply(self.broker.handle(PongReceived(conn=self.cid), now=0.0, timestamp=TS))
+            elif isinstance(event, (Reply, FragmentReceived)):
+                # Control frames and fragments cost rate, as the hub charges them.
+                decision, actions = self.broker.charge(self.cid, now=0.0, timestamp=TS)
+                self.apply(actions)
+                if isinstance(event, Reply) and decision is RateDecision.ALLOW:
+                    self.out += event.data
             else:
                 assert isinstance(event, Closed)
                 self.out += event.data

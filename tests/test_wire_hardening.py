@@ -5,18 +5,23 @@ codec messages in close reasons. Bytes in, bytes out, no network.
 
 from __future__ import annotations
 
+import pytest
 from wsproto.events import TextMessage
 
+from roombus._handshake import HttpResponse, Upgrade, route_request
 from roombus._wire import (
     FRAGMENT_OVERHEAD,
     MAX_FRAGMENTS,
+    BadRequest,
     Closed,
     FragmentReceived,
     MessageReceived,
+    RequestReceived,
+    ServerWire,
     close_frame,
 )
 
-from .test_wire import closing_code, opened, raw_frame
+from .test_wire import REQUEST, closing_code, opened, raw_frame
 
 # -- fragments: a message is bounded by its frames too -----------------------------------
 
@@ -89,3 +94,116 @@ def test_invalid_utf8_says_so_in_plain_words() -> None:
         wire, _ = opened()
         (event,) = [e for e in wire.receive_data(b"".join(frames)) if isinstance(e, Closed)]
         assert event.data == close_frame(1007, "invalid UTF-8")
+
+
+# -- requests a proxy may read differently ----------------------------------------------
+
+UPGRADE = REQUEST.removesuffix(b"\r\n")  # the valid upgrade, open for one more header
+
+
+def answer(data: bytes, **route: object) -> int:
+    """What a wire plus router answer *data* with: 101 for an upgrade, else the status."""
+    wire = ServerWire()
+    (event,) = wire.receive_data(data)
+    if isinstance(event, BadRequest):
+        return event.response.status
+    assert isinstance(event, RequestReceived)
+    decision = route_request(event.method, event.target, event.headers, **route)  # type: ignore[arg-type]
+    return 101 if isinstance(decision, Upgrade) else decision.status
+
+
+def test_the_valid_upgrade_is_upgraded() -> None:
+    assert answer(REQUEST) == 101
+    assert answer(REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0")) == 101
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Content-Length: 5",
+        b"Content-Length: 0",
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: identity",
+    ],
+)
+def test_an_upgrade_with_a_body_is_refused_400(header: bytes) -> None:
+    """The bytes after the head would be read as frames here and as a body by a proxy."""
+    assert answer(UPGRADE + header + b"\r\n\r\n" + b"hello") in (400, 501)
+    decision = route_request(
+        b"GET", b"/ws?room=lobby&username=ann", [*_headers(REQUEST), _split(header)]
+    )
+    assert isinstance(decision, HttpResponse) and decision.status == 400
+
+
+def test_a_plain_request_may_still_carry_a_body_length() -> None:
+    """Nothing reads past a plain answer (the connection closes): no ambiguity there."""
+    assert answer(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n") == 200
+
+
+@pytest.mark.parametrize("version", [b"HTTP/9.9", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2"])
+def test_http_versions_other_than_1_0_and_1_1_get_505(version: bytes) -> None:
+    assert answer(REQUEST.replace(b"HTTP/1.1", version)) == 505
+    assert answer(b"GET /healthz " + version + b"\r\nHost: x\r\n\r\n") == 505
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        REQUEST.replace(b"\r\n", b"\n"),  # bare LF throughout
+        REQUEST.replace(b"Host: x\r\n", b"Host: x\n"),  # one bare LF
+        REQUEST.replace(b"\r\n\r\n", b"\r\n\n"),  # the blank line
+        UPGRADE + b"X-A: 1\r\n  folded\r\n\r\n",  # obs-fold
+        UPGRADE + b"X-A: 1\r\n\tfolded\r\n\r\n",
+        REQUEST.replace(b"\r\nHost: x", b"\r\n Host: x"),  # space before the first header
+        UPGRADE + b"X-A: 1\r\r\n\r\n",  # a bare CR
+    ],
+)
+def test_bare_lf_bare_cr_and_obs_fold_get_400(request_bytes: bytes) -> None:
+    assert answer(request_bytes) == 400
+    assert answer(request_bytes.replace(b"/ws?room=lobby&username=ann", b"/healthz")) == 400
+
+
+def _split(line: bytes) -> tuple[bytes, bytes]:
+    name, _, value = line.partition(b":")
+    return name.strip().lower(), value.strip()
+
+
+def _headers(request: bytes) -> list[tuple[bytes, bytes]]:
+    return [_split(line) for line in request.split(b"\r\n")[1:] if line]
+
+
+# -- Origin ---------------------------------------------------------------------------------
+
+ALLOWED = frozenset({"https://ok.example"})
+
+
+def _upgrade_with(*extra: tuple[bytes, bytes]) -> Upgrade | HttpResponse:
+    return route_request(
+        b"GET",
+        b"/ws?room=lobby&username=ann",
+        [*_headers(REQUEST), *extra],
+        allowed_origins=ALLOWED,
+    )
+
+
+def test_only_sp_and_htab_are_stripped_from_an_origin() -> None:
+    assert isinstance(_upgrade_with((b"origin", b"https://ok.example")), Upgrade)
+    assert isinstance(_upgrade_with((b"origin", b" https://ok.example\t")), Upgrade)
+    for junk in ("\xa0", "\x85", "\x0b", "\x0c", "\x1c"):
+        value = ("https://ok.example" + junk).encode("latin-1")
+        decision = _upgrade_with((b"origin", value))
+        assert isinstance(decision, HttpResponse) and decision.status == 403, junk
+        value = (junk + "https://ok.example").encode("latin-1")
+        decision = _upgrade_with((b"origin", value))
+        assert isinstance(decision, HttpResponse) and decision.status == 403, junk
+
+
+def test_two_origin_headers_are_refused_403() -> None:
+    for first, second in [
+        (b"https://ok.example", b"https://evil.example"),
+        (b"https://evil.example", b"https://ok.example"),
+        (b"https://ok.example", b"https://ok.example"),
+    ]:
+        decision = _upgrade_with((b"origin", first), (b"origin", second))
+        assert isinstance(decision, HttpResponse) and decision.status == 403
+        assert b"more than one" in decision.body

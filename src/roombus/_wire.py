@@ -147,6 +147,24 @@ _PONG = PongFrameReceived()
 _FRAGMENT = FragmentReceived()
 
 
+def _misframed(version: bytes, head: bytes) -> HttpResponse | None:
+    """
+    The refusal for a request h11 reads leniently where a proxy may read it otherwise
+    (request-smuggling material): an HTTP version other than 1.0 and 1.1 (505); a bare
+    LF or CR, or an obs-fold continuation line, in the head (400; RFC 9112 2.2, 5.2).
+    """
+    if version not in (b"1.1", b"1.0"):
+        return HttpResponse(status=505, body=b"HTTP version not supported (1.0 and 1.1 only)\n")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        return HttpResponse(status=400, body=b"malformed HTTP request: lines must end in CRLF\n")
+    if b"\n " in head or b"\n\t" in head:
+        return HttpResponse(
+            status=400, body=b"malformed HTTP request: folded header lines are not accepted\n"
+        )
+    return None
+
+
 class ServerWire:
     """
     One server-side connection, from the first request byte to the close.
@@ -167,6 +185,7 @@ class ServerWire:
         self._ws: Connection | None = None
         self._max_header_bytes = max_header_bytes
         self._received = 0  # bytes of the opening request so far
+        self._head = bytearray()  # their first max_header_bytes + 1, to check the framing
         self._max_message = max_message_bytes
         self._quarter = max_message_bytes // 4
         self._parts: list[str] = []
@@ -189,6 +208,8 @@ class ServerWire:
                 h.receive_data(b"")
             elif data:
                 self._received += len(data)
+                if len(self._head) <= self._max_header_bytes:
+                    self._head += data
                 h.receive_data(data)
             event = h.next_event()
         except h11.RemoteProtocolError as exc:
@@ -198,9 +219,15 @@ class ServerWire:
             return [BadRequest(HttpResponse(status=status, body=text.encode() + b"\n"))]
         if type(event) is h11.Request:
             # h11 bounds only a request still incomplete; bound a whole one too.
-            if self._received - len(h.trailing_data[0]) > self._max_header_bytes:
+            size = self._received - len(h.trailing_data[0])
+            if size > self._max_header_bytes:
                 self.state = WireState.CLOSED
                 return [BadRequest(HttpResponse(status=431, body=b"request header too large\n"))]
+            refusal = _misframed(event.http_version, bytes(self._head[:size]))
+            self._head = bytearray()
+            if refusal is not None:
+                self.state = WireState.CLOSED
+                return [BadRequest(refusal)]
             return [RequestReceived(event.method, event.target, list(event.headers))]
         if event is h11.NEED_DATA:
             return []

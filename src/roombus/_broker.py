@@ -375,23 +375,25 @@ class Broker:
 
     def charge(
         self, conn: ConnectionId, *, now: float, timestamp: int
-    ) -> tuple[RateDecision, list[Action]]:
+    ) -> tuple[bool, list[Action]]:
         """
         Charge one message's worth of *conn*'s rate limit for input that is not a
         message: a ping, a frame of a fragmented message (a pong is charged by
         :meth:`handle`, unless it answers the broker's own ping).
 
         Returns:
-            The decision and the actions it causes: ``ALLOW`` (nothing to do; also for
-            an unknown connection or with rate limiting off), ``REFUSE`` (drop the
-            input: leave a ping unanswered), or ``ABUSE``: the connection is closed
-            with 1008 ``rate limit exceeded``, as for a chat flood, and forgotten.
+            Whether the input is allowed (also for an unknown connection or with rate
+            limiting off), and the actions it causes. Not allowed and no actions: over
+            the allowance, drop the input (leave a ping unanswered). Not allowed with
+            actions: abusive, the connection is closed with 1008 ``rate limit
+            exceeded``, as for a chat flood, and forgotten.
         """
         actions: list[Action] = []
         c = self._conns.get(conn)
         if c is None:
-            return RateDecision.ALLOW, actions
-        return self._charge(conn, c, now, timestamp, actions), actions
+            return True, actions
+        decision = self._charge(conn, c, now, timestamp, actions)
+        return decision is RateDecision.ALLOW, actions
 
     def _charge(
         self, conn: ConnectionId, c: _Conn, now: float, timestamp: int, actions: list[Action]

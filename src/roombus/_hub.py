@@ -86,7 +86,6 @@ from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
-from ._ratelimit import RateDecision
 from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
 from ._wire import (
@@ -680,11 +679,11 @@ class Hub:
                     return
             elif kind is Reply or kind is FragmentReceived:
                 # Control frames and fragments cost rate like messages do.
-                decision, actions = broker.charge(cid, now=now, timestamp=timestamp)
+                allowed, actions = broker.charge(cid, now=now, timestamp=timestamp)
                 if actions:  # closed as a flooder
                     self._apply(actions, now, timestamp)
                     return
-                if kind is Reply and decision is RateDecision.ALLOW:
+                if allowed and kind is Reply:
                     # Only the latest ping needs its pong: a ping flood cannot grow the queue.
                     queue = cast("SendQueue", conn.queue)
                     queue.push_pong(event.data)  # type: ignore[union-attr]

@@ -31,7 +31,6 @@ from roombus import (
     TextReceived,
 )
 from roombus._handshake import Upgrade, route_request
-from roombus._ratelimit import RateDecision
 from roombus._wire import (
     PING_FRAME,
     BadRequest,
@@ -124,9 +123,9 @@ class Pipeline:
                 self.apply(self.broker.handle(PongReceived(conn=self.cid), now=0.0, timestamp=TS))
             elif isinstance(event, (Reply, FragmentReceived)):
                 # Control frames and fragments cost rate, as the hub charges them.
-                decision, actions = self.broker.charge(self.cid, now=0.0, timestamp=TS)
+                allowed, actions = self.broker.charge(self.cid, now=0.0, timestamp=TS)
                 self.apply(actions)
-                if isinstance(event, Reply) and decision is RateDecision.ALLOW:
+                if allowed and isinstance(event, Reply):
                     self.out += event.data
             else:
                 assert isinstance(event, Closed)

@@ -12,8 +12,10 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from roombus._handshake import Upgrade, route_request
 from roombus._wire import (
+    FRAGMENT_OVERHEAD,
     BadRequest,
     Closed,
+    FragmentReceived,
     MessageReceived,
     PongFrameReceived,
     Reply,
@@ -73,10 +75,11 @@ def test_text_fragments_ping_pong() -> None:
     data += client.send(Ping(payload=b"p"))
     data += raw_frame(0xA, b"")
     events = wire.receive_data(data)
-    assert events[0] == MessageReceived("hello ☃")
-    assert isinstance(events[1], Reply)
-    assert events[1].data == b"\x8a\x01p"
-    assert events[2] == PongFrameReceived()
+    assert events[0] == FragmentReceived()
+    assert events[1] == MessageReceived("hello ☃")
+    assert isinstance(events[2], Reply)
+    assert events[2].data == b"\x8a\x01p"
+    assert events[3] == PongFrameReceived()
 
 
 def test_peer_close_is_answered() -> None:
@@ -112,12 +115,13 @@ def test_binary_closes_1003() -> None:
 
 
 def test_too_big_closes_1009_also_when_fragmented() -> None:
-    wire, client = opened(max_message_bytes=100)
-    assert wire.receive_data(client.send(TextMessage(data="x" * 100))) == [
-        MessageReceived("x" * 100)
+    limit = 100 + FRAGMENT_OVERHEAD  # one fragment's overhead and 100 bytes
+    wire, client = opened(max_message_bytes=limit)
+    assert wire.receive_data(client.send(TextMessage(data="x" * limit))) == [
+        MessageReceived("x" * limit)
     ]
     data = client.send(TextMessage(data="é" * 30, message_finished=False))  # 60 bytes
-    assert wire.receive_data(data) == []
+    assert wire.receive_data(data) == [FragmentReceived()]
     data = client.send(TextMessage(data="é" * 21, message_finished=True))  # 102 in all
     assert closing_code(wire, data) == 1009
 

@@ -341,9 +341,15 @@ class Broker:
                     self._disconnect(event.conn, c, timestamp, actions)
         elif isinstance(event, PongReceived):
             c = self._conns.get(event.conn)
-            if c is not None and self.config.heartbeat:
-                c.heartbeat.pong(now)
-                self._schedule(event.conn, c)
+            if c is not None:
+                beat = self.config.heartbeat
+                if not (beat and c.heartbeat.state is HeartbeatState.AWAITING_PONG):
+                    # Unsolicited (RFC 6455 allows it): it costs like any other input.
+                    decision = self._charge(event.conn, c, now, timestamp, actions)
+                    beat = beat and decision is RateDecision.ALLOW
+                if beat:
+                    c.heartbeat.pong(now)
+                    self._schedule(event.conn, c)
         elif isinstance(event, ClientConnected):
             self._on_connect(event, now, timestamp, actions)
         elif isinstance(event, ClientDisconnected):
@@ -366,6 +372,40 @@ class Broker:
         else:
             raise LocalProtocolError(f"not an event: {event!r}")
         return actions
+
+    def charge(
+        self, conn: ConnectionId, *, now: float, timestamp: int
+    ) -> tuple[bool, list[Action]]:
+        """
+        Charge one message's worth of *conn*'s rate limit for input that is not a
+        message: a ping, a frame of a fragmented message (a pong is charged by
+        :meth:`handle`, unless it answers the broker's own ping).
+
+        Returns:
+            Whether the input is allowed (also for an unknown connection or with rate
+            limiting off), and the actions it causes. Not allowed and no actions: over
+            the allowance, drop the input (leave a ping unanswered). Not allowed with
+            actions: abusive, the connection is closed with 1008 ``rate limit
+            exceeded``, as for a chat flood, and forgotten.
+        """
+        actions: list[Action] = []
+        c = self._conns.get(conn)
+        if c is None:
+            return True, actions
+        decision = self._charge(conn, c, now, timestamp, actions)
+        return decision is RateDecision.ALLOW, actions
+
+    def _charge(
+        self, conn: ConnectionId, c: _Conn, now: float, timestamp: int, actions: list[Action]
+    ) -> RateDecision:
+        limiter = c.limiter
+        if limiter is None:
+            return RateDecision.ALLOW
+        decision = limiter.take(now)
+        if decision is RateDecision.ABUSE:
+            actions.append(Close(conn=conn, code=POLICY_VIOLATION, reason="rate limit exceeded"))
+            self._disconnect(conn, c, timestamp, actions)
+        return decision
 
     def publish(self, room: str, content: object, *, username: str, timestamp: int) -> list[Action]:
         """

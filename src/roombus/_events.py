@@ -53,6 +53,9 @@ class PongReceived:
     """
     A client answered a ping (or sent an unsolicited pong): it is alive.
 
+    An unsolicited pong costs a message's worth of the connection's rate limit (a pong
+    flood is closed like a chat flood); the answer to the broker's own ping is free.
+
     Attributes:
         conn: The connection that answered.
     """

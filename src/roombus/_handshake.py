@@ -88,8 +88,12 @@ def _header(headers: Headers, name: bytes) -> bytes | None:
 
 
 def normalize_origin(origin: str) -> str:
-    """An origin as compared against the allow-list: lower case, no trailing slash."""
-    return origin.strip().rstrip("/").lower()
+    """
+    An origin as compared against the allow-list: lower case, no trailing slash, and
+    without surrounding SP and HTAB (HTTP's whitespace; no other character, such as
+    U+00A0, is whitespace in a header).
+    """
+    return origin.strip(" \t").rstrip("/").lower()
 
 
 def route_request(
@@ -188,9 +192,16 @@ def _admit(
     now: float,
 ) -> Upgrade | HttpResponse:
     """The checks every WebSocket passes, however its handshake is done."""
+    if _header(headers, b"content-length") is not None or (
+        _header(headers, b"transfer-encoding") is not None
+    ):
+        # What follows the head is frames here, but a body to a proxy that honours these.
+        return _refuse(400, "a WebSocket upgrade has no body (Content-Length, Transfer-Encoding)")
     if allowed_origins:
-        origin = _header(headers, b"origin")
-        if origin is None or normalize_origin(origin.decode("latin-1")) not in allowed_origins:
+        origins = [value for name, value in headers if name == b"origin"]
+        if len(origins) > 1:  # another reader may take another one: none decides
+            return _refuse(403, "more than one Origin header")
+        if not origins or normalize_origin(origins[0].decode("latin-1")) not in allowed_origins:
             return _refuse(403, "origin not allowed")
 
     try:

@@ -96,6 +96,7 @@ from ._wire import (
     UNSUPPORTED_DATA,
     BadRequest,
     Closed,
+    FragmentReceived,
     MessageReceived,
     PongFrameReceived,
     Reply,
@@ -671,13 +672,22 @@ class Hub:
                 if conn.phase is not _Phase.OPEN:
                     return  # closed by the broker (a flooder): ignore the rest
             elif kind is PongFrameReceived:
-                broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
+                actions = broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
                 self.deadline_moved = True
-            elif kind is Reply:
-                # Only the latest ping needs its pong: a ping flood cannot grow the queue.
-                queue = cast("SendQueue", conn.queue)
-                queue.push_pong(event.data)  # type: ignore[union-attr]
-                self._dirty[cid] = queue
+                if actions:  # an unsolicited pong too many: closed as a flooder
+                    self._apply(actions, now, timestamp)
+                    return
+            elif kind is Reply or kind is FragmentReceived:
+                # Control frames and fragments cost rate like messages do.
+                allowed, actions = broker.charge(cid, now=now, timestamp=timestamp)
+                if actions:  # closed as a flooder
+                    self._apply(actions, now, timestamp)
+                    return
+                if allowed and kind is Reply:
+                    # Only the latest ping needs its pong: a ping flood cannot grow the queue.
+                    queue = cast("SendQueue", conn.queue)
+                    queue.push_pong(event.data)  # type: ignore[union-attr]
+                    self._dirty[cid] = queue
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse).
                 self._forget(conn, now, timestamp)

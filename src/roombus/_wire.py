@@ -35,6 +35,14 @@ INVALID_DATA = 1007
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 
+#: What each frame of a fragmented message counts toward ``max_message_bytes`` on top
+#: of its payload: holding a fragment costs about this much (a string object and a list
+#: slot) even when it carries no byte, so an endless run of empty continuation frames
+#: reaches the limit like any other oversized message.
+FRAGMENT_OVERHEAD = 64
+#: Most frames one message may have, whatever the size limit.
+MAX_FRAGMENTS = 4096
+
 
 def text_frame(payload: bytes) -> bytes:
     """One unmasked, final text frame carrying *payload* (server to client)."""
@@ -79,6 +87,15 @@ class MessageReceived:
 
 
 @attrs.frozen
+class FragmentReceived:
+    """
+    A frame of a fragmented message that is not its last (the message itself comes
+    as :class:`MessageReceived` once its last frame arrives). A driver charges it to
+    the connection's rate limit, as it does control frames.
+    """
+
+
+@attrs.frozen
 class PongFrameReceived:
     """A pong frame."""
 
@@ -107,7 +124,15 @@ class Closed:
     by_peer: bool
 
 
-WireEvent = RequestReceived | BadRequest | MessageReceived | PongFrameReceived | Reply | Closed
+WireEvent = (
+    RequestReceived
+    | BadRequest
+    | MessageReceived
+    | FragmentReceived
+    | PongFrameReceived
+    | Reply
+    | Closed
+)
 
 
 class WireState(enum.Enum):
@@ -119,6 +144,25 @@ class WireState(enum.Enum):
 
 
 _PONG = PongFrameReceived()
+_FRAGMENT = FragmentReceived()
+
+
+def _misframed(version: bytes, head: bytes) -> HttpResponse | None:
+    """
+    The refusal for a request h11 reads leniently where a proxy may read it otherwise
+    (request-smuggling material): an HTTP version other than 1.0 and 1.1 (505); a bare
+    LF or CR, or an obs-fold continuation line, in the head (400; RFC 9112 2.2, 5.2).
+    """
+    if version not in (b"1.1", b"1.0"):
+        return HttpResponse(status=505, body=b"HTTP version not supported (1.0 and 1.1 only)\n")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        return HttpResponse(status=400, body=b"malformed HTTP request: lines must end in CRLF\n")
+    if b"\n " in head or b"\n\t" in head:
+        return HttpResponse(
+            status=400, body=b"malformed HTTP request: folded header lines are not accepted\n"
+        )
+    return None
 
 
 class ServerWire:
@@ -128,7 +172,9 @@ class ServerWire:
     Args:
         max_header_bytes: Largest opening request (line and headers) accepted; larger
             ones get 431.
-        max_message_bytes: Largest inbound message; larger ones close with 1009.
+        max_message_bytes: Largest inbound message; larger ones close with 1009. Each
+            frame of a fragmented message counts :data:`FRAGMENT_OVERHEAD` bytes more,
+            and a message of more than :data:`MAX_FRAGMENTS` frames closes with 1009 too.
     """
 
     def __init__(self, *, max_header_bytes: int = 16384, max_message_bytes: int = 65536) -> None:
@@ -139,11 +185,13 @@ class ServerWire:
         self._ws: Connection | None = None
         self._max_header_bytes = max_header_bytes
         self._received = 0  # bytes of the opening request so far
+        self._head = bytearray()  # their first max_header_bytes + 1, to check the framing
         self._max_message = max_message_bytes
         self._quarter = max_message_bytes // 4
         self._parts: list[str] = []
         self._chars = 0  # characters of the message being received
         self._encoded = -1  # its UTF-8 bytes, once counted (-1: not yet)
+        self._frames = 0  # its frames so far (each one's overhead is counted too)
         self._buf = b""  # bytes received but not yet parsed (a frame's beginning)
         self._owed = 0  # bytes wsproto still needs to finish the frame it has begun
         self._fragmented = False  # wsproto holds an unfinished fragmented message
@@ -160,6 +208,8 @@ class ServerWire:
                 h.receive_data(b"")
             elif data:
                 self._received += len(data)
+                if len(self._head) <= self._max_header_bytes:
+                    self._head += data
                 h.receive_data(data)
             event = h.next_event()
         except h11.RemoteProtocolError as exc:
@@ -169,9 +219,15 @@ class ServerWire:
             return [BadRequest(HttpResponse(status=status, body=text.encode() + b"\n"))]
         if type(event) is h11.Request:
             # h11 bounds only a request still incomplete; bound a whole one too.
-            if self._received - len(h.trailing_data[0]) > self._max_header_bytes:
+            size = self._received - len(h.trailing_data[0])
+            if size > self._max_header_bytes:
                 self.state = WireState.CLOSED
                 return [BadRequest(HttpResponse(status=431, body=b"request header too large\n"))]
+            refusal = _misframed(event.http_version, bytes(self._head[:size]))
+            self._head = bytearray()
+            if refusal is not None:
+                self.state = WireState.CLOSED
+                return [BadRequest(refusal)]
             return [RequestReceived(event.method, event.target, list(event.headers))]
         if event is h11.NEED_DATA:
             return []
@@ -337,13 +393,25 @@ class ServerWire:
             if isinstance(event, TextMessage):
                 part = event.data
                 self._chars += len(part)
+                fragment = event.frame_finished and not event.message_finished
+                if fragment:
+                    # A whole frame of a message that goes on: it costs its overhead.
+                    self._frames += 1
+                    self._chars += FRAGMENT_OVERHEAD
+                    if self._encoded >= 0:
+                        self._encoded += FRAGMENT_OVERHEAD
                 # Characters under-count UTF-8 bytes by at most 4x: count bytes exactly
                 # only once the message is long enough for it to matter.
-                if self._chars > self._quarter and self._too_big(part):
+                if self._frames >= MAX_FRAGMENTS or (
+                    self._chars > self._quarter and self._too_big(part)
+                ):
                     out.append(self._close(MESSAGE_TOO_BIG, "message too big"))
                     return True
                 if not event.message_finished:
-                    self._parts.append(part)
+                    if part:
+                        self._parts.append(part)
+                    if fragment:
+                        out.append(_FRAGMENT)
                     continue
                 if self._parts:
                     self._parts.append(part)
@@ -351,6 +419,7 @@ class ServerWire:
                     self._parts = []
                 self._chars = 0
                 self._encoded = -1
+                self._frames = 0
                 out.append(MessageReceived(part))
             elif isinstance(event, Pong):
                 out.append(_PONG)
@@ -369,8 +438,9 @@ class ServerWire:
     def _too_big(self, part: str) -> bool:
         if self._chars > self._max_message:
             return True
-        if self._encoded < 0:  # first time: count the earlier parts too
+        if self._encoded < 0:  # first time: count the earlier parts (and frames) too
             self._encoded = sum(len(p.encode()) for p in self._parts)
+            self._encoded += self._frames * FRAGMENT_OVERHEAD
         self._encoded += len(part.encode())
         return self._encoded > self._max_message
 
@@ -383,7 +453,10 @@ class ServerWire:
         if ws.state is ConnectionState.CLOSED:
             # The answer to our own close, or the stream ended without one.
             return Closed(code=event.code, data=b"", by_peer=True)
-        # wsproto refused the peer's bytes (bad UTF-8, protocol violation).
+        # wsproto refused the peer's bytes (bad UTF-8, protocol violation). Its reason
+        # for bad UTF-8 is Python's codec message: say it in the protocol's words.
+        if event.code == INVALID_DATA:
+            return self._close(INVALID_DATA, "invalid UTF-8")
         return self._close(event.code, event.reason or "protocol error")
 
     def _close(self, code: int, reason: str) -> Closed:

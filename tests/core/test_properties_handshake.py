@@ -92,9 +92,16 @@ def expected(
             return 400, {}
     except ValueError:
         return 400, {}
+    if first(headers, b"content-length") is not None:
+        return 400, {}  # an upgrade has no body: what follows the head is frames
+    if first(headers, b"transfer-encoding") is not None:
+        return 400, {}
     if origins:
-        origin = first(headers, b"origin")
-        if origin is None or origin.decode("latin-1").strip().rstrip("/").lower() != ALLOWED:
+        # Exactly one Origin, compared without SP and HTAB around it (nothing else).
+        values = [v for k, v in headers if k == b"origin"]
+        if len(values) != 1:
+            return 403, {}
+        if values[0].decode("latin-1").strip(" \t").rstrip("/").lower() != ALLOWED:
             return 403, {}
     try:
         params = query_params(query) if query.isascii() else None
@@ -129,8 +136,15 @@ FLAWS: dict[str, list[Any]] = {
         [b"https://ok.example.evil"],
         [b"HTTPS://OK.EXAMPLE/"],
         [b" https://ok.example "],
+        [b"\thttps://ok.example"],
+        [b"https://ok.example\xa0"],
+        [b"https://ok.example\x85"],
         [b"https://evil.example", b"https://ok.example"],
+        [b"https://ok.example", b"https://evil.example"],
+        [b"https://ok.example", b"https://ok.example"],
     ],
+    b"content-length": [None, [b"0"], [b"12"]],
+    b"transfer-encoding": [None, [b"chunked"], [b"identity"]],
     "room": [
         None,
         [""],
@@ -174,6 +188,8 @@ def requests(draw: st.DrawFn) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
         "room": ["lobby"],
         "username": ["ann"],
         "query": None,
+        b"content-length": None,
+        b"transfer-encoding": None,
     }
     for part in draw(st.lists(st.sampled_from([*sorted(FLAWS, key=str), b"origin"]), max_size=3)):
         parts[part] = draw(st.sampled_from(FLAWS[part]))
@@ -198,6 +214,8 @@ def requests(draw: st.DrawFn) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
         b"sec-websocket-version",
         b"sec-websocket-key",
         b"origin",
+        b"content-length",
+        b"transfer-encoding",
     ):
         headers += [(name, value) for value in parts[name] or []]
     return parts["method"], target, draw(st.permutations(headers))

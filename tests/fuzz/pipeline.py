@@ -35,6 +35,7 @@ from roombus._wire import (
     PING_FRAME,
     BadRequest,
     Closed,
+    FragmentReceived,
     MessageReceived,
     PongFrameReceived,
     Reply,
@@ -108,6 +109,8 @@ class Pipeline:
 
     def _frames(self, data: bytes | None) -> None:
         for event in self.wire.receive_data(data):
+            if self.done:  # closed by the broker (a flooder): the rest is ignored
+                return
             if isinstance(event, MessageReceived):
                 assert len(event.text.encode()) <= MAX_MESSAGE
                 self.apply(
@@ -116,9 +119,14 @@ class Pipeline:
                     )
                 )
             elif isinstance(event, PongFrameReceived):
-                assert self.broker.handle(PongReceived(conn=self.cid), now=0.0, timestamp=TS) == []
-            elif isinstance(event, Reply):
-                self.out += event.data
+                # Unsolicited (nothing here pings): charged, closed if abusive.
+                self.apply(self.broker.handle(PongReceived(conn=self.cid), now=0.0, timestamp=TS))
+            elif isinstance(event, (Reply, FragmentReceived)):
+                # Control frames and fragments cost rate, as the hub charges them.
+                allowed, actions = self.broker.charge(self.cid, now=0.0, timestamp=TS)
+                self.apply(actions)
+                if allowed and isinstance(event, Reply):
+                    self.out += event.data
             else:
                 assert isinstance(event, Closed)
                 self.out += event.data

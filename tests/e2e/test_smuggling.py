@@ -12,7 +12,6 @@ import pytest
 
 from .rawws import TIMEOUT, open_socket, parse_response_head, upgrade_request
 
-OWN_PARSER = {"trio", "asyncio"}
 TARGET = "/ws?room=lobby&username=ann"
 # A masked text frame holding {"type":"ping"}: were the body read as frames, the client
 # would get a pong (after a 101).
@@ -55,23 +54,23 @@ def _with(*lines: str, version: str = "HTTP/1.1", body: bytes = b"") -> bytes:
     ],
     ids=["content-length", "chunked", "content-length-0"],
 )
-def test_an_upgrade_with_body_framing_is_never_upgraded(port, transport, caps, header, body):
-    if caps.early_frames == "unsafe":
+def test_an_upgrade_with_body_framing_is_never_upgraded(port, caps, header, body):
+    if not caps.early_frames_safe:
         # Bytes behind the head break hypercorn itself, before the app has a say (see
-        # Capabilities.early_frames): the header alone is what roombus answers.
+        # Capabilities.early_frames_safe): the header alone is what roombus answers.
         body = b""
     status = status_or_none(port, _with(header, body=body))
     assert status != 101
-    if transport in OWN_PARSER:
+    if caps.owns_protocol:
         assert status == 400
 
 
-def test_two_origin_headers_are_never_upgraded(port, transport):
+def test_two_origin_headers_are_never_upgraded(port, caps):
     request = upgrade_request(TARGET, {"Origin": "https://ok.example"})
     request = request.replace(b"\r\n\r\n", b"\r\nOrigin: https://evil.example\r\n\r\n")
     status = status_or_none(port, request)
     assert status != 101
-    if transport in OWN_PARSER:
+    if caps.owns_protocol:
         assert status == 403
     # And the same with the order swapped: the first one does not decide either.
     request = upgrade_request(TARGET, {"Origin": "https://evil.example"})
@@ -79,17 +78,21 @@ def test_two_origin_headers_are_never_upgraded(port, transport):
     assert status_or_none(port, request) != 101
 
 
-def test_an_origin_with_a_trailing_nbsp_is_not_the_allowed_one(port, transport):
+def test_an_origin_with_a_trailing_nbsp_is_not_the_allowed_one(port, caps):
     request = upgrade_request(TARGET, {"Origin": "https://ok.example\xa0"})
     status = status_or_none(port, request)
     assert status != 101
-    if transport in OWN_PARSER:
+    if caps.owns_protocol:
         assert status == 403
     # The well-formed origin still gets in.
     assert status_or_none(port, upgrade_request(TARGET, {"Origin": "https://ok.example"})) == 101
 
 
-@pytest.mark.parametrize("transport", sorted(OWN_PARSER), indirect=True)
+#: The transports whose HTTP parser is roombus's own (Capabilities.owns_protocol).
+OWN_PARSER = ("asyncio", "trio")
+
+
+@pytest.mark.parametrize("transport", OWN_PARSER, indirect=True)
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -106,7 +109,7 @@ def test_what_roombus_parses_leniently_nowhere(port, request_bytes, status):
 
 
 def test_the_server_goes_on_serving(port, caps):
-    body = b"" if caps.early_frames == "unsafe" else PING
+    body = PING if caps.early_frames_safe else b""
     for _ in range(3):
         assert status_or_none(port, _with("Content-Length: 15", body=body)) != 101
     assert status_or_none(port, upgrade_request(TARGET, {"Origin": "https://ok.example"})) == 101

@@ -9,7 +9,7 @@ ROOM_ALPHABET = "ABCabc019_.:-"
 rooms = st.text(ROOM_ALPHABET, min_size=1, max_size=64)
 few_rooms = st.sampled_from(["r1", "r2", "r3"])
 few_users = st.sampled_from(["ann", "bob", "cy"])
-usernames = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64)
+usernames = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs")), min_size=1, max_size=64)
 json_values = st.recursive(
     st.none()
     | st.booleans()

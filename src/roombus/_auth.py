@@ -19,6 +19,8 @@ only when a :class:`JWTAuthenticator` is made, so the core needs neither.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +51,11 @@ BEARER_SUBPROTOCOL_PREFIX: Final = b"bearer."
 #: Longest token looked at. A token is decoded and its signature checked before
 #: anything else, so an unbounded one would be unbounded work per handshake.
 MAX_TOKEN_LENGTH: Final = 16 * 1024
+#: Deepest nesting of arrays and objects in a token's header or claims (the claims
+#: object itself is one level; a ``rooms`` object claim is three). Checked before
+#: PyJWT decodes anything: decoding and copying a deeper value recurses once per
+#: level, and hundreds of levels exhaust the interpreter's stack.
+MAX_CLAIMS_DEPTH: Final = 32
 #: Most patterns in one of a :class:`RoomRules`' lists.
 MAX_ROOM_PATTERNS: Final = 256
 #: Longest room pattern.
@@ -150,6 +157,11 @@ def _check_patterns(value: object) -> tuple[str, ...]:
             raise ValueError(
                 f"a room pattern must be a string of 1-{MAX_ROOM_PATTERN_LENGTH} characters"
             )
+        if not p.isascii():
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a room pattern must be UTF-8 text (no lone surrogate)") from None
     return patterns
 
 
@@ -409,6 +421,37 @@ def selected_subprotocol(headers: Headers) -> bytes | None:
 # --- JWT -------------------------------------------------------------------------------
 
 
+# A JSON string (escapes included) or an unterminated one, so that brackets inside
+# strings are not counted as nesting.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting(segment: str) -> int:
+    """
+    How deeply arrays and objects nest in a token segment's JSON (0 if it does not
+    decode, which PyJWT then refuses). A linear scan with no recursion: strings are
+    cut out, then brackets counted.
+    """
+    try:
+        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (ValueError, binascii.Error):
+        return 0
+    depth = deepest = 0
+    for byte in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _too_deep(token: str) -> bool:
+    """Whether the header or claims of *token* nest deeper than :data:`MAX_CLAIMS_DEPTH`."""
+    return any(_nesting(segment) > MAX_CLAIMS_DEPTH for segment in token.split(".", 2)[:2])
+
+
 def _numeric_date(value: object) -> float | None:
     """A NumericDate claim (``exp``, ``nbf``) as seconds, or None if it is not a finite number."""
     if type(value) is int:
@@ -610,6 +653,8 @@ class JWTAuthenticator:
             return Refusal(401, "missing token")
         if len(token) > MAX_TOKEN_LENGTH:
             return Refusal(401, "token too long")
+        if _too_deep(token):
+            return Refusal(401, "invalid token")
         claims = self._decode(token)
         if claims is None:
             return Refusal(401, "invalid token")
@@ -638,7 +683,7 @@ class JWTAuthenticator:
                     "enforce_minimum_key_length": True,
                 },
             )
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, RecursionError):  # older PyJWT lets RecursionError out
             return None
 
     def _check_claims(self, claims: Mapping[str, Any], now: float) -> Identity | Refusal:

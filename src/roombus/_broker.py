@@ -64,7 +64,10 @@ _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
 _PENDING: Final = 4
 #: Chats a room may hold for connections still joining it (one round trip's worth).
 MAX_HELD: Final = 1000
-_UNFORWARDABLE: Final = "content cannot be forwarded: nested too deeply or a number out of range"
+_UNFORWARDABLE: Final = (
+    "content cannot be forwarded: nested too deeply, a number out of range,"
+    " or a lone surrogate (not Unicode text)"
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -422,8 +425,8 @@ class Broker:
         if not is_valid_username(username):
             raise ValueError(f"invalid username: {username!r}")
         try:
-            codec.encode({"content": content})
-        except (TypeError, ValueError, RecursionError) as exc:
+            codec.check_content(content)
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"content is not encodable as JSON: {exc}") from None
         actions: list[Action] = []
         name = RoomName(room)

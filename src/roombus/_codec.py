@@ -129,7 +129,9 @@ def _utf8(text: str) -> bytes:
     r"""
     UTF-8 bytes of JSON text. Text is not escaped to ASCII (which would triple the
     size of non-ASCII content), except lone surrogates (JSON can carry ``"\ud800"``,
-    UTF-8 cannot), which are escaped back.
+    UTF-8 cannot), which are escaped back. None reach here from a client (names and
+    chat content holding one are refused); this is what keeps a server's own error
+    text encodable whatever it quotes.
     """
     try:
         return text.encode("utf-8")
@@ -142,12 +144,28 @@ def encode(envelope: dict[str, object]) -> bytes:
     return _utf8(_dumps(envelope))
 
 
+def check_content(content: object) -> None:
+    """
+    Raise ValueError (TypeError for a value JSON has no form for) unless *content*
+    can be a chat's content: JSON-encodable, not nested too deeply, and Unicode
+    text throughout (no lone surrogate, which UTF-8 cannot carry).
+    """
+    try:
+        _dumps(content).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("content holds a lone surrogate, which is not Unicode text") from None
+    except RecursionError:
+        raise ValueError("content is nested too deeply") from None
+
+
 def encode_chat(
     username: str, content: object, room: str, timestamp: int, seq: int
 ) -> bytes | None:
     """
     Encode a chat envelope; None when *content* cannot be re-encoded (nested too
-    deeply, or a number out of range such as 1e999).
+    deeply, a number out of range such as 1e999, or a lone surrogate, which JSON
+    can spell as ``"\ud800"`` but UTF-8 cannot carry: refused rather than passed
+    on, so no node, client or backplane has to cope with text that is not Unicode).
 
     Built from pieces rather than through a dict: this runs once per published
     message, and string content (the common case) needs only the C string escaper.
@@ -163,7 +181,10 @@ def encode_chat(
         f'{{"type":"chat","username":{_escape(username)},"content":{body},'
         f'"room":{_escape(room)},"timestamp":{int(timestamp)},"seq":{int(seq)}}}'
     )
-    return _utf8(text)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 def chat_prefix(username: str, content: object, room: str, timestamp: int) -> bytes | None:

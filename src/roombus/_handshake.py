@@ -227,7 +227,7 @@ def _admit(
     if not is_valid_room(room):
         return _refuse(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
     if not is_valid_username(username):
-        return _refuse(400, "username must be 1-64 characters with no control characters")
+        return _refuse(400, "username must be 1-64 characters, no control or format characters")
     return Upgrade(
         room=RoomName(room),  # type: ignore[arg-type]
         username=Username(username),  # type: ignore[arg-type]

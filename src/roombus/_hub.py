@@ -109,6 +109,15 @@ log: Final = logging.getLogger("roombus")
 
 NoticeHook = Callable[[Notice], None]
 
+#: Probes (``GET``/``HEAD`` of ``/healthz``, and of ``/metrics`` when it is on) from
+#: connections over a connection limit that are answered anyway, at most this many at
+#: once (answered and not yet gone); others over a limit get its 429 or 503. A load
+#: balancer probing a full node must not see it as down, and a probe is no cheaper to
+#: hold than any connection over a limit: the handshake timeout to send its request,
+#: the close timeout to take its answer, and the far-over cut (see :meth:`Hub.open`)
+#: still applies, so probes hold no descriptor the limits did not already allow.
+PROBE_BUDGET: Final = 8
+
 
 class _Phase(enum.Enum):
     HANDSHAKE = "handshake"
@@ -208,6 +217,8 @@ class Hub:
         #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
         self._per_ip: dict[str, int] = {}
+        # Over-limit connections answered as probes, until they are lost.
+        self._probes: set[ConnectionId] = set()
         self.on_notice = on_notice
         self.shutting_down = False
         #: Slow consumers closed since the start.
@@ -355,6 +366,7 @@ class Hub:
             or (total and len(self._conns) > total + max(total // 8, 64))
         ):
             # Far over a limit: not even an answer (descriptors are what is scarce).
+            self._limit_refused(conn, conn.refusal)
             self._drop(conn)
         else:
             self._set_deadline(conn, now + self.config.handshake_timeout)
@@ -366,22 +378,41 @@ class Hub:
             self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
 
     def _over_limit(self, conn: _Conn) -> HttpResponse | None:
-        """The answer for a connection beyond a connection limit (counting itself)."""
+        """
+        The answer for a connection beyond a connection limit (counting itself). It is
+        counted and logged once given (:meth:`_limit_refused`): a probe may be spared.
+        """
         config = self.config
         if config.max_connections and len(self._conns) > config.max_connections:
-            self.limit_refusals += 1
-            log.info("%s refused: over max-connections (%d)", conn.peer, config.max_connections)
             return HttpResponse(
                 status=503, body=b"server full: too many connections\n", headers=_RETRY
             )
         limit = config.max_connections_per_ip
         if limit and conn.ip is not None and self._per_ip[conn.ip] > limit:
-            self.limit_refusals += 1
-            log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
             return HttpResponse(
                 status=429, body=b"too many connections from your address\n", headers=_RETRY
             )
         return None
+
+    def _limit_refused(self, conn: _Conn, refusal: HttpResponse) -> None:
+        self.limit_refusals += 1
+        if refusal.status == 503:
+            log.info(
+                "%s refused: over max-connections (%d)", conn.peer, self.config.max_connections
+            )
+        else:
+            limit = self.config.max_connections_per_ip
+            log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
+
+    def _spared(self, conn: _Conn, method: bytes, target: bytes) -> bool:
+        """Whether a request over a limit is a probe answered anyway (see PROBE_BUDGET)."""
+        if method not in (b"GET", b"HEAD") or len(self._probes) >= PROBE_BUDGET:
+            return False
+        path = target.partition(b"?")[0]
+        if path == b"/healthz" or (path == b"/metrics" and self.config.metrics):
+            self._probes.add(conn.cid)
+            return True
+        return False
 
     def open_websocket(
         self, target: bytes, headers: Headers, *, now: float, timestamp: int, peer: str = ""
@@ -429,6 +460,7 @@ class Hub:
         self._add(conn)
         refusal = self._over_limit(conn)
         if refusal is not None:
+            self._limit_refused(conn, refusal)
             self.lost(cid, now=now, timestamp=timestamp)
             return refusal
         conn.phase = _Phase.OPEN
@@ -495,6 +527,7 @@ class Hub:
         conn = self._conns.pop(cid, None)
         if conn is None:
             return
+        self._probes.discard(cid)
         if conn.ip is not None:
             count = self._per_ip[conn.ip] - 1
             if count:
@@ -562,7 +595,8 @@ class Hub:
         assert wire is not None  # message connections start OPEN
         for event in wire.receive_data(data):
             if type(event) is RequestReceived:
-                if conn.refusal is not None:
+                if conn.refusal is not None and not self._spared(conn, event.method, event.target):
+                    self._limit_refused(conn, conn.refusal)
                     self._respond(conn, conn.refusal, now, head=event.method == b"HEAD")
                     return
                 if (

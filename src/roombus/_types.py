@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import NewType
 
 #: A connection, as numbered by the driver. Delivery is per connection.
@@ -17,6 +18,12 @@ MAX_NAME_LENGTH = 64
 _ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # C0 controls, DEL and C1 controls.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Unicode categories no username character may have: controls (Cc, exactly the
+#: characters of _CONTROL_RE), format characters (Cf: bidi overrides and isolates,
+#: zero-width spaces and joiners, the BOM, the soft hyphen; they make a name display
+#: as another, "evil\u202enimda" as "eviladmin") and surrogates (Cs: a lone one is
+#: valid in JSON as "\ud800" but has no UTF-8 form, so it could not leave this node).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
 
 
 def is_valid_room(name: object) -> bool:
@@ -32,8 +39,13 @@ def is_valid_username(name: object) -> bool:
     """
     Tell whether *name* is a usable username.
 
-    A username is 1 to 64 characters with no control characters.
+    A username is 1 to 64 characters, none of them a control character, a format
+    character or a surrogate (Unicode categories Cc, Cf and Cs): so it is Unicode text
+    that UTF-8 can carry, and it displays as what it is.
     """
-    return (
-        type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH and _CONTROL_RE.search(name) is None
-    )
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_LENGTH:
+        return False
+    if name.isascii():
+        return _CONTROL_RE.search(name) is None
+    category = unicodedata.category
+    return not any(category(c) in _REFUSED_CATEGORIES for c in name)

@@ -386,7 +386,9 @@ def _target(scope: Scope) -> bytes:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     query = bytes(scope.get("query_string") or b"")
-    target = path.encode("utf-8", "replace")
+    # Escaped, never replaced: "?" in place of an unencodable character would split
+    # the path there, so "/ws\udcff" would be read as "/ws" with a query.
+    target = path.encode("utf-8", "backslashreplace")
     return target + b"?" + query if query else target
 
 

@@ -371,3 +371,41 @@ def test_join_leave_join_keeps_every_message_after_the_last_join(cluster):
     tail = [m["seq"] for m in msgs[last_state:] if m["type"] == "chat"]
     assert tail, seqs[-5:]
     assert tail == list(range(tail[0], tail[0] + len(tail)))
+
+
+def test_a_name_or_content_the_backplane_cannot_carry_is_refused_at_the_edge(cluster):
+    """
+    A token whose ``sub`` holds a lone surrogate (valid JSON, no UTF-8 form) once got in
+    and then broke the node's backplane (every command naming the user failed to encode):
+    it is refused with 401, a chat holding one gets an ``error``, and the nodes go on
+    carrying each other's messages and presence.
+    """
+    from tests.e2e.rawws import http_exchange, upgrade_request
+    from tests.e2e.test_names import SECRET, claims, signed
+
+    a, b = cluster(2, "--jwt-secret", SECRET)
+
+    def token_client(node: CliServer, sub: str) -> Client:
+        from tests.e2e.test_security import connect as connect_with
+
+        client = connect_with(
+            node.port, {"room": "lobby", "token": signed(claims(json.dumps(sub)))}
+        )
+        cluster.clients.append(client)  # type: ignore[attr-defined]
+        return client
+
+    bob = token_client(b, "bob")
+    bob.expect(type="presence", event="join", username="bob")
+    bob.expect(type="presence_state")
+    for sub_json in ('"x\\ud800"', '"\\udfff"', '"evil\\u202enimda"'):
+        bad = "/ws?room=lobby&token=" + signed(claims(sub_json))
+        assert http_exchange(a.port, upgrade_request(bad)).status == 401
+    ann = token_client(a, "ann")
+    bob.expect(type="presence", event="join", username="ann")
+    ann.send('{"type":"chat","content":["x\\ud800"]}')
+    ann.expect(type="presence", event="join", username="ann")
+    ann.expect(type="presence_state")
+    ann.expect(type="error", code="bad_message")
+    ann.chat("across")
+    bob.expect_chat("across", "ann")  # the first chat bob sees
+    assert metric(a, "roombus_backplane_online") == 1

@@ -28,11 +28,26 @@ from ..strategies import json_values
 from .pipeline import CONFIG, ENVELOPE_TYPES, ERROR_CODES, TS
 from .test_fuzz_handshake import FUZZ
 
+#: Lone surrogates: JSON spells them ("\\ud800"), UTF-8 cannot carry them.
+LONE_SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
+#: Text that now and then holds a lone surrogate (json.dumps escapes it).
+surrogate_text = st.text(st.characters() | st.sampled_from(LONE_SURROGATES), max_size=20)
 wild = st.one_of(
     json_values,
     st.sampled_from(["chat", "join", "leave", "ping", "lobby", "r2", "", None, 0, -1, 2**64]),
     st.text(max_size=70),
+    surrogate_text,
+    st.lists(surrogate_text, max_size=3),
+    st.dictionaries(surrogate_text, surrogate_text, max_size=2),
 )
+
+
+def _nested_chat(depth: int) -> str:
+    return '{"type":"chat","content":' + "[" * depth + "]" * depth + "}"
+
+
+#: Chats nested to around and far past the interpreter's recursion limit.
+NESTED = [_nested_chat(n) for n in (64, 500, 900, 990, 1000, 1100, 5000, 60_000)]
 objects = st.dictionaries(
     st.sampled_from(["type", "room", "content", "username", "seq", "timestamp", "extra"]),
     wild,
@@ -45,7 +60,28 @@ texts = st.one_of(
     st.sampled_from(
         ["{", '{"type":"chat","content":1e999}', '{"type":"chat","content":NaN}', "\ud800"]
     ),
+    st.sampled_from(NESTED),
+    st.tuples(st.sampled_from(["chat", "join", "leave"]), surrogate_text, surrogate_text).map(
+        lambda t: json.dumps({"type": t[0], "content": t[1], "room": t[2] or None})
+    ),
 )
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether any string in a JSON value holds one (a walk, not a recursion: the
+    value may be nested as deeply as the decoder goes)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in item):
+                return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return False
 
 
 @FUZZ
@@ -75,8 +111,10 @@ def test_every_client_message_gets_envelopes_back(messages: list[tuple[int, str]
         )
         delivers = [a for a in actions if isinstance(a, Deliver)]
         for a in delivers:
-            envelope = json.loads(a.payload)
+            envelope = json.loads(a.payload.decode("utf-8"))
             assert envelope["type"] in ENVELOPE_TYPES
+            # Text that is not Unicode is refused, never passed on (escaped or not).
+            assert not _has_lone_surrogate(envelope), envelope
             if envelope["type"] == "error":
                 assert envelope["code"] in ERROR_CODES
                 assert a.conns == (c,)  # only the sender hears about its mistake

@@ -9,6 +9,7 @@ message becomes an ``error`` envelope, a dead peer a :class:`~roombus.Close`.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
@@ -174,6 +175,8 @@ class Broker:
         # connection's timer_gen. Stale entries are skipped, and pruned when many.
         self._timers: list[tuple[float, int, ConnectionId]] = []
         self._gen = 0
+        # The last instant handle_timeout found itself stalled (see _heartbeat).
+        self._resumed_at = -math.inf
         self._messages_published = 0
         self._deliveries = 0
 
@@ -266,6 +269,11 @@ class Broker:
         """
         Let time pass up to *now*: send due pings and close peers that stayed silent.
 
+        Called late (more than ``min(1 s, ping_timeout / 2)`` after the earliest
+        heartbeat deadline), the broker takes it that the driver was stalled: no peer
+        is closed until it has had ``ping_timeout`` of running time since then to answer.
+        A driver reads the input that arrived during a stall before calling this.
+
         Args:
             now: The driver's monotonic clock, in seconds.
             timestamp: Wall-clock Unix seconds, for envelopes this produces.
@@ -282,14 +290,25 @@ class Broker:
                 )
                 self._disconnect(conn, c, timestamp, actions)
         # self._timers is re-read every time: _schedule may rebuild it meanwhile.
+        first = True
         while self._timers and self._timers[0][0] <= now:
-            _, gen, conn = heapq.heappop(self._timers)
+            deadline, gen, conn = heapq.heappop(self._timers)
             c = conns.get(conn)
             if c is None or c.timer_gen != gen:
                 continue
-            state = c.heartbeat.timer(now)
+            hb = c.heartbeat
+            if first:
+                first = False
+                if now - deadline > hb.late_after:
+                    # Called this late for the earliest deadline: the driver was stalled.
+                    # Answers may be waiting unread, so every answer window opened
+                    # before now opens again now (see _heartbeat).
+                    self._resumed_at = now
+            waiting = hb.state is HeartbeatState.AWAITING_PONG
+            state = hb.timer(now, resumed_at=self._resumed_at)
             if state is HeartbeatState.AWAITING_PONG:
-                actions.append(SendPing(conn=conn))
+                if not waiting:
+                    actions.append(SendPing(conn=conn))
                 self._schedule(conn, c)
             else:
                 actions.append(Close(conn=conn, code=PING_TIMEOUT_CODE, reason="ping timeout"))

@@ -247,12 +247,39 @@ def test_heartbeat_pings_then_closes_a_silent_peer() -> None:
     assert b.next_deadline() == 46
 
 
-def test_late_timer_closes_at_once_when_past_the_expiry() -> None:
+def test_a_late_timer_pings_a_peer_never_pinged_rather_than_closing_it() -> None:
     b = make_broker(ping_interval=1, ping_timeout=1)
     connect(b, 1, "ann")
-    assert b.handle_timeout(now=100, timestamp=TS)[0] == Close(
-        conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout"
-    )
+    assert b.handle_timeout(now=100, timestamp=TS) == [SendPing(conn=cid(1))]
+    assert b.next_deadline() == 101
+    b.handle(PongReceived(conn=cid(1)), now=100.5, timestamp=TS)
+    assert cid(1) in b
+
+
+def test_after_a_stall_every_pinged_peer_gets_a_full_timeout_to_answer() -> None:
+    b = make_broker(ping_interval=20, ping_timeout=10)
+    connect(b, 1, "ann", now=0)
+    connect(b, 2, "bob", now=5)
+    assert b.handle_timeout(now=20, timestamp=TS) == [SendPing(conn=cid(1))]
+    assert b.handle_timeout(now=25, timestamp=TS) == [SendPing(conn=cid(2))]
+    # Stopped from 26 to 33: ann's give-up instant (30) passed meanwhile; bob's (35)
+    # did not, but his pong may be waiting unread as well.
+    assert b.handle_timeout(now=33, timestamp=TS) == []
+    assert b.next_deadline() == 35
+    assert b.handle_timeout(now=35, timestamp=TS) == []
+    assert b.next_deadline() == 43
+    b.handle(PongReceived(conn=cid(2)), now=35.1, timestamp=TS)  # read after the stall
+    actions = b.handle_timeout(now=43, timestamp=TS)
+    assert actions[0] == Close(conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout")
+    assert cid(2) in b
+
+
+def test_a_timer_a_little_late_is_not_a_stall() -> None:
+    b = make_broker(ping_interval=20, ping_timeout=10)
+    connect(b, 1, "ann", now=0)
+    b.handle_timeout(now=20, timestamp=TS)
+    actions = b.handle_timeout(now=30.5, timestamp=TS)  # within min(1 s, timeout / 2)
+    assert actions[0] == Close(conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout")
 
 
 def test_events_for_unknown_connections_are_ignored() -> None:

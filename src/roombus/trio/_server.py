@@ -432,6 +432,12 @@ class Server(ServerFacade):
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
+            # Input that arrived by now is read before any verdict: after a stall (a
+            # GC pause, a stopped process), pongs may be waiting unread. Readers woken
+            # with this task, or by the I/O poll after it, run before the second
+            # checkpoint returns (trio shuffles each batch).
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
             now = trio.current_time()
             deadline = hub.next_deadline()
             if deadline is not None and deadline <= now:

@@ -337,3 +337,52 @@ def test_many_pongs_do_not_grow_timer_state_without_bound() -> None:
         b.handle(PongReceived(conn=cid(1)), now=i * 0.001, timestamp=TS)
     assert len(b._timers) < 100
     assert b.next_deadline() == pytest.approx(9.999 + 20)
+
+
+def test_joining_a_crowd_does_not_encode_the_member_list_again_per_join(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    N joins cost N presence broadcasts (to up to N members each: inherent), but each
+    joiner's presence_state is built from pieces the room keeps, not by sorting and
+    JSON-encoding all N names again: what is JSON-encoded grows with N, not N^2.
+    """
+    from roombus import _codec
+
+    encoded = 0
+    dumps = _codec._dumps
+
+    def counting(obj: object) -> str:
+        nonlocal encoded
+        text = dumps(obj)
+        encoded += len(text)
+        return text
+
+    monkeypatch.setattr(_codec, "_dumps", counting)
+    b = make_broker(max_connections_per_room=0)
+    n = 1000
+    for i in range(n):
+        actions = connect(b, i, f"user{i:04}")
+    state = inbox(actions, n - 1)[-1]
+    assert state["type"] == "presence_state"
+    assert state["users"] == [f"user{i:04}" for i in range(n)]
+    assert encoded < 200 * n  # the join envelopes; the states would add ~5,000 * n
+
+
+def test_the_tables_shrink_after_a_crowd_leaves() -> None:
+    """A dict never shrinks by deletions: after most connections leave, the broker's
+    and the room's tables are copied smaller, and stale timer entries dropped."""
+    import sys
+
+    b = make_broker(max_connections_per_room=0)
+    n = 2000
+    for i in range(n):
+        connect(b, i, f"user{i}")
+    small = sys.getsizeof(dict.fromkeys(range(256)))  # what a table of 256 takes
+    for i in range(n - 3):
+        disconnect(b, i)
+    room = b._registry.rooms[RoomName("lobby")]
+    for table in (b._conns, room.members, room.users):
+        assert sys.getsizeof(table) <= small
+    assert len(b._timers) <= 2 * 3 + 64
+    assert b.members("lobby") == sorted(f"user{i}" for i in range(n - 3, n))

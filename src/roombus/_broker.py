@@ -309,12 +309,12 @@ class Broker:
                     # Answers may be waiting unread, so every answer window opened
                     # before now opens again now (see _heartbeat).
                     self._resumed_at = now
-            waiting = hb.state is HeartbeatState.AWAITING_PONG
             state = hb.timer(now, resumed_at=self._resumed_at)
             if state is HeartbeatState.AWAITING_PONG:
-                if not waiting:
-                    actions.append(SendPing(conn=conn))
+                actions.append(SendPing(conn=conn))
                 self._schedule(conn, c)
+            elif state is HeartbeatState.GRACE:
+                self._schedule(conn, c)  # a new window after a stall; nothing to send
             else:
                 actions.append(Close(conn=conn, code=PING_TIMEOUT_CODE, reason="ping timeout"))
                 self._disconnect(conn, c, timestamp, actions)

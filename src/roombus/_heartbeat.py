@@ -16,10 +16,11 @@ have been running for the whole answer window. The timer firing more than
 :attr:`Heartbeat.late_after` after the give-up instant shows that it was not, and so
 does a stall the driver reports (``resumed_at``: the instant it resumed) after the
 ping: then the window opens again at the resume, and the peer has a full ``timeout``
-of running time to answer.
+of running time to answer. That happens once per ping (GRACE): a driver that is late
+every time, overloaded rather than stopped, still closes a dead peer, a window later.
 
 The machine has one timer, :attr:`Heartbeat.deadline`: the ping instant while IDLE,
-the give-up instant while AWAITING_PONG. Inputs are :class:`Beat` values; the
+the give-up instant while AWAITING_PONG or GRACE. Inputs are :class:`Beat` values; the
 transitions are the table ``TRANSITIONS`` below, and nothing else changes the state.
 A pair missing from the table is a driver bug and raises LocalProtocolError.
 """
@@ -40,6 +41,9 @@ class HeartbeatState(enum.Enum):
 
     IDLE = "idle"  #: alive; the deadline is when to ping
     AWAITING_PONG = "awaiting-pong"  #: pinged; the deadline is when to give up
+    #: pinged, and the answer window opened again after a stall (once per ping); the
+    #: deadline is when to give up
+    GRACE = "grace"
     EXPIRED = "expired"  #: gave up; the connection must be closed
 
 
@@ -62,8 +66,11 @@ TRANSITIONS: dict[tuple[HeartbeatState, Beat], HeartbeatState] = {
     (HeartbeatState.IDLE, Beat.PING_DUE): HeartbeatState.AWAITING_PONG,
     (HeartbeatState.AWAITING_PONG, Beat.PONG): HeartbeatState.IDLE,
     (HeartbeatState.AWAITING_PONG, Beat.OVERDUE): HeartbeatState.EXPIRED,
-    # The answer window opens again at the resume.
-    (HeartbeatState.AWAITING_PONG, Beat.STALLED): HeartbeatState.AWAITING_PONG,
+    # The answer window opens again at the resume, once per ping: a driver late every
+    # time (overloaded, not stopped) still closes a dead peer, one window later.
+    (HeartbeatState.AWAITING_PONG, Beat.STALLED): HeartbeatState.GRACE,
+    (HeartbeatState.GRACE, Beat.PONG): HeartbeatState.IDLE,
+    (HeartbeatState.GRACE, Beat.OVERDUE): HeartbeatState.EXPIRED,
 }
 
 #: A timer that fires this much after its instant (or ``timeout / 2``, if less) shows a
@@ -86,7 +93,8 @@ class Heartbeat:
     timeout: float
     alive_at: float
     state: HeartbeatState = HeartbeatState.IDLE
-    #: While AWAITING_PONG: when the answer window opened (the ping, or a later resume).
+    #: While AWAITING_PONG or GRACE: when the answer window opened (the ping, or the
+    #: resume after a stall).
     pinged_at: float = 0.0
 
     @classmethod
@@ -143,7 +151,7 @@ class Heartbeat:
                 (input arriving meanwhile was read first); ``-inf`` for none.
 
         Returns:
-            AWAITING_PONG when a ping must be sent (from IDLE) or the answer window
+            AWAITING_PONG when a ping must be sent, GRACE when the answer window
             opened again after a stall (nothing to send), EXPIRED when the connection
             must be closed.
 
@@ -159,7 +167,11 @@ class Heartbeat:
             return self.state
         if now - deadline > self.late_after:
             resumed_at = max(resumed_at, now)  # this very call is the resume
-        if self.pinged_at < resumed_at and now < resumed_at + self.timeout:
+        if (
+            self.state is HeartbeatState.AWAITING_PONG
+            and self.pinged_at < resumed_at
+            and now < resumed_at + self.timeout
+        ):
             self._step(Beat.STALLED)
             self.pinged_at = resumed_at
             return self.state

@@ -124,6 +124,7 @@ class ModelConn:
     alive_at: float = 0.0
     pinged: bool = False
     window: float = 0.0  # when pinged: when its answer window opened
+    grace: bool = False  # that window opened again after a stall (once per ping)
 
 
 Expected = list[Any]
@@ -271,6 +272,7 @@ class Model:
         m = self.conns[c]
         return (
             m.pinged
+            and not m.grace
             and now >= m.window + TIMEOUT
             and m.window < self.resumed
             and now < self.resumed + TIMEOUT
@@ -681,6 +683,7 @@ class CoreMachine(RuleBasedStateMachine):
             if model.stalled(c, now):
                 event("a ping's answer window opened again after a stall")
                 model.conns[c].window = model.resumed
+                model.conns[c].grace = True
         actions = self.broker.handle_timeout(now=now, timestamp=self.ts)
         self.check_shape(actions)
         closes = [a for a in actions if isinstance(a, Close)]
@@ -697,6 +700,7 @@ class CoreMachine(RuleBasedStateMachine):
                 expected.append(normalize(a))
                 model.conns[a.conn].pinged = True
                 model.conns[a.conn].window = now
+                model.conns[a.conn].grace = False
             elif isinstance(a, Close):
                 expected.append(("close", a.conn, PING_TIMEOUT_CODE, "ping timeout"))
                 expected += model.disconnect(a.conn, self.ts)

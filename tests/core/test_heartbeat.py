@@ -86,16 +86,30 @@ def test_a_timer_late_after_a_ping_gives_the_peer_a_new_window() -> None:
     hb = Heartbeat.start(10, 5, now=0)
     hb.timer(10.0)
     # The driver was stalled past the give-up instant: pongs may be waiting unread.
-    assert hb.timer(40.0) is HeartbeatState.AWAITING_PONG
+    assert hb.timer(40.0) is HeartbeatState.GRACE
     assert hb.deadline == 45.0
     assert hb.timer(45.0) is HeartbeatState.EXPIRED
+
+
+def test_the_window_opens_again_once_per_ping() -> None:
+    """A driver late every time (overloaded, not stopped) still closes a dead peer."""
+    hb = Heartbeat.start(10, 5, now=0)
+    hb.timer(10.0)
+    assert hb.timer(40.0) is HeartbeatState.GRACE
+    assert hb.timer(60.0) is HeartbeatState.EXPIRED
+    hb = Heartbeat.start(10, 5, now=0)
+    hb.timer(10.0)
+    hb.timer(40.0)
+    hb.pong(41.0)  # answered: the next ping may have its window opened again
+    hb.timer(51.0)
+    assert hb.timer(70.0) is HeartbeatState.GRACE
 
 
 def test_a_stall_the_driver_saw_after_the_ping_gives_the_peer_a_new_window() -> None:
     hb = Heartbeat.start(10, 5, now=0)
     hb.timer(10.0)
     # On time for this heartbeat, but the driver resumed from a stall at 14.5.
-    assert hb.timer(15.0, resumed_at=14.5) is HeartbeatState.AWAITING_PONG
+    assert hb.timer(15.0, resumed_at=14.5) is HeartbeatState.GRACE
     assert hb.deadline == 19.5
     assert hb.timer(19.5, resumed_at=14.5) is HeartbeatState.EXPIRED
 
@@ -140,19 +154,31 @@ def test_a_stalled_driver_never_blames_a_peer_that_answers(
     now = 0.0
     arrivals: list[float] = []  # pongs on their way or waiting unread
     pinged_at: float | None = None
+    reopened = False  # the current ping's window opened again after a stall
     resumed_at = -math.inf
 
     def fire(at: float, resumed: float) -> None:
-        nonlocal pinged_at
+        nonlocal pinged_at, reopened
         was = hb.state
         state = hb.timer(at, resumed_at=resumed)
         if state is HeartbeatState.EXPIRED:
             assert not live, "a peer that answers every ping was given up on"
             assert pinged_at is not None, "given up on without a ping"
-            assert at >= max(pinged_at, resumed) + timeout or at - hb.expires_at > hb.late_after
+            # A full timeout since the ping, and since the resume after a stall (once
+            # per ping: a second stall in the new window is not waited out again).
+            assert at >= pinged_at + timeout
+            assert at >= hb.pinged_at + timeout
+            if not reopened:
+                assert not (pinged_at < resumed and at < resumed + timeout)
+                assert at - (pinged_at + timeout) <= hb.late_after
             assert at >= hb.alive_at + interval + timeout
+        elif state is HeartbeatState.GRACE:
+            assert not reopened
+            reopened = True
+            assert hb.deadline > at
         elif was is HeartbeatState.IDLE:
             pinged_at = at
+            reopened = False
             if live:
                 arrivals.append(at + answer)
 

@@ -12,7 +12,9 @@ bytes to each receiver's send queue; one *flusher* task writes every dirty queue
 one non-blocking ``send()``; frames that pile up while the flusher waits for its turn
 go out together (coalescing). Only when the kernel refuses bytes does a connection
 get a *drainer* task, which waits until its socket is writable. A *timer* task sleeps
-until the hub's next deadline (heartbeats, handshake and close timeouts).
+until the hub's next deadline (heartbeats, handshake and close timeouts), then lets
+readers with input waiting run before it hands over to the hub (after a stall, pongs
+may be waiting unread).
 
 Shutdown (cancellation of :func:`serve`) stops accepting, has the hub close everyone
 with 1001, and gives the clients ``close_timeout`` to answer.

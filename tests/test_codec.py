@@ -92,3 +92,10 @@ def test_encoded_envelopes() -> None:
         "content": "x",
     }
     assert json.loads(codec.PONG) == {"type": "pong"}
+
+
+@given(rooms, st.sets(st.text(max_size=8)))
+def test_presence_state_from_pieces_is_the_same_bytes(room: str, users: set[str]) -> None:
+    names = sorted(users)
+    pieces = [codec.user_literal(u) for u in names]
+    assert codec.presence_state_of(room, pieces) == codec.encode_presence_state(room, names)

@@ -168,3 +168,34 @@ def test_connections_without_an_address_share_no_per_address_limit() -> None:
     assert [_status(hub, cid) for cid in cids] == [b"HTTP/1.1 101 Switching Protocols"] * 4
     ipv6 = [hub.open(now=0.0, peer="::1:5000"), hub.open(now=0.0, peer="::1:5001")]
     assert _status(hub, ipv6[1]) == b"HTTP/1.1 429 Too Many Requests"
+
+
+def test_a_mass_disconnect_gives_the_memory_back() -> None:
+    """
+    Thousands of connections (in rooms of 10) all dropped at once: what the hub and
+    the broker still hold afterwards is a few kilobytes, not tables sized for the crowd
+    (a dict never shrinks by deletions) nor heaps of stale deadlines.
+    """
+    import gc
+    import tracemalloc
+
+    n = 3000
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections_per_ip=0))
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        cids = [connect(hub, f"room{i // 10}", f"user{i}") for i in range(n)]
+        written(hub)
+        during = tracemalloc.get_traced_memory()[0]
+        for cid in cids:
+            hub.lost(cid, now=0.0, timestamp=0)
+        written(hub)
+        del cids
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert during - before > 3_000_000  # they did take memory
+    assert hub.connection_count == 0
+    assert kept < 64_000, kept

@@ -9,6 +9,7 @@ message becomes an ``error`` envelope, a dead peer a :class:`~roombus.Close`.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
@@ -64,6 +65,10 @@ _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
 _PENDING: Final = 4
 #: Chats a room may hold for connections still joining it (one round trip's worth).
 MAX_HELD: Final = 1000
+# The connection table is copied smaller once it held at least this many ...
+_SHRINK_FROM: Final = 256
+# ... and is down to this fraction of that peak.
+_SHRINK_BELOW: Final = 4
 _UNFORWARDABLE: Final = (
     "content cannot be forwarded: nested too deeply, a number out of range,"
     " or a lone surrogate (not Unicode text)"
@@ -173,10 +178,13 @@ class Broker:
         self._expiries: list[tuple[float, ConnectionId]] = []
         self._registry = Registry()
         self._conns: dict[ConnectionId, _Conn] = {}
+        self._peak = 0  # most connections since the table was last copied
         # (deadline, generation, conn); an entry is live while its generation is the
         # connection's timer_gen. Stale entries are skipped, and pruned when many.
         self._timers: list[tuple[float, int, ConnectionId]] = []
         self._gen = 0
+        # The last instant handle_timeout found itself stalled (see _heartbeat).
+        self._resumed_at = -math.inf
         self._messages_published = 0
         self._deliveries = 0
 
@@ -269,6 +277,11 @@ class Broker:
         """
         Let time pass up to *now*: send due pings and close peers that stayed silent.
 
+        Called late (more than ``min(1 s, ping_timeout / 2)`` after the earliest
+        heartbeat deadline), the broker takes it that the driver was stalled: no peer
+        is closed until it has had ``ping_timeout`` of running time since then to answer.
+        A driver reads the input that arrived during a stall before calling this.
+
         Args:
             now: The driver's monotonic clock, in seconds.
             timestamp: Wall-clock Unix seconds, for envelopes this produces.
@@ -285,26 +298,54 @@ class Broker:
                 )
                 self._disconnect(conn, c, timestamp, actions)
         # self._timers is re-read every time: _schedule may rebuild it meanwhile.
+        first = True
         while self._timers and self._timers[0][0] <= now:
-            _, gen, conn = heapq.heappop(self._timers)
+            deadline, gen, conn = heapq.heappop(self._timers)
             c = conns.get(conn)
             if c is None or c.timer_gen != gen:
                 continue
-            state = c.heartbeat.timer(now)
+            hb = c.heartbeat
+            if first:
+                first = False
+                if now - deadline > hb.late_after:
+                    # Called this late for the earliest deadline: the driver was stalled.
+                    # Answers may be waiting unread, so every answer window opened
+                    # before now opens again now (see _heartbeat).
+                    self._resumed_at = now
+            state = hb.timer(now, resumed_at=self._resumed_at)
             if state is HeartbeatState.AWAITING_PONG:
                 actions.append(SendPing(conn=conn))
                 self._schedule(conn, c)
+            elif state is HeartbeatState.GRACE:
+                self._schedule(conn, c)  # a new window after a stall; nothing to send
             else:
                 actions.append(Close(conn=conn, code=PING_TIMEOUT_CODE, reason="ping timeout"))
                 self._disconnect(conn, c, timestamp, actions)
+        self._shrink()
         return actions
+
+    def _shrink(self) -> None:
+        """
+        After many connections left: copy the connection table smaller (a dict never
+        shrinks by deletions), and drop the expiry entries they left behind.
+        """
+        conns = self._conns
+        if self._peak < _SHRINK_FROM or len(conns) * _SHRINK_BELOW >= self._peak:
+            return
+        self._conns = dict(conns)
+        self._peak = len(conns)
+        self._expiries = [(c.expires, k) for k, c in conns.items() if c.expires is not None]
+        heapq.heapify(self._expiries)
 
     def _schedule(self, conn: ConnectionId, c: _Conn) -> None:
         self._gen += 1
         c.timer_gen = self._gen
         heapq.heappush(self._timers, (c.heartbeat.deadline, self._gen, conn))
+        self._prune_timers()
+
+    def _prune_timers(self) -> None:
         if len(self._timers) > 2 * len(self._conns) + 64:
-            # Pongs left many stale entries behind: rebuild from live ones only.
+            # Pongs or departures left many stale entries behind: keep live ones only.
             self._timers = [(c.heartbeat.deadline, c.timer_gen, k) for k, c in self._conns.items()]
             heapq.heapify(self._timers)
 
@@ -359,6 +400,7 @@ class Broker:
             c = self._conns.get(event.conn)
             if c is not None:
                 self._disconnect(event.conn, c, timestamp, actions)
+                self._shrink()
         elif (
             isinstance(event, (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored))
             and self.node is None
@@ -460,6 +502,8 @@ class Broker:
             expires=event.expires,
         )
         self._conns[conn] = c
+        if len(self._conns) > self._peak:
+            self._peak = len(self._conns)
         if config.heartbeat:  # off: the transport owns pings, and no timer is kept
             self._schedule(conn, c)
         if event.expires is not None:
@@ -573,8 +617,13 @@ class Broker:
                 )
             actions.append(UserJoined(room=room, username=c.username))
         if rights & _PRESENCE:
-            users = sorted(r.users) if cr is None else sorted(self._present(room))
-            self._deliver((conn,), codec.encode_presence_state(room, users), actions)
+            self._deliver((conn,), self._presence_state(room), actions)
+
+    def _presence_state(self, room: RoomName) -> bytes:
+        """The ``presence_state`` of *room* (in a cluster: its users on every node)."""
+        if room in self._cluster:
+            return codec.encode_presence_state(room, sorted(self._present(room)))
+        return codec.presence_state_of(room, self._registry.rooms[room].literals)
 
     def _leave(
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
@@ -653,6 +702,8 @@ class Broker:
         self, conn: ConnectionId, c: _Conn, timestamp: int, actions: list[Action]
     ) -> None:
         del self._conns[conn]
+        if self.config.heartbeat:
+            self._prune_timers()
         for room in list(c.rooms):
             self._leave(conn, c, room, timestamp, actions)
 
@@ -938,8 +989,7 @@ class Broker:
                 # Already in: answer with the current state, which doubles as an ack
                 # (or, still waiting for the cluster's, with that once it is known).
                 if rights & _PRESENCE and not rights & _PENDING:
-                    users = sorted(self._present(room))
-                    self._deliver((conn,), codec.encode_presence_state(room, users), actions)
+                    self._deliver((conn,), self._presence_state(room), actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection
                 self._error(conn, codec.FORBIDDEN, f"at most {limit} rooms per connection", actions)

@@ -224,6 +224,7 @@ class Hub:
         #: Slow consumers closed since the start.
         self.overflows = 0
         self._conns: dict[ConnectionId, _Conn] = {}
+        self._peak = 0  # most connections since the table was last copied
         self._ids = itertools.count(1)
         self._dirty: dict[ConnectionId, SendQueue | MessageQueue] = {}
         self._to_close: list[ConnectionId] = []
@@ -374,6 +375,8 @@ class Hub:
 
     def _add(self, conn: _Conn) -> None:
         self._conns[conn.cid] = conn
+        if len(self._conns) > self._peak:
+            self._peak = len(self._conns)
         if conn.ip is not None:
             self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
 
@@ -524,10 +527,18 @@ class Hub:
 
     def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
         """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""
-        conn = self._conns.pop(cid, None)
+        conns = self._conns
+        conn = conns.pop(cid, None)
         if conn is None:
             return
         self._probes.discard(cid)
+        if self._peak >= 256 and len(conns) * 4 < self._peak:
+            # Many connections left: copy the table smaller (a dict never shrinks by
+            # deletions), and drop the deadlines they left behind.
+            self._conns = dict(conns)
+            self._peak = len(conns)
+            self._deadlines = [(c.deadline, k) for k, c in conns.items() if c.deadline is not None]
+            heapq.heapify(self._deadlines)
         if conn.ip is not None:
             count = self._per_ip[conn.ip] - 1
             if count:

@@ -8,9 +8,17 @@ connection left is freed at once, so an idle broker holds no room state at all.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import attrs
 
+from ._codec import user_literal
 from ._types import ConnectionId, RoomName, Username
+
+#: A room's dicts are copied smaller once a room of at least this many members...
+_SHRINK_FROM = 256
+#: ... is down to this fraction of its peak (a dict never shrinks by deletions).
+_SHRINK_BELOW = 4
 
 
 @attrs.define
@@ -21,6 +29,11 @@ class Room:
     members: dict[ConnectionId, Username] = attrs.field(factory=dict)
     users: dict[Username, int] = attrs.field(factory=dict)  # user -> connections here
     seq: int = 0  # the last chat's sequence number
+    #: The present users, sorted, and each one's JSON string literal (same order): a
+    #: ``presence_state`` without sorting or encoding the whole list per join.
+    sorted_users: list[Username] = attrs.field(factory=list)
+    literals: list[bytes] = attrs.field(factory=list)
+    peak: int = 0  # most members since the dicts were last copied
 
 
 @attrs.define
@@ -39,9 +52,16 @@ class Registry:
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
-        room.members[conn] = username
+        members = room.members
+        members[conn] = username
+        if len(members) > room.peak:
+            room.peak = len(members)
         count = room.users.get(username, 0)
         room.users[username] = count + 1
+        if not count:
+            i = bisect_left(room.sorted_users, username)
+            room.sorted_users.insert(i, username)
+            room.literals.insert(i, user_literal(username))
         return room, count == 0
 
     def leave(self, name: RoomName, conn: ConnectionId) -> tuple[Room, Username, bool]:
@@ -53,12 +73,21 @@ class Registry:
             present (its last connection left).
         """
         room = self.rooms[name]
-        username = room.members.pop(conn)
+        members = room.members
+        username = members.pop(conn)
         count = room.users[username] - 1
         if count:
             room.users[username] = count
         else:
             del room.users[username]
-        if not room.members:
+            i = bisect_left(room.sorted_users, username)
+            del room.sorted_users[i]
+            del room.literals[i]
+        if not members:
             del self.rooms[name]
+        elif room.peak >= _SHRINK_FROM and len(members) * _SHRINK_BELOW < room.peak:
+            # A crowd left: give the memory of its dicts back (copies keep the order).
+            room.members = dict(members)
+            room.users = dict(room.users)
+            room.peak = len(members)
         return room, username, count == 0

@@ -247,12 +247,39 @@ def test_heartbeat_pings_then_closes_a_silent_peer() -> None:
     assert b.next_deadline() == 46
 
 
-def test_late_timer_closes_at_once_when_past_the_expiry() -> None:
+def test_a_late_timer_pings_a_peer_never_pinged_rather_than_closing_it() -> None:
     b = make_broker(ping_interval=1, ping_timeout=1)
     connect(b, 1, "ann")
-    assert b.handle_timeout(now=100, timestamp=TS)[0] == Close(
-        conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout"
-    )
+    assert b.handle_timeout(now=100, timestamp=TS) == [SendPing(conn=cid(1))]
+    assert b.next_deadline() == 101
+    b.handle(PongReceived(conn=cid(1)), now=100.5, timestamp=TS)
+    assert cid(1) in b
+
+
+def test_after_a_stall_every_pinged_peer_gets_a_full_timeout_to_answer() -> None:
+    b = make_broker(ping_interval=20, ping_timeout=10)
+    connect(b, 1, "ann", now=0)
+    connect(b, 2, "bob", now=5)
+    assert b.handle_timeout(now=20, timestamp=TS) == [SendPing(conn=cid(1))]
+    assert b.handle_timeout(now=25, timestamp=TS) == [SendPing(conn=cid(2))]
+    # Stopped from 26 to 33: ann's give-up instant (30) passed meanwhile; bob's (35)
+    # did not, but his pong may be waiting unread as well.
+    assert b.handle_timeout(now=33, timestamp=TS) == []
+    assert b.next_deadline() == 35
+    assert b.handle_timeout(now=35, timestamp=TS) == []
+    assert b.next_deadline() == 43
+    b.handle(PongReceived(conn=cid(2)), now=35.1, timestamp=TS)  # read after the stall
+    actions = b.handle_timeout(now=43, timestamp=TS)
+    assert actions[0] == Close(conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout")
+    assert cid(2) in b
+
+
+def test_a_timer_a_little_late_is_not_a_stall() -> None:
+    b = make_broker(ping_interval=20, ping_timeout=10)
+    connect(b, 1, "ann", now=0)
+    b.handle_timeout(now=20, timestamp=TS)
+    actions = b.handle_timeout(now=30.5, timestamp=TS)  # within min(1 s, timeout / 2)
+    assert actions[0] == Close(conn=cid(1), code=PING_TIMEOUT_CODE, reason="ping timeout")
 
 
 def test_events_for_unknown_connections_are_ignored() -> None:
@@ -310,3 +337,52 @@ def test_many_pongs_do_not_grow_timer_state_without_bound() -> None:
         b.handle(PongReceived(conn=cid(1)), now=i * 0.001, timestamp=TS)
     assert len(b._timers) < 100
     assert b.next_deadline() == pytest.approx(9.999 + 20)
+
+
+def test_joining_a_crowd_does_not_encode_the_member_list_again_per_join(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    N joins cost N presence broadcasts (to up to N members each: inherent), but each
+    joiner's presence_state is built from pieces the room keeps, not by sorting and
+    JSON-encoding all N names again: what is JSON-encoded grows with N, not N^2.
+    """
+    from roombus import _codec
+
+    encoded = 0
+    dumps = _codec._dumps
+
+    def counting(obj: object) -> str:
+        nonlocal encoded
+        text = dumps(obj)
+        encoded += len(text)
+        return text
+
+    monkeypatch.setattr(_codec, "_dumps", counting)
+    b = make_broker(max_connections_per_room=0)
+    n = 1000
+    for i in range(n):
+        actions = connect(b, i, f"user{i:04}")
+    state = inbox(actions, n - 1)[-1]
+    assert state["type"] == "presence_state"
+    assert state["users"] == [f"user{i:04}" for i in range(n)]
+    assert encoded < 200 * n  # the join envelopes; the states would add ~5,000 * n
+
+
+def test_the_tables_shrink_after_a_crowd_leaves() -> None:
+    """A dict never shrinks by deletions: after most connections leave, the broker's
+    and the room's tables are copied smaller, and stale timer entries dropped."""
+    import sys
+
+    b = make_broker(max_connections_per_room=0)
+    n = 2000
+    for i in range(n):
+        connect(b, i, f"user{i}")
+    small = sys.getsizeof(dict.fromkeys(range(256)))  # what a table of 256 takes
+    for i in range(n - 3):
+        disconnect(b, i)
+    room = b._registry.rooms[RoomName("lobby")]
+    for table in (b._conns, room.members, room.users):
+        assert sys.getsizeof(table) <= small
+    assert len(b._timers) <= 2 * 3 + 64
+    assert b.members("lobby") == sorted(f"user{i}" for i in range(n - 3, n))

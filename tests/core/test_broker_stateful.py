@@ -22,9 +22,11 @@ pings and closes), and the invariants below compare the rest after every step:
 * slow receivers: a queue refuses a frame exactly when the policy says (message or byte
   bound), is then closed, and every other receiver still gets exactly its messages;
   the bounds are never exceeded;
-* heartbeats: a silent peer is closed when ``interval + timeout`` has passed since its
-  last pong, not a tick before and not later; ``next_deadline()`` is exactly the
-  earliest instant something is due;
+* heartbeats: a silent peer is pinged ``interval`` after its last pong (or as soon as
+  the driver calls after that) and closed ``timeout`` after the ping was sent, not a
+  tick before and not later; a driver calling in late (time jumps) is a stall, after
+  which every ping gets ``timeout`` again from the resume; ``next_deadline()`` is
+  exactly the earliest instant something is due;
 * no leaks: with nobody connected, the broker holds no room, connection or timer.
 """
 
@@ -74,6 +76,7 @@ from roombus import (
 from ..strategies import bad_requests, few_rooms, few_users
 
 INTERVAL, TIMEOUT = 10.0, 5.0
+LATE = min(1.0, TIMEOUT / 2)  # a timer this late shows a stalled driver
 MAX_ROOMS = 2
 CONFIG = BrokerConfig(
     ping_interval=INTERVAL,
@@ -120,6 +123,8 @@ class ModelConn:
     rooms: dict[str, None] = attrs.field(factory=dict)  # join order
     alive_at: float = 0.0
     pinged: bool = False
+    window: float = 0.0  # when pinged: when its answer window opened
+    grace: bool = False  # that window opened again after a stall (once per ping)
 
 
 Expected = list[Any]
@@ -246,20 +251,39 @@ class Model:
         }
 
     # heartbeats: a connection is pinged interval after its last sign of life, and
-    # closed interval + timeout after it (the same float sums the spec states).
+    # closed timeout after the ping (the same float sums the spec states), unless the
+    # driver stalled since: a call more than LATE after the earliest deadline.
+    resumed: float = -math.inf
+
+    def due(self, c: int) -> float:
+        m = self.conns[c]
+        return m.window + TIMEOUT if m.pinged else m.alive_at + INTERVAL
+
+    def notice_stall(self, now: float) -> None:
+        due = [self.due(c) for c in self.conns if self.due(c) <= now]
+        if due and now - min(due) > LATE:
+            self.resumed = now
+
     def ping_due(self, c: int, now: float) -> bool:
         m = self.conns[c]
-        return not m.pinged and now >= m.alive_at + INTERVAL and not self.expired(c, now)
+        return not m.pinged and now >= m.alive_at + INTERVAL
+
+    def stalled(self, c: int, now: float) -> bool:
+        m = self.conns[c]
+        return (
+            m.pinged
+            and not m.grace
+            and now >= m.window + TIMEOUT
+            and m.window < self.resumed
+            and now < self.resumed + TIMEOUT
+        )
 
     def expired(self, c: int, now: float) -> bool:
         m = self.conns[c]
-        return now >= m.alive_at + INTERVAL + TIMEOUT
+        return m.pinged and now >= m.window + TIMEOUT and not self.stalled(c, now)
 
     def deadline(self) -> float | None:
-        due = [
-            m.alive_at + INTERVAL + TIMEOUT if m.pinged else m.alive_at + INTERVAL
-            for m in self.conns.values()
-        ]
+        due = [self.due(c) for c in self.conns]
         return min(due) if due else None
 
 
@@ -652,8 +676,14 @@ class CoreMachine(RuleBasedStateMachine):
 
     def tick(self) -> None:
         model, now = self.model, self.now
+        model.notice_stall(now)
         expired = {c for c in model.conns if model.expired(c, now)}
         due = {c for c in model.conns if model.ping_due(c, now)}
+        for c in model.conns:
+            if model.stalled(c, now):
+                event("a ping's answer window opened again after a stall")
+                model.conns[c].window = model.resumed
+                model.conns[c].grace = True
         actions = self.broker.handle_timeout(now=now, timestamp=self.ts)
         self.check_shape(actions)
         closes = [a for a in actions if isinstance(a, Close)]
@@ -669,6 +699,8 @@ class CoreMachine(RuleBasedStateMachine):
             if isinstance(a, SendPing):
                 expected.append(normalize(a))
                 model.conns[a.conn].pinged = True
+                model.conns[a.conn].window = now
+                model.conns[a.conn].grace = False
             elif isinstance(a, Close):
                 expected.append(("close", a.conn, PING_TIMEOUT_CODE, "ping timeout"))
                 expected += model.disconnect(a.conn, self.ts)

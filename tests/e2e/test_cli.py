@@ -205,3 +205,52 @@ def test_no_heartbeat_option(cli):
         assert raw.recv_json() == {"type": "pong"}
     proc.signal(signal.SIGTERM)
     assert proc.wait(EXIT_BOUND) == 0
+
+
+def _pong_barrier(client) -> None:
+    """An app-level ping; presence messages before its pong are skipped."""
+    client.send({"type": "ping"})
+    msg = client.recv(timeout=5)
+    while msg.get("type") != "pong":
+        assert msg.get("type") in ("presence", "presence_state"), msg
+        msg = client.recv(timeout=5)
+
+
+def test_a_stopped_server_does_not_blame_its_clients_for_the_stall(cli):
+    """
+    SIGSTOP the server for longer than ping_interval + ping_timeout, then SIGCONT:
+    clients that answer pings stay connected (their pongs, waiting unread, are read
+    before any verdict), and a client that never answers is still closed 1011.
+    """
+    interval, timeout, stall = 0.4, 0.4, 2.5
+    proc = cli("--port", "0", "--ping-interval", str(interval), "--ping-timeout", str(timeout))
+    port = proc.wait_listening()
+    clients = [open_client(port, "lobby", f"user{i}", expect_join=None) for i in range(4)]
+    try:
+        with RawWS.connect(port, "lobby", "mute") as mute:
+            assert mute.recv_json()["type"] == "presence"
+            for c in clients:
+                _pong_barrier(c)  # every client is in, and the heartbeat is running
+            time.sleep(interval + timeout / 2)  # some clients pinged, some idle
+            proc.signal(signal.SIGSTOP)
+            try:
+                time.sleep(stall)
+            finally:
+                proc.signal(signal.SIGCONT)
+            # The mute client is given up on (not for the stall: for its silence after).
+            assert mute.recv_close(timeout=10).close_code == 1011
+        # Several heartbeat rounds after the stall: every answering client is still in.
+        end = time.monotonic() + 2 * (interval + timeout)
+        while time.monotonic() < end:
+            for c in clients:
+                _pong_barrier(c)
+        for c in clients:
+            c.chat("still here")
+        for c in clients:
+            for _ in clients:
+                assert c.recv(timeout=5)["content"] == "still here"
+    finally:
+        for c in clients:
+            c.close()
+    assert proc.stderr.count("ping timeout") == 1  # the mute client's, and nobody else's
+    assert "Traceback" not in proc.stderr

@@ -19,7 +19,8 @@ The server publishes bursts too. Then the run checks what the protocol promises:
 steady clients miss nothing and see each sender's messages in order (a room's ``seq``
 rises by one between any two chats they get), their presence view matches the broker,
 nobody closes them; a silent client is closed with 1011 ``ping_interval + ping_timeout``
-after it connected (later only by as much as a clock jump overshot); stalled and abrupt
+after it connected, or ``ping_timeout`` after a clock jump that looked like a stall
+(later only by as much as a clock jump overshot); stalled and abrupt
 clients are gone; nothing raises; once everyone has left, the server holds nothing.
 
 A failure names its seed. Run that one again with
@@ -48,6 +49,7 @@ from roombus.trio import Server, run_server
 
 INTERVAL, TIMEOUT = 10.0, 5.0
 MAX_JUMP = 4.0  # < TIMEOUT: a peer that answers at once is never late because of a jump
+LATE = min(1.0, TIMEOUT / 2)  # a timer this late shows the broker a stall
 BROKER = BrokerConfig(
     ping_interval=INTERVAL,
     ping_timeout=TIMEOUT,
@@ -359,11 +361,22 @@ def check(observed: dict[str, Any]) -> None:
             for room, users in observed["views"][client.name].items():
                 assert users == observed["members"][room], (client.name, room, users)
         elif client.role == "silent":
-            # Gone at its deadline, not before; later only by what a clock jump overshot.
+            # Gone at its deadline, not before; later only after a stall (a clock jump).
             assert client.close_code == 1011, (client.name, client.close_code)
             assert client.connected_at is not None and client.closed_at is not None
             silence = client.closed_at - client.connected_at
-            assert INTERVAL + TIMEOUT - 1e-9 <= silence <= INTERVAL + TIMEOUT + MAX_JUMP + 1e-9
+            assert silence >= INTERVAL + TIMEOUT - 1e-9
+            # Pinged INTERVAL after connecting (later by what a jump overshot), and closed
+            # TIMEOUT after the ping or after the last jump that may have been a stall
+            # (a timer late by more than LATE), later only by what a jump overshot.
+            pinged_by = client.connected_at + INTERVAL + MAX_JUMP
+            stalls = [
+                at + jump
+                for at, kind, jump in observed["log"]
+                if kind == "jump" and jump > LATE and at + jump <= client.closed_at
+            ]
+            latest = max([pinged_by, *stalls]) + TIMEOUT + MAX_JUMP
+            assert client.closed_at <= latest + 1e-9, (silence, stalls)
             assert client.pings == 1
         # stalled and abrupt ones: gone (checked below), whichever way they went.
     for room, users in observed["members"].items():

@@ -16,7 +16,9 @@ it buffers what the kernel refuses. So the adapter writes to a connection only w
 its transport has not asked to pause (``pause_writing``, past the buffer's high-water
 mark); a paused connection's frames stay in its bounded send queue, where the hub's
 slow-consumer policy sees them, and go out on ``resume_writing``. A timer handle
-fires at the hub's next deadline (heartbeats, handshake and close timeouts).
+fires at the hub's next deadline (heartbeats, handshake and close timeouts), and hands
+over to the hub two loop iterations later, so that input that arrived by then (after a
+stall of the loop: pongs waiting unread) is read before any verdict.
 
 Shutdown (leaving :func:`serve`'s ``async with``, or cancelling ``await serve()``)
 stops accepting, has the hub close everyone with 1001, and gives the clients
@@ -303,7 +305,13 @@ class Server(ServerFacade):
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, hops: int = 2) -> None:
+        # Input that arrived by now is read before any verdict: after a stall of the
+        # loop (a GC pause, a stopped process), a pong may be waiting unread. Two loop
+        # iterations: the next one polls for I/O, and its callbacks run before ours.
+        if hops:
+            self._timer = self._loop.call_at(self._loop.time(), self._on_timer, hops - 1)
+            return
         self._timer = None
         hub = self.hub
         now = self._loop.time()

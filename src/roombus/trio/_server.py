@@ -12,7 +12,9 @@ bytes to each receiver's send queue; one *flusher* task writes every dirty queue
 one non-blocking ``send()``; frames that pile up while the flusher waits for its turn
 go out together (coalescing). Only when the kernel refuses bytes does a connection
 get a *drainer* task, which waits until its socket is writable. A *timer* task sleeps
-until the hub's next deadline (heartbeats, handshake and close timeouts).
+until the hub's next deadline (heartbeats, handshake and close timeouts), then lets
+readers with input waiting run before it hands over to the hub (after a stall, pongs
+may be waiting unread).
 
 Shutdown (cancellation of :func:`serve`) stops accepting, has the hub close everyone
 with 1001, and gives the clients ``close_timeout`` to answer.
@@ -432,6 +434,12 @@ class Server(ServerFacade):
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
+            # Input that arrived by now is read before any verdict: after a stall (a
+            # GC pause, a stopped process), pongs may be waiting unread. Readers woken
+            # with this task, or by the I/O poll after it, run before the second
+            # checkpoint returns (trio shuffles each batch).
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
             now = trio.current_time()
             deadline = hub.next_deadline()
             if deadline is not None and deadline <= now:

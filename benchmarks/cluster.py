@@ -84,14 +84,28 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import loadgen  # noqa: E402
-from loadgen import MONO, PUB, SUB, client_frame, joins_in, proc_cpu_seconds, ramp  # noqa: E402
+from loadgen import (  # noqa: E402
+    MONO,
+    PUB,
+    SUB,
+    Result,
+    Spec,
+    client_frame,
+    joins_in,
+    proc_cpu_seconds,
+    ramp,
+)
 from run import Server, machine, pin, versions  # noqa: E402
 
 REDIS_CMD = (
@@ -131,13 +145,14 @@ class RunTimeout(Exception):
     """The whole run hit --timeout (not an OSError, so that nothing takes it for a socket's)."""
 
 
-def log(*args) -> None:
+def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def median(vals):
-    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.median(vals) if vals else None
+def median(vals: Iterable[float | None]) -> float | None:
+    """The median of the numbers among *vals* (not None, not NaN), or None if there are none."""
+    nums = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(nums) if nums else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,7 +170,7 @@ def http_get(port: int, path: str, timeout: float = 3.0) -> tuple[int, str]:
 
 
 def metrics(port: int) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     with contextlib.suppress(OSError, http.client.HTTPException):
         status, text = http_get(port, "/metrics")
         if status == 200:
@@ -224,8 +239,8 @@ class Cluster:
     def node_metrics(self) -> list[dict[str, float]]:
         return [metrics(n.port) if k not in self.killed else {} for k, n in enumerate(self.nodes)]
 
-    def stop(self) -> dict:
-        out: dict = {"nodes": [], "redis": None}
+    def stop(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"nodes": [], "redis": None}
         for n in self.nodes:
             with contextlib.suppress(Exception):
                 out["nodes"].append(n.stop())
@@ -252,8 +267,18 @@ def redis_issues(server: Server) -> list[str]:
 class ClusterWorker(loadgen.Worker):
     """A loadgen worker whose connections dial node k when their username ends in @k."""
 
-    def __init__(self, *args, ports: list[int]):
-        super().__init__(*args)
+    def __init__(
+        self,
+        wid: int,
+        pipe: Connection[Any, Any],
+        host: str,
+        port: int,
+        size: int,
+        inflight: int,
+        *,
+        ports: list[int],
+    ):
+        super().__init__(wid, pipe, host, port, size, inflight)
         self.ports = ports
 
     def dial(self, c: loadgen.Conn) -> None:
@@ -262,7 +287,15 @@ class ClusterWorker(loadgen.Worker):
         super().dial(c)
 
 
-def cluster_worker_main(wid, pipe, host, ports, size, inflight, pause) -> None:
+def cluster_worker_main(
+    wid: int,
+    pipe: Connection[Any, Any],
+    host: str,
+    ports: list[int],
+    size: int,
+    inflight: int,
+    pause: float,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     w = ClusterWorker(wid, pipe, host, ports[0], size, inflight, ports=ports)
@@ -277,7 +310,9 @@ class ClusterPool(loadgen.Pool):
     CPU, so a stage's result gets the per-process split over the same window.
     """
 
-    def __init__(self, args, cluster: Cluster, cpu_groups: dict[str, list[int]]):
+    def __init__(
+        self, args: argparse.Namespace, cluster: Cluster, cpu_groups: dict[str, list[int]]
+    ):
         self.args = args
         self.pid = 0
         self.k = args.workers
@@ -287,7 +322,10 @@ class ClusterPool(loadgen.Pool):
         self.cpu_lg = 0.0
         self.node_pids = [n.pid for n in cluster.nodes]
         self.redis_pid = cluster.redis.pid if cluster.redis else 0
-        self.marks: list[tuple] = []
+        # (monotonic time, CPU s of each node, of Redis, cpu_jiffies()) at each server_cpu()
+        self.marks: list[
+            tuple[float, list[float], float, dict[int, tuple[int, int, int, int]]]
+        ] = []
         self.cpu_groups = cpu_groups
         inflight = max(1, math.ceil(args.inflight / self.k))
         ctx = mp.get_context("fork")
@@ -323,7 +361,7 @@ class ClusterPool(loadgen.Pool):
         self.marks.append((time.monotonic(), nodes, redis, jiffies))
         return sum(nodes)
 
-    def stage(self, rate_per_pub: float, fan: int, dur: float, drain: float) -> dict:
+    def stage(self, rate_per_pub: float, fan: int, dur: float, drain: float) -> Result:
         res = super().stage(rate_per_pub, fan, dur, drain)
         (t0, n0, r0, j0), (t1, n1, r1, j1) = self.marks[-2:]
         wall = t1 - t0
@@ -344,7 +382,7 @@ class ClusterPool(loadgen.Pool):
 
 def cpu_jiffies() -> dict[int, tuple[int, int, int, int]]:
     """Per CPU, from /proc/stat: (busy, steal, softirq, total) jiffies, of every process."""
-    out = {}
+    out: dict[int, tuple[int, int, int, int]] = {}
     with open("/proc/stat") as f:
         for line in f:
             name, *fields = line.split()
@@ -436,7 +474,9 @@ class WsClient:
         self.sock.close()
 
 
-def wait_events(watchers: dict[str, WsClient], want: tuple[str, str], timeout: float) -> dict:
+def wait_events(
+    watchers: dict[str, WsClient], want: tuple[str, str], timeout: float
+) -> dict[str, int | None]:
     """Until each watcher saw presence event want = (event, username): name -> MONO() or None."""
     seen: dict[str, int | None] = dict.fromkeys(watchers)
     t_end = time.monotonic() + timeout
@@ -479,7 +519,7 @@ def open_watchers(cluster: Cluster, tag: str) -> dict[str, WsClient]:
     return watchers
 
 
-def presence_joins(cluster: Cluster, n: int) -> dict:
+def presence_joins(cluster: Cluster, n: int) -> Result:
     """n joins on node 0 then closes: ms until each watcher got the join, and the leave."""
     watchers = open_watchers(cluster, "j")
     join: dict[str, list[float]] = {k: [] for k in watchers}
@@ -495,23 +535,28 @@ def presence_joins(cluster: Cluster, n: int) -> dict:
             c.close()
             gone = wait_events(watchers, ("leave", user), 5.0)
             for k in watchers:
-                if seen[k] is None or gone[k] is None:
+                t_join, t_leave = seen[k], gone[k]
+                if t_join is None or t_leave is None:
                     missed += 1
                     continue
-                join[k].append((seen[k] - t0) / 1e6)
-                leave[k].append((gone[k] - t1) / 1e6)
+                join[k].append((t_join - t0) / 1e6)
+                leave[k].append((t_leave - t1) / 1e6)
             settle(watchers, 0.02)
     finally:
         for w in watchers.values():
             w.close()
-    out = {"presence_missed": missed}
+    out: Result = {"presence_missed": missed}
     for k in watchers:
-        out[f"join_{k}_ms"] = round(median(join[k]), 3) if join[k] else None
-        out[f"leave_{k}_ms"] = round(median(leave[k]), 3) if leave[k] else None
+        out[f"join_{k}_ms"] = round3(median(join[k]))
+        out[f"leave_{k}_ms"] = round3(median(leave[k]))
     return out
 
 
-def presence_kill(cluster: Cluster) -> dict:
+def round3(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def presence_kill(cluster: Cluster) -> Result:
     """A user on node 1; SIGKILL node 1; seconds until the other nodes' watchers see it leave."""
     watchers = open_watchers(cluster, "k")
     try:
@@ -527,7 +572,9 @@ def presence_kill(cluster: Cluster) -> dict:
     finally:
         for w in watchers.values():
             w.close()
-    out = {f"kill_leave_{k}_s": round((v - t0) / 1e9, 3) if v else None for k, v in gone.items()}
+    out: Result = {
+        f"kill_leave_{k}_s": round((v - t0) / 1e9, 3) if v else None for k, v in gone.items()
+    }
     if all(gone.values()):  # the later of the two watchers
         out["kill_leave_s"] = max(out.values())
     return out
@@ -537,7 +584,7 @@ def presence_kill(cluster: Cluster) -> dict:
 # one setup, one repetition
 
 
-def loadgen_args(a) -> argparse.Namespace:
+def loadgen_args(a: argparse.Namespace) -> argparse.Namespace:
     la = loadgen.parse_args(
         [
             "--scenario",
@@ -564,15 +611,21 @@ def loadgen_args(a) -> argparse.Namespace:
     return la
 
 
-def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dict:
+def run_one(
+    setup: Setup,
+    rep: int,
+    a: argparse.Namespace,
+    cpus_srv: set[int] | None,
+    prev_best: float | None,
+) -> Result:
     t_start = time.monotonic()
     cluster = Cluster(setup, cpus_srv, a.logdir, a.redis_server)
     log(
         f"== {setup.label} rep {rep + 1}/{a.reps}: nodes {[n.pid for n in cluster.nodes]}"
         + (f", redis {cluster.redis.pid}" if cluster.redis else "")
     )
-    res: dict = {"setup": setup.key, "label": setup.label, "rep": rep}
-    pool = None
+    res: Result = {"setup": setup.key, "label": setup.label, "rep": rep}
+    pool: ClusterPool | None = None
     try:
         res.update(presence_joins(cluster, a.joins))
         log(
@@ -580,10 +633,10 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
             f"{res.get('join_other_ms')} ms"
         )
         la = loadgen_args(a)
-        pool = ClusterPool(la, cluster, a.cpu_groups)
+        pool = live = ClusterPool(la, cluster, a.cpu_groups)
         n = setup.nodes
         p = a.publishers
-        specs = [(FAN_ROOM, f"s{i}@{i % n}", SUB) for i in range(a.subs)]
+        specs: list[Spec] = [(FAN_ROOM, f"s{i}@{i % n}", SUB) for i in range(a.subs)]
         specs += [(FAN_ROOM, f"p{j}@{j % n if setup.spread else 0}", PUB, j) for j in range(p)]
         members = a.subs + p
         res.update(pool.open_members(specs, la.join_batch, joins_in if n == 1 else cluster_joins))
@@ -611,7 +664,7 @@ def run_one(setup: Setup, rep: int, a, cpus_srv, prev_best: float | None) -> dic
             start,
             rmax,
             start / 16,
-            lambda rate: pool.stage(rate / p, members, la.stage_s, la.drain_s),
+            lambda rate: live.stage(rate / p, members, la.stage_s, la.drain_s),
         )
         passed = [s for s in r["stages"] if s["passed"]]
         best = max(passed, key=lambda s: s["rate"]) if passed else None
@@ -697,16 +750,16 @@ ROWS = [
 ]
 
 
-def _g(r: dict, part: str | None, key: str):
+def _g(r: Result, part: str | None, key: str) -> Any:
     d = r.get(part) if part else r
     return d.get(key) if d else None
 
 
-def fmt(v) -> str:
+def fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.3g}"
 
 
-def table(results: list[dict], setups: list[Setup], a) -> str:
+def table(results: list[Result], setups: list[Setup], a: argparse.Namespace) -> str:
     base = setups[0].key
     lines = [
         "| metric | " + " | ".join(s.label for s in setups) + " |",
@@ -736,7 +789,7 @@ def table(results: list[dict], setups: list[Setup], a) -> str:
     return "\n".join(lines)
 
 
-def details(results: list[dict], setups: list[Setup]) -> str:
+def details(results: list[Result], setups: list[Setup]) -> str:
     out = [
         "Per repetition (to show the noise): max deliveries/s; at the fixed rate, % of the "
         "server CPU(s): each node, Redis, softirq, and busy in all (every process and the "
@@ -752,7 +805,7 @@ def details(results: list[dict], setups: list[Setup]) -> str:
     return "\n".join(out)
 
 
-def cpu_split(st: dict | None) -> str:
+def cpu_split(st: Result | None) -> str:
     if not st:
         return "-"
     g = "server" if "server_cpus_busy_pct" in st else "all"
@@ -765,7 +818,7 @@ def cpu_split(st: dict | None) -> str:
     )
 
 
-def notes(results: list[dict]) -> list[str]:
+def notes(results: list[Result]) -> list[str]:
     out = []
     for r in results:
         tag = f"{r['label']} rep {r['rep'] + 1}"
@@ -808,7 +861,7 @@ def notes(results: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "--setup",
@@ -871,7 +924,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     if a.pin is None:
@@ -881,7 +934,9 @@ def main(argv=None) -> int:
     if cpus_lg:
         pin(0, cpus_lg)  # this script and the load generator's workers (forked later)
     a.cpu_groups = (
-        {"server": sorted(cpus_srv), "loadgen": sorted(cpus_lg)} if a.pin else {"all": cpus}
+        {"server": sorted(cpus_srv), "loadgen": sorted(cpus_lg)}
+        if cpus_srv is not None and cpus_lg is not None  # if a.pin
+        else {"all": cpus}
     )
     if not a.workers:
         a.workers = max(2, len(cpus_lg or cpus))
@@ -891,10 +946,10 @@ def main(argv=None) -> int:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    def on_signal(signum, _frame):
+    def on_signal(signum: int, _frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    def on_alarm(*_):
+    def on_alarm(*_: object) -> NoReturn:
         raise RunTimeout(f"the run hit its --timeout of {a.timeout:g} s")
 
     signal.signal(signal.SIGINT, on_signal)  # even if started with SIGINT ignored (`cmd &`)
@@ -908,7 +963,7 @@ def main(argv=None) -> int:
         f"{a.publishers} pubs, pinned={a.pin} (servers {sorted(cpus_srv or [])}, "
         f"loadgen {sorted(cpus_lg or [])})"
     )
-    results: list[dict] = []
+    results: list[Result] = []
     t0 = time.monotonic()
     best: dict[str, float] = {}
     try:

@@ -39,6 +39,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn, TypedDict, cast
 
 MONO = time.monotonic_ns
 EPOLLIN = select.EPOLLIN
@@ -55,6 +58,34 @@ RX_LEAVE = re.compile(rb'"event":\s*"leave"')
 RX_STATE = re.compile(rb'"type":\s*"presence_state"')
 RX_ERROR = re.compile(rb'"type":\s*"error"')
 RX_RATE_LIMITED = re.compile(rb'"code":\s*"rate_limited"')
+
+# (room, username, role[, publisher id]): the arguments of a Conn
+Spec = tuple[str, str, str] | tuple[str, str, str, int]
+# one stage's (or a ramp's, or a scenario's) result: a JSON object
+Result = dict[str, Any]
+
+
+class Status(TypedDict):
+    """A worker's counters (Worker.status), or their sums over the workers (Pool.status)."""
+
+    opened: int
+    ready: int
+    failed: int
+    dropped: int
+    drop_codes: dict[int, int]
+    pending: int
+    joins: int
+    leaves: int
+    obs_presence: int
+    received: int
+    sent: int
+    sending: bool
+    rx_bytes: int
+    cycles: int
+    churn_active: int
+    churn_last_end: int
+    open_conns: int
+    closed_done: int
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -138,7 +169,9 @@ class Conn:
 
 
 class Worker:
-    def __init__(self, wid: int, pipe, host: str, port: int, size: int, inflight: int):
+    def __init__(
+        self, wid: int, pipe: Connection[Any, Any], host: str, port: int, size: int, inflight: int
+    ):
         self.wid = wid
         self.pipe = pipe
         self.host = host
@@ -152,6 +185,7 @@ class Worker:
         self.pubs: list[Conn] = []
         self.dropped: list[Conn] = []
         self.exit = False
+        self.pause = 0.0  # set by worker_main
         self.parent = os.getppid()
         # totals (never reset)
         self.opened = 0
@@ -307,8 +341,9 @@ class Worker:
     # -- reading ------------------------------------------------------------------------
 
     def on_readable(self, c: Conn) -> None:
+        assert c.sock is not None  # run() checks
         try:
-            data = c.sock.recv(65536)  # type: ignore[union-attr]  (< malloc's mmap threshold)
+            data = c.sock.recv(65536)  # < malloc's mmap threshold
         except BlockingIOError:
             return
         except OSError:
@@ -415,7 +450,7 @@ class Worker:
                     self.closed_ok(c)
                 else:
                     with contextlib.suppress(OSError):
-                        c.sock.send(client_frame(0x8, payload[:2]))  # type: ignore[union-attr]
+                        c.sock.send(client_frame(0x8, payload[:2]))
                     self.lost(c, code)
                 return
 
@@ -451,8 +486,9 @@ class Worker:
         if c.out:
             c.out += data
             return
+        assert c.sock is not None  # only open connections are written to
         try:
-            n = c.sock.send(data)  # type: ignore[union-attr]
+            n = c.sock.send(data)
         except BlockingIOError:
             n = 0
         except OSError:
@@ -463,8 +499,9 @@ class Worker:
             self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
 
     def on_writable(self, c: Conn) -> None:
+        assert c.sock is not None  # run() only calls it for open connections
         try:
-            n = c.sock.send(c.out)  # type: ignore[union-attr]
+            n = c.sock.send(c.out)
         except BlockingIOError:
             return
         except OSError:
@@ -520,7 +557,7 @@ class Worker:
 
     # -- commands -----------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         return {
             "opened": self.opened,
             "ready": self.ready,
@@ -560,7 +597,7 @@ class Worker:
         elif op == "stage":
             self.start_stage(*msg[1:])
         elif op == "collect":
-            out = self.status()
+            out: dict[str, Any] = dict(self.status())
             out.update(
                 ooo=self.ooo,
                 gaps=self.gaps,
@@ -647,7 +684,15 @@ class Worker:
             self.forget(c)
 
 
-def worker_main(wid, pipe, host, port, size, inflight, pause) -> None:
+def worker_main(
+    wid: int,
+    pipe: Connection[Any, Any],
+    host: str,
+    port: int,
+    size: int,
+    inflight: int,
+    pause: float,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     w = Worker(wid, pipe, host, port, size, inflight)
     w.pause = pause
@@ -658,24 +703,24 @@ def worker_main(wid, pipe, host, port, size, inflight, pause) -> None:
 # coordinator
 
 
-def percentile(sorted_vals, q: float) -> float:
+def percentile(sorted_vals: list[int], q: float) -> float:
     if not sorted_vals:
         return float("nan")
     i = min(len(sorted_vals) - 1, max(0, math.ceil(q * len(sorted_vals)) - 1))
     return sorted_vals[i]
 
 
-def log(*args) -> None:
+def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
 class Pool:
-    def __init__(self, args):
+    def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.pid = args.server_pid
-        self.k = args.workers
-        self.pipes = []
-        self.procs = []
+        self.pid: int = args.server_pid
+        self.k: int = args.workers
+        self.pipes: list[Connection[Any, Any]] = []
+        self.procs: list[mp.process.BaseProcess] = []
         inflight = max(1, math.ceil(args.inflight / self.k))
         ctx = mp.get_context("fork")
         for i in range(self.k):
@@ -702,7 +747,7 @@ class Pool:
                 p.kill()  # by its PID
                 p.join(timeout=1)
 
-    def ask(self, msg) -> list:
+    def ask(self, msg: tuple[Any, ...]) -> list[Any]:
         for pipe in self.pipes:
             pipe.send(msg)
         out = []
@@ -712,13 +757,13 @@ class Pool:
             out.append(pipe.recv())
         return out
 
-    def tell(self, msg, i: int | None = None) -> None:
+    def tell(self, msg: tuple[Any, ...], i: int | None = None) -> None:
         for j, pipe in enumerate(self.pipes):
             if i is None or i == j:
                 pipe.send(msg)
 
-    def status(self) -> dict:
-        total: dict = {}
+    def status(self) -> Status:
+        total: dict[str, Any] = {}
         for st in self.ask(("status",)):
             for key, v in st.items():
                 if isinstance(v, bool):
@@ -731,7 +776,7 @@ class Pool:
                     total[key] = max(total.get(key, 0), v)
                 else:
                     total[key] = total.get(key, 0) + v
-        return total
+        return cast("Status", total)  # every worker's keys, summed
 
     def server_cpu(self) -> float:
         return proc_cpu_seconds(self.pid) if self.pid else float("nan")
@@ -741,7 +786,13 @@ class Pool:
 
     # -- setup ----------------------------------------------------------------------
 
-    def open_members(self, specs: list[tuple], batch: int, expected_joins, timeout=60.0) -> dict:
+    def open_members(
+        self,
+        specs: list[Spec],
+        batch: int,
+        expected_joins: Callable[[dict[str, int]], int],
+        timeout: float = 60.0,
+    ) -> Result:
         """Open *specs* in batches; after each, wait until every join presence has arrived."""
         t_start = time.monotonic()
         st = self.status()
@@ -752,7 +803,7 @@ class Pool:
         joins_goal = 0
         while done < len(specs):
             chunk = specs[done : done + batch]
-            per = [[] for _ in range(self.k)]
+            per: list[list[Spec]] = [[] for _ in range(self.k)]
             for j, spec in enumerate(chunk):
                 per[(done + j) % self.k].append(spec)
                 members[spec[0]] = members.get(spec[0], 0) + 1
@@ -775,14 +826,14 @@ class Pool:
                 time.sleep(0.02)
         return {"setup_s": round(time.monotonic() - t_start, 3)}
 
-    def close_all(self, limit_s=3.0) -> None:
+    def close_all(self, limit_s: float = 3.0) -> None:
         """Close every connection with a close handshake (bounded), as a polite client."""
         self.tell(("close_all",))
         t_end = time.monotonic() + limit_s
         while time.monotonic() < t_end and self.status()["open_conns"]:
             time.sleep(0.05)
 
-    def wait_quiet(self, quiet_s=0.3, limit_s=5.0) -> None:
+    def wait_quiet(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
         t_end = time.monotonic() + limit_s
         last = self.status()["rx_bytes"]
         t_last = time.monotonic()
@@ -795,7 +846,7 @@ class Pool:
             elif time.monotonic() - t_last >= quiet_s:
                 return
 
-    def reopen(self, timeout=60.0) -> None:
+    def reopen(self, timeout: float = 60.0) -> None:
         """Reconnect dropped connections, paced like the setup (--join-batch at a time)."""
         t_end = time.monotonic() + timeout
         per = max(1, self.args.join_batch // self.k)
@@ -815,7 +866,7 @@ class Pool:
 
     # -- one stage --------------------------------------------------------------------
 
-    def stage(self, rate_per_pub: float, fan: int, dur: float, drain: float) -> dict:
+    def stage(self, rate_per_pub: float, fan: int, dur: float, drain: float) -> Result:
         self.sid += 1
         sid = self.sid
         t0 = MONO() + 150_000_000
@@ -836,7 +887,7 @@ class Pool:
             time.sleep(0.02)
         cpu1 = self.server_cpu()
         w1 = time.monotonic()
-        parts = self.ask(("collect",))
+        parts: list[dict[str, Any]] = self.ask(("collect",))
         lat = array.array("q")
         for p in parts:
             lat.frombytes(p["lat"])
@@ -847,7 +898,7 @@ class Pool:
         send_end = max(p["send_end"] for p in parts) or MONO()
         send_span = (send_end - t0) / 1e9
         lg_cpu = sum(p["cpu"] for p in parts)
-        res = {
+        res: Result = {
             "sid": sid,
             "sent": sent,
             "expected": expected,
@@ -892,14 +943,21 @@ class Pool:
         return res
 
 
-def ramp(pool: Pool, label: str, start: float, rmax: float, rmin: float, run_stage) -> dict:
+def ramp(
+    pool: Pool,
+    label: str,
+    start: float,
+    rmax: float,
+    rmin: float,
+    run_stage: Callable[[float], Result],
+) -> Result:
     """
     Raise the rate by doubling until a stage fails (a failure is retried once), then
     narrow the gap between the last pass and the first fail by geometric bisection.
     """
-    stages = []
-    best = None
-    fail = None
+    stages: list[Result] = []
+    best: Result | None = None
+    fail: float | None = None
 
     def attempt(rate: float) -> bool:
         nonlocal best
@@ -946,7 +1004,7 @@ def ramp(pool: Pool, label: str, start: float, rmax: float, rmin: float, run_sta
                 lo = mid
             else:
                 hi = mid
-    out = {"stages": stages, "capped": fail is None}
+    out: Result = {"stages": stages, "capped": fail is None}
     if best is not None:
         out.update(
             max_rate=best["rate"],
@@ -970,9 +1028,9 @@ def joins_in(members: dict[str, int]) -> int:
     return sum(m * (m + 1) // 2 for m in members.values())
 
 
-def scenario_fanout(pool: Pool, a) -> dict:
+def scenario_fanout(pool: Pool, a: argparse.Namespace) -> Result:
     p = a.publishers or max(1, math.ceil(a.max_deliveries / a.subs / a.per_publisher_max))
-    specs = [("fan", f"s{i}", SUB) for i in range(a.subs)]
+    specs: list[Spec] = [("fan", f"s{i}", SUB) for i in range(a.subs)]
     specs += [("fan", f"p{j}", PUB, j) for j in range(p)]
     members = a.subs + p
     setup = pool.open_members(specs, a.join_batch, joins_in)
@@ -999,8 +1057,8 @@ def scenario_fanout(pool: Pool, a) -> dict:
     return res
 
 
-def scenario_rooms(pool: Pool, a) -> dict:
-    specs = [
+def scenario_rooms(pool: Pool, a: argparse.Namespace) -> Result:
+    specs: list[Spec] = [
         (f"r{r}", f"m{r}x{m}", PUB, r * a.members + m)
         for m in range(a.members)
         for r in range(a.rooms)
@@ -1019,11 +1077,11 @@ def scenario_rooms(pool: Pool, a) -> dict:
     return res
 
 
-def scenario_idle(pool: Pool, a) -> dict:
+def scenario_idle(pool: Pool, a: argparse.Namespace) -> Result:
     n_rooms = max(1, a.conns // a.room_size)
     rss0 = pool.server_rss()
     cpu0 = pool.server_cpu()
-    specs = [(f"i{i % n_rooms}", f"u{i}", SUB) for i in range(a.conns)]
+    specs: list[Spec] = [(f"i{i % n_rooms}", f"u{i}", SUB) for i in range(a.conns)]
     t0 = time.monotonic()
     setup = pool.open_members(specs, len(specs), joins_in, timeout=120)
     t_conn = time.monotonic() - t0
@@ -1051,9 +1109,11 @@ def scenario_idle(pool: Pool, a) -> dict:
     }
 
 
-def scenario_churn(pool: Pool, a) -> dict:
+def scenario_churn(pool: Pool, a: argparse.Namespace) -> Result:
     rooms = [f"c{r}" for r in range(a.rooms)]
-    specs = [(room, f"o{r}x{m}", OBS) for m in range(a.observers) for r, room in enumerate(rooms)]
+    specs: list[Spec] = [
+        (room, f"o{r}x{m}", OBS) for m in range(a.observers) for r, room in enumerate(rooms)
+    ]
     setup = pool.open_members(specs, len(specs), joins_in)
     pool.wait_quiet()
     st0 = pool.status()
@@ -1103,7 +1163,7 @@ def scenario_churn(pool: Pool, a) -> dict:
     }
 
 
-SCENARIOS = {
+SCENARIOS: dict[str, Callable[[Pool, argparse.Namespace], Result]] = {
     "fanout": scenario_fanout,
     "rooms": scenario_rooms,
     "idle": scenario_idle,
@@ -1111,7 +1171,7 @@ SCENARIOS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
     ap.add_argument("--host", default="127.0.0.1", help="must be a loopback address")
@@ -1179,7 +1239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     with contextlib.suppress(ValueError, OSError):
         import resource
@@ -1187,14 +1247,14 @@ def main(argv=None) -> int:
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    def on_alarm(*_):
+    def on_alarm(*_: object) -> NoReturn:
         raise TimeoutError(f"load generator hit its --timeout of {a.timeout} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(math.ceil(a.timeout))
     pool = Pool(a)
     t0 = time.monotonic()
-    out: dict = {"scenario": a.scenario, "workers": a.workers, "size": a.size}
+    out: Result = {"scenario": a.scenario, "workers": a.workers, "size": a.size}
     try:
         out.update(SCENARIOS[a.scenario](pool, a))
         out["ok"] = True

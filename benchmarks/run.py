@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -52,7 +53,7 @@ DEFAULT_SERVERS = {
 }
 
 # metric, label, True if higher is better
-METRICS = {
+METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
     "fanout": [
         ("max_sustainable_deliveries_per_s", "max sustainable deliveries/s", True),
         ("max_rate", "publish rate at that point, msg/s", True),
@@ -83,17 +84,18 @@ METRICS = {
 }
 
 
-def log(*args) -> None:
+def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def versions() -> dict:
+def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("roombus", "websockets", "trio", "trio-websocket", "wsproto", "h11"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -101,7 +103,13 @@ def versions() -> dict:
     return out
 
 
-def machine() -> dict:
+class Machine(TypedDict):
+    cpus: int | None
+    model: str
+    kernel: str
+
+
+def machine() -> Machine:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -173,7 +181,7 @@ class Server:
                     (time.monotonic(), proc_cpu_seconds(self.pid), proc_rss_kb(self.pid))
                 )
 
-    def stop(self) -> dict:
+    def stop(self) -> dict[str, Any]:
         self._stop.set()
         with contextlib.suppress(AttributeError):
             self._thread.join(timeout=1)
@@ -185,8 +193,8 @@ class Server:
                 os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
         self.logfile.close()
-        samples = getattr(self, "samples", [])
-        out = {"exit_code": self.proc.returncode, "log_issues": self.log_issues()}
+        samples: list[tuple[float, float, int]] = getattr(self, "samples", [])
+        out: dict[str, Any] = {"exit_code": self.proc.returncode, "log_issues": self.log_issues()}
         if len(samples) >= 2:
             (t0, c0, _), (t1, c1, _) = samples[0], samples[-1]
             out.update(
@@ -211,9 +219,9 @@ class Server:
         return [f"{n}x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])][:10]
 
 
-def variants(args) -> list[tuple[str, str, list[str]]]:
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(scenario, variant label, extra loadgen args) for each requested run."""
-    out = []
+    out: list[tuple[str, str, list[str]]] = []
     for sc in args.scenario:
         if sc == "fanout":
             for n in args.subs.split(","):
@@ -223,7 +231,18 @@ def variants(args) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def run_one(name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg, run_id) -> dict:
+def run_one(
+    name: str,
+    template: str,
+    scenario: str,
+    label: str,
+    extra: list[str],
+    rep: int,
+    args: argparse.Namespace,
+    cpus_srv: set[int] | None,
+    cpus_lg: set[int] | None,
+    run_id: str,
+) -> dict[str, Any]:
     server = Server(name, template, cpus_srv, Path(args.out).parent / "logs")
     log(f"== {label} rep {rep + 1}/{args.reps}: {name} (pid {server.pid}, port {server.port})")
     cmd = [
@@ -252,7 +271,9 @@ def run_one(name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg
                 proc.kill()  # by its PID; its workers notice and exit by themselves
                 raise
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {"ok": False, "error": "no output"}
+        result: dict[str, Any] = (
+            json.loads(lines[-1]) if lines else {"ok": False, "error": "no output"}
+        )
     except subprocess.TimeoutExpired:
         result = {"ok": False, "error": "load generator timed out"}
     finally:
@@ -282,7 +303,7 @@ def run_one(name, template, scenario, label, extra, rep, args, cpus_srv, cpus_lg
     return rec
 
 
-def summarize(records: list[dict], baseline: str) -> str:
+def summarize(records: list[dict[str, Any]], baseline: str) -> str:
     """Markdown tables: per variant and metric, each server's median and ratio to baseline."""
     servers: list[str] = []
     for r in records:
@@ -305,7 +326,7 @@ def summarize(records: list[dict], baseline: str) -> str:
         scenario = recs[0]["scenario"]
         out.append(f"| **{label}** |" + " |" * len(servers))
         for metric, text, _ in METRICS[scenario]:
-            meds = {}
+            meds: dict[str, float | None] = {}
             cells = []
             for s in servers:
                 vals = [
@@ -390,7 +411,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.summarize is not None:
-        records = []
+        records: list[dict[str, Any]] = []
         for path in args.summarize or [args.out]:
             with open(path) as f:
                 records += [json.loads(ln) for ln in f if ln.strip()]

@@ -12,7 +12,7 @@ import json
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio
 
@@ -55,7 +55,9 @@ def presence(event: str, user: str, room: str) -> str:
     )
 
 
-async def writer(ws, queue: trio.MemoryReceiveChannel[str], done: trio.CancelScope) -> None:
+async def writer(
+    ws: WebSocketConnection, queue: trio.MemoryReceiveChannel[str], done: trio.CancelScope
+) -> None:
     try:  # each task catches its own ConnectionClosed: trio groups exceptions from a nursery
         async with queue:
             async for text in queue:
@@ -66,7 +68,9 @@ async def writer(ws, queue: trio.MemoryReceiveChannel[str], done: trio.CancelSco
         done.cancel()
 
 
-async def reader(ws, room: Room, name: str, user: str, done: trio.CancelScope) -> None:
+async def reader(
+    ws: WebSocketConnection, room: Room, name: str, user: str, done: trio.CancelScope
+) -> None:
     try:
         while True:
             text = await ws.get_message()

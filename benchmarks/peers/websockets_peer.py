@@ -47,6 +47,7 @@ def presence(event: str, user: str, room: str) -> str:
 
 
 async def handler(ws: ServerConnection) -> None:
+    assert ws.request is not None  # set once the handshake is done, before the handler runs
     url = urlsplit(ws.request.path)
     query = parse_qs(url.query)
     name = query.get("room", [""])[0]

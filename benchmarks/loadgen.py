@@ -425,11 +425,12 @@ class Worker:
             self.rate_limited += len(RX_RATE_LIMITED.findall(data))
 
     def on_control(self, c: Conn, data: bytes) -> None:
-        if c.sock is None:
-            return
         n = len(data)
         pos = 0
         while pos < n:
+            sock = c.sock
+            if sock is None:  # lost (maybe while answering an earlier ping of this batch)
+                return
             b0 = data[pos]
             ln = data[pos + 1] & 0x7F
             head = 2
@@ -450,7 +451,7 @@ class Worker:
                     self.closed_ok(c)
                 else:
                     with contextlib.suppress(OSError):
-                        c.sock.send(client_frame(0x8, payload[:2]))
+                        sock.send(client_frame(0x8, payload[:2]))
                     self.lost(c, code)
                 return
 

@@ -46,7 +46,7 @@ from ._events import (
 )
 from ._heartbeat import Heartbeat, HeartbeatState
 from ._ratelimit import RateDecision, RateLimiter
-from ._registry import Registry
+from ._registry import Registry, worth_shrinking
 from ._types import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
 
 if TYPE_CHECKING:
@@ -65,10 +65,6 @@ _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
 _PENDING: Final = 4
 #: Chats a room may hold for connections still joining it (one round trip's worth).
 MAX_HELD: Final = 1000
-# The connection table is copied smaller once it held at least this many ...
-_SHRINK_FROM: Final = 256
-# ... and is down to this fraction of that peak.
-_SHRINK_BELOW: Final = 4
 _UNFORWARDABLE: Final = (
     "content cannot be forwarded: nested too deeply, a number out of range,"
     " or a lone surrogate (not Unicode text)"
@@ -330,7 +326,7 @@ class Broker:
         shrinks by deletions), and drop the expiry entries they left behind.
         """
         conns = self._conns
-        if self._peak < _SHRINK_FROM or len(conns) * _SHRINK_BELOW >= self._peak:
+        if not worth_shrinking(len(conns), self._peak):
             return
         self._conns = dict(conns)
         self._peak = len(conns)

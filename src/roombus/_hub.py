@@ -86,6 +86,7 @@ from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
+from ._registry import worth_shrinking
 from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
 from ._wire import (
@@ -532,7 +533,7 @@ class Hub:
         if conn is None:
             return
         self._probes.discard(cid)
-        if self._peak >= 256 and len(conns) * 4 < self._peak:
+        if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
             self._conns = dict(conns)

@@ -15,10 +15,16 @@ import attrs
 from ._codec import user_literal
 from ._types import ConnectionId, RoomName, Username
 
-#: A room's dicts are copied smaller once a room of at least this many members...
+#: A table (a room's dicts, the connection tables) is copied smaller once it held at
+#: least this many entries...
 _SHRINK_FROM = 256
-#: ... is down to this fraction of its peak (a dict never shrinks by deletions).
+#: ... and is down to this fraction of that peak (a dict never shrinks by deletions).
 _SHRINK_BELOW = 4
+
+
+def worth_shrinking(size: int, peak: int) -> bool:
+    """Whether a dict that held *peak* entries and now holds *size* should be copied."""
+    return peak >= _SHRINK_FROM and size * _SHRINK_BELOW < peak
 
 
 @attrs.define
@@ -85,7 +91,7 @@ class Registry:
             del room.literals[i]
         if not members:
             del self.rooms[name]
-        elif room.peak >= _SHRINK_FROM and len(members) * _SHRINK_BELOW < room.peak:
+        elif worth_shrinking(len(members), room.peak):
             # A crowd left: give the memory of its dicts back (copies keep the order).
             room.members = dict(members)
             room.users = dict(room.users)

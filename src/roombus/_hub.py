@@ -683,7 +683,7 @@ class Hub:
         """Close an OPEN message connection for what its peer sent."""
         log.info("closing conn %d (%s): %d %s", conn.cid, conn.peer, code, reason)
         self._forget(conn, now, timestamp)
-        self._close(conn, code, reason, now, drop_pending=True)
+        self._close(conn, code, reason, now, drop_pending=False)
 
     def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
         broker = self.broker
@@ -723,9 +723,10 @@ class Hub:
                     queue.push_pong(event.data)  # type: ignore[union-attr]
                     self._dirty[cid] = queue
             elif kind is Closed:
-                # The peer closed (we answer), or broke the protocol (we refuse).
+                # The peer closed (we answer), or broke the protocol (we refuse): what
+                # is queued for it (its own echoes) goes out first, then the close.
                 self._forget(conn, now, timestamp)
-                self._finish(conn, event.data, now, drop_pending=not event.by_peer)  # type: ignore[union-attr]
+                self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return
 
     def _forget(self, conn: _Conn, now: float, timestamp: int) -> None:
@@ -816,7 +817,9 @@ class Hub:
                         action.code,
                         action.reason,
                     )
-                    self._close(conn, action.code, action.reason, now, drop_pending=True)
+                    # Not slow (rate limit, expired credentials, kick): what is queued
+                    # (its echoes, the error explaining the close) goes out first.
+                    self._close(conn, action.code, action.reason, now, drop_pending=False)
             elif isinstance(action, (UserJoined, UserLeft, MessagePublished)):
                 if self.on_notice is not None:
                     try:

@@ -69,3 +69,64 @@ def test_echoes_queued_before_a_protocol_error_go_out_before_its_close() -> None
     messages, code = peer.read(written(hub)[sender])
     assert chats(messages) == ["a", "b"]
     assert code == 1003
+
+
+# -- bursts ---------------------------------------------------------------------------
+
+
+def feed(hub: Hub, cid: int, data: bytes) -> dict[int, bytes]:
+    """What an adapter does with one read: a batch, a flush, the next batch, ..."""
+    out: dict[int, bytes] = {}
+    hub.receive(cid, data, now=0.0, timestamp=0)
+    while True:
+        for c, chunk in written(hub).items():
+            out[c] = out.get(c, b"") + chunk
+        if not hub.input_pending(cid):
+            return out
+        hub.receive(cid, b"", now=0.0, timestamp=0)
+
+
+def test_a_burst_larger_than_the_queues_reaches_readers_that_keep_up() -> None:
+    hub = Hub(BrokerConfig(send_queue=1024, rate_burst=2000), ServerConfig())
+    sender = connect(hub, "lobby", "ann")
+    readers = [connect(hub, "lobby", f"r{i}") for i in range(5)]
+    peers = {cid: Peer() for cid in [sender, *readers]}
+    for cid, data in written(hub).items():
+        peers[cid].read(data)
+    burst = b"".join(peers[sender].chat(i) for i in range(1100))
+    out = feed(hub, sender, burst)
+    assert hub.overflows == 0
+    for cid in [sender, *readers]:
+        messages, code = peers[cid].read(out[cid])
+        assert code is None
+        assert chats(messages) == list(range(1100))
+
+
+def test_a_burst_of_refusals_larger_than_the_queue_reaches_its_sender() -> None:
+    hub = Hub(BrokerConfig(send_queue=1024, rate_burst=2000), ServerConfig())
+    sender = connect(hub, "lobby", "ann")
+    peer = Peer()
+    peer.read(written(hub)[sender])
+    refused = peer.ws.send(TextMessage(data='{"type":"join","room":"no room!"}'))
+    out = feed(hub, sender, refused * 1500)
+    messages, code = peer.read(out[sender])
+    assert code is None
+    assert [m["type"] for m in messages] == ["error"] * 1500
+
+
+def test_a_reader_that_does_not_keep_up_with_a_burst_is_still_closed() -> None:
+    hub = Hub(BrokerConfig(send_queue=100, rate_burst=2000), ServerConfig())
+    sender = connect(hub, "lobby", "ann")
+    slow = connect(hub, "lobby", "slow")
+    written(hub)
+    peer = Peer()
+    burst = b"".join(peer.chat(i) for i in range(300))
+    hub.receive(sender, burst, now=0.0, timestamp=0)
+    while hub.input_pending(sender):  # only the sender's queue is written
+        for cid, queue in hub.take_dirty():
+            if cid == sender:
+                while queue:
+                    queue.consume(len(queue.data()))
+        hub.receive(sender, b"", now=0.0, timestamp=0)
+    assert hub.overflows == 1
+    assert hub.queue(slow) is not None and hub.websocket_count == 1

@@ -66,7 +66,7 @@ class BrokerConfig:
     max_rooms_per_connection: int = 100
     max_connections_per_room: int = 10_000
     rate_limit: float = 1000.0
-    rate_burst: int = 2000
+    rate_burst: int = 1000
     heartbeat: bool = True
 
     def __attrs_post_init__(self) -> None:

@@ -15,6 +15,9 @@ everything else. The contract, in full:
   - :meth:`Hub.take_to_close` lists connections whose transport must be closed now
     (whatever is still queued). Then call :meth:`Hub.lost`.
   - :meth:`Hub.next_deadline` is when to call :meth:`Hub.timeout` next.
+  - :meth:`Hub.input_pending`: the hub read only part of what came (a burst); write
+    the dirty queues (let the flusher run), then ``hub.receive(cid, b"", ...)`` for
+    the next part, and read no more from that transport until it is False.
 
 * A transport that breaks or ends: :meth:`Hub.lost` (idempotent).
 * Shutdown: :meth:`Hub.shutdown`; done when :attr:`Hub.connection_count` is zero.
@@ -117,6 +120,14 @@ NoticeHook = Callable[[Notice], None]
 #: the close timeout to take its answer, and the far-over cut (see :meth:`Hub.open`)
 #: still applies, so probes hold no descriptor the limits did not already allow.
 PROBE_BUDGET: Final = 8
+
+#: Most frames the hub reads from one connection's input per call before it returns,
+#: so that the adapter writes what they produced before the rest is read: a burst of
+#: messages in one TCP write then reaches each receiver's send queue this many at a
+#: time, between flushes, and a receiver that keeps up never has more than a few
+#: batches queued (far below ``send_queue``). The rest waits, unparsed, in the wire;
+#: :meth:`Hub.input_pending` says so.
+INPUT_BATCH: Final = 64
 
 
 class _Phase(enum.Enum):
@@ -350,6 +361,7 @@ class Hub:
         wire = ServerWire(
             max_header_bytes=self.config.max_header_bytes,
             max_message_bytes=broker_config.max_message_bytes,
+            max_events=INPUT_BATCH,
         )
         conn = _Conn(
             cid, peer, wire, SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
@@ -521,6 +533,21 @@ class Hub:
                     break
         # FINISHING: input no longer matters; the last bytes go out (a half-closed peer
         # can still read them) or the close timeout drops the transport.
+
+    def input_pending(self, cid: ConnectionId) -> bool:
+        """
+        Whether *cid*'s last input is not all read yet (a framed hub reads at most
+        :data:`INPUT_BATCH` frames per call). Then write the dirty queues, and call
+        ``receive(cid, b"", ...)`` for the next batch, before reading from the
+        transport again.
+        """
+        conn = self._conns.get(cid)
+        return (
+            conn is not None
+            and conn.wire is not None
+            and conn.wire.more
+            and (conn.phase is _Phase.OPEN or conn.phase is _Phase.CLOSING)
+        )
 
     def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
         """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""

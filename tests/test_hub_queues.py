@@ -130,3 +130,68 @@ def test_a_reader_that_does_not_keep_up_with_a_burst_is_still_closed() -> None:
         hub.receive(sender, b"", now=0.0, timestamp=0)
     assert hub.overflows == 1
     assert hub.queue(slow) is not None and hub.websocket_count == 1
+
+
+# -- the server-wide budget -----------------------------------------------------------
+
+
+def write_some(hub: Hub, readers: set[int]) -> None:
+    """A flush where only *readers* read: the others' sockets take nothing."""
+    for cid, queue in hub.take_dirty():
+        if cid in readers:
+            while queue:
+                queue.consume(len(queue.data()))
+            hub.flushed(cid)
+    hub.enforce_budget(now=0.0, timestamp=0)
+
+
+def test_over_the_budget_the_readers_with_most_queued_are_closed_first() -> None:
+    hub = Hub(
+        BrokerConfig(rate_limit=0),
+        ServerConfig(max_queued_bytes=64 * 1024, max_connections_per_ip=0),
+    )
+    sender = connect(hub, "lobby", "ann")
+    reader = connect(hub, "lobby", "reader")
+    # Two that stopped reading: "big" since the start, "small" since the 2nd message.
+    big = connect(hub, "lobby", "big")
+    small = connect(hub, "lobby", "small")
+    written(hub)
+    peer = Peer()
+    closed: list[int] = []
+    for i in range(120):
+        hub.receive(sender, peer.chat("x" * 1000 + str(i)), now=0.0, timestamp=0)
+        write_some(hub, {sender, reader} | ({small} if i < 2 else set()))
+        closed += [c for c in (big, small) if c not in hub.broker and c not in closed]
+        assert hub.budget.used <= 64 * 1024 + 4 * 1100  # at most one message over
+    assert closed == [big, small]  # the slowest first, then the next
+    assert hub.budget_closes == 2 and hub.overflows == 2
+    assert reader in hub.broker and sender in hub.broker
+    for cid in (big, small):
+        queue = hub.queue(cid)
+        assert queue is not None and queue.nbytes < 1100 + 64  # the close, not the backlog
+    assert hub.metrics()["roombus_queued_bytes_closed_total"] == 2
+
+
+def test_a_broadcast_counts_only_until_the_kernel_takes_it() -> None:
+    """A fan-out larger than the budget, written at once, closes nobody: the check comes
+    after the write."""
+    hub = Hub(
+        BrokerConfig(rate_limit=0),
+        ServerConfig(max_queued_bytes=64 * 1024, max_connections_per_ip=0),
+    )
+    sender = connect(hub, "lobby", "ann")
+    readers = {connect(hub, "lobby", f"r{i}") for i in range(100)}
+    written(hub)
+    hub.receive(sender, Peer().chat("x" * 2000), now=0.0, timestamp=0)
+    assert hub.budget.used > 64 * 1024 * 3  # queued for everyone
+    write_some(hub, readers | {sender})
+    assert hub.budget.used == 0
+    assert hub.budget_closes == 0 and hub.websocket_count == 101
+
+
+def test_a_lost_connection_leaves_the_budget() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    assert hub.budget.used > 0  # its 101 and presence
+    hub.lost(cid, now=0.0, timestamp=0)
+    assert hub.budget.used == 0

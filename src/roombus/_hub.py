@@ -89,7 +89,7 @@ from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
-from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
+from ._sendqueue import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
 from ._wire import (
     GOING_AWAY,
@@ -232,8 +232,12 @@ class Hub:
         self._probes: set[ConnectionId] = set()
         self.on_notice = on_notice
         self.shutting_down = False
-        #: Slow consumers closed since the start.
+        #: Slow consumers closed since the start (the budget's included).
         self.overflows = 0
+        #: Of those, the ones closed because all queues together held too much.
+        self.budget_closes = 0
+        #: Bytes waiting in every send queue together, against ``max_queued_bytes``.
+        self.budget = ByteBudget(self.config.max_queued_bytes)
         self._conns: dict[ConnectionId, _Conn] = {}
         self._ids = itertools.count(1)
         self._dirty: dict[ConnectionId, SendQueue | MessageQueue] = {}
@@ -289,6 +293,8 @@ class Hub:
             "roombus_messages_published_total": stats.messages_published,
             "roombus_deliveries_total": stats.deliveries,
             "roombus_slow_consumers_closed_total": self.overflows,
+            "roombus_queued_bytes": self.budget.used,
+            "roombus_queued_bytes_closed_total": self.budget_closes,
             "roombus_limit_refusals_total": self.limit_refusals,
         }
         if self.broker.node is not None:
@@ -363,9 +369,10 @@ class Hub:
             max_message_bytes=broker_config.max_message_bytes,
             max_events=INPUT_BATCH,
         )
-        conn = _Conn(
-            cid, peer, wire, SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
+        queue = SendQueue(
+            broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
+        conn = _Conn(cid, peer, wire, queue)
         self._add(conn)
         if self.shutting_down:
             self._drop(conn)
@@ -467,7 +474,9 @@ class Hub:
             cid,
             peer,
             None,
-            MessageQueue(broker_config.send_queue, broker_config.send_queue_bytes),
+            MessageQueue(
+                broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
+            ),
         )
         self._add(conn)
         refusal = self._over_limit(conn)
@@ -562,7 +571,40 @@ class Hub:
             else:
                 del self._per_ip[conn.ip]
         self._dirty.pop(cid, None)
+        conn.queue.detach()
         self._forget(conn, now, timestamp)
+
+    def enforce_budget(self, *, now: float, timestamp: int) -> None:
+        """
+        Call after writing the dirty queues: if they still hold more than
+        ``max_queued_bytes`` together, close the connections with the most bytes
+        waiting (the slowest readers) with 1008, until 7/8 of it is left. Checked after
+        writes, not as frames are queued: a broadcast counts against every receiver
+        until the kernel takes it, and readers that keep up are not the problem.
+        """
+        budget = self.budget
+        if not budget.limit or budget.used <= budget.limit:
+            return
+        target = budget.limit - budget.limit // 8
+        used = budget.used
+        victims = sorted(
+            (c for c in self._conns.values() if c.phase is _Phase.OPEN and c.queue),
+            key=lambda c: _queued(c.queue),
+            reverse=True,
+        )
+        for conn in victims:
+            if used <= target:
+                break
+            used -= _queued(conn.queue)
+            self._overflowed.append(conn)
+        log.warning(
+            "send queues hold %d bytes together, over max-queued-bytes (%d): closing the "
+            "%d slowest readers",
+            budget.used,
+            budget.limit,
+            len(self._overflowed),
+        )
+        self._apply([], now, timestamp)
 
     def flushed(self, cid: ConnectionId) -> None:
         """*cid*'s queue was written out completely."""
@@ -869,18 +911,21 @@ class Hub:
                     if conn.phase is not _Phase.OPEN:
                         continue
                     self.overflows += 1
-                    log.warning(
-                        "conn %d (%s) fell behind (send queue full); closing with 1008",
-                        conn.cid,
-                        conn.peer,
-                    )
-                    self._close(
-                        conn,
-                        POLICY_VIOLATION,
-                        "send queue full: reading too slowly",
-                        now,
-                        drop_pending=True,
-                    )
+                    if conn.queue.state is QueueState.OVERFLOWED:
+                        log.warning(
+                            "conn %d (%s) fell behind (send queue full); closing with 1008",
+                            conn.cid,
+                            conn.peer,
+                        )
+                        reason = "send queue full: reading too slowly"
+                    else:  # chosen by enforce_budget()
+                        self.budget_closes += 1
+                        log.info("conn %d (%s) closed over max-queued-bytes", conn.cid, conn.peer)
+                        reason = "server send queues full: reading too slowly"
+                    self._close(conn, POLICY_VIOLATION, reason, now, drop_pending=True)
+                    # What it still holds (a chunk in flight, the close) goes within the
+                    # close timeout; it is no longer counted against everyone else.
+                    conn.queue.detach()
                 for conn in batch:
                     self._forget(conn, now, timestamp)
         finally:
@@ -888,6 +933,11 @@ class Hub:
 
 
 _RETRY: Final = ((b"retry-after", b"5"),)
+
+
+def _queued(queue: SendQueue | MessageQueue) -> int:
+    """Bytes waiting in *queue*, as its budget counts them."""
+    return queue.nbytes if type(queue) is SendQueue else queue.data_bytes
 
 
 def _log_refusal(peer: str, response: HttpResponse) -> None:

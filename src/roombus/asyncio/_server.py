@@ -188,6 +188,13 @@ class Server(ServerFacade):
         proto.transport = transport
         addr = transport.get_extra_info("peername")
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        size = self.config.socket_send_buffer
+        sock = transport.get_extra_info("socket")
+        if size and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:  # the client already reset
+                pass
         cid = self.hub.open(now=self._loop.time(), peer=peer)
         proto.cid = cid
         self._links[cid] = proto
@@ -301,6 +308,7 @@ class Server(ServerFacade):
             if proto is not None:
                 self._write(cid, proto, queue)
         self._flush_delay = WRITE_DELAY if len(dirty) >= BUSY_SWEEP else 0.0
+        self.hub.enforce_budget(now=self._loop.time(), timestamp=_wall())
         if self._held:
             held, self._held = self._held, []
             for proto in held:

@@ -296,6 +296,7 @@ class Server(ServerFacade):
                         return
                     continue  # ECONNABORTED and the like concern one client only
                 sock.setblocking(False)
+                _limit_send_buffer(sock, self.config.socket_send_buffer)
                 if sock.family != socket.AF_UNIX:
                     try:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -432,6 +433,7 @@ class Server(ServerFacade):
             elif nursery is not None:
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)
+        hub.enforce_budget(now=trio.current_time(), timestamp=_wall())
         self._after()
         return len(dirty)
 
@@ -459,6 +461,15 @@ class Server(ServerFacade):
             if deadline is not None and deadline <= now:
                 hub.timeout(now=now, timestamp=_wall())
                 self._after()
+
+
+def _limit_send_buffer(sock: socket.socket, size: int) -> None:
+    """Cap the kernel's send buffer of a client socket (``socket_send_buffer``)."""
+    if size:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:  # the client already reset, or a socket type without one
+            pass
 
 
 def _listen(config: ServerConfig) -> list[socket.socket]:

@@ -58,7 +58,7 @@ def test_the_queued_bytes_budget_and_send_buffer_from_flag_variable_and_file(tmp
     )
     assert (s.server.max_queued_bytes, s.server.socket_send_buffer) == (2_000_000, 16384)
     s = settings(tmp_path, "")
-    assert (s.server.max_queued_bytes, s.server.socket_send_buffer) == (256 << 20, 16 << 10)
+    assert (s.server.max_queued_bytes, s.server.socket_send_buffer) == (256 << 20, 64 << 10)
 
 
 @pytest.mark.parametrize("flag", ["--max-queued-bytes", "--socket-send-buffer"])

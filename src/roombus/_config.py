@@ -146,7 +146,7 @@ class ServerConfig:
     metrics: bool = True
     backlog: int = 1024
     max_queued_bytes: int = 256 * 1024 * 1024
-    socket_send_buffer: int = 16 * 1024
+    socket_send_buffer: int = 64 * 1024
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):

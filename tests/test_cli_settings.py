@@ -46,3 +46,22 @@ def test_errors_never_echo_secrets(tmp_path, toml, secret):
 def test_keys_outside_the_roombus_table_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="outside the \\[roombus\\] table"):
         settings(tmp_path, "port = 1\n[roombus]\nport = 2\n")
+
+
+def test_the_queued_bytes_budget_and_send_buffer_from_flag_variable_and_file(tmp_path):
+    s = settings(
+        tmp_path,
+        "max-queued-bytes = 1000000\nsocket-send-buffer = 4096\n",
+        "--max-queued-bytes",
+        "2000000",
+        env={"ROOMBUS_SOCKET_SEND_BUFFER": "16384"},
+    )
+    assert (s.server.max_queued_bytes, s.server.socket_send_buffer) == (2_000_000, 16384)
+    s = settings(tmp_path, "")
+    assert (s.server.max_queued_bytes, s.server.socket_send_buffer) == (256 << 20, 64 << 10)
+
+
+@pytest.mark.parametrize("flag", ["--max-queued-bytes", "--socket-send-buffer"])
+def test_a_negative_budget_or_buffer_is_refused(tmp_path, flag):
+    with pytest.raises(ConfigError, match=flag[2:]):
+        settings(tmp_path, "", flag, "-1")

@@ -122,6 +122,19 @@ SERVE_OPTIONS = (
         f"bytes that may wait for one slow client (default {_defaults_b.send_queue_bytes})",
     ),
     _Option(
+        "max-queued-bytes",
+        int,
+        f"bytes that may wait in all send queues together; beyond it the clients with "
+        f"the most waiting are closed with 1008; 0: no limit "
+        f"(default {_defaults_s.max_queued_bytes})",
+    ),
+    _Option(
+        "socket-send-buffer",
+        int,
+        f"the kernel's send buffer per client socket (SO_SNDBUF); 0: the system's "
+        f"default (default {_defaults_s.socket_send_buffer})",
+    ),
+    _Option(
         "max-rooms-per-connection",
         int,
         f"rooms one connection may join (default {_defaults_b.max_rooms_per_connection})",

@@ -66,7 +66,7 @@ class BrokerConfig:
     max_rooms_per_connection: int = 100
     max_connections_per_room: int = 10_000
     rate_limit: float = 1000.0
-    rate_burst: int = 2000
+    rate_burst: int = 1000
     heartbeat: bool = True
 
     def __attrs_post_init__(self) -> None:
@@ -124,6 +124,14 @@ class ServerConfig:
         metrics: Whether ``GET /metrics`` answers with counters and gauges (the
             Prometheus text format); else 404.
         backlog: The listen backlog.
+        max_queued_bytes: Most bytes that may wait in all send queues together (the
+            sum of every connection's ``send_queue_bytes`` is far larger); when a
+            write leaves more, the connections with the most bytes waiting are closed
+            with 1008 until the sum is 7/8 of it. 0: no limit.
+        socket_send_buffer: The kernel's send buffer of each client socket
+            (``SO_SNDBUF``; Linux doubles the value for its bookkeeping), so that a
+            client that does not read pins at most this much kernel memory. 0: the
+            system's default (autotuned, up to megabytes a socket).
     """
 
     host: str = "127.0.0.1"
@@ -137,6 +145,8 @@ class ServerConfig:
     page: bytes | None = None
     metrics: bool = True
     backlog: int = 1024
+    max_queued_bytes: int = 256 * 1024 * 1024
+    socket_send_buffer: int = 64 * 1024
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -147,6 +157,8 @@ class ServerConfig:
         _non_negative_int("backlog", self.backlog)
         _non_negative_int("max-connections", self.max_connections)
         _non_negative_int("max-connections-per-ip", self.max_connections_per_ip)
+        _non_negative_int("max-queued-bytes", self.max_queued_bytes)
+        _non_negative_int("socket-send-buffer", self.socket_send_buffer)
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(

@@ -15,6 +15,9 @@ everything else. The contract, in full:
   - :meth:`Hub.take_to_close` lists connections whose transport must be closed now
     (whatever is still queued). Then call :meth:`Hub.lost`.
   - :meth:`Hub.next_deadline` is when to call :meth:`Hub.timeout` next.
+  - :meth:`Hub.input_pending`: the hub read only part of what came (a burst); write
+    the dirty queues (let the flusher run), then ``hub.receive(cid, b"", ...)`` for
+    the next part, and read no more from that transport until it is False.
 
 * A transport that breaks or ends: :meth:`Hub.lost` (idempotent).
 * Shutdown: :meth:`Hub.shutdown`; done when :attr:`Hub.connection_count` is zero.
@@ -87,7 +90,7 @@ from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
 from ._registry import worth_shrinking
-from ._sendqueue import CloseMessage, MessageQueue, QueueState, SendQueue
+from ._sendqueue import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
 from ._types import ConnectionId
 from ._wire import (
     GOING_AWAY,
@@ -118,6 +121,14 @@ NoticeHook = Callable[[Notice], None]
 #: the close timeout to take its answer, and the far-over cut (see :meth:`Hub.open`)
 #: still applies, so probes hold no descriptor the limits did not already allow.
 PROBE_BUDGET: Final = 8
+
+#: Most frames the hub reads from one connection's input per call before it returns,
+#: so that the adapter writes what they produced before the rest is read: a burst of
+#: messages in one TCP write then reaches each receiver's send queue this many at a
+#: time, between flushes, and a receiver that keeps up never has more than a few
+#: batches queued (far below ``send_queue``). The rest waits, unparsed, in the wire;
+#: :meth:`Hub.input_pending` says so.
+INPUT_BATCH: Final = 64
 
 
 class _Phase(enum.Enum):
@@ -222,8 +233,12 @@ class Hub:
         self._probes: set[ConnectionId] = set()
         self.on_notice = on_notice
         self.shutting_down = False
-        #: Slow consumers closed since the start.
+        #: Slow consumers closed since the start (the budget's included).
         self.overflows = 0
+        #: Of those, the ones closed because all queues together held too much.
+        self.budget_closes = 0
+        #: Bytes waiting in every send queue together, against ``max_queued_bytes``.
+        self.budget = ByteBudget(self.config.max_queued_bytes)
         self._conns: dict[ConnectionId, _Conn] = {}
         self._peak = 0  # most connections since the table was last copied
         self._ids = itertools.count(1)
@@ -280,6 +295,8 @@ class Hub:
             "roombus_messages_published_total": stats.messages_published,
             "roombus_deliveries_total": stats.deliveries,
             "roombus_slow_consumers_closed_total": self.overflows,
+            "roombus_queued_bytes": self.budget.used,
+            "roombus_queued_bytes_closed_total": self.budget_closes,
             "roombus_limit_refusals_total": self.limit_refusals,
         }
         if self.broker.node is not None:
@@ -352,10 +369,12 @@ class Hub:
         wire = ServerWire(
             max_header_bytes=self.config.max_header_bytes,
             max_message_bytes=broker_config.max_message_bytes,
+            max_events=INPUT_BATCH,
         )
-        conn = _Conn(
-            cid, peer, wire, SendQueue(broker_config.send_queue, broker_config.send_queue_bytes)
+        queue = SendQueue(
+            broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
+        conn = _Conn(cid, peer, wire, queue)
         self._add(conn)
         if self.shutting_down:
             self._drop(conn)
@@ -459,7 +478,9 @@ class Hub:
             cid,
             peer,
             None,
-            MessageQueue(broker_config.send_queue, broker_config.send_queue_bytes),
+            MessageQueue(
+                broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
+            ),
         )
         self._add(conn)
         refusal = self._over_limit(conn)
@@ -526,6 +547,21 @@ class Hub:
         # FINISHING: input no longer matters; the last bytes go out (a half-closed peer
         # can still read them) or the close timeout drops the transport.
 
+    def input_pending(self, cid: ConnectionId) -> bool:
+        """
+        Whether *cid*'s last input is not all read yet (a framed hub reads at most
+        :data:`INPUT_BATCH` frames per call). Then write the dirty queues, and call
+        ``receive(cid, b"", ...)`` for the next batch, before reading from the
+        transport again.
+        """
+        conn = self._conns.get(cid)
+        return (
+            conn is not None
+            and conn.wire is not None
+            and conn.wire.more
+            and (conn.phase is _Phase.OPEN or conn.phase is _Phase.CLOSING)
+        )
+
     def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
         """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""
         conns = self._conns
@@ -547,7 +583,40 @@ class Hub:
             else:
                 del self._per_ip[conn.ip]
         self._dirty.pop(cid, None)
+        conn.queue.detach()
         self._forget(conn, now, timestamp)
+
+    def enforce_budget(self, *, now: float, timestamp: int) -> None:
+        """
+        Call after writing the dirty queues: if they still hold more than
+        ``max_queued_bytes`` together, close the connections with the most bytes
+        waiting (the slowest readers) with 1008, until 7/8 of it is left. Checked after
+        writes, not as frames are queued: a broadcast counts against every receiver
+        until the kernel takes it, and readers that keep up are not the problem.
+        """
+        budget = self.budget
+        if not budget.limit or budget.used <= budget.limit:
+            return
+        target = budget.limit - budget.limit // 8
+        used = budget.used
+        victims = sorted(
+            (c for c in self._conns.values() if c.phase is _Phase.OPEN and c.queue),
+            key=lambda c: _queued(c.queue),
+            reverse=True,
+        )
+        for conn in victims:
+            if used <= target:
+                break
+            used -= _queued(conn.queue)
+            self._overflowed.append(conn)
+        log.warning(
+            "send queues hold %d bytes together, over max-queued-bytes (%d): closing the "
+            "%d slowest readers",
+            budget.used,
+            budget.limit,
+            len(self._overflowed),
+        )
+        self._apply([], now, timestamp)
 
     def flushed(self, cid: ConnectionId) -> None:
         """*cid*'s queue was written out completely."""
@@ -695,7 +764,7 @@ class Hub:
         """Close an OPEN message connection for what its peer sent."""
         log.info("closing conn %d (%s): %d %s", conn.cid, conn.peer, code, reason)
         self._forget(conn, now, timestamp)
-        self._close(conn, code, reason, now, drop_pending=True)
+        self._close(conn, code, reason, now, drop_pending=False)
 
     def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
         broker = self.broker
@@ -735,9 +804,10 @@ class Hub:
                     queue.push_pong(event.data)  # type: ignore[union-attr]
                     self._dirty[cid] = queue
             elif kind is Closed:
-                # The peer closed (we answer), or broke the protocol (we refuse).
+                # The peer closed (we answer), or broke the protocol (we refuse): what
+                # is queued for it (its own echoes) goes out first, then the close.
                 self._forget(conn, now, timestamp)
-                self._finish(conn, event.data, now, drop_pending=not event.by_peer)  # type: ignore[union-attr]
+                self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return
 
     def _forget(self, conn: _Conn, now: float, timestamp: int) -> None:
@@ -828,7 +898,9 @@ class Hub:
                         action.code,
                         action.reason,
                     )
-                    self._close(conn, action.code, action.reason, now, drop_pending=True)
+                    # Not slow (rate limit, expired credentials, kick): what is queued
+                    # (its echoes, the error explaining the close) goes out first.
+                    self._close(conn, action.code, action.reason, now, drop_pending=False)
             elif isinstance(action, (UserJoined, UserLeft, MessagePublished)):
                 if self.on_notice is not None:
                     try:
@@ -851,18 +923,21 @@ class Hub:
                     if conn.phase is not _Phase.OPEN:
                         continue
                     self.overflows += 1
-                    log.warning(
-                        "conn %d (%s) fell behind (send queue full); closing with 1008",
-                        conn.cid,
-                        conn.peer,
-                    )
-                    self._close(
-                        conn,
-                        POLICY_VIOLATION,
-                        "send queue full: reading too slowly",
-                        now,
-                        drop_pending=True,
-                    )
+                    if conn.queue.state is QueueState.OVERFLOWED:
+                        log.warning(
+                            "conn %d (%s) fell behind (send queue full); closing with 1008",
+                            conn.cid,
+                            conn.peer,
+                        )
+                        reason = "send queue full: reading too slowly"
+                    else:  # chosen by enforce_budget()
+                        self.budget_closes += 1
+                        log.info("conn %d (%s) closed over max-queued-bytes", conn.cid, conn.peer)
+                        reason = "server send queues full: reading too slowly"
+                    self._close(conn, POLICY_VIOLATION, reason, now, drop_pending=True)
+                    # What it still holds (a chunk in flight, the close) goes within the
+                    # close timeout; it is no longer counted against everyone else.
+                    conn.queue.detach()
                 for conn in batch:
                     self._forget(conn, now, timestamp)
         finally:
@@ -870,6 +945,11 @@ class Hub:
 
 
 _RETRY: Final = ((b"retry-after", b"5"),)
+
+
+def _queued(queue: SendQueue | MessageQueue) -> int:
+    """Bytes waiting in *queue*, as its budget counts them."""
+    return queue.nbytes if type(queue) is SendQueue else queue.data_bytes
 
 
 def _log_refusal(peer: str, response: HttpResponse) -> None:

@@ -62,6 +62,23 @@ def _refuses(queue: SendQueue | MessageQueue, size: int) -> bool:
 
 
 @attrs.define
+class ByteBudget:
+    """
+    Bytes queued across many queues (a server's sum over its send queues), against a
+    limit the queues do not enforce themselves: their owner (the hub) checks it after
+    writes and closes the slowest readers (:meth:`Hub.enforce_budget
+    <roombus.hub.Hub.enforce_budget>`).
+
+    Attributes:
+        limit: Most bytes the owner lets wait in all queues together; 0: no limit.
+        used: Bytes waiting now in the queues that share this budget.
+    """
+
+    limit: int = 0
+    used: int = 0
+
+
+@attrs.define
 class SendQueue:
     """
     A bounded queue of outgoing frames for one connection.
@@ -73,11 +90,14 @@ class SendQueue:
     Args:
         max_messages: Most data frames that may wait.
         max_bytes: Most bytes of data frames that may wait.
+        budget: Shared by the queues of one server: its ``used`` is kept equal to the
+            sum of their :attr:`nbytes` (until :meth:`detach`).
     """
 
     max_messages: int
     max_bytes: int
     state: QueueState = QueueState.OPEN
+    budget: ByteBudget = attrs.field(factory=ByteBudget, kw_only=True)
     _pending: list[bytes] = attrs.field(factory=list)  # frames not yet in a chunk
     _pending_control: int = 0  # control frames among them
     _pending_control_bytes: int = 0
@@ -124,6 +144,7 @@ class SendQueue:
         self._data_frames += 1
         self._data_bytes += size
         self._nbytes += size
+        self.budget.used += size
         return True
 
     def push_control(self, frame: bytes) -> bool:
@@ -147,6 +168,7 @@ class SendQueue:
             delta = len(frame) - len(old)
             self._pending_control_bytes += delta
             self._nbytes += delta
+            self.budget.used += delta
             return True
         self._pending_pong = len(pending)
         self._push_control(frame)
@@ -157,6 +179,7 @@ class SendQueue:
         self._pending_control += 1
         self._pending_control_bytes += len(frame)
         self._nbytes += len(frame)
+        self.budget.used += len(frame)
 
     def close_with(self, frame: bytes, *, drop_pending: bool) -> bool:
         """
@@ -205,6 +228,7 @@ class SendQueue:
                 f"cannot consume {n} of {len(self._chunk) - self._chunk_sent} bytes of data()"
             )
         self._nbytes -= n
+        self.budget.used -= n
         self._chunk_sent += n
         if self._chunk_sent == len(self._chunk):
             self._data_frames -= self._chunk_data
@@ -216,12 +240,20 @@ class SendQueue:
         """Drop every frame not yet handed out; the chunk :meth:`data` returned is finished
         first, even if none of it was reported written yet: a driver may be awaiting its
         write (and will :meth:`consume` it), and a stream cannot be cut mid-frame."""
-        self._nbytes = len(self._chunk) - self._chunk_sent
+        kept = len(self._chunk) - self._chunk_sent
+        self.budget.used -= self._nbytes - kept
+        self._nbytes = kept
         self._data_frames = self._chunk_data
         self._data_bytes = self._chunk_data_bytes
         self._pending.clear()
         self._pending_control = self._pending_control_bytes = 0
         self._pending_pong = -1
+
+    def detach(self) -> None:
+        """Stop counting this queue in its shared budget (the connection is lost, or
+        closed as slow: what it still holds is no longer the others' concern)."""
+        self.budget.used -= self._nbytes
+        self.budget = ByteBudget(used=self._nbytes)
 
 
 @attrs.frozen
@@ -257,11 +289,13 @@ class MessageQueue:
     Args:
         max_messages: Most data messages that may wait.
         max_bytes: Most bytes of data messages that may wait.
+        budget: As for :class:`SendQueue`; its ``used`` counts :attr:`data_bytes`.
     """
 
     max_messages: int
     max_bytes: int
     state: QueueState = QueueState.OPEN
+    budget: ByteBudget = attrs.field(factory=ByteBudget, kw_only=True)
     _pending: list[OutMessage] = attrs.field(factory=list)  # not yet in a batch
     _batch: list[OutMessage] = attrs.field(factory=list)  # handed out
     _batch_sent: int = 0  # how much of the batch is sent
@@ -294,6 +328,7 @@ class MessageQueue:
         self._pending.append(payload)
         self._data_frames += 1
         self._data_bytes += size
+        self.budget.used += size
         return True
 
     def close_with(self, close: CloseMessage, *, drop_pending: bool) -> bool:
@@ -335,6 +370,7 @@ class MessageQueue:
             if type(item) is bytes:
                 self._data_frames -= 1
                 self._data_bytes -= len(item)
+                self.budget.used -= len(item)
         self._batch_sent = start + n
 
     def _drop_unstarted(self) -> None:
@@ -342,4 +378,11 @@ class MessageQueue:
         self._pending.clear()
         rest = [m for m in self._batch[self._batch_sent :] if type(m) is bytes]
         self._data_frames = len(rest)
-        self._data_bytes = sum(len(m) for m in rest)
+        kept = sum(len(m) for m in rest)
+        self.budget.used -= self._data_bytes - kept
+        self._data_bytes = kept
+
+    def detach(self) -> None:
+        """As :meth:`SendQueue.detach`."""
+        self.budget.used -= self._data_bytes
+        self.budget = ByteBudget(used=self._data_bytes)

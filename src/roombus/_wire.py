@@ -175,9 +175,15 @@ class ServerWire:
         max_message_bytes: Largest inbound message; larger ones close with 1009. Each
             frame of a fragmented message counts :data:`FRAGMENT_OVERHEAD` bytes more,
             and a message of more than :data:`MAX_FRAGMENTS` frames closes with 1009 too.
+        max_events: Most events one :meth:`receive_data` call returns for frames (0: no
+            limit). The frames beyond stay buffered, unparsed, and :attr:`more` is True
+            until a call (with ``b""`` or new bytes) takes them: a driver bounds how much
+            one read may turn into output before it writes.
     """
 
-    def __init__(self, *, max_header_bytes: int = 16384, max_message_bytes: int = 65536) -> None:
+    def __init__(
+        self, *, max_header_bytes: int = 16384, max_message_bytes: int = 65536, max_events: int = 0
+    ) -> None:
         self.state = WireState.HANDSHAKE
         self._h11: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=max_header_bytes
@@ -196,6 +202,10 @@ class ServerWire:
         self._owed = 0  # bytes wsproto still needs to finish the frame it has begun
         self._fragmented = False  # wsproto holds an unfinished fragmented message
         self._fast_max = min(max_message_bytes, 65535)
+        self._max_events = max_events or -1
+        self._start = 0  # where parsing resumes in _buf (after a call stopped at the limit)
+        #: Complete frames may wait in the buffer: the last call stopped at ``max_events``.
+        self.more = False
 
     # -- handshake --------------------------------------------------------------------
 
@@ -288,9 +298,17 @@ class ServerWire:
         if ws is None or ws.state is ConnectionState.CLOSED:
             return []
         out: list[WireEvent] = []
-        buf = self._buf + data if data else self._buf
+        start = self._start
+        if data:
+            buf = self._buf[start:] + data if start else self._buf + data
+            start = 0
+        else:
+            buf = self._buf
         self._buf = b""
-        if buf and self._scan(buf, out):
+        self._start = 0
+        self.more = False
+        # At end of stream, whatever is left is read now.
+        if buf and self._scan(buf, out, start, self._max_events if data is not None else -1):
             return out
         if data is None:
             if self._buf:
@@ -300,10 +318,12 @@ class ServerWire:
             self._drain(out)
         return out
 
-    def _scan(self, buf: bytes, out: list[WireEvent]) -> bool:
+    def _scan(self, buf: bytes, out: list[WireEvent], pos: int, limit: int) -> bool:
         """
-        Split *buf* into frames: simple text frames are decoded here, everything else
-        goes to wsproto in order. Returns True once the connection is closing.
+        Split *buf* from *pos* into frames: simple text frames are decoded here,
+        everything else goes to wsproto in order. Returns True once the connection is
+        closing. Stops at a frame boundary once *out* holds *limit* events (-1: never),
+        keeping the rest for the next call.
 
         The fast path takes only what wsproto would accept as it is: a final, masked
         text frame, no RSV bits, minimal length encoding, complete in *buf*, within
@@ -312,9 +332,13 @@ class ServerWire:
         """
         ws = self._ws
         assert ws is not None
-        pos = 0
         end = len(buf)
         while pos < end:
+            if len(out) >= limit >= 0 and not self._owed:
+                self._buf = buf
+                self._start = pos
+                self.more = True
+                return False
             owed = self._owed
             if owed:  # the rest of a frame wsproto has begun
                 take = min(owed, end - pos)

@@ -297,6 +297,9 @@ class RoombusASGI(ServerFacade):
                 # one send before the next is read, as the flusher runs between reads in
                 # roombus.trio (else a burst fills the send queues of readers keeping up).
                 await anyio.lowlevel.checkpoint()
+                # The writers had their turn: what they could not send counts.
+                hub.enforce_budget(now=anyio.current_time(), timestamp=_wall())
+                self._after()
             elif kind == "websocket.disconnect":
                 return
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import QueueState, SendQueue
-from roombus._sendqueue import CloseMessage, MessageQueue
+from roombus._sendqueue import ByteBudget, CloseMessage, MessageQueue
 
 ops = st.lists(
     st.one_of(
@@ -34,8 +34,8 @@ ops = st.lists(
 def test_message_queue_keeps_the_send_queue_policy(
     max_messages: int, max_bytes: int, ops: list[tuple[str, Any]]
 ) -> None:
-    frames = SendQueue(max_messages, max_bytes)
-    messages = MessageQueue(max_messages, max_bytes)
+    frames = SendQueue(max_messages, max_bytes, budget=ByteBudget())
+    messages = MessageQueue(max_messages, max_bytes, budget=ByteBudget())
     handed: list[bytes] = []  # SendQueue: the frames of the chunk handed out, unwritten
     out_frames: list[bytes] = []
     out_messages: list[object] = []
@@ -68,6 +68,9 @@ def test_message_queue_keeps_the_send_queue_policy(
         assert (frames.messages, frames.data_bytes) == (messages.messages, messages.data_bytes)
         assert frames.messages <= max_messages
         assert frames.data_bytes <= max_bytes or frames.messages == 1
+        # A shared budget counts exactly what each queue still holds.
+        assert frames.budget.used == frames.nbytes
+        assert messages.budget.used == messages.data_bytes
     assert out_frames == out_messages
 
 
@@ -141,3 +144,55 @@ def test_a_driver_cannot_report_more_than_it_was_handed(frame: bytes, data: st.D
         raise AssertionError("consumed more than data() handed out")
     q.consume(len(chunk) - k)
     assert not q
+
+
+queue_ops = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # which queue
+        st.sampled_from(["push", "pong", "control", "take", "write", "close", "detach"]),
+        st.integers(1, 40),
+    ),
+    max_size=60,
+)
+
+
+@given(ops=queue_ops)
+def test_a_shared_budget_is_the_sum_of_what_its_queues_hold(
+    ops: list[tuple[int, str, int]],
+) -> None:
+    """Many queues (frames and messages) share one budget: at every step its ``used``
+    is the sum of what the attached ones hold, whatever is pushed, written, dropped by
+    an overflow or a close, or detached (a queue detached no longer counts)."""
+    budget = ByteBudget()
+    queues: list[SendQueue | MessageQueue] = [
+        SendQueue(3, 100, budget=budget),
+        SendQueue(5, 60, budget=budget),
+        MessageQueue(3, 100, budget=budget),
+        MessageQueue(5, 60, budget=budget),
+    ]
+    attached = [True] * 4
+    handed: list[list[int]] = [[], [], [], []]  # sizes handed out, unwritten
+    for i, op, n in ops:
+        q = queues[i]
+        if op == "push":
+            q.push(b"x" * n)
+        elif op in ("pong", "control") and isinstance(q, SendQueue):
+            (q.push_pong if op == "pong" else q.push_control)(b"p" * min(n, 125))
+        elif op == "take" and not handed[i]:
+            if isinstance(q, SendQueue):
+                data = q.data()
+                handed[i] = [len(data)] if data else []
+            else:
+                handed[i] = [1] * len(q.data())
+        elif op == "write" and handed[i]:
+            q.consume(handed[i].pop())
+        elif op == "close":
+            if isinstance(q, SendQueue):
+                q.close_with(b"C" * (n % 5), drop_pending=n % 2 == 0)
+            else:
+                q.close_with(CloseMessage(1008, "x"), drop_pending=n % 2 == 0)
+        elif op == "detach" and attached[i]:
+            q.detach()
+            attached[i] = False
+        held = [q.nbytes if isinstance(q, SendQueue) else q.data_bytes for q in queues]
+        assert budget.used == sum(h for h, a in zip(held, attached, strict=True) if a)

@@ -11,7 +11,9 @@ returns. asyncio runs one callback at a time, so the hub needs no lock.
 Writing never blocks a broadcast, and never grows without bound. The hub frames a
 broadcast once and appends the same bytes to each receiver's send queue; one *flush*
 callback, scheduled once however many queues became dirty, writes every dirty queue
-(frames that pile up meanwhile go out together). ``transport.write()`` never blocks:
+(frames that pile up meanwhile go out together). A burst of messages in one read is
+handled a batch at a time (the hub's ``INPUT_BATCH``): reading pauses, and the rest
+is read after the next flush. ``transport.write()`` never blocks:
 it buffers what the kernel refuses. So the adapter writes to a connection only while
 its transport has not asked to pause (``pause_writing``, past the buffer's high-water
 mark); a paused connection's frames stay in its bounded send queue, where the hub's
@@ -42,8 +44,6 @@ from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId
 
-#: Most bytes fed to the hub between two flushes (as roombus.trio reads them).
-RECEIVE_SIZE: Final = 65536
 #: A sweep that writes to this many connections means the server is busy ...
 BUSY_SWEEP: Final = 128
 #: ... and then the next sweep waits this long (seconds), to coalesce frames (as the
@@ -60,6 +60,8 @@ class _Protocol(asyncio.Protocol):
         self.cid: ConnectionId | None = None  # None once the hub let go of it
         self.paused = False  # the transport's buffer is over its high-water mark
         self.stalled: SendQueue | None = None  # frames that wait for resume_writing
+        self.held = False  # reading paused: the hub has not read all of a burst yet
+        self.eof = False  # the end of stream came while held
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -125,6 +127,7 @@ class Server(ServerFacade):
         self._listeners: list[asyncio.AbstractServer] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delay = 0.0
+        self._held: list[_Protocol] = []  # to read the rest of a burst after the flush
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
 
@@ -187,6 +190,13 @@ class Server(ServerFacade):
         proto.transport = transport
         addr = transport.get_extra_info("peername")
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        size = self.config.socket_send_buffer
+        sock = transport.get_extra_info("socket")
+        if size and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:  # the client already reset
+                pass
         cid = self.hub.open(now=self._loop.time(), peer=peer)
         proto.cid = cid
         self._links[cid] = proto
@@ -196,25 +206,47 @@ class Server(ServerFacade):
         cid = proto.cid
         if cid is None:
             return
+        if data is None and proto.held:
+            proto.eof = True  # after the rest of the burst
+            return
         hub = self.hub
-        if data is not None and len(data) > RECEIVE_SIZE:
-            # asyncio reads up to 256 KiB at once. Feed it in trio-sized slices and
-            # write between them, so that a burst of broadcasts is not held back until
-            # the send queues overflow (their bounds are for slow readers only).
-            for start in range(0, len(data) - RECEIVE_SIZE, RECEIVE_SIZE):
-                hub.receive(
-                    cid,
-                    data[start : start + RECEIVE_SIZE],
-                    now=self._loop.time(),
-                    timestamp=_wall(),
-                )
-                if hub.has_dirty():
-                    self._flush_all()
-                if proto.cid is None:
-                    return
-            data = data[start + RECEIVE_SIZE :]
         hub.receive(cid, data, now=self._loop.time(), timestamp=_wall())
         self._after()
+        if proto.cid is not None and hub.input_pending(cid):
+            self._hold(proto)
+
+    def _hold(self, proto: _Protocol) -> None:
+        """
+        The hub read part of a burst: stop reading, and go on with the rest after the
+        next flush, so that each part's broadcasts are written before the next part
+        is read (the queues' bounds are for slow readers only).
+        """
+        if not proto.held:
+            proto.held = True
+            if proto.transport is not None:
+                proto.transport.pause_reading()
+        self._held.append(proto)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_all)
+
+    def _read_more(self, proto: _Protocol) -> None:
+        cid = proto.cid
+        if cid is None:
+            return
+        hub = self.hub
+        hub.receive(cid, b"", now=self._loop.time(), timestamp=_wall())
+        self._after()
+        if proto.cid is None:
+            return
+        if hub.input_pending(cid):
+            self._hold(proto)
+            return
+        proto.held = False
+        if proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.resume_reading()
+        if proto.eof:
+            proto.eof = False
+            self._receive(proto, None)
 
     def _lost(self, proto: _Protocol) -> None:
         cid = proto.cid
@@ -278,6 +310,11 @@ class Server(ServerFacade):
             if proto is not None:
                 self._write(cid, proto, queue)
         self._flush_delay = WRITE_DELAY if len(dirty) >= BUSY_SWEEP else 0.0
+        self.hub.enforce_budget(now=self._loop.time(), timestamp=_wall())
+        if self._held:
+            held, self._held = self._held, []
+            for proto in held:
+                self._loop.call_soon(self._read_more, proto)
         self._after()
 
     def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue) -> None:

@@ -10,11 +10,13 @@ runs one task at a time, so the hub needs no lock.
 Writing never blocks a broadcast. The hub frames a broadcast once and appends the same
 bytes to each receiver's send queue; one *flusher* task writes every dirty queue in
 one non-blocking ``send()``; frames that pile up while the flusher waits for its turn
-go out together (coalescing). Only when the kernel refuses bytes does a connection
-get a *drainer* task, which waits until its socket is writable. A *timer* task sleeps
-until the hub's next deadline (heartbeats, handshake and close timeouts), then lets
-readers with input waiting run before it hands over to the hub (after a stall, pongs
-may be waiting unread).
+go out together (coalescing). A burst of messages in one read is handled a batch at a
+time (the hub's ``INPUT_BATCH``): its reader waits for the flusher's next sweep between
+batches, and reads no more from its socket meanwhile. Only when the kernel refuses
+bytes does a connection get a *drainer* task, which waits until its socket is
+writable. A *timer* task sleeps until the hub's next deadline (heartbeats, handshake
+and close timeouts), then lets readers with input waiting run before it hands over to
+the hub (after a stall, pongs may be waiting unread).
 
 Shutdown (cancellation of :func:`serve`) stops accepting, has the hub close everyone
 with 1001, and gives the clients ``close_timeout`` to answer.
@@ -195,6 +197,7 @@ class Server(ServerFacade):
         self._links: dict[ConnectionId, _Link] = {}
         self._flusher: trio.lowlevel.Task | None = None
         self._flusher_parked = False
+        self._swept: trio.Event | None = None  # set after the flusher's next sweep
         self._timer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._world = trio.CancelScope()
@@ -294,6 +297,7 @@ class Server(ServerFacade):
                         return
                     continue  # ECONNABORTED and the like concern one client only
                 sock.setblocking(False)
+                _limit_send_buffer(sock, self.config.socket_send_buffer)
                 if sock.family != socket.AF_UNIX:
                     try:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -326,6 +330,11 @@ class Server(ServerFacade):
                     data = await transport.receive()
                     hub.receive(cid, data or None, now=trio.current_time(), timestamp=_wall())
                     self._after()
+                    while hub.input_pending(cid):
+                        # A burst: what this part produced is written before the next.
+                        await self._next_sweep()
+                        hub.receive(cid, b"", now=trio.current_time(), timestamp=_wall())
+                        self._after()
                     if not data:
                         # The peer sent all it will; wait until the hub is done writing.
                         await trio.sleep_forever()
@@ -341,6 +350,15 @@ class Server(ServerFacade):
             with trio.CancelScope(shield=True):
                 await transport.aclose()
             self._check_all_closed()
+
+    async def _next_sweep(self) -> None:
+        """Wait until the flusher has written what is dirty now (a checkpoint if nothing)."""
+        if not self.hub.has_dirty():
+            await trio.lowlevel.checkpoint()
+            return
+        if self._swept is None:
+            self._swept = trio.Event()
+        await self._swept.wait()
 
     def _after(self) -> None:
         """Carry out the hub's outputs: close what must close, wake the flusher and timer."""
@@ -368,7 +386,11 @@ class Server(ServerFacade):
                 self._flusher_parked = True
                 await trio.lowlevel.wait_task_rescheduled(self._unpark_flusher)
                 self._flusher_parked = False
-            if self._flush_all() >= BUSY_SWEEP:
+            swept = self._flush_all()
+            if self._swept is not None:  # readers holding back the rest of a burst
+                self._swept.set()
+                self._swept = None
+            if swept >= BUSY_SWEEP:
                 # Busy: give frames for the same clients a moment to pile up, so the
                 # next sweep writes several per system call (the syscall is the cost).
                 await trio.sleep(WRITE_DELAY)
@@ -412,6 +434,7 @@ class Server(ServerFacade):
             elif nursery is not None:
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)
+        hub.enforce_budget(now=trio.current_time(), timestamp=_wall())
         self._after()
         return len(dirty)
 
@@ -445,6 +468,15 @@ class Server(ServerFacade):
             if deadline is not None and deadline <= now:
                 hub.timeout(now=now, timestamp=_wall())
                 self._after()
+
+
+def _limit_send_buffer(sock: socket.socket, size: int) -> None:
+    """Cap the kernel's send buffer of a client socket (``socket_send_buffer``)."""
+    if size:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:  # the client already reset, or a socket type without one
+            pass
 
 
 def _listen(config: ServerConfig) -> list[socket.socket]:

@@ -56,6 +56,8 @@ LAYERS: Final = {
     "roombus._sendqueue": "server",
     "roombus._wire": "server",
     "roombus._cluster": "cluster",
+    "roombus._records": "cluster",
+    "roombus._schema": "cluster",
     "roombus._facade": "node",
     "roombus.trio": "trio",
     "roombus.asyncio": "asyncio",
@@ -133,6 +135,7 @@ KNOWN: Final = frozenset(
         "roombus._config -> roombus._handshake (core 0 -> server 1)",
         # The broker runs the cluster protocol too (ClusterBroker moves out).
         "roombus._broker -> roombus._cluster (core 0 -> cluster 1)",
+        "roombus._broker -> roombus._records (core 0 -> cluster 1)",
         # The JWT authenticator lives with the core's Identity and Authorizer.
         "roombus._auth imports jwt (third party, core)",
         "roombus._auth imports cryptography (third party, core)",

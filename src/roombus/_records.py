@@ -38,8 +38,8 @@ from ._types import Username, is_valid_username
 _NUMBER: Final = rb"(0|[1-9][0-9]{0,18})"
 _NODE: Final = rb"([A-Za-z0-9_.:-]{1,64})"
 #: The fields before the free last one, each followed by its space.
-_CHAT_HEAD: Final = re.compile(rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" ")
-_PRESENCE_HEAD: Final = re.compile(rb"([jl]) " + _NUMBER + b" " + _NODE + b" ")
+_chat_head: Final = re.compile(rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" ").match
+_presence_head: Final = re.compile(rb"([jl]) " + _NUMBER + b" " + _NODE + b" ").match
 
 
 @attrs.frozen
@@ -94,13 +94,11 @@ def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
     It raises nothing: any bytes that are not a record as :func:`encode_record`
     writes it give None.
     """
-    if data[:2] == b"m ":
-        m = _CHAT_HEAD.match(data)
-        if m is None:
-            return None
+    m = _chat_head(data)
+    if m is not None:
         seq, node, ref = m.groups()
         return ChatRecord(int(seq), node.decode("ascii"), int(ref), data[m.end() :])
-    m = _PRESENCE_HEAD.match(data)
+    m = _presence_head(data)
     if m is None:
         return None
     kind, version, node = m.groups()

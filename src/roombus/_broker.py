@@ -30,7 +30,7 @@ from ._actions import (
     UserLeft,
 )
 from ._auth import Authorizer, Identity
-from ._cluster import ChatRecord, ClusterRoom, PresenceRecord, is_valid_node_id, parse_record
+from ._cluster import ClusterRoom, is_valid_node_id
 from ._config import BrokerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import (
@@ -46,6 +46,7 @@ from ._events import (
 )
 from ._heartbeat import Heartbeat, HeartbeatState
 from ._ratelimit import RateDecision, RateLimiter
+from ._records import ChatRecord, PresenceRecord, parse_record
 from ._registry import Registry, worth_shrinking
 from ._types import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
 

@@ -1,21 +1,8 @@
 """
-The broker's view of the other nodes of a cluster, and the records they exchange.
+The broker's view of the other nodes of a cluster: one room's remote presence.
 
-A cluster shares one backplane (Redis). Each room has a channel, and every record on
-it reaches every node listening, in one order for all (the backplane serializes a
-channel). Records are bytes, fields separated by one space, the last field free:
-
-=================================== ================================================
-``m <seq> <node> <ref> <prefix>``   a chat message: its room-wide ``seq``, the node
-                                    it came through and that node's number for it,
-                                    and the envelope up to its ``seq`` value
-``j <version> <node> <username>``   *username* became present on *node*
-``l <version> <node> <username>``   *username* is no longer present on *node*
-=================================== ================================================
-
-``version`` counts a room's presence records; a snapshot of a room's presence carries
-the version it was read at, so a node that reads one knows which records it already
-reflects. Nothing here does I/O: the backplane driver publishes and reads the records.
+The records the nodes exchange (and their format) are in :mod:`roombus._records`.
+Nothing here does I/O: the backplane driver publishes and reads the records.
 """
 
 from __future__ import annotations
@@ -26,7 +13,8 @@ from typing import Final
 
 import attrs
 
-from ._types import Username, is_valid_username
+from ._records import PresenceRecord
+from ._types import Username
 
 #: A node id: what may stand between the spaces of a record.
 _NODE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -37,41 +25,6 @@ MAX_BUFFERED: Final = 10_000
 def is_valid_node_id(node: object) -> bool:
     """A node id is 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``."""
     return type(node) is str and _NODE_RE.fullmatch(node) is not None
-
-
-@attrs.frozen
-class ChatRecord:
-    seq: int
-    node: str
-    ref: int
-    prefix: bytes
-
-
-@attrs.frozen
-class PresenceRecord:
-    version: int
-    present: bool
-    node: str
-    username: Username
-
-
-def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
-    """A record off a room's channel, or None if it is not one of ours."""
-    try:
-        if data[:2] == b"m ":
-            _, seq, node, ref, prefix = data.split(b" ", 4)
-            return ChatRecord(int(seq), node.decode("ascii"), int(ref), prefix)
-        if data[:2] in (b"j ", b"l "):
-            kind, version, node, name = data.split(b" ", 3)
-            username = name.decode("utf-8")
-            if not is_valid_username(username):
-                return None
-            return PresenceRecord(
-                int(version), kind == b"j", node.decode("ascii"), Username(username)
-            )
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return None
 
 
 @attrs.define

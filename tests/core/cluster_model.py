@@ -20,6 +20,7 @@ implements it with Redis):
 * ``Relay(room, ref, prefix)``: ``seq = INCR``; publish ``m <seq> <node> <ref> <prefix>``.
 * ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
   set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
+  (The records are built by ``roombus._records``, as the driver's scripts build them.)
 * Each node has one connection: its commands run in the order asked for, interleaved
   with other nodes'. A subscribe's snapshot read is a step of its own, some time after
   the subscribe (the node's reads in order; its later commands may run first).
@@ -54,6 +55,7 @@ from roombus import (
     Subscribe,
     Unsubscribe,
 )
+from roombus._records import encode_chat, encode_presence
 
 
 @attrs.define
@@ -178,8 +180,7 @@ class ModelBackplane:
         else:
             ch.presence.discard(entry)
         ch.version += 1
-        kind = b"j" if present else b"l"
-        self.publish(room, b"%s %d %s %s" % (kind, ch.version, node.encode(), user.encode()))
+        self.publish(room, encode_presence(present, ch.version, node, user))
 
     def run_command(self, node: str) -> None:
         link = self.links[node]
@@ -200,7 +201,7 @@ class ModelBackplane:
                 link.inbox.pop(room, None)
         elif isinstance(action, Relay):
             ch.seq += 1
-            self.publish(room, b"m %d %s %d " % (ch.seq, node.encode(), action.ref) + action.prefix)
+            self.publish(room, encode_chat(ch.seq, node, action.ref, action.prefix))
         else:
             assert isinstance(action, Announce)
             self.announce(node, room, action.username, action.present)

@@ -90,6 +90,7 @@ from roombus import (
     UserLeft,
     Username,
 )
+from roombus._records import ChatRecord, PresenceRecord, parse_record
 
 from .cluster_model import ModelBackplane, Record, Snapshot
 
@@ -196,8 +197,10 @@ class Cluster:
         version = None
         if isinstance(event, RoomSynced):
             version = event.version
-        elif isinstance(event, RecordReceived) and event.data[:2] in (b"j ", b"l "):
-            version = int(event.data.split(b" ", 2)[1])
+        elif isinstance(event, RecordReceived) and isinstance(
+            record := parse_record(event.data), PresenceRecord
+        ):
+            version = record.version
             if version <= self.versions.get((node, event.room), 0):
                 # Older than what the node knows (a snapshot overtook it): no news.
                 assert actions == [], f"{node} applied a stale record {event.data!r}"
@@ -207,11 +210,13 @@ class Cluster:
         item = self.bp.delivering
         if isinstance(item, Snapshot):
             self.synced_at[node, event.room] = item.index
-        if isinstance(event, RecordReceived) and event.data.startswith(b"m "):
+        if isinstance(event, RecordReceived) and isinstance(
+            chat := parse_record(event.data), ChatRecord
+        ):
             broker = self.brokers[node]
             if event.room in broker._cluster:
                 # The room's seq moves on with the backplane's.
-                assert broker.seq(event.room) == int(event.data.split(b" ", 2)[1])
+                assert broker.seq(event.room) == chat.seq
 
     def apply(self, node: str, actions: list[Any], cause: object) -> None:
         link = self.bp.links[node]
@@ -330,11 +335,11 @@ class Cluster:
 
     def published(self, room: str, data: bytes) -> None:
         """A record went out on the backplane (before anyone gets it)."""
-        if not data.startswith(b"m "):
+        record = parse_record(data)
+        if not isinstance(record, ChatRecord):
             return
-        _, seq, node, ref, _ = data.split(b" ", 4)
-        cid = self.refs[node.decode(), int(ref)]
-        self.chats[cid].seq = int(seq)
+        cid = self.refs[record.node, record.ref]
+        self.chats[cid].seq = record.seq
         # Every member that joined while its node was connected is owed this chat, and
         # its node must be listening.
         owed = self.owed.setdefault(cid, [])

@@ -4,6 +4,9 @@ The Redis backplane: several roombus nodes serving the same rooms.
 The broker (in cluster mode) asks for backplane work as actions and takes what the
 other nodes did as events; this module carries them out over Redis:
 
+The key names, the Lua scripts, the command each action becomes and what a reply
+means are :mod:`roombus._schema`'s; the records, :mod:`roombus._records`'s. In short:
+
 * Each room has a channel, ``<prefix>:{<room>}:c``, listened to (``SSUBSCRIBE``, or
   ``SUBSCRIBE`` on a server without sharded pub/sub) only while the node has members
   in the room. The ``{<room>}`` hash tag keeps a room's channel and keys on one shard
@@ -46,7 +49,18 @@ import trio
 from .._actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
 from .._cluster import is_valid_node_id
 from .._errors import ConfigError
-from .._events import BackplaneLost, BackplaneRestored, Event, RecordReceived, RoomSynced
+from .._events import BackplaneLost, BackplaneRestored, Event
+from .._schema import (
+    SCRIPTS,
+    channel,
+    command_for,
+    lifetime_ms,
+    parse_snapshot,
+    records_received,
+    refresh_command,
+    script_source,
+    snapshot_command,
+)
 from .._types import RoomName
 from ._redis import (
     Arg,
@@ -65,74 +79,12 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("roombus.backplane")
 
-#: Keys of a room idle this long (no message, no presence change) are left to expire.
-KEY_TTL_MS: Final = 24 * 3600 * 1000
 #: Reconnection backoff, in seconds: first wait and cap.
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_CAP: Final = 5.0
 #: Seconds between liveness checks of both Redis connections, and how long each may
 #: take: a Redis that stops answering (a host gone, no reset) ends the session.
 KEEPALIVE: Final = 5.0
-
-# Lua scripts. {pub} is SPUBLISH or PUBLISH; times are the Redis server's, in ms, so
-# the nodes' clocks do not matter. Members are "<node> <username>".
-_NOW: Final = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)"
-_REAP: Final = """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, m in ipairs(dead) do
-  redis.call('ZREM', KEYS[1], m)
-  redis.call('{pub}', ARGV[1], 'l ' .. redis.call('INCR', KEYS[2]) .. ' ' .. m)
-end
-"""
-_KEEP: Final = """
-redis.call('PEXPIRE', KEYS[1], {key_ttl})
-redis.call('PEXPIRE', KEYS[2], {key_ttl})
-"""
-# KEYS: seq. ARGV: channel, node, ref, prefix. Returns the seq.
-_RELAY: Final = """
-local s = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], {key_ttl})
-redis.call('{pub}', ARGV[1], 'm ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
-return s
-"""
-# KEYS: presence, version. ARGV: channel, member, "1"/"0", lifetime ms.
-_ANNOUNCE: Final = (
-    _NOW
-    + """
-if ARGV[3] == '1' then
-  if redis.call('ZADD', KEYS[1], now + ARGV[4], ARGV[2]) == 1 then
-    redis.call('{pub}', ARGV[1], 'j ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[2])
-  end
-elseif redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
-  redis.call('{pub}', ARGV[1], 'l ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[2])
-end
-"""
-    + _KEEP
-)
-# KEYS: presence, version. ARGV: channel, lifetime ms, members to keep... Refresh this
-# node's members first (so that a late refresh does not flap them), then reap.
-_REFRESH: Final = (
-    _NOW
-    + """
-for i = 3, #ARGV do
-  if redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[i]) == 1 then
-    redis.call('{pub}', ARGV[1], 'j ' .. redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[i])
-  end
-end
-"""
-    + _REAP
-    + _KEEP
-)
-# KEYS: presence, version. ARGV: channel. Returns {version, members}.
-_SNAPSHOT: Final = (
-    _NOW
-    + _REAP
-    + """
-return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1)}
-"""
-)
-
-_CHANNEL_RE: Final = re.compile(rb"\{([A-Za-z0-9_.:-]{1,64})\}:c\Z")
 
 
 class BackplaneHost(Protocol):
@@ -250,14 +202,6 @@ class RedisBackplane:
     def __repr__(self) -> str:
         return f"<RedisBackplane node={self.node_id!r} {self.address!r}>"
 
-    # -- names ------------------------------------------------------------------------
-
-    def _key(self, room: str, kind: str) -> str:
-        return f"{self.prefix}:{{{room}}}:{kind}"
-
-    def _member(self, username: str) -> str:
-        return f"{self.node_id} {username}"
-
     # -- the server's side ------------------------------------------------------------
 
     def submit(self, work: list[BackplaneAction]) -> None:
@@ -318,15 +262,9 @@ class RedisBackplane:
         """One connection's life, until it fails (raising why)."""
         self._lasted = False
         self._sharded = await supports_sharded_pubsub(cmd)
-        pub = "SPUBLISH" if self._sharded else "PUBLISH"
         self._scripts = {}
-        for name, body in (
-            ("relay", _RELAY),
-            ("announce", _ANNOUNCE),
-            ("refresh", _REFRESH),
-            ("snapshot", _SNAPSHOT),
-        ):
-            source = body.replace("{pub}", pub).replace("{key_ttl}", str(KEY_TTL_MS))
+        for name in SCRIPTS:
+            source = script_source(name, self._sharded)
             self._scripts[name] = await cmd.execute("SCRIPT", "LOAD", source)
         sub = await connect_subscriber(
             self.address, sharded=self._sharded, connect_timeout=self.connect_timeout
@@ -394,14 +332,9 @@ class RedisBackplane:
 
     async def _read(self, sub: RedisSubscriber, host: BackplaneHost) -> None:
         stats = self.statistics
-        search = _CHANNEL_RE.search
         while True:
             # A burst at once: the server then writes each client's share in one go.
-            events: list[Event] = []
-            for channel, data in await sub.receive_many():
-                m = search(channel)
-                if m is not None:
-                    events.append(RecordReceived(room=RoomName(m.group(1).decode()), data=data))
+            events = records_received(await sub.receive_many())
             stats.received += len(events)
             host.backplane_events(events)
 
@@ -421,7 +354,7 @@ class RedisBackplane:
                 action = work.popleft()
                 if isinstance(action, Unsubscribe):
                     if action.room not in self._wanted:
-                        gone.add(self._key(action.room, "c"))
+                        gone.add(channel(self.prefix, action.room))
                 elif isinstance(action, (Relay, Announce)):
                     batch.append(self._command(action))
             if batch:
@@ -437,35 +370,20 @@ class RedisBackplane:
                 await self._subscribe(cmd, sub, rooms, host)
 
     def _command(self, action: Relay | Announce) -> tuple[Arg, ...]:
-        room = action.room
         if isinstance(action, Relay):
             self.statistics.relayed += 1
-            return (
-                "EVALSHA",
-                self._scripts["relay"],
-                1,
-                self._key(room, "s"),
-                self._key(room, "c"),
-                self.node_id,
-                action.ref,
-                action.prefix,
-            )
-        return (
-            "EVALSHA",
-            self._scripts["announce"],
-            2,
-            self._key(room, "p"),
-            self._key(room, "v"),
-            self._key(room, "c"),
-            self._member(action.username),
-            "1" if action.present else "0",
-            self._lifetime_ms,
+        return command_for(
+            action,
+            prefix=self.prefix,
+            node=self.node_id,
+            shas=self._scripts,
+            lifetime=self._lifetime_ms,
         )
 
     @property
     def _lifetime_ms(self) -> int:
         """How long a presence member lives unrefreshed (refreshed every third of the TTL)."""
-        return int(self.presence_ttl * 2000 / 3)
+        return lifetime_ms(self.presence_ttl)
 
     async def _subscribe(
         self,
@@ -476,35 +394,18 @@ class RedisBackplane:
     ) -> None:
         # Listen first: records published from now on arrive. The snapshot, read after,
         # has a version telling the broker which of them it already reflects.
-        await sub.subscribe(*(self._key(room, "c") for room in rooms))
+        await sub.subscribe(*(channel(self.prefix, room) for room in rooms))
         replies = await cmd.pipeline(
-            [
-                (
-                    "EVALSHA",
-                    self._scripts["snapshot"],
-                    2,
-                    self._key(room, "p"),
-                    self._key(room, "v"),
-                    self._key(room, "c"),
-                )
-                for room in rooms
-            ]
+            [snapshot_command(room, prefix=self.prefix, shas=self._scripts) for room in rooms]
         )
         events: list[Event] = []
         for (room, gen), reply in zip(rooms.items(), replies, strict=True):
             if isinstance(reply, RedisError):
                 raise reply
             try:
-                version, members = reply
-                entries = []
-                for member in members:
-                    node, _, username = member.decode("utf-8", "replace").partition(" ")
-                    entries.append((node, username))
-                events.append(
-                    RoomSynced(room=room, version=int(version), entries=tuple(entries), gen=gen)
-                )
-            except (TypeError, ValueError, AttributeError):
-                raise RedisError(f"unreadable presence snapshot of room {room!r}") from None
+                events.append(parse_snapshot(room, gen, reply))
+            except ValueError as exc:
+                raise RedisError(str(exc)) from None
         host.backplane_events(events)
 
     async def _refresh_loop(self, cmd: RedisConnection, host: BackplaneHost) -> None:
@@ -512,15 +413,13 @@ class RedisBackplane:
         while True:
             await trio.sleep(period)
             commands: list[tuple[Arg, ...]] = [
-                (
-                    "EVALSHA",
-                    self._scripts["refresh"],
-                    2,
-                    self._key(room, "p"),
-                    self._key(room, "v"),
-                    self._key(room, "c"),
-                    self._lifetime_ms,
-                    *(self._member(user) for user in users),
+                refresh_command(
+                    room,
+                    users,
+                    prefix=self.prefix,
+                    node=self.node_id,
+                    shas=self._scripts,
+                    lifetime=self._lifetime_ms,
                 )
                 for room, users in host.local_presence()
             ]

@@ -1,0 +1,145 @@
+"""The cluster's records: one encoder, one parser, and they agree."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from roombus import Username
+from roombus._records import (
+    ChatRecord,
+    PresenceRecord,
+    encode_chat,
+    encode_presence,
+    encode_record,
+    lua_chat_record,
+    lua_presence_record,
+    member,
+    parse_member,
+    parse_record,
+)
+
+from ..strategies import usernames
+
+NODE_ALPHABET = "ABCXYZabcxyz0189_.:-"
+node_ids = st.text(NODE_ALPHABET, min_size=1, max_size=64)
+counters = st.integers(min_value=0, max_value=2**63 - 1)
+
+chat_records = st.builds(ChatRecord, counters, node_ids, counters, st.binary(max_size=200))
+presence_records = st.builds(
+    PresenceRecord, counters, st.booleans(), node_ids, usernames.map(Username)
+)
+records = st.one_of(chat_records, presence_records)
+
+
+@given(records)
+def test_parse_undoes_encode(record: ChatRecord | PresenceRecord) -> None:
+    assert parse_record(encode_record(record)) == record
+
+
+@given(chat_records)
+def test_encode_chat_is_encode_record(record: ChatRecord) -> None:
+    assert encode_chat(record.seq, record.node, record.ref, record.prefix) == encode_record(record)
+
+
+@given(presence_records)
+def test_a_presence_record_ends_with_its_member(record: PresenceRecord) -> None:
+    data = encode_presence(record.present, record.version, record.node, record.username)
+    assert data == encode_record(record)
+    kind = b"j" if record.present else b"l"
+    assert data == b"%s %d " % (kind, record.version) + member(record.node, record.username).encode(
+        "utf-8"
+    )
+    assert parse_member(member(record.node, record.username).encode()) == (
+        record.node,
+        record.username,
+    )
+
+
+def _canonical(data: bytes) -> None:
+    """parse_record raises nothing, and what it reads is exactly what encode writes."""
+    record = parse_record(data)
+    if record is not None:
+        assert encode_record(record) == data
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_record_as_written_or_none(data: bytes) -> None:
+    _canonical(data)
+
+
+@given(st.sampled_from([b"m ", b"j ", b"l "]), st.binary(max_size=100))
+def test_anything_after_a_record_kind_is_a_record_as_written_or_none(
+    kind: bytes, rest: bytes
+) -> None:
+    _canonical(kind + rest)
+
+
+@given(records, st.data())
+def test_a_mutated_record_is_a_record_as_written_or_none(
+    record: ChatRecord | PresenceRecord, data: st.DataObject
+) -> None:
+    encoded = encode_record(record)
+    i = data.draw(st.integers(0, len(encoded)))
+    how = data.draw(st.sampled_from(["insert", "delete", "replace"]))
+    byte = bytes([data.draw(st.integers(0, 255))])
+    if how == "insert":
+        mutated = encoded[:i] + byte + encoded[i:]
+    elif how == "delete":
+        assume(i < len(encoded))
+        mutated = encoded[:i] + encoded[i + 1 :]
+    else:
+        assume(i < len(encoded))
+        mutated = encoded[:i] + byte + encoded[i + 1 :]
+    _canonical(mutated)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"m",
+        b"m 1 n 1",  # no space before the prefix
+        b"m +1 n 1 x",
+        b"m -1 n 1 x",
+        b"m 01 n 1 x",
+        b"m 1_0 n 1 x",
+        b"m 1 n 1_0 x",
+        b"m 12345678901234567890 n 1 x",  # 20 digits: more than a Redis counter holds
+        b"m 1  1 x",
+        b"m 1 n\x00 1 x",
+        b"m 1 " + b"n" * 65 + b" 1 x",
+        b"m 1 n\xc3\xa9 1 x",
+        b"m \xd9\xa3 n 1 x",  # a non-ASCII digit
+        b"j 1 n",
+        b"j 1 n ",  # no username
+        b"j 1 n \xff",  # not UTF-8
+        b"j 1 n a\x00b",  # a control character
+        b"l 1 n a\xe2\x80\x8bb",  # a format character (zero-width space)
+        b"j 01 n bob",
+        b"j 1 n\x01 bob",
+        b"x 1 n bob",
+        b"J 1 n bob",
+        b"jj 1 n bob",
+    ],
+)
+def test_malformed_records_are_none(data: bytes) -> None:
+    assert parse_record(data) is None
+
+
+def test_the_documented_examples() -> None:
+    assert parse_record(b'm 7 n1 3 {"a":1') == ChatRecord(7, "n1", 3, b'{"a":1')
+    assert parse_record(b"m 7 n1 3 ") == ChatRecord(7, "n1", 3, b"")
+    assert parse_record(b"j 2 n-1 bob cy") == PresenceRecord(2, True, "n-1", Username("bob cy"))
+    assert parse_record("l 0 a.b:c zoë".encode()) == PresenceRecord(
+        0, False, "a.b:c", Username("zoë")
+    )
+
+
+def test_lua_expressions_spell_the_same_fields() -> None:
+    assert lua_chat_record("s", "ARGV[2]", "ARGV[3]", "ARGV[4]") == (
+        "'m ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]"
+    )
+    assert lua_presence_record(True, "v", "m") == "'j ' .. v .. ' ' .. m"
+    assert lua_presence_record(False, "v", "m") == "'l ' .. v .. ' ' .. m"

@@ -19,16 +19,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus._resp import (
+    INCOMPLETE,
     SHARDED_PROBE,
     VERSION_PROBE,
     RedisAddress,
     RedisError,
-    RespParser,
     RespProtocolError,
     check_handshake,
     handshake_commands,
+    new_reader,
     pack_commands,
     packer,
+    parse,
     parse_redis_url,
     sharded_from_command_info,
     sharded_from_info,
@@ -108,38 +110,43 @@ def test_replies_split_anywhere_parse_whole_and_in_order(
 ) -> None:
     data = b"".join(map(_encode, replies))
     points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
-    parser = RespParser()
+    reader = new_reader()
     got: list[Any] = []
     for start, end in itertools.pairwise(points):
-        got += parser.feed(data[start:end])
+        got += parse(reader, data[start:end])
     assert len(got) == len(replies)
     assert all(map(_same, got, replies)), (got, replies)
-    assert parser.feed(b"") == []
+    assert parse(reader, b"") == []
+    assert reader.gets() is INCOMPLETE
 
 
 def test_an_incomplete_reply_gives_nothing_until_it_is_whole() -> None:
-    parser = RespParser()
-    assert parser.feed(b"$5\r\nhel") == []
-    assert parser.feed(b"lo\r\n:4") == [b"hello"]
-    assert parser.feed(b"2\r\n") == [42]
+    reader = new_reader()
+    assert parse(reader, b"$5\r\nhel") == []
+    reader.feed(b"lo\r\n:4")
+    assert reader.gets() == b"hello"
+    assert reader.gets() is INCOMPLETE
+    assert parse(reader, b"2\r\n") == [42]
 
 
 def test_error_replies_are_redis_error_instances_also_nested() -> None:
-    parser = RespParser()
-    top, nested = parser.feed(b"-WRONGPASS invalid\r\n*2\r\n:1\r\n-ERR no script\r\n")
+    top, nested = parse(new_reader(), b"-WRONGPASS invalid\r\n*2\r\n:1\r\n-ERR no script\r\n")
     assert type(top) is RedisError and str(top) == "WRONGPASS invalid"
     assert nested[0] == 1
     assert type(nested[1]) is RedisError and str(nested[1]) == "ERR no script"
 
 
-def test_garbage_raises_and_keeps_the_replies_before_it() -> None:
-    parser = RespParser()
-    with pytest.raises(RespProtocolError) as caught:
-        parser.feed(b"+OK\r\n:7\r\nHTTP/1.1 400 Bad Request\r\n\r\n")
-    assert caught.value.replies == [b"OK", 7]
-    with pytest.raises(RespProtocolError) as caught:
-        RespParser().feed(b"HTTP/1.1 400 Bad Request\r\n")
-    assert caught.value.replies == []
+def test_garbage_raises_after_the_replies_before_it_and_for_good() -> None:
+    reader = new_reader()
+    reader.feed(b"+OK\r\n:7\r\nHTTP/1.1 400 Bad Request\r\n\r\n")
+    assert reader.gets() == b"OK"
+    assert reader.gets() == 7
+    with pytest.raises(RespProtocolError, match='got "H"'):
+        reader.gets()
+    with pytest.raises(RespProtocolError):
+        reader.gets()
+    with pytest.raises(RespProtocolError):
+        parse(new_reader(), b"HTTP/1.1 400 Bad Request\r\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def test_addresses_need_no_hiredis_and_encoding_names_the_extra() -> None:
         "from roombus import _resp\n"
         "assert str(_resp.parse_redis_url('redis://h:1/2')) == 'h:1 db 2'\n"
         "assert _resp.handshake_commands(_resp.parse_redis_url('redis://h/2'))\n"
-        "for make in (_resp.RespParser, _resp.packer, _resp.require_hiredis):\n"
+        "for make in (_resp.new_reader, _resp.packer, _resp.require_hiredis):\n"
         "    try:\n"
         "        make()\n"
         "    except ModuleNotFoundError as exc:\n"

@@ -5,17 +5,18 @@ What a Redis client needs besides its sockets, for any event loop:
 
 * :class:`RedisAddress` and :func:`parse_redis_url`: where a server is and how to log in;
 * :func:`packer` and :func:`pack_commands`: commands to bytes;
-* :class:`RespParser`: bytes to replies (an error reply becomes a :class:`RedisError`
-  instance, garbage raises :class:`RespProtocolError`);
+* :func:`new_reader` and :func:`parse`: bytes to replies (an error reply becomes a
+  :class:`RedisError` instance, garbage raises :class:`RespProtocolError`);
 * :func:`handshake_commands` and :func:`check_handshake`: the login that opens a
   connection (AUTH, SELECT, PING) and what its replies mean;
 * :data:`SHARDED_PROBE`, :data:`VERSION_PROBE` and :func:`sharded_from_command_info`,
   :func:`sharded_from_info`: whether a server has sharded pub/sub.
 
 hiredis encodes and parses. It is an optional dependency (``pip install 'roombus[redis]'``)
-and this module is the only one that imports it, and only when a parser or the packer is
-made: addresses parse without it, so settings and ``import roombus`` never need it. Only
-a client that connects does; :func:`require_hiredis` says so in one line.
+and this module is the only one that imports it, and only when a reader or the packer is
+made (:func:`new_reader`, :func:`packer`). Addresses parse without it, so settings and
+``import roombus`` never need it; only a client that connects does, and
+:func:`require_hiredis` says so in one line.
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PORT",
     "HIREDIS_MISSING",
+    "INCOMPLETE",
     "SHARDED_PROBE",
     "VERSION_PROBE",
     "Arg",
     "RedisAddress",
     "RedisError",
-    "RespParser",
     "RespProtocolError",
     "check_handshake",
     "handshake_commands",
+    "new_reader",
     "pack_commands",
     "packer",
+    "parse",
     "parse_redis_url",
     "require_hiredis",
     "sharded_from_command_info",
@@ -68,15 +71,7 @@ class RedisError(Exception):
 
 
 class RespProtocolError(Exception):
-    """Bytes that are not RESP: the connection they came on is unusable.
-
-    Attributes:
-        replies: The whole replies parsed from the same chunk before the garbage, in order.
-    """
-
-    def __init__(self, message: str, replies: list[Any]) -> None:
-        super().__init__(message)
-        self.replies = replies
+    """Bytes that are not RESP (``str(exc)`` says what): the connection is unusable."""
 
 
 # --------------------------------------------------------------------------------------
@@ -111,47 +106,46 @@ def pack_commands(commands: Iterable[Sequence[Arg]]) -> bytes:
 
 
 class _Incomplete:
-    """What ``Reader.gets()`` returns when no whole reply is buffered.
+    """What ``gets()`` returns when no whole reply is buffered.
 
-    Its default, False, would be indistinguishable from a RESP3 boolean; a private
+    hiredis's default, False, would be indistinguishable from a RESP3 boolean; a private
     sentinel cannot be confused with any reply.
     """
 
+    def __repr__(self) -> str:
+        return "INCOMPLETE"
 
-_INCOMPLETE: Final = _Incomplete()
+
+#: What a reader's ``gets()`` returns while no whole reply is buffered.
+INCOMPLETE: Final = _Incomplete()
 
 
-class RespParser:
-    """Bytes in, whole replies out: one per connection, fed everything it receives.
+def new_reader() -> hiredis.Reader:
+    """A RESP parser for one connection: ``feed(data)`` what arrives, ``gets()`` each reply.
 
-    A reply is bytes, int, None, a list of replies, or a :class:`RedisError` for an error
-    reply (also nested in a list, as ``EXEC`` and ``EVAL`` give them).
+    ``gets()`` returns a reply -- bytes, int, None, a list of replies, or a
+    :class:`RedisError` for an error reply (also nested in a list, as ``EXEC`` and
+    ``EVAL`` give them) -- or :data:`INCOMPLETE`. It raises :class:`RespProtocolError` for
+    bytes that are not RESP, and again on every later call. This is hiredis's reader
+    itself, so a loop over replies pays no wrapper.
     """
+    reader: hiredis.Reader = require_hiredis().Reader(
+        protocolError=RespProtocolError, replyError=RedisError, notEnoughData=INCOMPLETE
+    )
+    return reader
 
-    __slots__ = ("_garbled", "_reader")
 
-    def __init__(self) -> None:
-        module = require_hiredis()
-        self._reader: hiredis.Reader = module.Reader(
-            replyError=RedisError, notEnoughData=_INCOMPLETE
-        )
-        self._garbled: type[Exception] = module.ProtocolError
+def parse(reader: hiredis.Reader, data: bytes) -> list[Any]:
+    """Feed *reader* and return every whole reply it now holds, in order (maybe none).
 
-    def feed(self, data: bytes) -> list[Any]:
-        """Take received bytes; return the replies they complete, in order (maybe none).
-
-        Raises:
-            RespProtocolError: the bytes are not RESP; it carries the replies before them.
-        """
-        reader = self._reader
-        reader.feed(data)
-        replies: list[Any] = []
-        try:
-            while (reply := reader.gets()) is not _INCOMPLETE:
-                replies.append(reply)
-        except self._garbled as exc:
-            raise RespProtocolError(str(exc), replies) from exc
-        return replies
+    Raises:
+        RespProtocolError: the bytes are not RESP.
+    """
+    reader.feed(data)
+    replies: list[Any] = []
+    while (reply := reader.gets()) is not INCOMPLETE:
+        replies.append(reply)
+    return replies
 
 
 # --------------------------------------------------------------------------------------

@@ -50,17 +50,19 @@ import attrs
 import trio
 
 from .._resp import (
+    INCOMPLETE,
     SHARDED_PROBE,
     VERSION_PROBE,
     Arg,
     RedisAddress,
     RedisError,
-    RespParser,
     RespProtocolError,
     check_handshake,
     handshake_commands,
+    new_reader,
     pack_commands,
     packer,
+    parse,
     parse_redis_url,
     sharded_from_command_info,
     sharded_from_info,
@@ -108,7 +110,7 @@ class _Wire(trio.abc.AsyncResource):
         self._stream = stream
         self._sock = stream.socket
         self._where = where
-        self._parser = RespParser()
+        self._parser = new_reader()
         self._out = bytearray()
         self._sending = False
         self._receiving = False
@@ -187,16 +189,16 @@ class _Wire(trio.abc.AsyncResource):
         if not data:
             self._fail(f"Redis at {self._where} closed the connection")
             return
-        garbled: RespProtocolError | None = None
+        parser = self._parser
+        parser.feed(data)
         try:
-            replies = self._parser.feed(data)
-        except RespProtocolError as exc:
-            garbled, replies = exc, exc.replies
-        for reply in replies:
-            if self._broken is None:  # a reply nobody asked for breaks it
+            while self._broken is None:
+                reply = parser.gets()
+                if reply is INCOMPLETE:
+                    break
                 self._dispatch(reply)
-        if garbled is not None:
-            self._fail(f"garbled reply from Redis at {self._where}: {garbled}", garbled)
+        except RespProtocolError as exc:
+            self._fail(f"garbled reply from Redis at {self._where}: {exc}", exc)
 
     def _interrupt_receiver(self) -> None:
         """If bytes wait to be sent and nobody sends, stop the receiver so it sends them.
@@ -516,7 +518,7 @@ async def _handshake(stream: trio.SocketStream, address: RedisAddress) -> None:
     in one round trip; raise the first error reply.
     """
     commands = handshake_commands(address)
-    parser = RespParser()
+    parser = new_reader()
     replies: list[Any] = []
     try:
         await stream.send_all(pack_commands(commands))
@@ -526,7 +528,7 @@ async def _handshake(stream: trio.SocketStream, address: RedisAddress) -> None:
                 raise RedisConnectionError(
                     f"Redis at {address} closed the connection while logging in"
                 )
-            replies += parser.feed(data)
+            replies += parse(parser, data)
     except (OSError, trio.BrokenResourceError) as exc:
         raise RedisConnectionError(f"lost the connection to Redis at {address}: {exc!r}") from exc
     except RespProtocolError as exc:

@@ -430,8 +430,12 @@ def _backplane(values: dict[str, Any], transport: str) -> RedisBackplane | None:
         return None
     if transport != "trio":
         raise ConfigError("redis", "a cluster needs --transport trio")
-    from .trio import RedisBackplane
-
+    try:
+        from .trio import RedisBackplane
+    except ModuleNotFoundError as exc:
+        if exc.name != "hiredis":
+            raise
+        raise ConfigError("redis", "needs hiredis: pip install 'roombus[redis]'") from None
     return RedisBackplane(url, **options)
 
 

@@ -19,82 +19,12 @@ from roombus.trio._redis import (
     RedisError,
     connect,
     connect_subscriber,
-    parse_redis_url,
     supports_sharded_pubsub,
 )
 
 from .conftest import RedisProcess, start_redis
 
 TIMEOUT = 10.0
-
-
-# --------------------------------------------------------------------------------------
-# URLs
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://localhost", RedisAddress()),
-        ("redis://127.0.0.1:7000/3", RedisAddress(host="127.0.0.1", port=7000, db=3)),
-        ("redis://h/", RedisAddress(host="h")),
-        ("redis://h?db=5", RedisAddress(host="h", db=5)),
-        ("redis://:s3cret@h", RedisAddress(host="h", password="s3cret")),
-        (
-            "redis://alice:p%40ss%3Aw@h:1/2",
-            RedisAddress(host="h", port=1, db=2, username="alice", password="p@ss:w"),
-        ),
-        ("REDIS://[::1]:6380", RedisAddress(host="::1", port=6380)),
-        ("unix:///tmp/redis.sock", RedisAddress(unix_path="/tmp/redis.sock")),
-        (
-            "unix:///tmp/r%20s.sock?db=2&password=pw",
-            RedisAddress(unix_path="/tmp/r s.sock", db=2, password="pw"),
-        ),
-        ("unix://:pw@/tmp/r.sock", RedisAddress(unix_path="/tmp/r.sock", password="pw")),
-    ],
-)
-def test_parse_good_urls(url: str, expected: RedisAddress) -> None:
-    assert parse_redis_url(url) == expected
-
-
-@pytest.mark.parametrize(
-    ("url", "match"),
-    [
-        ("http://h", "scheme must be redis:// or unix://, not http://"),
-        ("localhost:6379", "scheme"),
-        ("", "scheme must be redis:// or unix://, not none"),
-        ("rediss://h", "TLS to Redis is not supported"),
-        ("redis://h:port", "port must be a number"),
-        ("redis://h:70000", "port must be a number"),
-        ("redis://h:0", "port must be a number"),
-        ("redis://h/x", "db must be a number >= 0, not 'x'"),
-        ("redis://h/-1", "db must be a number"),
-        ("redis://h/1/2", "db must be a number"),
-        ("redis://h?db=", "db must be a number"),
-        ("redis://h/1?db=2", "db is given twice"),
-        ("redis://", "no host"),
-        ("redis://:pw@:6379", "no host"),
-        ("redis://h?timeout=3", "unknown query parameter 'timeout'"),
-        ("redis://h?db=1&db=2", "'db' given twice"),
-        ("redis://alice@h", "a username needs a password"),
-        ("redis://:a@h?password=b", "password is given twice"),
-        ("redis://[::1", "bad Redis URL"),
-        ("unix://host/tmp/redis.sock", "names no host"),
-        ("unix://", "needs a socket path"),
-    ],
-)
-def test_parse_bad_urls(url: str, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        parse_redis_url(url)
-
-
-def test_passwords_are_not_shown() -> None:
-    address = parse_redis_url("redis://alice:hunter2@h:1/2")
-    assert "hunter2" not in repr(address)
-    assert "hunter2" not in str(address)
-    with pytest.raises(ValueError, match="port") as info:
-        parse_redis_url("redis://alice:hunter2@h:nope")
-    assert "hunter2" not in str(info.value)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """
 A minimal Redis client for trio, on hiredis: what a pub/sub backplane needs, no more.
 
-hiredis does the protocol (RESP2): :func:`hiredis.pack_command` encodes a command and a
-:class:`hiredis.Reader` parses replies. This module does the I/O.
+:mod:`roombus._resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
+commands to bytes, bytes to replies, the login and the sharded pub/sub probe. This module
+does the I/O. It needs hiredis (``pip install 'roombus[redis]'``) to be imported.
 
 Theory of operation
 -------------------
@@ -40,16 +41,32 @@ resubscribing) is the owner's policy, not this module's.
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeAlias, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import attrs
-import hiredis
 
 import trio
+
+from .._resp import (
+    INCOMPLETE,
+    SHARDED_PROBE,
+    VERSION_PROBE,
+    Arg,
+    RedisAddress,
+    RedisError,
+    RespProtocolError,
+    check_handshake,
+    handshake_commands,
+    new_reader,
+    pack_commands,
+    packer,
+    parse,
+    parse_redis_url,
+    sharded_from_command_info,
+    sharded_from_info,
+)
 
 __all__ = [
     "Arg",
@@ -64,32 +81,11 @@ __all__ = [
     "supports_sharded_pubsub",
 ]
 
-#: A command argument, as :func:`hiredis.pack_command` accepts it (str is sent as UTF-8).
-Arg: TypeAlias = "bytes | memoryview | str | int | float"
-
-DEFAULT_PORT: Final = 6379
 RECEIVE_SIZE: Final = 65536
 
-# hiredis's stub types the argument as a 1-tuple and leaves the result untyped.
-_pack = cast("Callable[[tuple[Arg, ...]], bytes]", hiredis.pack_command)
-
-
-class _Incomplete:
-    """What ``Reader.gets()`` returns when no whole reply is buffered.
-
-    Its default, False, would be indistinguishable from a RESP3 boolean; a private
-    sentinel cannot be confused with any reply.
-    """
-
-
-_INCOMPLETE: Final = _Incomplete()
-
-
-class RedisError(Exception):
-    """An error reply from Redis (``-ERR ...``, ``-WRONGPASS ...``): ``str(exc)`` is its text.
-
-    The connection that received it is still fine.
-    """
+# Here, not on first use: without hiredis, importing this module (and so the backplane)
+# fails at once with a ModuleNotFoundError that names the extra to install.
+_pack: Final = packer()
 
 
 class RedisConnectionError(Exception):
@@ -97,117 +93,6 @@ class RedisConnectionError(Exception):
 
     Once raised for a connection, it is raised for every later call on it too.
     """
-
-
-def _parser() -> hiredis.Reader:
-    return hiredis.Reader(replyError=RedisError, notEnoughData=_INCOMPLETE)
-
-
-# --------------------------------------------------------------------------------------
-# Addresses
-
-
-@attrs.frozen
-class RedisAddress:
-    """Where a Redis server is and how to log in: what a ``redis://`` URL says.
-
-    With ``unix_path`` set, ``host`` and ``port`` are ignored. The password is left out of
-    ``repr()`` so that logging an address does not leak it.
-    """
-
-    host: str = "localhost"
-    port: int = DEFAULT_PORT
-    db: int = 0
-    username: str | None = None
-    password: str | None = attrs.field(default=None, repr=False)
-    unix_path: str | None = None
-
-    def __str__(self) -> str:
-        if self.unix_path is not None:
-            where = f"unix:{self.unix_path}"
-        elif ":" in self.host:
-            where = f"[{self.host}]:{self.port}"
-        else:
-            where = f"{self.host}:{self.port}"
-        return where if self.db == 0 else f"{where} db {self.db}"
-
-
-_DIGITS: Final = re.compile(r"[0-9]+")
-
-
-def _parse_db(text: str) -> int:
-    if not _DIGITS.fullmatch(text):
-        raise ValueError(f"bad Redis URL: the db must be a number >= 0, not {text!r}")
-    return int(text)
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``.
-
-    ``?db=N`` and ``?password=...`` are accepted in the query of either form (the unix form
-    has no other place for them). Anything unexpected is a :class:`ValueError` that says
-    what is wrong -- without echoing the URL, which may hold a password.
-    """
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
-        raise ValueError(f"bad Redis URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme == "rediss":
-        raise ValueError("TLS to Redis is not supported (rediss://): use redis:// or unix://")
-    if scheme not in ("redis", "unix"):
-        shown = f"{scheme}://" if scheme else "none"
-        raise ValueError(f"bad Redis URL: the scheme must be redis:// or unix://, not {shown}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("bad Redis URL: the port must be a number from 1 to 65535")
-
-    query: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name not in ("db", "password"):
-            raise ValueError(f"bad Redis URL: unknown query parameter {name!r}")
-        if name in query:
-            raise ValueError(f"bad Redis URL: query parameter {name!r} given twice")
-        query[name] = value
-
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if "password" in query:
-        if password is not None:
-            raise ValueError("bad Redis URL: the password is given twice")
-        password = query["password"] or None
-    if username is not None and password is None:
-        raise ValueError("bad Redis URL: a username needs a password (redis://user:password@host)")
-
-    db = _parse_db(query["db"]) if "db" in query else 0
-
-    if scheme == "unix":
-        if parts.hostname or port is not None:
-            raise ValueError(
-                "bad Redis URL: a unix:// URL names no host; write unix:///path/to/socket"
-            )
-        path = unquote(parts.path)
-        if not path or path == "/":
-            raise ValueError("bad Redis URL: unix:// needs a socket path (unix:///path/to/socket)")
-        return RedisAddress(db=db, username=username, password=password, unix_path=path)
-
-    if not parts.hostname:
-        raise ValueError("bad Redis URL: no host (redis://host[:port][/db])")
-    path = parts.path.removeprefix("/")
-    if path:
-        if "db" in query:
-            raise ValueError("bad Redis URL: the db is given twice (path and ?db=)")
-        db = _parse_db(path)
-    return RedisAddress(
-        host=parts.hostname,
-        port=DEFAULT_PORT if port is None else port,
-        db=db,
-        username=username,
-        password=password,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -225,7 +110,7 @@ class _Wire(trio.abc.AsyncResource):
         self._stream = stream
         self._sock = stream.socket
         self._where = where
-        self._parser = _parser()
+        self._parser = new_reader()
         self._out = bytearray()
         self._sending = False
         self._receiving = False
@@ -309,10 +194,10 @@ class _Wire(trio.abc.AsyncResource):
         try:
             while self._broken is None:
                 reply = parser.gets()
-                if reply is _INCOMPLETE:
+                if reply is INCOMPLETE:
                     break
                 self._dispatch(reply)
-        except hiredis.ProtocolError as exc:
+        except RespProtocolError as exc:
             self._fail(f"garbled reply from Redis at {self._where}: {exc}", exc)
 
     def _interrupt_receiver(self) -> None:
@@ -378,12 +263,11 @@ class RedisConnection(_Wire):
         commands; it is still no transaction (put MULTI and EXEC in it for that).
         """
         batch = [tuple(command) for command in commands]
-        if not all(batch):  # Redis would never answer an empty command
-            raise ValueError("empty command in pipeline")
+        data = pack_commands(batch)  # ValueError for an empty command
         if not batch:
             await trio.lowlevel.checkpoint()
             return []
-        return await self._roundtrip(b"".join(map(_pack, batch)), len(batch))
+        return await self._roundtrip(data, len(batch))
 
     async def _roundtrip(self, data: bytes, expected: int) -> list[Any]:
         await self._raise_if_closed()
@@ -630,40 +514,26 @@ class RedisSubscriber(_Wire):
 
 
 async def _handshake(stream: trio.SocketStream, address: RedisAddress) -> None:
-    """Log in, select the db and PING, pipelined in one round trip.
-
-    The PING makes :func:`connect` prove that a Redis server answers (and accepts us),
-    rather than leave that to the first command.
+    """Log in, select the db and PING (:func:`roombus._resp.handshake_commands`), pipelined
+    in one round trip; raise the first error reply.
     """
-    commands: list[tuple[Arg, ...]] = []
-    if address.password is not None:
-        if address.username is None:
-            commands.append((b"AUTH", address.password))
-        else:
-            commands.append((b"AUTH", address.username, address.password))
-    if address.db:
-        commands.append((b"SELECT", address.db))
-    commands.append((b"PING",))
-    parser = _parser()
+    commands = handshake_commands(address)
+    parser = new_reader()
     replies: list[Any] = []
     try:
-        await stream.send_all(b"".join(_pack(command) for command in commands))
+        await stream.send_all(pack_commands(commands))
         while len(replies) < len(commands):
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise RedisConnectionError(
                     f"Redis at {address} closed the connection while logging in"
                 )
-            parser.feed(data)
-            while (reply := parser.gets()) is not _INCOMPLETE:
-                replies.append(reply)
+            replies += parse(parser, data)
     except (OSError, trio.BrokenResourceError) as exc:
         raise RedisConnectionError(f"lost the connection to Redis at {address}: {exc!r}") from exc
-    except hiredis.ProtocolError as exc:
+    except RespProtocolError as exc:
         raise RedisConnectionError(f"{address} does not speak the Redis protocol: {exc}") from exc
-    for reply in replies:
-        if isinstance(reply, RedisError):
-            raise reply
+    check_handshake(replies)
 
 
 async def _open(address: RedisAddress, connect_timeout: float) -> trio.SocketStream:
@@ -707,9 +577,6 @@ async def connect_subscriber(
     return RedisSubscriber(stream, sharded=sharded, where=str(address))
 
 
-_VERSION: Final = re.compile(rb"^redis_version:(\d+)\.(\d+)", re.MULTILINE)
-
-
 async def supports_sharded_pubsub(conn: RedisConnection) -> bool:
     """Whether the server has sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, Redis >= 7).
 
@@ -718,12 +585,11 @@ async def supports_sharded_pubsub(conn: RedisConnection) -> bool:
     that is denied too, the answer is False: classic pub/sub works everywhere.
     """
     try:
-        reply = await conn.execute(b"COMMAND", b"INFO", b"SPUBLISH")
+        reply = await conn.execute(*SHARDED_PROBE)
     except RedisError:
         try:
-            info = await conn.execute(b"INFO", b"server")
+            info = await conn.execute(*VERSION_PROBE)
         except RedisError:
             return False
-        found = _VERSION.search(info) if isinstance(info, bytes) else None
-        return found is not None and (int(found[1]), int(found[2])) >= (7, 0)
-    return isinstance(reply, list) and bool(reply) and reply[0] is not None
+        return sharded_from_info(info)
+    return sharded_from_command_info(reply)

@@ -29,7 +29,7 @@ import logging
 import math
 import socket
 import ssl
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
@@ -41,7 +41,9 @@ from .._facade import wall as _wall
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
 from .._types import ConnectionId, RoomName
-from ._backplane import RedisBackplane
+
+if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
+    from ._backplane import RedisBackplane
 
 log: Final = logging.getLogger("roombus")
 

@@ -1,0 +1,309 @@
+"""
+The Redis protocol (RESP2) without I/O: addresses, commands out, replies in.
+
+What a Redis client needs besides its sockets, for any event loop:
+
+* :class:`RedisAddress` and :func:`parse_redis_url`: where a server is and how to log in;
+* :func:`packer` and :func:`pack_commands`: commands to bytes;
+* :func:`new_reader` and :func:`parse`: bytes to replies (an error reply becomes a
+  :class:`RedisError` instance, garbage raises :class:`RespProtocolError`);
+* :func:`handshake_commands` and :func:`check_handshake`: the login that opens a
+  connection (AUTH, SELECT, PING) and what its replies mean;
+* :data:`SHARDED_PROBE`, :data:`VERSION_PROBE` and :func:`sharded_from_command_info`,
+  :func:`sharded_from_info`: whether a server has sharded pub/sub.
+
+hiredis encodes and parses. It is an optional dependency (``pip install 'roombus[redis]'``)
+and this module is the only one that imports it, and only when a reader or the packer is
+made (:func:`new_reader`, :func:`packer`). Addresses parse without it, so settings and
+``import roombus`` never need it; only a client that connects does, and
+:func:`require_hiredis` says so in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import attrs
+
+if TYPE_CHECKING:
+    import hiredis
+
+__all__ = [
+    "DEFAULT_PORT",
+    "HIREDIS_MISSING",
+    "INCOMPLETE",
+    "SHARDED_PROBE",
+    "VERSION_PROBE",
+    "Arg",
+    "RedisAddress",
+    "RedisError",
+    "RespProtocolError",
+    "check_handshake",
+    "handshake_commands",
+    "new_reader",
+    "pack_commands",
+    "packer",
+    "parse",
+    "parse_redis_url",
+    "require_hiredis",
+    "sharded_from_command_info",
+    "sharded_from_info",
+]
+
+#: A command argument, as :func:`hiredis.pack_command` accepts it (str is sent as UTF-8).
+Arg: TypeAlias = "bytes | memoryview | str | int | float"
+
+DEFAULT_PORT: Final = 6379
+
+#: What is missing, and how to get it, when hiredis cannot be imported.
+HIREDIS_MISSING: Final = "the Redis backplane needs hiredis: pip install 'roombus[redis]'"
+
+
+class RedisError(Exception):
+    """An error reply from Redis (``-ERR ...``, ``-WRONGPASS ...``): ``str(exc)`` is its text.
+
+    The connection that received it is still fine.
+    """
+
+
+class RespProtocolError(Exception):
+    """Bytes that are not RESP (``str(exc)`` says what): the connection is unusable."""
+
+
+# --------------------------------------------------------------------------------------
+# hiredis, imported here only
+
+
+def require_hiredis() -> ModuleType:
+    """Import hiredis, or raise :class:`ModuleNotFoundError` naming the ``redis`` extra."""
+    try:
+        import hiredis
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{HIREDIS_MISSING} ({exc})", name="hiredis") from None
+    return hiredis
+
+
+def packer() -> Callable[[tuple[Arg, ...]], bytes]:
+    """The command encoder: ``packer()((b"SET", b"k", 1))`` is the command's bytes.
+
+    It is hiredis's own function, so a hot loop pays no wrapper; get it once.
+    """
+    # hiredis's stub types the argument as a 1-tuple and leaves the result untyped.
+    return cast("Callable[[tuple[Arg, ...]], bytes]", require_hiredis().pack_command)
+
+
+def pack_commands(commands: Iterable[Sequence[Arg]]) -> bytes:
+    """Several commands as one write (a pipeline). An empty command is a ValueError."""
+    pack = packer()
+    batch = [tuple(command) for command in commands]
+    if not all(batch):  # Redis would never answer an empty command
+        raise ValueError("empty command in pipeline")
+    return b"".join(map(pack, batch))
+
+
+class _Incomplete:
+    """What ``gets()`` returns when no whole reply is buffered.
+
+    hiredis's default, False, would be indistinguishable from a RESP3 boolean; a private
+    sentinel cannot be confused with any reply.
+    """
+
+    def __repr__(self) -> str:
+        return "INCOMPLETE"
+
+
+#: What a reader's ``gets()`` returns while no whole reply is buffered.
+INCOMPLETE: Final = _Incomplete()
+
+
+def new_reader() -> hiredis.Reader:
+    """A RESP parser for one connection: ``feed(data)`` what arrives, ``gets()`` each reply.
+
+    ``gets()`` returns a reply -- bytes, int, None, a list of replies, or a
+    :class:`RedisError` for an error reply (also nested in a list, as ``EXEC`` and
+    ``EVAL`` give them) -- or :data:`INCOMPLETE`. It raises :class:`RespProtocolError` for
+    bytes that are not RESP, and again on every later call. This is hiredis's reader
+    itself, so a loop over replies pays no wrapper.
+    """
+    reader: hiredis.Reader = require_hiredis().Reader(
+        protocolError=RespProtocolError, replyError=RedisError, notEnoughData=INCOMPLETE
+    )
+    return reader
+
+
+def parse(reader: hiredis.Reader, data: bytes) -> list[Any]:
+    """Feed *reader* and return every whole reply it now holds, in order (maybe none).
+
+    Raises:
+        RespProtocolError: the bytes are not RESP.
+    """
+    reader.feed(data)
+    replies: list[Any] = []
+    while (reply := reader.gets()) is not INCOMPLETE:
+        replies.append(reply)
+    return replies
+
+
+# --------------------------------------------------------------------------------------
+# Addresses
+
+
+@attrs.frozen
+class RedisAddress:
+    """Where a Redis server is and how to log in: what a ``redis://`` URL says.
+
+    With ``unix_path`` set, ``host`` and ``port`` are ignored. The password is left out of
+    ``repr()`` so that logging an address does not leak it.
+    """
+
+    host: str = "localhost"
+    port: int = DEFAULT_PORT
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            where = f"unix:{self.unix_path}"
+        elif ":" in self.host:
+            where = f"[{self.host}]:{self.port}"
+        else:
+            where = f"{self.host}:{self.port}"
+        return where if self.db == 0 else f"{where} db {self.db}"
+
+
+_DIGITS: Final = re.compile(r"[0-9]+")
+
+
+def _parse_db(text: str) -> int:
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"bad Redis URL: the db must be a number >= 0, not {text!r}")
+    return int(text)
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``.
+
+    ``?db=N`` and ``?password=...`` are accepted in the query of either form (the unix form
+    has no other place for them). Anything unexpected is a :class:`ValueError` that says
+    what is wrong -- without echoing the URL, which may hold a password.
+    """
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise ValueError(f"bad Redis URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "rediss":
+        raise ValueError("TLS to Redis is not supported (rediss://): use redis:// or unix://")
+    if scheme not in ("redis", "unix"):
+        shown = f"{scheme}://" if scheme else "none"
+        raise ValueError(f"bad Redis URL: the scheme must be redis:// or unix://, not {shown}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("bad Redis URL: the port must be a number from 1 to 65535")
+
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in ("db", "password"):
+            raise ValueError(f"bad Redis URL: unknown query parameter {name!r}")
+        if name in query:
+            raise ValueError(f"bad Redis URL: query parameter {name!r} given twice")
+        query[name] = value
+
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if "password" in query:
+        if password is not None:
+            raise ValueError("bad Redis URL: the password is given twice")
+        password = query["password"] or None
+    if username is not None and password is None:
+        raise ValueError("bad Redis URL: a username needs a password (redis://user:password@host)")
+
+    db = _parse_db(query["db"]) if "db" in query else 0
+
+    if scheme == "unix":
+        if parts.hostname or port is not None:
+            raise ValueError(
+                "bad Redis URL: a unix:// URL names no host; write unix:///path/to/socket"
+            )
+        path = unquote(parts.path)
+        if not path or path == "/":
+            raise ValueError("bad Redis URL: unix:// needs a socket path (unix:///path/to/socket)")
+        return RedisAddress(db=db, username=username, password=password, unix_path=path)
+
+    if not parts.hostname:
+        raise ValueError("bad Redis URL: no host (redis://host[:port][/db])")
+    path = parts.path.removeprefix("/")
+    if path:
+        if "db" in query:
+            raise ValueError("bad Redis URL: the db is given twice (path and ?db=)")
+        db = _parse_db(path)
+    return RedisAddress(
+        host=parts.hostname,
+        port=DEFAULT_PORT if port is None else port,
+        db=db,
+        username=username,
+        password=password,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Opening a connection
+
+
+def handshake_commands(address: RedisAddress) -> list[tuple[Arg, ...]]:
+    """What a new connection sends first, pipelined: AUTH and SELECT as needed, then PING.
+
+    The PING makes the opener prove that a Redis server answers (and accepts us), rather
+    than leave that to the first command.
+    """
+    commands: list[tuple[Arg, ...]] = []
+    if address.password is not None:
+        if address.username is None:
+            commands.append((b"AUTH", address.password))
+        else:
+            commands.append((b"AUTH", address.username, address.password))
+    if address.db:
+        commands.append((b"SELECT", address.db))
+    commands.append((b"PING",))
+    return commands
+
+
+def check_handshake(replies: Sequence[Any]) -> None:
+    """Raise the first error reply to :func:`handshake_commands` (a refused login or db)."""
+    for reply in replies:
+        if isinstance(reply, RedisError):
+            raise reply
+
+
+# --------------------------------------------------------------------------------------
+# Sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7)
+
+#: Ask first: ``COMMAND INFO`` answers ``[nil]`` for a command the server does not know.
+SHARDED_PROBE: Final[tuple[Arg, ...]] = (b"COMMAND", b"INFO", b"SPUBLISH")
+#: Where ``COMMAND`` is disabled (some hosted services), the version decides.
+VERSION_PROBE: Final[tuple[Arg, ...]] = (b"INFO", b"server")
+
+_VERSION: Final = re.compile(rb"^redis_version:(\d+)\.(\d+)", re.MULTILINE)
+
+
+def sharded_from_command_info(reply: Any) -> bool:
+    """Whether the reply to :data:`SHARDED_PROBE` describes ``SPUBLISH``."""
+    return isinstance(reply, list) and bool(reply) and reply[0] is not None
+
+
+def sharded_from_info(reply: Any) -> bool:
+    """Whether the reply to :data:`VERSION_PROBE` names Redis 7.0 or later.
+
+    A reply without a readable version says no: classic pub/sub works everywhere.
+    """
+    found = _VERSION.search(reply) if isinstance(reply, bytes) else None
+    return found is not None and (int(found[1]), int(found[2])) >= (7, 0)

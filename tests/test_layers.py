@@ -58,6 +58,7 @@ LAYERS: Final = {
     "roombus._cluster": "cluster",
     "roombus._records": "cluster",
     "roombus._schema": "cluster",
+    "roombus._resp": "cluster",
     "roombus._facade": "node",
     "roombus.trio": "trio",
     "roombus.asyncio": "asyncio",
@@ -101,7 +102,7 @@ THIRD_PARTY: Final = {
     "asyncio": frozenset({"attrs"}),
     "asgi": frozenset({"attrs", "anyio", "trio"}),  # it runs on either loop
     "roombus._wire": frozenset({"h11", "wsproto"}),
-    "roombus.trio._redis": frozenset({"hiredis"}),
+    "roombus._resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
 }
 
 #: Event loops each adapter may import (the others' are not its business).

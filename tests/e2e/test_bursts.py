@@ -88,3 +88,52 @@ def test_a_client_reading_more_refusals_than_its_queue_holds_gets_them_all(make_
     sender.send_raw(refused * n)  # one write, 1,500 errors back
     reader.join(30)
     assert got == {"texts": n, "code": None}
+
+
+def _read_until_done(ws: RawWS, got: dict[str, object]) -> None:
+    """Read until the chat "done" comes back, or the server closed."""
+    code = None
+    try:
+        while True:
+            frame = ws.recv_frame(timeout=15)
+            if frame.opcode == OP_CLOSE:
+                code = frame.close_code
+                break
+            if frame.opcode == OP_TEXT:
+                msg = json.loads(frame.payload)
+                if msg.get("type") == "chat" and msg.get("content") == "done":
+                    break
+    except Exception as exc:  # a timeout or EOF: recorded, asserted below
+        got["error"] = repr(exc)
+    got["code"] = code
+
+
+def test_a_burst_of_joins_and_leaves_from_outside_reaches_the_room(make_server):
+    """600 join/leave pairs of "lobby" in one write from a client in another room: every
+    reader in the lobby reads all 1,200 presence messages, and nobody is closed."""
+    server = make_server(**OLD_DEFAULTS)
+    readers = _join(server, 20)
+    outsider = server.raw("elsewhere", "outsider")
+    outsider.recv_json()
+    outsider.recv_json()
+    n = 600
+    results: list[dict[str, object]] = [{} for _ in readers]
+    threads = [
+        threading.Thread(target=_reader, args=(ws, 2 * n, got))
+        for ws, got in zip(readers, results, strict=True)
+    ]
+    own: dict[str, object] = {}
+    threads.append(threading.Thread(target=_read_until_done, args=(outsider, own)))
+    for t in threads:
+        t.start()
+    pair = client_frame(OP_TEXT, json.dumps({"type": "join", "room": "lobby"}).encode())
+    pair += client_frame(OP_TEXT, json.dumps({"type": "leave", "room": "lobby"}).encode())
+    done = client_frame(
+        OP_TEXT, json.dumps({"type": "chat", "room": "elsewhere", "content": "done"}).encode()
+    )
+    outsider.send_raw(pair * n + done)  # one write
+    for t in threads:
+        t.join(30)
+    assert results == [{"texts": 2 * n, "code": None}] * len(readers)
+    assert own == {"code": None}
+    server.assert_serving()

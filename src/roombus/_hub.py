@@ -88,10 +88,10 @@ from ._broker import Broker
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
-from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
+from ._handshake import HttpResponse, Upgrade, route_request, route_websocket
 from ._registry import worth_shrinking
 from ._sendqueue import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
-from ._types import ConnectionId
+from ._types import ConnectionId, Headers
 from ._wire import (
     GOING_AWAY,
     MESSAGE_TOO_BIG,

@@ -23,7 +23,7 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 from urllib.parse import parse_qsl
@@ -31,15 +31,11 @@ from urllib.parse import parse_qsl
 import attrs
 
 from ._errors import ConfigError
-from ._types import RoomName, Username, is_valid_username
+from ._types import Headers, RoomName, Username, is_valid_username
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-
-#: Request headers, names in lower case (as h11 gives them). The same alias as
-#: ``_handshake.Headers``, spelt here because the handshake imports this module.
-Headers = Sequence[tuple[bytes, bytes]]
 
 #: The subprotocol a server answers when a browser carried its token as
 #: ``bearer.<token>`` in ``Sec-WebSocket-Protocol``: it must echo one the client

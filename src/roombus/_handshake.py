@@ -12,17 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from urllib.parse import parse_qsl
 
 import attrs
 
 from ._auth import Authenticator, Identity, Refusal, selected_subprotocol
-from ._types import RoomName, Username, is_valid_room, is_valid_username
+from ._types import Headers, RoomName, Username, is_valid_room, is_valid_username
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-Headers = Sequence[tuple[bytes, bytes]]
 
 
 @attrs.frozen(kw_only=True)

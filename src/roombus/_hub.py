@@ -41,7 +41,7 @@ off) and no HANDSHAKE or FINISHING phase: a connection starts OPEN, and once its
 close is queued it is CLOSING until the server reports the peer gone (:meth:`Hub.lost`,
 on the peer's answer) or the close timeout drops it.
 
-Connection lifecycle (``_Phase``):
+Connection lifecycle (``_Phase``; every move is a row of :data:`PHASES`):
 
 =========== ============================================ ==========================
 phase        what happens                                 ends
@@ -88,10 +88,10 @@ from ._broker import Broker
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
-from ._handshake import Headers, HttpResponse, Upgrade, route_request, route_websocket
+from ._handshake import HttpResponse, Upgrade, route_request, route_websocket
 from ._registry import worth_shrinking
 from ._sendqueue import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
-from ._types import ConnectionId
+from ._types import ConnectionId, Headers
 from ._wire import (
     GOING_AWAY,
     MESSAGE_TOO_BIG,
@@ -137,6 +137,40 @@ class _Phase(enum.Enum):
     CLOSING = "closing"
     FINISHING = "finishing"
     DROPPED = "dropped"  # the adapter must close the transport; input is ignored
+
+
+class _Step(enum.Enum):
+    """What moves a connection from one phase to the next (see :data:`PHASES`)."""
+
+    UPGRADE = "upgrade"  # the handshake succeeded (a message connection: accepted)
+    CLOSE = "close"  # we queued a close frame; the peer's answer is awaited
+    FINISH = "finish"  # the last bytes are queued (an HTTP answer, the close's answer)
+    DROP = "drop"  # the transport must close now (a timeout, a peer gone, all written)
+
+
+#: Every move a connection may make: ``(phase, step) -> next phase``, applied by
+#: ``Hub._set_phase`` only. Anything else is a bug in the hub, and raises.
+#: ``docs/design.md`` ("Connection phases") carries this table, tested.
+PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
+    (_Phase.HANDSHAKE, _Step.UPGRADE): _Phase.OPEN,
+    (_Phase.HANDSHAKE, _Step.FINISH): _Phase.FINISHING,
+    (_Phase.HANDSHAKE, _Step.DROP): _Phase.DROPPED,
+    (_Phase.OPEN, _Step.CLOSE): _Phase.CLOSING,
+    (_Phase.OPEN, _Step.FINISH): _Phase.FINISHING,
+    (_Phase.CLOSING, _Step.FINISH): _Phase.FINISHING,
+    (_Phase.CLOSING, _Step.DROP): _Phase.DROPPED,
+    (_Phase.FINISHING, _Step.DROP): _Phase.DROPPED,
+}
+
+
+def _set_phase(conn: _Conn, step: _Step) -> None:
+    """Move *conn* on by *step*, as :data:`PHASES` allows."""
+    try:
+        conn.phase = PHASES[conn.phase, step]
+    except KeyError:
+        raise LocalProtocolError(
+            f"conn {conn.cid}: no move from {conn.phase.name} by {step.name}"
+        ) from None
 
 
 class _Conn:
@@ -488,7 +522,7 @@ class Hub:
             self._limit_refused(conn, refusal)
             self.lost(cid, now=now, timestamp=timestamp)
             return refusal
-        conn.phase = _Phase.OPEN
+        _set_phase(conn, _Step.UPGRADE)
         self._connect(conn, decision, now, timestamp)
         return cid
 
@@ -724,7 +758,7 @@ class Hub:
         # so the response goes out even if bytes that came with the request close us.
         queue.data()
         self._dirty[conn.cid] = queue
-        conn.phase = _Phase.OPEN
+        _set_phase(conn, _Step.UPGRADE)
         conn.deadline = None
         self._connect(conn, upgrade, now, timestamp)
         if conn.phase is _Phase.OPEN:
@@ -830,7 +864,7 @@ class Hub:
             # servers end the TCP connection as soon as the app returns.
             queue.close_with(CloseMessage(code, reason[:120]), drop_pending=drop_pending)
             self._dirty[conn.cid] = queue
-            conn.phase = _Phase.CLOSING
+            _set_phase(conn, _Step.CLOSE)
             self._set_deadline(conn, now + self.config.close_timeout)
             return
         wire = conn.wire
@@ -839,12 +873,12 @@ class Hub:
         if frame:
             queue.close_with(frame, drop_pending=drop_pending)
             self._dirty[conn.cid] = queue
-        conn.phase = _Phase.CLOSING
+        _set_phase(conn, _Step.CLOSE)
         self._set_deadline(conn, now + self.config.close_timeout)
 
     def _finish(self, conn: _Conn, data: bytes, now: float, *, drop_pending: bool) -> None:
         """Queue the last bytes; the transport closes once they are written."""
-        conn.phase = _Phase.FINISHING
+        _set_phase(conn, _Step.FINISH)
         if data:
             cast("SendQueue", conn.queue).close_with(data, drop_pending=drop_pending)
         if conn.queue:
@@ -856,7 +890,7 @@ class Hub:
     def _drop(self, conn: _Conn) -> None:
         """The transport must close now; nothing it sends matters any more."""
         if conn.phase is not _Phase.DROPPED:
-            conn.phase = _Phase.DROPPED
+            _set_phase(conn, _Step.DROP)
             conn.deadline = None
             self._to_close.append(conn.cid)
 

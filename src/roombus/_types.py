@@ -1,10 +1,12 @@
-"""Identifier types and the validation rules for names that come off the wire."""
+"""Identifier types, the validation rules for names that come off the wire, and the
+one spelling of request headers."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from typing import NewType
+from collections.abc import Sequence
+from typing import NewType, TypeAlias
 
 #: A connection, as numbered by the driver. Delivery is per connection.
 ConnectionId = NewType("ConnectionId", int)
@@ -12,6 +14,9 @@ ConnectionId = NewType("ConnectionId", int)
 Username = NewType("Username", str)
 #: A room's name, always valid by :func:`is_valid_room` once inside the broker.
 RoomName = NewType("RoomName", str)
+#: Request headers as ``(name, value)`` pairs, names in lower case (as h11 gives them
+#: and ASGI servers pass them). Every module that reads headers uses this alias.
+Headers: TypeAlias = Sequence[tuple[bytes, bytes]]
 
 MAX_NAME_LENGTH = 64
 

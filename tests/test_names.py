@@ -257,3 +257,17 @@ def test_brackets_inside_strings_are_not_nesting() -> None:
 def test_an_accepted_identity_is_still_an_upgrade() -> None:
     response = _route("/ws?room=lobby", _bearer(_token(sub="ann")), authenticated=True)
     assert isinstance(response, Upgrade) and response.username == "ann"
+
+
+def test_one_grammar_for_rooms_node_ids_and_the_bundled_page() -> None:
+    """Room names, node ids and key prefixes share TOKEN_PATTERN; the bundled page
+    checks a room name with the same pattern before it connects."""
+    from importlib import resources
+
+    from roombus._cluster import is_valid_node_id
+    from roombus._types import TOKEN_PATTERN, is_token, is_valid_room
+
+    for name in ("a", "x" * 64, "a.b:c-d_e", "", "x" * 65, "a b", "{a}", "é"):
+        assert is_valid_room(name) == is_valid_node_id(name) == is_token(name)
+    page = (resources.files("roombus") / "_static" / "chat.html").read_text(encoding="utf-8")
+    assert f"const ROOM_RE = /^{TOKEN_PATTERN}$/;" in page

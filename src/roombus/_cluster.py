@@ -7,24 +7,21 @@ Nothing here does I/O: the backplane driver publishes and reads the records.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from typing import Final
 
 import attrs
 
 from ._records import PresenceRecord
-from ._types import Username
+from ._types import Username, is_token
 
-#: A node id: what may stand between the spaces of a record.
-_NODE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 #: Records of a room that may wait for its snapshot before it must be read again.
 MAX_BUFFERED: Final = 10_000
 
 
 def is_valid_node_id(node: object) -> bool:
     """A node id is 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``."""
-    return type(node) is str and _NODE_RE.fullmatch(node) is not None
+    return is_token(node)
 
 
 @attrs.define

@@ -33,10 +33,10 @@ from typing import Final
 
 import attrs
 
-from ._types import Username, is_valid_username
+from ._types import TOKEN_PATTERN, Username, is_valid_username
 
 _NUMBER: Final = rb"(0|[1-9][0-9]{0,18})"
-_NODE: Final = rb"([A-Za-z0-9_.:-]{1,64})"
+_NODE: Final = b"(" + TOKEN_PATTERN.encode() + b")"
 #: The fields before the free last one, each followed by its space.
 _chat_head: Final = re.compile(rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" ").match
 _presence_head: Final = re.compile(rb"([jl]) " + _NUMBER + b" " + _NODE + b" ").match

@@ -34,7 +34,7 @@ from typing import Any, Final, TypeAlias
 from ._actions import Announce, Relay
 from ._events import Event, RecordReceived, RoomSynced
 from ._records import lua_chat_record, lua_presence_record, member, parse_member
-from ._types import RoomName
+from ._types import TOKEN_PATTERN, RoomName
 
 #: One argument of a Redis command, and a command.
 Arg: TypeAlias = "bytes | str | int"
@@ -119,7 +119,7 @@ SCRIPTS: Final[Mapping[str, str]] = {
     "snapshot": _SNAPSHOT,
 }
 
-_CHANNEL_RE: Final = re.compile(rb"\{([A-Za-z0-9_.:-]{1,64})\}:c\Z")
+_CHANNEL_RE: Final = re.compile(rb"\{(" + TOKEN_PATTERN.encode() + rb")\}:c\Z")
 
 
 def publish_verb(sharded: bool) -> str:

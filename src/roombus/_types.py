@@ -20,7 +20,11 @@ Headers: TypeAlias = Sequence[tuple[bytes, bytes]]
 
 MAX_NAME_LENGTH = 64
 
-_ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+#: The one grammar of room names, node ids and key prefixes: 1 to 64 characters from
+#: ``A-Z a-z 0-9 _ . : -`` (no space, so a record's fields split on spaces; no braces,
+#: so a room is a Redis hash tag). Patterns that need it (records, channels) embed it.
+TOKEN_PATTERN = "[A-Za-z0-9_.:-]{1,64}"
+_TOKEN_RE = re.compile(TOKEN_PATTERN)
 # C0 controls, DEL and C1 controls.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: Unicode categories no username character may have: controls (Cc, exactly the
@@ -37,7 +41,12 @@ def is_valid_room(name: object) -> bool:
 
     A room name is 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``.
     """
-    return type(name) is str and _ROOM_RE.fullmatch(name) is not None
+    return is_token(name)
+
+
+def is_token(name: object) -> bool:
+    """Whether *name* follows :data:`TOKEN_PATTERN` (a room name, a node id, a prefix)."""
+    return type(name) is str and _TOKEN_RE.fullmatch(name) is not None
 
 
 def is_valid_username(name: object) -> bool:

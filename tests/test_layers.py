@@ -43,6 +43,7 @@ LAYERS: Final = {
     "roombus._auth": "core",  # Identity, RoomRules, Authorizer (the server half moves up)
     "roombus._broker": "core",
     "roombus._codec": "core",
+    "roombus._codes": "core",
     "roombus._config": "core",  # BrokerConfig (ServerConfig moves to the server layer)
     "roombus._errors": "core",
     "roombus._events": "core",

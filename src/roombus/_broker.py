@@ -31,6 +31,7 @@ from ._actions import (
 )
 from ._auth import Authorizer, Identity
 from ._cluster import ClusterRoom, is_valid_node_id
+from ._codes import CloseCode
 from ._config import BrokerConfig
 from ._errors import ConfigError, LocalProtocolError
 from ._events import (
@@ -54,9 +55,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: Close code for a peer that stopped answering pings (as websockets uses it).
-PING_TIMEOUT_CODE: Final = 1011
+PING_TIMEOUT_CODE: Final = CloseCode.INTERNAL_ERROR
 #: Close code for a peer that broke a policy (sustained flooding, expired credentials).
-POLICY_VIOLATION: Final = 1008
+POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
 
 # What a connection may do in one room, decided once when it joins.
 _PUBLISH: Final = 1

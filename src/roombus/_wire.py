@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from http import HTTPStatus
+from typing import Final
 
 import attrs
 import h11
@@ -24,16 +25,17 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
+from ._codes import CloseCode
 from ._handshake import HttpResponse, Upgrade
 
-# Close codes (RFC 6455 section 7.4.1).
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-UNSUPPORTED_DATA = 1003
-INVALID_DATA = 1007
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
+# Close codes, by the names this layer has always used (their home is _codes).
+NORMAL: Final = CloseCode.NORMAL_CLOSURE
+GOING_AWAY: Final = CloseCode.GOING_AWAY
+PROTOCOL_ERROR: Final = CloseCode.PROTOCOL_ERROR
+UNSUPPORTED_DATA: Final = CloseCode.UNSUPPORTED_DATA
+INVALID_DATA: Final = CloseCode.INVALID_FRAME_PAYLOAD_DATA
+POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
+MESSAGE_TOO_BIG: Final = CloseCode.MESSAGE_TOO_BIG
 
 #: What each frame of a fragmented message counts toward ``max_message_bytes`` on top
 #: of its payload: holding a fragment costs about this much (a string object and a list

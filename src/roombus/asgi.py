@@ -55,6 +55,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installa
     ) from None
 
 from ._auth import Authenticator, Authorizer
+from ._codes import CloseCode
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError
 from ._facade import ServerFacade
@@ -423,7 +424,7 @@ async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
         )
         await send({"type": "websocket.http.response.body", "body": response.body})
     else:
-        await send({"type": "websocket.close", "code": 1008})
+        await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
 
 
 def create_app() -> RoombusASGI:

@@ -198,3 +198,80 @@ def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("ROOMBUS_RATE_LIMIT", "-1")
     with pytest.raises(ConfigError, match="rate-limit"):
         create_app()
+
+
+class FakeBackplane:
+    """What the app asks of a backplane, recorded."""
+
+    node_id = "fake-node"
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.host: Any = None
+
+    def metrics(self) -> dict[str, float]:
+        return {"roombus_fake_total": 3}
+
+    def start(self, host: Any) -> None:
+        self.calls.append("start")
+        self.host = host
+
+    def submit(self, work: list[Any]) -> None:
+        self.calls.extend(work)
+
+    async def wait_idle(self) -> None:
+        self.calls.append("wait_idle")
+
+    async def aclose(self) -> None:
+        self.calls.append("aclose")
+
+
+async def lifespan(bus: RoombusASGI, *events: str) -> list[Message]:
+    """Run the lifespan protocol with *events*; what the app answered."""
+    pending = [{"type": f"lifespan.{event}"} for event in events]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pending.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await bus({"type": "lifespan"}, receive, send)
+    return sent
+
+
+def test_a_backplane_starts_at_lifespan_startup_on_asyncio() -> None:
+    import asyncio
+
+    backplane = FakeBackplane()
+    bus = RoombusASGI(backplane=backplane)
+
+    async def main() -> None:
+        assert await lifespan(bus, "startup", "shutdown") == [
+            {"type": "lifespan.startup.complete"},
+            {"type": "lifespan.shutdown.complete"},
+        ]
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert backplane.host is bus
+    assert backplane.calls == ["start", "wait_idle", "aclose"]
+    assert bus.hub.broker.node == "fake-node"
+    assert "roombus_fake_total 3" in bus.hub.metrics_response().body.decode().splitlines()
+
+
+async def test_a_backplane_under_trio_fails_startup_naming_the_setting() -> None:
+    backplane = FakeBackplane()
+    bus = RoombusASGI(backplane=backplane)
+    (answer,) = await lifespan(bus, "startup")
+    assert answer["type"] == "lifespan.startup.failed"
+    assert answer["message"].startswith("redis: a cluster under ASGI needs an asyncio server")
+    assert backplane.calls == []
+    # A mounted app (no lifespan): the first WebSocket is refused, with the reason.
+    server = FakeServer(extensions={"websocket.http.response": {}})
+    await server.incoming_send.send({"type": "websocket.connect"})
+    with trio.fail_after(2):
+        await bus(server.scope(b"room=lobby&username=ann"), server.receive, server.send)
+    assert server.sent[0]["status"] == 500
+    assert server.sent[1]["body"].startswith(b"redis: a cluster under ASGI")
+    assert backplane.calls == []

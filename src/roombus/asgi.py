@@ -25,6 +25,12 @@ with the first connection, sleeps until the hub's next deadline (close timeouts)
 anyio runs these tasks, so the same code serves asyncio (uvicorn, hypercorn) and trio
 (hypercorn's trio worker). Install it with the extra: ``pip install 'roombus[asgi]'``.
 
+In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`; or
+``ROOMBUS_REDIS`` for :func:`create_app`), the backplane starts on the server's loop at
+lifespan startup (or with the first connection, for a mounted app without lifespan
+events) and leaves Redis at shutdown, after the goodbyes. It needs an asyncio server:
+under trio, starting it is a :class:`~roombus.ConfigError`.
+
 What the server owns instead of roombus: listening, the HTTP parser and its limits,
 pings (the core heartbeat must be off: ``BrokerConfig(heartbeat=False)``; use
 ``uvicorn --ws-ping-interval`` or hypercorn's ``websocket_ping_interval``), protocol
@@ -40,7 +46,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Final, final
+from typing import Any, Final, Protocol, final
 
 import attrs
 
@@ -54,16 +60,18 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installa
         name=exc.name,
     ) from None
 
+from ._actions import BackplaneAction
 from ._auth import Authenticator, Authorizer
 from ._codes import CloseCode
 from ._config import BrokerConfig, ServerConfig
 from ._errors import ConfigError
+from ._events import Event
 from ._facade import ServerFacade
 from ._facade import wall as _wall
 from ._handshake import HttpResponse, Upgrade, route_request
 from ._hub import Hub, NoticeHook
 from ._sendqueue import MessageQueue
-from ._types import ConnectionId
+from ._types import ConnectionId, RoomName
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,6 +79,23 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 log: Final = logging.getLogger("roombus")
+
+
+class Backplane(Protocol):
+    """What the app needs of its backplane: :class:`roombus.asyncio.RedisBackplane`."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def start(self, host: RoombusASGI) -> None: ...
+
+    def submit(self, work: list[BackplaneAction]) -> None: ...
+
+    async def wait_idle(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class _Link:
@@ -105,6 +130,9 @@ class RoombusASGI(ServerFacade):
         authenticator: Who a client is, from its request; refused requests get
             401/403 (as an HTTP response where the server supports it).
         authorizer: Per-room rights; by default the identity's room rules.
+        backplane: Share rooms with other nodes through Redis
+            (:class:`roombus.asyncio.RedisBackplane`); the app starts it on the
+            server's loop, which must be asyncio's.
 
     Raises:
         ConfigError: if *broker_config* has the heartbeat on.
@@ -123,6 +151,7 @@ class RoombusASGI(ServerFacade):
         on_notice: NoticeHook | None = None,
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         if broker_config is None:
             broker_config = BrokerConfig(heartbeat=False)
@@ -133,7 +162,12 @@ class RoombusASGI(ServerFacade):
             framed=False,
             authenticator=authenticator,
             authorizer=authorizer,
+            node=backplane.node_id if backplane is not None else None,
         )
+        #: The link to the other nodes of a cluster, or None for an app on its own.
+        self.backplane = backplane
+        if backplane is not None:
+            self.hub.extra_metrics = backplane.metrics
         self.broker = self.hub.broker
         self.config = self.hub.config
         self._links: dict[ConnectionId, _Link] = {}
@@ -148,6 +182,19 @@ class RoombusASGI(ServerFacade):
 
     def _now(self) -> float:
         return anyio.current_time()
+
+    def backplane_events(self, events: list[Event]) -> None:
+        """Hand the broker what the backplane learnt (the other nodes' doings), then
+        carry out its outputs once."""
+        hub = self.hub
+        now, timestamp = anyio.current_time(), _wall()
+        for event in events:
+            hub.backplane_event(event, now=now, timestamp=timestamp)
+        self._after()
+
+    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
+        """Each room with members here, and its users here (for the backplane)."""
+        return [(room, list(users)) for room, users in self.broker.local_presence()]
 
     async def aclose(self) -> None:
         """
@@ -164,6 +211,11 @@ class RoombusASGI(ServerFacade):
                 await self._all_closed.wait()
             for link in list(self._links.values()):
                 link.scope.cancel()
+        if self.backplane is not None and self._timer_started and not self._closed:
+            # The goodbyes (presence leaves) go out before the link closes.
+            with anyio.move_on_after(self.config.close_timeout):
+                await self.backplane.wait_idle()
+            await self.backplane.aclose()
         self._closed = True
         if self._timer_stop is not None:
             self._timer_stop.cancel()
@@ -193,6 +245,11 @@ class RoombusASGI(ServerFacade):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                try:
+                    self._start_timer()
+                except ConfigError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -232,7 +289,12 @@ class RoombusASGI(ServerFacade):
         if (too_large := self._oversized(scope)) is not None:
             await _refuse(scope, send, too_large)
             return
-        self._start_timer()
+        try:
+            self._start_timer()
+        except ConfigError as exc:
+            log.error("%s; refusing WebSockets", exc)
+            await _refuse(scope, send, HttpResponse(status=500, body=f"{exc}\n".encode()))
+            return
         opened = hub.open_websocket(
             _target(scope),
             scope.get("headers") or [],
@@ -343,6 +405,10 @@ class RoombusASGI(ServerFacade):
                 link.queue = queue
                 if link.wake is not None:
                     link.wake.set()
+        if self.backplane is not None and self._timer_started:
+            work = hub.take_backplane()
+            if work:
+                self.backplane.submit(work)
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -353,18 +419,32 @@ class RoombusASGI(ServerFacade):
             self._all_closed.set()
 
     def _start_timer(self) -> None:
-        """Start the timer task once, outliving the connection that starts it."""
+        """Start the timer task and the backplane once, outliving the connection that
+        starts them (or at lifespan startup).
+
+        Raises:
+            ConfigError: a backplane under trio.
+        """
         if self._timer_started:
             return
-        self._timer_started = True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio: trio (hypercorn's trio worker)
+            if self.backplane is not None:
+                raise ConfigError(
+                    "redis",
+                    "a cluster under ASGI needs an asyncio server "
+                    "(uvicorn, or hypercorn's asyncio worker), not trio",
+                ) from None
             import trio
 
+            self._timer_started = True
             trio.lowlevel.spawn_system_task(self._timer_loop)
         else:
+            self._timer_started = True
             self._timer_task = loop.create_task(self._timer_loop())
+            if self.backplane is not None:
+                self.backplane.start(self)
 
     async def _timer_loop(self) -> None:
         hub = self.hub

@@ -25,6 +25,12 @@ stall of the loop: pongs waiting unread) is read before any verdict.
 Shutdown (leaving :func:`serve`'s ``async with``, or cancelling ``await serve()``)
 stops accepting, has the hub close everyone with 1001, and gives the clients
 ``close_timeout`` to answer.
+
+In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`), the backplane
+runs on the same loop: the hub's backplane work goes to it after every hub call (in
+:meth:`Server._after`), and what it learns comes back through
+:meth:`Server.backplane_events`. At shutdown, the goodbyes (presence leaves) go out
+before the link closes, within ``close_timeout``.
 """
 
 from __future__ import annotations
@@ -34,15 +40,36 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Final, final
+from typing import Final, Protocol, final
 
+from .._actions import BackplaneAction
 from .._auth import Authenticator, Authorizer
 from .._config import BrokerConfig, ServerConfig
+from .._events import Event
 from .._facade import ServerFacade
 from .._facade import wall as _wall
 from .._hub import Hub, NoticeHook
 from .._sendqueue import SendQueue
-from .._types import ConnectionId
+from .._types import ConnectionId, RoomName
+
+
+class Backplane(Protocol):
+    """What the server needs of its backplane: :class:`roombus.asyncio.RedisBackplane`
+    (named structurally here, so that a single node never imports it, nor hiredis)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def start(self, host: Server) -> None: ...
+
+    def submit(self, work: list[BackplaneAction]) -> None: ...
+
+    async def wait_idle(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
 
 #: A sweep that writes to this many connections means the server is busy ...
 BUSY_SWEEP: Final = 128
@@ -109,6 +136,7 @@ class Server(ServerFacade):
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         self.hub = Hub(
             broker_config,
@@ -116,7 +144,12 @@ class Server(ServerFacade):
             on_notice=on_notice,
             authenticator=authenticator,
             authorizer=authorizer,
+            node=backplane.node_id if backplane is not None else None,
         )
+        #: The link to the other nodes of a cluster, or None for a server on its own.
+        self.backplane = backplane
+        if backplane is not None:
+            self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
         self.ssl_context = ssl_context
         self.broker = self.hub.broker
@@ -135,6 +168,19 @@ class Server(ServerFacade):
 
     def _now(self) -> float:
         return self._loop.time()
+
+    def backplane_events(self, events: list[Event]) -> None:
+        """Hand the broker what the backplane learnt (the other nodes' doings), then
+        carry out its outputs once."""
+        hub = self.hub
+        now, timestamp = self._loop.time(), _wall()
+        for event in events:
+            hub.backplane_event(event, now=now, timestamp=timestamp)
+        self._after()
+
+    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
+        """Each room with members here, and its users here (for the backplane)."""
+        return [(room, list(users)) for room, users in self.broker.local_presence()]
 
     async def aclose(self) -> None:
         """
@@ -157,6 +203,13 @@ class Server(ServerFacade):
                     proto.transport.abort()
         for listener in self._listeners:
             await listener.wait_closed()
+        if self.backplane is not None:
+            # The goodbyes (presence leaves) go out before the link closes.
+            try:
+                await asyncio.wait_for(self.backplane.wait_idle(), self.config.close_timeout)
+            except asyncio.TimeoutError:
+                pass
+            await self.backplane.aclose()
         for handle in (self._timer, self._flush_handle):
             if handle is not None:
                 handle.cancel()
@@ -278,6 +331,10 @@ class Server(ServerFacade):
                     proto.cid = None
                     self._end(proto)
                 hub.lost(cid, now=now, timestamp=_wall())
+        if self.backplane is not None:
+            work = hub.take_backplane()
+            if work:
+                self.backplane.submit(work)
         if self._flush_handle is None and hub.has_dirty():
             if self._flush_delay:
                 self._flush_handle = loop.call_later(self._flush_delay, self._flush_all)
@@ -389,6 +446,8 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
             401/403.
         authorizer: Per-room rights; by default the identity's room rules.
         ssl_context: Serve TLS (``wss://``) with this server-side context.
+        backplane: Share rooms with other nodes through Redis
+            (:class:`roombus.asyncio.RedisBackplane`); the server runs it.
 
     Raises:
         OSError: if the address cannot be bound (on entry, or when awaited).
@@ -404,6 +463,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         self._args = (broker_config, config)
         self._options = {
@@ -411,6 +471,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
             "authenticator": authenticator,
             "authorizer": authorizer,
             "ssl_context": ssl_context,
+            "backplane": backplane,
         }
         self._on_ready = on_ready
         self._server: Server | None = None
@@ -419,6 +480,8 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
     async def _start(self) -> Server:
         server = Server(*self._args, **self._options)  # type: ignore[arg-type]
         await server._listen()
+        if server.backplane is not None:
+            server.backplane.start(server)
         self._server = server
         return server
 

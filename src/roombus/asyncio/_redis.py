@@ -1,0 +1,553 @@
+"""
+A minimal Redis client for asyncio, on hiredis: what a pub/sub backplane needs, no more.
+
+:mod:`roombus._resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
+commands to bytes, bytes to replies, the login and the sharded pub/sub probe. This module
+does the I/O. It needs hiredis (``pip install 'roombus[redis]'``) to be imported.
+
+Theory of operation
+-------------------
+A connection is an :class:`asyncio.Protocol`; there is no task per connection and none
+per reply. A caller's commands are encoded and written at once (the transport buffers
+what the kernel does not take yet), and a *batch* -- how many replies it waits for, and
+what to call with them -- goes into a FIFO, in the same synchronous step, so that the
+order of the bytes and the order of the batches agree. ``data_received`` parses every
+reply that arrived and completes the batches at the head of the FIFO in order. Commands
+from any number of callers pipeline; one reply completes at most one batch.
+
+Each operation comes in two forms: a callback one (:meth:`RedisConnection.send`,
+:meth:`RedisSubscriber.request`), which calls back from ``data_received`` -- what a
+driver that answers a sans-IO protocol wants -- and an awaitable one
+(:meth:`~RedisConnection.execute`, :meth:`~RedisConnection.pipeline`,
+:meth:`~RedisSubscriber.subscribe`, ...) built on it. A cancelled awaiter leaves its
+batch in the FIFO, to swallow its replies; its command may or may not have run.
+
+A subscriber hands the messages it receives to one callback, ``on_messages``, once per
+``data_received`` with every ``(channel, data)`` pair parsed from it: a burst stays one
+call. Messages that precede a confirmation in the same read are handed over before the
+confirmation's callback runs, so what a subscriber reports keeps Redis's order.
+
+Anything wrong with the transport -- the connection lost, a reply that does not parse or
+that nobody asked for -- breaks the connection for good: ``closed`` becomes true, every
+waiting batch and every later call gets a :class:`RedisConnectionError` (one instance,
+the first cause), and ``on_lost`` is called once with it. Reconnecting (and
+resubscribing) is the owner's policy, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
+
+import attrs
+
+from .._resp import (
+    SHARDED_PROBE,
+    VERSION_PROBE,
+    Arg,
+    RedisAddress,
+    RedisError,
+    RespProtocolError,
+    check_handshake,
+    handshake_commands,
+    new_reader,
+    pack_commands,
+    packer,
+    parse,
+    parse_redis_url,
+    sharded_from_command_info,
+    sharded_from_info,
+)
+
+__all__ = [
+    "Arg",
+    "RedisAddress",
+    "RedisConnection",
+    "RedisConnectionError",
+    "RedisError",
+    "RedisSubscriber",
+    "connect",
+    "connect_subscriber",
+    "parse_redis_url",
+    "supports_sharded_pubsub",
+]
+
+# Here, not on first use: without hiredis, importing this module (and so the backplane)
+# fails at once with a ModuleNotFoundError that names the extra to install.
+_pack: Final = packer()
+
+#: What a callback operation is answered with: the replies (an error reply as a
+#: :class:`RedisError` in its place).
+Replies = Callable[[list[Any]], object]
+#: What a subscriber's request is answered with: None, or the error reply it got.
+Confirmation = Callable[["RedisError | None"], object]
+#: Where a subscriber's messages go: one call per burst.
+MessagesCallback = Callable[[list[tuple[bytes, bytes]]], object]
+#: Called once when the connection breaks, with the error every waiter got.
+LostCallback = Callable[["RedisConnectionError"], object]
+
+
+class RedisConnectionError(Exception):
+    """The connection to Redis is gone: refused, timed out, reset, closed, or garbled.
+
+    Once raised for a connection, it is raised for every later call on it too.
+    """
+
+
+@attrs.define(eq=False, slots=True)
+class _Batch:
+    """The replies one caller waits for, what to call with them, what to call on failure."""
+
+    expected: int
+    deliver: Replies
+    fail: Callable[[RedisConnectionError], object] | None
+    replies: list[Any] = attrs.field(factory=list)
+
+
+_L = TypeVar("_L", bound="_Link")
+
+
+class _Link(asyncio.Protocol):
+    """What both kinds of connection share: the transport, the parser, breaking."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._reader = new_reader()
+        self._transport: asyncio.Transport | None = None
+        self._broken: RedisConnectionError | None = None
+        self._lost = asyncio.get_running_loop().create_future()
+        self._pending: deque[_Batch] = deque()
+        #: Called once when the connection breaks (not after :meth:`close`).
+        self.on_lost: LostCallback | None = None
+        self._closing = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = parse(self._reader, data)
+        except RespProtocolError as exc:
+            self._fail(f"{self._where} does not speak the Redis protocol: {exc}")
+            return
+        if replies:
+            self._dispatch(replies)
+
+    def eof_received(self) -> bool:
+        self._fail(f"Redis at {self._where} closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if exc is None:
+            self._fail(f"Redis at {self._where} closed the connection")
+        else:
+            self._fail(f"lost the connection to Redis at {self._where}: {exc!r}")
+
+    # -- both kinds --------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The connection is broken or closed: every call raises RedisConnectionError."""
+        return self._broken is not None
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Waiting callers fail; ``on_lost`` is not called."""
+        self._closing = True
+        self._fail(f"the connection to Redis at {self._where} is closed")
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until the transport let go of the socket."""
+        self.close()
+        await asyncio.shield(self._lost)
+
+    async def __aenter__(self: _L) -> _L:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _write(self, data: bytes, batch: _Batch) -> None:
+        if self._broken is not None:
+            raise self._broken
+        assert self._transport is not None
+        self._pending.append(batch)
+        self._transport.write(data)
+
+    def _fail(self, why: str) -> None:
+        """Break the connection for good (the first cause wins)."""
+        if self._broken is not None:
+            return
+        self._broken = error = RedisConnectionError(why)
+        if self._transport is None:
+            if not self._lost.done():
+                self._lost.set_result(None)
+        elif self._closing:
+            self._transport.close()  # what is buffered still goes out
+        else:
+            self._transport.abort()
+        pending, self._pending = self._pending, deque()
+        for batch in pending:
+            if batch.fail is not None:
+                batch.fail(error)
+        if self.on_lost is not None and not self._closing:
+            self.on_lost(error)
+
+    def _dispatch(self, replies: list[Any]) -> None:
+        raise NotImplementedError
+
+
+def _awaitable() -> tuple[asyncio.Future[Any], Replies, Callable[[RedisConnectionError], object]]:
+    """A future and the two callbacks that complete it (a cancelled one stays so)."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def deliver(value: object) -> None:
+        if not future.done():
+            future.set_result(value)
+
+    def fail(error: RedisConnectionError) -> None:
+        if not future.done():
+            future.set_exception(error)
+
+    return future, deliver, fail
+
+
+class RedisConnection(_Link):
+    """A command connection; any number of callers may use it at once, and they pipeline.
+
+    Open it with :func:`connect`. See the module docstring for how it works.
+    """
+
+    def send(self, commands: Sequence[tuple[Arg, ...]], deliver: Replies) -> None:
+        """Write *commands* as one pipeline; *deliver* gets their replies, in order.
+
+        *deliver* is called from ``data_received``; error replies are
+        :class:`RedisError` instances in their places. If the connection breaks first,
+        it is never called: ``on_lost`` is.
+
+        Raises:
+            RedisConnectionError: the connection is already broken or closed.
+            ValueError: an empty command, or no command.
+        """
+        if not commands:
+            raise ValueError("no command to send")
+        self._write(pack_commands(commands), _Batch(len(commands), deliver, None))
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one command; return its reply: bytes, int, list, or None.
+
+        An error reply raises :class:`RedisError` (and the connection stays usable);
+        errors nested in a list reply (``EXEC``, ``EVAL``) stay in the list as instances.
+        """
+        if not args:
+            raise ValueError("empty command")
+        (reply,) = await self._roundtrip(_pack(args), 1)
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Iterable[Sequence[Arg]]) -> list[Any]:
+        """Send several commands in one write; return their replies, in order.
+
+        An error reply does not raise: its :class:`RedisError` takes the reply's place.
+        The batch is written contiguously, so no other caller's command comes between its
+        commands; it is still no transaction (put MULTI and EXEC in it for that).
+        """
+        batch = [tuple(command) for command in commands]
+        data = pack_commands(batch)  # ValueError for an empty command
+        if not batch:
+            if self._broken is not None:
+                raise self._broken
+            return []
+        return await self._roundtrip(data, len(batch))
+
+    async def _roundtrip(self, data: bytes, expected: int) -> list[Any]:
+        future, deliver, fail = _awaitable()
+        self._write(data, _Batch(expected, deliver, fail))
+        replies: list[Any] = await future
+        return replies
+
+    def _dispatch(self, replies: list[Any]) -> None:
+        pending = self._pending
+        for reply in replies:
+            if not pending:
+                self._fail(f"unexpected reply from Redis at {self._where}: {reply!r:.80}")
+                return
+            batch = pending[0]
+            batch.replies.append(reply)
+            if len(batch.replies) == batch.expected:
+                pending.popleft()
+                batch.deliver(batch.replies)
+                if self._broken is not None:  # the callback closed the connection
+                    return
+
+
+# --------------------------------------------------------------------------------------
+# Pub/sub
+
+#: The pushes that carry a message: ``[kind, channel, data]``.
+_MESSAGES: Final = frozenset({b"message", b"smessage"})
+#: The requests that Redis confirms once per channel, ``[kind, channel, count]``: the
+#: confirmation's kind is the verb in lower case.
+_VERBS: Final = frozenset({b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe"})
+
+
+class RedisSubscriber(_Link):
+    """A connection in pub/sub mode: sharded (``SSUBSCRIBE``, Redis 7) or classic.
+
+    Open it with :func:`connect_subscriber`. Messages go to ``on_messages``, a burst per
+    call; until it is set, they are kept (and handed to it when it is). Requests
+    (subscribe, unsubscribe, ping) are answered once Redis confirmed them.
+    """
+
+    def __init__(self, where: str, *, sharded: bool) -> None:
+        super().__init__(where)
+        self.sharded: Final = sharded
+        if sharded:
+            self._subscribe_verb, self._unsubscribe_verb = b"SSUBSCRIBE", b"SUNSUBSCRIBE"
+        else:
+            self._subscribe_verb, self._unsubscribe_verb = b"SUBSCRIBE", b"UNSUBSCRIBE"
+        self._kinds: deque[bytes] = deque()  # the confirmation each pending request awaits
+        self._channels: set[bytes] = set()
+        self._kept: list[tuple[bytes, bytes]] = []
+        self._on_messages: MessagesCallback | None = None
+        self._login = False  # the first batch is the login's (see _open)
+
+    @property
+    def on_messages(self) -> MessagesCallback | None:
+        """Called with every burst of ``(channel, data)`` received, in order."""
+        return self._on_messages
+
+    @on_messages.setter
+    def on_messages(self, callback: MessagesCallback | None) -> None:
+        self._on_messages = callback
+        if callback is not None and self._kept:
+            kept, self._kept = self._kept, []
+            callback(kept)
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        """The channels Redis has confirmed this connection is subscribed to."""
+        return frozenset(self._channels)
+
+    # -- callback form -----------------------------------------------------------------
+
+    def request(self, verb: bytes, channels: Sequence[bytes | str], done: Confirmation) -> None:
+        """Send ``verb channel...`` (SUBSCRIBE, SSUBSCRIBE, UNSUBSCRIBE, SUNSUBSCRIBE) or
+        ``PING`` (no channels); *done* is called once every channel is confirmed (or the
+        pong came), with None, or with the :class:`RedisError` Redis answered.
+
+        Raises:
+            RedisConnectionError: the connection is already broken or closed.
+            ValueError: an unknown verb, or channels missing (or given to PING).
+        """
+
+        def deliver(replies: list[Any]) -> None:
+            done(next((r for r in replies if isinstance(r, RedisError)), None))
+
+        self._request(verb, channels, deliver, None)
+
+    def _request(
+        self,
+        verb: bytes,
+        channels: Sequence[bytes | str],
+        deliver: Replies,
+        fail: Callable[[RedisConnectionError], object] | None,
+    ) -> None:
+        kind = verb.lower()
+        if kind == b"ping":
+            if channels:
+                raise ValueError("PING takes no channel here")
+            kind, count = b"pong", 1
+        elif kind in _VERBS:
+            if not channels:
+                raise ValueError(f"{verb.decode()} needs a channel")
+            count = len(channels)
+        else:
+            raise ValueError(f"not a pub/sub request: {verb!r}")
+        self._write(_pack((verb, *channels)), _Batch(count, deliver, fail))
+        self._kinds.append(kind)
+
+    # -- awaitable form ----------------------------------------------------------------
+
+    async def subscribe(self, *channels: bytes | str) -> None:
+        """Subscribe; return once Redis confirmed every channel."""
+        if channels:
+            await self._await(self._subscribe_verb, channels)
+
+    async def unsubscribe(self, *channels: bytes | str) -> None:
+        """Unsubscribe (from every channel if none is named); return once confirmed."""
+        channels = channels or tuple(self._channels)
+        if channels:
+            await self._await(self._unsubscribe_verb, channels)
+
+    async def ping(self) -> None:
+        """Round trip to Redis: a liveness check for a connection that only listens."""
+        await self._await(b"PING", ())
+
+    async def _await(self, verb: bytes, channels: Sequence[bytes | str]) -> None:
+        future, _, fail = _awaitable()
+
+        def deliver(replies: list[Any]) -> None:
+            if not future.done():
+                error = next((r for r in replies if isinstance(r, RedisError)), None)
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+        self._request(verb, channels, deliver, fail)
+        await future
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _dispatch(self, replies: list[Any]) -> None:
+        if self._login:
+            replies = self._take_login(replies)
+        burst: list[tuple[bytes, bytes]] = []
+        for reply in replies:
+            if isinstance(reply, list) and reply:
+                kind = reply[0]
+                if kind in _MESSAGES and len(reply) == 3:
+                    burst.append((reply[1], reply[2]))
+                    continue
+                if kind in (b"subscribe", b"ssubscribe"):
+                    self._channels.add(reply[1])
+                elif kind in (b"unsubscribe", b"sunsubscribe"):
+                    self._channels.discard(reply[1])
+                elif kind != b"pong":
+                    continue  # a push we did not ask for (pmessage, ...): not ours to judge
+            elif reply == b"PONG":  # PING before the first subscription
+                kind = b"pong"
+            elif isinstance(reply, RedisError) and self._pending:
+                kind = self._kinds[0]  # the oldest request's answer: it ends it
+                batch = self._pending[0]
+                batch.replies.extend([reply] * (batch.expected - len(batch.replies)))
+            else:
+                self._deliver(burst)
+                self._fail(f"unexpected reply from Redis at {self._where}: {reply!r:.80}")
+                return
+            # A confirmation: for the oldest request, unless Redis sent it unasked (a
+            # cluster sends ``sunsubscribe`` when a slot moves away).
+            if self._kinds and self._kinds[0] == kind:
+                batch = self._pending[0]
+                if not isinstance(reply, RedisError):
+                    batch.replies.append(reply)
+                if len(batch.replies) >= batch.expected:
+                    self._deliver(burst)  # what came before the confirmation, first
+                    burst = []
+                    self._pending.popleft()
+                    self._kinds.popleft()
+                    batch.deliver(batch.replies)
+                    if self._broken is not None:
+                        return
+        self._deliver(burst)
+
+    def _take_login(self, replies: list[Any]) -> list[Any]:
+        """Give the login's batch its replies (they are no confirmations); the rest after."""
+        batch = self._pending[0]
+        take = batch.expected - len(batch.replies)
+        batch.replies += replies[:take]
+        if len(batch.replies) == batch.expected:
+            self._login = False
+            self._pending.popleft()
+            batch.deliver(batch.replies)
+        return replies[take:]
+
+    def _deliver(self, burst: list[tuple[bytes, bytes]]) -> None:
+        if burst:
+            if self._on_messages is not None:
+                self._on_messages(burst)
+            else:
+                self._kept += burst
+
+
+# --------------------------------------------------------------------------------------
+# Connecting
+
+
+async def _open(
+    address: RedisAddress, connect_timeout: float, factory: Callable[[], _Link]
+) -> _Link:
+    """Connect, log in (:func:`roombus._resp.handshake_commands`, pipelined) and PING."""
+    loop = asyncio.get_running_loop()
+    link: _Link | None = None
+
+    async def opening() -> _Link:
+        nonlocal link
+        try:
+            if address.unix_path is not None:
+                _, link = await loop.create_unix_connection(factory, address.unix_path)
+            else:
+                _, link = await loop.create_connection(factory, address.host, address.port)
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis at {address}: {exc}") from exc
+        commands = handshake_commands(address)
+        future, deliver, fail = _awaitable()
+        link._write(pack_commands(commands), _Batch(len(commands), deliver, fail))
+        if isinstance(link, RedisSubscriber):
+            link._login = True  # its replies are no confirmations
+        check_handshake(await future)
+        return link
+
+    try:
+        return await asyncio.wait_for(opening(), connect_timeout)
+    except asyncio.TimeoutError:
+        if link is not None:
+            link.close()
+        raise RedisConnectionError(
+            f"timed out connecting to Redis at {address} (after {connect_timeout}s)"
+        ) from None
+    except BaseException:
+        if link is not None:
+            link.close()
+        raise
+
+
+async def connect(address: RedisAddress | str, *, connect_timeout: float = 5.0) -> RedisConnection:
+    """Open a command connection: connect, AUTH and SELECT if the address says so, PING.
+
+    Raises :class:`RedisConnectionError` if Redis cannot be reached within
+    ``connect_timeout`` seconds, :class:`RedisError` if it refuses the login or the db.
+    """
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    where = str(address)
+    link = await _open(address, connect_timeout, lambda: RedisConnection(where))
+    assert isinstance(link, RedisConnection)
+    return link
+
+
+async def connect_subscriber(
+    address: RedisAddress | str, *, sharded: bool, connect_timeout: float = 5.0
+) -> RedisSubscriber:
+    """Open a pub/sub connection (see :func:`connect`); ``sharded`` picks ``SSUBSCRIBE``."""
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    where = str(address)
+    link = await _open(address, connect_timeout, lambda: RedisSubscriber(where, sharded=sharded))
+    assert isinstance(link, RedisSubscriber)
+    return link
+
+
+async def supports_sharded_pubsub(conn: RedisConnection) -> bool:
+    """Whether the server has sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, Redis >= 7).
+
+    As :func:`roombus.trio._redis.supports_sharded_pubsub`: ``COMMAND INFO`` first, the
+    version from ``INFO server`` where that is denied, and False where both are.
+    """
+    try:
+        reply = await conn.execute(*SHARDED_PROBE)
+    except RedisError:
+        try:
+            info = await conn.execute(*VERSION_PROBE)
+        except RedisError:
+            return False
+        return sharded_from_info(info)
+    return sharded_from_command_info(reply)

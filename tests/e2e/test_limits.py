@@ -332,12 +332,16 @@ def test_slow_consumer_is_closed_and_nobody_waits_for_it(make_server, caps):
     the slow one, so the flood goes on until the server drops it (its leave presence),
     then a little longer. The well-behaved clients get every message, in order, quickly.
     """
-    # A well-behaved sender stays at most `window` messages ahead of the readers, and
-    # window * size fits the send queue's bytes: however slowly the transport writes
-    # (an ASGI server's sends are), only a reader that stops reading can overflow it.
-    size, window, after_drop, cap = 48 * 1024, 4, 20, 1000
+    # A well-behaved sender stays at most `window` messages ahead of the readers. A
+    # frame counts against the queue until its whole chunk is written, and a chunk
+    # holds what was pending when it was made (at most window + 1 messages), so a
+    # reader that keeps up has at most 2 * (window + 1) messages counted: 6 * 48 KiB
+    # fits the 320 KiB bound however slowly the transport writes (an ASGI server's
+    # sends are; the kernel takes at most socket_send_buffer). Only a reader that
+    # stops reading can overflow it.
+    size, window, after_drop, cap = 48 * 1024, 2, 20, 1000
     # rate_limit=0: this floods on purpose, and is about the send queue, not the limiter.
-    srv = make_server(send_queue=16, send_queue_bytes=256 * 1024, close_timeout=1.0, rate_limit=0)
+    srv = make_server(send_queue=16, send_queue_bytes=320 * 1024, close_timeout=1.0, rate_limit=0)
     sender, receiver = srv.room("lobby", "sender", "receiver")
     slow = srv.raw("lobby", "slow", rcvbuf=4096)  # joins, then never reads again
     for c in (sender, receiver):

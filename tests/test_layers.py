@@ -55,6 +55,7 @@ LAYERS: Final = {
     "roombus._hub": "server",
     "roombus._sendqueue": "server",
     "roombus._wire": "server",
+    "roombus._backplane": "cluster",
     "roombus._cluster": "cluster",
     "roombus._records": "cluster",
     "roombus._schema": "cluster",

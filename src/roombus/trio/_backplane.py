@@ -1,90 +1,69 @@
 """
-The Redis backplane: several roombus nodes serving the same rooms.
+The Redis backplane for trio: several roombus nodes serving the same rooms.
 
 The broker (in cluster mode) asks for backplane work as actions and takes what the
-other nodes did as events; this module carries them out over Redis:
+other nodes did as events. :class:`roombus._backplane.BackplaneProtocol` decides
+everything about the link to Redis (the session sequence, reconnecting with backoff,
+batching, keepalive, refresh; see its docstring, and :mod:`roombus._schema` for the
+keys, scripts and records); this module is its driver: the sockets
+(:mod:`roombus.trio._redis`), the tasks and the clock, nothing else.
 
-The key names, the Lua scripts, the command each action becomes and what a reply
-means are :mod:`roombus._schema`'s; the records, :mod:`roombus._records`'s. In short:
+One routine, :meth:`RedisBackplane._transmit`, runs after every call into the protocol:
+it takes the protocol's commands and carries them out (start a task, cancel the
+session), hands its events to the server, loops while either came back (handing events
+on can submit new work), and re-arms the timer from ``get_timer()``.
 
-* Each room has a channel, ``<prefix>:{<room>}:c``, listened to (``SSUBSCRIBE``, or
-  ``SUBSCRIBE`` on a server without sharded pub/sub) only while the node has members
-  in the room. The ``{<room>}`` hash tag keeps a room's channel and keys on one shard
-  of a Redis Cluster, and spreads rooms over shards.
-* A chat message is numbered and published by one Lua script (``INCR`` of the room's
-  ``seq`` key, then publish), so ``seq`` is one counter per room for the whole cluster
-  and every node, the sender's included, delivers messages in the same order.
-* Presence is a sorted set per room, ``<prefix>:{<room>}:p``: a member
-  ``"<node> <username>"`` per user per node, scored with its expiry. A node refreshes
-  its members every ``presence_ttl / 3`` seconds; members of a node that stopped
-  refreshing (killed) are removed by whichever node refreshes the room next, which
-  publishes their leave. A change publishes a ``j``/``l`` record numbered by the
-  room's version key, so a node reading a snapshot knows which records it reflects.
-* Lost connection: the broker serves locally meanwhile (see
-  :class:`~roombus.BackplaneLost`); the backplane reconnects with exponential backoff
-  (0.1 s doubling to 5 s, with jitter), re-listens, re-announces, and re-reads every
-  room's presence.
-
-Redis is spoken through :mod:`roombus.trio._redis` (hiredis's parser and encoder over
-trio sockets).
+Tasks: one timer task for the backplane's life; per session, a nursery (cancelled by
+``CloseLinks``) holding the link openers, one task per ``Execute`` (a pipeline), one
+reader of the subscriber (``receive_many()`` -> ``messages()``, one call per burst),
+and one worker that carries out ``Listen``/``Unlisten``/``Ping`` in order.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import random
 import re
 import secrets
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import TYPE_CHECKING, Final, Protocol
-
-import attrs
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
-from .._actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
-from .._cluster import is_valid_node_id
-from .._errors import ConfigError
-from .._events import BackplaneLost, BackplaneRestored, Event
-from .._schema import (
-    SCRIPTS,
-    channel,
-    command_for,
-    lifetime_ms,
-    parse_snapshot,
-    records_received,
-    refresh_command,
-    script_source,
-    snapshot_command,
+from .._backplane import (
+    BackplaneProtocol,
+    BackplaneStatistics,
+    CloseLinks,
+    DriverCommand,
+    Execute,
+    Link,
+    Listen,
+    OpenLink,
+    Ping,
+    Unlisten,
 )
-from .._types import RoomName
+from .._resp import RedisError
 from ._redis import (
-    Arg,
     RedisConnection,
     RedisConnectionError,
-    RedisError,
     RedisSubscriber,
     connect,
     connect_subscriber,
-    parse_redis_url,
-    supports_sharded_pubsub,
 )
 
 if TYPE_CHECKING:
+    from .._actions import BackplaneAction
+    from .._events import Event
+    from .._types import RoomName
     from ._redis import RedisAddress
 
 log: Final = logging.getLogger("roombus.backplane")
 
-#: Reconnection backoff, in seconds: first wait and cap.
-BACKOFF_FIRST: Final = 0.1
-BACKOFF_CAP: Final = 5.0
-#: Seconds between liveness checks of both Redis connections, and how long each may
-#: take: a Redis that stops answering (a host gone, no reset) ends the session.
-KEEPALIVE: Final = 5.0
+#: What a link's task may fail with: each ends the session (``link_failed``).
+_IO_ERRORS: Final = (RedisConnectionError, RedisError, OSError, trio.TooSlowError)
 
 
 class BackplaneHost(Protocol):
@@ -99,32 +78,6 @@ def generate_node_id() -> str:
     """A node id unique enough across restarts: host name, process id, random."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "node"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-@attrs.define
-class BackplaneStatistics:
-    """
-    Counters of a Redis backplane since it started.
-
-    Attributes:
-        online: Connected to Redis now.
-        connects: Successful connections (the first one included).
-        failures: Connections lost or refused.
-        dropped: Backplane work discarded because Redis was unreachable (messages
-            not relayed, presence changes not recorded; presence is re-announced on
-            reconnect, messages are delivered locally only).
-        relayed: Messages published to Redis.
-        received: Records received from Redis.
-        errors: Commands Redis answered with an error.
-    """
-
-    online: bool = False
-    connects: int = 0
-    failures: int = 0
-    dropped: int = 0
-    relayed: int = 0
-    received: int = 0
-    errors: int = 0
 
 
 class RedisBackplane:
@@ -155,49 +108,36 @@ class RedisBackplane:
         prefix: str = "roombus",
         connect_timeout: float = 5.0,
     ) -> None:
-        try:
-            self.address: RedisAddress = parse_redis_url(url)
-        except ValueError as exc:
-            raise ConfigError("redis", str(exc)) from None
-        if node_id is None:
-            node_id = generate_node_id()
-        if not is_valid_node_id(node_id):
-            raise ConfigError(
-                "node-id", f"must be 1-64 characters of A-Z a-z 0-9 _ . : -, not {node_id!r}"
-            )
-        if not (isinstance(presence_ttl, (int, float)) and 0.3 <= presence_ttl <= 86400):
-            raise ConfigError("presence-ttl", f"must be 0.3 to 86400 seconds, not {presence_ttl!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
-            raise ConfigError(
-                "redis-prefix", f"must be 1-64 of A-Z a-z 0-9 _ . : -, not {prefix!r}"
-            )
-        self.node_id: Final = node_id
-        self.presence_ttl: Final = float(presence_ttl)
-        self.prefix: Final = prefix
-        self.connect_timeout = connect_timeout
-        self.statistics = BackplaneStatistics()
-        self._work: deque[BackplaneAction] = deque()
-        self._wake = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
-        self._scripts: dict[str, bytes] = {}
-        self._sharded = True
-        self._lasted = False
-        # The rooms whose channel the broker wants listened to, as of the work queued:
-        # an Unsubscribe followed by a Subscribe of the same room is not carried out.
-        self._wanted: dict[RoomName, int] = {}  # room -> the latest Subscribe's gen
-
-    def metrics(self) -> dict[str, float]:
-        """The counters, by Prometheus name (for ``GET /metrics``)."""
-        stats = self.statistics
-        return {
-            "roombus_redis_connects_total": stats.connects,
-            "roombus_redis_failures_total": stats.failures,
-            "roombus_redis_dropped_total": stats.dropped,
-            "roombus_redis_relayed_total": stats.relayed,
-            "roombus_redis_received_total": stats.received,
-            "roombus_redis_errors_total": stats.errors,
-        }
+        self._host: BackplaneHost | None = None
+        self.protocol: Final = BackplaneProtocol(
+            url=url,
+            node_id=generate_node_id() if node_id is None else node_id,
+            presence_ttl=presence_ttl,
+            prefix=prefix,
+            connect_timeout=connect_timeout,
+            local_presence=self._local_presence,
+        )
+        proto = self.protocol
+        self.address: Final[RedisAddress] = proto.address
+        self.node_id: Final = proto.node_id
+        self.presence_ttl: Final = proto.presence_ttl
+        self.prefix: Final = proto.prefix
+        self.connect_timeout: Final = proto.connect_timeout
+        self.statistics: Final[BackplaneStatistics] = proto.statistics
+        self.metrics: Final = proto.metrics
+        self._transmitting = False
+        self._idle: trio.Event | None = None
+        self._timer_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        # The session: its cancel scope (CloseLinks cancels it), whether the protocol
+        # asked for that (then it is answered links_closed), and its links.
+        self._session: trio.CancelScope | None = None
+        self._session_nursery: trio.Nursery | None = None
+        self._closing = False
+        self._cmd: RedisConnection | None = None
+        self._sub: RedisSubscriber | None = None
+        self._sub_work: deque[Listen | Unlisten | Ping] = deque()
+        self._sub_wake = trio.Event()
 
     def __repr__(self) -> str:
         return f"<RedisBackplane node={self.node_id!r} {self.address!r}>"
@@ -206,237 +146,195 @@ class RedisBackplane:
 
     def submit(self, work: list[BackplaneAction]) -> None:
         """Queue the broker's backplane work (from the server's trio thread)."""
-        if not self.statistics.online:
-            self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in work)
-            return
-        wanted = self._wanted
-        for action in work:
-            if isinstance(action, Subscribe):
-                wanted[action.room] = action.gen
-            elif isinstance(action, Unsubscribe):
-                wanted.pop(action.room, None)
-        self._work.extend(work)
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._wake.set()
+        self.protocol.submit(work, trio.current_time())
+        self._transmit()
 
     async def wait_idle(self) -> None:
         """Until every queued piece of work was sent (or dropped for an outage)."""
-        await self._idle.wait()
+        if not self.protocol.idle:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def run(self, host: BackplaneHost) -> None:
         """Stay connected to Redis until cancelled, feeding *host* the other nodes' doings."""
-        backoff = BACKOFF_FIRST
-        while True:
-            self._lasted = False
-            try:
-                cmd = await connect(self.address, connect_timeout=self.connect_timeout)
-            except (RedisConnectionError, RedisError, OSError) as exc:
-                self._failed(exc)
-            else:
-                try:
-                    await self._session(cmd, host)
-                except (RedisConnectionError, RedisError, OSError, trio.TooSlowError) as exc:
-                    self._failed(exc)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await cmd.aclose()
-                    if self.statistics.online:
-                        self._offline(host)
-            # A session that lasted resets the backoff; flapping backs off further.
-            backoff = BACKOFF_FIRST if self._lasted else min(backoff * 2, BACKOFF_CAP)
-            await trio.sleep(backoff * random.uniform(0.5, 1.0))
-
-    def _failed(self, exc: BaseException) -> None:
-        self.statistics.failures += 1
-        log.warning("redis backplane %s: %s", "lost" if self.statistics.online else "down", exc)
-
-    def _offline(self, host: BackplaneHost) -> None:
-        self.statistics.online = False
-        self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in self._work)
-        self._work.clear()
-        self._wanted.clear()
-        self._idle.set()
-        host.backplane_events([BackplaneLost()])
-
-    async def _session(self, cmd: RedisConnection, host: BackplaneHost) -> None:
-        """One connection's life, until it fails (raising why)."""
-        self._lasted = False
-        self._sharded = await supports_sharded_pubsub(cmd)
-        self._scripts = {}
-        for name in SCRIPTS:
-            source = script_source(name, self._sharded)
-            self._scripts[name] = await cmd.execute("SCRIPT", "LOAD", source)
-        sub = await connect_subscriber(
-            self.address, sharded=self._sharded, connect_timeout=self.connect_timeout
-        )
+        self._host = host
         try:
-            self.statistics.connects += 1
-            self.statistics.online = True
-            log.info(
-                "redis backplane connected as node %s (%s pub/sub)",
-                self.node_id,
-                "sharded" if self._sharded else "classic",
-            )
-            failure: list[BaseException] = []
             async with trio.open_nursery() as nursery:
-
-                async def guard(task: Callable[[], Awaitable[None]]) -> None:
-                    try:
-                        await task()
-                    except (RedisConnectionError, RedisError, OSError, trio.TooSlowError) as exc:
-                        failure.append(exc)
-                        nursery.cancel_scope.cancel()
-                    except Exception as exc:
-                        # A bug (or a reply we cannot read): end this session, not the server.
-                        log.exception("redis backplane session failed")
-                        failure.append(RedisError(f"internal error: {exc!r}"))
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(guard, partial(self._read, sub, host))
-                nursery.start_soon(guard, partial(self._refresh_loop, cmd, host))
-                nursery.start_soon(guard, partial(self._write, cmd, sub, host))
-                nursery.start_soon(guard, partial(self._keepalive, cmd, sub))
-                nursery.start_soon(self._reread_presence)
-                nursery.start_soon(self._mark_lasting)
-                host.backplane_events([BackplaneRestored()])
-            if failure:
-                raise failure[0]
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                self._call(self.protocol.start)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Cancelled (the server is done, after waiting for wait_idle()).
+                    self._call(self.protocol.abort)
         finally:
-            with trio.CancelScope(shield=True):
-                await sub.aclose()
+            self._nursery = None
+            if self._idle is not None:
+                self._idle.set()
 
-    async def _keepalive(self, cmd: RedisConnection, sub: RedisSubscriber) -> None:
+    def _local_presence(self) -> list[tuple[RoomName, list[str]]]:
+        return [] if self._host is None else self._host.local_presence()
+
+    # -- the one routine --------------------------------------------------------------
+
+    def _call(self, method: Callable[..., None], *args: Any) -> None:
+        """Feed the protocol one input (with the time), then :meth:`_transmit`."""
+        method(*args, trio.current_time())
+        self._transmit()
+
+    def _transmit(self) -> None:
+        """
+        Carry out what the protocol asks, after every call into it: its commands, in
+        order; its events, to the host (which may submit work: hence the loop, and the
+        guard against running twice at once); then re-arm the timer and, when idle,
+        wake :meth:`wait_idle`.
+        """
+        if self._transmitting:
+            return  # the outer call loops over what this one would do
+        proto = self.protocol
+        self._transmitting = True
+        try:
+            while True:
+                commands = proto.take_commands()
+                events = proto.take_events()
+                if not commands and not events:
+                    break
+                for command in commands:
+                    self._carry_out(command)
+                if events and self._host is not None:
+                    self._host.backplane_events(events)
+        finally:
+            self._transmitting = False
+        deadline = proto.get_timer()
+        self._timer_scope.deadline = math.inf if deadline is None else deadline
+        if self._idle is not None and proto.idle:
+            self._idle.set()
+            self._idle = None
+
+    def _carry_out(self, command: DriverCommand) -> None:
+        if isinstance(command, Execute):
+            assert self._session_nursery is not None
+            self._session_nursery.start_soon(self._execute, command)
+        elif isinstance(command, (Listen, Unlisten, Ping)):
+            self._sub_work.append(command)
+            self._sub_wake.set()
+        elif isinstance(command, OpenLink):
+            if command.link is Link.COMMAND:
+                assert self._nursery is not None and self._session is None
+                self._session = trio.CancelScope()
+                self._closing = False
+                self._nursery.start_soon(self._run_session, self._session, command)
+            else:
+                assert self._session_nursery is not None
+                self._session_nursery.start_soon(self._open_subscriber, command)
+        elif isinstance(command, CloseLinks):
+            if self._session is None:
+                self.protocol.links_closed(trio.current_time())  # nothing open
+            else:
+                self._closing = True
+                self._session.cancel()
+
+    # -- the tasks --------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
         while True:
-            await trio.sleep(KEEPALIVE)
-            with trio.fail_after(KEEPALIVE):
-                await cmd.execute("PING")
-                await sub.ping()
+            with trio.CancelScope() as scope:
+                deadline = self.protocol.get_timer()
+                scope.deadline = math.inf if deadline is None else deadline
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            due = self.protocol.get_timer()
+            if due is not None and trio.current_time() >= due:
+                self._call(self.protocol.handle_timer)
 
-    async def _reread_presence(self) -> None:
-        """
-        Read every room's presence again a third of the TTL after connecting: by then
-        the other nodes have re-announced their users if Redis lost its data, and
-        the broker settles who really is there (it kept everyone meanwhile).
-        """
-        await trio.sleep(self.presence_ttl / 3)
-        if self._wanted:
-            self.submit(
-                [Subscribe(room=room, gen=gen) for room, gen in sorted(self._wanted.items())]
+    async def _run_session(self, scope: trio.CancelScope, command: OpenLink) -> None:
+        """One session's nursery: its tasks run in it; CloseLinks cancels it."""
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    self._session_nursery = nursery
+                    nursery.start_soon(self._open_command, command)
+                    await trio.sleep_forever()
+        finally:
+            self._session_nursery = None
+            with trio.CancelScope(shield=True):
+                for link in (self._sub, self._cmd):
+                    if link is not None:
+                        await link.aclose()
+            self._cmd = self._sub = None
+            self._sub_work.clear()
+            self._session = None
+            if self._closing:  # asked for: answer it (else the backplane is being cancelled)
+                self._call(self.protocol.links_closed)
+
+    async def _guard(self, link: Link, what: Callable[[], Any]) -> None:
+        try:
+            await what()
+        except _IO_ERRORS as exc:
+            self._call(self.protocol.link_failed, link, str(exc) or repr(exc))
+        except Exception as exc:
+            # A bug (or a reply we cannot read): end this session, not the server.
+            log.exception("redis backplane session failed")
+            self._call(self.protocol.link_failed, link, f"internal error: {exc!r}")
+
+    async def _open_command(self, command: OpenLink) -> None:
+        async def open_it() -> None:
+            self._cmd = await connect(command.address, connect_timeout=command.timeout)
+            self._call(self.protocol.link_opened, Link.COMMAND)
+
+        await self._guard(Link.COMMAND, open_it)
+
+    async def _open_subscriber(self, command: OpenLink) -> None:
+        async def open_it() -> None:
+            self._sub = await connect_subscriber(
+                command.address, sharded=self.protocol.sharded, connect_timeout=command.timeout
             )
+            assert self._session_nursery is not None
+            self._session_nursery.start_soon(self._guard, Link.SUBSCRIBER, self._read)
+            self._session_nursery.start_soon(self._guard, Link.SUBSCRIBER, self._sub_worker)
+            self._call(self.protocol.link_opened, Link.SUBSCRIBER)
 
-    async def _mark_lasting(self) -> None:
-        await trio.sleep(BACKOFF_CAP)
-        self._lasted = True
+        await self._guard(Link.SUBSCRIBER, open_it)
 
-    # -- the tasks of one session -----------------------------------------------------
+    async def _execute(self, command: Execute) -> None:
+        async def run() -> None:
+            assert self._cmd is not None
+            replies = await self._cmd.pipeline(command.commands)
+            self._call(self.protocol.replies, command.batch, replies)
 
-    async def _read(self, sub: RedisSubscriber, host: BackplaneHost) -> None:
-        stats = self.statistics
+        await self._guard(Link.COMMAND, run)
+
+    async def _read(self) -> None:
+        sub = self._sub
+        assert sub is not None
+        messages = self.protocol.messages
         while True:
             # A burst at once: the server then writes each client's share in one go.
-            events = records_received(await sub.receive_many())
-            stats.received += len(events)
-            host.backplane_events(events)
+            self._call(messages, await sub.receive_many())
 
-    async def _write(self, cmd: RedisConnection, sub: RedisSubscriber, host: BackplaneHost) -> None:
-        work = self._work
+    async def _sub_worker(self) -> None:
+        """Listen, Unlisten and Ping on the subscriber, in the order asked."""
+        sub = self._sub
+        assert sub is not None
+        work = self._sub_work
         while True:
             if not work:
-                self._idle.set()
-                self._wake = trio.Event()
-                await self._wake.wait()
-            # Up to the next Subscribe: every command in one pipeline (in order), and
-            # the rooms no longer wanted in one unsubscribe (its order does not matter:
-            # it only stops records coming).
-            batch: list[tuple[Arg, ...]] = []
-            gone: set[str] = set()
-            while work and not isinstance(work[0], Subscribe):
-                action = work.popleft()
-                if isinstance(action, Unsubscribe):
-                    if action.room not in self._wanted:
-                        gone.add(channel(self.prefix, action.room))
-                elif isinstance(action, (Relay, Announce)):
-                    batch.append(self._command(action))
-            if batch:
-                self._check(await cmd.pipeline(batch))
-            if gone:
-                await sub.unsubscribe(*sorted(gone))
-            rooms: dict[RoomName, int] = {}  # the latest listening of each room
-            while work and isinstance(work[0], Subscribe):
-                subscribe = work.popleft()
-                assert isinstance(subscribe, Subscribe)
-                rooms[subscribe.room] = subscribe.gen
-            if rooms:
-                await self._subscribe(cmd, sub, rooms, host)
-
-    def _command(self, action: Relay | Announce) -> tuple[Arg, ...]:
-        if isinstance(action, Relay):
-            self.statistics.relayed += 1
-        return command_for(
-            action,
-            prefix=self.prefix,
-            node=self.node_id,
-            shas=self._scripts,
-            lifetime=self._lifetime_ms,
-        )
-
-    @property
-    def _lifetime_ms(self) -> int:
-        """How long a presence member lives unrefreshed (refreshed every third of the TTL)."""
-        return lifetime_ms(self.presence_ttl)
-
-    async def _subscribe(
-        self,
-        cmd: RedisConnection,
-        sub: RedisSubscriber,
-        rooms: dict[RoomName, int],
-        host: BackplaneHost,
-    ) -> None:
-        # Listen first: records published from now on arrive. The snapshot, read after,
-        # has a version telling the broker which of them it already reflects.
-        await sub.subscribe(*(channel(self.prefix, room) for room in rooms))
-        replies = await cmd.pipeline(
-            [snapshot_command(room, prefix=self.prefix, shas=self._scripts) for room in rooms]
-        )
-        events: list[Event] = []
-        for (room, gen), reply in zip(rooms.items(), replies, strict=True):
-            if isinstance(reply, RedisError):
-                raise reply
-            try:
-                events.append(parse_snapshot(room, gen, reply))
-            except ValueError as exc:
-                raise RedisError(str(exc)) from None
-        host.backplane_events(events)
-
-    async def _refresh_loop(self, cmd: RedisConnection, host: BackplaneHost) -> None:
-        period = self.presence_ttl / 3
-        while True:
-            await trio.sleep(period)
-            commands: list[tuple[Arg, ...]] = [
-                refresh_command(
-                    room,
-                    users,
-                    prefix=self.prefix,
-                    node=self.node_id,
-                    shas=self._scripts,
-                    lifetime=self._lifetime_ms,
-                )
-                for room, users in host.local_presence()
-            ]
-            if commands:
-                self._check(await cmd.pipeline(commands))
-
-    def _check(self, replies: list[object]) -> None:
-        """
-        An error reply (scripts flushed, a read-only replica, out of memory) ends the
-        session: the broker then serves locally and delivers what it had relayed,
-        rather than wait for records that will never come; reconnecting reloads the
-        scripts.
-        """
-        errors = [reply for reply in replies if isinstance(reply, RedisError)]
-        if errors:
-            self.statistics.errors += len(errors)
-            raise errors[0]
+                self._sub_wake = trio.Event()
+                await self._sub_wake.wait()
+                continue
+            command = work.popleft()
+            if isinstance(command, Listen):
+                await sub.subscribe(*command.channels)
+                self._call(self.protocol.confirmed, command.batch)
+            elif isinstance(command, Unlisten):
+                await sub.unsubscribe(*command.channels)
+            else:
+                await sub.ping()
+                self._call(self.protocol.confirmed, command.batch)
 
 
 __all__ = ["BackplaneStatistics", "RedisBackplane", "generate_node_id"]

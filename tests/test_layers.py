@@ -102,7 +102,8 @@ THIRD_PARTY: Final = {
     "node": frozenset({"attrs"}),
     "trio": frozenset({"attrs", "trio"}),
     "asyncio": frozenset({"attrs"}),
-    "asgi": frozenset({"attrs", "anyio", "trio"}),  # it runs on either loop
+    # it runs on either loop; sniffio tells anyio which, in the backplane's callbacks
+    "asgi": frozenset({"attrs", "anyio", "sniffio", "trio"}),
     "roombus._wire": frozenset({"h11", "wsproto"}),
     "roombus._resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
 }

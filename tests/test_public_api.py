@@ -55,7 +55,13 @@ def test_adapter_modules_export_what_they_document() -> None:
     import roombus.asyncio
     import roombus.hub
 
-    assert roombus.asyncio.__all__ == ["NoticeHook", "Server", "serve"]
+    assert roombus.asyncio.__all__ == [
+        "BackplaneStatistics",
+        "NoticeHook",
+        "RedisBackplane",
+        "Server",
+        "serve",
+    ]
     assert roombus.asgi.__all__ == ["RoombusASGI", "create_app"]
     assert roombus.hub.__all__ == ["Hub", "NoticeHook"]
     for module in (roombus.asgi, roombus.asyncio, roombus.hub):

@@ -11,13 +11,14 @@ on the command line wins over its variable, which wins over the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,10 @@ from ._errors import ConfigError
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .trio import RedisBackplane
+    from .asyncio import RedisBackplane as AsyncioBackplane
+    from .trio import RedisBackplane as TrioBackplane
+
+    RedisBackplane = TrioBackplane | AsyncioBackplane
 
 log = logging.getLogger("roombus")
 
@@ -411,9 +415,50 @@ class Settings:
     authenticator: JWTAuthenticator | None = None
     ssl_context: ssl.SSLContext | None = None
     backplane: RedisBackplane | None = None
+    #: What ``backplane`` was made of, to make another for a loop chosen later (ASGI).
+    cluster: ClusterOptions | None = None
 
 
-def _backplane(values: dict[str, Any], transport: str) -> RedisBackplane | None:
+@attrs.frozen
+class ClusterOptions:
+    """The Redis backplane's settings: ``--redis`` and the options that go with it."""
+
+    url: str
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    def backplane(self, transport: str) -> RedisBackplane:
+        """A new backplane for *transport* (``trio`` or ``asyncio``).
+
+        Raises:
+            ConfigError: a bad URL, node id, TTL or prefix; or hiredis missing.
+        """
+        return self.asyncio_backplane() if transport == "asyncio" else self.trio_backplane()
+
+    def trio_backplane(self) -> TrioBackplane:
+        """A new :class:`roombus.trio.RedisBackplane` (see :meth:`backplane`)."""
+        with _needs_hiredis():
+            from .trio import RedisBackplane as backplane_class
+        return backplane_class(self.url, **self.options)
+
+    def asyncio_backplane(self) -> AsyncioBackplane:
+        """A new :class:`roombus.asyncio.RedisBackplane` (see :meth:`backplane`)."""
+        with _needs_hiredis():
+            from .asyncio import RedisBackplane as backplane_class
+        return backplane_class(self.url, **self.options)
+
+
+@contextlib.contextmanager
+def _needs_hiredis() -> Iterator[None]:
+    """A missing hiredis as the ConfigError that names the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name != "hiredis":
+            raise
+        raise ConfigError("redis", "needs hiredis: pip install 'roombus[redis]'") from None
+
+
+def _cluster(values: dict[str, Any]) -> ClusterOptions | None:
     url = values.pop("redis", None)
     options = {
         name: values.pop(key)
@@ -428,15 +473,7 @@ def _backplane(values: dict[str, Any], transport: str) -> RedisBackplane | None:
         if options:
             raise ConfigError(next(iter(options)).replace("_", "-"), "needs --redis")
         return None
-    if transport != "trio":
-        raise ConfigError("redis", "a cluster needs --transport trio")
-    try:
-        from .trio import RedisBackplane
-    except ModuleNotFoundError as exc:
-        if exc.name != "hiredis":
-            raise
-        raise ConfigError("redis", "needs hiredis: pip install 'roombus[redis]'") from None
-    return RedisBackplane(url, **options)
+    return ClusterOptions(url, options)
 
 
 def _read_bytes(setting: str, path: str) -> bytes:
@@ -509,11 +546,14 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str] | os._Enviro
         values["allowed_origins"] = values.pop("allowed_origin")
     authenticator = _authenticator(values)
     ssl_context = _ssl_context(values)
-    backplane = _backplane(values, transport)
+    cluster = _cluster(values)
+    backplane = cluster.backplane(transport) if cluster is not None else None
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
     server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
-    return Settings(broker, server, level, transport, authenticator, ssl_context, backplane)
+    return Settings(
+        broker, server, level, transport, authenticator, ssl_context, backplane, cluster
+    )
 
 
 def settings_from_environ(environ: dict[str, str] | os._Environ[str]) -> Settings:
@@ -544,7 +584,7 @@ async def _serve(settings: Settings) -> None:
                     settings.server,
                     authenticator=settings.authenticator,
                     ssl_context=settings.ssl_context,
-                    backplane=settings.backplane,
+                    backplane=settings.backplane,  # type: ignore[arg-type]  # for trio
                 )
             )
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
@@ -574,6 +614,7 @@ async def _serve_asyncio(settings: Settings) -> None:
         settings.server,
         authenticator=settings.authenticator,
         ssl_context=settings.ssl_context,
+        backplane=settings.backplane,  # type: ignore[arg-type]  # built for asyncio
     ) as running:
         log.info("roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port))
         log.info("%s received: closing connections", (await received).name)

@@ -61,6 +61,11 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installa
         name=exc.name,
     ) from None
 
+try:  # anyio asks it which library runs, when it is installed
+    import sniffio
+except ModuleNotFoundError:  # pragma: no cover - depends on the installation
+    sniffio = None  # type: ignore[assignment]
+
 from ._actions import BackplaneAction
 from ._auth import Authenticator, Authorizer
 from ._codes import CloseCode
@@ -186,12 +191,23 @@ class RoombusASGI(ServerFacade):
 
     def backplane_events(self, events: list[Event]) -> None:
         """Hand the broker what the backplane learnt (the other nodes' doings), then
-        carry out its outputs once."""
-        hub = self.hub
-        now, timestamp = anyio.current_time(), _wall()
-        for event in events:
-            hub.backplane_event(event, now=now, timestamp=timestamp)
-        self._after()
+        carry out its outputs once.
+
+        The backplane calls this from the loop's callbacks (a read, its timer), outside
+        any task, where anyio cannot tell which library runs: it is told (asyncio, the
+        only one a backplane runs under here).
+        """
+        token = None if sniffio is None else sniffio.current_async_library_cvar.set("asyncio")
+        try:
+            hub = self.hub
+            now, timestamp = asyncio.get_running_loop().time(), _wall()
+            for event in events:
+                hub.backplane_event(event, now=now, timestamp=timestamp)
+            self._after()
+        finally:
+            if token is not None:
+                assert sniffio is not None
+                sniffio.current_async_library_cvar.reset(token)
 
     def local_presence(self) -> list[tuple[RoomName, list[str]]]:
         """Each room with members here, and its users here (for the backplane)."""
@@ -514,8 +530,10 @@ def create_app() -> RoombusASGI:
     environment variables; for ``uvicorn --factory roombus.asgi:create_app``.
 
     The heartbeat is always off (the server pings: set its ping interval), and the
-    address and HTTP limits are the server's; ``ROOMBUS_LOG_LEVEL`` sets the level of
-    the ``roombus`` logger.
+    address and HTTP limits are the server's. ``ROOMBUS_REDIS`` (with
+    ``ROOMBUS_NODE_ID``, ``ROOMBUS_PRESENCE_TTL``, ``ROOMBUS_REDIS_PREFIX``) joins a
+    cluster, through :class:`roombus.asyncio.RedisBackplane` (an asyncio server only).
+    ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger.
 
     Raises:
         ConfigError: naming the variable, if one is invalid.
@@ -523,8 +541,6 @@ def create_app() -> RoombusASGI:
     from ._cli import settings_from_environ
 
     settings = settings_from_environ(os.environ)
-    if settings.backplane is not None:
-        raise ConfigError("redis", "a cluster needs roombus serve (the trio server), not ASGI")
     if settings.ssl_context is not None:
         raise ConfigError("certfile", "under ASGI, TLS is the server's: use its own TLS options")
     log.setLevel(settings.log_level.upper())
@@ -532,6 +548,7 @@ def create_app() -> RoombusASGI:
         attrs.evolve(settings.broker, heartbeat=False),
         settings.server,
         authenticator=settings.authenticator,
+        backplane=None if settings.cluster is None else settings.cluster.asyncio_backplane(),
     )
 
 

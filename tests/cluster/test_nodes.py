@@ -3,7 +3,10 @@ Three roombus nodes, each its own process, behind one real Redis (started by the
 from the ``redis-server`` binary; ``.ci/run`` installs it).
 
 Cross-node delivery and order, presence across nodes, a user on two nodes, a node
-killed with SIGKILL, and Redis restarted mid-traffic.
+killed with SIGKILL, and Redis restarted mid-traffic. Every test that starts its nodes
+with the ``cluster`` fixture runs twice: all nodes on trio, and *mixed* (node 0, 2, ...
+on trio, node 1, 3, ... on asyncio), so that both backplane drivers speak to each other
+and each is the one killed, stopped or cut off in some test.
 """
 
 from __future__ import annotations
@@ -37,8 +40,15 @@ def redis() -> Iterator[RedisProcess]:
 Cluster = Callable[..., list[CliServer]]
 
 
+@pytest.fixture(params=["trio", "mixed"])
+def transports(request: pytest.FixtureRequest) -> Callable[[int], str]:
+    """The transport of node *i*: trio, or (mixed) asyncio for every odd *i*."""
+    mixed = request.param == "mixed"
+    return lambda i: "asyncio" if mixed and i % 2 else "trio"
+
+
 @pytest.fixture
-def cluster(redis: RedisProcess) -> Iterator[Cluster]:
+def cluster(redis: RedisProcess, transports: Callable[[int], str]) -> Iterator[Cluster]:
     """A factory: ``cluster(3)`` starts three nodes on *redis* and waits for them."""
     nodes: list[CliServer] = []
     clients: list[Client] = []
@@ -55,6 +65,7 @@ def cluster(redis: RedisProcess) -> Iterator[Cluster]:
                 "--presence-ttl",
                 str(TTL),
                 *args,
+                transport=transports(len(nodes) + i),
             )
             for i in range(n)
         ]
@@ -256,7 +267,11 @@ def test_json_of_a_cross_node_chat_is_the_protocol_s(cluster):
         (["--redis", "redis://127.0.0.1:6379", "--node-id", "has space"], "node-id"),
         (["--redis", "redis://127.0.0.1:6379", "--presence-ttl", "0"], "presence-ttl"),
         (["--node-id", "n1"], "node-id"),
-        (["--redis", "redis://127.0.0.1:6379", "--transport", "asyncio"], "redis"),
+        (["--redis", "http://127.0.0.1:6379", "--transport", "asyncio"], "redis"),
+        (
+            ["--redis", "redis://127.0.0.1:6379", "--node-id", "", "--transport", "asyncio"],
+            "node-id",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
@@ -409,3 +424,57 @@ def test_a_name_or_content_the_backplane_cannot_carry_is_refused_at_the_edge(clu
     ann.chat("across")
     bob.expect_chat("across", "ann")  # the first chat bob sees
     assert metric(a, "roombus_backplane_online") == 1
+
+
+def test_an_asyncio_node_and_a_trio_node_share_a_room(redis):
+    """The pair both ways: chats in one order, presence, and the trio node killed."""
+    nodes = [
+        CliServer(
+            "--port",
+            "0",
+            "--redis",
+            redis.url,
+            "--node-id",
+            f"n-{transport}",
+            "--presence-ttl",
+            str(TTL),
+            transport=transport,
+        )
+        for transport in ("trio", "asyncio")
+    ]
+    clients: list[Client] = []
+    try:
+        for node in nodes:
+            node.wait_listening()
+            wait_for(lambda node=node: metric(node, "roombus_backplane_online") == 1)
+        on_trio, on_asyncio = nodes
+        ann = open_client(on_trio.port, "lobby", "ann")
+        clients.append(ann)
+        bob = open_client(on_asyncio.port, "lobby", "bob", expect_join=None)
+        clients.append(bob)
+        bob.expect(type="presence", event="join", username="bob")
+        assert bob.expect(type="presence_state")["users"] == ["ann", "bob"]
+        ann.expect(type="presence", event="join", username="bob")
+        for k in range(20):
+            ann.chat(f"a{k}")
+            bob.chat(f"b{k}")
+        orders = []
+        for client in (ann, bob):
+            chats = drain(client, until=lambda m: m.get("seq") == 40)
+            orders.append([(m["username"], m["content"], m["seq"]) for m in chats])
+            assert [m[2] for m in orders[-1]] == list(range(1, 41))
+            assert [c for u, c, _ in orders[-1] if u == "ann"] == [f"a{k}" for k in range(20)]
+            assert [c for u, c, _ in orders[-1] if u == "bob"] == [f"b{k}" for k in range(20)]
+        assert orders[0] == orders[1]
+        on_trio.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        bob.expect(type="presence", event="leave", username="ann", timeout=TTL + 3)
+        assert time.monotonic() - t0 <= TTL + 0.5
+        bob.ping()
+        assert on_asyncio.proc.poll() is None
+        assert "Traceback" not in on_asyncio.stderr
+    finally:
+        for client in clients:
+            client.close()
+        for node in nodes:
+            node.stop()

@@ -58,6 +58,12 @@ def test_the_adapters_import_without_hiredis_and_the_backplane_names_the_extra()
         "    from roombus.trio import RedisBackplane\n"
         "except ModuleNotFoundError as exc:\n"
         "    print('from-import', str(exc).splitlines()[0])\n"
+        "assert 'RedisBackplane' in roombus.asyncio.__all__\n"
+        "try:\n"
+        "    roombus.asyncio.RedisBackplane\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    assert exc.name == 'hiredis', exc.name\n"
+        "    print('asyncio', str(exc).splitlines()[0])\n"
         "try:\n"
         "    roombus.trio.NoSuchName\n"
         "except AttributeError as exc:\n"
@@ -72,11 +78,12 @@ def test_the_adapters_import_without_hiredis_and_the_backplane_names_the_extra()
         "RedisBackplane",
         "BackplaneStatistics",
         "from-import",
+        "asyncio",
         "other",
     ]
-    for line in lines[:3]:
+    for line in lines[:4]:
         assert line.split(" ", 1)[1].startswith(needs), line
-    assert lines[3] == "other module 'roombus.trio' has no attribute 'NoSuchName'"
+    assert lines[4] == "other module 'roombus.trio' has no attribute 'NoSuchName'"
 
 
 @pytest.fixture
@@ -134,6 +141,7 @@ def test_a_single_node_serves_without_hiredis(
     [
         ("--redis", "redis://127.0.0.1:1"),
         ("--redis", "redis://127.0.0.1:1", "--node-id", "n1", "--redis-prefix", "p"),
+        ("--redis", "redis://127.0.0.1:1", "--transport", "asyncio"),
     ],
 )
 def test_redis_without_hiredis_is_a_one_line_config_error(args: tuple[str, ...]) -> None:

@@ -25,9 +25,8 @@ with the first connection, sleeps until the hub's next deadline (close timeouts)
 anyio runs these tasks, so the same code serves asyncio (uvicorn, hypercorn) and trio
 (hypercorn's trio worker). Install it with the extra: ``pip install 'roombus[asgi]'``.
 
-Given a backplane (``backplane=``, an object with the :class:`Backplane` methods; the
-asyncio Redis driver is not shipped yet, and :func:`create_app` does not read a Redis
-setting yet), the backplane starts on the server's loop at
+In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`; or
+``ROOMBUS_REDIS`` for :func:`create_app`), the backplane starts on the server's loop at
 lifespan startup (or with the first connection, for a mounted app without lifespan
 events) and leaves Redis at shutdown, after the goodbyes. It needs an asyncio server:
 under trio, starting it is a :class:`~roombus.ConfigError`.
@@ -88,7 +87,7 @@ log: Final = logging.getLogger("roombus")
 
 
 class Backplane(Protocol):
-    """What the app needs of its backplane (an asyncio Redis driver, once shipped)."""
+    """What the app needs of its backplane: :class:`roombus.asyncio.RedisBackplane`."""
 
     @property
     def node_id(self) -> str: ...
@@ -137,7 +136,7 @@ class RoombusASGI(ServerFacade):
             401/403 (as an HTTP response where the server supports it).
         authorizer: Per-room rights; by default the identity's room rules.
         backplane: Share rooms with other nodes through Redis
-            (an asyncio driver of the Redis backplane, not shipped yet); the app starts it on the
+            (:class:`roombus.asyncio.RedisBackplane`); the app starts it on the
             server's loop, which must be asyncio's.
 
     Raises:

@@ -26,7 +26,7 @@ Shutdown (leaving :func:`serve`'s ``async with``, or cancelling ``await serve()`
 stops accepting, has the hub close everyone with 1001, and gives the clients
 ``close_timeout`` to answer.
 
-Given a backplane (``backplane=``; the asyncio Redis driver is not shipped yet), the backplane
+In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`), the backplane
 runs on the same loop: the hub's backplane work goes to it after every hub call (in
 :meth:`Server._after`), and what it learns comes back through
 :meth:`Server.backplane_events`. At shutdown, the goodbyes (presence leaves) go out
@@ -54,8 +54,8 @@ from .._types import ConnectionId, RoomName
 
 
 class Backplane(Protocol):
-    """What the server needs of its backplane (the asyncio Redis driver, once shipped;
-    named structurally here, so that a single node never imports it, nor hiredis)."""
+    """What the server needs of its backplane: :class:`roombus.asyncio.RedisBackplane`
+    (named structurally here, so that a single node never imports it, nor hiredis)."""
 
     @property
     def node_id(self) -> str: ...
@@ -447,7 +447,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
         authorizer: Per-room rights; by default the identity's room rules.
         ssl_context: Serve TLS (``wss://``) with this server-side context.
         backplane: Share rooms with other nodes through Redis
-            (an asyncio driver of the Redis backplane, not shipped yet); the server runs it.
+            (:class:`roombus.asyncio.RedisBackplane`); the server runs it.
 
     Raises:
         OSError: if the address cannot be bound (on entry, or when awaited).

@@ -250,6 +250,7 @@ class Input(enum.Enum):
     SUBSCRIBER_OPENED = "link_opened(SUBSCRIBER)"
     FAILED = "failure"
     CLOSED = "links_closed"
+    CLOSED_STOPPING = "links_closed (stopping)"
     STOP = "stop"
 
 
@@ -259,7 +260,7 @@ _OPEN: Final = (_P.CONNECTING, _P.PROBING, _P.LOADING, _P.OPENING_SUB, _P.ONLINE
 
 #: ``(phase, input) -> next phase``. FAILED covers link_failed, an error reply, an
 #: unreadable reply, a setup deadline and a missed keepalive. STOP is stop() once idle
-#: (or abort()); CLOSED after STOP leads to STOPPED (see ``_closed_input``).
+#: (or abort()); links_closed after it is CLOSED_STOPPING.
 LINK_TABLE: Final[dict[tuple[Phase, Input], Phase]] = {
     (_P.DOWN, _I.START): _P.CONNECTING,
     (_P.DOWN, _I.BACKOFF_DUE): _P.CONNECTING,
@@ -272,9 +273,8 @@ LINK_TABLE: Final[dict[tuple[Phase, Input], Phase]] = {
     **{(phase, _I.STOP): _P.CLOSING for phase in _OPEN},
     (_P.DOWN, _I.STOP): _P.STOPPED,
     (_P.CLOSING, _I.STOP): _P.CLOSING,
+    (_P.CLOSING, _I.CLOSED_STOPPING): _P.STOPPED,
 }
-#: links_closed while stopping.
-_CLOSED_STOPPING: Final = (_P.CLOSING, _P.STOPPED)
 
 
 def render_link_table() -> str:
@@ -282,7 +282,6 @@ def render_link_table() -> str:
     lines = ["| phase | input | next |", "| --- | --- | --- |"]
     for (phase, inp), nxt in LINK_TABLE.items():
         lines.append(f"| {phase.name} | {inp.value} | {nxt.name} |")
-    lines.append(f"| {_CLOSED_STOPPING[0].name} | {_I.CLOSED.value} (stopping) | STOPPED |")
     return "\n".join(lines)
 
 
@@ -506,7 +505,7 @@ class BackplaneProtocol:
         if self.phase is not Phase.CLOSING:
             return
         if self._stopping:
-            self._enter(Phase.STOPPED, Input.CLOSED)
+            self._set_phase(Input.CLOSED_STOPPING, now)
             return
         self._set_phase(Input.CLOSED, now)
         # A session that lasted resets the backoff; flapping backs off further.

@@ -159,6 +159,7 @@ EXPECTED_ROWS = {
     ("ONLINE", "STOP"): "CLOSING",
     ("DOWN", "STOP"): "STOPPED",
     ("CLOSING", "STOP"): "CLOSING",
+    ("CLOSING", "CLOSED_STOPPING"): "STOPPED",
 }
 
 
@@ -209,6 +210,10 @@ def feed(proto: BackplaneProtocol, phase: str, inp: str) -> list[DriverCommand]:
     elif inp == "FAILED":
         proto.link_failed(Link.SUBSCRIBER, "EOF", 0.0)
     elif inp == "CLOSED":
+        proto.links_closed(0.0)
+    elif inp == "CLOSED_STOPPING":
+        proto.stop(0.0)
+        assert proto.take_commands() == []  # already closing
         proto.links_closed(0.0)
     elif inp == "STOP":
         proto.stop(0.0)

@@ -400,6 +400,7 @@ class BackplaneProtocol:
         self._ping_batch = -1  # the keepalive Ping on SUBSCRIBER awaiting confirmation
         self._ping_command_due = False  # the keepalive PING on COMMAND not answered yet
         self._stopping = False
+        self._flush_at: float | None = None  # submitted work waits for take_commands
         self._backoff = BACKOFF_FIRST
         self._online_since = 0.0
         self._lasted = False
@@ -417,6 +418,10 @@ class BackplaneProtocol:
 
     def take_commands(self) -> list[DriverCommand]:
         """What the driver must do now, in order."""
+        if self._flush_at is not None:  # work submitted since: its batch, now
+            now, self._flush_at = self._flush_at, None
+            if self._step is None and self.phase is Phase.ONLINE:
+                self._next_batch(now)
         commands = self._commands
         if commands:
             self._commands = []
@@ -472,7 +477,9 @@ class BackplaneProtocol:
         """Queue the broker's backplane work (the hub's ``take_backplane()``).
 
         Unless the link is up (ONLINE, not closing for a stop), it is dropped: Relays
-        and Announces are counted in ``dropped``.
+        and Announces are counted in ``dropped``. The batch is made when the driver
+        next calls :meth:`take_commands`, so that work submitted until then goes out
+        in one pipeline (a driver may take its time to let a burst gather).
         """
         if self.phase is not Phase.ONLINE:
             self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in work)
@@ -484,8 +491,8 @@ class BackplaneProtocol:
             elif isinstance(action, Unsubscribe):
                 wanted.pop(action.room, None)
         self._work.extend(work)
-        if self._step is None:
-            self._next_batch(now)
+        if self._step is None and self._flush_at is None:
+            self._flush_at = now
 
     def link_opened(self, link: Link, now: float) -> None:
         """The driver connected and logged in *link*."""
@@ -630,6 +637,7 @@ class BackplaneProtocol:
         """Leave an open phase: CloseLinks; what was in flight is forgotten."""
         self._commands.append(CloseLinks())
         self._step = None
+        self._flush_at = None
         self._ping_batch = -1
         self._ping_command_due = False
         self._setup_deadline = self._keepalive_at = self._refresh_at = self._reread_at = None

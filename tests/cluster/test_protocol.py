@@ -571,6 +571,27 @@ def test_a_batch_runs_up_to_the_next_subscribe_and_subscribes_are_deduplicated()
     assert proto.idle
 
 
+def test_work_submitted_before_the_commands_are_taken_is_one_batch() -> None:
+    proto = new()
+    online(proto)
+    proto.submit([relay()], 0.0)
+    proto.submit([relay(ref=2), announce()], 0.1)
+    assert not proto.idle
+    execute = only(proto.take_commands(), Execute)
+    assert [c[1] for c in execute.commands] == [SHAS["relay"], SHAS["relay"], SHAS["announce"]]
+    proto.link_failed(Link.COMMAND, "EOF", 0.2)
+    proto.take_commands()
+    assert proto.take_events() == [BackplaneLost()]
+    proto.links_closed(0.2)
+    proto.handle_timer(1.0)
+    assert only(proto.take_commands(), OpenLink).link is Link.COMMAND
+    online(proto, 1.0)
+    proto.submit([relay(ref=3)], 1.0)
+    proto.link_failed(Link.COMMAND, "EOF", 1.0)  # before the batch was taken: dropped
+    assert proto.take_commands() == [CloseLinks()]
+    assert proto.statistics.dropped == 1
+
+
 def test_an_unsubscribe_not_superseded_stops_listening_with_the_batch() -> None:
     proto = new()
     online(proto)

@@ -11,7 +11,10 @@ keys, scripts and records); this module is its driver: the sockets
 One routine, :meth:`RedisBackplane._transmit`, runs after every call into the protocol:
 it takes the protocol's commands and carries them out (start a task, cancel the
 session), hands its events to the server, loops while either came back (handing events
-on can submit new work), and re-arms the timer from ``get_timer()``.
+on can submit new work), and re-arms the timer from ``get_timer()``. The one exception
+is the server's :meth:`~RedisBackplane.submit`: its ``_transmit`` is run by the command
+link's worker on its next turn, so that the work of one scheduler turn (many readers'
+chats) leaves in one pipeline.
 
 Tasks: one timer task for the backplane's life; per session, a nursery (cancelled by
 ``CloseLinks``) holding the link openers, one worker per link that carries out its
@@ -151,7 +154,9 @@ class RedisBackplane:
     def submit(self, work: list[BackplaneAction]) -> None:
         """Queue the broker's backplane work (from the server's trio thread)."""
         self.protocol.submit(work, trio.current_time())
-        self._transmit()
+        # The batch is taken by the command worker when it next runs (or by the
+        # _transmit under way): the rest of this scheduler turn's work joins it.
+        self._cmd_wake.set()
 
     async def wait_idle(self) -> None:
         """Until every queued piece of work was sent (or dropped for an outage)."""
@@ -318,6 +323,8 @@ class RedisBackplane:
         work = self._cmd_work
         replies = self.protocol.replies
         while True:
+            if not work:
+                self._transmit()  # what was submitted since it last looked
             if not work:
                 self._cmd_wake = trio.Event()
                 await self._cmd_wake.wait()

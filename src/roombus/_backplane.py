@@ -250,6 +250,7 @@ class Input(enum.Enum):
     SUBSCRIBER_OPENED = "link_opened(SUBSCRIBER)"
     FAILED = "failure"
     CLOSED = "links_closed"
+    CLOSED_STOPPING = "links_closed (stopping)"
     STOP = "stop"
 
 
@@ -259,7 +260,7 @@ _OPEN: Final = (_P.CONNECTING, _P.PROBING, _P.LOADING, _P.OPENING_SUB, _P.ONLINE
 
 #: ``(phase, input) -> next phase``. FAILED covers link_failed, an error reply, an
 #: unreadable reply, a setup deadline and a missed keepalive. STOP is stop() once idle
-#: (or abort()); CLOSED after STOP leads to STOPPED (see ``_closed_input``).
+#: (or abort()); links_closed after it is CLOSED_STOPPING.
 LINK_TABLE: Final[dict[tuple[Phase, Input], Phase]] = {
     (_P.DOWN, _I.START): _P.CONNECTING,
     (_P.DOWN, _I.BACKOFF_DUE): _P.CONNECTING,
@@ -272,9 +273,8 @@ LINK_TABLE: Final[dict[tuple[Phase, Input], Phase]] = {
     **{(phase, _I.STOP): _P.CLOSING for phase in _OPEN},
     (_P.DOWN, _I.STOP): _P.STOPPED,
     (_P.CLOSING, _I.STOP): _P.CLOSING,
+    (_P.CLOSING, _I.CLOSED_STOPPING): _P.STOPPED,
 }
-#: links_closed while stopping.
-_CLOSED_STOPPING: Final = (_P.CLOSING, _P.STOPPED)
 
 
 def render_link_table() -> str:
@@ -282,7 +282,6 @@ def render_link_table() -> str:
     lines = ["| phase | input | next |", "| --- | --- | --- |"]
     for (phase, inp), nxt in LINK_TABLE.items():
         lines.append(f"| {phase.name} | {inp.value} | {nxt.name} |")
-    lines.append(f"| {_CLOSED_STOPPING[0].name} | {_I.CLOSED.value} (stopping) | STOPPED |")
     return "\n".join(lines)
 
 
@@ -401,6 +400,7 @@ class BackplaneProtocol:
         self._ping_batch = -1  # the keepalive Ping on SUBSCRIBER awaiting confirmation
         self._ping_command_due = False  # the keepalive PING on COMMAND not answered yet
         self._stopping = False
+        self._flush_at: float | None = None  # submitted work waits for take_commands
         self._backoff = BACKOFF_FIRST
         self._online_since = 0.0
         self._lasted = False
@@ -418,6 +418,10 @@ class BackplaneProtocol:
 
     def take_commands(self) -> list[DriverCommand]:
         """What the driver must do now, in order."""
+        if self._flush_at is not None:  # work submitted since: its batch, now
+            now, self._flush_at = self._flush_at, None
+            if self._step is None and self.phase is Phase.ONLINE:
+                self._next_batch(now)
         commands = self._commands
         if commands:
             self._commands = []
@@ -473,7 +477,9 @@ class BackplaneProtocol:
         """Queue the broker's backplane work (the hub's ``take_backplane()``).
 
         Unless the link is up (ONLINE, not closing for a stop), it is dropped: Relays
-        and Announces are counted in ``dropped``.
+        and Announces are counted in ``dropped``. The batch is made when the driver
+        next calls :meth:`take_commands`, so that work submitted until then goes out
+        in one pipeline (a driver may take its time to let a burst gather).
         """
         if self.phase is not Phase.ONLINE:
             self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in work)
@@ -485,8 +491,8 @@ class BackplaneProtocol:
             elif isinstance(action, Unsubscribe):
                 wanted.pop(action.room, None)
         self._work.extend(work)
-        if self._step is None:
-            self._next_batch(now)
+        if self._step is None and self._flush_at is None:
+            self._flush_at = now
 
     def link_opened(self, link: Link, now: float) -> None:
         """The driver connected and logged in *link*."""
@@ -506,7 +512,7 @@ class BackplaneProtocol:
         if self.phase is not Phase.CLOSING:
             return
         if self._stopping:
-            self._enter(Phase.STOPPED, Input.CLOSED)
+            self._set_phase(Input.CLOSED_STOPPING, now)
             return
         self._set_phase(Input.CLOSED, now)
         # A session that lasted resets the backoff; flapping backs off further.
@@ -631,6 +637,7 @@ class BackplaneProtocol:
         """Leave an open phase: CloseLinks; what was in flight is forgotten."""
         self._commands.append(CloseLinks())
         self._step = None
+        self._flush_at = None
         self._ping_batch = -1
         self._ping_command_due = False
         self._setup_deadline = self._keepalive_at = self._refresh_at = self._reread_at = None

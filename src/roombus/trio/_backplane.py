@@ -11,12 +11,16 @@ keys, scripts and records); this module is its driver: the sockets
 One routine, :meth:`RedisBackplane._transmit`, runs after every call into the protocol:
 it takes the protocol's commands and carries them out (start a task, cancel the
 session), hands its events to the server, loops while either came back (handing events
-on can submit new work), and re-arms the timer from ``get_timer()``.
+on can submit new work), and re-arms the timer from ``get_timer()``. The one exception
+is the server's :meth:`~RedisBackplane.submit`: its ``_transmit`` is run by the command
+link's worker on its next turn, so that the work of one scheduler turn (many readers'
+chats) leaves in one pipeline.
 
 Tasks: one timer task for the backplane's life; per session, a nursery (cancelled by
-``CloseLinks``) holding the link openers, one task per ``Execute`` (a pipeline), one
-reader of the subscriber (``receive_many()`` -> ``messages()``, one call per burst),
-and one worker that carries out ``Listen``/``Unlisten``/``Ping`` in order.
+``CloseLinks``) holding the link openers, one worker per link that carries out its
+commands in order (``Execute`` pipelines on the command link; ``Listen``,
+``Unlisten`` and ``Ping`` on the subscriber), and one reader of the subscriber
+(``receive_many()`` -> ``messages()``, one call per burst).
 """
 
 from __future__ import annotations
@@ -136,8 +140,11 @@ class RedisBackplane:
         self._closing = False
         self._cmd: RedisConnection | None = None
         self._sub: RedisSubscriber | None = None
+        self._cmd_work: deque[Execute] = deque()
+        self._cmd_wake = trio.Event()
         self._sub_work: deque[Listen | Unlisten | Ping] = deque()
         self._sub_wake = trio.Event()
+        self._armed = math.inf  # the timer's deadline as last set
 
     def __repr__(self) -> str:
         return f"<RedisBackplane node={self.node_id!r} {self.address!r}>"
@@ -147,7 +154,9 @@ class RedisBackplane:
     def submit(self, work: list[BackplaneAction]) -> None:
         """Queue the broker's backplane work (from the server's trio thread)."""
         self.protocol.submit(work, trio.current_time())
-        self._transmit()
+        # The batch is taken by the command worker when it next runs (or by the
+        # _transmit under way): the rest of this scheduler turn's work joins it.
+        self._cmd_wake.set()
 
     async def wait_idle(self) -> None:
         """Until every queued piece of work was sent (or dropped for an outage)."""
@@ -210,15 +219,17 @@ class RedisBackplane:
         finally:
             self._transmitting = False
         deadline = proto.get_timer()
-        self._timer_scope.deadline = math.inf if deadline is None else deadline
+        armed = math.inf if deadline is None else deadline
+        if armed != self._armed:
+            self._armed = self._timer_scope.deadline = armed
         if self._idle is not None and proto.idle:
             self._idle.set()
             self._idle = None
 
     def _carry_out(self, command: DriverCommand) -> None:
         if isinstance(command, Execute):
-            assert self._session_nursery is not None
-            self._session_nursery.start_soon(self._execute, command)
+            self._cmd_work.append(command)
+            self._cmd_wake.set()
         elif isinstance(command, (Listen, Unlisten, Ping)):
             self._sub_work.append(command)
             self._sub_wake.set()
@@ -244,7 +255,7 @@ class RedisBackplane:
         while True:
             with trio.CancelScope() as scope:
                 deadline = self.protocol.get_timer()
-                scope.deadline = math.inf if deadline is None else deadline
+                self._armed = scope.deadline = math.inf if deadline is None else deadline
                 self._timer_scope = scope
                 await trio.sleep_forever()
             due = self.protocol.get_timer()
@@ -267,6 +278,7 @@ class RedisBackplane:
                         await link.aclose()
             self._cmd = self._sub = None
             self._sub_work.clear()
+            self._cmd_work.clear()
             self._session = None
             if self._closing:  # asked for: answer it (else the backplane is being cancelled)
                 self._call(self.protocol.links_closed)
@@ -284,6 +296,8 @@ class RedisBackplane:
     async def _open_command(self, command: OpenLink) -> None:
         async def open_it() -> None:
             self._cmd = await connect(command.address, connect_timeout=command.timeout)
+            assert self._session_nursery is not None
+            self._session_nursery.start_soon(self._guard, Link.COMMAND, self._cmd_worker)
             self._call(self.protocol.link_opened, Link.COMMAND)
 
         await self._guard(Link.COMMAND, open_it)
@@ -300,13 +314,23 @@ class RedisBackplane:
 
         await self._guard(Link.SUBSCRIBER, open_it)
 
-    async def _execute(self, command: Execute) -> None:
-        async def run() -> None:
-            assert self._cmd is not None
-            replies = await self._cmd.pipeline(command.commands)
-            self._call(self.protocol.replies, command.batch, replies)
-
-        await self._guard(Link.COMMAND, run)
+    async def _cmd_worker(self) -> None:
+        """Each Execute's pipeline, in turn. The protocol keeps one in flight, and its
+        answer queues the next one synchronously: this task sends it at once, without
+        waiting for a turn of the scheduler."""
+        cmd = self._cmd
+        assert cmd is not None
+        work = self._cmd_work
+        replies = self.protocol.replies
+        while True:
+            if not work:
+                self._transmit()  # what was submitted since it last looked
+            if not work:
+                self._cmd_wake = trio.Event()
+                await self._cmd_wake.wait()
+                continue
+            command = work.popleft()
+            self._call(replies, command.batch, await cmd.pipeline(command.commands))
 
     async def _read(self) -> None:
         sub = self._sub

@@ -16,7 +16,7 @@ from roombus import (
     TextReceived,
     Username,
 )
-from roombus._actions import Action
+from roombus.core.actions import Action
 
 TS = 1_700_000_000  # a fixed wall-clock timestamp
 

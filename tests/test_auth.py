@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from roombus._auth import (
+from roombus.core.auth import (
     MAX_ROOM_PATTERN_LENGTH,
     MAX_ROOM_PATTERNS,
     MAX_TOKEN_LENGTH,
@@ -33,8 +33,8 @@ from roombus._auth import (
     selected_subprotocol,
     token_from_request,
 )
-from roombus._errors import ConfigError
-from roombus._types import RoomName, Username, is_valid_username
+from roombus.core.errors import ConfigError
+from roombus.core.names import RoomName, Username, is_valid_username
 
 from .strategies import json_values
 

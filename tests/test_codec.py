@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import _codec as codec
+from roombus.core import codec
 
 from .strategies import json_values, rooms
 

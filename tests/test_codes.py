@@ -1,11 +1,11 @@
-"""Close codes have one home (``roombus._codes``), named as wsproto names them."""
+"""Close codes have one home (``roombus.core.codes``), named as wsproto names them."""
 
 from __future__ import annotations
 
 from wsproto.frame_protocol import CloseReason
 
 from roombus import PING_TIMEOUT_CODE, _broker, _wire
-from roombus._codes import CloseCode
+from roombus.core.codes import CloseCode
 
 
 def test_every_code_is_wsprotos_of_the_same_name() -> None:

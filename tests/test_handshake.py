@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus._handshake import HttpResponse, Upgrade, accept_token, route_request
+from roombus.server.handshake import HttpResponse, Upgrade, accept_token, route_request
 
 KEY = base64.b64encode(b"0123456789abcdef")
 UPGRADE = [

@@ -8,8 +8,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, TextMessage
 
 from roombus import BrokerConfig, ServerConfig
-from roombus._sendqueue import SendQueue
 from roombus.hub import Hub
+from roombus.server.queues import SendQueue
 
 KEY = base64.b64encode(b"0123456789abcdef")
 

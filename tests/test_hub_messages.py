@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from roombus import BrokerConfig, ConfigError, ConnectionId, LocalProtocolError, ServerConfig
-from roombus._handshake import HttpResponse
-from roombus._sendqueue import CloseMessage, MessageQueue
 from roombus.hub import Hub
+from roombus.server.handshake import HttpResponse
+from roombus.server.queues import CloseMessage, MessageQueue
 
 TS = 1_700_000_000
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

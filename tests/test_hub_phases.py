@@ -1,5 +1,5 @@
 """
-The hub's connection phases: one table (``roombus._hub.PHASES``), applied by one
+The hub's connection phases: one table (``roombus.server.hub.PHASES``), applied by one
 function. Every row is reached by a hub input, nothing outside it is ever applied,
 and docs/design.md carries the table.
 """
@@ -13,7 +13,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection
 
 from roombus import BrokerConfig, ServerConfig, _hub
-from roombus._errors import LocalProtocolError
+from roombus.core.errors import LocalProtocolError
 from roombus.hub import Hub
 
 from .test_hub import connect, written

@@ -39,29 +39,11 @@ RANKS: Final = {
 #: root ``roombus`` entry, which covers ``roombus/__init__.py`` only. A module of
 #: ``src/roombus`` that matches no entry fails :func:`test_every_module_has_a_layer`.
 LAYERS: Final = {
-    "roombus._actions": "core",
-    "roombus._auth": "core",  # Identity, RoomRules, Authorizer (the server half moves up)
-    "roombus._broker": "core",
-    "roombus._codec": "core",
-    "roombus._codes": "core",
-    "roombus._config": "core",  # BrokerConfig (ServerConfig moves to the server layer)
-    "roombus._errors": "core",
-    "roombus._events": "core",
-    "roombus._heartbeat": "core",
-    "roombus._ratelimit": "core",
-    "roombus._registry": "core",
-    "roombus._types": "core",
+    "roombus.core": "core",
     "roombus._version": "core",
-    "roombus._handshake": "server",
-    "roombus._hub": "server",
-    "roombus._sendqueue": "server",
-    "roombus._wire": "server",
-    "roombus._backplane": "cluster",
-    "roombus._cluster": "cluster",
-    "roombus._records": "cluster",
-    "roombus._schema": "cluster",
-    "roombus._resp": "cluster",
-    "roombus._facade": "node",
+    "roombus.server": "server",
+    "roombus.cluster": "cluster",
+    "roombus.node": "node",
     "roombus.trio": "trio",
     "roombus.asyncio": "asyncio",
     "roombus.asgi": "asgi",
@@ -104,8 +86,8 @@ THIRD_PARTY: Final = {
     "asyncio": frozenset({"attrs"}),
     # it runs on either loop; sniffio tells anyio which, in the backplane's callbacks
     "asgi": frozenset({"attrs", "anyio", "sniffio", "trio"}),
-    "roombus._wire": frozenset({"h11", "wsproto"}),
-    "roombus._resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
+    "roombus.server.wire": frozenset({"h11", "wsproto"}),
+    "roombus.cluster.resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
 }
 
 #: Event loops each adapter may import (the others' are not its business).
@@ -117,7 +99,7 @@ LOOPS: Final = {
 
 #: Standard modules a module of a lower layer may import all the same.
 STDLIB_ALLOWED: Final = {
-    "roombus._facade": frozenset({"time"}),  # wall(): the adapters' clock
+    "roombus.node.facade": frozenset({"time"}),  # wall(): the adapters' clock
 }
 
 #: ``(importer, imported)`` allowed across the rules: the ASGI app picks a backplane
@@ -136,13 +118,13 @@ SHIMS: Final[frozenset[str]] = frozenset()
 KNOWN: Final = frozenset(
     {
         # ServerConfig validates origins with the handshake's normalize_origin.
-        "roombus._config -> roombus._handshake (core 0 -> server 1)",
+        "roombus.core.config -> roombus.server.handshake (core 0 -> server 1)",
         # The broker runs the cluster protocol too (ClusterBroker moves out).
-        "roombus._broker -> roombus._cluster (core 0 -> cluster 1)",
-        "roombus._broker -> roombus._records (core 0 -> cluster 1)",
+        "roombus.core.broker -> roombus.cluster.room (core 0 -> cluster 1)",
+        "roombus.core.broker -> roombus.cluster.records (core 0 -> cluster 1)",
         # The JWT authenticator lives with the core's Identity and Authorizer.
-        "roombus._auth imports jwt (third party, core)",
-        "roombus._auth imports cryptography (third party, core)",
+        "roombus.core.auth imports jwt (third party, core)",
+        "roombus.core.auth imports cryptography (third party, core)",
         # create_app reads its settings with the command line's parser.
         "roombus.asgi -> roombus._cli (asgi 3 -> root 4)",
     }
@@ -272,23 +254,23 @@ def test_the_checker_sees_lazy_relative_and_type_only_imports(tmp_path: Path) ->
     path = tmp_path / "m.py"
     path.write_text(
         "from typing import TYPE_CHECKING\n"
-        "from .. import _codec as codec, nothing\n"
+        "from ..core import codec, nothing\n"
         "from . import _redis\n"
         "if TYPE_CHECKING:\n"
-        "    from .._hub import Hub\n"
+        "    from ..server.hub import Hub\n"
         "def f():\n"
         "    import socket\n"
         "    from ..asgi import create_app\n",
         encoding="utf-8",
     )
-    known = {m: Path() for m in ("roombus._codec", "roombus.trio._redis", "roombus._hub")}
+    known = {m: Path() for m in ("roombus.core.codec", "roombus.trio._redis", "roombus.server.hub")}
     # As if it were src/roombus/trio/m.py: "." is roombus.trio, ".." is roombus.
     assert imports("roombus.trio.m", path, known) == {
         "typing",
-        "roombus",  # `nothing` is a name of the package
-        "roombus._codec",
+        "roombus.core",  # `nothing` is a name of the package
+        "roombus.core.codec",
         "roombus.trio._redis",
-        "roombus._hub",
+        "roombus.server.hub",
         "socket",
         "roombus.asgi",  # create_app is a name of it
     }
@@ -297,7 +279,7 @@ def test_the_checker_sees_lazy_relative_and_type_only_imports(tmp_path: Path) ->
 def test_layer_of_takes_the_longest_match() -> None:
     assert layer_of("roombus") == "root"
     assert layer_of("roombus.trio._redis") == "trio"
-    assert layer_of("roombus._broker") == "core"
+    assert layer_of("roombus.core.broker") == "core"
     assert layer_of("roombus._new") is None  # the root entry covers no submodule
 
 

@@ -21,9 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import Broker, BrokerConfig, Username, is_valid_username
-from roombus._auth import MAX_CLAIMS_DEPTH, Identity, JWTAuthenticator, Refusal, RoomRules
-from roombus._codec import BAD_MESSAGE, decode_request, encode_chat
-from roombus._handshake import HttpResponse, Upgrade, route_request, route_websocket
+from roombus.core.auth import MAX_CLAIMS_DEPTH, Identity, JWTAuthenticator, Refusal, RoomRules
+from roombus.core.codec import BAD_MESSAGE, decode_request, encode_chat
+from roombus.server.handshake import HttpResponse, Upgrade, route_request, route_websocket
 
 from .helpers import connect, inbox, send
 
@@ -264,8 +264,8 @@ def test_one_grammar_for_rooms_node_ids_and_the_bundled_page() -> None:
     checks a room name with the same pattern before it connects."""
     from importlib import resources
 
-    from roombus._cluster import is_valid_node_id
-    from roombus._types import TOKEN_PATTERN, is_token, is_valid_room
+    from roombus.cluster.room import is_valid_node_id
+    from roombus.core.names import TOKEN_PATTERN, is_token, is_valid_room
 
     for name in ("a", "x" * 64, "a.b:c-d_e", "", "x" * 65, "a b", "{a}", "é"):
         assert is_valid_room(name) == is_valid_node_id(name) == is_token(name)

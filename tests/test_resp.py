@@ -1,4 +1,4 @@
-"""The sans-IO RESP module (roombus._resp): no server, no sockets.
+"""The sans-IO RESP module (roombus.cluster.resp): no server, no sockets.
 
 The client over it (tests/redis) runs against a real ``redis-server``; here are the
 pieces that need none: encoding, parsing split at any byte, the login commands and the
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus._resp import (
+from roombus.cluster.resp import (
     INCOMPLETE,
     SHARDED_PROBE,
     VERSION_PROBE,
@@ -316,7 +316,7 @@ def test_sharded_from_info(info: Any, sharded: bool) -> None:
 def test_addresses_need_no_hiredis_and_encoding_names_the_extra() -> None:
     code = (
         "import sys; sys.modules['hiredis'] = None\n"
-        "from roombus import _resp\n"
+        "from roombus.cluster import resp as _resp\n"
         "assert str(_resp.parse_redis_url('redis://h:1/2')) == 'h:1 db 2'\n"
         "assert _resp.handshake_commands(_resp.parse_redis_url('redis://h/2'))\n"
         "for make in (_resp.new_reader, _resp.packer, _resp.require_hiredis):\n"

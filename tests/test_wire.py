@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from roombus._handshake import Upgrade, route_request
-from roombus._wire import (
+from roombus.server.handshake import Upgrade, route_request
+from roombus.server.wire import (
     FRAGMENT_OVERHEAD,
     BadRequest,
     Closed,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from wsproto.events import TextMessage
 
-from roombus._handshake import HttpResponse, Upgrade, route_request
-from roombus._wire import (
+from roombus.server.handshake import HttpResponse, Upgrade, route_request
+from roombus.server.wire import (
     FRAGMENT_OVERHEAD,
     MAX_FRAGMENTS,
     BadRequest,

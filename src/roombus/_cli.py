@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._auth import JWTAuthenticator
-from ._config import BrokerConfig, ServerConfig
-from ._errors import ConfigError
 from ._version import __version__
+from .core.auth import JWTAuthenticator
+from .core.config import BrokerConfig, ServerConfig
+from .core.errors import ConfigError
 
 if TYPE_CHECKING:
     from .asyncio import RedisBackplane as AsyncioBackplane

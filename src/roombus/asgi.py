@@ -15,7 +15,7 @@ Theory of operation
 An ASGI server parses HTTP, frames WebSocket messages, answers pings and runs the
 close handshake, so the app drives a :class:`~roombus.hub.Hub` made with
 ``framed=False``: whole messages in (:meth:`~roombus.hub.Hub.receive_message`),
-whole messages out (a :class:`~roombus._sendqueue.MessageQueue` per connection).
+whole messages out (a :class:`~roombus.server.queues.MessageQueue` per connection).
 Each connection is the server's task running :meth:`RoombusASGI.__call__`: it reads
 (``receive()``) and feeds the hub, while a *writer* task sends its queue, one
 ``send()`` per message; a send that waits on a slow client leaves the rest in the
@@ -65,18 +65,18 @@ try:  # anyio asks it which library runs, when it is installed
 except ModuleNotFoundError:  # pragma: no cover - depends on the installation
     sniffio = None  # type: ignore[assignment]
 
-from ._actions import BackplaneAction
-from ._auth import Authenticator, Authorizer
-from ._codes import CloseCode
-from ._config import BrokerConfig, ServerConfig
-from ._errors import ConfigError
-from ._events import Event
-from ._facade import ServerFacade
-from ._facade import wall as _wall
-from ._handshake import HttpResponse, Upgrade, route_request
-from ._hub import Hub, NoticeHook
-from ._sendqueue import MessageQueue
-from ._types import ConnectionId, RoomName
+from .core.actions import BackplaneAction
+from .core.auth import Authenticator, Authorizer
+from .core.codes import CloseCode
+from .core.config import BrokerConfig, ServerConfig
+from .core.errors import ConfigError
+from .core.events import Event
+from .core.names import ConnectionId, RoomName
+from .node.facade import ServerFacade
+from .node.facade import wall as _wall
+from .server.handshake import HttpResponse, Upgrade, route_request
+from .server.hub import Hub, NoticeHook
+from .server.queues import MessageQueue
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

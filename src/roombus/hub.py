@@ -14,7 +14,7 @@ Importing this module needs wsproto and h11 (the wire layer), not trio.
 
 from __future__ import annotations
 
-from ._hub import Hub as Hub
-from ._hub import NoticeHook as NoticeHook
+from .server.hub import Hub as Hub
+from .server.hub import NoticeHook as NoticeHook
 
 __all__ = ["Hub", "NoticeHook"]

@@ -32,7 +32,7 @@ from roombus import (
     Unsubscribe,
     Username,
 )
-from roombus._backplane import (
+from roombus.cluster.protocol import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
     KEEPALIVE,
@@ -49,8 +49,8 @@ from roombus._backplane import (
     Unlisten,
     render_link_table,
 )
-from roombus._resp import SHARDED_PROBE, VERSION_PROBE, RedisError
-from roombus._schema import SCRIPTS, channel, script_source
+from roombus.cluster.resp import SHARDED_PROBE, VERSION_PROBE, RedisError
+from roombus.cluster.schema import SCRIPTS, channel, script_source
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL = 3.0

@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from roombus import Username
-from roombus._records import (
+from roombus.cluster.records import (
     ChatRecord,
     PresenceRecord,
     encode_chat,

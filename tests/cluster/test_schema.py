@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import Announce, RecordReceived, Relay, RoomName, RoomSynced, Username
-from roombus._schema import (
+from roombus.cluster.schema import (
     KEY_TTL_MS,
     SCRIPTS,
     channel,

@@ -20,7 +20,7 @@ implements it with Redis):
 * ``Relay(room, ref, prefix)``: ``seq = INCR``; publish ``m <seq> <node> <ref> <prefix>``.
 * ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
   set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
-  (The records are built by ``roombus._records``, as the driver's scripts build them.)
+  (The records are built by ``roombus.cluster.records``, as the driver's scripts build them.)
 * Each node has one connection: its commands run in the order asked for, interleaved
   with other nodes'. A subscribe's snapshot read is a step of its own, some time after
   the subscribe (the node's reads in order; its later commands may run first).
@@ -55,7 +55,7 @@ from roombus import (
     Subscribe,
     Unsubscribe,
 )
-from roombus._records import encode_chat, encode_presence
+from roombus.cluster.records import encode_chat, encode_presence
 
 
 @attrs.define

@@ -347,7 +347,7 @@ def test_joining_a_crowd_does_not_encode_the_member_list_again_per_join(
     joiner's presence_state is built from pieces the room keeps, not by sorting and
     JSON-encoding all N names again: what is JSON-encoded grows with N, not N^2.
     """
-    from roombus import _codec
+    from roombus.core import codec as _codec
 
     encoded = 0
     dumps = _codec._dumps

@@ -296,7 +296,7 @@ class Pipe:
     One connection's SendQueue, the frames the policy says must go out, and the bytes
     its receiver read so far.
 
-    The policy (see ``_sendqueue``): ``data()`` joins every waiting frame into one
+    The policy (see ``roombus.server.queues``): ``data()`` joins every waiting frame into one
     chunk, written until done; a data frame counts against the bounds until its chunk
     is completely written; dropping keeps a chunk already partly written.
     """

@@ -90,7 +90,7 @@ from roombus import (
     UserLeft,
     Username,
 )
-from roombus._records import ChatRecord, PresenceRecord, parse_record
+from roombus.cluster.records import ChatRecord, PresenceRecord, parse_record
 
 from .cluster_model import ModelBackplane, Record, Snapshot
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import Heartbeat, HeartbeatState, LocalProtocolError
-from roombus._heartbeat import TRANSITIONS, Beat
+from roombus.core.heartbeat import TRANSITIONS, Beat
 
 from ..strategies import durations
 

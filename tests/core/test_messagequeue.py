@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import QueueState
-from roombus._sendqueue import CloseMessage, MessageQueue, OutMessage
+from roombus.server.queues import CloseMessage, MessageQueue, OutMessage
 
 BYE = CloseMessage(1008, "bye")
 

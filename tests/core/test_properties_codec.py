@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import _codec as codec
+from roombus.core import codec
 
 from ..strategies import json_values
 

@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roombus._handshake import HttpResponse, Upgrade, route_request
+from roombus.server.handshake import HttpResponse, Upgrade, route_request
 
 KEY = base64.b64encode(b"0123456789abcdef")
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import QueueState, SendQueue
-from roombus._sendqueue import ByteBudget, CloseMessage, MessageQueue
+from roombus.server.queues import ByteBudget, CloseMessage, MessageQueue
 
 ops = st.lists(
     st.one_of(

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import BrokerConfig, Close, ConfigError
-from roombus._ratelimit import RateDecision, RateLimiter
+from roombus.core.ratelimit import RateDecision, RateLimiter
 
 from ..helpers import cid, connect, inbox, make_broker, send
 

@@ -24,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from roombus import Username
-from roombus._auth import Identity, JWTAuthenticator
+from roombus.core.auth import Identity, JWTAuthenticator
 
 from .conftest import Client
 from .rawws import (

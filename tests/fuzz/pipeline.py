@@ -30,8 +30,8 @@ from roombus import (
     SendPing,
     TextReceived,
 )
-from roombus._handshake import Upgrade, route_request
-from roombus._wire import (
+from roombus.server.handshake import Upgrade, route_request
+from roombus.server.wire import (
     PING_FRAME,
     BadRequest,
     Closed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus._wire import FRAGMENT_OVERHEAD
+from roombus.server.wire import FRAGMENT_OVERHEAD
 
 from .pipeline import CONFIG, MAX_MESSAGE, HttpAnswer, Pipeline, WebSocketAnswer, read_answer
 from .test_fuzz_frames import check

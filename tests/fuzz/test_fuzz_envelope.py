@@ -22,7 +22,7 @@ from roombus import (
     TextReceived,
     Username,
 )
-from roombus import _codec as codec
+from roombus.core import codec
 
 from ..strategies import json_values
 from .pipeline import CONFIG, ENVELOPE_TYPES, ERROR_CODES, TS

@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roombus import BrokerConfig, ServerConfig
-from roombus._auth import MAX_CLAIMS_DEPTH, JWTAuthenticator
-from roombus._handshake import HttpResponse, Upgrade, route_request
+from roombus.core.auth import MAX_CLAIMS_DEPTH, JWTAuthenticator
 from roombus.hub import Hub
+from roombus.server.handshake import HttpResponse, Upgrade, route_request
 
 from .pipeline import HttpAnswer, Pipeline, WebSocketAnswer, read_answer
 

@@ -1,7 +1,7 @@
 """The asyncio backplane driver against a real ``redis-server``, with recording hosts.
 
 Two backplanes on one Redis: listening and snapshots, records both ways (as
-:mod:`roombus._records` encodes them), the link lost and restored with the server,
+:mod:`roombus.cluster.records` encodes them), the link lost and restored with the server,
 and the goodbyes before close. (A node killed, and its users reaped by the others'
 refresh, is in tests/cluster/test_nodes.py, with real processes.)
 """
@@ -23,10 +23,10 @@ from roombus import (
     RoomSynced,
     Subscribe,
 )
-from roombus._events import Event, RecordReceived
-from roombus._records import encode_chat, encode_presence
-from roombus._types import RoomName, Username
 from roombus.asyncio import RedisBackplane
+from roombus.cluster.records import encode_chat, encode_presence
+from roombus.core.events import Event, RecordReceived
+from roombus.core.names import RoomName, Username
 
 from .conftest import RedisProcess
 

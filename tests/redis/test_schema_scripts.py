@@ -1,7 +1,7 @@
 """The schema's Lua scripts on a real ``redis-server`` publish what the Python encoders write.
 
 Random Relay/Announce sequences from two nodes into two rooms go through the scripts
-(:func:`roombus._schema.command_for`); the records Redis publishes must be, in order,
+(:func:`roombus.cluster.schema.command_for`); the records Redis publishes must be, in order,
 ``encode_chat``/``encode_presence`` of what a model of the scripts expects, and the
 snapshot must read back as the model's presence. Bounded by ``trio.fail_after``;
 loopback only.
@@ -15,8 +15,8 @@ import pytest
 
 import trio
 from roombus import Announce, RecordReceived, Relay, RoomName, Username
-from roombus._records import encode_chat, encode_presence, parse_record
-from roombus._schema import (
+from roombus.cluster.records import encode_chat, encode_presence, parse_record
+from roombus.cluster.schema import (
     SCRIPTS,
     channel,
     command_for,

@@ -1,9 +1,9 @@
 """
-The Redis backplane for asyncio: a driver of :class:`roombus._backplane.BackplaneProtocol`.
+The Redis backplane for asyncio: a driver of :class:`roombus.cluster.protocol.BackplaneProtocol`.
 
 Every decision -- when to connect and back off, what to send, what a reply means, when a
-link is dead -- is the protocol's (see :mod:`roombus._backplane`; the keys, scripts and
-records are :mod:`roombus._schema`'s and :mod:`roombus._records`'s). This module owns
+link is dead -- is the protocol's (see :mod:`roombus.cluster.protocol`; the keys, scripts and
+records are :mod:`roombus.cluster.schema`'s and :mod:`roombus.cluster.records`'s). This module owns
 what the protocol cannot: two connections (:mod:`roombus.asyncio._redis`, an
 :class:`asyncio.Protocol` each), one ``loop.call_at`` timer, and the loop's clock.
 
@@ -38,8 +38,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from .._actions import BackplaneAction
-from .._backplane import (
+from ..cluster.protocol import (
     BackplaneProtocol,
     BackplaneStatistics,
     CloseLinks,
@@ -51,9 +50,10 @@ from .._backplane import (
     Ping,
     Unlisten,
 )
-from .._events import Event
-from .._resp import RedisAddress
-from .._types import RoomName
+from ..cluster.resp import RedisAddress
+from ..core.actions import BackplaneAction
+from ..core.events import Event
+from ..core.names import RoomName
 from ._redis import (
     Confirmation,
     RedisConnection,

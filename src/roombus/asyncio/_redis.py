@@ -1,7 +1,7 @@
 """
 A minimal Redis client for asyncio, on hiredis: what a pub/sub backplane needs, no more.
 
-:mod:`roombus._resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
+:mod:`roombus.cluster.resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
 commands to bytes, bytes to replies, the login and the sharded pub/sub probe. This module
 does the I/O. It needs hiredis (``pip install 'roombus[redis]'``) to be imported.
 
@@ -43,7 +43,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-from .._resp import (
+from ..cluster.resp import (
     SHARDED_PROBE,
     VERSION_PROBE,
     Arg,
@@ -475,7 +475,7 @@ class RedisSubscriber(_Link):
 async def _open(
     address: RedisAddress, connect_timeout: float, factory: Callable[[], _Link]
 ) -> _Link:
-    """Connect, log in (:func:`roombus._resp.handshake_commands`, pipelined) and PING."""
+    """Connect, log in (:func:`roombus.cluster.resp.handshake_commands`, pipelined) and PING."""
     loop = asyncio.get_running_loop()
     link: _Link | None = None
 

@@ -42,15 +42,15 @@ from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Final, Protocol, final
 
-from .._actions import BackplaneAction
-from .._auth import Authenticator, Authorizer
-from .._config import BrokerConfig, ServerConfig
-from .._events import Event
-from .._facade import ServerFacade
-from .._facade import wall as _wall
-from .._hub import Hub, NoticeHook
-from .._sendqueue import SendQueue
-from .._types import ConnectionId, RoomName
+from ..core.actions import BackplaneAction
+from ..core.auth import Authenticator, Authorizer
+from ..core.config import BrokerConfig, ServerConfig
+from ..core.events import Event
+from ..core.names import ConnectionId, RoomName
+from ..node.facade import ServerFacade
+from ..node.facade import wall as _wall
+from ..server.hub import Hub, NoticeHook
+from ..server.queues import SendQueue
 
 
 class Backplane(Protocol):

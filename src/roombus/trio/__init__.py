@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._hub import NoticeHook as NoticeHook
+from ..server.hub import NoticeHook as NoticeHook
 from ._server import Server as Server
 from ._server import run_server as run_server
 from ._server import serve as serve

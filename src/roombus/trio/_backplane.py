@@ -2,9 +2,9 @@
 The Redis backplane for trio: several roombus nodes serving the same rooms.
 
 The broker (in cluster mode) asks for backplane work as actions and takes what the
-other nodes did as events. :class:`roombus._backplane.BackplaneProtocol` decides
+other nodes did as events. :class:`roombus.cluster.protocol.BackplaneProtocol` decides
 everything about the link to Redis (the session sequence, reconnecting with backoff,
-batching, keepalive, refresh; see its docstring, and :mod:`roombus._schema` for the
+batching, keepalive, refresh; see its docstring, and :mod:`roombus.cluster.schema` for the
 keys, scripts and records); this module is its driver: the sockets
 (:mod:`roombus.trio._redis`), the tasks and the clock, nothing else.
 
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
-from .._backplane import (
+from ..cluster.protocol import (
     BackplaneProtocol,
     BackplaneStatistics,
     CloseLinks,
@@ -49,7 +49,7 @@ from .._backplane import (
     Ping,
     Unlisten,
 )
-from .._resp import RedisError
+from ..cluster.resp import RedisError
 from ._redis import (
     RedisConnection,
     RedisConnectionError,
@@ -59,9 +59,9 @@ from ._redis import (
 )
 
 if TYPE_CHECKING:
-    from .._actions import BackplaneAction
-    from .._events import Event
-    from .._types import RoomName
+    from ..core.actions import BackplaneAction
+    from ..core.events import Event
+    from ..core.names import RoomName
     from ._redis import RedisAddress
 
 log: Final = logging.getLogger("roombus.backplane")

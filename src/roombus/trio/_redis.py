@@ -1,7 +1,7 @@
 """
 A minimal Redis client for trio, on hiredis: what a pub/sub backplane needs, no more.
 
-:mod:`roombus._resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
+:mod:`roombus.cluster.resp` does the protocol (RESP2, with hiredis's encoder and parser): URLs,
 commands to bytes, bytes to replies, the login and the sharded pub/sub probe. This module
 does the I/O. It needs hiredis (``pip install 'roombus[redis]'``) to be imported.
 
@@ -49,7 +49,7 @@ import attrs
 
 import trio
 
-from .._resp import (
+from ..cluster.resp import (
     INCOMPLETE,
     SHARDED_PROBE,
     VERSION_PROBE,
@@ -514,7 +514,7 @@ class RedisSubscriber(_Wire):
 
 
 async def _handshake(stream: trio.SocketStream, address: RedisAddress) -> None:
-    """Log in, select the db and PING (:func:`roombus._resp.handshake_commands`), pipelined
+    """Log in, select the db and PING (:func:`roombus.cluster.resp.handshake_commands`), pipelined
     in one round trip; raise the first error reply.
     """
     commands = handshake_commands(address)

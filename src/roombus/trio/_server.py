@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from .._auth import Authenticator, Authorizer
-from .._config import BrokerConfig, ServerConfig
-from .._events import Event
-from .._facade import ServerFacade
-from .._facade import wall as _wall
-from .._hub import Hub, NoticeHook
-from .._sendqueue import SendQueue
-from .._types import ConnectionId, RoomName
+from ..core.auth import Authenticator, Authorizer
+from ..core.config import BrokerConfig, ServerConfig
+from ..core.events import Event
+from ..core.names import ConnectionId, RoomName
+from ..node.facade import ServerFacade
+from ..node.facade import wall as _wall
+from ..server.hub import Hub, NoticeHook
+from ..server.queues import SendQueue
 
 if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
     from ._backplane import RedisBackplane

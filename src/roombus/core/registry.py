@@ -12,8 +12,8 @@ from bisect import bisect_left
 
 import attrs
 
-from ._codec import user_literal
-from ._types import ConnectionId, RoomName, Username
+from .codec import user_literal
+from .names import ConnectionId, RoomName, Username
 
 #: A table (a room's dicts, the connection tables) is copied smaller once it held at
 #: least this many entries...

@@ -12,7 +12,7 @@ a backplane driver sends what these build and hands back what Redis answers.
   counter per room for the whole cluster and every node, the sender's included,
   delivers messages in the same order.
 * ``<prefix>:{<room>}:p`` is the room's presence, a sorted set of members
-  ``"<node> <username>"`` (:func:`~roombus._records.member`), one per user per node,
+  ``"<node> <username>"`` (:func:`~roombus.cluster.records.member`), one per user per node,
   scored with its expiry (server time, ms). ``<prefix>:{<room>}:v`` counts its
   changes: each publishes a ``j``/``l`` record numbered by it, so a node reading a
   snapshot knows which records it reflects. ``announce`` adds or removes a member;
@@ -22,7 +22,7 @@ a backplane driver sends what these build and hands back what Redis answers.
 * Keys of a room idle for :data:`KEY_TTL_MS` (no message, no presence change) are
   left to expire.
 
-The record text the scripts publish comes from :mod:`roombus._records`.
+The record text the scripts publish comes from :mod:`roombus.cluster.records`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
-from ._actions import Announce, Relay
-from ._events import Event, RecordReceived, RoomSynced
-from ._records import lua_chat_record, lua_presence_record, member, parse_member
-from ._types import TOKEN_PATTERN, RoomName
+from ..core.actions import Announce, Relay
+from ..core.events import Event, RecordReceived, RoomSynced
+from ..core.names import TOKEN_PATTERN, RoomName
+from .records import lua_chat_record, lua_presence_record, member, parse_member
 
 #: One argument of a Redis command, and a command.
 Arg: TypeAlias = "bytes | str | int"

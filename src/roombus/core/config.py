@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 import attrs
 
-from ._errors import ConfigError
-from ._handshake import normalize_origin
+from ..server.handshake import normalize_origin
+from .errors import ConfigError
 
 #: Room for the envelope around content of the maximum inbound size
 #: (username, room, timestamp, seq and JSON escaping of the short fields).

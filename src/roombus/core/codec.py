@@ -14,7 +14,7 @@ from json.encoder import encode_basestring
 
 import attrs
 
-from ._types import RoomName, is_valid_room
+from .names import RoomName, is_valid_room
 
 # Error codes of the protocol's ``error`` envelope.
 BAD_JSON = "bad_json"

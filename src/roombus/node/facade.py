@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ._hub import Hub
+from ..server.hub import Hub
 
 
 def wall() -> int:

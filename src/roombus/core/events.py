@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import attrs
 
-from ._auth import Identity
-from ._types import ConnectionId, RoomName, Username
+from .auth import Identity
+from .names import ConnectionId, RoomName, Username
 
 
 @attrs.frozen(kw_only=True)

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Final, final
 
 import attrs
 
-from . import _codec as codec
-from ._actions import (
+from ..cluster.records import ChatRecord, PresenceRecord, parse_record
+from ..cluster.room import ClusterRoom, is_valid_node_id
+from . import codec
+from .actions import (
     Action,
     Announce,
     Close,
@@ -29,12 +31,11 @@ from ._actions import (
     UserJoined,
     UserLeft,
 )
-from ._auth import Authorizer, Identity
-from ._cluster import ClusterRoom, is_valid_node_id
-from ._codes import CloseCode
-from ._config import BrokerConfig
-from ._errors import ConfigError, LocalProtocolError
-from ._events import (
+from .auth import Authorizer, Identity
+from .codes import CloseCode
+from .config import BrokerConfig
+from .errors import ConfigError, LocalProtocolError
+from .events import (
     BackplaneLost,
     BackplaneRestored,
     ClientConnected,
@@ -45,11 +46,10 @@ from ._events import (
     RoomSynced,
     TextReceived,
 )
-from ._heartbeat import Heartbeat, HeartbeatState
-from ._ratelimit import RateDecision, RateLimiter
-from ._records import ChatRecord, PresenceRecord, parse_record
-from ._registry import Registry, worth_shrinking
-from ._types import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
+from .heartbeat import Heartbeat, HeartbeatState
+from .names import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
+from .ratelimit import RateDecision, RateLimiter
+from .registry import Registry, worth_shrinking
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

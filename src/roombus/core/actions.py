@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import attrs
 
-from ._types import ConnectionId, RoomName, Username
+from .names import ConnectionId, RoomName, Username
 
 
 @attrs.frozen(kw_only=True)

@@ -27,13 +27,13 @@ handshake, frames, pings and the close handshake itself) drives a hub made with
 ``framed=False`` instead, through two other inputs and one other output:
 
 * An upgrade request: ``hub.open_websocket(target, headers, now=..., ...)`` returns
-  the :class:`~roombus._handshake.HttpResponse` to refuse it with, or the id of an
+  the :class:`~roombus.server.handshake.HttpResponse` to refuse it with, or the id of an
   open connection: accept the WebSocket, then send its queue.
 * A whole message from it: :meth:`Hub.receive_message` (``str`` for text, ``bytes``
   for binary). Its end: :meth:`Hub.lost`.
 * :meth:`Hub.take_dirty_messages` (not ``take_dirty``) lists connections with
-  messages to send: a :class:`~roombus._sendqueue.MessageQueue` of UTF-8 payloads and,
-  last, a :class:`~roombus._sendqueue.CloseMessage`. Report each one sent with
+  messages to send: a :class:`~roombus.server.queues.MessageQueue` of UTF-8 payloads and,
+  last, a :class:`~roombus.server.queues.CloseMessage`. Report each one sent with
   ``queue.consume(1)``, and call :meth:`Hub.flushed` once the queue is empty.
 
 Such a hub has no heartbeat (the server pings; ``BrokerConfig.heartbeat`` must be
@@ -72,7 +72,7 @@ import logging
 from collections.abc import Callable
 from typing import Final, cast
 
-from ._actions import (
+from ..core.actions import (
     Action,
     BackplaneAction,
     Close,
@@ -83,16 +83,16 @@ from ._actions import (
     UserJoined,
     UserLeft,
 )
-from ._auth import Authenticator, Authorizer, ClaimsAuthorizer
-from ._broker import Broker
-from ._config import BrokerConfig, ServerConfig
-from ._errors import ConfigError, LocalProtocolError
-from ._events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
-from ._handshake import HttpResponse, Upgrade, route_request, route_websocket
-from ._registry import worth_shrinking
-from ._sendqueue import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
-from ._types import ConnectionId, Headers
-from ._wire import (
+from ..core.auth import Authenticator, Authorizer, ClaimsAuthorizer
+from ..core.broker import Broker
+from ..core.config import BrokerConfig, ServerConfig
+from ..core.errors import ConfigError, LocalProtocolError
+from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
+from ..core.names import ConnectionId, Headers
+from ..core.registry import worth_shrinking
+from .handshake import HttpResponse, Upgrade, route_request, route_websocket
+from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
+from .wire import (
     GOING_AWAY,
     MESSAGE_TOO_BIG,
     PING_FRAME,

@@ -1,7 +1,7 @@
 """
 The broker's view of the other nodes of a cluster: one room's remote presence.
 
-The records the nodes exchange (and their format) are in :mod:`roombus._records`.
+The records the nodes exchange (and their format) are in :mod:`roombus.cluster.records`.
 Nothing here does I/O: the backplane driver publishes and reads the records.
 """
 
@@ -12,8 +12,8 @@ from typing import Final
 
 import attrs
 
-from ._records import PresenceRecord
-from ._types import Username, is_token
+from ..core.names import Username, is_token
+from .records import PresenceRecord
 
 #: Records of a room that may wait for its snapshot before it must be read again.
 MAX_BUFFERED: Final = 10_000

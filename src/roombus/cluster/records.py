@@ -33,7 +33,7 @@ from typing import Final
 
 import attrs
 
-from ._types import TOKEN_PATTERN, Username, is_valid_username
+from ..core.names import TOKEN_PATTERN, Username, is_valid_username
 
 _NUMBER: Final = rb"(0|[1-9][0-9]{0,18})"
 _NODE: Final = b"(" + TOKEN_PATTERN.encode() + b")"

@@ -33,7 +33,7 @@ from typing import Final
 
 import attrs
 
-from ._errors import LocalProtocolError
+from .errors import LocalProtocolError
 
 
 class HeartbeatState(enum.Enum):

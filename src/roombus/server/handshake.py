@@ -17,8 +17,8 @@ from urllib.parse import parse_qsl
 
 import attrs
 
-from ._auth import Authenticator, Identity, Refusal, selected_subprotocol
-from ._types import Headers, RoomName, Username, is_valid_room, is_valid_username
+from ..core.auth import Authenticator, Identity, Refusal, selected_subprotocol
+from ..core.names import Headers, RoomName, Username, is_valid_room, is_valid_username
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

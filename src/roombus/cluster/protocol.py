@@ -24,7 +24,7 @@ its timer from :meth:`~BackplaneProtocol.get_timer`. The commands, and their ans
   that answer no late input of those links may arrive.
 * :class:`Execute` -- one pipeline on COMMAND; answer
   :meth:`~BackplaneProtocol.replies` with one reply per command, in order, error replies
-  as :class:`~roombus._resp.RedisError` instances (:data:`RespError`).
+  as :class:`~roombus.cluster.resp.RedisError` instances (:data:`RespError`).
 * :class:`Listen` / :class:`Unlisten` / :class:`Ping` -- on SUBSCRIBER, in the order
   given; Listen and Ping are answered :meth:`~BackplaneProtocol.confirmed` once Redis
   confirmed them, Unlisten is not answered.
@@ -67,7 +67,7 @@ API note: this is the agreed API, unchanged. Members added to it: the attributes
 ``phase``, ``sharded`` (read it when opening the SUBSCRIBER link), ``address``,
 ``presence_ttl``, ``prefix``, ``connect_timeout``; the method :meth:`abort` (shut down
 without waiting for the queued work, for a driver that is being cancelled); and
-:data:`LINK_TABLE`, :data:`RespError` (= :class:`roombus._resp.RedisError`).
+:data:`LINK_TABLE`, :data:`RespError` (= :class:`roombus.cluster.resp.RedisError`).
 """
 
 from __future__ import annotations
@@ -82,11 +82,11 @@ from typing import Final, TypeAlias
 
 import attrs
 
-from ._actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
-from ._cluster import is_valid_node_id
-from ._errors import ConfigError
-from ._events import BackplaneLost, BackplaneRestored, Event
-from ._resp import (
+from ..core.actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
+from ..core.errors import ConfigError
+from ..core.events import BackplaneLost, BackplaneRestored, Event
+from ..core.names import RoomName
+from .resp import (
     SHARDED_PROBE,
     VERSION_PROBE,
     Arg,
@@ -96,7 +96,8 @@ from ._resp import (
     sharded_from_command_info,
     sharded_from_info,
 )
-from ._schema import (
+from .room import is_valid_node_id
+from .schema import (
     SCRIPTS,
     channel,
     command_for,
@@ -107,7 +108,6 @@ from ._schema import (
     script_source,
     snapshot_command,
 )
-from ._types import RoomName
 
 __all__ = [
     "BACKOFF_CAP",

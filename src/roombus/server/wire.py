@@ -25,8 +25,8 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-from ._codes import CloseCode
-from ._handshake import HttpResponse, Upgrade
+from ..core.codes import CloseCode
+from .handshake import HttpResponse, Upgrade
 
 # Close codes, by the names this layer has always used (their home is _codes).
 NORMAL: Final = CloseCode.NORMAL_CLOSURE

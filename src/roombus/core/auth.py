@@ -30,8 +30,8 @@ from urllib.parse import parse_qsl
 
 import attrs
 
-from ._errors import ConfigError
-from ._types import Headers, RoomName, Username, is_valid_username
+from .errors import ConfigError
+from .names import Headers, RoomName, Username, is_valid_username
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey

@@ -1,0 +1,1 @@
+"""What every adapter shares above the sans-IO layers: the facade an application calls."""

@@ -21,20 +21,22 @@ from hypothesis import strategies as st
 from roombus.core.auth import (
     MAX_ROOM_PATTERN_LENGTH,
     MAX_ROOM_PATTERNS,
-    MAX_TOKEN_LENGTH,
-    SUBPROTOCOL,
-    Authenticator,
     Authorizer,
     ClaimsAuthorizer,
     Identity,
-    JWTAuthenticator,
-    Refusal,
     RoomRules,
-    selected_subprotocol,
-    token_from_request,
 )
 from roombus.core.errors import ConfigError
 from roombus.core.names import RoomName, Username, is_valid_username
+from roombus.server.auth import (
+    MAX_TOKEN_LENGTH,
+    SUBPROTOCOL,
+    Authenticator,
+    JWTAuthenticator,
+    Refusal,
+    selected_subprotocol,
+    token_from_request,
+)
 
 from .strategies import json_values
 

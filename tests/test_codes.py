@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from wsproto.frame_protocol import CloseReason
 
-from roombus import PING_TIMEOUT_CODE, _broker, _wire
+from roombus import PING_TIMEOUT_CODE
+from roombus.core import broker as _broker
 from roombus.core.codes import CloseCode
+from roombus.server import wire as _wire
 
 
 def test_every_code_is_wsprotos_of_the_same_name() -> None:

@@ -12,9 +12,10 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection
 
-from roombus import BrokerConfig, ServerConfig, _hub
+from roombus import BrokerConfig, ServerConfig
 from roombus.core.errors import LocalProtocolError
 from roombus.hub import Hub
+from roombus.server import hub as _hub
 
 from .test_hub import connect, written
 

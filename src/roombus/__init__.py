@@ -21,18 +21,14 @@ from .core.actions import Subscribe as Subscribe
 from .core.actions import Unsubscribe as Unsubscribe
 from .core.actions import UserJoined as UserJoined
 from .core.actions import UserLeft as UserLeft
-from .core.auth import Authenticator as Authenticator
 from .core.auth import Authorizer as Authorizer
 from .core.auth import ClaimsAuthorizer as ClaimsAuthorizer
 from .core.auth import Identity as Identity
-from .core.auth import JWTAuthenticator as JWTAuthenticator
-from .core.auth import Refusal as Refusal
 from .core.auth import RoomRules as RoomRules
 from .core.broker import PING_TIMEOUT_CODE as PING_TIMEOUT_CODE
 from .core.broker import Broker as Broker
 from .core.broker import BrokerStatistics as BrokerStatistics
 from .core.config import BrokerConfig as BrokerConfig
-from .core.config import ServerConfig as ServerConfig
 from .core.errors import ConfigError as ConfigError
 from .core.errors import LocalProtocolError as LocalProtocolError
 from .core.errors import RoombusError as RoombusError
@@ -52,6 +48,10 @@ from .core.names import RoomName as RoomName
 from .core.names import Username as Username
 from .core.names import is_valid_room as is_valid_room
 from .core.names import is_valid_username as is_valid_username
+from .server.auth import Authenticator as Authenticator
+from .server.auth import JWTAuthenticator as JWTAuthenticator
+from .server.auth import Refusal as Refusal
+from .server.config import ServerConfig as ServerConfig
 from .server.queues import QueueState as QueueState
 from .server.queues import SendQueue as SendQueue
 

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._version import __version__
-from .core.auth import JWTAuthenticator
-from .core.config import BrokerConfig, ServerConfig
+from .core.config import BrokerConfig
 from .core.errors import ConfigError
+from .server.auth import JWTAuthenticator
+from .server.config import ServerConfig
 
 if TYPE_CHECKING:
     from .asyncio import RedisBackplane as AsyncioBackplane

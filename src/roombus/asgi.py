@@ -66,14 +66,16 @@ except ModuleNotFoundError:  # pragma: no cover - depends on the installation
     sniffio = None  # type: ignore[assignment]
 
 from .core.actions import BackplaneAction
-from .core.auth import Authenticator, Authorizer
+from .core.auth import Authorizer
 from .core.codes import CloseCode
-from .core.config import BrokerConfig, ServerConfig
+from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
 from .core.names import ConnectionId, RoomName
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
+from .server.auth import Authenticator
+from .server.config import ServerConfig
 from .server.handshake import HttpResponse, Upgrade, route_request
 from .server.hub import Hub, NoticeHook
 from .server.queues import MessageQueue

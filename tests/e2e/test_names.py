@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from roombus.core.auth import JWTAuthenticator
+from roombus.server.auth import JWTAuthenticator
 
 from .conftest import open_client
 from .rawws import http_exchange, response_head, upgrade_request

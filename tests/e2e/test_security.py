@@ -24,7 +24,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from roombus import Username
-from roombus.core.auth import Identity, JWTAuthenticator
+from roombus.core.auth import Identity
+from roombus.server.auth import JWTAuthenticator
 
 from .conftest import Client
 from .rawws import (

@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roombus import BrokerConfig, ServerConfig
-from roombus.core.auth import MAX_CLAIMS_DEPTH, JWTAuthenticator
 from roombus.hub import Hub
+from roombus.server.auth import MAX_CLAIMS_DEPTH, JWTAuthenticator
 from roombus.server.handshake import HttpResponse, Upgrade, route_request
 
 from .pipeline import HttpAnswer, Pipeline, WebSocketAnswer, read_answer

@@ -43,12 +43,14 @@ from types import TracebackType
 from typing import Final, Protocol, final
 
 from ..core.actions import BackplaneAction
-from ..core.auth import Authenticator, Authorizer
-from ..core.config import BrokerConfig, ServerConfig
+from ..core.auth import Authorizer
+from ..core.config import BrokerConfig
 from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..server.auth import Authenticator
+from ..server.config import ServerConfig
 from ..server.hub import Hub, NoticeHook
 from ..server.queues import SendQueue
 

@@ -83,13 +83,15 @@ from ..core.actions import (
     UserJoined,
     UserLeft,
 )
-from ..core.auth import Authenticator, Authorizer, ClaimsAuthorizer
+from ..core.auth import Authorizer, ClaimsAuthorizer
 from ..core.broker import Broker
-from ..core.config import BrokerConfig, ServerConfig
+from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ..core.names import ConnectionId, Headers
 from ..core.registry import worth_shrinking
+from .auth import Authenticator
+from .config import ServerConfig
 from .handshake import HttpResponse, Upgrade, route_request, route_websocket
 from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
 from .wire import (

@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from ..core.auth import Authenticator, Authorizer
-from ..core.config import BrokerConfig, ServerConfig
+from ..core.auth import Authorizer
+from ..core.config import BrokerConfig
 from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..server.auth import Authenticator
+from ..server.config import ServerConfig
 from ..server.hub import Hub, NoticeHook
 from ..server.queues import SendQueue
 

@@ -1,0 +1,80 @@
+"""ServerConfig: every limit and timeout of the sans-IO server, validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from ..core.config import _non_negative_int, _positive_finite, _positive_int
+from ..core.errors import ConfigError
+from .handshake import normalize_origin
+
+
+def _origins(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(normalize_origin(v) for v in values)
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """
+    Settings of a network server driving the core (transport-level, not the core's).
+
+    Attributes:
+        host: Address to listen on.
+        port: TCP port to listen on; 0 picks a free one.
+        handshake_timeout: Seconds a client has to complete its opening request;
+            after that its TCP connection is closed.
+        close_timeout: Seconds to wait for the close handshake (and a slow client's
+            last bytes) before dropping the TCP connection; also bounds shutdown.
+        max_header_bytes: Largest opening request (line and headers); larger gets 431.
+        max_connections: Most transport connections at once (handshakes included);
+            beyond it a request is answered 503. 0: no limit.
+        max_connections_per_ip: Most transport connections at once from one client
+            address; beyond it a request is answered 429. 0: no limit.
+        allowed_origins: If not empty, the only ``Origin`` values an upgrade may carry
+            (normalized: lower case, no trailing slash); others get 403.
+        page: HTML served at ``GET /`` (the chat page), or None for 404.
+        metrics: Whether ``GET /metrics`` answers with counters and gauges (the
+            Prometheus text format); else 404.
+        backlog: The listen backlog.
+        max_queued_bytes: Most bytes that may wait in all send queues together (the
+            sum of every connection's ``send_queue_bytes`` is far larger); when a
+            write leaves more, the connections with the most bytes waiting are closed
+            with 1008 until the sum is 7/8 of it. 0: no limit.
+        socket_send_buffer: The kernel's send buffer of each client socket
+            (``SO_SNDBUF``; Linux doubles the value for its bookkeeping), so that a
+            client that does not read pins at most this much kernel memory. 0: the
+            system's default (autotuned, up to megabytes a socket).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1_000
+    allowed_origins: frozenset[str] = attrs.field(default=frozenset(), converter=_origins)
+    page: bytes | None = None
+    metrics: bool = True
+    backlog: int = 1024
+    max_queued_bytes: int = 256 * 1024 * 1024
+    socket_send_buffer: int = 64 * 1024
+
+    def __attrs_post_init__(self) -> None:
+        if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
+            raise ConfigError("port", f"must be 0-65535, not {self.port!r}")
+        _positive_finite("handshake-timeout", self.handshake_timeout)
+        _positive_finite("close-timeout", self.close_timeout)
+        _positive_int("max-header-bytes", self.max_header_bytes)
+        _non_negative_int("backlog", self.backlog)
+        _non_negative_int("max-connections", self.max_connections)
+        _non_negative_int("max-connections-per-ip", self.max_connections_per_ip)
+        _non_negative_int("max-queued-bytes", self.max_queued_bytes)
+        _non_negative_int("socket-send-buffer", self.socket_send_buffer)
+        for origin in self.allowed_origins:
+            if "://" not in origin:
+                raise ConfigError(
+                    "allowed-origin", f"{origin!r} is not an origin like https://example.com"
+                )

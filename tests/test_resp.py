@@ -350,4 +350,4 @@ def test_only_the_resp_module_imports_hiredis() -> None:
                 continue
             if any(name.split(".")[0] == "hiredis" for name in names):
                 importers.add(path.relative_to(SRC).as_posix())
-    assert importers == {"_resp.py"}
+    assert importers == {"cluster/resp.py"}

@@ -102,6 +102,7 @@ LOOPS: Final = {
 #: Standard modules a module of a lower layer may import all the same.
 STDLIB_ALLOWED: Final = {
     "roombus.node.facade": frozenset({"time"}),  # wall(): the adapters' clock
+    "roombus.node.cluster": frozenset({"os", "socket"}),  # generate_node_id(): host, pid
 }
 
 #: ``(importer, imported)`` allowed across the rules: the ASGI app picks a backplane

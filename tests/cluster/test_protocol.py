@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from roombus import (
     Unsubscribe,
     Username,
 )
+from roombus.cluster.config import ClusterConfig
 from roombus.cluster.protocol import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
@@ -70,12 +70,15 @@ def announce(room: RoomName = R1, user: str = "ann", present: bool = True) -> An
 def new(
     presence: list[tuple[RoomName, list[str]]] | None = None, seed: int = 1
 ) -> BackplaneProtocol:
-    return BackplaneProtocol(
+    config = ClusterConfig(
         url="redis://127.0.0.1:6390",
         node_id="n1",
         presence_ttl=TTL,
         prefix="rb",
         connect_timeout=TIMEOUT,
+    )
+    return BackplaneProtocol(
+        config,
         local_presence=lambda: list(presence or []),
         random=random.Random(seed).random,
     )
@@ -704,29 +707,40 @@ def test_abort_drops_the_queue_and_closes_at_once() -> None:
     [
         ("url", "http://x", "redis"),
         ("url", "rediss://x", "redis"),
+        ("url", None, "redis"),
         ("node_id", "has space", "node-id"),
         ("node_id", "", "node-id"),
+        ("node_id", "x" * 65, "node-id"),
         ("presence_ttl", 0.1, "presence-ttl"),
         ("presence_ttl", True, "presence-ttl"),
         ("presence_ttl", "15", "presence-ttl"),
+        ("presence_ttl", float("inf"), "presence-ttl"),
         ("prefix", "a b", "redis-prefix"),
         ("prefix", "", "redis-prefix"),
         ("connect_timeout", 0, "redis-connect-timeout"),
+        ("connect_timeout", 3601, "redis-connect-timeout"),
         ("connect_timeout", float("nan"), "redis-connect-timeout"),
     ],
 )
 def test_bad_settings_are_config_errors(field: str, value: object, option: str) -> None:
-    kwargs: dict[str, Any] = {
-        "url": "redis://localhost",
-        "node_id": "n1",
-        "presence_ttl": 15.0,
-        "prefix": "rb",
-        "connect_timeout": 5.0,
-        "local_presence": list,
-    }
+    kwargs: dict[str, Any] = {"url": "redis://localhost", "node_id": "n1"}
     kwargs[field] = value
-    with pytest.raises(ConfigError, match=re.escape(option)):
-        BackplaneProtocol(**kwargs)
+    with pytest.raises(ConfigError) as info:
+        ClusterConfig(**kwargs)
+    assert str(info.value).startswith(f"{option}:")
+
+
+def test_the_config_keeps_its_settings_and_parses_the_url() -> None:
+    config = ClusterConfig(url="redis://:pw@127.0.0.1:6390/2", presence_ttl=3, connect_timeout=1)
+    assert (config.address.host, config.address.port, config.address.db) == ("127.0.0.1", 6390, 2)
+    assert config.presence_ttl == 3.0 and type(config.presence_ttl) is float
+    assert (config.node_id, config.prefix, config.connect_timeout) == (None, "roombus", 1.0)
+    assert "pw" not in repr(config)
+
+
+def test_the_protocol_needs_a_node_id() -> None:
+    with pytest.raises(ConfigError, match="node-id"):
+        BackplaneProtocol(ClusterConfig(url="redis://localhost"), local_presence=list)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-import secrets
-import socket
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
+from ..cluster.config import ClusterConfig
 from ..cluster.protocol import (
     BackplaneProtocol,
     BackplaneStatistics,
@@ -54,6 +51,7 @@ from ..cluster.resp import RedisAddress
 from ..core.actions import BackplaneAction
 from ..core.events import Event
 from ..core.names import RoomName
+from ..node.cluster import cluster_config, generate_node_id
 from ._redis import (
     Confirmation,
     RedisConnection,
@@ -66,13 +64,6 @@ from ._redis import (
 )
 
 log: Final = logging.getLogger("roombus.backplane")
-
-
-def generate_node_id() -> str:
-    """A node id unique enough across restarts: host name, process id, random (the same
-    form as :func:`roombus.trio._backplane.generate_node_id`)."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "node"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class BackplaneHost(Protocol):
@@ -91,7 +82,9 @@ class RedisBackplane:
     loop and closes it. The arguments are those of :class:`roombus.trio.RedisBackplane`.
 
     Args:
-        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``.
+        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``; or a
+            :class:`~roombus.cluster.config.ClusterConfig` holding every setting
+            (then give no other argument).
         node_id: This node's id, unique in the cluster (1-64 characters of
             ``A-Z a-z 0-9 _ . : -``); generated if None.
         presence_ttl: Seconds within which the users of a node that died (without
@@ -105,7 +98,7 @@ class RedisBackplane:
 
     def __init__(
         self,
-        url: str,
+        url: str | ClusterConfig,
         *,
         node_id: str | None = None,
         presence_ttl: float = 15.0,
@@ -114,11 +107,13 @@ class RedisBackplane:
     ) -> None:
         #: The sans-IO protocol this drives.
         self.protocol: Final = BackplaneProtocol(
-            url=url,
-            node_id=generate_node_id() if node_id is None else node_id,
-            presence_ttl=presence_ttl,
-            prefix=prefix,
-            connect_timeout=connect_timeout,
+            cluster_config(
+                url,
+                node_id=node_id,
+                presence_ttl=presence_ttl,
+                prefix=prefix,
+                connect_timeout=connect_timeout,
+            ),
             local_presence=self._local_presence,
         )
         self._proto = proto = self.protocol

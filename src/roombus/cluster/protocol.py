@@ -75,7 +75,6 @@ from __future__ import annotations
 import enum
 import logging
 import random as _random
-import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final, TypeAlias
@@ -86,17 +85,16 @@ from ..core.actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscr
 from ..core.errors import ConfigError
 from ..core.events import BackplaneLost, BackplaneRestored, Event
 from ..core.names import RoomName
+from .config import ClusterConfig
 from .resp import (
     SHARDED_PROBE,
     VERSION_PROBE,
     Arg,
     RedisAddress,
     RedisError,
-    parse_redis_url,
     sharded_from_command_info,
     sharded_from_info,
 )
-from .room import is_valid_node_id
 from .schema import (
     SCRIPTS,
     channel,
@@ -317,59 +315,30 @@ class BackplaneProtocol:
     The link of one node to Redis, sans-IO (see the module docstring).
 
     Args:
-        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``.
-        node_id: This node's id, unique in the cluster (1-64 characters of
-            ``A-Z a-z 0-9 _ . : -``).
-        presence_ttl: Seconds within which the users of a node that died (without
-            a goodbye) leave everywhere (0.3 to 86400).
-        prefix: Prefix of every Redis key and channel.
-        connect_timeout: Seconds to connect (and log in, and set up) a session.
+        config: Where Redis is and how this node takes part (its ``node_id`` set).
         local_presence: Each room with members here, and its users here (for the
             refresh).
         random: A uniform [0, 1) source, for the backoff's jitter.
 
     Raises:
-        ConfigError: for a bad URL, node id, TTL, prefix or timeout.
+        ConfigError: if the config has no node id.
     """
 
     def __init__(
         self,
+        config: ClusterConfig,
         *,
-        url: str,
-        node_id: str,
-        presence_ttl: float,
-        prefix: str,
-        connect_timeout: float,
         local_presence: Callable[[], list[tuple[RoomName, list[str]]]],
         random: Callable[[], float] = _random.random,
     ) -> None:
-        try:
-            address = parse_redis_url(url)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ConfigError("redis", str(exc)) from None
-        if not (isinstance(node_id, str) and is_valid_node_id(node_id)):
-            raise ConfigError(
-                "node-id", f"must be 1-64 characters of A-Z a-z 0-9 _ . : -, not {node_id!r}"
-            )
-        if not (
-            isinstance(presence_ttl, (int, float))
-            and not isinstance(presence_ttl, bool)
-            and 0.3 <= presence_ttl <= 86400
-        ):
-            raise ConfigError("presence-ttl", f"must be 0.3 to 86400 seconds, not {presence_ttl!r}")
-        if not (isinstance(prefix, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix)):
-            raise ConfigError(
-                "redis-prefix", f"must be 1-64 of A-Z a-z 0-9 _ . : -, not {prefix!r}"
-            )
-        if not (
-            isinstance(connect_timeout, (int, float))
-            and not isinstance(connect_timeout, bool)
-            and 0 < connect_timeout <= 3600
-        ):
-            raise ConfigError(
-                "redis-connect-timeout",
-                f"must be above 0 and at most 3600 s, not {connect_timeout!r}",
-            )
+        if config.node_id is None:
+            raise ConfigError("node-id", "must be set: the driver generates one")
+        self.config: Final = config
+        address = config.address
+        node_id = config.node_id
+        presence_ttl = config.presence_ttl
+        prefix = config.prefix
+        connect_timeout = config.connect_timeout
         self.address: Final[RedisAddress] = address
         self.node_id: Final = node_id
         self.presence_ttl: Final = float(presence_ttl)

@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import secrets
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
+from ..cluster.config import ClusterConfig
 from ..cluster.protocol import (
     BackplaneProtocol,
     BackplaneStatistics,
@@ -50,6 +47,7 @@ from ..cluster.protocol import (
     Unlisten,
 )
 from ..cluster.resp import RedisError
+from ..node.cluster import cluster_config, generate_node_id
 from ._redis import (
     RedisConnection,
     RedisConnectionError,
@@ -78,12 +76,6 @@ class BackplaneHost(Protocol):
     def local_presence(self) -> list[tuple[RoomName, list[str]]]: ...
 
 
-def generate_node_id() -> str:
-    """A node id unique enough across restarts: host name, process id, random."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "node"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 class RedisBackplane:
     """
     Connects a trio roombus server to the other nodes through Redis.
@@ -91,7 +83,9 @@ class RedisBackplane:
     Give it to :func:`roombus.trio.serve` (``backplane=``); the server runs it.
 
     Args:
-        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``.
+        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``; or a
+            :class:`~roombus.cluster.config.ClusterConfig` holding every setting
+            (then give no other argument).
         node_id: This node's id, unique in the cluster (1-64 characters of
             ``A-Z a-z 0-9 _ . : -``); generated if None.
         presence_ttl: Seconds within which the users of a node that died (without
@@ -105,7 +99,7 @@ class RedisBackplane:
 
     def __init__(
         self,
-        url: str,
+        url: str | ClusterConfig,
         *,
         node_id: str | None = None,
         presence_ttl: float = 15.0,
@@ -114,11 +108,13 @@ class RedisBackplane:
     ) -> None:
         self._host: BackplaneHost | None = None
         self.protocol: Final = BackplaneProtocol(
-            url=url,
-            node_id=generate_node_id() if node_id is None else node_id,
-            presence_ttl=presence_ttl,
-            prefix=prefix,
-            connect_timeout=connect_timeout,
+            cluster_config(
+                url,
+                node_id=node_id,
+                presence_ttl=presence_ttl,
+                prefix=prefix,
+                connect_timeout=connect_timeout,
+            ),
             local_presence=self._local_presence,
         )
         proto = self.protocol

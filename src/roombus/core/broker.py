@@ -63,8 +63,6 @@ POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
 _PUBLISH: Final = 1
 _PRESENCE: Final = 2
 _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
-# Waiting for the room's cluster-wide presence before joining it.
-_PENDING: Final = 4
 #: Chats a room may hold for connections still joining it (one round trip's worth).
 MAX_HELD: Final = 1000
 _UNFORWARDABLE: Final = (
@@ -475,7 +473,7 @@ class Broker:
             if cr is not None or self._online:  # no member here, maybe some elsewhere
                 self._publish_cluster(name, cr, Username(username), content, timestamp, actions)
         elif name in self._registry.rooms:
-            self._publish(name, Username(username), content, timestamp, actions)
+            self._publish(None, name, Username(username), content, timestamp, actions)
         return actions
 
     # -- internals --------------------------------------------------------------------
@@ -568,7 +566,7 @@ class Broker:
             if self._online and not cr.synced:
                 # Joined once the room's presence across the cluster is known.
                 cr.pending[conn] = rights
-                c.rooms[room] = rights | _PENDING
+                c.rooms[room] = rights
                 return
         self._join(conn, c, room, rights, timestamp, actions)
 
@@ -626,10 +624,9 @@ class Broker:
     def _leave(
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
     ) -> None:
-        rights = c.rooms.pop(room)
+        del c.rooms[room]
         cr = self._cluster.get(room)
-        if rights & _PENDING:
-            assert cr is not None
+        if cr is not None and conn in cr.pending:
             del cr.pending[conn]
             if cr.held:
                 cr.held = [held for held in cr.held if held[0] != conn]
@@ -686,15 +683,26 @@ class Broker:
         content: object,
         timestamp: int,
         actions: list[Action],
-    ) -> None:
-        """A chat from a connection still joining *room*: published once it has joined."""
+    ) -> bool:
+        """
+        A chat from a connection still joining *room*: published once it has joined.
+
+        Returns:
+            False if *content* cannot be forwarded (nothing held).
+        """
         cr = self._cluster[room]
         if codec.chat_prefix(username, content, room, timestamp) is None:
-            self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
-        elif len(cr.held) >= MAX_HELD:
+            return False
+        if len(cr.held) >= MAX_HELD:
             self._error(conn, codec.NOT_JOINED, f"still joining room {room!r}", actions)
         else:
             cr.held.append((conn, content, timestamp))
+        return True
+
+    def _joining(self, conn: ConnectionId, room: RoomName) -> bool:
+        """Whether *conn* waits to join *room* (in a cluster, for its presence)."""
+        cr = self._cluster.get(room)
+        return cr is not None and conn in cr.pending
 
     def _disconnect(
         self, conn: ConnectionId, c: _Conn, timestamp: int, actions: list[Action]
@@ -707,14 +715,23 @@ class Broker:
 
     def _publish(
         self,
+        conn: ConnectionId | None,
         room: RoomName,
         username: Username,
         content: object,
         timestamp: int,
         actions: list[Action],
     ) -> bool:
+        """
+        Publish a chat of *conn* (None: of server-side code) to *room*'s members.
+
+        Returns:
+            False if *content* cannot be forwarded (nothing published).
+        """
         cr = self._cluster.get(room)
         if cr is not None:
+            if conn is not None and conn in cr.pending:
+                return self._hold(conn, room, username, content, timestamp, actions)
             return self._publish_cluster(room, cr, username, content, timestamp, actions)
         r = self._registry.rooms[room]
         payload = codec.encode_chat(username, content, room, timestamp, r.seq + 1)
@@ -921,8 +938,8 @@ class Broker:
         held, cr.held = cr.held, []
         for conn, content, stamp in held:
             sender = self._conns.get(ConnectionId(conn))
-            if sender is not None and sender.rooms.get(room, _PENDING) & _PENDING == 0:
-                self._publish(room, sender.username, content, stamp, actions)
+            if sender is not None and room in sender.rooms and conn not in cr.pending:
+                self._publish(ConnectionId(conn), room, sender.username, content, stamp, actions)
 
     def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
         self._online = False
@@ -976,9 +993,7 @@ class Broker:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
             elif not rights & _PUBLISH:
                 self._error(conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions)
-            elif rights & _PENDING:
-                self._hold(conn, room, c.username, request.content, timestamp, actions)
-            elif not self._publish(room, c.username, request.content, timestamp, actions):
+            elif not self._publish(conn, room, c.username, request.content, timestamp, actions):
                 self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
         elif isinstance(request, codec.Join):
             room = request.room
@@ -986,7 +1001,7 @@ class Broker:
             if rights is not None:
                 # Already in: answer with the current state, which doubles as an ack
                 # (or, still waiting for the cluster's, with that once it is known).
-                if rights & _PRESENCE and not rights & _PENDING:
+                if rights & _PRESENCE and not self._joining(conn, room):
                     self._deliver((conn,), self._presence_state(room), actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection

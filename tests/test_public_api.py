@@ -13,8 +13,9 @@ def test_all_is_sorted_and_complete() -> None:
     for name in roombus.__all__:
         assert hasattr(roombus, name), name
     public = {n for n in dir(roombus) if not n.startswith("_")}
-    # Besides __all__, only the adapter and hub submodules (once imported) are visible.
-    assert public - set(roombus.__all__) <= {"annotations", "asgi", "asyncio", "hub", "trio"}
+    # Besides __all__, only the layer, adapter and hub submodules (once imported) are visible.
+    submodules = {"asgi", "asyncio", "cluster", "core", "hub", "node", "server", "trio"}
+    assert public - set(roombus.__all__) <= {"annotations", *submodules}
 
 
 def test_core_imports_without_trio_and_trio_adapter_needs_it() -> None:

@@ -8,6 +8,7 @@ Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``).
 from __future__ import annotations
 
 from ._version import __version__ as __version__
+from .cluster.broker import ClusterBroker as ClusterBroker
 from .core.actions import Action as Action
 from .core.actions import Announce as Announce
 from .core.actions import BackplaneAction as BackplaneAction
@@ -70,6 +71,7 @@ __all__ = [
     "ClientConnected",
     "ClientDisconnected",
     "Close",
+    "ClusterBroker",
     "ConfigError",
     "ConnectionId",
     "Deliver",

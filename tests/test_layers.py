@@ -120,9 +120,6 @@ SHIMS: Final[frozenset[str]] = frozenset()
 #: Today's violations. Only ever remove from this set.
 KNOWN: Final = frozenset(
     {
-        # The broker runs the cluster protocol too (ClusterBroker moves out).
-        "roombus.core.broker -> roombus.cluster.room (core 0 -> cluster 1)",
-        "roombus.core.broker -> roombus.cluster.records (core 0 -> cluster 1)",
         # create_app reads its settings with the command line's parser.
         "roombus.asgi -> roombus._cli (asgi 3 -> root 4)",
     }

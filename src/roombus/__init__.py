@@ -8,6 +8,7 @@ Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``).
 from __future__ import annotations
 
 from ._version import __version__ as __version__
+from .cluster.broker import ClusterBroker as ClusterBroker
 from .cluster.config import ClusterConfig as ClusterConfig
 from .core.actions import Action as Action
 from .core.actions import Announce as Announce
@@ -71,6 +72,7 @@ __all__ = [
     "ClientConnected",
     "ClientDisconnected",
     "Close",
+    "ClusterBroker",
     "ClusterConfig",
     "ConfigError",
     "ConnectionId",

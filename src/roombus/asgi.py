@@ -72,6 +72,7 @@ from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
 from .core.names import ConnectionId, RoomName
+from .node.assemble import build_broker
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .server.auth import Authenticator
@@ -163,13 +164,16 @@ class RoombusASGI(ServerFacade):
         if broker_config is None:
             broker_config = BrokerConfig(heartbeat=False)
         self.hub = Hub(
-            broker_config,
-            config,
+            config=config,
             on_notice=on_notice,
             framed=False,
             authenticator=authenticator,
-            authorizer=authorizer,
-            node=backplane.node_id if backplane is not None else None,
+            broker=build_broker(
+                broker_config,
+                authorizer=authorizer,
+                authenticator=authenticator,
+                node=backplane.node_id if backplane is not None else None,
+            ),
         )
         #: The link to the other nodes of a cluster, or None for an app on its own.
         self.backplane = backplane

@@ -25,7 +25,7 @@ implements it with Redis):
   with other nodes'. A subscribe's snapshot read is a step of its own, some time after
   the subscribe (the node's reads in order; its later commands may run first).
 * Entries expire (TTL) unless refreshed: a dead or disconnected node refreshes none, a
-  connected one those of :meth:`Broker.local_presence`. An expiry is published as an
+  connected one those of :meth:`ClusterBroker.local_presence`. An expiry is published as an
   ``l`` record like any removal.
 * A lost connection drops the node's subscriptions, its commands not yet run and
   records not yet delivered; the broker is told ``BackplaneLost``. A Redis restart

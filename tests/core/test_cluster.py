@@ -71,10 +71,10 @@ from roombus import (
     Announce,
     BackplaneLost,
     BackplaneRestored,
-    Broker,
     BrokerConfig,
     ClientConnected,
     ClientDisconnected,
+    ClusterBroker,
     ConnectionId,
     Deliver,
     Event,
@@ -101,8 +101,8 @@ TS = 1_700_000_000
 CONFIG = BrokerConfig(heartbeat=False, rate_limit=0)
 
 
-def new_broker(node: str) -> Broker:
-    return Broker(CONFIG, node=node)
+def new_broker(node: str) -> ClusterBroker:
+    return ClusterBroker(CONFIG, node=node)
 
 
 # -- the clients' side --------------------------------------------------------------------

@@ -47,6 +47,7 @@ from ..core.auth import Authorizer
 from ..core.config import BrokerConfig
 from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
+from ..node.assemble import build_broker
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..server.auth import Authenticator
@@ -141,12 +142,15 @@ class Server(ServerFacade):
         backplane: Backplane | None = None,
     ) -> None:
         self.hub = Hub(
-            broker_config,
-            config,
+            config=config,
             on_notice=on_notice,
             authenticator=authenticator,
-            authorizer=authorizer,
-            node=backplane.node_id if backplane is not None else None,
+            broker=build_broker(
+                broker_config,
+                authorizer=authorizer,
+                authenticator=authenticator,
+                node=backplane.node_id if backplane is not None else None,
+            ),
         )
         #: The link to the other nodes of a cluster, or None for a server on its own.
         self.backplane = backplane

@@ -35,7 +35,8 @@ class ClusterRoom:
         synced: Whether :attr:`remote` reflects a snapshot and every record since.
         version: The last presence record applied (or the snapshot's).
         seq: The last chat ``seq`` seen (continued locally while disconnected).
-        pending: Connections waiting for the snapshot to join, with their rights.
+        pending: Connections waiting for the snapshot to join, with their rights: a
+            connection is joining the room exactly while it is a key here.
         buffer: Presence records that arrived before the snapshot.
         outbox: ``(ref, username, content, timestamp)`` of this node's relayed
             messages not yet back from the backplane.

@@ -4,37 +4,34 @@ Broker: the one facade of the sans-IO core.
 Events and the current time go in; actions come out. The broker never reads a clock,
 never touches a socket, and never raises because of what a client sent: a refused
 message becomes an ``error`` envelope, a dead peer a :class:`~roombus.Close`.
+
+This is the broker of a node on its own. A node of a cluster runs
+:class:`roombus.cluster.broker.ClusterBroker`, a subclass that overrides the few hooks
+marked below (joining, leaving, publishing, presence, ``seq``, the backplane events).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
-from ..cluster.records import ChatRecord, PresenceRecord, parse_record
-from ..cluster.room import ClusterRoom, is_valid_node_id
 from . import codec
 from .actions import (
     Action,
-    Announce,
     Close,
     Deliver,
     MessagePublished,
-    Relay,
     SendPing,
-    Subscribe,
-    Unsubscribe,
     UserJoined,
     UserLeft,
 )
 from .auth import Authorizer, Identity
 from .codes import CloseCode
 from .config import BrokerConfig
-from .errors import ConfigError, LocalProtocolError
+from .errors import LocalProtocolError
 from .events import (
     BackplaneLost,
     BackplaneRestored,
@@ -63,10 +60,6 @@ POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
 _PUBLISH: Final = 1
 _PRESENCE: Final = 2
 _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
-# Waiting for the room's cluster-wide presence before joining it.
-_PENDING: Final = 4
-#: Chats a room may hold for connections still joining it (one round trip's worth).
-MAX_HELD: Final = 1000
 _UNFORWARDABLE: Final = (
     "content cannot be forwarded: nested too deeply, a number out of range,"
     " or a lone surrogate (not Unicode text)"
@@ -114,7 +107,10 @@ class _Conn:
     timer_gen: int = 0  # the generation of this connection's live timer entry
 
 
-@final
+#: The events only a broker of a cluster takes.
+_BACKPLANE_EVENTS: Final = (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored)
+
+
 class Broker:
     """
     The room broker: rooms, presence, envelopes and heartbeats, as pure logic.
@@ -124,13 +120,8 @@ class Broker:
         authorizer: Decides, per connection and room, whether it may join, publish
             and see presence; asked once when the connection joins the room. None
             lets everyone do everything.
-        node: This node's id in a cluster, to drive a backplane (see
-            :class:`~roombus.Relay`); None for a broker on its own. A cluster
-            broker starts offline (serving locally) until it is told
-            :class:`~roombus.BackplaneRestored`.
 
-    Raises:
-        ConfigError: if *node* is not 1-64 characters of ``A-Z a-z 0-9 _ . : -``.
+    A node of a cluster uses :class:`~roombus.ClusterBroker` instead.
 
     Example::
 
@@ -145,32 +136,18 @@ class Broker:
         #  Deliver(conns=(1,), payload=b'{"type":"presence_state",...}')]
     """
 
+    #: This node's id in a cluster (set by a :class:`~roombus.ClusterBroker`); None
+    #: for a broker on its own.
+    node: str | None = None
+
     def __init__(
         self,
         config: BrokerConfig | None = None,
         *,
         authorizer: Authorizer | None = None,
-        node: str | None = None,
     ) -> None:
         self.config: Final = config if config is not None else BrokerConfig()
         self.authorizer: Final = authorizer
-        if node is not None and not is_valid_node_id(node):
-            raise ConfigError(
-                "node-id", f"must be 1-64 characters of A-Z a-z 0-9 _ . : -, not {node!r}"
-            )
-        self.node: Final = node
-        self._online = False
-        self._cluster: dict[RoomName, ClusterRoom] = {}
-        self._refs = 0
-        self._gens = 0
-        # Who this node told the backplane is present, per room: what to take back
-        # after an outage during which they left.
-        self._announced: dict[RoomName, set[Username]] = {}
-        # The latest leaves asked of the backplane: one may have been lost with the
-        # link, so they are asked again after it (asking twice changes nothing).
-        self._recent_leaves: deque[tuple[RoomName, Username]] = deque(maxlen=MAX_HELD)
-        self._relay_unconfirmed = 0
-        self._presence_gaps = 0
         # (deadline, conn): when a connection's credentials expire. An entry is live
         # while it equals the connection's ``expires``; others are skipped or pruned.
         self._expiries: list[tuple[float, ConnectionId]] = []
@@ -198,15 +175,12 @@ class Broker:
         return sorted(self._present(RoomName(room)))
 
     def _present(self, room: RoomName) -> set[Username]:
+        """The users present in *room* (hook: a cluster adds the other nodes')."""
         r = self._registry.rooms.get(room)
-        users = set(r.users) if r is not None else set()
-        cr = self._cluster.get(room)
-        if cr is not None:
-            users.update(cr.remote)
-        return users
+        return set(r.users) if r is not None else set()
 
     def local_presence(self) -> list[tuple[RoomName, list[Username]]]:
-        """Each room with members here and its users here: what a node keeps announced."""
+        """Each room with members here and its users here (what a node announces)."""
         return [(name, list(r.users)) for name, r in self._registry.rooms.items()]
 
     def connections(self, room: str) -> list[ConnectionId]:
@@ -221,9 +195,6 @@ class Broker:
 
     def seq(self, room: str) -> int:
         """The sequence number of *room*'s last chat message (0 before the first)."""
-        cr = self._cluster.get(RoomName(room))
-        if cr is not None:
-            return cr.seq
         r = self._registry.rooms.get(RoomName(room))
         return r.seq if r is not None else 0
 
@@ -237,9 +208,6 @@ class Broker:
             rooms=len(self._registry.rooms),
             messages_published=self._messages_published,
             deliveries=self._deliveries,
-            relay_unconfirmed=self._relay_unconfirmed,
-            presence_gaps=self._presence_gaps,
-            backplane_online=self._online,
         )
 
     # -- time -------------------------------------------------------------------------
@@ -399,22 +367,15 @@ class Broker:
             if c is not None:
                 self._disconnect(event.conn, c, timestamp, actions)
                 self._shrink()
-        elif (
-            isinstance(event, (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored))
-            and self.node is None
-        ):
-            raise LocalProtocolError(f"a backplane event for a broker with no node: {event!r}")
-        elif isinstance(event, RecordReceived):
-            self._on_record(event, timestamp, actions)
-        elif isinstance(event, RoomSynced):
-            self._on_synced(event, timestamp, actions)
-        elif isinstance(event, BackplaneLost):
-            self._on_lost(timestamp, actions)
-        elif isinstance(event, BackplaneRestored):
-            self._on_restored(actions)
         else:
-            raise LocalProtocolError(f"not an event: {event!r}")
+            self._handle_other(event, timestamp, actions)
         return actions
+
+    def _handle_other(self, event: Event, timestamp: int, actions: list[Action]) -> None:
+        """An event no broker on its own takes (hook: a cluster takes the backplane's)."""
+        if isinstance(event, _BACKPLANE_EVENTS):
+            raise LocalProtocolError(f"a backplane event for a broker with no node: {event!r}")
+        raise LocalProtocolError(f"not an event: {event!r}")
 
     def charge(
         self, conn: ConnectionId, *, now: float, timestamp: int
@@ -469,14 +430,20 @@ class Broker:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"content is not encodable as JSON: {exc}") from None
         actions: list[Action] = []
-        name = RoomName(room)
-        if self.node is not None:
-            cr = self._cluster.get(name)
-            if cr is not None or self._online:  # no member here, maybe some elsewhere
-                self._publish_cluster(name, cr, Username(username), content, timestamp, actions)
-        elif name in self._registry.rooms:
-            self._publish(name, Username(username), content, timestamp, actions)
+        self._publish_as_server(RoomName(room), Username(username), content, timestamp, actions)
         return actions
+
+    def _publish_as_server(
+        self,
+        room: RoomName,
+        username: Username,
+        content: object,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        """:meth:`publish`, its arguments checked (hook: a cluster relays it)."""
+        if room in self._registry.rooms:
+            self._publish(None, room, username, content, timestamp, actions)
 
     # -- internals --------------------------------------------------------------------
 
@@ -528,15 +495,14 @@ class Broker:
         ):
             return f"not allowed in room {room!r}"
         limit = self.config.max_connections_per_room
-        if limit:
-            r = self._registry.rooms.get(room)
-            cr = self._cluster.get(room)
-            size = (len(r.members) if r is not None else 0) + (
-                len(cr.pending) if cr is not None else 0
-            )
-            if size >= limit:
-                return f"room {room!r} is full ({limit} connections)"
+        if limit and self._occupancy(room) >= limit:
+            return f"room {room!r} is full ({limit} connections)"
         return None
+
+    def _occupancy(self, room: RoomName) -> int:
+        """The connections *room* holds, against its limit (hook: a cluster's joiners)."""
+        r = self._registry.rooms.get(room)
+        return len(r.members) if r is not None else 0
 
     @staticmethod
     def _identity(username: Username, identity: Identity | None) -> Identity:
@@ -545,32 +511,29 @@ class Broker:
     def _try_join(
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
     ) -> None:
-        """Join if the authorizer and the room's size allow it, else a ``forbidden`` error."""
+        """
+        Join if the authorizer and the room's size allow it, else a ``forbidden`` error
+        (hook: a cluster may make the connection wait for the room's presence).
+        """
+        rights = self._admitted(conn, c, room, actions)
+        if rights is not None:
+            self._join(conn, c, room, rights, timestamp, actions)
+
+    def _admitted(
+        self, conn: ConnectionId, c: _Conn, room: RoomName, actions: list[Action]
+    ) -> int | None:
+        """*conn*'s rights in *room*, or None after a ``forbidden`` error (not allowed)."""
         reason = self.refusal(room, c.username, c.identity)
         if reason is not None:
             self._error(conn, codec.FORBIDDEN, reason, actions)
-            return
-        rights = _ALL_RIGHTS
+            return None
         authorizer = self.authorizer
-        if authorizer is not None:
-            identity = self._identity(c.username, c.identity)
-            rights = (_PUBLISH if authorizer.may_publish(identity, room) else 0) | (
-                _PRESENCE if authorizer.may_see_presence(identity, room) else 0
-            )
-        if self.node is not None:
-            cr = self._cluster.get(room)
-            if cr is None:
-                self._gens += 1
-                cr = self._cluster[room] = ClusterRoom(gen=self._gens)
-                if self._online:
-                    actions.append(Subscribe(room=room, gen=cr.gen))
-            cr.draining = False
-            if self._online and not cr.synced:
-                # Joined once the room's presence across the cluster is known.
-                cr.pending[conn] = rights
-                c.rooms[room] = rights | _PENDING
-                return
-        self._join(conn, c, room, rights, timestamp, actions)
+        if authorizer is None:
+            return _ALL_RIGHTS
+        identity = self._identity(c.username, c.identity)
+        return (_PUBLISH if authorizer.may_publish(identity, room) else 0) | (
+            _PRESENCE if authorizer.may_see_presence(identity, room) else 0
+        )
 
     def _deliver(
         self, conns: tuple[ConnectionId, ...], payload: bytes, actions: list[Action]
@@ -601,13 +564,7 @@ class Broker:
     ) -> None:
         r, first = self._registry.join(room, conn, c.username)
         c.rooms[room] = rights
-        cr = self._cluster.get(room)
-        if cr is not None:
-            if first and self._online:
-                self._announce(room, c.username, True, actions)
-            # Present elsewhere already: no news for anyone.
-            first = first and c.username not in cr.remote
-        if first:
+        if first and self._first_here(room, c.username, actions):
             audience = self._presence_audience(r.members, room)
             if audience:
                 self._deliver(
@@ -617,31 +574,24 @@ class Broker:
         if rights & _PRESENCE:
             self._deliver((conn,), self._presence_state(room), actions)
 
+    def _first_here(self, room: RoomName, username: Username, actions: list[Action]) -> bool:
+        """
+        *username*'s first connection joined *room*: whether that is news for its
+        members (hook: in a cluster, not if the user is present on another node).
+        """
+        return True
+
     def _presence_state(self, room: RoomName) -> bytes:
-        """The ``presence_state`` of *room* (in a cluster: its users on every node)."""
-        if room in self._cluster:
-            return codec.encode_presence_state(room, sorted(self._present(room)))
+        """The ``presence_state`` of *room* (hook: a cluster's users on every node)."""
         return codec.presence_state_of(room, self._registry.rooms[room].literals)
 
     def _leave(
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
     ) -> None:
-        rights = c.rooms.pop(room)
-        cr = self._cluster.get(room)
-        if rights & _PENDING:
-            assert cr is not None
-            del cr.pending[conn]
-            if cr.held:
-                cr.held = [held for held in cr.held if held[0] != conn]
-            self._release(room, cr, actions)
-            return
+        """*conn* leaves *room* (hook: in a cluster it may only have been joining)."""
+        del c.rooms[room]
         r, username, last = self._registry.leave(room, conn)
-        if cr is not None:
-            if last and self._online:
-                self._announce(room, username, False, actions)
-            self._release(room, cr, actions)
-            last = last and username not in cr.remote
-        if last:
+        if last and self._last_here(room, username, actions):
             audience = self._presence_audience(r.members, room)
             if audience:
                 self._deliver(
@@ -649,52 +599,16 @@ class Broker:
                 )
             actions.append(UserLeft(room=room, username=username))
 
-    def _release(self, room: RoomName, cr: ClusterRoom, actions: list[Action]) -> None:
+    def _last_here(self, room: RoomName, username: Username, actions: list[Action]) -> bool:
         """
-        Stop listening to *room* if nobody here is in it or waiting for it, once this
-        node's messages still on their way back are in (for their notices).
+        *username*'s last connection left *room*: whether that is news for its
+        members (hook: in a cluster, not if the user is present on another node).
         """
-        if cr.pending or room in self._registry.rooms:
-            return
-        if cr.outbox and self._online:
-            cr.draining = True
-            return
-        del self._cluster[room]
-        if self._online:
-            actions.append(Unsubscribe(room=room))
+        return True
 
-    def _announce(
-        self, room: RoomName, username: Username, present: bool, actions: list[Action]
-    ) -> None:
-        announced = self._announced
-        if present:
-            announced.setdefault(room, set()).add(username)
-        else:
-            self._recent_leaves.append((room, username))
-            users = announced.get(room)
-            if users is not None:
-                users.discard(username)
-                if not users:
-                    del announced[room]
-        actions.append(Announce(room=room, username=username, present=present))
-
-    def _hold(
-        self,
-        conn: ConnectionId,
-        room: RoomName,
-        username: Username,
-        content: object,
-        timestamp: int,
-        actions: list[Action],
-    ) -> None:
-        """A chat from a connection still joining *room*: published once it has joined."""
-        cr = self._cluster[room]
-        if codec.chat_prefix(username, content, room, timestamp) is None:
-            self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
-        elif len(cr.held) >= MAX_HELD:
-            self._error(conn, codec.NOT_JOINED, f"still joining room {room!r}", actions)
-        else:
-            cr.held.append((conn, content, timestamp))
+    def _joining(self, conn: ConnectionId, room: RoomName) -> bool:
+        """Whether *conn* waits to join *room* (hook: in a cluster, for its presence)."""
+        return False
 
     def _disconnect(
         self, conn: ConnectionId, c: _Conn, timestamp: int, actions: list[Action]
@@ -707,15 +621,20 @@ class Broker:
 
     def _publish(
         self,
+        conn: ConnectionId | None,
         room: RoomName,
         username: Username,
         content: object,
         timestamp: int,
         actions: list[Action],
     ) -> bool:
-        cr = self._cluster.get(room)
-        if cr is not None:
-            return self._publish_cluster(room, cr, username, content, timestamp, actions)
+        """
+        Publish a chat of *conn* (None: of server-side code) to *room*'s members
+        (hook: a cluster relays it).
+
+        Returns:
+            False if *content* cannot be forwarded (nothing published).
+        """
         r = self._registry.rooms[room]
         payload = codec.encode_chat(username, content, room, timestamp, r.seq + 1)
         if payload is None:
@@ -730,241 +649,6 @@ class Broker:
         )
         return True
 
-    # -- the cluster ------------------------------------------------------------------
-
-    def _publish_cluster(
-        self,
-        room: RoomName,
-        cr: ClusterRoom | None,
-        username: Username,
-        content: object,
-        timestamp: int,
-        actions: list[Action],
-    ) -> bool:
-        """
-        Relay a message (delivered here too when it comes back: one order on every
-        node), or deliver it here only while the backplane is down. With no *cr*
-        (nobody here in the room) it is relayed with nothing to wait for.
-        """
-        prefix = codec.chat_prefix(username, content, room, timestamp)
-        if prefix is None:
-            return False
-        if self._online:
-            self._refs += 1
-            if cr is not None:
-                cr.outbox.append((self._refs, username, content, timestamp))
-            actions.append(Relay(room=room, ref=self._refs, prefix=prefix))
-        else:
-            assert cr is not None
-            self._relay_unconfirmed += 1
-            self._deliver_local(room, cr, prefix, username, content, timestamp, actions)
-        return True
-
-    def _deliver_local(
-        self,
-        room: RoomName,
-        cr: ClusterRoom,
-        prefix: bytes,
-        username: Username,
-        content: object,
-        timestamp: int,
-        actions: list[Action],
-    ) -> None:
-        """Deliver a message of this node here only, numbered on from the last seen."""
-        cr.seq += 1
-        self._messages_published += 1
-        r = self._registry.rooms.get(room)
-        if r is not None:
-            self._deliver(tuple(r.members), codec.complete_chat(prefix, cr.seq), actions)
-        actions.append(
-            MessagePublished(
-                room=room, username=username, content=content, seq=cr.seq, timestamp=timestamp
-            )
-        )
-
-    def _on_record(self, event: RecordReceived, timestamp: int, actions: list[Action]) -> None:
-        room = event.room
-        cr = self._cluster.get(room)
-        record = parse_record(event.data)
-        if cr is None or record is None:
-            return  # no longer listening, or not a record of ours
-        if isinstance(record, ChatRecord):
-            cr.seq = record.seq
-            r = self._registry.rooms.get(room)
-            if r is not None:
-                self._deliver(
-                    tuple(r.members), codec.complete_chat(record.prefix, record.seq), actions
-                )
-            if record.node == self.node:
-                outbox = cr.outbox
-                if cr.draining and outbox and outbox[-1][0] <= record.ref:
-                    cr.draining = False
-                    actions.append(Unsubscribe(room=room))
-                    del self._cluster[room]
-                while outbox and outbox[0][0] <= record.ref:
-                    ref, username, content, stamp = outbox.popleft()
-                    if ref == record.ref:
-                        self._messages_published += 1
-                        actions.append(
-                            MessagePublished(
-                                room=room,
-                                username=username,
-                                content=content,
-                                seq=record.seq,
-                                timestamp=stamp,
-                            )
-                        )
-            return
-        if not cr.synced:
-            cr.buffered(record)
-            return
-        self._apply_presence(room, cr, record, timestamp, actions)
-
-    def _apply_presence(
-        self,
-        room: RoomName,
-        cr: ClusterRoom,
-        record: PresenceRecord,
-        timestamp: int,
-        actions: list[Action],
-    ) -> None:
-        if record.version > cr.version + 1:
-            # A record went missing: read the presence again, keeping what comes
-            # meanwhile (this one included) to apply on top of it.
-            self._presence_gaps += 1
-            cr.synced = False
-            cr.buffered(record)
-            actions.append(Subscribe(room=room, gen=cr.gen))
-            return
-        user = record.username
-        r = self._registry.rooms.get(room)
-        local = r.users if r is not None else {}
-        was = user in local or user in cr.remote
-        if not cr.apply(record, self.node or "") or user in local:
-            return
-        now_present = user in cr.remote
-        if r is not None and was != now_present:
-            self._announce_change(r.members, room, user, now_present, timestamp, actions)
-
-    def _announce_change(
-        self,
-        members: Iterable[ConnectionId],
-        room: RoomName,
-        user: Username,
-        present: bool,
-        timestamp: int,
-        actions: list[Action],
-    ) -> None:
-        audience = self._presence_audience(members, room)
-        if audience:
-            event = "join" if present else "leave"
-            self._deliver(audience, codec.encode_presence(event, user, room, timestamp), actions)
-
-    def _on_synced(self, event: RoomSynced, timestamp: int, actions: list[Action]) -> None:
-        room = event.room
-        cr = self._cluster.get(room)
-        if cr is None:
-            return
-        if event.gen != cr.gen:
-            return  # an answer to an earlier listening of the room
-        if event.version < cr.version:
-            # Read before records already applied: stale. A newer one is coming,
-            # unless this was the reading meant to settle presence: ask again.
-            if cr.settling:
-                actions.append(Subscribe(room=room, gen=cr.gen))
-            return
-        r = self._registry.rooms.get(room)
-        local = r.users if r is not None else {}
-        before = set(cr.remote)
-        remote: dict[Username, set[str]] = {}
-        for node, name in event.entries:
-            if node != self.node and is_valid_username(name):
-                remote.setdefault(Username(name), set()).add(node)
-        if cr.lost_version and event.version < cr.lost_version:
-            # Redis came back without its data, and the other nodes may not have
-            # re-announced yet: keep who was there (no leaves now). The driver reads
-            # the snapshot again a little later, which settles it.
-            for user, nodes in cr.remote.items():
-                remote.setdefault(user, set()).update(nodes)
-            cr.settling = True
-        else:
-            cr.settling = False
-        cr.lost_version = 0
-        cr.remote = remote
-        cr.version = event.version
-        cr.synced = True
-        if r is not None:
-            for user in sorted(before.symmetric_difference(remote)):
-                if user not in local:
-                    self._announce_change(r.members, room, user, user in remote, timestamp, actions)
-        buffered, cr.buffer = cr.buffer, []
-        for record in sorted(buffered, key=lambda rec: rec.version):
-            if not cr.synced:  # a gap among them: the rest waits for the next snapshot
-                cr.buffered(record)
-            elif record.version > cr.version:
-                self._apply_presence(room, cr, record, timestamp, actions)
-        if cr.resync:
-            cr.resync = False
-            if cr.synced:
-                cr.synced = False
-                actions.append(Subscribe(room=room, gen=cr.gen))
-        if cr.synced:
-            self._join_pending(room, cr, timestamp, actions)
-
-    def _join_pending(
-        self, room: RoomName, cr: ClusterRoom, timestamp: int, actions: list[Action]
-    ) -> None:
-        pending, cr.pending = cr.pending, {}
-        for conn, rights in pending.items():
-            c = self._conns[ConnectionId(conn)]
-            self._join(ConnectionId(conn), c, room, rights, timestamp, actions)
-        held, cr.held = cr.held, []
-        for conn, content, stamp in held:
-            sender = self._conns.get(ConnectionId(conn))
-            if sender is not None and sender.rooms.get(room, _PENDING) & _PENDING == 0:
-                self._publish(room, sender.username, content, stamp, actions)
-
-    def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
-        self._online = False
-        for room, cr in list(self._cluster.items()):
-            cr.synced = False
-            cr.buffer.clear()
-            cr.resync = False
-            cr.lost_version = max(cr.version, cr.lost_version)
-            cr.version = 0  # Redis may come back without its data, counting from 0
-            # Relayed but not back: maybe lost on the way. Deliver them here at least.
-            outbox, cr.outbox = cr.outbox, type(cr.outbox)()
-            for _, username, content, stamp in outbox:
-                prefix = codec.chat_prefix(username, content, room, stamp)
-                if prefix is not None:
-                    self._relay_unconfirmed += 1
-                    self._deliver_local(room, cr, prefix, username, content, stamp, actions)
-            self._join_pending(room, cr, timestamp, actions)
-            if cr.draining:
-                del self._cluster[room]
-
-    def _on_restored(self, actions: list[Action]) -> None:
-        self._online = True
-        registry = self._registry.rooms
-        # Every Subscribe first, then every Announce: a driver can batch each kind.
-        actions.extend(Subscribe(room=room, gen=cr.gen) for room, cr in self._cluster.items())
-        # Take back who left during the outage (rather than wait for their entries
-        # to expire), then announce everyone here.
-        recent, self._recent_leaves = self._recent_leaves, deque(maxlen=MAX_HELD)
-        for room, user in recent:
-            r = registry.get(room)
-            if r is None or user not in r.users:
-                actions.append(Announce(room=room, username=user, present=False))
-        for room, users in list(self._announced.items()):
-            r = registry.get(room)
-            for user in [u for u in users if r is None or u not in r.users]:
-                self._announce(room, user, False, actions)
-        for room in self._cluster:
-            r = registry.get(room)
-            if r is not None:
-                for user in r.users:
-                    self._announce(room, user, True, actions)
-
     def _on_text(
         self, conn: ConnectionId, c: _Conn, text: str, timestamp: int, actions: list[Action]
     ) -> None:
@@ -976,9 +660,7 @@ class Broker:
                 self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
             elif not rights & _PUBLISH:
                 self._error(conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions)
-            elif rights & _PENDING:
-                self._hold(conn, room, c.username, request.content, timestamp, actions)
-            elif not self._publish(room, c.username, request.content, timestamp, actions):
+            elif not self._publish(conn, room, c.username, request.content, timestamp, actions):
                 self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
         elif isinstance(request, codec.Join):
             room = request.room
@@ -986,7 +668,7 @@ class Broker:
             if rights is not None:
                 # Already in: answer with the current state, which doubles as an ack
                 # (or, still waiting for the cluster's, with that once it is known).
-                if rights & _PRESENCE and not rights & _PENDING:
+                if rights & _PRESENCE and not self._joining(conn, room):
                     self._deliver((conn,), self._presence_state(room), actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 import attrs
 
-from ..core.auth import Identity, RoomRules
+from ..core.auth import Authorizer, ClaimsAuthorizer, Identity, RoomRules
 from ..core.errors import ConfigError
 from ..core.names import Headers, Username, is_valid_username
 
@@ -99,6 +99,18 @@ class Authenticator(Protocol):
             now: The current time in unix seconds (wall clock, as ``exp`` is).
         """
         ...
+
+
+def authorizer_for(
+    authorizer: Authorizer | None, authenticator: Authenticator | None
+) -> Authorizer | None:
+    """
+    The authorizer a server's broker uses: *authorizer*; with an *authenticator* and
+    no authorizer, the identity's room rules (a token's ``rooms`` claim) decide.
+    """
+    if authorizer is None and authenticator is not None:
+        return ClaimsAuthorizer()
+    return authorizer
 
 
 # --- Finding the token -----------------------------------------------------------------

@@ -83,14 +83,14 @@ from ..core.actions import (
     UserJoined,
     UserLeft,
 )
-from ..core.auth import Authorizer, ClaimsAuthorizer
+from ..core.auth import Authorizer
 from ..core.broker import Broker
 from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ..core.names import ConnectionId, Headers
 from ..core.registry import worth_shrinking
-from .auth import Authenticator
+from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
 from .handshake import HttpResponse, Upgrade, route_request, route_websocket
 from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
@@ -227,13 +227,16 @@ class Hub:
         authorizer: Decides per room who may join, publish and see presence. With an
             authenticator and no authorizer, the identity's room rules (the token's
             ``rooms`` claim) decide.
-        node: This node's id in a cluster: the broker then asks for backplane work
-            (:meth:`take_backplane`) and takes backplane events
-            (:meth:`backplane_event`). None: a broker on its own.
+        broker: The broker to run, made by the caller (a node of a cluster passes a
+            :class:`~roombus.ClusterBroker`: it then asks for backplane work,
+            :meth:`take_backplane`, and takes backplane events, :meth:`backplane_event`).
+            None: a :class:`~roombus.Broker` on its own, made of *broker_config* and
+            *authorizer*, which must then be None.
 
     Raises:
         ConfigError: if *framed* is False and the broker's heartbeat is on: such a
             transport never reports pongs.
+        ValueError: if *broker* is given with *broker_config* or *authorizer*.
     """
 
     def __init__(
@@ -245,19 +248,21 @@ class Hub:
         framed: bool = True,
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
-        node: str | None = None,
+        broker: Broker | None = None,
     ) -> None:
-        if not framed and (broker_config is None or broker_config.heartbeat):
+        if broker is None:
+            broker = Broker(broker_config, authorizer=authorizer_for(authorizer, authenticator))
+        elif broker_config is not None or authorizer is not None:
+            raise ValueError("broker_config and authorizer are the broker's: give them to it")
+        if not framed and broker.config.heartbeat:
             raise ConfigError(
                 "heartbeat",
                 "must be off for a transport that owns pings (framed=False): "
                 "use the server's own ping setting",
             )
         self.framed = framed
-        if authorizer is None and authenticator is not None:
-            authorizer = ClaimsAuthorizer()
         self.authenticator = authenticator
-        self.broker = Broker(broker_config, authorizer=authorizer, node=node)
+        self.broker = broker
         self._backplane: list[BackplaneAction] = []
         self.config = config if config is not None else ServerConfig()
         #: Requests refused because of a connection limit since the start.

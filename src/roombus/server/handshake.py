@@ -18,8 +18,9 @@ from urllib.parse import parse_qsl
 import attrs
 
 from ..core.auth import Identity
-from ..core.names import Headers, RoomName, Username, is_valid_room, is_valid_username
+from ..core.names import RoomName, Username, is_valid_room, is_valid_username
 from .auth import Authenticator, Refusal, selected_subprotocol
+from .typing import Headers
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

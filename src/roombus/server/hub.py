@@ -88,12 +88,13 @@ from ..core.broker import Broker
 from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
-from ..core.names import ConnectionId, Headers
+from ..core.names import ConnectionId
 from ..core.registry import worth_shrinking
 from .auth import Authenticator
 from .config import ServerConfig
 from .handshake import HttpResponse, Upgrade, route_request, route_websocket
 from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
+from .typing import Headers
 from .wire import (
     GOING_AWAY,
     MESSAGE_TOO_BIG,

@@ -76,7 +76,8 @@ from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .server.auth import Authenticator
 from .server.config import ServerConfig
-from .server.handshake import HttpResponse, Upgrade, route_request
+from .server.handshake import Upgrade, route_request
+from .server.http import HttpResponse, response_head
 from .server.hub import Hub, NoticeHook
 from .server.queues import MessageQueue
 
@@ -277,7 +278,9 @@ class RoombusASGI(ServerFacade):
     async def _http(self, scope: Scope, send: Send) -> None:
         method = str(scope["method"]).encode()
         if (too_large := self._oversized(scope)) is not None:
-            await send({"type": "http.response.start", "status": 431, "headers": _head(too_large)})
+            await send(
+                {"type": "http.response.start", "status": 431, "headers": response_head(too_large)}
+            )
             await send({"type": "http.response.body", "body": too_large.body})
             return
         decision = route_request(
@@ -294,7 +297,11 @@ class RoombusASGI(ServerFacade):
         elif decision.status >= 400:
             log.info("%s refused with %d", _peer(scope), decision.status)
         await send(
-            {"type": "http.response.start", "status": decision.status, "headers": _head(decision)}
+            {
+                "type": "http.response.start",
+                "status": decision.status,
+                "headers": response_head(decision),
+            }
         )
         await send(
             {"type": "http.response.body", "body": b"" if method == b"HEAD" else decision.body}
@@ -499,16 +506,6 @@ def _peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "asgi"
 
 
-def _head(response: HttpResponse) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"content-type", response.content_type),
-        (b"content-length", b"%d" % len(response.body)),
-        (b"connection", b"close"),  # as roombus.trio: answer, then close
-        (b"cache-control", b"no-store"),
-        *response.headers,
-    ]
-
-
 async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
     """Refuse a WebSocket before accepting it: with *response* if the server can send
     one (the ``websocket.http.response`` extension), else with the server's 403."""
@@ -517,7 +514,7 @@ async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
             {
                 "type": "websocket.http.response.start",
                 "status": response.status,
-                "headers": _head(response),
+                "headers": response_head(response),
             }
         )
         await send({"type": "websocket.http.response.body", "body": response.body})

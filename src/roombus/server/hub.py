@@ -92,7 +92,8 @@ from ..core.names import ConnectionId
 from ..core.registry import worth_shrinking
 from .auth import Authenticator
 from .config import ServerConfig
-from .handshake import HttpResponse, Upgrade, route_request, route_websocket
+from .handshake import Upgrade, route_request, route_websocket
+from .http import HttpResponse
 from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
 from .typing import Headers
 from .wire import (

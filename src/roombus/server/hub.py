@@ -90,10 +90,12 @@ from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
 from ..core.names import ConnectionId
 from ..core.registry import worth_shrinking
+from .admission import Admission
 from .auth import Authenticator
 from .config import ServerConfig
 from .handshake import Upgrade, route_request, route_websocket
 from .http import HttpResponse
+from .metrics import collect, render_prometheus
 from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
 from .typing import Headers
 from .wire import (
@@ -116,15 +118,6 @@ from .wire import (
 log: Final = logging.getLogger("roombus")
 
 NoticeHook = Callable[[Notice], None]
-
-#: Probes (``GET``/``HEAD`` of ``/healthz``, and of ``/metrics`` when it is on) from
-#: connections over a connection limit that are answered anyway, at most this many at
-#: once (answered and not yet gone); others over a limit get its 429 or 503. A load
-#: balancer probing a full node must not see it as down, and a probe is no cheaper to
-#: hold than any connection over a limit: the handshake timeout to send its request,
-#: the close timeout to take its answer, and the far-over cut (see :meth:`Hub.open`)
-#: still applies, so probes hold no descriptor the limits did not already allow.
-PROBE_BUDGET: Final = 8
 
 #: Most frames the hub reads from one connection's input per call before it returns,
 #: so that the adapter writes what they produced before the rest is read: a burst of
@@ -262,13 +255,10 @@ class Hub:
         self.broker = Broker(broker_config, authorizer=authorizer, node=node)
         self._backplane: list[BackplaneAction] = []
         self.config = config if config is not None else ServerConfig()
-        #: Requests refused because of a connection limit since the start.
-        self.limit_refusals = 0
+        #: The connection limits: per-address and total counts, the probe budget.
+        self.admission = Admission(self.config)
         #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
-        self._per_ip: dict[str, int] = {}
-        # Over-limit connections answered as probes, until they are lost.
-        self._probes: set[ConnectionId] = set()
         self.on_notice = on_notice
         self.shutting_down = False
         #: Slow consumers closed since the start (the budget's included).
@@ -323,39 +313,18 @@ class Hub:
         dirty, self._dirty = self._dirty, {}
         return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
 
+    @property
+    def limit_refusals(self) -> int:
+        """Requests refused because of a connection limit since the start."""
+        return self.admission.refusals
+
     def metrics(self) -> dict[str, float]:
         """Gauges and counters, by Prometheus name (what ``GET /metrics`` shows)."""
-        stats = self.broker.statistics()
-        values: dict[str, float] = {
-            "roombus_transport_connections": len(self._conns),
-            "roombus_websocket_connections": stats.connections,
-            "roombus_rooms": stats.rooms,
-            "roombus_messages_published_total": stats.messages_published,
-            "roombus_deliveries_total": stats.deliveries,
-            "roombus_slow_consumers_closed_total": self.overflows,
-            "roombus_queued_bytes": self.budget.used,
-            "roombus_queued_bytes_closed_total": self.budget_closes,
-            "roombus_limit_refusals_total": self.limit_refusals,
-        }
-        if self.broker.node is not None:
-            values["roombus_backplane_online"] = int(stats.backplane_online)
-            values["roombus_relay_unconfirmed_total"] = stats.relay_unconfirmed
-            values["roombus_presence_gaps_total"] = stats.presence_gaps
-        if self.extra_metrics is not None:
-            values.update(self.extra_metrics())
-        return values
+        return collect(self)
 
     def metrics_response(self) -> HttpResponse:
         """``GET /metrics``: :meth:`metrics` in the Prometheus text format."""
-        lines = []
-        for name, value in self.metrics().items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines.append(f"# TYPE {name} {kind}\n{name} {value:g}\n")
-        return HttpResponse(
-            status=200,
-            body="".join(lines).encode(),
-            content_type=b"text/plain; version=0.0.4; charset=utf-8",
-        )
+        return render_prometheus(collect(self))
 
     def take_backplane(self) -> list[BackplaneAction]:
         """Backplane work the broker asked for since the last call, in order."""
@@ -413,67 +382,27 @@ class Hub:
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
         conn = _Conn(cid, peer, wire, queue)
-        self._add(conn)
+        refusal = self._add(conn)
         if self.shutting_down:
             self._drop(conn)
             return cid
-        conn.refusal = self._over_limit(conn)
-        config = self.config
-        per_ip, total = config.max_connections_per_ip, config.max_connections
-        if conn.refusal is not None and (
-            (per_ip and conn.ip is not None and self._per_ip[conn.ip] > 2 * max(per_ip, 64))
-            or (total and len(self._conns) > total + max(total // 8, 64))
-        ):
-            # Far over a limit: not even an answer (descriptors are what is scarce).
-            self._limit_refused(conn, conn.refusal)
-            self._drop(conn)
-        else:
-            self._set_deadline(conn, now + self.config.handshake_timeout)
+        if refusal is not None:
+            conn.refusal = refusal
+            if self.admission.far_over(conn.ip, len(self._conns)):
+                # Far over a limit: not even an answer (descriptors are what is scarce).
+                self.admission.refused(conn.peer, refusal)
+                self._drop(conn)
+                return cid
+        self._set_deadline(conn, now + self.config.handshake_timeout)
         return cid
 
-    def _add(self, conn: _Conn) -> None:
-        self._conns[conn.cid] = conn
-        if len(self._conns) > self._peak:
-            self._peak = len(self._conns)
-        if conn.ip is not None:
-            self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
-
-    def _over_limit(self, conn: _Conn) -> HttpResponse | None:
-        """
-        The answer for a connection beyond a connection limit (counting itself). It is
-        counted and logged once given (:meth:`_limit_refused`): a probe may be spared.
-        """
-        config = self.config
-        if config.max_connections and len(self._conns) > config.max_connections:
-            return HttpResponse(
-                status=503, body=b"server full: too many connections\n", headers=_RETRY
-            )
-        limit = config.max_connections_per_ip
-        if limit and conn.ip is not None and self._per_ip[conn.ip] > limit:
-            return HttpResponse(
-                status=429, body=b"too many connections from your address\n", headers=_RETRY
-            )
-        return None
-
-    def _limit_refused(self, conn: _Conn, refusal: HttpResponse) -> None:
-        self.limit_refusals += 1
-        if refusal.status == 503:
-            log.info(
-                "%s refused: over max-connections (%d)", conn.peer, self.config.max_connections
-            )
-        else:
-            limit = self.config.max_connections_per_ip
-            log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
-
-    def _spared(self, conn: _Conn, method: bytes, target: bytes) -> bool:
-        """Whether a request over a limit is a probe answered anyway (see PROBE_BUDGET)."""
-        if method not in (b"GET", b"HEAD") or len(self._probes) >= PROBE_BUDGET:
-            return False
-        path = target.partition(b"?")[0]
-        if path == b"/healthz" or (path == b"/metrics" and self.config.metrics):
-            self._probes.add(conn.cid)
-            return True
-        return False
+    def _add(self, conn: _Conn) -> HttpResponse | None:
+        """Track *conn*; the answer for it if it is over a connection limit."""
+        conns = self._conns
+        conns[conn.cid] = conn
+        if len(conns) > self._peak:
+            self._peak = len(conns)
+        return self.admission.add(conn.ip, len(conns))
 
     def open_websocket(
         self, target: bytes, headers: Headers, *, now: float, timestamp: int, peer: str = ""
@@ -520,10 +449,9 @@ class Hub:
                 broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
             ),
         )
-        self._add(conn)
-        refusal = self._over_limit(conn)
+        refusal = self._add(conn)
         if refusal is not None:
-            self._limit_refused(conn, refusal)
+            self.admission.refused(peer, refusal)
             self.lost(cid, now=now, timestamp=timestamp)
             return refusal
         _set_phase(conn, _Step.UPGRADE)
@@ -606,7 +534,6 @@ class Hub:
         conn = conns.pop(cid, None)
         if conn is None:
             return
-        self._probes.discard(cid)
         if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
@@ -614,12 +541,7 @@ class Hub:
             self._peak = len(conns)
             self._deadlines = [(c.deadline, k) for k, c in conns.items() if c.deadline is not None]
             heapq.heapify(self._deadlines)
-        if conn.ip is not None:
-            count = self._per_ip[conn.ip] - 1
-            if count:
-                self._per_ip[conn.ip] = count
-            else:
-                del self._per_ip[conn.ip]
+        self.admission.remove(cid, conn.ip)
         self._dirty.pop(cid, None)
         conn.queue.detach()
         self._forget(conn, now, timestamp)
@@ -714,9 +636,12 @@ class Hub:
         assert wire is not None  # message connections start OPEN
         for event in wire.receive_data(data):
             if type(event) is RequestReceived:
-                if conn.refusal is not None and not self._spared(conn, event.method, event.target):
-                    self._limit_refused(conn, conn.refusal)
-                    self._respond(conn, conn.refusal, now, head=event.method == b"HEAD")
+                refusal = conn.refusal
+                if refusal is not None and not self.admission.spared(
+                    conn.cid, event.method, event.target
+                ):
+                    self.admission.refused(conn.peer, refusal)
+                    self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
                 if (
                     config.metrics
@@ -980,9 +905,6 @@ class Hub:
                     self._forget(conn, now, timestamp)
         finally:
             self._handling_overflow = False
-
-
-_RETRY: Final = ((b"retry-after", b"5"),)
 
 
 def _queued(queue: SendQueue | MessageQueue) -> int:

@@ -13,8 +13,8 @@ or mount a :class:`RoombusASGI` in your own app (see ``examples/fastapi_app.py``
 Theory of operation
 -------------------
 An ASGI server parses HTTP, frames WebSocket messages, answers pings and runs the
-close handshake, so the app drives a :class:`~roombus.hub.Hub` made with
-``framed=False``: whole messages in (:meth:`~roombus.hub.Hub.receive_message`),
+close handshake, so the app drives a :class:`~roombus.server.messages.MessageHub`:
+whole messages in (:meth:`~roombus.server.messages.MessageHub.receive_message`),
 whole messages out (a :class:`~roombus.server.queues.MessageQueue` per connection).
 Each connection is the server's task running :meth:`RoombusASGI.__call__`: it reads
 (``receive()``) and feeds the hub, while a *writer* task sends its queue, one
@@ -78,7 +78,8 @@ from .server.auth import Authenticator
 from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
-from .server.hub import Hub, NoticeHook
+from .server.hub import NoticeHook
+from .server.messages import MessageHub
 from .server.queues import MessageQueue
 
 Scope = MutableMapping[str, Any]
@@ -146,7 +147,7 @@ class RoombusASGI(ServerFacade):
         ConfigError: if *broker_config* has the heartbeat on.
 
     Attributes:
-        hub: The sans-IO hub (``framed=False``).
+        hub: The sans-IO hub (a :class:`~roombus.server.messages.MessageHub`).
         broker: The core (read-only use).
         config: The transport settings.
     """
@@ -163,11 +164,10 @@ class RoombusASGI(ServerFacade):
     ) -> None:
         if broker_config is None:
             broker_config = BrokerConfig(heartbeat=False)
-        self.hub = Hub(
+        self.hub: MessageHub = MessageHub(
             broker_config,
             config,
             on_notice=on_notice,
-            framed=False,
             authenticator=authenticator,
             authorizer=authorizer,
             node=backplane.node_id if backplane is not None else None,

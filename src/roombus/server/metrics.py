@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Final
 from .http import HttpResponse
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .hub import HubBase
 
 #: The media type of the Prometheus text exposition format.
 CONTENT_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-def collect(hub: Hub) -> dict[str, float]:
+def collect(hub: HubBase) -> dict[str, float]:
     """Gauges and counters of *hub*, by Prometheus name (what ``GET /metrics`` shows)."""
     broker = hub.broker
     stats = broker.statistics()

@@ -1,100 +1,114 @@
-#!/usr/bin/env python3
 """
-The single-node fan-out path, sans-IO: one chat to a room of N members.
+Micro-benchmarks of the sans-IO hub's hot paths (no sockets, one process, timeit).
 
-Two measurements, each the best of ``--repeat`` timings of ``--number`` chats:
+* ``fanout``: a 1000-member room; one chat frame in through ``Hub.receive``, the
+  broker's Deliver applied (one frame pushed onto 1000 send queues).
+* ``churn``: a connection's whole life with its admission: ``open`` (with the
+  per-address and total limits on), the upgrade request, the queues written,
+  ``lost``.
+* ``open-lost``: ``open`` then ``lost`` with no request, the admission counting alone.
 
-``broker``  ``Broker.handle(TextReceived)``: decode, rights, encode, one ``Deliver``
-            (the actions are made, not carried out).
-``hub``     ``Hub.receive`` of one masked text frame: the frame parsed, the broker's
-            actions carried out (a text frame pushed to each member's send queue),
-            then every queue written out as a flusher would.
-
-    python benchmarks/micro.py --members 1000
-
-Prints microseconds per chat. Nothing here does I/O.
+Run: ``python benchmarks/micro.py [--repeat 7]``. Prints the best of the repeats, in
+microseconds per operation, as one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import gc
+import json
 import timeit
 
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from roombus import Broker, BrokerConfig, ClientConnected, ServerConfig, TextReceived
-from roombus.core.names import ConnectionId, RoomName, Username
-from roombus.server.hub import Hub
+from roombus import BrokerConfig, ServerConfig
+from roombus.hub import Hub
 
-CHAT = '{"type":"chat","content":"hello, everyone"}'
-KEY = base64.b64encode(b"0123456789abcdef")
-
-
-def broker_chat(members: int) -> tuple[Broker, TextReceived]:
-    """A broker with *members* connections in one room, and the chat one of them sends."""
-    broker = Broker(BrokerConfig(heartbeat=False, rate_limit=0))
-    for i in range(1, members + 1):
-        broker.handle(
-            ClientConnected(
-                conn=ConnectionId(i), username=Username(f"u{i}"), room=RoomName("lobby")
-            ),
-            now=0.0,
-            timestamp=0,
-        )
-    return broker, TextReceived(conn=ConnectionId(1), text=CHAT)
+TS = 1_700_000_000
+ROOM = 1000
+KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 
-def hub_chat(members: int) -> tuple[Hub, ConnectionId, bytes]:
-    """A hub with *members* open WebSockets in one room, and a frame one of them sends."""
-    hub = Hub(
-        BrokerConfig(heartbeat=False, rate_limit=0),
-        ServerConfig(max_connections=0, max_connections_per_ip=0),
-    )
-    cids = []
-    for i in range(members):
-        cid = hub.open(now=0.0)
-        request = (
-            f"GET /ws?room=lobby&username=u{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Key: " + KEY.decode() + "\r\n\r\n"
-        ).encode()
-        hub.receive(cid, request, now=0.0, timestamp=0)
-        cids.append(cid)
-    drain(hub)
-    frame = Connection(ConnectionType.CLIENT).send(TextMessage(data=CHAT))
-    return hub, cids[0], frame
+def request(room: str, user: str) -> bytes:
+    return (
+        f"GET /ws?room={room}&username={user} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 def drain(hub: Hub) -> None:
+    """Write every dirty queue out completely, as a flusher whose kernel takes it all."""
     for cid, queue in hub.take_dirty():
-        while queue:
-            queue.consume(len(queue.data()))
+        data = queue.data()
+        while data:
+            queue.consume(len(data))
+            data = queue.data()
         hub.flushed(cid)
+    for cid in hub.take_to_close():
+        hub.lost(cid, now=0.0, timestamp=TS)
+
+
+def fanout(repeat: int, number: int = 50) -> float:
+    hub = Hub(
+        BrokerConfig(rate_limit=0, heartbeat=False, max_connections_per_room=0),
+        ServerConfig(max_connections=0, max_connections_per_ip=0, max_queued_bytes=0),
+    )
+    cids = []
+    for i in range(ROOM):
+        cid = hub.open(now=0.0, peer=f"127.0.0.1:{i}")
+        hub.receive(cid, request("lobby", f"u{i}"), now=0.0, timestamp=TS)
+        cids.append(cid)
+    drain(hub)
+    sender = cids[0]
+    frame = Connection(ConnectionType.CLIENT).send(TextMessage('{"type":"chat","content":"hi"}'))
+
+    def chat() -> None:
+        hub.receive(sender, frame, now=0.0, timestamp=TS)
+
+    times = timeit.Timer(chat, setup=lambda: drain(hub)).repeat(repeat, number)
+    assert hub.websocket_count == ROOM
+    return min(times) / number * 1e6
+
+
+def churn(repeat: int, number: int = 2000, *, handshake: bool = True) -> float:
+    hub = Hub(BrokerConfig(heartbeat=False), ServerConfig())
+    # A steady population, so the tables are not empty (as on a live server).
+    for i in range(200):
+        cid = hub.open(now=0.0, peer=f"10.0.{i % 4}.1:{i}")
+        hub.receive(cid, request("lobby", f"s{i}"), now=0.0, timestamp=TS)
+    drain(hub)
+    req = request("churn", "c")
+    ports = iter(range(10**9))
+
+    def life() -> None:
+        cid = hub.open(now=0.0, peer=f"10.0.1.1:{next(ports)}")
+        if handshake:
+            hub.receive(cid, req, now=0.0, timestamp=TS)
+            drain(hub)
+        hub.lost(cid, now=0.0, timestamp=TS)
+
+    times = timeit.Timer(life).repeat(repeat, number)
+    assert hub.connection_count == 200
+    return min(times) / number * 1e6
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("--members", type=int, default=1000)
-    parser.add_argument("--number", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-
-    broker, event = broker_chat(args.members)
-
-    def one_broker_chat() -> None:
-        broker.handle(event, now=1.0, timestamp=0)
-
-    hub, sender, frame = hub_chat(args.members)
-
-    def one_hub_chat() -> None:
-        hub.receive(sender, frame, now=1.0, timestamp=0)
-        drain(hub)
-
-    for name, fn in (("broker", one_broker_chat), ("hub", one_hub_chat)):
-        best = min(timeit.repeat(fn, number=args.number, repeat=args.repeat))
-        print(f"{name:6} {args.members} members: {best / args.number * 1e6:9.2f} us per chat")
+    gc.collect()
+    print(
+        json.dumps(
+            {
+                "fanout_us": round(fanout(args.repeat), 2),
+                "churn_us": round(churn(args.repeat), 2),
+                "open_lost_us": round(churn(args.repeat, handshake=False), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

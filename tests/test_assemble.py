@@ -24,9 +24,9 @@ from roombus import (
     Username,
 )
 from roombus.core.events import Event
-from roombus.core.names import Headers
-from roombus.hub import Hub
+from roombus.hub import Hub, MessageHub
 from roombus.node.assemble import build_broker
+from roombus.server.typing import Headers
 
 
 class Anyone:
@@ -102,9 +102,9 @@ def test_a_broker_with_its_config_or_authorizer_besides_is_refused(
 
 def test_a_messages_hub_checks_the_heartbeat_of_the_broker_it_is_given() -> None:
     with pytest.raises(ConfigError, match="heartbeat"):
-        Hub(framed=False, broker=Broker())
+        MessageHub(broker=Broker())
     quiet = Broker(BrokerConfig(heartbeat=False))
-    assert Hub(framed=False, broker=quiet).broker is quiet
+    assert MessageHub(broker=quiet).broker is quiet
 
 
 BACKPLANE_EVENTS: list[Event] = [

@@ -1,4 +1,4 @@
-"""The hub for transports that speak WebSocket messages themselves (``framed=False``)."""
+"""The hub for transports that speak WebSocket messages themselves (MessageHub)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from roombus import BrokerConfig, ConfigError, ConnectionId, LocalProtocolError, ServerConfig
-from roombus.hub import Hub
+from roombus.hub import FramedHub, Hub, MessageHub
 from roombus.server.handshake import HttpResponse
 from roombus.server.queues import CloseMessage, MessageQueue
 
@@ -17,13 +17,13 @@ KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 QUIET = BrokerConfig(heartbeat=False)
 
 
-def make_hub(**settings: Any) -> Hub:
+def make_hub(**settings: Any) -> MessageHub:
     broker = {k: v for k, v in settings.items() if k in BrokerConfig.__annotations__}
     server = {k: v for k, v in settings.items() if k not in broker}
-    return Hub(BrokerConfig(heartbeat=False, **broker), ServerConfig(**server), framed=False)
+    return MessageHub(BrokerConfig(heartbeat=False, **broker), ServerConfig(**server))
 
 
-def open_ws(hub: Hub, username: str, room: str = "lobby", now: float = 0.0) -> ConnectionId:
+def open_ws(hub: MessageHub, username: str, room: str = "lobby", now: float = 0.0) -> ConnectionId:
     opened = hub.open_websocket(
         f"/ws?room={room}&username={username}".encode(),
         [(b"sec-websocket-key", KEY)],
@@ -34,7 +34,7 @@ def open_ws(hub: Hub, username: str, room: str = "lobby", now: float = 0.0) -> C
     return opened
 
 
-def outbox(hub: Hub) -> dict[ConnectionId, list[Any]]:
+def outbox(hub: MessageHub) -> dict[ConnectionId, list[Any]]:
     """What each dirty connection has to send (decoded), all of it sent and reported."""
     out: dict[ConnectionId, list[Any]] = {}
     for cid, queue in hub.take_dirty_messages():
@@ -50,16 +50,28 @@ def outbox(hub: Hub) -> dict[ConnectionId, list[Any]]:
 def test_the_heartbeat_must_be_off() -> None:
     for config in (None, BrokerConfig()):
         with pytest.raises(ConfigError, match="heartbeat"):
-            Hub(config, framed=False)
+            MessageHub(config)
 
 
 def test_each_hub_takes_only_its_own_kind_of_connection() -> None:
-    messages = Hub(QUIET, framed=False)
-    with pytest.raises(LocalProtocolError):
-        messages.open(now=0.0)
-    framed = Hub()
-    with pytest.raises(LocalProtocolError):
-        framed.open_websocket(b"/ws?room=a&username=b", [], now=0.0, timestamp=TS)
+    # Each class has only its own inputs and its own output.
+    messages = MessageHub(QUIET)
+    for name in ("open", "receive", "input_pending", "take_dirty"):
+        assert not hasattr(messages, name), name
+    framed = FramedHub()
+    for name in ("open_websocket", "receive_message", "take_dirty_messages"):
+        assert not hasattr(framed, name), name
+    assert (FramedHub.framed, MessageHub.framed) == (True, False)
+    assert Hub is FramedHub
+
+
+def test_a_hub_made_with_framed_false_names_the_message_hub() -> None:
+    with pytest.raises(LocalProtocolError, match="MessageHub"):
+        Hub(QUIET, framed=False)
+    with pytest.raises(LocalProtocolError, match="FramedHub"):
+        MessageHub(QUIET, framed=True)
+    # The class's own value is still accepted.
+    assert Hub(framed=True).framed and not MessageHub(QUIET, framed=False).framed
 
 
 def test_open_joins_at_once_and_the_queue_holds_the_presence_messages() -> None:

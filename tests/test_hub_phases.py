@@ -1,7 +1,7 @@
 """
 The hub's connection phases: one table (``roombus.server.hub.PHASES``), applied by one
-function. Every row is reached by a hub input, nothing outside it is ever applied,
-and docs/design.md carries the table.
+method (``HubBase._set_phase``). Every row is reached by a hub input, nothing outside
+it is ever applied, and docs/design.md carries the table.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_a_move_outside_the_table_raises() -> None:
     cid = hub.open(now=0.0)
     conn = hub._conns[cid]
     with pytest.raises(LocalProtocolError, match="no move from HANDSHAKE by CLOSE"):
-        _hub._set_phase(conn, _hub._Step.CLOSE)
+        hub._set_phase(conn, _hub._Step.CLOSE)
     assert conn.phase is _hub._Phase.HANDSHAKE
 
 
@@ -71,13 +71,13 @@ def _close(hub: Hub, cid: int, now: float) -> None:
 
 def test_every_row_is_reached_by_a_hub_input(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: set[tuple[str, str]] = set()
-    apply = _hub._set_phase
+    apply = _hub.HubBase._set_phase
 
-    def recording(conn: object, step: _hub._Step) -> None:
+    def recording(self: _hub.HubBase, conn: object, step: _hub._Step) -> None:
         seen.add((conn.phase.value, step.value))  # type: ignore[attr-defined]
-        apply(conn, step)  # type: ignore[arg-type]
+        apply(self, conn, step)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_hub, "_set_phase", recording)
+    monkeypatch.setattr(_hub.HubBase, "_set_phase", recording)
     config = BrokerConfig(ping_interval=1, ping_timeout=1)
     hub = Hub(config, ServerConfig(handshake_timeout=5, close_timeout=2))
 

@@ -1,7 +1,7 @@
 """
 Health and metrics probes on a full node: ``GET /healthz`` and ``GET /metrics`` are
 answered beyond the connection limits, within a budget of their own
-(:data:`roombus.server.hub.PROBE_BUDGET` answers in flight at once); everything else over a
+(:data:`roombus.server.admission.PROBE_BUDGET` answers in flight at once); everything else over a
 limit is refused as before, and connections far over a limit are still dropped unread.
 """
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from roombus import BrokerConfig, ServerConfig
 from roombus.hub import Hub
-from roombus.server.hub import PROBE_BUDGET
+from roombus.server.admission import PROBE_BUDGET
 
 KEY = base64.b64encode(b"k" * 16)
 UPGRADE = (

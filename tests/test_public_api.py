@@ -66,7 +66,7 @@ def test_adapter_modules_export_what_they_document() -> None:
         "serve",
     ]
     assert roombus.asgi.__all__ == ["RoombusASGI", "create_app"]
-    assert roombus.hub.__all__ == ["Hub", "NoticeHook"]
+    assert roombus.hub.__all__ == ["FramedHub", "Hub", "MessageHub", "NoticeHook"]
     for module in (roombus.asgi, roombus.asyncio, roombus.hub):
         for name in module.__all__:
             assert hasattr(module, name), (module, name)

@@ -13,8 +13,8 @@ or mount a :class:`RoombusASGI` in your own app (see ``examples/fastapi_app.py``
 Theory of operation
 -------------------
 An ASGI server parses HTTP, frames WebSocket messages, answers pings and runs the
-close handshake, so the app drives a :class:`~roombus.hub.Hub` made with
-``framed=False``: whole messages in (:meth:`~roombus.hub.Hub.receive_message`),
+close handshake, so the app drives a :class:`~roombus.server.messages.MessageHub`:
+whole messages in (:meth:`~roombus.server.messages.MessageHub.receive_message`),
 whole messages out (a :class:`~roombus.server.queues.MessageQueue` per connection).
 Each connection is the server's task running :meth:`RoombusASGI.__call__`: it reads
 (``receive()``) and feeds the hub, while a *writer* task sends its queue, one
@@ -77,8 +77,10 @@ from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .server.auth import Authenticator
 from .server.config import ServerConfig
-from .server.handshake import HttpResponse, Upgrade, route_request
-from .server.hub import Hub, NoticeHook
+from .server.handshake import Upgrade, route_request
+from .server.http import HttpResponse, response_head
+from .server.hub import NoticeHook
+from .server.messages import MessageHub
 from .server.queues import MessageQueue
 
 Scope = MutableMapping[str, Any]
@@ -146,7 +148,7 @@ class RoombusASGI(ServerFacade):
         ConfigError: if *broker_config* has the heartbeat on.
 
     Attributes:
-        hub: The sans-IO hub (``framed=False``).
+        hub: The sans-IO hub (a :class:`~roombus.server.messages.MessageHub`).
         broker: The core (read-only use).
         config: The transport settings.
     """
@@ -163,10 +165,9 @@ class RoombusASGI(ServerFacade):
     ) -> None:
         if broker_config is None:
             broker_config = BrokerConfig(heartbeat=False)
-        self.hub = Hub(
+        self.hub: MessageHub = MessageHub(
             config=config,
             on_notice=on_notice,
-            framed=False,
             authenticator=authenticator,
             broker=build_broker(
                 broker_config,
@@ -281,7 +282,9 @@ class RoombusASGI(ServerFacade):
     async def _http(self, scope: Scope, send: Send) -> None:
         method = str(scope["method"]).encode()
         if (too_large := self._oversized(scope)) is not None:
-            await send({"type": "http.response.start", "status": 431, "headers": _head(too_large)})
+            await send(
+                {"type": "http.response.start", "status": 431, "headers": response_head(too_large)}
+            )
             await send({"type": "http.response.body", "body": too_large.body})
             return
         decision = route_request(
@@ -298,7 +301,11 @@ class RoombusASGI(ServerFacade):
         elif decision.status >= 400:
             log.info("%s refused with %d", _peer(scope), decision.status)
         await send(
-            {"type": "http.response.start", "status": decision.status, "headers": _head(decision)}
+            {
+                "type": "http.response.start",
+                "status": decision.status,
+                "headers": response_head(decision),
+            }
         )
         await send(
             {"type": "http.response.body", "body": b"" if method == b"HEAD" else decision.body}
@@ -503,16 +510,6 @@ def _peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "asgi"
 
 
-def _head(response: HttpResponse) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"content-type", response.content_type),
-        (b"content-length", b"%d" % len(response.body)),
-        (b"connection", b"close"),  # as roombus.trio: answer, then close
-        (b"cache-control", b"no-store"),
-        *response.headers,
-    ]
-
-
 async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
     """Refuse a WebSocket before accepting it: with *response* if the server can send
     one (the ``websocket.http.response`` extension), else with the server's 403."""
@@ -521,7 +518,7 @@ async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:
             {
                 "type": "websocket.http.response.start",
                 "status": response.status,
-                "headers": _head(response),
+                "headers": response_head(response),
             }
         )
         await send({"type": "websocket.http.response.body", "body": response.body})

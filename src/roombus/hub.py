@@ -1,20 +1,28 @@
 """
 roombus.hub: the sans-IO server machinery every transport adapter drives.
 
-A :class:`Hub` holds the broker and, per connection, the wire (HTTP handshake and
-WebSocket frames) and the bounded send queue. It never touches a socket or a clock:
-an adapter feeds it bytes and the time, and carries out its outputs. Made with
-``framed=False``, it takes whole messages instead, from a server that frames them
-itself (an ASGI server). :mod:`roombus.trio`, :mod:`roombus.asyncio` and
-:mod:`roombus.asgi` are such adapters; see ``docs/adapters.md`` for the contract, to
-write your own.
+A hub holds the broker and, per connection, the bounded send queue and its
+lifecycle. It never touches a socket or a clock: an adapter feeds it input and the
+time, and carries out its outputs. There are two:
+
+* :class:`FramedHub` (also :class:`Hub`) for a transport of bytes: it parses the HTTP
+  handshake and the WebSocket frames (:mod:`roombus.trio`, :mod:`roombus.asyncio`);
+* :class:`MessageHub` for a server that frames WebSocket messages itself (an ASGI
+  server: :mod:`roombus.asgi`).
+
+See ``docs/adapters.md`` for the contract, to write your own adapter. ``Hub`` is
+:class:`FramedHub`; ``Hub(framed=False)`` is refused with a
+:class:`~roombus.LocalProtocolError` naming :class:`MessageHub`.
 
 Importing this module needs wsproto and h11 (the wire layer), not trio.
 """
 
 from __future__ import annotations
 
-from .server.hub import Hub as Hub
+from .server.framed import FramedHub as FramedHub
 from .server.hub import NoticeHook as NoticeHook
+from .server.messages import MessageHub as MessageHub
 
-__all__ = ["Hub", "NoticeHook"]
+Hub = FramedHub
+
+__all__ = ["FramedHub", "Hub", "MessageHub", "NoticeHook"]

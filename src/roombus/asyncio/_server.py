@@ -1,6 +1,6 @@
 """
 The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
-:class:`~roombus.hub.Hub`, in the image of :mod:`roombus.trio`.
+:class:`~roombus.server.framed.FramedHub`, in the image of :mod:`roombus.trio`.
 
 Theory of operation
 -------------------
@@ -52,7 +52,8 @@ from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..server.auth import Authenticator
 from ..server.config import ServerConfig
-from ..server.hub import Hub, NoticeHook
+from ..server.framed import FramedHub
+from ..server.hub import NoticeHook
 from ..server.queues import SendQueue
 
 
@@ -141,7 +142,7 @@ class Server(ServerFacade):
         ssl_context: ssl.SSLContext | None = None,
         backplane: Backplane | None = None,
     ) -> None:
-        self.hub = Hub(
+        self.hub: FramedHub = FramedHub(
             config=config,
             on_notice=on_notice,
             authenticator=authenticator,

@@ -1,12 +1,10 @@
-"""Identifier types, the validation rules for names that come off the wire, and the
-one spelling of request headers."""
+"""Identifier types and the validation rules for names that come off the wire."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
-from typing import NewType, TypeAlias
+from typing import NewType
 
 #: A connection, as numbered by the driver. Delivery is per connection.
 ConnectionId = NewType("ConnectionId", int)
@@ -14,9 +12,6 @@ ConnectionId = NewType("ConnectionId", int)
 Username = NewType("Username", str)
 #: A room's name, always valid by :func:`is_valid_room` once inside the broker.
 RoomName = NewType("RoomName", str)
-#: Request headers as ``(name, value)`` pairs, names in lower case (as h11 gives them
-#: and ASGI servers pass them). Every module that reads headers uses this alias.
-Headers: TypeAlias = Sequence[tuple[bytes, bytes]]
 
 MAX_NAME_LENGTH = 64
 

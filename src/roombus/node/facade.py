@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..server.hub import Hub
+from ..server.hub import HubBase
 
 
 def wall() -> int:
@@ -20,7 +20,7 @@ class ServerFacade:
     hub's outputs after a call (``_after``).
     """
 
-    hub: Hub
+    hub: HubBase
 
     def _now(self) -> float:
         raise NotImplementedError

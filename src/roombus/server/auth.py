@@ -31,7 +31,8 @@ import attrs
 
 from ..core.auth import Authorizer, ClaimsAuthorizer, Identity, RoomRules
 from ..core.errors import ConfigError
-from ..core.names import Headers, Username, is_valid_username
+from ..core.names import Username, is_valid_username
+from .typing import Headers
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey

@@ -18,8 +18,10 @@ from urllib.parse import parse_qsl
 import attrs
 
 from ..core.auth import Identity
-from ..core.names import Headers, RoomName, Username, is_valid_room, is_valid_username
+from ..core.names import RoomName, Username, is_valid_room, is_valid_username
 from .auth import Authenticator, Refusal, selected_subprotocol
+from .http import HttpResponse as HttpResponse
+from .typing import Headers
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -42,24 +44,6 @@ class Upgrade:
     accept: bytes
     identity: Identity | None = attrs.field(default=None, repr=False)
     subprotocol: bytes | None = None
-
-
-@attrs.frozen(kw_only=True)
-class HttpResponse:
-    """
-    Answer with a plain HTTP response and close.
-
-    Attributes:
-        status: The status code.
-        body: The body.
-        content_type: The body's media type.
-        headers: Any further headers.
-    """
-
-    status: int
-    body: bytes
-    content_type: bytes = b"text/plain; charset=utf-8"
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def accept_token(key: bytes) -> bytes:

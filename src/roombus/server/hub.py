@@ -1,45 +1,34 @@
 """
-The hub: every connection's wire, send queue and lifecycle around one broker. Sans-IO.
+The hub: every connection's send queue and lifecycle around one broker. Sans-IO.
 
-An adapter (trio, asyncio, your own) owns the sockets and the clock; the hub owns
-everything else. The contract, in full:
+An adapter (trio, asyncio, ASGI, your own) owns the sockets and the clock; the hub
+owns everything else. It comes in two kinds, split where the transport splits:
 
-* A new transport connection: ``cid = hub.open(now=..., peer=...)``.
-* Bytes from it: ``hub.receive(cid, data, now=..., timestamp=...)``; ``None`` at end
-  of stream.
+* :class:`~roombus.server.framed.FramedHub` for a transport of **bytes** (TCP, TLS):
+  it parses the HTTP handshake and the WebSocket frames itself
+  (``roombus.hub.Hub`` is this class);
+* :class:`~roombus.server.messages.MessageHub` for a transport that already speaks
+  WebSocket **messages** (an ASGI server: it parses the handshake, frames, pings and
+  the close handshake itself).
+
+Each module's docstring gives its inputs. What :class:`HubBase` gives both, in full:
+
 * After **every** hub call, carry out its outputs:
 
-  - :meth:`Hub.take_dirty` lists connections with bytes to write: write
-    ``queue.data()`` as far as the transport takes it, report it with
-    ``queue.consume(n)``, and once a queue is empty call :meth:`Hub.flushed`.
-  - :meth:`Hub.take_to_close` lists connections whose transport must be closed now
-    (whatever is still queued). Then call :meth:`Hub.lost`.
-  - :meth:`Hub.next_deadline` is when to call :meth:`Hub.timeout` next.
-  - :meth:`Hub.input_pending`: the hub read only part of what came (a burst); write
-    the dirty queues (let the flusher run), then ``hub.receive(cid, b"", ...)`` for
-    the next part, and read no more from that transport until it is False.
+  - the dirty queues (``take_dirty()`` of a FramedHub, ``take_dirty_messages()`` of a
+    MessageHub): write them as far as the transport takes them, and once a queue is
+    empty call :meth:`HubBase.flushed`. :meth:`HubBase.has_dirty` says whether there
+    are any.
+  - :meth:`HubBase.take_to_close` lists connections whose transport must be closed
+    now (whatever is still queued). Then call :meth:`HubBase.lost`.
+  - :meth:`HubBase.next_deadline` is when to call :meth:`HubBase.timeout` next.
+  - :meth:`HubBase.take_backplane`: work for a cluster's backplane, if any.
 
-* A transport that breaks or ends: :meth:`Hub.lost` (idempotent).
-* Shutdown: :meth:`Hub.shutdown`; done when :attr:`Hub.connection_count` is zero.
-
-A transport that already speaks WebSocket *messages* (an ASGI server: it parses the
-handshake, frames, pings and the close handshake itself) drives a hub made with
-``framed=False`` instead, through two other inputs and one other output:
-
-* An upgrade request: ``hub.open_websocket(target, headers, now=..., ...)`` returns
-  the :class:`~roombus.server.handshake.HttpResponse` to refuse it with, or the id of an
-  open connection: accept the WebSocket, then send its queue.
-* A whole message from it: :meth:`Hub.receive_message` (``str`` for text, ``bytes``
-  for binary). Its end: :meth:`Hub.lost`.
-* :meth:`Hub.take_dirty_messages` (not ``take_dirty``) lists connections with
-  messages to send: a :class:`~roombus.server.queues.MessageQueue` of UTF-8 payloads and,
-  last, a :class:`~roombus.server.queues.CloseMessage`. Report each one sent with
-  ``queue.consume(1)``, and call :meth:`Hub.flushed` once the queue is empty.
-
-Such a hub has no heartbeat (the server pings; ``BrokerConfig.heartbeat`` must be
-off) and no HANDSHAKE or FINISHING phase: a connection starts OPEN, and once its
-close is queued it is CLOSING until the server reports the peer gone (:meth:`Hub.lost`,
-on the peer's answer) or the close timeout drops it.
+* A transport that breaks or ends: :meth:`HubBase.lost` (idempotent).
+* Also: :meth:`HubBase.enforce_budget` after writing, :meth:`HubBase.publish` from
+  server-side code, :meth:`HubBase.backplane_event`, :meth:`HubBase.metrics`.
+* Shutdown: :meth:`HubBase.shutdown`; done when :attr:`HubBase.connection_count` is
+  zero.
 
 Connection lifecycle (``_Phase``; every move is a row of :data:`PHASES`):
 
@@ -58,6 +47,11 @@ FINISHING    last bytes queued (an HTTP answer, a close   queue empty or close
              frame); then the transport is closed         timeout -> gone
 =========== ============================================ ==========================
 
+A MessageHub's connections have no HANDSHAKE or FINISHING phase: one starts OPEN
+once its server has checked the handshake, and once its close is queued it is
+CLOSING until the server reports the peer gone (:meth:`HubBase.lost`) or the close
+timeout drops it.
+
 The broker forgets a connection as soon as it leaves OPEN, so the rest of its rooms
 learn of the departure at once, not after the close handshake.
 """
@@ -70,7 +64,7 @@ import ipaddress
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 
 from ..core.actions import (
     Action,
@@ -87,26 +81,20 @@ from ..core.auth import Authorizer
 from ..core.broker import Broker
 from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
-from ..core.events import ClientConnected, ClientDisconnected, Event, PongReceived, TextReceived
-from ..core.names import ConnectionId, Headers
+from ..core.events import ClientConnected, ClientDisconnected, Event
+from ..core.names import ConnectionId
 from ..core.registry import worth_shrinking
+from .admission import Admission
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
-from .handshake import HttpResponse, Upgrade, route_request, route_websocket
-from .queues import ByteBudget, CloseMessage, MessageQueue, QueueState, SendQueue
+from .handshake import Upgrade
+from .http import HttpResponse
+from .metrics import collect, render_prometheus
+from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
 from .wire import (
     GOING_AWAY,
-    MESSAGE_TOO_BIG,
     PING_FRAME,
     POLICY_VIOLATION,
-    UNSUPPORTED_DATA,
-    BadRequest,
-    Closed,
-    FragmentReceived,
-    MessageReceived,
-    PongFrameReceived,
-    Reply,
-    RequestReceived,
     ServerWire,
     text_frame,
 )
@@ -114,23 +102,6 @@ from .wire import (
 log: Final = logging.getLogger("roombus")
 
 NoticeHook = Callable[[Notice], None]
-
-#: Probes (``GET``/``HEAD`` of ``/healthz``, and of ``/metrics`` when it is on) from
-#: connections over a connection limit that are answered anyway, at most this many at
-#: once (answered and not yet gone); others over a limit get its 429 or 503. A load
-#: balancer probing a full node must not see it as down, and a probe is no cheaper to
-#: hold than any connection over a limit: the handshake timeout to send its request,
-#: the close timeout to take its answer, and the far-over cut (see :meth:`Hub.open`)
-#: still applies, so probes hold no descriptor the limits did not already allow.
-PROBE_BUDGET: Final = 8
-
-#: Most frames the hub reads from one connection's input per call before it returns,
-#: so that the adapter writes what they produced before the rest is read: a burst of
-#: messages in one TCP write then reaches each receiver's send queue this many at a
-#: time, between flushes, and a receiver that keeps up never has more than a few
-#: batches queued (far below ``send_queue``). The rest waits, unparsed, in the wire;
-#: :meth:`Hub.input_pending` says so.
-INPUT_BATCH: Final = 64
 
 
 class _Phase(enum.Enum):
@@ -151,7 +122,7 @@ class _Step(enum.Enum):
 
 
 #: Every move a connection may make: ``(phase, step) -> next phase``, applied by
-#: ``Hub._set_phase`` only. Anything else is a bug in the hub, and raises.
+#: ``HubBase._set_phase`` only. Anything else is a bug in the hub, and raises.
 #: ``docs/design.md`` ("Connection phases") carries this table, tested.
 PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
     (_Phase.HANDSHAKE, _Step.UPGRADE): _Phase.OPEN,
@@ -163,16 +134,6 @@ PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
     (_Phase.CLOSING, _Step.DROP): _Phase.DROPPED,
     (_Phase.FINISHING, _Step.DROP): _Phase.DROPPED,
 }
-
-
-def _set_phase(conn: _Conn, step: _Step) -> None:
-    """Move *conn* on by *step*, as :data:`PHASES` allows."""
-    try:
-        conn.phase = PHASES[conn.phase, step]
-    except KeyError:
-        raise LocalProtocolError(
-            f"conn {conn.cid}: no move from {conn.phase.name} by {step.name}"
-        ) from None
 
 
 class _Conn:
@@ -210,18 +171,20 @@ def peer_address(peer: str) -> str | None:
         return None
 
 
-class Hub:
+class HubBase:
     """
-    Connections, their wires and send queues, and the broker: a server minus the I/O.
+    Connections, their send queues and lifecycle, and the broker: what
+    :class:`~roombus.server.framed.FramedHub` (a transport of bytes) and
+    :class:`~roombus.server.messages.MessageHub` (a transport of WebSocket messages)
+    share. Make one of those two; see the module docstrings for each contract.
 
     Args:
         broker_config: The core's limits and intervals.
         config: Transport-level settings (timeouts, origins, page, header limit).
         on_notice: Called with every notice (a user joined or left, a message was
             published), synchronously; an exception it raises is logged and ignored.
-        framed: True for a transport of bytes (the hub parses HTTP and frames); False
-            for one that speaks WebSocket messages itself (an ASGI server). See the
-            module docstring for each contract.
+        framed: Needed by neither class; if given, it must be the class's own
+            (:attr:`framed`), so that ``Hub(framed=False)`` names the class to use.
         authenticator: Decides who a client is from its request (401/403 before the
             upgrade otherwise); without one, the query's ``username`` is taken as is.
         authorizer: Decides per room who may join, publish and see presence. With an
@@ -234,10 +197,15 @@ class Hub:
             *authorizer*, which must then be None.
 
     Raises:
-        ConfigError: if *framed* is False and the broker's heartbeat is on: such a
-            transport never reports pongs.
+        ConfigError: in a MessageHub whose broker's heartbeat is on: such a transport
+            never reports pongs.
+        LocalProtocolError: if *framed* is not the class's own.
         ValueError: if *broker* is given with *broker_config* or *authorizer*.
     """
+
+    #: True for a transport of bytes (the hub parses HTTP and frames), False for one
+    #: that speaks WebSocket messages itself (an ASGI server).
+    framed: ClassVar[bool]
 
     def __init__(
         self,
@@ -245,33 +213,34 @@ class Hub:
         config: ServerConfig | None = None,
         *,
         on_notice: NoticeHook | None = None,
-        framed: bool = True,
+        framed: bool | None = None,
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
         broker: Broker | None = None,
     ) -> None:
+        if framed is not None and framed is not self.framed:
+            raise LocalProtocolError(
+                "a hub of WebSocket messages (framed=False) is a MessageHub, a hub of bytes "
+                f"a FramedHub: {type(self).__name__}(framed={framed!r}) is neither"
+            )
         if broker is None:
             broker = Broker(broker_config, authorizer=authorizer_for(authorizer, authenticator))
         elif broker_config is not None or authorizer is not None:
             raise ValueError("broker_config and authorizer are the broker's: give them to it")
-        if not framed and broker.config.heartbeat:
+        if not self.framed and broker.config.heartbeat:
             raise ConfigError(
                 "heartbeat",
-                "must be off for a transport that owns pings (framed=False): "
+                "must be off for a transport that owns pings (a MessageHub): "
                 "use the server's own ping setting",
             )
-        self.framed = framed
         self.authenticator = authenticator
         self.broker = broker
         self._backplane: list[BackplaneAction] = []
         self.config = config if config is not None else ServerConfig()
-        #: Requests refused because of a connection limit since the start.
-        self.limit_refusals = 0
+        #: The connection limits: per-address and total counts, the probe budget.
+        self.admission = Admission(self.config)
         #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
-        self._per_ip: dict[str, int] = {}
-        # Over-limit connections answered as probes, until they are lost.
-        self._probes: set[ConnectionId] = set()
         self.on_notice = on_notice
         self.shutting_down = False
         #: Slow consumers closed since the start (the budget's included).
@@ -312,53 +281,18 @@ class Hub:
 
     # -- outputs ----------------------------------------------------------------------
 
-    def take_dirty(self) -> list[tuple[ConnectionId, SendQueue]]:
-        """Connections with new bytes to write since the last call (a framed hub)."""
-        if not self._dirty:
-            return []
-        dirty, self._dirty = self._dirty, {}
-        return cast("list[tuple[ConnectionId, SendQueue]]", list(dirty.items()))
-
-    def take_dirty_messages(self) -> list[tuple[ConnectionId, MessageQueue]]:
-        """Connections with new messages to send since the last call (``framed=False``)."""
-        if not self._dirty:
-            return []
-        dirty, self._dirty = self._dirty, {}
-        return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
+    @property
+    def limit_refusals(self) -> int:
+        """Requests refused because of a connection limit since the start."""
+        return self.admission.refusals
 
     def metrics(self) -> dict[str, float]:
         """Gauges and counters, by Prometheus name (what ``GET /metrics`` shows)."""
-        stats = self.broker.statistics()
-        values: dict[str, float] = {
-            "roombus_transport_connections": len(self._conns),
-            "roombus_websocket_connections": stats.connections,
-            "roombus_rooms": stats.rooms,
-            "roombus_messages_published_total": stats.messages_published,
-            "roombus_deliveries_total": stats.deliveries,
-            "roombus_slow_consumers_closed_total": self.overflows,
-            "roombus_queued_bytes": self.budget.used,
-            "roombus_queued_bytes_closed_total": self.budget_closes,
-            "roombus_limit_refusals_total": self.limit_refusals,
-        }
-        if self.broker.node is not None:
-            values["roombus_backplane_online"] = int(stats.backplane_online)
-            values["roombus_relay_unconfirmed_total"] = stats.relay_unconfirmed
-            values["roombus_presence_gaps_total"] = stats.presence_gaps
-        if self.extra_metrics is not None:
-            values.update(self.extra_metrics())
-        return values
+        return collect(self)
 
     def metrics_response(self) -> HttpResponse:
         """``GET /metrics``: :meth:`metrics` in the Prometheus text format."""
-        lines = []
-        for name, value in self.metrics().items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines.append(f"# TYPE {name} {kind}\n{name} {value:g}\n")
-        return HttpResponse(
-            status=200,
-            body="".join(lines).encode(),
-            content_type=b"text/plain; version=0.0.4; charset=utf-8",
-        )
+        return render_prometheus(collect(self))
 
     def take_backplane(self) -> list[BackplaneAction]:
         """Backplane work the broker asked for since the last call, in order."""
@@ -368,7 +302,7 @@ class Hub:
         return work
 
     def has_dirty(self) -> bool:
-        """Whether :meth:`take_dirty` has anything."""
+        """Whether any queue is dirty (the next ``take_dirty*`` call has something)."""
         return bool(self._dirty)
 
     def take_to_close(self) -> list[ConnectionId]:
@@ -396,142 +330,13 @@ class Hub:
 
     # -- inputs -----------------------------------------------------------------------
 
-    def open(self, *, now: float, peer: str = "") -> ConnectionId:
-        """
-        A new transport connection; it has the handshake timeout to send its request.
-
-        Raises:
-            LocalProtocolError: in a hub made with ``framed=False``.
-        """
-        if not self.framed:
-            raise LocalProtocolError("a hub with framed=False opens with open_websocket()")
-        cid = ConnectionId(next(self._ids))
-        broker_config = self.broker.config
-        wire = ServerWire(
-            max_header_bytes=self.config.max_header_bytes,
-            max_message_bytes=broker_config.max_message_bytes,
-            max_events=INPUT_BATCH,
-        )
-        queue = SendQueue(
-            broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
-        )
-        conn = _Conn(cid, peer, wire, queue)
-        self._add(conn)
-        if self.shutting_down:
-            self._drop(conn)
-            return cid
-        conn.refusal = self._over_limit(conn)
-        config = self.config
-        per_ip, total = config.max_connections_per_ip, config.max_connections
-        if conn.refusal is not None and (
-            (per_ip and conn.ip is not None and self._per_ip[conn.ip] > 2 * max(per_ip, 64))
-            or (total and len(self._conns) > total + max(total // 8, 64))
-        ):
-            # Far over a limit: not even an answer (descriptors are what is scarce).
-            self._limit_refused(conn, conn.refusal)
-            self._drop(conn)
-        else:
-            self._set_deadline(conn, now + self.config.handshake_timeout)
-        return cid
-
-    def _add(self, conn: _Conn) -> None:
-        self._conns[conn.cid] = conn
-        if len(self._conns) > self._peak:
-            self._peak = len(self._conns)
-        if conn.ip is not None:
-            self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
-
-    def _over_limit(self, conn: _Conn) -> HttpResponse | None:
-        """
-        The answer for a connection beyond a connection limit (counting itself). It is
-        counted and logged once given (:meth:`_limit_refused`): a probe may be spared.
-        """
-        config = self.config
-        if config.max_connections and len(self._conns) > config.max_connections:
-            return HttpResponse(
-                status=503, body=b"server full: too many connections\n", headers=_RETRY
-            )
-        limit = config.max_connections_per_ip
-        if limit and conn.ip is not None and self._per_ip[conn.ip] > limit:
-            return HttpResponse(
-                status=429, body=b"too many connections from your address\n", headers=_RETRY
-            )
-        return None
-
-    def _limit_refused(self, conn: _Conn, refusal: HttpResponse) -> None:
-        self.limit_refusals += 1
-        if refusal.status == 503:
-            log.info(
-                "%s refused: over max-connections (%d)", conn.peer, self.config.max_connections
-            )
-        else:
-            limit = self.config.max_connections_per_ip
-            log.info("%s refused: over max-connections-per-ip (%d)", conn.peer, limit)
-
-    def _spared(self, conn: _Conn, method: bytes, target: bytes) -> bool:
-        """Whether a request over a limit is a probe answered anyway (see PROBE_BUDGET)."""
-        if method not in (b"GET", b"HEAD") or len(self._probes) >= PROBE_BUDGET:
-            return False
-        path = target.partition(b"?")[0]
-        if path == b"/healthz" or (path == b"/metrics" and self.config.metrics):
-            self._probes.add(conn.cid)
-            return True
-        return False
-
-    def open_websocket(
-        self, target: bytes, headers: Headers, *, now: float, timestamp: int, peer: str = ""
-    ) -> ConnectionId | HttpResponse:
-        """
-        A WebSocket handshake a message transport has checked and not yet answered.
-
-        Args:
-            target: The request target (``b"/ws?room=lobby&username=ann"``).
-            headers: The request headers, names in lower case.
-
-        Returns:
-            The response to refuse it with (before accepting: a 403 for a bad origin,
-            400 for a bad room or username, 404 for another path, 503 during shutdown),
-            or the id of the new, open connection: accept the WebSocket, then send
-            its queue (its presence messages are already in it).
-
-        Raises:
-            LocalProtocolError: in a framed hub.
-        """
-        if self.framed:
-            raise LocalProtocolError("a framed hub opens with open() and receive()")
-        if self.shutting_down:
-            return HttpResponse(status=503, body=b"server shutting down\n")
-        decision = route_websocket(
-            target,
-            headers,
-            allowed_origins=self.config.allowed_origins,
-            authenticator=self.authenticator,
-            now=timestamp,
-        )
-        if isinstance(decision, Upgrade):
-            decision = self._admit(decision)
-        if isinstance(decision, HttpResponse):
-            _log_refusal(peer, decision)
-            return decision
-        cid = ConnectionId(next(self._ids))
-        broker_config = self.broker.config
-        conn = _Conn(
-            cid,
-            peer,
-            None,
-            MessageQueue(
-                broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
-            ),
-        )
-        self._add(conn)
-        refusal = self._over_limit(conn)
-        if refusal is not None:
-            self._limit_refused(conn, refusal)
-            self.lost(cid, now=now, timestamp=timestamp)
-            return refusal
-        _set_phase(conn, _Step.UPGRADE)
-        self._connect(conn, decision, now, timestamp)
-        return cid
+    def _add(self, conn: _Conn) -> HttpResponse | None:
+        """Track *conn*; the answer for it if it is over a connection limit."""
+        conns = self._conns
+        conns[conn.cid] = conn
+        if len(conns) > self._peak:
+            self._peak = len(conns)
+        return self.admission.add(conn.ip, len(conns))
 
     def _admit(self, upgrade: Upgrade) -> Upgrade | HttpResponse:
         """The room's checks (authorization, size) before a WebSocket opens."""
@@ -540,76 +345,12 @@ class Hub:
             return HttpResponse(status=403, body=reason.encode() + b"\n")
         return upgrade
 
-    def receive_message(
-        self, cid: ConnectionId, message: str | bytes, *, now: float, timestamp: int
-    ) -> None:
-        """
-        A whole message from *cid*'s peer (``framed=False``): ``str`` for a text
-        message, ``bytes`` for a binary one (refused with 1003). A text message over
-        ``max_message_bytes`` closes with 1009.
-        """
-        conn = self._conns.get(cid)
-        if conn is None or conn.phase is not _Phase.OPEN:
-            return
-        if type(message) is not str:
-            self._refuse(conn, UNSUPPORTED_DATA, "binary frames are not supported", now, timestamp)
-            return
-        limit = self.broker.config.max_message_bytes
-        # A character is at most 4 UTF-8 bytes: count bytes only when it may matter.
-        if len(message) > limit or (
-            len(message) * 4 > limit and len(message.encode("utf-8", "surrogatepass")) > limit
-        ):
-            self._refuse(conn, MESSAGE_TOO_BIG, "message too big", now, timestamp)
-            return
-        self._apply(
-            self.broker.handle(TextReceived(conn=cid, text=message), now=now, timestamp=timestamp),
-            now,
-            timestamp,
-        )
-
-    def receive(self, cid: ConnectionId, data: bytes | None, *, now: float, timestamp: int) -> None:
-        """Bytes from *cid*'s peer; None at end of stream (a framed hub)."""
-        conn = self._conns.get(cid)
-        if conn is None:
-            return
-        phase = conn.phase
-        if phase is _Phase.OPEN:
-            self._receive_frames(conn, data, now, timestamp)
-        elif phase is _Phase.HANDSHAKE:
-            self._receive_request(conn, data, now, timestamp)
-        elif phase is _Phase.CLOSING:
-            # Only the peer's answer to our close matters now.
-            wire = conn.wire
-            assert wire is not None  # message connections are never CLOSING
-            for event in wire.receive_data(data):
-                if type(event) is Closed:
-                    self._finish(conn, event.data, now, drop_pending=False)
-                    break
-        # FINISHING: input no longer matters; the last bytes go out (a half-closed peer
-        # can still read them) or the close timeout drops the transport.
-
-    def input_pending(self, cid: ConnectionId) -> bool:
-        """
-        Whether *cid*'s last input is not all read yet (a framed hub reads at most
-        :data:`INPUT_BATCH` frames per call). Then write the dirty queues, and call
-        ``receive(cid, b"", ...)`` for the next batch, before reading from the
-        transport again.
-        """
-        conn = self._conns.get(cid)
-        return (
-            conn is not None
-            and conn.wire is not None
-            and conn.wire.more
-            and (conn.phase is _Phase.OPEN or conn.phase is _Phase.CLOSING)
-        )
-
     def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
         """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""
         conns = self._conns
         conn = conns.pop(cid, None)
         if conn is None:
             return
-        self._probes.discard(cid)
         if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
@@ -617,12 +358,7 @@ class Hub:
             self._peak = len(conns)
             self._deadlines = [(c.deadline, k) for k, c in conns.items() if c.deadline is not None]
             heapq.heapify(self._deadlines)
-        if conn.ip is not None:
-            count = self._per_ip[conn.ip] - 1
-            if count:
-                self._per_ip[conn.ip] = count
-            else:
-                del self._per_ip[conn.ip]
+        self.admission.remove(cid, conn.ip)
         self._dirty.pop(cid, None)
         conn.queue.detach()
         self._forget(conn, now, timestamp)
@@ -711,65 +447,14 @@ class Hub:
 
     # -- phases -----------------------------------------------------------------------
 
-    def _receive_request(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
-        config = self.config
-        wire = conn.wire
-        assert wire is not None  # message connections start OPEN
-        for event in wire.receive_data(data):
-            if type(event) is RequestReceived:
-                if conn.refusal is not None and not self._spared(conn, event.method, event.target):
-                    self._limit_refused(conn, conn.refusal)
-                    self._respond(conn, conn.refusal, now, head=event.method == b"HEAD")
-                    return
-                if (
-                    config.metrics
-                    and event.method in (b"GET", b"HEAD")
-                    and event.target.partition(b"?")[0] == b"/metrics"
-                ):
-                    self._respond(conn, self.metrics_response(), now, head=event.method == b"HEAD")
-                    return
-                decision = route_request(
-                    event.method,
-                    event.target,
-                    event.headers,
-                    allowed_origins=config.allowed_origins,
-                    page=config.page,
-                    authenticator=self.authenticator,
-                    now=timestamp,
-                )
-                if isinstance(decision, Upgrade):
-                    decision = self._admit(decision)
-                if isinstance(decision, Upgrade):
-                    self._upgrade(conn, decision, now, timestamp)
-                    return
-                _log_refusal(conn.peer, decision)
-                self._respond(conn, decision, now, head=event.method == b"HEAD")
-            elif type(event) is BadRequest:
-                log.info("%s sent a bad request: %d", conn.peer, event.response.status)
-                self._respond(conn, event.response, now, head=False)
-            else:  # the peer went away mid-request
-                self._drop(conn)
-            return
-
-    def _respond(self, conn: _Conn, response: HttpResponse, now: float, *, head: bool) -> None:
-        wire = conn.wire
-        assert wire is not None
-        self._finish(conn, wire.respond(response, head=head), now, drop_pending=True)
-
-    def _upgrade(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
-        queue = conn.queue
-        wire = conn.wire
-        assert isinstance(queue, SendQueue) and wire is not None
-        queue.push_control(wire.accept(upgrade))
-        # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
-        # so the response goes out even if bytes that came with the request close us.
-        queue.data()
-        self._dirty[conn.cid] = queue
-        _set_phase(conn, _Step.UPGRADE)
-        conn.deadline = None
-        self._connect(conn, upgrade, now, timestamp)
-        if conn.phase is _Phase.OPEN:
-            self._receive_frames(conn, b"", now, timestamp)  # bytes sent with the request
+    def _set_phase(self, conn: _Conn, step: _Step) -> None:
+        """Move *conn* on by *step*, as :data:`PHASES` allows."""
+        try:
+            conn.phase = PHASES[conn.phase, step]
+        except KeyError:
+            raise LocalProtocolError(
+                f"conn {conn.cid}: no move from {conn.phase.name} by {step.name}"
+            ) from None
 
     def _connect(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
         """An OPEN connection joins the broker (and its room)."""
@@ -801,56 +486,6 @@ class Hub:
             timestamp,
         )
 
-    def _refuse(self, conn: _Conn, code: int, reason: str, now: float, timestamp: int) -> None:
-        """Close an OPEN message connection for what its peer sent."""
-        log.info("closing conn %d (%s): %d %s", conn.cid, conn.peer, code, reason)
-        self._forget(conn, now, timestamp)
-        self._close(conn, code, reason, now, drop_pending=False)
-
-    def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
-        broker = self.broker
-        cid = conn.cid
-        wire = conn.wire
-        if wire is None:
-            raise LocalProtocolError("a hub with framed=False takes receive_message()")
-        for event in wire.receive_data(data):
-            kind = type(event)
-            if kind is MessageReceived:
-                self._apply(
-                    broker.handle(
-                        TextReceived(conn=cid, text=event.text),  # type: ignore[union-attr]
-                        now=now,
-                        timestamp=timestamp,
-                    ),
-                    now,
-                    timestamp,
-                )
-                if conn.phase is not _Phase.OPEN:
-                    return  # closed by the broker (a flooder): ignore the rest
-            elif kind is PongFrameReceived:
-                actions = broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
-                self.deadline_moved = True
-                if actions:  # an unsolicited pong too many: closed as a flooder
-                    self._apply(actions, now, timestamp)
-                    return
-            elif kind is Reply or kind is FragmentReceived:
-                # Control frames and fragments cost rate like messages do.
-                allowed, actions = broker.charge(cid, now=now, timestamp=timestamp)
-                if actions:  # closed as a flooder
-                    self._apply(actions, now, timestamp)
-                    return
-                if allowed and kind is Reply:
-                    # Only the latest ping needs its pong: a ping flood cannot grow the queue.
-                    queue = cast("SendQueue", conn.queue)
-                    queue.push_pong(event.data)  # type: ignore[union-attr]
-                    self._dirty[cid] = queue
-            elif kind is Closed:
-                # The peer closed (we answer), or broke the protocol (we refuse): what
-                # is queued for it (its own echoes) goes out first, then the close.
-                self._forget(conn, now, timestamp)
-                self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
-                return
-
     def _forget(self, conn: _Conn, now: float, timestamp: int) -> None:
         """Tell the broker *conn* is gone (it stops getting messages at once)."""
         if conn.cid in self.broker:
@@ -863,41 +498,13 @@ class Hub:
     def _close(
         self, conn: _Conn, code: int, reason: str, now: float, *, drop_pending: bool
     ) -> None:
-        """Start closing an OPEN connection from our side."""
-        queue = conn.queue
-        if isinstance(queue, MessageQueue):
-            # The server frames the close and answers the peer's; the connection is
-            # CLOSING until the server reports the peer gone (lost()), since some
-            # servers end the TCP connection as soon as the app returns.
-            queue.close_with(CloseMessage(code, reason[:120]), drop_pending=drop_pending)
-            self._dirty[conn.cid] = queue
-            _set_phase(conn, _Step.CLOSE)
-            self._set_deadline(conn, now + self.config.close_timeout)
-            return
-        wire = conn.wire
-        assert wire is not None
-        frame = wire.close(code, reason)
-        if frame:
-            queue.close_with(frame, drop_pending=drop_pending)
-            self._dirty[conn.cid] = queue
-        _set_phase(conn, _Step.CLOSE)
-        self._set_deadline(conn, now + self.config.close_timeout)
-
-    def _finish(self, conn: _Conn, data: bytes, now: float, *, drop_pending: bool) -> None:
-        """Queue the last bytes; the transport closes once they are written."""
-        _set_phase(conn, _Step.FINISH)
-        if data:
-            cast("SendQueue", conn.queue).close_with(data, drop_pending=drop_pending)
-        if conn.queue:
-            self._dirty[conn.cid] = conn.queue
-            self._set_deadline(conn, now + self.config.close_timeout)
-        else:
-            self._drop(conn)
+        """Start closing an OPEN connection from our side (CLOSING, close timeout set)."""
+        raise NotImplementedError
 
     def _drop(self, conn: _Conn) -> None:
         """The transport must close now; nothing it sends matters any more."""
         if conn.phase is not _Phase.DROPPED:
-            _set_phase(conn, _Step.DROP)
+            self._set_phase(conn, _Step.DROP)
             conn.deadline = None
             self._to_close.append(conn.cid)
 
@@ -983,9 +590,6 @@ class Hub:
                     self._forget(conn, now, timestamp)
         finally:
             self._handling_overflow = False
-
-
-_RETRY: Final = ((b"retry-after", b"5"),)
 
 
 def _queued(queue: SendQueue | MessageQueue) -> int:

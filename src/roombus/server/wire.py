@@ -26,7 +26,8 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 
 from ..core.codes import CloseCode
-from .handshake import HttpResponse, Upgrade
+from .handshake import Upgrade
+from .http import HttpResponse, response_head
 
 # Close codes, by the names this layer has always used (their home is _codes).
 NORMAL: Final = CloseCode.NORMAL_CLOSURE
@@ -254,14 +255,8 @@ class ServerWire:
             phrase = HTTPStatus(response.status).phrase.encode()
         except ValueError:
             phrase = b""
-        lines = [
-            b"HTTP/1.1 %d %s" % (response.status, phrase),
-            b"content-type: " + response.content_type,
-            b"content-length: %d" % len(response.body),
-            b"connection: close",
-            b"cache-control: no-store",
-        ]
-        lines.extend(name + b": " + value for name, value in response.headers)
+        lines = [b"HTTP/1.1 %d %s" % (response.status, phrase)]
+        lines.extend(name + b": " + value for name, value in response_head(response))
         head_bytes = b"\r\n".join(lines) + b"\r\n\r\n"
         return head_bytes if head else head_bytes + response.body
 

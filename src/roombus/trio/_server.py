@@ -1,5 +1,6 @@
 """
-The trio adapter: sockets, tasks and the clock around a sans-IO :class:`~roombus.hub.Hub`.
+The trio adapter: sockets, tasks and the clock around a sans-IO
+:class:`~roombus.server.framed.FramedHub`.
 
 Theory of operation
 -------------------
@@ -42,7 +43,8 @@ from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..server.auth import Authenticator
 from ..server.config import ServerConfig
-from ..server.hub import Hub, NoticeHook
+from ..server.framed import FramedHub
+from ..server.hub import NoticeHook
 from ..server.queues import SendQueue
 
 if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
@@ -182,7 +184,7 @@ class Server(ServerFacade):
         ssl_context: ssl.SSLContext | None = None,
         backplane: RedisBackplane | None = None,
     ) -> None:
-        self.hub = Hub(
+        self.hub: FramedHub = FramedHub(
             config=config,
             on_notice=on_notice,
             authenticator=authenticator,

@@ -1,0 +1,267 @@
+"""
+The hub of a transport of bytes: :class:`FramedHub`. Sans-IO.
+
+It parses the HTTP handshake (plain answers too: the page, ``/healthz``,
+``/metrics``, refusals) and the WebSocket frames, answers pings, sends the
+heartbeat's, and runs the close handshake. Its inputs and its own output (the rest
+is :class:`~roombus.server.hub.HubBase`'s):
+
+* A new transport connection: ``cid = hub.open(now=..., peer=...)``.
+* Bytes from it: ``hub.receive(cid, data, now=..., timestamp=...)``; ``None`` at end
+  of stream.
+* :meth:`FramedHub.take_dirty` lists connections with bytes to write: write
+  ``queue.data()`` as far as the transport takes it, report it with
+  ``queue.consume(n)``, and once a queue is empty call ``hub.flushed(cid)``.
+* :meth:`FramedHub.input_pending`: the hub read only part of what came (a burst);
+  write the dirty queues (let the flusher run), then ``hub.receive(cid, b"", ...)``
+  for the next part, and read no more from that transport until it is False.
+"""
+
+from __future__ import annotations
+
+from typing import Final, cast
+
+from ..core.events import PongReceived, TextReceived
+from ..core.names import ConnectionId
+from .handshake import Upgrade, route_request
+from .http import HttpResponse
+from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .queues import SendQueue
+from .wire import (
+    BadRequest,
+    Closed,
+    FragmentReceived,
+    MessageReceived,
+    PongFrameReceived,
+    Reply,
+    RequestReceived,
+    ServerWire,
+)
+
+#: Most frames the hub reads from one connection's input per call before it returns,
+#: so that the adapter writes what they produced before the rest is read: a burst of
+#: messages in one TCP write then reaches each receiver's send queue this many at a
+#: time, between flushes, and a receiver that keeps up never has more than a few
+#: batches queued (far below ``send_queue``). The rest waits, unparsed, in the wire;
+#: :meth:`FramedHub.input_pending` says so.
+INPUT_BATCH: Final = 64
+
+
+class FramedHub(HubBase):
+    """
+    The hub of a transport of bytes (TCP, TLS, a stream): it parses the HTTP
+    handshake and the WebSocket frames, answers pings and closes, and sends the
+    heartbeat's pings. See the module docstring for the contract; the constructor's
+    arguments are :class:`~roombus.server.hub.HubBase`'s.
+    """
+
+    framed = True
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def take_dirty(self) -> list[tuple[ConnectionId, SendQueue]]:
+        """Connections with new bytes to write since the last call."""
+        if not self._dirty:
+            return []
+        dirty, self._dirty = self._dirty, {}
+        return cast("list[tuple[ConnectionId, SendQueue]]", list(dirty.items()))
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def open(self, *, now: float, peer: str = "") -> ConnectionId:
+        """
+        A new transport connection; it has the handshake timeout to send its request.
+        """
+        cid = ConnectionId(next(self._ids))
+        broker_config = self.broker.config
+        wire = ServerWire(
+            max_header_bytes=self.config.max_header_bytes,
+            max_message_bytes=broker_config.max_message_bytes,
+            max_events=INPUT_BATCH,
+        )
+        queue = SendQueue(
+            broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
+        )
+        conn = _Conn(cid, peer, wire, queue)
+        refusal = self._add(conn)
+        if self.shutting_down:
+            self._drop(conn)
+            return cid
+        if refusal is not None:
+            conn.refusal = refusal
+            if self.admission.far_over(conn.ip, len(self._conns)):
+                # Far over a limit: not even an answer (descriptors are what is scarce).
+                self.admission.refused(conn.peer, refusal)
+                self._drop(conn)
+                return cid
+        self._set_deadline(conn, now + self.config.handshake_timeout)
+        return cid
+
+    def receive(self, cid: ConnectionId, data: bytes | None, *, now: float, timestamp: int) -> None:
+        """Bytes from *cid*'s peer; None at end of stream."""
+        conn = self._conns.get(cid)
+        if conn is None:
+            return
+        phase = conn.phase
+        if phase is _Phase.OPEN:
+            self._receive_frames(conn, data, now, timestamp)
+        elif phase is _Phase.HANDSHAKE:
+            self._receive_request(conn, data, now, timestamp)
+        elif phase is _Phase.CLOSING:
+            # Only the peer's answer to our close matters now.
+            wire = conn.wire
+            assert wire is not None
+            for event in wire.receive_data(data):
+                if type(event) is Closed:
+                    self._finish(conn, event.data, now, drop_pending=False)
+                    break
+        # FINISHING: input no longer matters; the last bytes go out (a half-closed peer
+        # can still read them) or the close timeout drops the transport.
+
+    def input_pending(self, cid: ConnectionId) -> bool:
+        """
+        Whether *cid*'s last input is not all read yet (a framed hub reads at most
+        :data:`INPUT_BATCH` frames per call). Then write the dirty queues, and call
+        ``receive(cid, b"", ...)`` for the next batch, before reading from the
+        transport again.
+        """
+        conn = self._conns.get(cid)
+        return (
+            conn is not None
+            and conn.wire is not None
+            and conn.wire.more
+            and (conn.phase is _Phase.OPEN or conn.phase is _Phase.CLOSING)
+        )
+
+    # -- phases -----------------------------------------------------------------------
+
+    def _receive_request(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
+        config = self.config
+        wire = conn.wire
+        assert wire is not None
+        for event in wire.receive_data(data):
+            if type(event) is RequestReceived:
+                refusal = conn.refusal
+                if refusal is not None and not self.admission.spared(
+                    conn.cid, event.method, event.target
+                ):
+                    self.admission.refused(conn.peer, refusal)
+                    self._respond(conn, refusal, now, head=event.method == b"HEAD")
+                    return
+                if (
+                    config.metrics
+                    and event.method in (b"GET", b"HEAD")
+                    and event.target.partition(b"?")[0] == b"/metrics"
+                ):
+                    self._respond(conn, self.metrics_response(), now, head=event.method == b"HEAD")
+                    return
+                decision = route_request(
+                    event.method,
+                    event.target,
+                    event.headers,
+                    allowed_origins=config.allowed_origins,
+                    page=config.page,
+                    authenticator=self.authenticator,
+                    now=timestamp,
+                )
+                if isinstance(decision, Upgrade):
+                    decision = self._admit(decision)
+                if isinstance(decision, Upgrade):
+                    self._upgrade(conn, decision, now, timestamp)
+                    return
+                _log_refusal(conn.peer, decision)
+                self._respond(conn, decision, now, head=event.method == b"HEAD")
+            elif type(event) is BadRequest:
+                log.info("%s sent a bad request: %d", conn.peer, event.response.status)
+                self._respond(conn, event.response, now, head=False)
+            else:  # the peer went away mid-request
+                self._drop(conn)
+            return
+
+    def _respond(self, conn: _Conn, response: HttpResponse, now: float, *, head: bool) -> None:
+        wire = conn.wire
+        assert wire is not None
+        self._finish(conn, wire.respond(response, head=head), now, drop_pending=True)
+
+    def _upgrade(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
+        queue = conn.queue
+        wire = conn.wire
+        assert isinstance(queue, SendQueue) and wire is not None
+        queue.push_control(wire.accept(upgrade))
+        # Hand the 101 out as the first chunk now: a chunk handed out is never dropped,
+        # so the response goes out even if bytes that came with the request close us.
+        queue.data()
+        self._dirty[conn.cid] = queue
+        self._set_phase(conn, _Step.UPGRADE)
+        conn.deadline = None
+        self._connect(conn, upgrade, now, timestamp)
+        if conn.phase is _Phase.OPEN:
+            self._receive_frames(conn, b"", now, timestamp)  # bytes sent with the request
+
+    def _receive_frames(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
+        broker = self.broker
+        cid = conn.cid
+        wire = conn.wire
+        assert wire is not None
+        for event in wire.receive_data(data):
+            kind = type(event)
+            if kind is MessageReceived:
+                self._apply(
+                    broker.handle(
+                        TextReceived(conn=cid, text=event.text),  # type: ignore[union-attr]
+                        now=now,
+                        timestamp=timestamp,
+                    ),
+                    now,
+                    timestamp,
+                )
+                if conn.phase is not _Phase.OPEN:
+                    return  # closed by the broker (a flooder): ignore the rest
+            elif kind is PongFrameReceived:
+                actions = broker.handle(PongReceived(conn=cid), now=now, timestamp=timestamp)
+                self.deadline_moved = True
+                if actions:  # an unsolicited pong too many: closed as a flooder
+                    self._apply(actions, now, timestamp)
+                    return
+            elif kind is Reply or kind is FragmentReceived:
+                # Control frames and fragments cost rate like messages do.
+                allowed, actions = broker.charge(cid, now=now, timestamp=timestamp)
+                if actions:  # closed as a flooder
+                    self._apply(actions, now, timestamp)
+                    return
+                if allowed and kind is Reply:
+                    # Only the latest ping needs its pong: a ping flood cannot grow the queue.
+                    queue = cast("SendQueue", conn.queue)
+                    queue.push_pong(event.data)  # type: ignore[union-attr]
+                    self._dirty[cid] = queue
+            elif kind is Closed:
+                # The peer closed (we answer), or broke the protocol (we refuse): what
+                # is queued for it (its own echoes) goes out first, then the close.
+                self._forget(conn, now, timestamp)
+                self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
+                return
+
+    def _close(
+        self, conn: _Conn, code: int, reason: str, now: float, *, drop_pending: bool
+    ) -> None:
+        """Start closing an OPEN connection from our side."""
+        queue = conn.queue
+        wire = conn.wire
+        assert wire is not None
+        frame = wire.close(code, reason)
+        if frame:
+            queue.close_with(frame, drop_pending=drop_pending)  # type: ignore[arg-type]
+            self._dirty[conn.cid] = queue
+        self._set_phase(conn, _Step.CLOSE)
+        self._set_deadline(conn, now + self.config.close_timeout)
+
+    def _finish(self, conn: _Conn, data: bytes, now: float, *, drop_pending: bool) -> None:
+        """Queue the last bytes; the transport closes once they are written."""
+        self._set_phase(conn, _Step.FINISH)
+        if data:
+            cast("SendQueue", conn.queue).close_with(data, drop_pending=drop_pending)
+        if conn.queue:
+            self._dirty[conn.cid] = conn.queue
+            self._set_deadline(conn, now + self.config.close_timeout)
+        else:
+            self._drop(conn)

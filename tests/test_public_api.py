@@ -13,8 +13,12 @@ def test_all_is_sorted_and_complete() -> None:
     for name in roombus.__all__:
         assert hasattr(roombus, name), name
     public = {n for n in dir(roombus) if not n.startswith("_")}
-    # Besides __all__, only the adapter and hub submodules (once imported) are visible.
-    assert public - set(roombus.__all__) <= {"annotations", "asgi", "asyncio", "hub", "trio"}
+    # Besides __all__, only the subpackages (the layers; the adapters and the hub once
+    # imported) are visible.
+    layers = {"cluster", "core", "node", "server"}
+    assert (
+        public - set(roombus.__all__) <= {"annotations", "asgi", "asyncio", "hub", "trio"} | layers
+    )
 
 
 def test_core_imports_without_trio_and_trio_adapter_needs_it() -> None:

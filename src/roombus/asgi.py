@@ -74,6 +74,7 @@ from .core.events import Event
 from .core.names import ConnectionId, RoomName
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
+from .node.options import settings_from_environ
 from .server.auth import Authenticator
 from .server.config import ServerConfig
 from .server.handshake import HttpResponse, Upgrade, route_request
@@ -539,17 +540,20 @@ def create_app() -> RoombusASGI:
     Raises:
         ConfigError: naming the variable, if one is invalid.
     """
-    from ._cli import settings_from_environ
-
     settings = settings_from_environ(os.environ)
     if settings.ssl_context is not None:
         raise ConfigError("certfile", "under ASGI, TLS is the server's: use its own TLS options")
     log.setLevel(settings.log_level.upper())
+    backplane = None
+    if settings.cluster is not None:
+        from .asyncio._backplane import RedisBackplane
+
+        backplane = RedisBackplane(settings.cluster.url, **settings.cluster.options)
     return RoombusASGI(
         attrs.evolve(settings.broker, heartbeat=False),
         settings.server,
         authenticator=settings.authenticator,
-        backplane=None if settings.cluster is None else settings.cluster.asyncio_backplane(),
+        backplane=backplane,
     )
 
 

@@ -40,7 +40,7 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Final, Protocol, final
+from typing import Protocol, final
 
 from ..core.actions import BackplaneAction
 from ..core.auth import Authorizer
@@ -49,6 +49,7 @@ from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
 from ..server.auth import Authenticator
 from ..server.config import ServerConfig
 from ..server.hub import Hub, NoticeHook
@@ -71,13 +72,6 @@ class Backplane(Protocol):
     async def wait_idle(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-#: A sweep that writes to this many connections means the server is busy ...
-BUSY_SWEEP: Final = 128
-#: ... and then the next sweep waits this long (seconds), to coalesce frames (as the
-#: trio adapter does).
-WRITE_DELAY: Final = 0.004
 
 
 class _Protocol(asyncio.Protocol):

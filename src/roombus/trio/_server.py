@@ -39,6 +39,7 @@ from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.tuning import ACCEPT_BATCH, ACCEPT_PAUSE, BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
 from ..server.auth import Authenticator
 from ..server.config import ServerConfig
 from ..server.hub import Hub, NoticeHook
@@ -48,12 +49,6 @@ if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single nod
     from ._backplane import RedisBackplane
 
 log: Final = logging.getLogger("roombus")
-
-RECEIVE_SIZE: Final = 65536
-#: A sweep that writes to this many connections means the server is busy ...
-BUSY_SWEEP: Final = 128
-#: ... and then the next sweep waits this long (seconds), to coalesce frames.
-WRITE_DELAY: Final = 0.004
 
 
 class _Broken(Exception):
@@ -287,15 +282,19 @@ class Server(ServerFacade):
                 await trio.lowlevel.wait_readable(lsock)
             except (trio.ClosedResourceError, OSError):
                 return
-            for _ in range(64):
+            for _ in range(ACCEPT_BATCH):
                 try:
                     sock, addr = lsock.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.warning("accept failed (%s); pausing accepts for 100 ms", exc)
-                        await trio.sleep(0.1)
+                        log.warning(
+                            "accept failed (%s); pausing accepts for %d ms",
+                            exc,
+                            ACCEPT_PAUSE * 1000,
+                        )
+                        await trio.sleep(ACCEPT_PAUSE)
                         break
                     if lsock.fileno() < 0:
                         return

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TypeVar
 
 from ._run import run
 from ._version import __version__
@@ -77,10 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         run(settings)
-    except ConfigError as exc:  # a backplane's setting, found when it is made
-        parser.exit(2, f"roombus serve: error: {exc}\n")
     except BaseException as exc:
         # Binding happens inside the nursery, so the error may come in a group.
+        invalid = _find(exc, ConfigError)
+        if invalid is not None:  # a backplane's setting, found when it is made
+            parser.exit(2, f"roombus serve: error: {invalid}\n")
         error = _find(exc, OSError)
         if error is None:
             raise
@@ -93,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:
+_E = TypeVar("_E", bound=Exception)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
     if isinstance(exc, kind):
         return exc
     for inner in getattr(exc, "exceptions", ()):

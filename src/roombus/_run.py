@@ -5,7 +5,6 @@ place that calls ``trio.run()`` or ``asyncio.run()``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 from typing import Any
@@ -58,20 +57,6 @@ def _url(settings: Settings, port: int | None) -> str:
     return f"{scheme}://{settings.server.host}:{port}/ws"
 
 
-def _backplane(settings: Settings) -> Any:
-    """The backplane the settings ask for, of their transport (None: alone)."""
-    if settings.backplane is not None or settings.cluster is None:
-        return settings.backplane
-    cluster = settings.cluster
-    if settings.transport == "asyncio":
-        from .asyncio._backplane import RedisBackplane as AsyncioBackplane
-
-        return AsyncioBackplane(cluster.url, **cluster.options)
-    from .trio._backplane import RedisBackplane as TrioBackplane
-
-    return TrioBackplane(cluster.url, **cluster.options)
-
-
 async def _serve_trio(settings: Settings) -> None:
     import trio
 
@@ -79,18 +64,7 @@ async def _serve_trio(settings: Settings) -> None:
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                functools.partial(
-                    serve,
-                    settings.broker,
-                    settings.server,
-                    on_notice=settings.on_notice,
-                    authenticator=settings.authenticator,
-                    authorizer=settings.authorizer,
-                    ssl_context=settings.ssl_context,
-                    backplane=_backplane(settings),
-                )
-            )
+            running = await nursery.start(serve, settings)
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
             async for signum in signals:
                 log.info("%s received: closing connections", signal.Signals(signum).name)
@@ -114,15 +88,7 @@ async def _serve_asyncio(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        async with serve(
-            settings.broker,
-            settings.server,
-            on_notice=settings.on_notice,
-            authenticator=settings.authenticator,
-            authorizer=settings.authorizer,
-            ssl_context=settings.ssl_context,
-            backplane=_backplane(settings),
-        ) as running:
+        async with serve(settings) as running:
             log.info(
                 "roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port)
             )

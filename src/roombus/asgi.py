@@ -66,7 +66,6 @@ except ModuleNotFoundError:  # pragma: no cover - depends on the installation
     sniffio = None  # type: ignore[assignment]
 
 from .core.actions import BackplaneAction
-from .core.auth import Authorizer
 from .core.codes import CloseCode
 from .core.config import BrokerConfig
 from .core.errors import ConfigError
@@ -75,10 +74,10 @@ from .core.names import ConnectionId, RoomName
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .node.options import settings_from_environ
-from .server.auth import Authenticator
+from .node.settings import Settings
 from .server.config import ServerConfig
 from .server.handshake import HttpResponse, Upgrade, route_request
-from .server.hub import Hub, NoticeHook
+from .server.hub import Hub
 from .server.queues import MessageQueue
 
 Scope = MutableMapping[str, Any]
@@ -128,24 +127,27 @@ class RoombusASGI(ServerFacade):
     it :meth:`lifespan` (``FastAPI(lifespan=bus.lifespan)``) for a graceful shutdown.
 
     Args:
-        broker_config: The core's limits; its ``heartbeat`` must be off (the default
-            here), since the ASGI server owns pings.
-        config: ``allowed_origins``, ``page`` and ``close_timeout`` apply; the
-            address, backlog, handshake timeout and header limit are the ASGI
-            server's own settings.
-        on_notice: Called with every :data:`~roombus.Notice`, synchronously; an
-            exception it raises is logged.
-        authenticator: Who a client is, from its request; refused requests get
-            401/403 (as an HTTP response where the server supports it).
-        authorizer: Per-room rights; by default the identity's room rules.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.asyncio.RedisBackplane`); the app starts it on the
-            server's loop, which must be asyncio's.
+        settings: What to serve (:class:`roombus.Settings`). Of ``settings.server``,
+            ``allowed_origins``, ``page``, ``metrics``, ``max_header_bytes`` and
+            ``close_timeout`` apply (the address and backlog are the ASGI server's
+            own); ``settings.broker.heartbeat`` must be off, since the ASGI server
+            owns pings; ``ssl_context`` is the server's business too. A cluster:
+            ``settings.cluster`` gets a :class:`roombus.asyncio.RedisBackplane`
+            (``settings.backplane``, one made already); the app starts it on the
+            server's loop, which must be asyncio's. With no settings, the defaults
+            with the heartbeat off.
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings* (its heartbeat off), a
+            :class:`~roombus.ServerConfig`, and the keywords ``on_notice``,
+            ``authenticator``, ``authorizer``, ``backplane``.
 
     Raises:
-        ConfigError: if *broker_config* has the heartbeat on.
+        ConfigError: if the broker's heartbeat is on, or for TLS settings.
+        TypeError: for a keyword that is no setting.
 
     Attributes:
+        settings: What it was made of.
         hub: The sans-IO hub (``framed=False``).
         broker: The core (read-only use).
         config: The transport settings.
@@ -153,16 +155,22 @@ class RoombusASGI(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
-        if broker_config is None:
-            broker_config = BrokerConfig(heartbeat=False)
+        if settings is None:
+            settings = Settings(broker=BrokerConfig(heartbeat=False))
+        settings = Settings.from_legacy(settings, config, **legacy)
+        if settings.ssl_context is not None:
+            raise ConfigError(
+                "certfile", "under ASGI, TLS is the server's: use its own TLS options"
+            )
+        #: What the app was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub = Hub(
             broker_config,
             config,
@@ -541,20 +549,20 @@ def create_app() -> RoombusASGI:
         ConfigError: naming the variable, if one is invalid.
     """
     settings = settings_from_environ(os.environ)
-    if settings.ssl_context is not None:
-        raise ConfigError("certfile", "under ASGI, TLS is the server's: use its own TLS options")
     log.setLevel(settings.log_level.upper())
-    backplane = None
-    if settings.cluster is not None:
-        from .asyncio._backplane import RedisBackplane
-
-        backplane = RedisBackplane(settings.cluster.url, **settings.cluster.options)
     return RoombusASGI(
-        attrs.evolve(settings.broker, heartbeat=False),
-        settings.server,
-        authenticator=settings.authenticator,
-        backplane=backplane,
+        attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
     )
+
+
+def _backplane(settings: Settings) -> Backplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``
+    (the asyncio driver: a cluster under ASGI needs an asyncio server)."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from .asyncio._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster.url, **settings.cluster.options)
 
 
 __all__ = ["RoombusASGI", "create_app"]

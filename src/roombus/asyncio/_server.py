@@ -37,22 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Protocol, final
+from typing import Any, Final, Protocol, final
 
 from ..core.actions import BackplaneAction
-from ..core.auth import Authorizer
 from ..core.config import BrokerConfig
 from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.settings import Settings
 from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
-from ..server.auth import Authenticator
 from ..server.config import ServerConfig
-from ..server.hub import Hub, NoticeHook
+from ..server.hub import Hub
 from ..server.queues import SendQueue
 
 
@@ -116,7 +114,11 @@ class Server(ServerFacade):
     Get one from :func:`serve`. All methods are synchronous (but :meth:`aclose`) and
     must be called from the thread of the event loop that runs the server.
 
+    Args:
+        settings, config, legacy: As for :func:`serve`.
+
     Attributes:
+        settings: What it was made of (:class:`roombus.Settings`).
         hub: The sans-IO hub (connections, send queues, broker).
         broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
         config: The server's transport settings.
@@ -125,15 +127,16 @@ class Server(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
+        settings = Settings.from_legacy(settings, config, **legacy)
+        #: What the server was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub = Hub(
             broker_config,
             config,
@@ -147,7 +150,7 @@ class Server(ServerFacade):
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
-        self.ssl_context = ssl_context
+        self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -412,6 +415,15 @@ class Server(ServerFacade):
         self._after()
 
 
+def _backplane(settings: Settings) -> Backplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from ._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster.url, **settings.cluster.options)
+
+
 @final
 class serve(Coroutine[object, object, None]):  # used like a function, as asyncio.timeout is
     """
@@ -420,7 +432,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
     As an async context manager, it listens on entry and shuts down gracefully on
     exit (close 1001 to every client, at most ``config.close_timeout`` seconds)::
 
-        async with roombus.asyncio.serve(BrokerConfig(), ServerConfig(port=0)) as server:
+        async with roombus.asyncio.serve(roombus.Settings(server=ServerConfig(port=0))) as server:
             print(server.port)
             server.publish("lobby", "hello")
             await asyncio.sleep(3600)
@@ -429,52 +441,43 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
     down the same way and lets the cancellation propagate; *on_ready* gets the
     :class:`Server` once it listens::
 
-        task = asyncio.create_task(roombus.asyncio.serve(broker_config, config, on_ready=print))
+        task = asyncio.create_task(roombus.asyncio.serve(settings, on_ready=print))
 
     Args:
-        broker_config: The core's limits and intervals.
-        config: Address and transport settings.
-        on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
-            a message was published), synchronously; an exception it raises is logged.
+        settings: What to serve (:class:`roombus.Settings`): the core's limits, the
+            address, the authenticator and authorizer, the notice hook, TLS, and the
+            cluster (a ``settings.cluster`` gets a
+            :class:`roombus.asyncio.RedisBackplane`; ``settings.backplane``, one made
+            already; the server runs it).
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings*, a :class:`~roombus.ServerConfig`, and the keywords
+            ``on_notice``, ``authenticator``, ``authorizer``, ``ssl_context``,
+            ``backplane``.
         on_ready: Called with the running :class:`Server` once it listens (when
             awaited).
-        authenticator: Who a client is, from its request; refused requests get
-            401/403.
-        authorizer: Per-room rights; by default the identity's room rules.
-        ssl_context: Serve TLS (``wss://``) with this server-side context.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.asyncio.RedisBackplane`); the server runs it.
 
     Raises:
         OSError: if the address cannot be bound (on entry, or when awaited).
+        TypeError: for a keyword that is no setting.
     """
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
         *,
-        on_notice: NoticeHook | None = None,
         on_ready: Callable[[Server], object] | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
-        self._args = (broker_config, config)
-        self._options = {
-            "on_notice": on_notice,
-            "authenticator": authenticator,
-            "authorizer": authorizer,
-            "ssl_context": ssl_context,
-            "backplane": backplane,
-        }
+        #: What the server is made of.
+        self.settings: Final = Settings.from_legacy(settings, config, **legacy)
         self._on_ready = on_ready
         self._server: Server | None = None
         self._running: Coroutine[object, object, None] | None = None  # once awaited
 
     async def _start(self) -> Server:
-        server = Server(*self._args, **self._options)  # type: ignore[arg-type]
+        server = Server(self.settings)
         await server._listen()
         if server.backplane is not None:
             server.backplane.start(server)

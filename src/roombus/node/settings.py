@@ -105,28 +105,37 @@ class Settings:
     @classmethod
     def from_legacy(
         cls,
-        settings: Settings | None = None,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
+        /,
         **keywords: Any,
     ) -> Settings:
-        """*settings* (or the defaults) with the keywords of the older signatures
-        folded in: ``broker_config``, ``config``, ``on_notice``, ``authenticator``,
-        ``authorizer``, ``ssl_context``, ``backplane``. A keyword left None keeps
-        what *settings* has.
+        """
+        The one :class:`Settings` of an entry point's arguments: *settings* (the
+        defaults if None) with the keywords of the older signatures folded in. The
+        older signatures took a :class:`BrokerConfig` first and a
+        :class:`ServerConfig` second, then ``on_notice``, ``authenticator``,
+        ``authorizer``, ``ssl_context`` and ``backplane`` (and ``broker_config`` as a
+        keyword); any field of :class:`Settings` is taken too. A keyword left None
+        keeps what *settings* has.
 
         Raises:
             TypeError: for a keyword that is no setting.
         """
+        base = Settings() if settings is None else settings
         changes = {name: value for name, value in keywords.items() if value is not None}
-        if broker_config is not None:
-            changes["broker"] = broker_config
+        if isinstance(base, BrokerConfig):
+            changes.setdefault("broker_config", base)
+            base = Settings()
+        elif not isinstance(base, Settings):
+            raise TypeError(f"settings must be a Settings, not {type(base).__name__}")
+        if "broker_config" in changes:
+            changes["broker"] = changes.pop("broker_config")
         if config is not None:
             changes["server"] = config
         unknown = sorted(set(changes) - set(attrs.fields_dict(cls)))
         if unknown:
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-        base = cls() if settings is None else settings
         return attrs.evolve(base, **changes) if changes else base
 
 

@@ -28,21 +28,19 @@ import errno
 import logging
 import math
 import socket
-import ssl
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
-from ..core.auth import Authorizer
 from ..core.config import BrokerConfig
 from ..core.events import Event
 from ..core.names import ConnectionId, RoomName
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.settings import Settings
 from ..node.tuning import ACCEPT_BATCH, ACCEPT_PAUSE, BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
-from ..server.auth import Authenticator
 from ..server.config import ServerConfig
-from ..server.hub import Hub, NoticeHook
+from ..server.hub import Hub
 from ..server.queues import SendQueue
 
 if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
@@ -157,7 +155,11 @@ class Server(ServerFacade):
     Get one from :func:`serve` through ``nursery.start``. All methods are synchronous
     and must be called from the trio thread that runs the server.
 
+    Args:
+        settings, config, legacy: As for :func:`serve`.
+
     Attributes:
+        settings: What it was made of (:class:`roombus.Settings`).
         hub: The sans-IO hub (connections, send queues, broker).
         broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
         config: The server's transport settings.
@@ -167,15 +169,16 @@ class Server(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: RedisBackplane | None = None,
+        **legacy: Any,
     ) -> None:
+        settings = Settings.from_legacy(settings, config, **legacy)
+        #: What the server was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub = Hub(
             broker_config,
             config,
@@ -189,7 +192,7 @@ class Server(ServerFacade):
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
-        self.ssl_context = ssl_context
+        self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -506,56 +509,52 @@ def _listen(config: ServerConfig) -> list[socket.socket]:
 
 
 async def serve(
-    broker_config: BrokerConfig | None = None,
+    settings: Settings | BrokerConfig | None = None,
     config: ServerConfig | None = None,
     *,
-    on_notice: NoticeHook | None = None,
-    authenticator: Authenticator | None = None,
-    authorizer: Authorizer | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    backplane: RedisBackplane | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **legacy: Any,
 ) -> None:
     """
     Run a roombus server until cancelled.
 
     Use it with ``nursery.start`` to get the running :class:`Server` once it listens::
 
-        server = await nursery.start(roombus.trio.serve)
+        server = await nursery.start(roombus.trio.serve, roombus.Settings(...))
         print(server.port)
 
     Cancelling it is a graceful shutdown: no new connections, close 1001 to every
     client, then it returns (by raising the cancellation) within
-    ``config.close_timeout`` seconds.
+    ``server.close_timeout`` seconds.
 
     Args:
-        broker_config: The core's limits and intervals.
-        config: Address and transport settings.
-        on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
-            a message was published), synchronously; an exception it raises is logged.
-        authenticator: Who a client is, from its request (e.g.
-            :class:`roombus.JWTAuthenticator`); refused requests get 401/403.
-        authorizer: Per-room rights (join, publish, see presence); by default the
-            authenticated identity's room rules.
-        ssl_context: Serve TLS (``wss://``) with this server-side context.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.trio.RedisBackplane`); the server runs it.
+        settings: What to serve (:class:`roombus.Settings`): the core's limits, the
+            address, the authenticator and authorizer, the notice hook, TLS, and the
+            cluster (a ``settings.cluster`` gets a :class:`roombus.trio.RedisBackplane`;
+            ``settings.backplane``, one made already; the server runs it).
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings*, a :class:`~roombus.ServerConfig`, and the keywords
+            ``on_notice``, ``authenticator``, ``authorizer``, ``ssl_context``,
+            ``backplane``.
 
     Raises:
         OSError: if the address cannot be bound (before ``task_status.started``).
+        TypeError: for a keyword that is no setting.
     """
-    server = Server(
-        broker_config,
-        config,
-        on_notice=on_notice,
-        authenticator=authenticator,
-        authorizer=authorizer,
-        ssl_context=ssl_context,
-        backplane=backplane,
-    )
+    server = Server(settings, config, **legacy)
     server._listeners = _listen(server.config)
     server.port = server._listeners[0].getsockname()[1]
     await run_server(server, task_status=task_status)
+
+
+def _backplane(settings: Settings) -> RedisBackplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from ._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster.url, **settings.cluster.options)
 
 
 async def run_server(

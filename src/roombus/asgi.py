@@ -70,7 +70,7 @@ from .core.codes import CloseCode
 from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
-from .core.names import ConnectionId, RoomName
+from .core.names import ConnectionId
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .node.options import settings_from_environ
@@ -209,19 +209,11 @@ class RoombusASGI(ServerFacade):
         """
         token = None if sniffio is None else sniffio.current_async_library_cvar.set("asyncio")
         try:
-            hub = self.hub
-            now, timestamp = asyncio.get_running_loop().time(), _wall()
-            for event in events:
-                hub.backplane_event(event, now=now, timestamp=timestamp)
-            self._after()
+            super().backplane_events(events)
         finally:
             if token is not None:
                 assert sniffio is not None
                 sniffio.current_async_library_cvar.reset(token)
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
 
     async def aclose(self) -> None:
         """
@@ -231,7 +223,7 @@ class RoombusASGI(ServerFacade):
         hub = self.hub
         if not hub.shutting_down:
             hub.shutdown(now=anyio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
         if self._links:
             self._all_closed = anyio.Event()
             with anyio.move_on_after(self.config.close_timeout + 1.0):
@@ -337,7 +329,7 @@ class RoombusASGI(ServerFacade):
         self._links[cid] = link
         try:
             with link.scope:
-                self._after()  # the link learns its queue (its presence messages)
+                self.transmit()  # the link learns its queue (its presence messages)
                 try:
                     accept: dict[str, Any] = {"type": "websocket.accept"}
                     if "roombus" in scope.get("subprotocols", ()):
@@ -353,7 +345,7 @@ class RoombusASGI(ServerFacade):
         finally:
             del self._links[cid]
             hub.lost(cid, now=anyio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
 
     def _oversized(self, scope: Scope) -> HttpResponse | None:
         """431 for a request whose target and headers exceed ``max_header_bytes``.
@@ -382,14 +374,14 @@ class RoombusASGI(ServerFacade):
                     now=anyio.current_time(),
                     timestamp=_wall(),
                 )
-                self._after()
+                self.transmit()
                 # A server may have many messages ready: let the writers woken by this
                 # one send before the next is read, as the flusher runs between reads in
                 # roombus.trio (else a burst fills the send queues of readers keeping up).
                 await anyio.lowlevel.checkpoint()
                 # The writers had their turn: what they could not send counts.
                 hub.enforce_budget(now=anyio.current_time(), timestamp=_wall())
-                self._after()
+                self.transmit()
             elif kind == "websocket.disconnect":
                 return
 
@@ -412,30 +404,36 @@ class RoombusASGI(ServerFacade):
                     queue.consume(1)
                 if not queue:
                     hub.flushed(cid)
-                    self._after()
+                    self.transmit()
         except OSError:  # ASGI servers raise an OSError for a send to a vanished client
             link.scope.cancel()
 
     # -- carrying out the hub's outputs ------------------------------------------------
 
-    def _after(self) -> None:
-        """Close what must close, wake the writers, re-arm the timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order; then wake
+        :meth:`aclose` once the last connection is gone."""
         hub = self.hub
         links = self._links
+        # 1. close: cancel the connection's task (its reader and writer).
         for cid in hub.take_to_close():
             link = links.get(cid)
             if link is not None:
                 link.scope.cancel()
+        # 2. write: each dirty queue's writer task sends it.
         for cid, queue in hub.take_dirty_messages():
             link = links.get(cid)
             if link is not None:
                 link.queue = queue
                 if link.wake is not None:
                     link.wake.set()
+        # 3. backplane: the broker's work for the other nodes (once it runs).
         if self.backplane is not None and self._timer_started:
             work = hub.take_backplane()
             if work:
                 self.backplane.submit(work)
+        # 4. timer: only ever earlier here; the timer task re-reads it when it wakes.
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -487,7 +485,7 @@ class RoombusASGI(ServerFacade):
                 deadline = hub.next_deadline()
                 if deadline is not None and deadline <= now:
                     hub.timeout(now=now, timestamp=_wall())
-                    self._after()
+                    self.transmit()
 
 
 def _target(scope: Scope) -> bytes:

@@ -5,7 +5,7 @@ The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
 Theory of operation
 -------------------
 Every connection is an :class:`asyncio.Protocol`. What arrives goes to the hub, and
-the hub's outputs are carried out (:meth:`Server._after`) before the callback
+the hub's outputs are carried out (:meth:`Server.transmit`) before the callback
 returns. asyncio runs one callback at a time, so the hub needs no lock.
 
 Writing never blocks a broadcast, and never grows without bound. The hub frames a
@@ -28,7 +28,7 @@ stops accepting, has the hub close everyone with 1001, and gives the clients
 
 In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`), the backplane
 runs on the same loop: the hub's backplane work goes to it after every hub call (in
-:meth:`Server._after`), and what it learns comes back through
+:meth:`Server.transmit`), and what it learns comes back through
 :meth:`Server.backplane_events`. At shutdown, the goodbyes (presence leaves) go out
 before the link closes, within ``close_timeout``.
 """
@@ -43,8 +43,7 @@ from typing import Any, Final, Protocol, final
 
 from ..core.actions import BackplaneAction
 from ..core.config import BrokerConfig
-from ..core.events import Event
-from ..core.names import ConnectionId, RoomName
+from ..core.names import ConnectionId
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..node.settings import Settings
@@ -168,19 +167,6 @@ class Server(ServerFacade):
     def _now(self) -> float:
         return self._loop.time()
 
-    def backplane_events(self, events: list[Event]) -> None:
-        """Hand the broker what the backplane learnt (the other nodes' doings), then
-        carry out its outputs once."""
-        hub = self.hub
-        now, timestamp = self._loop.time(), _wall()
-        for event in events:
-            hub.backplane_event(event, now=now, timestamp=timestamp)
-        self._after()
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
-
     async def aclose(self) -> None:
         """
         Shut down gracefully: stop accepting, close every client with 1001, and wait at
@@ -191,7 +177,7 @@ class Server(ServerFacade):
             for listener in self._listeners:
                 listener.close()
             hub.shutdown(now=self._loop.time(), timestamp=_wall())
-            self._after()
+            self.transmit()
         if self._links:
             try:
                 await asyncio.wait_for(self._all_closed.wait(), self.config.close_timeout + 1.0)
@@ -252,7 +238,7 @@ class Server(ServerFacade):
         cid = self.hub.open(now=self._loop.time(), peer=peer)
         proto.cid = cid
         self._links[cid] = proto
-        self._after()
+        self.transmit()
 
     def _receive(self, proto: _Protocol, data: bytes | None) -> None:
         cid = proto.cid
@@ -263,7 +249,7 @@ class Server(ServerFacade):
             return
         hub = self.hub
         hub.receive(cid, data, now=self._loop.time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         if proto.cid is not None and hub.input_pending(cid):
             self._hold(proto)
 
@@ -287,7 +273,7 @@ class Server(ServerFacade):
             return
         hub = self.hub
         hub.receive(cid, b"", now=self._loop.time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         if proto.cid is None:
             return
         if hub.input_pending(cid):
@@ -306,7 +292,7 @@ class Server(ServerFacade):
             proto.cid = None
             del self._links[cid]
             self.hub.lost(cid, now=self._loop.time(), timestamp=_wall())
-            self._after()
+            self.transmit()
 
     def _resume(self, proto: _Protocol) -> None:
         queue = proto.stalled
@@ -314,14 +300,18 @@ class Server(ServerFacade):
         if queue is not None and cid is not None:
             proto.stalled = None
             self._write(cid, proto, queue)
-            self._after()
+            self.transmit()
 
     # -- carrying out the hub's outputs ------------------------------------------------
 
-    def _after(self) -> None:
-        """Close what must close, schedule the flush, re-arm the timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order; then wake
+        :meth:`aclose` once the last connection is gone."""
         hub = self.hub
         loop = self._loop
+        # 1. close: the transport goes (what it buffered still goes out) and the hub
+        # forgets the connection now (connection_lost comes later, or never).
         while to_close := hub.take_to_close():
             now = loop.time()
             for cid in to_close:
@@ -330,15 +320,18 @@ class Server(ServerFacade):
                     proto.cid = None
                     self._end(proto)
                 hub.lost(cid, now=now, timestamp=_wall())
-        if self.backplane is not None:
-            work = hub.take_backplane()
-            if work:
-                self.backplane.submit(work)
+        # 2. write: one flush callback writes every dirty queue.
         if self._flush_handle is None and hub.has_dirty():
             if self._flush_delay:
                 self._flush_handle = loop.call_later(self._flush_delay, self._flush_all)
             else:
                 self._flush_handle = loop.call_soon(self._flush_all)
+        # 3. backplane: the broker's work for the other nodes.
+        if self.backplane is not None:
+            work = hub.take_backplane()
+            if work:
+                self.backplane.submit(work)
+        # 4. timer
         if hub.deadline_moved:
             hub.deadline_moved = False
             self._arm_timer()
@@ -371,7 +364,7 @@ class Server(ServerFacade):
             held, self._held = self._held, []
             for proto in held:
                 self._loop.call_soon(self._read_more, proto)
-        self._after()
+        self.transmit()
 
     def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue) -> None:
         """Hand the queue to the transport until it is empty or the transport pauses."""
@@ -412,7 +405,7 @@ class Server(ServerFacade):
         if deadline is not None and deadline <= now:
             hub.timeout(now=now, timestamp=_wall())
         self._arm_timer()
-        self._after()
+        self.transmit()
 
 
 def _backplane(settings: Settings) -> Backplane | None:

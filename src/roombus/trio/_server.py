@@ -4,7 +4,7 @@ The trio adapter: sockets, tasks and the clock around a sans-IO :class:`~roombus
 Theory of operation
 -------------------
 Every connection has one task, its *reader*: it feeds what arrives to the hub, then
-carries out the hub's outputs (:meth:`Server._after`) before its next ``await``. trio
+carries out the hub's outputs (:meth:`Server.transmit`) before its next ``await``. trio
 runs one task at a time, so the hub needs no lock.
 
 Writing never blocks a broadcast. The hub frames a broadcast once and appends the same
@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import trio
 
 from ..core.config import BrokerConfig
-from ..core.events import Event
-from ..core.names import ConnectionId, RoomName
+from ..core.names import ConnectionId
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..node.settings import Settings
@@ -224,19 +223,6 @@ class Server(ServerFacade):
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
 
-    def backplane_events(self, events: list[Event]) -> None:
-        """Hand the broker what the backplane learnt (the other nodes' doings), then
-        carry out its outputs once."""
-        hub = self.hub
-        now, timestamp = trio.current_time(), _wall()
-        for event in events:
-            hub.backplane_event(event, now=now, timestamp=timestamp)
-        self._after()
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
-
     # -- the tasks ---------------------------------------------------------------------
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
@@ -268,7 +254,7 @@ class Server(ServerFacade):
             lsock.close()
         now = trio.current_time()
         self.hub.shutdown(now=now, timestamp=_wall())
-        self._after()
+        self.transmit()
         # The hub drops every transport by close_timeout; this is the backstop.
         self._world.deadline = now + self.config.close_timeout + 1.0
         self._check_all_closed()
@@ -331,16 +317,16 @@ class Server(ServerFacade):
         self._links[cid] = link
         try:
             with link.scope:
-                self._after()
+                self.transmit()
                 while True:
                     data = await transport.receive()
                     hub.receive(cid, data or None, now=trio.current_time(), timestamp=_wall())
-                    self._after()
+                    self.transmit()
                     while hub.input_pending(cid):
                         # A burst: what this part produced is written before the next.
                         await self._next_sweep()
                         hub.receive(cid, b"", now=trio.current_time(), timestamp=_wall())
-                        self._after()
+                        self.transmit()
                     if not data:
                         # The peer sent all it will; wait until the hub is done writing.
                         await trio.sleep_forever()
@@ -352,7 +338,7 @@ class Server(ServerFacade):
         finally:
             del self._links[cid]
             hub.lost(cid, now=trio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
             with trio.CancelScope(shield=True):
                 await transport.aclose()
             self._check_all_closed()
@@ -366,19 +352,24 @@ class Server(ServerFacade):
             self._swept = trio.Event()
         await self._swept.wait()
 
-    def _after(self) -> None:
-        """Carry out the hub's outputs: close what must close, wake the flusher and timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order."""
         hub = self.hub
+        # 1. close: cancel the reader of each connection the hub is done with.
         for cid in hub.take_to_close():
             link = self._links.get(cid)
             if link is not None:
                 link.scope.cancel()
+        # 2. write: the flusher writes every dirty queue in its next sweep.
         if hub.has_dirty():
             self._wake_flusher()
+        # 3. backplane: the broker's work for the other nodes.
         if self.backplane is not None:
             work = hub.take_backplane()
             if work:
                 self.backplane.submit(work)
+        # 4. timer: only ever earlier here; the timer task re-reads it when it wakes.
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -441,7 +432,7 @@ class Server(ServerFacade):
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)
         hub.enforce_budget(now=trio.current_time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         return len(dirty)
 
     async def _drain(self, cid: ConnectionId, link: _Link, queue: SendQueue) -> None:
@@ -454,7 +445,7 @@ class Server(ServerFacade):
         finally:
             link.draining = False
         self.hub.flushed(cid)
-        self._after()
+        self.transmit()
 
     async def _timer_loop(self) -> None:
         hub = self.hub
@@ -473,7 +464,7 @@ class Server(ServerFacade):
             deadline = hub.next_deadline()
             if deadline is not None and deadline <= now:
                 hub.timeout(now=now, timestamp=_wall())
-                self._after()
+                self.transmit()
 
 
 def _limit_send_buffer(sock: socket.socket, size: int) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from roombus import ConfigError
-from roombus._cli import _parser, build_configs
+from roombus._cli import _parser
+from roombus.node.options import build_configs
 
 
 def settings(tmp_path, toml: str, *args: str, env: dict[str, str] | None = None):

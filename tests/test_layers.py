@@ -50,6 +50,7 @@ LAYERS: Final = {
     "roombus": "root",
     "roombus.__main__": "root",
     "roombus._cli": "root",
+    "roombus._run": "root",
     "roombus.hub": "root",
 }
 
@@ -90,6 +91,7 @@ THIRD_PARTY: Final = {
     # JWTAuthenticator: PyJWT and cryptography, imported when one is made
     "roombus.server.auth": frozenset({"cryptography", "jwt"}),
     "roombus.cluster.resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
+    "roombus.node.options": frozenset({"tomli"}),  # the configuration file, before 3.11
 }
 
 #: Event loops each adapter may import (the others' are not its business).
@@ -103,6 +105,9 @@ LOOPS: Final = {
 STDLIB_ALLOWED: Final = {
     "roombus.node.facade": frozenset({"time"}),  # wall(): the adapters' clock
     "roombus.node.cluster": frozenset({"os", "socket"}),  # generate_node_id(): host, pid
+    # the settings of `roombus serve`: the environment, the TLS context of --certfile
+    "roombus.node.options": frozenset({"os", "ssl"}),
+    "roombus.node.settings": frozenset({"ssl"}),  # the context's type (TYPE_CHECKING)
 }
 
 #: ``(importer, imported)`` allowed across the rules: the ASGI app picks a backplane
@@ -118,12 +123,7 @@ EXCEPTIONS: Final[frozenset[tuple[str, str]]] = frozenset(
 SHIMS: Final[frozenset[str]] = frozenset()
 
 #: Today's violations. Only ever remove from this set.
-KNOWN: Final = frozenset(
-    {
-        # create_app reads its settings with the command line's parser.
-        "roombus.asgi -> roombus._cli (asgi 3 -> root 4)",
-    }
-)
+KNOWN: Final[frozenset[str]] = frozenset()
 
 
 def module_name(path: Path) -> str:

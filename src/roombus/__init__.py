@@ -2,11 +2,13 @@
 roombus: room-based WebSocket pub/sub with presence.
 
 This package is the sans-IO core: it imports neither trio nor any socket code.
-Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``).
+Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``,
+:func:`roombus.run`).
 """
 
 from __future__ import annotations
 
+from ._run import run as run
 from ._version import __version__ as __version__
 from .cluster.broker import ClusterBroker as ClusterBroker
 from .cluster.config import ClusterConfig as ClusterConfig
@@ -50,6 +52,7 @@ from .core.names import RoomName as RoomName
 from .core.names import Username as Username
 from .core.names import is_valid_room as is_valid_room
 from .core.names import is_valid_username as is_valid_username
+from .node.settings import Settings as Settings
 from .server.auth import Authenticator as Authenticator
 from .server.auth import JWTAuthenticator as JWTAuthenticator
 from .server.auth import Refusal as Refusal
@@ -98,6 +101,7 @@ __all__ = [
     "SendPing",
     "SendQueue",
     "ServerConfig",
+    "Settings",
     "Subscribe",
     "TextReceived",
     "Unsubscribe",
@@ -107,4 +111,5 @@ __all__ = [
     "__version__",
     "is_valid_room",
     "is_valid_username",
+    "run",
 ]

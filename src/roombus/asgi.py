@@ -66,20 +66,19 @@ except ModuleNotFoundError:  # pragma: no cover - depends on the installation
     sniffio = None  # type: ignore[assignment]
 
 from .core.actions import BackplaneAction
-from .core.auth import Authorizer
 from .core.codes import CloseCode
 from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
-from .core.names import ConnectionId, RoomName
+from .core.names import ConnectionId
 from .node.assemble import build_broker
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
-from .server.auth import Authenticator
+from .node.options import settings_from_environ
+from .node.settings import Settings
 from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
-from .server.hub import NoticeHook
 from .server.messages import MessageHub
 from .server.queues import MessageQueue
 
@@ -130,24 +129,27 @@ class RoombusASGI(ServerFacade):
     it :meth:`lifespan` (``FastAPI(lifespan=bus.lifespan)``) for a graceful shutdown.
 
     Args:
-        broker_config: The core's limits; its ``heartbeat`` must be off (the default
-            here), since the ASGI server owns pings.
-        config: ``allowed_origins``, ``page`` and ``close_timeout`` apply; the
-            address, backlog, handshake timeout and header limit are the ASGI
-            server's own settings.
-        on_notice: Called with every :data:`~roombus.Notice`, synchronously; an
-            exception it raises is logged.
-        authenticator: Who a client is, from its request; refused requests get
-            401/403 (as an HTTP response where the server supports it).
-        authorizer: Per-room rights; by default the identity's room rules.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.asyncio.RedisBackplane`); the app starts it on the
-            server's loop, which must be asyncio's.
+        settings: What to serve (:class:`roombus.Settings`). Of ``settings.server``,
+            ``allowed_origins``, ``page``, ``metrics``, ``max_header_bytes`` and
+            ``close_timeout`` apply (the address and backlog are the ASGI server's
+            own); ``settings.broker.heartbeat`` must be off, since the ASGI server
+            owns pings; ``ssl_context`` is the server's business too. A cluster:
+            ``settings.cluster`` gets a :class:`roombus.asyncio.RedisBackplane`
+            (``settings.backplane``, one made already); the app starts it on the
+            server's loop, which must be asyncio's. With no settings, the defaults
+            with the heartbeat off.
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings* (its heartbeat off), a
+            :class:`~roombus.ServerConfig`, and the keywords ``on_notice``,
+            ``authenticator``, ``authorizer``, ``backplane``.
 
     Raises:
-        ConfigError: if *broker_config* has the heartbeat on.
+        ConfigError: if the broker's heartbeat is on, or for TLS settings.
+        TypeError: for a keyword that is no setting.
 
     Attributes:
+        settings: What it was made of.
         hub: The sans-IO hub (a :class:`~roombus.server.messages.MessageHub`).
         broker: The core (read-only use).
         config: The transport settings.
@@ -155,16 +157,22 @@ class RoombusASGI(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
-        if broker_config is None:
-            broker_config = BrokerConfig(heartbeat=False)
+        if settings is None:
+            settings = Settings(broker=BrokerConfig(heartbeat=False))
+        settings = Settings.from_legacy(settings, config, **legacy)
+        if settings.ssl_context is not None:
+            raise ConfigError(
+                "certfile", "under ASGI, TLS is the server's: use its own TLS options"
+            )
+        #: What the app was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub: MessageHub = MessageHub(
             config=config,
             on_notice=on_notice,
@@ -205,19 +213,11 @@ class RoombusASGI(ServerFacade):
         """
         token = None if sniffio is None else sniffio.current_async_library_cvar.set("asyncio")
         try:
-            hub = self.hub
-            now, timestamp = asyncio.get_running_loop().time(), _wall()
-            for event in events:
-                hub.backplane_event(event, now=now, timestamp=timestamp)
-            self._after()
+            super().backplane_events(events)
         finally:
             if token is not None:
                 assert sniffio is not None
                 sniffio.current_async_library_cvar.reset(token)
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
 
     async def aclose(self) -> None:
         """
@@ -227,7 +227,7 @@ class RoombusASGI(ServerFacade):
         hub = self.hub
         if not hub.shutting_down:
             hub.shutdown(now=anyio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
         if self._links:
             self._all_closed = anyio.Event()
             with anyio.move_on_after(self.config.close_timeout + 1.0):
@@ -339,7 +339,7 @@ class RoombusASGI(ServerFacade):
         self._links[cid] = link
         try:
             with link.scope:
-                self._after()  # the link learns its queue (its presence messages)
+                self.transmit()  # the link learns its queue (its presence messages)
                 try:
                     accept: dict[str, Any] = {"type": "websocket.accept"}
                     if "roombus" in scope.get("subprotocols", ()):
@@ -355,7 +355,7 @@ class RoombusASGI(ServerFacade):
         finally:
             del self._links[cid]
             hub.lost(cid, now=anyio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
 
     def _oversized(self, scope: Scope) -> HttpResponse | None:
         """431 for a request whose target and headers exceed ``max_header_bytes``.
@@ -384,14 +384,14 @@ class RoombusASGI(ServerFacade):
                     now=anyio.current_time(),
                     timestamp=_wall(),
                 )
-                self._after()
+                self.transmit()
                 # A server may have many messages ready: let the writers woken by this
                 # one send before the next is read, as the flusher runs between reads in
                 # roombus.trio (else a burst fills the send queues of readers keeping up).
                 await anyio.lowlevel.checkpoint()
                 # The writers had their turn: what they could not send counts.
                 hub.enforce_budget(now=anyio.current_time(), timestamp=_wall())
-                self._after()
+                self.transmit()
             elif kind == "websocket.disconnect":
                 return
 
@@ -414,30 +414,36 @@ class RoombusASGI(ServerFacade):
                     queue.consume(1)
                 if not queue:
                     hub.flushed(cid)
-                    self._after()
+                    self.transmit()
         except OSError:  # ASGI servers raise an OSError for a send to a vanished client
             link.scope.cancel()
 
     # -- carrying out the hub's outputs ------------------------------------------------
 
-    def _after(self) -> None:
-        """Close what must close, wake the writers, re-arm the timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order; then wake
+        :meth:`aclose` once the last connection is gone."""
         hub = self.hub
         links = self._links
+        # 1. close: cancel the connection's task (its reader and writer).
         for cid in hub.take_to_close():
             link = links.get(cid)
             if link is not None:
                 link.scope.cancel()
+        # 2. write: each dirty queue's writer task sends it.
         for cid, queue in hub.take_dirty_messages():
             link = links.get(cid)
             if link is not None:
                 link.queue = queue
                 if link.wake is not None:
                     link.wake.set()
+        # 3. backplane: the broker's work for the other nodes (once it runs).
         if self.backplane is not None and self._timer_started:
             work = hub.take_backplane()
             if work:
                 self.backplane.submit(work)
+        # 4. timer: only ever earlier here; the timer task re-reads it when it wakes.
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -489,7 +495,7 @@ class RoombusASGI(ServerFacade):
                 deadline = hub.next_deadline()
                 if deadline is not None and deadline <= now:
                     hub.timeout(now=now, timestamp=_wall())
-                    self._after()
+                    self.transmit()
 
 
 def _target(scope: Scope) -> bytes:
@@ -540,18 +546,21 @@ def create_app() -> RoombusASGI:
     Raises:
         ConfigError: naming the variable, if one is invalid.
     """
-    from ._cli import settings_from_environ
-
     settings = settings_from_environ(os.environ)
-    if settings.ssl_context is not None:
-        raise ConfigError("certfile", "under ASGI, TLS is the server's: use its own TLS options")
     log.setLevel(settings.log_level.upper())
     return RoombusASGI(
-        attrs.evolve(settings.broker, heartbeat=False),
-        settings.server,
-        authenticator=settings.authenticator,
-        backplane=None if settings.cluster is None else settings.cluster.asyncio_backplane(),
+        attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
     )
+
+
+def _backplane(settings: Settings) -> Backplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``
+    (the asyncio driver: a cluster under ASGI needs an asyncio server)."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from .asyncio._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster)
 
 
 __all__ = ["RoombusASGI", "create_app"]

@@ -215,15 +215,21 @@ class CliServer:
     """``python -m roombus serve`` in a subprocess; stderr is collected by a thread."""
 
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, transport: str = "trio"
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        transport: str = "trio",
+        code: str | None = None,
     ) -> None:
+        """*code*: run this Python program (with *args*) instead of ``roombus serve``."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
         env = {**environ, **(env or {})}
         env["PYTHONUNBUFFERED"] = "1"
         env["ROOMBUS_TRANSPORT"] = transport  # the variable: a test may still give the flag
         self.transport = transport
+        command = ["-m", "roombus", "serve", "--host", HOST] if code is None else ["-c", code]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "roombus", "serve", "--host", HOST, *args],
+            [sys.executable, *command, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

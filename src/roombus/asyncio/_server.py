@@ -5,7 +5,7 @@ The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
 Theory of operation
 -------------------
 Every connection is an :class:`asyncio.Protocol`. What arrives goes to the hub, and
-the hub's outputs are carried out (:meth:`Server._after`) before the callback
+the hub's outputs are carried out (:meth:`Server.transmit`) before the callback
 returns. asyncio runs one callback at a time, so the hub needs no lock.
 
 Writing never blocks a broadcast, and never grows without bound. The hub frames a
@@ -28,7 +28,7 @@ stops accepting, has the hub close everyone with 1001, and gives the clients
 
 In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`), the backplane
 runs on the same loop: the hub's backplane work goes to it after every hub call (in
-:meth:`Server._after`), and what it learns comes back through
+:meth:`Server.transmit`), and what it learns comes back through
 :meth:`Server.backplane_events`. At shutdown, the goodbyes (presence leaves) go out
 before the link closes, within ``close_timeout``.
 """
@@ -37,23 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Final, Protocol, final
+from typing import Any, Final, Protocol, final
 
 from ..core.actions import BackplaneAction
-from ..core.auth import Authorizer
 from ..core.config import BrokerConfig
-from ..core.events import Event
-from ..core.names import ConnectionId, RoomName
+from ..core.names import ConnectionId
 from ..node.assemble import build_broker
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
-from ..server.auth import Authenticator
+from ..node.settings import Settings
+from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
 from ..server.config import ServerConfig
 from ..server.framed import FramedHub
-from ..server.hub import NoticeHook
 from ..server.queues import SendQueue
 
 
@@ -73,13 +70,6 @@ class Backplane(Protocol):
     async def wait_idle(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-#: A sweep that writes to this many connections means the server is busy ...
-BUSY_SWEEP: Final = 128
-#: ... and then the next sweep waits this long (seconds), to coalesce frames (as the
-#: trio adapter does).
-WRITE_DELAY: Final = 0.004
 
 
 class _Protocol(asyncio.Protocol):
@@ -124,7 +114,11 @@ class Server(ServerFacade):
     Get one from :func:`serve`. All methods are synchronous (but :meth:`aclose`) and
     must be called from the thread of the event loop that runs the server.
 
+    Args:
+        settings, config, legacy: As for :func:`serve`.
+
     Attributes:
+        settings: What it was made of (:class:`roombus.Settings`).
         hub: The sans-IO hub (connections, send queues, broker).
         broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
         config: The server's transport settings.
@@ -133,15 +127,16 @@ class Server(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
+        settings = Settings.from_legacy(settings, config, **legacy)
+        #: What the server was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub: FramedHub = FramedHub(
             config=config,
             on_notice=on_notice,
@@ -158,7 +153,7 @@ class Server(ServerFacade):
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
-        self.ssl_context = ssl_context
+        self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -176,19 +171,6 @@ class Server(ServerFacade):
     def _now(self) -> float:
         return self._loop.time()
 
-    def backplane_events(self, events: list[Event]) -> None:
-        """Hand the broker what the backplane learnt (the other nodes' doings), then
-        carry out its outputs once."""
-        hub = self.hub
-        now, timestamp = self._loop.time(), _wall()
-        for event in events:
-            hub.backplane_event(event, now=now, timestamp=timestamp)
-        self._after()
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
-
     async def aclose(self) -> None:
         """
         Shut down gracefully: stop accepting, close every client with 1001, and wait at
@@ -199,7 +181,7 @@ class Server(ServerFacade):
             for listener in self._listeners:
                 listener.close()
             hub.shutdown(now=self._loop.time(), timestamp=_wall())
-            self._after()
+            self.transmit()
         if self._links:
             try:
                 await asyncio.wait_for(self._all_closed.wait(), self.config.close_timeout + 1.0)
@@ -260,7 +242,7 @@ class Server(ServerFacade):
         cid = self.hub.open(now=self._loop.time(), peer=peer)
         proto.cid = cid
         self._links[cid] = proto
-        self._after()
+        self.transmit()
 
     def _receive(self, proto: _Protocol, data: bytes | None) -> None:
         cid = proto.cid
@@ -271,7 +253,7 @@ class Server(ServerFacade):
             return
         hub = self.hub
         hub.receive(cid, data, now=self._loop.time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         if proto.cid is not None and hub.input_pending(cid):
             self._hold(proto)
 
@@ -295,7 +277,7 @@ class Server(ServerFacade):
             return
         hub = self.hub
         hub.receive(cid, b"", now=self._loop.time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         if proto.cid is None:
             return
         if hub.input_pending(cid):
@@ -314,7 +296,7 @@ class Server(ServerFacade):
             proto.cid = None
             del self._links[cid]
             self.hub.lost(cid, now=self._loop.time(), timestamp=_wall())
-            self._after()
+            self.transmit()
 
     def _resume(self, proto: _Protocol) -> None:
         queue = proto.stalled
@@ -322,14 +304,18 @@ class Server(ServerFacade):
         if queue is not None and cid is not None:
             proto.stalled = None
             self._write(cid, proto, queue)
-            self._after()
+            self.transmit()
 
     # -- carrying out the hub's outputs ------------------------------------------------
 
-    def _after(self) -> None:
-        """Close what must close, schedule the flush, re-arm the timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order; then wake
+        :meth:`aclose` once the last connection is gone."""
         hub = self.hub
         loop = self._loop
+        # 1. close: the transport goes (what it buffered still goes out) and the hub
+        # forgets the connection now (connection_lost comes later, or never).
         while to_close := hub.take_to_close():
             now = loop.time()
             for cid in to_close:
@@ -338,15 +324,18 @@ class Server(ServerFacade):
                     proto.cid = None
                     self._end(proto)
                 hub.lost(cid, now=now, timestamp=_wall())
-        if self.backplane is not None:
-            work = hub.take_backplane()
-            if work:
-                self.backplane.submit(work)
+        # 2. write: one flush callback writes every dirty queue.
         if self._flush_handle is None and hub.has_dirty():
             if self._flush_delay:
                 self._flush_handle = loop.call_later(self._flush_delay, self._flush_all)
             else:
                 self._flush_handle = loop.call_soon(self._flush_all)
+        # 3. backplane: the broker's work for the other nodes.
+        if self.backplane is not None:
+            work = hub.take_backplane()
+            if work:
+                self.backplane.submit(work)
+        # 4. timer
         if hub.deadline_moved:
             hub.deadline_moved = False
             self._arm_timer()
@@ -379,7 +368,7 @@ class Server(ServerFacade):
             held, self._held = self._held, []
             for proto in held:
                 self._loop.call_soon(self._read_more, proto)
-        self._after()
+        self.transmit()
 
     def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue) -> None:
         """Hand the queue to the transport until it is empty or the transport pauses."""
@@ -420,7 +409,16 @@ class Server(ServerFacade):
         if deadline is not None and deadline <= now:
             hub.timeout(now=now, timestamp=_wall())
         self._arm_timer()
-        self._after()
+        self.transmit()
+
+
+def _backplane(settings: Settings) -> Backplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from ._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster)
 
 
 @final
@@ -431,7 +429,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
     As an async context manager, it listens on entry and shuts down gracefully on
     exit (close 1001 to every client, at most ``config.close_timeout`` seconds)::
 
-        async with roombus.asyncio.serve(BrokerConfig(), ServerConfig(port=0)) as server:
+        async with roombus.asyncio.serve(roombus.Settings(server=ServerConfig(port=0))) as server:
             print(server.port)
             server.publish("lobby", "hello")
             await asyncio.sleep(3600)
@@ -440,52 +438,43 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
     down the same way and lets the cancellation propagate; *on_ready* gets the
     :class:`Server` once it listens::
 
-        task = asyncio.create_task(roombus.asyncio.serve(broker_config, config, on_ready=print))
+        task = asyncio.create_task(roombus.asyncio.serve(settings, on_ready=print))
 
     Args:
-        broker_config: The core's limits and intervals.
-        config: Address and transport settings.
-        on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
-            a message was published), synchronously; an exception it raises is logged.
+        settings: What to serve (:class:`roombus.Settings`): the core's limits, the
+            address, the authenticator and authorizer, the notice hook, TLS, and the
+            cluster (a ``settings.cluster`` gets a
+            :class:`roombus.asyncio.RedisBackplane`; ``settings.backplane``, one made
+            already; the server runs it).
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings*, a :class:`~roombus.ServerConfig`, and the keywords
+            ``on_notice``, ``authenticator``, ``authorizer``, ``ssl_context``,
+            ``backplane``.
         on_ready: Called with the running :class:`Server` once it listens (when
             awaited).
-        authenticator: Who a client is, from its request; refused requests get
-            401/403.
-        authorizer: Per-room rights; by default the identity's room rules.
-        ssl_context: Serve TLS (``wss://``) with this server-side context.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.asyncio.RedisBackplane`); the server runs it.
 
     Raises:
         OSError: if the address cannot be bound (on entry, or when awaited).
+        TypeError: for a keyword that is no setting.
     """
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
         *,
-        on_notice: NoticeHook | None = None,
         on_ready: Callable[[Server], object] | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: Backplane | None = None,
+        **legacy: Any,
     ) -> None:
-        self._args = (broker_config, config)
-        self._options = {
-            "on_notice": on_notice,
-            "authenticator": authenticator,
-            "authorizer": authorizer,
-            "ssl_context": ssl_context,
-            "backplane": backplane,
-        }
+        #: What the server is made of.
+        self.settings: Final = Settings.from_legacy(settings, config, **legacy)
         self._on_ready = on_ready
         self._server: Server | None = None
         self._running: Coroutine[object, object, None] | None = None  # once awaited
 
     async def _start(self) -> Server:
-        server = Server(*self._args, **self._options)  # type: ignore[arg-type]
+        server = Server(self.settings)
         await server._listen()
         if server.backplane is not None:
             server.backplane.start(server)

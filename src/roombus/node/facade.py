@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from ..core.events import Event
+from ..core.names import RoomName
 from ..server.hub import HubBase
 
 
@@ -16,8 +18,18 @@ class ServerFacade:
     """
     The app-facing part of a running server, the same for every transport.
 
-    A subclass provides :attr:`hub`, its clock (``_now``) and the carrying out of the
-    hub's outputs after a call (``_after``).
+    A subclass provides :attr:`hub`, its clock (``_now``) and :meth:`transmit`, the one
+    routine that carries out the hub's outputs. Every adapter calls it after every
+    call into the hub, and each does the same four steps in the same order
+    (docs/adapters.md, "transmit"):
+
+    1. **close**: ``hub.take_to_close()``: end each of these connections;
+    2. **write**: what is dirty (``hub.has_dirty()``, ``take_dirty()`` or
+       ``take_dirty_messages()``) goes to its writer: a flusher's next sweep, a flush
+       callback, or the connection's writer task;
+    3. **backplane**: ``hub.take_backplane()`` goes to ``backplane.submit()``;
+    4. **timer**: if ``hub.deadline_moved``, clear it and re-arm the one timer at
+       ``hub.next_deadline()``.
     """
 
     hub: HubBase
@@ -25,7 +37,9 @@ class ServerFacade:
     def _now(self) -> float:
         raise NotImplementedError
 
-    def _after(self) -> None:
+    def transmit(self) -> None:
+        """Carry out the hub's outputs (the four steps above). Cheap when there are
+        none; the adapter calls it, an application never needs to."""
         raise NotImplementedError
 
     def publish(self, room: str, content: object, *, username: str = "server") -> int:
@@ -41,8 +55,23 @@ class ServerFacade:
         count = self.hub.publish(
             room, content, username=username, now=self._now(), timestamp=wall()
         )
-        self._after()
+        self.transmit()
         return count
+
+    # -- what the backplane calls (its host) -------------------------------------------
+
+    def backplane_events(self, events: list[Event]) -> None:
+        """Hand the broker what the backplane learnt (the other nodes' doings), then
+        carry out its outputs once."""
+        hub = self.hub
+        now, timestamp = self._now(), wall()
+        for event in events:
+            hub.backplane_event(event, now=now, timestamp=timestamp)
+        self.transmit()
+
+    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
+        """Each room with members here, and its users here (for the backplane)."""
+        return [(room, list(users)) for room, users in self.hub.broker.local_presence()]
 
     @property
     def connection_count(self) -> int:

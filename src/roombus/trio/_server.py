@@ -5,7 +5,7 @@ The trio adapter: sockets, tasks and the clock around a sans-IO
 Theory of operation
 -------------------
 Every connection has one task, its *reader*: it feeds what arrives to the hub, then
-carries out the hub's outputs (:meth:`Server._after`) before its next ``await``. trio
+carries out the hub's outputs (:meth:`Server.transmit`) before its next ``await``. trio
 runs one task at a time, so the hub needs no lock.
 
 Writing never blocks a broadcast. The hub frames a broadcast once and appends the same
@@ -29,34 +29,25 @@ import errno
 import logging
 import math
 import socket
-import ssl
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
-from ..core.auth import Authorizer
 from ..core.config import BrokerConfig
-from ..core.events import Event
-from ..core.names import ConnectionId, RoomName
+from ..core.names import ConnectionId
 from ..node.assemble import build_broker
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
-from ..server.auth import Authenticator
+from ..node.settings import Settings
+from ..node.tuning import ACCEPT_BATCH, ACCEPT_PAUSE, BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
 from ..server.config import ServerConfig
 from ..server.framed import FramedHub
-from ..server.hub import NoticeHook
 from ..server.queues import SendQueue
 
 if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
     from ._backplane import RedisBackplane
 
 log: Final = logging.getLogger("roombus")
-
-RECEIVE_SIZE: Final = 65536
-#: A sweep that writes to this many connections means the server is busy ...
-BUSY_SWEEP: Final = 128
-#: ... and then the next sweep waits this long (seconds), to coalesce frames.
-WRITE_DELAY: Final = 0.004
 
 
 class _Broken(Exception):
@@ -165,7 +156,11 @@ class Server(ServerFacade):
     Get one from :func:`serve` through ``nursery.start``. All methods are synchronous
     and must be called from the trio thread that runs the server.
 
+    Args:
+        settings, config, legacy: As for :func:`serve`.
+
     Attributes:
+        settings: What it was made of (:class:`roombus.Settings`).
         hub: The sans-IO hub (connections, send queues, broker).
         broker: The core (read-only use: ``rooms``, ``members()``, ``statistics()``).
         config: The server's transport settings.
@@ -175,15 +170,16 @@ class Server(ServerFacade):
 
     def __init__(
         self,
-        broker_config: BrokerConfig | None = None,
+        settings: Settings | BrokerConfig | None = None,
         config: ServerConfig | None = None,
-        *,
-        on_notice: NoticeHook | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        backplane: RedisBackplane | None = None,
+        **legacy: Any,
     ) -> None:
+        settings = Settings.from_legacy(settings, config, **legacy)
+        #: What the server was made of.
+        self.settings: Final = settings
+        broker_config, config = settings.broker, settings.server
+        on_notice, authenticator = settings.on_notice, settings.authenticator
+        authorizer, backplane = settings.authorizer, _backplane(settings)
         self.hub: FramedHub = FramedHub(
             config=config,
             on_notice=on_notice,
@@ -200,7 +196,7 @@ class Server(ServerFacade):
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
-        self.ssl_context = ssl_context
+        self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
@@ -231,19 +227,6 @@ class Server(ServerFacade):
             await trio.aclose_forcefully(stream)
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
-
-    def backplane_events(self, events: list[Event]) -> None:
-        """Hand the broker what the backplane learnt (the other nodes' doings), then
-        carry out its outputs once."""
-        hub = self.hub
-        now, timestamp = trio.current_time(), _wall()
-        for event in events:
-            hub.backplane_event(event, now=now, timestamp=timestamp)
-        self._after()
-
-    def local_presence(self) -> list[tuple[RoomName, list[str]]]:
-        """Each room with members here, and its users here (for the backplane)."""
-        return [(room, list(users)) for room, users in self.broker.local_presence()]
 
     # -- the tasks ---------------------------------------------------------------------
 
@@ -276,7 +259,7 @@ class Server(ServerFacade):
             lsock.close()
         now = trio.current_time()
         self.hub.shutdown(now=now, timestamp=_wall())
-        self._after()
+        self.transmit()
         # The hub drops every transport by close_timeout; this is the backstop.
         self._world.deadline = now + self.config.close_timeout + 1.0
         self._check_all_closed()
@@ -293,15 +276,19 @@ class Server(ServerFacade):
                 await trio.lowlevel.wait_readable(lsock)
             except (trio.ClosedResourceError, OSError):
                 return
-            for _ in range(64):
+            for _ in range(ACCEPT_BATCH):
                 try:
                     sock, addr = lsock.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.warning("accept failed (%s); pausing accepts for 100 ms", exc)
-                        await trio.sleep(0.1)
+                        log.warning(
+                            "accept failed (%s); pausing accepts for %d ms",
+                            exc,
+                            ACCEPT_PAUSE * 1000,
+                        )
+                        await trio.sleep(ACCEPT_PAUSE)
                         break
                     if lsock.fileno() < 0:
                         return
@@ -335,16 +322,16 @@ class Server(ServerFacade):
         self._links[cid] = link
         try:
             with link.scope:
-                self._after()
+                self.transmit()
                 while True:
                     data = await transport.receive()
                     hub.receive(cid, data or None, now=trio.current_time(), timestamp=_wall())
-                    self._after()
+                    self.transmit()
                     while hub.input_pending(cid):
                         # A burst: what this part produced is written before the next.
                         await self._next_sweep()
                         hub.receive(cid, b"", now=trio.current_time(), timestamp=_wall())
-                        self._after()
+                        self.transmit()
                     if not data:
                         # The peer sent all it will; wait until the hub is done writing.
                         await trio.sleep_forever()
@@ -356,7 +343,7 @@ class Server(ServerFacade):
         finally:
             del self._links[cid]
             hub.lost(cid, now=trio.current_time(), timestamp=_wall())
-            self._after()
+            self.transmit()
             with trio.CancelScope(shield=True):
                 await transport.aclose()
             self._check_all_closed()
@@ -370,19 +357,24 @@ class Server(ServerFacade):
             self._swept = trio.Event()
         await self._swept.wait()
 
-    def _after(self) -> None:
-        """Carry out the hub's outputs: close what must close, wake the flusher and timer."""
+    def transmit(self) -> None:
+        """Carry out the hub's outputs, after every hub call: the four steps of
+        :class:`~roombus.node.facade.ServerFacade`, in their order."""
         hub = self.hub
+        # 1. close: cancel the reader of each connection the hub is done with.
         for cid in hub.take_to_close():
             link = self._links.get(cid)
             if link is not None:
                 link.scope.cancel()
+        # 2. write: the flusher writes every dirty queue in its next sweep.
         if hub.has_dirty():
             self._wake_flusher()
+        # 3. backplane: the broker's work for the other nodes.
         if self.backplane is not None:
             work = hub.take_backplane()
             if work:
                 self.backplane.submit(work)
+        # 4. timer: only ever earlier here; the timer task re-reads it when it wakes.
         if hub.deadline_moved:
             hub.deadline_moved = False
             deadline = hub.next_deadline()
@@ -445,7 +437,7 @@ class Server(ServerFacade):
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)
         hub.enforce_budget(now=trio.current_time(), timestamp=_wall())
-        self._after()
+        self.transmit()
         return len(dirty)
 
     async def _drain(self, cid: ConnectionId, link: _Link, queue: SendQueue) -> None:
@@ -458,7 +450,7 @@ class Server(ServerFacade):
         finally:
             link.draining = False
         self.hub.flushed(cid)
-        self._after()
+        self.transmit()
 
     async def _timer_loop(self) -> None:
         hub = self.hub
@@ -477,7 +469,7 @@ class Server(ServerFacade):
             deadline = hub.next_deadline()
             if deadline is not None and deadline <= now:
                 hub.timeout(now=now, timestamp=_wall())
-                self._after()
+                self.transmit()
 
 
 def _limit_send_buffer(sock: socket.socket, size: int) -> None:
@@ -513,56 +505,52 @@ def _listen(config: ServerConfig) -> list[socket.socket]:
 
 
 async def serve(
-    broker_config: BrokerConfig | None = None,
+    settings: Settings | BrokerConfig | None = None,
     config: ServerConfig | None = None,
     *,
-    on_notice: NoticeHook | None = None,
-    authenticator: Authenticator | None = None,
-    authorizer: Authorizer | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    backplane: RedisBackplane | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **legacy: Any,
 ) -> None:
     """
     Run a roombus server until cancelled.
 
     Use it with ``nursery.start`` to get the running :class:`Server` once it listens::
 
-        server = await nursery.start(roombus.trio.serve)
+        server = await nursery.start(roombus.trio.serve, roombus.Settings(...))
         print(server.port)
 
     Cancelling it is a graceful shutdown: no new connections, close 1001 to every
     client, then it returns (by raising the cancellation) within
-    ``config.close_timeout`` seconds.
+    ``server.close_timeout`` seconds.
 
     Args:
-        broker_config: The core's limits and intervals.
-        config: Address and transport settings.
-        on_notice: Called with every :data:`~roombus.Notice` (a user joined or left,
-            a message was published), synchronously; an exception it raises is logged.
-        authenticator: Who a client is, from its request (e.g.
-            :class:`roombus.JWTAuthenticator`); refused requests get 401/403.
-        authorizer: Per-room rights (join, publish, see presence); by default the
-            authenticated identity's room rules.
-        ssl_context: Serve TLS (``wss://``) with this server-side context.
-        backplane: Share rooms with other nodes through Redis
-            (:class:`roombus.trio.RedisBackplane`); the server runs it.
+        settings: What to serve (:class:`roombus.Settings`): the core's limits, the
+            address, the authenticator and authorizer, the notice hook, TLS, and the
+            cluster (a ``settings.cluster`` gets a :class:`roombus.trio.RedisBackplane`;
+            ``settings.backplane``, one made already; the server runs it).
+        config, legacy: The older signature, folded into *settings*
+            (:meth:`roombus.Settings.from_legacy`): a :class:`~roombus.BrokerConfig`
+            in place of *settings*, a :class:`~roombus.ServerConfig`, and the keywords
+            ``on_notice``, ``authenticator``, ``authorizer``, ``ssl_context``,
+            ``backplane``.
 
     Raises:
         OSError: if the address cannot be bound (before ``task_status.started``).
+        TypeError: for a keyword that is no setting.
     """
-    server = Server(
-        broker_config,
-        config,
-        on_notice=on_notice,
-        authenticator=authenticator,
-        authorizer=authorizer,
-        ssl_context=ssl_context,
-        backplane=backplane,
-    )
+    server = Server(settings, config, **legacy)
     server._listeners = _listen(server.config)
     server.port = server._listeners[0].getsockname()[1]
     await run_server(server, task_status=task_status)
+
+
+def _backplane(settings: Settings) -> RedisBackplane | None:
+    """The backplane *settings* ask for: the one given, or one of ``settings.cluster``."""
+    if settings.backplane is not None or settings.cluster is None:
+        return settings.backplane  # type: ignore[no-any-return]
+    from ._backplane import RedisBackplane
+
+    return RedisBackplane(settings.cluster)
 
 
 async def run_server(

@@ -1,0 +1,494 @@
+"""
+The settings of ``roombus serve`` (and of ``roombus.asgi.create_app``): the option
+table, and flags, ``ROOMBUS_*`` variables and a TOML file -> :class:`Settings`.
+
+Every option has an environment-variable twin: ``ROOMBUS_`` + the option's name in
+upper case with dashes as underscores (``--ping-interval`` -> ``ROOMBUS_PING_INTERVAL``),
+and a key of the same name in a TOML configuration file (``--config FILE``). A flag
+on the command line wins over its variable, which wins over the file.
+
+:mod:`roombus._cli` makes its argument parser of :data:`SERVE_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import ssl
+import sys
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any
+
+import attrs
+
+from ..cluster.config import ClusterConfig
+from ..core.config import BrokerConfig
+from ..core.errors import ConfigError
+from ..server.auth import JWTAuthenticator
+from ..server.config import ServerConfig
+from .settings import LOG_LEVELS, TRANSPORTS, Settings
+
+
+@attrs.frozen
+class _Option:
+    flag: str
+    type: Callable[[str], Any]
+    help: str
+    repeat: bool = False
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "ROOMBUS_" + self.flag.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def is_flag(self) -> bool:
+        """A switch: ``--no-page`` alone means on (its variable takes 1/0, true/false)."""
+        return self.type is _flag
+
+    @property
+    def shown(self) -> str:
+        """What the help shows for the value."""
+        return self.metavar or _METAVARS.get(self.type, "VALUE")
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+def _transport(text: str) -> str:
+    if text.strip().lower() not in TRANSPORTS:
+        raise ValueError(f"must be one of {', '.join(TRANSPORTS)}")
+    return text.strip().lower()
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+
+
+_defaults_b = BrokerConfig()
+_defaults_s = ServerConfig()
+
+# Option -> (config object, field) is by name: each flag's dest is a field of one of them.
+SERVE_OPTIONS = (
+    _Option(
+        "transport",
+        _transport,
+        "the I/O framework that runs the server: trio or asyncio (default trio)",
+        metavar="NAME",
+    ),
+    _Option("host", str, f"address to listen on (default {_defaults_s.host})", metavar="ADDRESS"),
+    _Option("port", int, f"TCP port (default {_defaults_s.port}; 0 picks one)", metavar="PORT"),
+    _Option(
+        "ping-interval",
+        float,
+        f"seconds of silence before a ping (default {_defaults_b.ping_interval:g})",
+    ),
+    _Option(
+        "ping-timeout",
+        float,
+        f"seconds a ping has to be answered (default {_defaults_b.ping_timeout:g})",
+    ),
+    _Option(
+        "no-heartbeat",
+        _flag,
+        "never ping clients nor close silent ones (for a proxy or server that pings)",
+        metavar="BOOL",
+    ),
+    _Option(
+        "max-message-bytes",
+        int,
+        f"largest inbound message; larger closes with 1009 "
+        f"(default {_defaults_b.max_message_bytes})",
+    ),
+    _Option(
+        "send-queue",
+        int,
+        f"messages that may wait for one slow client before it is closed with 1008 "
+        f"(default {_defaults_b.send_queue})",
+    ),
+    _Option(
+        "send-queue-bytes",
+        int,
+        f"bytes that may wait for one slow client (default {_defaults_b.send_queue_bytes})",
+    ),
+    _Option(
+        "max-queued-bytes",
+        int,
+        f"bytes that may wait in all send queues together; beyond it the clients with "
+        f"the most waiting are closed with 1008; 0: no limit "
+        f"(default {_defaults_s.max_queued_bytes})",
+    ),
+    _Option(
+        "socket-send-buffer",
+        int,
+        f"the kernel's send buffer per client socket (SO_SNDBUF); 0: the system's "
+        f"default (default {_defaults_s.socket_send_buffer})",
+    ),
+    _Option(
+        "max-rooms-per-connection",
+        int,
+        f"rooms one connection may join (default {_defaults_b.max_rooms_per_connection})",
+    ),
+    _Option(
+        "max-connections-per-room",
+        int,
+        f"connections one room may hold; 0: no limit "
+        f"(default {_defaults_b.max_connections_per_room})",
+    ),
+    _Option(
+        "max-connections",
+        int,
+        f"connections at once; beyond it requests get 503; 0: no limit "
+        f"(default {_defaults_s.max_connections})",
+    ),
+    _Option(
+        "max-connections-per-ip",
+        int,
+        f"connections at once from one client address; beyond it requests get 429; "
+        f"0: no limit (default {_defaults_s.max_connections_per_ip})",
+    ),
+    _Option(
+        "rate-limit",
+        float,
+        f"messages per second one connection may send on average; 0 turns it off "
+        f"(default {_defaults_b.rate_limit:g})",
+        metavar="PER_SECOND",
+    ),
+    _Option(
+        "rate-burst",
+        int,
+        f"messages one connection may send at once (default {_defaults_b.rate_burst})",
+    ),
+    _Option(
+        "handshake-timeout",
+        float,
+        f"seconds to complete the opening request (default {_defaults_s.handshake_timeout:g})",
+    ),
+    _Option(
+        "close-timeout",
+        float,
+        f"seconds to wait for a close handshake, and for shutdown "
+        f"(default {_defaults_s.close_timeout:g})",
+    ),
+    _Option(
+        "max-header-bytes",
+        int,
+        f"largest opening request; larger gets 431 (default {_defaults_s.max_header_bytes})",
+    ),
+    _Option(
+        "allowed-origin",
+        str,
+        "an Origin allowed to connect (repeatable; the variable takes a comma-separated "
+        "list); with none given, any origin may connect",
+        repeat=True,
+        metavar="ORIGIN",
+    ),
+    _Option("backlog", int, f"the listen backlog (default {_defaults_s.backlog})"),
+    _Option(
+        "certfile",
+        str,
+        "serve TLS (wss://) with this PEM certificate chain (default: plain TCP)",
+        metavar="FILE",
+    ),
+    _Option(
+        "keyfile",
+        str,
+        "the PEM private key for --certfile (default: read from the certificate file)",
+        metavar="FILE",
+    ),
+    _Option(
+        "jwt-secret",
+        str,
+        "require a JWT signed with this HS256 secret (at least 32 bytes; prefer the "
+        "variable: a flag shows in the process list)",
+        metavar="SECRET",
+    ),
+    _Option(
+        "jwt-public-key",
+        str,
+        "require a JWT signed with the RS256 or ES256 key whose PEM public key is in FILE",
+        metavar="FILE",
+    ),
+    _Option(
+        "jwt-leeway",
+        float,
+        "seconds of clock skew allowed on a token's exp and nbf (default 30)",
+    ),
+    _Option("jwt-audience", str, "require this aud claim in tokens", metavar="TEXT"),
+    _Option(
+        "redis",
+        str,
+        "join a cluster of nodes through this Redis: redis://[[user]:password@]host[:port]"
+        "[/db] (default: serve alone)",
+        metavar="URL",
+    ),
+    _Option(
+        "node-id",
+        str,
+        "this node's id in the cluster (default: host name, process id and a random part)",
+        metavar="ID",
+    ),
+    _Option(
+        "presence-ttl",
+        float,
+        "seconds within which the users of a node that died leave everywhere (default 15)",
+    ),
+    _Option(
+        "redis-prefix",
+        str,
+        "prefix of the cluster's Redis keys and channels (default roombus)",
+        metavar="TEXT",
+    ),
+    _Option("jwt-issuer", str, "require this iss claim in tokens", metavar="TEXT"),
+    _Option(
+        "page", str, "HTML file to serve at / (default: the bundled chat page)", metavar="FILE"
+    ),
+    _Option("no-page", _flag, "answer / with 404 instead of serving a page", metavar="BOOL"),
+    _Option(
+        "no-metrics",
+        _flag,
+        "answer /metrics with 404 instead of counters and gauges",
+        metavar="BOOL",
+    ),
+    _Option(
+        "log-level",
+        _log_level,
+        "debug, info, warning or error (default info)",
+        metavar="LEVEL",
+    ),
+)
+
+
+# Settings whose value must never be echoed in an error message.
+_SECRETS = frozenset({"jwt_secret", "redis"})
+
+_METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
+
+
+def _unknown_keys(table: dict[str, Any], path: str) -> ConfigError | None:
+    known = {opt.dest for opt in SERVE_OPTIONS}
+    for key in table:
+        if key.replace("-", "_") not in known or key.replace("-", "_") == "config":
+            return ConfigError(f"{path}: {key}", "unknown setting")
+    return None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML configuration file, keyed by option ``dest``."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    if isinstance(table.get("roombus"), dict):
+        others = [key for key in table if key != "roombus"]
+        if others:
+            raise ConfigError(f"{path}: {others[0]}", "outside the [roombus] table")
+        table = table["roombus"]
+    error = _unknown_keys(table, path)
+    if error is not None:
+        raise error
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    Merge flags over environment variables over the configuration file, and convert.
+
+    Raises:
+        ConfigError: naming the flag, variable or file key that is invalid.
+    """
+    config_path = flags.get("config") or environ.get("ROOMBUS_CONFIG")
+    from_file = _read_file(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for opt in SERVE_OPTIONS:
+        raw = flags.get(opt.dest)
+        source = f"--{opt.flag}"
+        if raw is None and environ.get(opt.env, "").strip():
+            # An empty variable (a blank template in a compose file) is unset, so
+            # that it never silently undoes the configuration file.
+            raw = environ[opt.env]
+            source = opt.env
+            if opt.repeat:
+                raw = [part for part in raw.split(",") if part.strip()]
+        if raw is None and opt.dest in from_file:
+            source = f"{config_path}: {opt.flag}"
+            try:
+                raw = _from_toml(opt, from_file[opt.dest])
+            except ValueError as exc:
+                message = "must be a string" if opt.dest in _SECRETS else str(exc)
+                raise ConfigError(source, message) from None
+        if raw is None:
+            continue
+        try:
+            values[opt.dest] = [opt.type(r) for r in raw] if opt.repeat else opt.type(raw)
+        except (ValueError, TypeError) as exc:
+            shown = "" if opt.dest in _SECRETS else f" {raw!r}"
+            raise ConfigError(source, f"invalid value{shown}: {exc}") from None
+    return values
+
+
+def _from_toml(opt: _Option, value: object) -> Any:
+    """A TOML value as the text (or list of texts) a flag would carry."""
+    if opt.repeat:
+        items = value if isinstance(value, list) else [value]
+        return [_toml_text(v) for v in items]
+    return _toml_text(value)
+
+
+def _toml_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ValueError(f"{value!r} is not a string, number or boolean")
+
+
+def _cluster(values: dict[str, Any]) -> ClusterConfig | None:
+    url = values.pop("redis", None)
+    options = {
+        name: values.pop(key)
+        for name, key in (
+            ("node_id", "node_id"),
+            ("presence_ttl", "presence_ttl"),
+            ("prefix", "redis_prefix"),
+        )
+        if key in values
+    }
+    if url is None:
+        if options:
+            raise ConfigError(next(iter(options)).replace("_", "-"), "needs --redis")
+        return None
+    if importlib.util.find_spec("hiredis") is None:
+        raise ConfigError("redis", "needs hiredis: pip install 'roombus[redis]'")
+    return ClusterConfig(url=url, **options)  # checked here, before any loop runs
+
+
+def _read_bytes(setting: str, path: str) -> bytes:
+    """The contents of the file a setting names; ConfigError naming it if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _authenticator(values: dict[str, Any]) -> JWTAuthenticator | None:
+    secret = values.pop("jwt_secret", None)
+    key_path = values.pop("jwt_public_key", None)
+    options = {
+        name: values.pop(f"jwt_{name}")
+        for name in ("leeway", "audience", "issuer")
+        if f"jwt_{name}" in values
+    }
+    if secret is None and key_path is None:
+        if options:
+            raise ConfigError(
+                "jwt-" + next(iter(options)), "needs --jwt-secret or --jwt-public-key"
+            )
+        return None
+    if secret is not None and key_path is not None:
+        raise ConfigError("jwt-secret", "give either --jwt-secret or --jwt-public-key, not both")
+    public_key = None if key_path is None else _read_bytes("jwt-public-key", key_path)
+    return JWTAuthenticator(secret=secret, public_key=public_key, **options)
+
+
+def _ssl_context(values: dict[str, Any]) -> ssl.SSLContext | None:
+    certfile = values.pop("certfile", None)
+    keyfile = values.pop("keyfile", None)
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError("keyfile", "needs --certfile")
+        return None
+    for setting, path in (("certfile", certfile), ("keyfile", keyfile)):
+        if path is not None:
+            _read_bytes(setting, path)  # a clear error for a missing or unreadable file
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise ConfigError(
+            "keyfile" if keyfile else "certfile",
+            f"not a usable certificate and private key: {exc.reason or exc}",
+        ) from None
+    except OSError as exc:
+        raise ConfigError("certfile", f"cannot load: {exc.strerror or exc}") from None
+    return context
+
+
+def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """
+    The :class:`Settings` of ``roombus serve``: *flags* (option ``dest`` -> the text
+    of a flag, or a list of texts for a repeatable one; None or absent: not given)
+    over the ``ROOMBUS_*`` variables of *environ* over the configuration file (the
+    ``config`` flag, or ``ROOMBUS_CONFIG``).
+
+    Raises:
+        ConfigError: naming the flag, variable or file key that is invalid.
+    """
+    values = _settings(flags, environ)
+    level = values.pop("log_level", "info")
+    transport = values.pop("transport", "trio")
+    values["heartbeat"] = not values.pop("no_heartbeat", False)
+    values["metrics"] = not values.pop("no_metrics", False)
+    page_path = values.pop("page", None)
+    if values.pop("no_page", False):
+        page = None
+    elif page_path is not None:
+        page = _read_bytes("page", page_path)
+    else:
+        page = resources.files("roombus").joinpath("_static/chat.html").read_bytes()
+    if "allowed_origin" in values:
+        values["allowed_origins"] = values.pop("allowed_origin")
+    authenticator = _authenticator(values)
+    ssl_context = _ssl_context(values)
+    cluster = _cluster(values)
+    broker_fields = set(attrs.fields_dict(BrokerConfig))
+    broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
+    server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
+    return Settings(
+        broker=broker,
+        server=server,
+        log_level=level,
+        transport=transport,
+        authenticator=authenticator,
+        ssl_context=ssl_context,
+        cluster=cluster,
+    )
+
+
+def build_configs(args: object, environ: Mapping[str, str]) -> Settings:
+    """:func:`settings_from` the attributes of *args* (an ``argparse.Namespace``)."""
+    return settings_from(vars(args), environ)
+
+
+def settings_from_environ(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of ``roombus serve`` with no flags: the ``ROOMBUS_*`` variables
+    (of ``os.environ`` if *environ* is None).
+
+    Raises:
+        ConfigError: naming the variable, if one is invalid.
+    """
+    return settings_from({}, os.environ if environ is None else environ)
+
+
+__all__ = ["SERVE_OPTIONS", "build_configs", "settings_from", "settings_from_environ"]

@@ -91,6 +91,7 @@ from roombus import (
     Username,
 )
 from roombus.cluster.records import ChatRecord, PresenceRecord, parse_record
+from roombus.cluster.room import Lifetime, Phase
 
 from .cluster_model import ModelBackplane, Record, Snapshot
 
@@ -526,6 +527,23 @@ class Cluster:
                 self.dropped_leaves[node] -= held
                 assert entries - held <= pending | self.dropped_leaves[node], "an entry left behind"
                 assert held - entries <= pending, "a user never announced"
+            self.check_rooms(node)
+
+    def check_rooms(self, node: str) -> None:
+        """Each cluster room's phase and lifetime agree with the link and the room."""
+        broker, link = self.brokers[node], self.bp.links[node]
+        for room, cr in broker._cluster.items():
+            event(f"cluster room: {cr.phase.name} {cr.lifetime.name}")
+            assert cr.phase is not Phase.NEW
+            assert (cr.phase is Phase.OFFLINE) == (not link.online), (room, cr.phase)
+            if cr.pending:
+                assert cr.phase in (Phase.SYNCING, Phase.LOSSY), (room, cr.phase)
+            if cr.outbox:
+                assert link.online, (room, "an outbox while offline")
+            if cr.lifetime is Lifetime.DRAINING:
+                assert cr.outbox and not cr.pending and not broker.connections(room), room
+            else:
+                assert cr.pending or broker.connections(room), (room, "held by no one")
 
     def check_quiet(self) -> None:
         """After quiescence: every member that stayed got every chat of its time, and each

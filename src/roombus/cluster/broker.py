@@ -32,7 +32,7 @@ from ..core.events import (
 )
 from ..core.names import ConnectionId, RoomName, Username, is_valid_username
 from .records import ChatRecord, PresenceRecord, parse_record
-from .room import ClusterRoom, is_valid_node_id
+from .room import ClusterRoom, Effect, Lifetime, Phase, RoomInput, is_valid_node_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -148,10 +148,12 @@ class ClusterBroker(Broker):
         if cr is None:
             self._gens += 1
             cr = self._cluster[room] = ClusterRoom(gen=self._gens)
-            if self._online:
+            # A new room is told the link's state: online, it listens to the room.
+            link = RoomInput.LINK_RESTORED if self._online else RoomInput.LINK_LOST
+            if cr.step(link) is Effect.SUBSCRIBE:
                 actions.append(Subscribe(room=room, gen=cr.gen))
-        cr.draining = False
-        if self._online and not cr.synced:
+        cr.step(RoomInput.FIRST_INTEREST)
+        if cr.step(RoomInput.JOIN) is Effect.PEND:
             # Joined once the room's presence across the cluster is known.
             cr.pending[conn] = rights
             c.rooms[room] = rights
@@ -223,9 +225,13 @@ class ClusterBroker(Broker):
         """
         if cr.pending or room in self._registry.rooms:
             return
-        if cr.outbox and self._online:
-            cr.draining = True
-            return
+        busy = cr.outbox and self._online
+        inp = RoomInput.LAST_INTEREST_BUSY if busy else RoomInput.LAST_INTEREST
+        if cr.step(inp) is Effect.REMOVE:
+            self._remove(room, actions)
+
+    def _remove(self, room: RoomName, actions: list[Action]) -> None:
+        """Forget *room*, and stop listening to it if the link is up."""
         del self._cluster[room]
         if self._online:
             actions.append(Unsubscribe(room=room))
@@ -336,10 +342,13 @@ class ClusterBroker(Broker):
                 )
             if record.node == self.node:
                 outbox = cr.outbox
-                if cr.draining and outbox and outbox[-1][0] <= record.ref:
-                    cr.draining = False
-                    actions.append(Unsubscribe(room=room))
-                    del self._cluster[room]
+                if (
+                    cr.lifetime is Lifetime.DRAINING
+                    and outbox
+                    and outbox[-1][0] <= record.ref
+                    and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
+                ):
+                    self._remove(room, actions)
                 while outbox and outbox[0][0] <= record.ref:
                     ref, username, content, stamp = outbox.popleft()
                     if ref == record.ref:
@@ -354,10 +363,29 @@ class ClusterBroker(Broker):
                             )
                         )
             return
-        if not cr.synced:
+        self._on_presence(room, cr, record, timestamp, actions)
+
+    def _on_presence(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        record: PresenceRecord,
+        timestamp: int,
+        actions: list[Action],
+    ) -> None:
+        gap = record.version > cr.version + 1
+        effect = cr.step(RoomInput.RECORD_GAP if gap else RoomInput.RECORD)
+        if effect is Effect.APPLY:
+            self._apply_presence(room, cr, record, timestamp, actions)
+        elif effect is Effect.BUFFER:
             cr.buffered(record)
-            return
-        self._apply_presence(room, cr, record, timestamp, actions)
+        elif effect is Effect.RESYNC:
+            # A record went missing: read the presence again, keeping what comes
+            # meanwhile (this one included) to apply on top of it.
+            self._presence_gaps += 1
+            cr.buffered(record)
+            actions.append(Subscribe(room=room, gen=cr.gen))
+        # IGNORE: a record of a lost link
 
     def _apply_presence(
         self,
@@ -367,14 +395,6 @@ class ClusterBroker(Broker):
         timestamp: int,
         actions: list[Action],
     ) -> None:
-        if record.version > cr.version + 1:
-            # A record went missing: read the presence again, keeping what comes
-            # meanwhile (this one included) to apply on top of it.
-            self._presence_gaps += 1
-            cr.synced = False
-            cr.buffered(record)
-            actions.append(Subscribe(room=room, gen=cr.gen))
-            return
         user = record.username
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
@@ -409,9 +429,19 @@ class ClusterBroker(Broker):
         if event.version < cr.version:
             # Read before records already applied: stale. A newer one is coming,
             # unless this was the reading meant to settle presence: ask again.
-            if cr.settling:
-                actions.append(Subscribe(room=room, gen=cr.gen))
-            return
+            inp = RoomInput.SNAPSHOT_STALE
+        elif cr.lost_version and event.version < cr.lost_version:
+            # Redis came back without its data, and the other nodes may not have
+            # re-announced yet: keep who was there (no leaves now). The driver reads
+            # the snapshot again a little later, which settles it (SETTLING).
+            inp = RoomInput.SNAPSHOT_BELOW_LOST
+        else:
+            inp = RoomInput.SNAPSHOT
+        effect = cr.step(inp)
+        if effect is Effect.SUBSCRIBE:
+            actions.append(Subscribe(room=room, gen=cr.gen))
+        if effect is not Effect.ADOPT and effect is not Effect.ADOPT_REREAD:
+            return  # NOTHING, IGNORE (an answer of a lost link) or SUBSCRIBE
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
         before = set(cr.remote)
@@ -419,35 +449,23 @@ class ClusterBroker(Broker):
         for node, name in event.entries:
             if node != self.node and is_valid_username(name):
                 remote.setdefault(Username(name), set()).add(node)
-        if cr.lost_version and event.version < cr.lost_version:
-            # Redis came back without its data, and the other nodes may not have
-            # re-announced yet: keep who was there (no leaves now). The driver reads
-            # the snapshot again a little later, which settles it.
+        if cr.phase is Phase.SETTLING:
             for user, nodes in cr.remote.items():
                 remote.setdefault(user, set()).update(nodes)
-            cr.settling = True
-        else:
-            cr.settling = False
         cr.lost_version = 0
         cr.remote = remote
         cr.version = event.version
-        cr.synced = True
         if r is not None:
             for user in sorted(before.symmetric_difference(remote)):
                 if user not in local:
                     self._announce_change(r.members, room, user, user in remote, timestamp, actions)
         buffered, cr.buffer = cr.buffer, []
+        # A gap among them makes the room SYNCING again: the rest waits in the buffer.
         for record in sorted(buffered, key=lambda rec: rec.version):
-            if not cr.synced:  # a gap among them: the rest waits for the next snapshot
-                cr.buffered(record)
-            elif record.version > cr.version:
-                self._apply_presence(room, cr, record, timestamp, actions)
-        if cr.resync:
-            cr.resync = False
-            if cr.synced:
-                cr.synced = False
-                actions.append(Subscribe(room=room, gen=cr.gen))
-        if cr.synced:
+            self._on_presence(room, cr, record, timestamp, actions)
+        if effect is Effect.ADOPT_REREAD and cr.step(RoomInput.REREAD) is Effect.SUBSCRIBE:
+            actions.append(Subscribe(room=room, gen=cr.gen))
+        if cr.phase is Phase.LIVE or cr.phase is Phase.SETTLING:
             self._join_pending(room, cr, timestamp, actions)
 
     def _join_pending(
@@ -466,9 +484,9 @@ class ClusterBroker(Broker):
     def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
         self._online = False
         for room, cr in list(self._cluster.items()):
-            cr.synced = False
+            if cr.step(RoomInput.LINK_LOST) is not Effect.FALL_BACK:
+                continue
             cr.buffer.clear()
-            cr.resync = False
             cr.lost_version = max(cr.version, cr.lost_version)
             cr.version = 0  # Redis may come back without its data, counting from 0
             # Relayed but not back: maybe lost on the way. Deliver them here at least.
@@ -479,14 +497,19 @@ class ClusterBroker(Broker):
                     self._relay_unconfirmed += 1
                     self._deliver_local(room, cr, prefix, username, content, stamp, actions)
             self._join_pending(room, cr, timestamp, actions)
-            if cr.draining:
-                del self._cluster[room]
+            if (
+                cr.lifetime is Lifetime.DRAINING
+                and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
+            ):
+                self._remove(room, actions)  # offline: no Unsubscribe
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True
         registry = self._registry.rooms
         # Every Subscribe first, then every Announce: a driver can batch each kind.
-        actions.extend(Subscribe(room=room, gen=cr.gen) for room, cr in self._cluster.items())
+        for room, cr in self._cluster.items():
+            if cr.step(RoomInput.LINK_RESTORED) is Effect.SUBSCRIBE:
+                actions.append(Subscribe(room=room, gen=cr.gen))
         # Take back who left during the outage (rather than wait for their entries
         # to expire), then announce everyone here.
         recent, self._recent_leaves = self._recent_leaves, deque(maxlen=MAX_HELD)

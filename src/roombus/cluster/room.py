@@ -1,17 +1,25 @@
 """
 The broker's view of the other nodes of a cluster: one room's remote presence.
 
+A :class:`ClusterRoom` has a :class:`Phase` (how far its view of the other nodes'
+presence can be trusted) and a :class:`Lifetime` (whether the node still needs it).
+Both change only in :meth:`ClusterRoom.step`, by the one table :data:`ROOM_TABLE`,
+which also names the :class:`Effect` the broker carries out. docs/scaling.md shows the
+table (a test checks it against this one).
+
 The records the nodes exchange (and their format) are in :mod:`roombus.cluster.records`.
 Nothing here does I/O: the backplane driver publishes and reads the records.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Final
 
 import attrs
 
+from ..core.errors import LocalProtocolError
 from ..core.names import Username, is_token
 from .records import PresenceRecord
 
@@ -24,6 +32,167 @@ def is_valid_node_id(node: object) -> bool:
     return is_token(node)
 
 
+class Phase(enum.Enum):
+    """How a node sees a room's presence on the other nodes."""
+
+    #: Just made: told the link's state next (LINK_LOST or LINK_RESTORED).
+    NEW = "new"
+    #: The backplane is down: the room is served locally, no Subscribe pending.
+    OFFLINE = "offline"
+    #: Subscribe asked, snapshot awaited: records are buffered, joiners wait.
+    SYNCING = "syncing"
+    #: The buffer overflowed while syncing: apply the coming snapshot, then read again.
+    LOSSY = "lossy"
+    #: Remote presence is a snapshot and every record since.
+    LIVE = "live"
+    #: Live, but read after Redis lost its data (a snapshot below the version known
+    #: before the outage), with who was there kept: a stale answer asks again.
+    SETTLING = "settling"
+
+
+class Lifetime(enum.Enum):
+    """Whether the node still needs the room."""
+
+    #: Someone here is in the room or joining it.
+    HELD = "held"
+    #: No one here any more, but messages of this node are still on their way back.
+    DRAINING = "draining"
+
+
+class RoomInput(enum.Enum):
+    """What happens to a room, as the broker tells :meth:`ClusterRoom.step`."""
+
+    LINK_LOST = "link lost"
+    LINK_RESTORED = "link restored"
+    #: A presence record with no gap (its version at most one past the known one).
+    RECORD = "record"
+    #: A presence record past a gap (a record lost on the way).
+    RECORD_GAP = "record with a gap"
+    BUFFER_FULL = "buffer full"
+    #: A snapshot at or past the known version.
+    SNAPSHOT = "snapshot"
+    #: A snapshot below the known version (read before records already applied).
+    SNAPSHOT_STALE = "stale snapshot"
+    #: A fresh snapshot below the version known before the outage: Redis lost its data.
+    SNAPSHOT_BELOW_LOST = "snapshot below lost version"
+    #: The snapshot of a LOSSY room was applied: read the presence again.
+    REREAD = "reread"
+    #: A connection is allowed in.
+    JOIN = "join"
+    FIRST_INTEREST = "first interest"
+    #: No one here is in the room or joining it, and no message of this node is out.
+    LAST_INTEREST = "last interest"
+    #: No one here is in the room or joining it; messages of this node are out.
+    LAST_INTEREST_BUSY = "last interest, outbox busy"
+    #: The last of this node's messages out came back (or the link was lost).
+    OUTBOX_DRAINED = "outbox drained"
+
+
+class Effect(enum.Enum):
+    """What the broker does for a step (each effect is carried out in one place)."""
+
+    NOTHING = "nothing"
+    #: Answers of a lost link: dropped.
+    IGNORE = "ignore"
+    SUBSCRIBE = "subscribe"
+    #: Keep the record until the snapshot arrives.
+    BUFFER = "buffer"
+    #: Drop the buffered records.
+    CLEAR_BUFFER = "clear buffer"
+    #: Apply the record to the remote presence; tell members of a change.
+    APPLY = "apply"
+    #: Count a presence gap, buffer the record, Subscribe again.
+    RESYNC = "resync"
+    #: Remote presence := the snapshot (in SETTLING: joined with what was known);
+    #: announce the difference; apply the buffered records; join the waiting.
+    ADOPT = "adopt"
+    #: As ADOPT, then REREAD instead of joining.
+    ADOPT_REREAD = "adopt, reread"
+    #: Deliver the outbox here, join the waiting, publish what they sent.
+    FALL_BACK = "fall back"
+    #: Make the connection wait for the snapshot.
+    PEND = "pend"
+    #: Join the connection now.
+    ENTER = "enter"
+    #: Forget the room (Unsubscribe if online).
+    REMOVE = "remove"
+
+
+_P = Phase
+_L = Lifetime
+_I = RoomInput
+_E = Effect
+_Key = tuple[Phase | Lifetime, RoomInput]
+_Row = tuple[Effect, Phase | Lifetime | None]
+
+#: ``(state, input) -> (effect, next state)``; next None: the room is removed. A
+#: phase input is looked up by the room's phase, a lifetime input by its lifetime.
+#: docs/scaling.md shows it (tests/cluster/test_room.py checks both).
+ROOM_TABLE: Final[dict[_Key, _Row]] = {
+    # -- the link: a new room is told its state; every room when it changes --------------
+    (_P.NEW, _I.LINK_LOST): (_E.NOTHING, _P.OFFLINE),
+    (_P.NEW, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.SYNCING),
+    (_P.OFFLINE, _I.LINK_LOST): (_E.FALL_BACK, _P.OFFLINE),
+    (_P.SYNCING, _I.LINK_LOST): (_E.FALL_BACK, _P.OFFLINE),
+    (_P.LOSSY, _I.LINK_LOST): (_E.FALL_BACK, _P.OFFLINE),
+    (_P.LIVE, _I.LINK_LOST): (_E.FALL_BACK, _P.OFFLINE),
+    (_P.SETTLING, _I.LINK_LOST): (_E.FALL_BACK, _P.OFFLINE),
+    (_P.OFFLINE, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.SYNCING),
+    # told again while connected: ask again, the view stays
+    (_P.SYNCING, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.SYNCING),
+    (_P.LOSSY, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.LOSSY),
+    (_P.LIVE, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.LIVE),
+    (_P.SETTLING, _I.LINK_RESTORED): (_E.SUBSCRIBE, _P.SETTLING),
+    # -- presence records -----------------------------------------------------------------
+    (_P.OFFLINE, _I.RECORD): (_E.IGNORE, _P.OFFLINE),
+    (_P.OFFLINE, _I.RECORD_GAP): (_E.IGNORE, _P.OFFLINE),
+    (_P.SYNCING, _I.RECORD): (_E.BUFFER, _P.SYNCING),
+    (_P.SYNCING, _I.RECORD_GAP): (_E.BUFFER, _P.SYNCING),
+    (_P.LOSSY, _I.RECORD): (_E.BUFFER, _P.LOSSY),
+    (_P.LOSSY, _I.RECORD_GAP): (_E.BUFFER, _P.LOSSY),
+    (_P.LIVE, _I.RECORD): (_E.APPLY, _P.LIVE),
+    (_P.LIVE, _I.RECORD_GAP): (_E.RESYNC, _P.SYNCING),
+    (_P.SETTLING, _I.RECORD): (_E.APPLY, _P.SETTLING),
+    (_P.SETTLING, _I.RECORD_GAP): (_E.RESYNC, _P.SYNCING),
+    (_P.SYNCING, _I.BUFFER_FULL): (_E.CLEAR_BUFFER, _P.LOSSY),
+    (_P.LOSSY, _I.BUFFER_FULL): (_E.CLEAR_BUFFER, _P.LOSSY),
+    # -- snapshots --------------------------------------------------------------------------
+    (_P.OFFLINE, _I.SNAPSHOT): (_E.IGNORE, _P.OFFLINE),
+    (_P.OFFLINE, _I.SNAPSHOT_STALE): (_E.IGNORE, _P.OFFLINE),
+    (_P.OFFLINE, _I.SNAPSHOT_BELOW_LOST): (_E.IGNORE, _P.OFFLINE),
+    (_P.SYNCING, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.SYNCING),
+    (_P.LOSSY, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.LOSSY),
+    (_P.LIVE, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.LIVE),
+    (_P.SETTLING, _I.SNAPSHOT_STALE): (_E.SUBSCRIBE, _P.SETTLING),
+    (_P.SYNCING, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
+    (_P.SYNCING, _I.SNAPSHOT_BELOW_LOST): (_E.ADOPT, _P.SETTLING),
+    (_P.LOSSY, _I.SNAPSHOT): (_E.ADOPT_REREAD, _P.LIVE),
+    (_P.LOSSY, _I.SNAPSHOT_BELOW_LOST): (_E.ADOPT_REREAD, _P.SETTLING),
+    (_P.LIVE, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
+    (_P.SETTLING, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
+    (_P.SYNCING, _I.REREAD): (_E.NOTHING, _P.SYNCING),  # a gap asked again already
+    (_P.LIVE, _I.REREAD): (_E.SUBSCRIBE, _P.SYNCING),
+    (_P.SETTLING, _I.REREAD): (_E.SUBSCRIBE, _P.SYNCING),
+    # -- joiners ----------------------------------------------------------------------------
+    (_P.OFFLINE, _I.JOIN): (_E.ENTER, _P.OFFLINE),
+    (_P.SYNCING, _I.JOIN): (_E.PEND, _P.SYNCING),
+    (_P.LOSSY, _I.JOIN): (_E.PEND, _P.LOSSY),
+    (_P.LIVE, _I.JOIN): (_E.ENTER, _P.LIVE),
+    (_P.SETTLING, _I.JOIN): (_E.ENTER, _P.SETTLING),
+    # -- the lifetime -----------------------------------------------------------------------
+    (_L.HELD, _I.FIRST_INTEREST): (_E.NOTHING, _L.HELD),
+    (_L.DRAINING, _I.FIRST_INTEREST): (_E.NOTHING, _L.HELD),
+    (_L.HELD, _I.LAST_INTEREST): (_E.REMOVE, None),
+    (_L.HELD, _I.LAST_INTEREST_BUSY): (_E.NOTHING, _L.DRAINING),
+    (_L.DRAINING, _I.OUTBOX_DRAINED): (_E.REMOVE, None),
+}
+
+#: The inputs looked up by a room's lifetime; the others by its phase.
+LIFETIME_INPUTS: Final = frozenset(
+    {_I.FIRST_INTEREST, _I.LAST_INTEREST, _I.LAST_INTEREST_BUSY, _I.OUTBOX_DRAINED}
+)
+
+
 @attrs.define
 class ClusterRoom:
     """
@@ -31,8 +200,9 @@ class ClusterRoom:
     local members, or connections waiting to join).
 
     Attributes:
+        phase: How far :attr:`remote` can be trusted (see :class:`Phase`).
+        lifetime: Whether the node still needs the room (see :class:`Lifetime`).
         remote: The users present on other nodes, and on which.
-        synced: Whether :attr:`remote` reflects a snapshot and every record since.
         version: The last presence record applied (or the snapshot's).
         seq: The last chat ``seq`` seen (continued locally while disconnected).
         pending: Connections waiting for the snapshot to join, with their rights: a
@@ -40,36 +210,50 @@ class ClusterRoom:
         buffer: Presence records that arrived before the snapshot.
         outbox: ``(ref, username, content, timestamp)`` of this node's relayed
             messages not yet back from the backplane.
-        resync: Whether records were lost while waiting for the snapshot, so that
-            another one must be read.
         lost_version: The version known when the backplane was lost; a snapshot
             below it after reconnecting means Redis lost its data (0: none).
         gen: This listening's number (see :class:`~roombus.Subscribe`).
         held: Chat messages of connections waiting to join, published once they
             have: ``(conn, content, timestamp)``.
-        draining: Nobody here is in the room any more, but messages of this node
-            are still on their way back; it is released once they are in.
     """
 
+    phase: Phase = Phase.NEW
+    lifetime: Lifetime = Lifetime.HELD
     remote: dict[Username, set[str]] = attrs.field(factory=dict)
-    synced: bool = False
     version: int = 0
     seq: int = 0
     pending: dict[int, int] = attrs.field(factory=dict)
     buffer: list[PresenceRecord] = attrs.field(factory=list)
     outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)
-    resync: bool = False
     lost_version: int = 0
     gen: int = 0
-    settling: bool = False
     held: list[tuple[int, object, int]] = attrs.field(factory=list)
-    draining: bool = False
+
+    def step(self, inp: RoomInput) -> Effect:
+        """
+        Take *inp* by :data:`ROOM_TABLE`: move to the next phase or lifetime, and
+        return what the broker must do (:attr:`Effect.REMOVE`: forget the room).
+
+        Raises:
+            LocalProtocolError: if the table has no row for the room's state and
+                *inp* (a driver or broker bug).
+        """
+        state: Phase | Lifetime = self.lifetime if inp in LIFETIME_INPUTS else self.phase
+        row = ROOM_TABLE.get((state, inp))
+        if row is None:
+            raise LocalProtocolError(f"a cluster room in {state.name} cannot take {inp.name}")
+        effect, new = row
+        if isinstance(new, Phase):
+            self.phase = new
+        elif isinstance(new, Lifetime):
+            self.lifetime = new
+        return effect
 
     def buffered(self, record: PresenceRecord) -> None:
         """Keep *record* until the snapshot arrives (bounded: past it, read again)."""
         if len(self.buffer) >= MAX_BUFFERED:
+            self.step(RoomInput.BUFFER_FULL)
             self.buffer.clear()
-            self.resync = True
         self.buffer.append(record)
 
     def apply(self, record: PresenceRecord, own: str) -> bool:
@@ -96,3 +280,12 @@ class ClusterRoom:
             if not nodes:
                 del self.remote[record.username]
         return True
+
+
+def render_room_table() -> str:
+    """The cluster room table of docs/scaling.md, from :data:`ROOM_TABLE`."""
+    lines = ["| state | input | effect | next |", "| --- | --- | --- | --- |"]
+    for (state, inp), (effect, new) in ROOM_TABLE.items():
+        after = "removed" if new is None else new.name
+        lines.append(f"| {state.name} | {inp.value} | {effect.value} | {after} |")
+    return "\n".join(lines)

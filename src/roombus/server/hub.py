@@ -191,9 +191,9 @@ class HubBase:
             authenticator and no authorizer, the identity's room rules (the token's
             ``rooms`` claim) decide.
         broker: The broker to run, made by the caller (a node of a cluster passes a
-            :class:`~roombus.ClusterBroker`: it then asks for backplane work,
+            :class:`~roombus.cluster.ClusterBroker`: it then asks for backplane work,
             :meth:`take_backplane`, and takes backplane events, :meth:`backplane_event`).
-            None: a :class:`~roombus.Broker` on its own, made of *broker_config* and
+            None: a :class:`~roombus.lowlevel.Broker` on its own, made of *broker_config* and
             *authorizer*, which must then be None.
 
     Raises:

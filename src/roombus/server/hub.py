@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import ipaddress
 import itertools
 import logging
 from collections.abc import Callable
@@ -90,6 +89,7 @@ from .config import ServerConfig
 from .handshake import Upgrade
 from .http import HttpResponse
 from .metrics import collect, render_prometheus
+from .peer import peer_address
 from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
 from .wire import (
     GOING_AWAY,
@@ -157,18 +157,6 @@ class _Conn:
         self.deadline: float | None = None  # when the transport is dropped regardless
         # The answer to its request, decided before it arrived (a connection limit).
         self.refusal: HttpResponse | None = None
-
-
-def peer_address(peer: str) -> str | None:
-    """
-    The client address in a peer label such as ``"203.0.113.9:51234"`` or
-    ``"::1:80"``; None if the label holds no IP address.
-    """
-    host, sep, _ = peer.rpartition(":")
-    try:
-        return str(ipaddress.ip_address(host.strip("[]") if sep else peer))
-    except ValueError:
-        return None
 
 
 class HubBase:

@@ -34,6 +34,7 @@ from .server.http import HttpResponse as HttpResponse
 from .server.hub import HubBase as HubBase
 from .server.hub import NoticeHook as NoticeHook
 from .server.messages import MessageHub as MessageHub
+from .server.peer import peer_label as peer_label
 from .server.queues import CloseMessage as CloseMessage
 from .server.queues import MessageQueue as MessageQueue
 from .server.queues import OutMessage as OutMessage
@@ -69,4 +70,5 @@ __all__ = [
     "SendPing",
     "SendQueue",
     "TextReceived",
+    "peer_label",
 ]

@@ -41,17 +41,9 @@ import sys
 import time
 import tracemalloc
 
-from roombus import (
-    Broker,
-    BrokerConfig,
-    ClientConnected,
-    ClientDisconnected,
-    ConnectionId,
-    RoomName,
-    ServerConfig,
-    Username,
-)
+from roombus import BrokerConfig, RoomName, ServerConfig, Username
 from roombus.hub import Hub
+from roombus.lowlevel import Broker, ClientConnected, ClientDisconnected, ConnectionId
 
 TS = 1_700_000_000
 TICK = os.sysconf("SC_CLK_TCK")

@@ -24,8 +24,9 @@ import timeit
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from roombus import Broker, BrokerConfig, ClientConnected, ServerConfig, TextReceived
+from roombus import BrokerConfig, ServerConfig
 from roombus.core.names import ConnectionId, RoomName, Username
+from roombus.lowlevel import Broker, ClientConnected, TextReceived
 from roombus.server.framed import FramedHub
 
 CHAT = '{"type":"chat","content":"hello, everyone"}'

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from roombus import (
+from roombus import BrokerConfig, RoomName, Username
+from roombus.lowlevel import (
     Action,
     Broker,
-    BrokerConfig,
     ClientConnected,
     ClientDisconnected,
     ConnectionId,
     Deliver,
     PongReceived,
-    RoomName,
     TextReceived,
-    Username,
 )
 
 if TYPE_CHECKING:
-    from roombus import Event
+    from roombus.lowlevel import Event
 
 # The driver owns both clocks: monotonic seconds for deadlines, Unix seconds for stamps.
 EPOCH = 1_700_000_000

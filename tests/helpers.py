@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from roombus import (
+from roombus import BrokerConfig, RoomName, Username
+from roombus.core.actions import Action
+from roombus.lowlevel import (
     Broker,
-    BrokerConfig,
     ClientConnected,
     ClientDisconnected,
     ConnectionId,
     Deliver,
-    RoomName,
     TextReceived,
-    Username,
 )
-from roombus.core.actions import Action
 
 TS = 1_700_000_000  # a fixed wall-clock timestamp
 

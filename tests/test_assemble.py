@@ -5,26 +5,26 @@ from __future__ import annotations
 import pytest
 
 from roombus import (
-    BackplaneLost,
-    BackplaneRestored,
-    Broker,
     BrokerConfig,
     ClaimsAuthorizer,
-    ClientConnected,
-    ClusterBroker,
     ConfigError,
-    ConnectionId,
     Identity,
     LocalProtocolError,
-    RecordReceived,
     Refusal,
     RoomName,
+    Username,
+)
+from roombus.cluster import (
+    BackplaneLost,
+    BackplaneRestored,
+    ClusterBroker,
+    RecordReceived,
     RoomSynced,
     Subscribe,
-    Username,
 )
 from roombus.core.events import Event
 from roombus.hub import Hub, MessageHub
+from roombus.lowlevel import Broker, ClientConnected, ConnectionId
 from roombus.node.assemble import build_broker
 from roombus.server.typing import Headers
 

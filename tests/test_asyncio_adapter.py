@@ -11,14 +11,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import roombus.asyncio
-from roombus import (
+from roombus import BrokerConfig, ServerConfig
+from roombus.cluster import (
     Announce,
     BackplaneAction,
     BackplaneRestored,
-    BrokerConfig,
     Relay,
     RoomSynced,
-    ServerConfig,
     Subscribe,
 )
 

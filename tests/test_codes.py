@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from wsproto.frame_protocol import CloseReason
 
-from roombus import PING_TIMEOUT_CODE
 from roombus.core import broker as _broker
 from roombus.core.codes import CloseCode
+from roombus.lowlevel import PING_TIMEOUT_CODE
 from roombus.server import wire as _wire
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from roombus import BrokerConfig, ConfigError, ConnectionId, LocalProtocolError, ServerConfig
+from roombus import BrokerConfig, ConfigError, LocalProtocolError, ServerConfig
 from roombus.hub import FramedHub, Hub, MessageHub
+from roombus.lowlevel import ConnectionId
 from roombus.server.handshake import HttpResponse
 from roombus.server.queues import CloseMessage, MessageQueue
 

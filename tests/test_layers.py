@@ -52,6 +52,7 @@ LAYERS: Final = {
     "roombus._cli": "root",
     "roombus._run": "root",
     "roombus.hub": "root",
+    "roombus.lowlevel": "root",
 }
 
 #: Standard modules the layers below ``node`` may not import: sockets, clocks,

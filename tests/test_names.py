@@ -20,9 +20,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import Broker, BrokerConfig, Username, is_valid_username
+from roombus import BrokerConfig, Username, is_valid_username
 from roombus.core.auth import Identity, RoomRules
 from roombus.core.codec import BAD_MESSAGE, decode_request, encode_chat
+from roombus.lowlevel import Broker
 from roombus.server.auth import MAX_CLAIMS_DEPTH, JWTAuthenticator, Refusal
 from roombus.server.handshake import HttpResponse, Upgrade, route_request, route_websocket
 

@@ -1,53 +1,44 @@
 """
 roombus: room-based WebSocket pub/sub with presence.
 
-This package is the sans-IO core: it imports neither trio nor any socket code.
-Drive it yourself, or run it with :mod:`roombus.trio` (``roombus serve``,
-:func:`roombus.run`).
+This namespace is for applications: configure (:class:`Settings`, :class:`BrokerConfig`,
+:class:`ServerConfig`, :class:`ClusterConfig`), serve (:func:`run`, or the adapters
+:mod:`roombus.trio`, :mod:`roombus.asyncio`, :mod:`roombus.asgi`), hook into what
+happens (:data:`Notice`), authenticate and authorize. Importing it needs neither trio
+nor a socket.
+
+Two more namespaces, for other audiences:
+
+* :mod:`roombus.lowlevel`: the sans-IO broker, its events and actions, and the hub an
+  adapter drives (for people who drive the core themselves or write an adapter);
+* :mod:`roombus.cluster`: the cluster protocol (for people who write a backplane
+  driver).
+
+A name that lived here before the tiers (``roombus.Broker``, say) still resolves,
+with a :class:`DeprecationWarning` naming its new home.
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
+import warnings as _warnings
+from typing import Any as _Any
+
 from ._run import run as run
 from ._version import __version__ as __version__
-from .cluster.broker import ClusterBroker as ClusterBroker
 from .cluster.config import ClusterConfig as ClusterConfig
-from .core.actions import Action as Action
-from .core.actions import Announce as Announce
-from .core.actions import BackplaneAction as BackplaneAction
-from .core.actions import Close as Close
-from .core.actions import Deliver as Deliver
 from .core.actions import MessagePublished as MessagePublished
 from .core.actions import Notice as Notice
-from .core.actions import Relay as Relay
-from .core.actions import SendPing as SendPing
-from .core.actions import Subscribe as Subscribe
-from .core.actions import Unsubscribe as Unsubscribe
 from .core.actions import UserJoined as UserJoined
 from .core.actions import UserLeft as UserLeft
 from .core.auth import Authorizer as Authorizer
 from .core.auth import ClaimsAuthorizer as ClaimsAuthorizer
 from .core.auth import Identity as Identity
 from .core.auth import RoomRules as RoomRules
-from .core.broker import PING_TIMEOUT_CODE as PING_TIMEOUT_CODE
-from .core.broker import Broker as Broker
-from .core.broker import BrokerStatistics as BrokerStatistics
 from .core.config import BrokerConfig as BrokerConfig
 from .core.errors import ConfigError as ConfigError
 from .core.errors import LocalProtocolError as LocalProtocolError
 from .core.errors import RoombusError as RoombusError
-from .core.events import BackplaneLost as BackplaneLost
-from .core.events import BackplaneRestored as BackplaneRestored
-from .core.events import ClientConnected as ClientConnected
-from .core.events import ClientDisconnected as ClientDisconnected
-from .core.events import Event as Event
-from .core.events import PongReceived as PongReceived
-from .core.events import RecordReceived as RecordReceived
-from .core.events import RoomSynced as RoomSynced
-from .core.events import TextReceived as TextReceived
-from .core.heartbeat import Heartbeat as Heartbeat
-from .core.heartbeat import HeartbeatState as HeartbeatState
-from .core.names import ConnectionId as ConnectionId
 from .core.names import RoomName as RoomName
 from .core.names import Username as Username
 from .core.names import is_valid_room as is_valid_room
@@ -57,54 +48,25 @@ from .server.auth import Authenticator as Authenticator
 from .server.auth import JWTAuthenticator as JWTAuthenticator
 from .server.auth import Refusal as Refusal
 from .server.config import ServerConfig as ServerConfig
-from .server.queues import QueueState as QueueState
-from .server.queues import SendQueue as SendQueue
 
 __all__ = [
-    "Action",
-    "Announce",
     "Authenticator",
     "Authorizer",
-    "BackplaneAction",
-    "BackplaneLost",
-    "BackplaneRestored",
-    "Broker",
     "BrokerConfig",
-    "BrokerStatistics",
     "ClaimsAuthorizer",
-    "ClientConnected",
-    "ClientDisconnected",
-    "Close",
-    "ClusterBroker",
     "ClusterConfig",
     "ConfigError",
-    "ConnectionId",
-    "Deliver",
-    "Event",
-    "Heartbeat",
-    "HeartbeatState",
     "Identity",
     "JWTAuthenticator",
     "LocalProtocolError",
     "MessagePublished",
     "Notice",
-    "PING_TIMEOUT_CODE",
-    "PongReceived",
-    "QueueState",
-    "RecordReceived",
     "Refusal",
-    "Relay",
     "RoomName",
     "RoomRules",
-    "RoomSynced",
     "RoombusError",
-    "SendPing",
-    "SendQueue",
     "ServerConfig",
     "Settings",
-    "Subscribe",
-    "TextReceived",
-    "Unsubscribe",
     "UserJoined",
     "UserLeft",
     "Username",
@@ -113,3 +75,53 @@ __all__ = [
     "is_valid_username",
     "run",
 ]
+
+#: Names that were exported here before the tiers, and the namespace that has them now.
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "Action",
+            "Broker",
+            "BrokerStatistics",
+            "ClientConnected",
+            "ClientDisconnected",
+            "Close",
+            "ConnectionId",
+            "Deliver",
+            "Event",
+            "Heartbeat",
+            "HeartbeatState",
+            "PING_TIMEOUT_CODE",
+            "PongReceived",
+            "QueueState",
+            "SendPing",
+            "SendQueue",
+            "TextReceived",
+        ],
+        "lowlevel",
+    ),
+    **dict.fromkeys(
+        [
+            "Announce",
+            "BackplaneAction",
+            "BackplaneLost",
+            "BackplaneRestored",
+            "ClusterBroker",
+            "RecordReceived",
+            "Relay",
+            "RoomSynced",
+            "Subscribe",
+            "Unsubscribe",
+        ],
+        "cluster",
+    ),
+}
+
+
+def __getattr__(name: str) -> _Any:
+    """PEP 562: a name that moved tier still resolves, with a warning naming its home."""
+    tier = _MOVED.get(name)
+    if tier is None:
+        raise AttributeError(f"module 'roombus' has no attribute {name!r}")
+    _warnings.warn(f"roombus.{name} is roombus.{tier}.{name} now", DeprecationWarning, stacklevel=2)
+    return getattr(_importlib.import_module(f"roombus.{tier}"), name)

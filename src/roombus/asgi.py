@@ -80,6 +80,7 @@ from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
 from .server.messages import MessageHub
+from .server.peer import peer_label
 from .server.queues import MessageQueue
 
 Scope = MutableMapping[str, Any]
@@ -512,8 +513,7 @@ def _target(scope: Scope) -> bytes:
 
 
 def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "asgi"
+    return peer_label(scope.get("client"), unknown="asgi")
 
 
 async def _refuse(scope: Scope, send: Send, response: HttpResponse) -> None:

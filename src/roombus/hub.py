@@ -1,5 +1,6 @@
 """
-roombus.hub: the sans-IO server machinery every transport adapter drives.
+roombus.hub: the sans-IO server machinery every transport adapter drives (the same
+classes as :mod:`roombus.lowlevel`, their home).
 
 A hub holds the broker and, per connection, the bounded send queue and its
 lifecycle. It never touches a socket or a clock: an adapter feeds it input and the

@@ -18,18 +18,16 @@ from hypothesis.stateful import (
     rule,
 )
 
-from roombus import (
+from roombus import ConfigError, RoomName, Username
+from roombus.cluster import (
     Announce,
     BackplaneLost,
     BackplaneRestored,
-    ConfigError,
     RecordReceived,
     Relay,
-    RoomName,
     RoomSynced,
     Subscribe,
     Unsubscribe,
-    Username,
 )
 from roombus.cluster.config import ClusterConfig
 from roombus.cluster.protocol import (

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import Announce, RecordReceived, Relay, RoomName, RoomSynced, Username
+from roombus import RoomName, Username
+from roombus.cluster import Announce, RecordReceived, Relay, RoomSynced
 from roombus.cluster.schema import (
     KEY_TTL_MS,
     SCRIPTS,

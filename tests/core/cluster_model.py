@@ -44,18 +44,18 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from roombus import (
+from roombus import RoomName
+from roombus.cluster import (
     Announce,
     BackplaneAction,
-    Event,
     RecordReceived,
     Relay,
-    RoomName,
     RoomSynced,
     Subscribe,
     Unsubscribe,
 )
 from roombus.cluster.records import encode_chat, encode_presence
+from roombus.lowlevel import Event
 
 
 @attrs.define

@@ -5,19 +5,21 @@ from __future__ import annotations
 import pytest
 
 from roombus import (
+    LocalProtocolError,
+    MessagePublished,
+    RoomName,
+    UserJoined,
+    UserLeft,
+    Username,
+)
+from roombus.lowlevel import (
     PING_TIMEOUT_CODE,
     Broker,
     ClientConnected,
     Close,
     ConnectionId,
-    LocalProtocolError,
-    MessagePublished,
     PongReceived,
-    RoomName,
     SendPing,
-    UserJoined,
-    UserLeft,
-    Username,
 )
 
 from ..helpers import TS, cid, connect, deliveries, disconnect, inbox, make_broker, send

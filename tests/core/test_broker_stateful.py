@@ -1,8 +1,8 @@
 """
 The whole core against a plain model, over random interleavings of everything.
 
-The system under test is what a driver holds: one :class:`~roombus.Broker` and one
-:class:`~roombus.SendQueue` per connection, driven the way the trio adapter drives them
+The system under test is what a driver holds: one :class:`~roombus.lowlevel.Broker` and one
+:class:`~roombus.lowlevel.SendQueue` per connection, driven the way the trio adapter drives them
 (``Server._apply``): every ``Deliver`` is pushed into each receiver's queue, a queue
 that overflows is closed with 1008 and reported to the broker as
 ``ClientDisconnected``, a ``Close`` drops what was not started and queues a close
@@ -52,25 +52,27 @@ from hypothesis.stateful import (
 )
 
 from roombus import (
+    BrokerConfig,
+    LocalProtocolError,
+    MessagePublished,
+    RoomName,
+    UserJoined,
+    UserLeft,
+    Username,
+)
+from roombus.lowlevel import (
     PING_TIMEOUT_CODE,
     Broker,
-    BrokerConfig,
     ClientConnected,
     ClientDisconnected,
     Close,
     ConnectionId,
     Deliver,
-    LocalProtocolError,
-    MessagePublished,
     PongReceived,
     QueueState,
-    RoomName,
     SendPing,
     SendQueue,
     TextReceived,
-    UserJoined,
-    UserLeft,
-    Username,
 )
 
 from ..strategies import bad_requests, few_rooms, few_users

@@ -67,31 +67,28 @@ from hypothesis.stateful import (
     rule,
 )
 
-from roombus import (
+from roombus import BrokerConfig, MessagePublished, RoomName, UserJoined, UserLeft, Username
+from roombus.cluster import (
     Announce,
     BackplaneLost,
     BackplaneRestored,
-    BrokerConfig,
-    ClientConnected,
-    ClientDisconnected,
     ClusterBroker,
-    ConnectionId,
-    Deliver,
-    Event,
-    MessagePublished,
     RecordReceived,
     Relay,
-    RoomName,
     RoomSynced,
     Subscribe,
-    TextReceived,
     Unsubscribe,
-    UserJoined,
-    UserLeft,
-    Username,
 )
 from roombus.cluster.records import ChatRecord, PresenceRecord, parse_record
 from roombus.cluster.room import Lifetime, Phase
+from roombus.lowlevel import (
+    ClientConnected,
+    ClientDisconnected,
+    ConnectionId,
+    Deliver,
+    Event,
+    TextReceived,
+)
 
 from .cluster_model import ModelBackplane, Record, Snapshot
 

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import Heartbeat, HeartbeatState, LocalProtocolError
+from roombus import LocalProtocolError
 from roombus.core.heartbeat import TRANSITIONS, Beat
+from roombus.lowlevel import Heartbeat, HeartbeatState
 
 from ..strategies import durations
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from roombus import ConfigError, PongReceived
+from roombus import ConfigError
+from roombus.lowlevel import PongReceived
 
 from ..helpers import TS, cid, connect, inbox, make_broker, send
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import QueueState
+from roombus.lowlevel import QueueState
 from roombus.server.queues import CloseMessage, MessageQueue, OutMessage
 
 BYE = CloseMessage(1008, "bye")

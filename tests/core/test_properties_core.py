@@ -18,21 +18,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus import (
-    Broker,
     BrokerConfig,
+    LocalProtocolError,
+    RoomName,
+    Username,
+    is_valid_room,
+    is_valid_username,
+)
+from roombus.lowlevel import (
+    Broker,
     ClientConnected,
     ClientDisconnected,
     ConnectionId,
     Deliver,
-    LocalProtocolError,
     PongReceived,
     QueueState,
-    RoomName,
     SendQueue,
     TextReceived,
-    Username,
-    is_valid_room,
-    is_valid_username,
 )
 
 from .test_broker_stateful import footprint

@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import QueueState, SendQueue
+from roombus.lowlevel import QueueState, SendQueue
 from roombus.server.queues import ByteBudget, CloseMessage, MessageQueue
 
 ops = st.lists(

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import BrokerConfig, Close, ConfigError
+from roombus import BrokerConfig, ConfigError
 from roombus.core.ratelimit import RateDecision, RateLimiter
+from roombus.lowlevel import Close
 
 from ..helpers import cid, connect, inbox, make_broker, send
 

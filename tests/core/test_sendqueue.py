@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import QueueState, SendQueue
+from roombus.lowlevel import QueueState, SendQueue
 
 
 def drain(q: SendQueue) -> bytes:

@@ -18,9 +18,9 @@ import attrs
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
-from roombus import (
+from roombus import BrokerConfig
+from roombus.lowlevel import (
     Broker,
-    BrokerConfig,
     ClientConnected,
     ClientDisconnected,
     Close,

@@ -12,17 +12,16 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roombus import (
+from roombus import RoomName, Username
+from roombus.core import codec
+from roombus.lowlevel import (
     Broker,
     ClientConnected,
     ClientDisconnected,
     ConnectionId,
     Deliver,
-    RoomName,
     TextReceived,
-    Username,
 )
-from roombus.core import codec
 
 from ..strategies import json_values
 from .pipeline import CONFIG, ENVELOPE_TYPES, ERROR_CODES, TS

@@ -18,18 +18,17 @@ from typing import Any, Protocol
 import anyio
 import pytest
 
-from roombus import (
+from roombus import ClusterConfig, ConfigError
+from roombus.asyncio import RedisBackplane as AsyncioBackplane
+from roombus.cluster import (
     Announce,
     BackplaneLost,
     BackplaneRestored,
-    ClusterConfig,
-    ConfigError,
     Relay,
     RoomSynced,
     Subscribe,
     Unsubscribe,
 )
-from roombus.asyncio import RedisBackplane as AsyncioBackplane
 from roombus.cluster.records import encode_chat, encode_presence
 from roombus.core.events import Event, RecordReceived
 from roombus.core.names import RoomName, Username, is_token

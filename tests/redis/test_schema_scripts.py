@@ -14,7 +14,8 @@ import random
 import pytest
 
 import trio
-from roombus import Announce, RecordReceived, Relay, RoomName, Username
+from roombus import RoomName, Username
+from roombus.cluster import Announce, RecordReceived, Relay
 from roombus.cluster.records import encode_chat, encode_presence, parse_record
 from roombus.cluster.schema import (
     SCRIPTS,

@@ -51,6 +51,7 @@ from ..node.settings import Settings
 from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
 from ..server.config import ServerConfig
 from ..server.framed import FramedHub
+from ..server.peer import peer_label
 from ..server.queues import SendQueue
 
 
@@ -231,7 +232,7 @@ class Server(ServerFacade):
     def _open(self, proto: _Protocol, transport: asyncio.Transport) -> None:
         proto.transport = transport
         addr = transport.get_extra_info("peername")
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        peer = peer_label(addr)
         size = self.config.socket_send_buffer
         sock = transport.get_extra_info("socket")
         if size and sock is not None:

@@ -1,12 +1,12 @@
 """
 ClusterBroker: the broker of a node of a cluster, sans-IO.
 
-A :class:`~roombus.Broker` that also keeps, per room it listens to, the room's
+A :class:`~roombus.lowlevel.Broker` that also keeps, per room it listens to, the room's
 presence on the other nodes (:class:`~roombus.cluster.room.ClusterRoom`), and asks a
-backplane to carry its work (:class:`~roombus.Relay`, :class:`~roombus.Announce`,
-:class:`~roombus.Subscribe`, :class:`~roombus.Unsubscribe`). The backplane's answers
-come back as events (:class:`~roombus.RecordReceived`, :class:`~roombus.RoomSynced`,
-:class:`~roombus.BackplaneLost`, :class:`~roombus.BackplaneRestored`).
+backplane to carry its work (:class:`~roombus.cluster.Relay`, :class:`~roombus.cluster.Announce`,
+:class:`~roombus.cluster.Subscribe`, :class:`~roombus.cluster.Unsubscribe`). The backplane's answers
+come back as events (:class:`~roombus.cluster.RecordReceived`, :class:`~roombus.cluster.RoomSynced`,
+:class:`~roombus.cluster.BackplaneLost`, :class:`~roombus.cluster.BackplaneRestored`).
 
 Everything that differs from a node on its own is here; the core broker only offers
 the hooks this class overrides.
@@ -49,11 +49,11 @@ class ClusterBroker(Broker):
     The room broker of one node of a cluster.
 
     Args:
-        config: Limits and intervals, as for :class:`~roombus.Broker`.
-        authorizer: As for :class:`~roombus.Broker`.
+        config: Limits and intervals, as for :class:`~roombus.lowlevel.Broker`.
+        authorizer: As for :class:`~roombus.lowlevel.Broker`.
         node: This node's id in the cluster, to drive a backplane (see
-            :class:`~roombus.Relay`). The broker starts offline (serving locally)
-            until it is told :class:`~roombus.BackplaneRestored`.
+            :class:`~roombus.cluster.Relay`). The broker starts offline (serving locally)
+            until it is told :class:`~roombus.cluster.BackplaneRestored`.
 
     Raises:
         ConfigError: if *node* is not 1-64 characters of ``A-Z a-z 0-9 _ . : -``.

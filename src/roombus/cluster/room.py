@@ -212,7 +212,7 @@ class ClusterRoom:
             messages not yet back from the backplane.
         lost_version: The version known when the backplane was lost; a snapshot
             below it after reconnecting means Redis lost its data (0: none).
-        gen: This listening's number (see :class:`~roombus.Subscribe`).
+        gen: This listening's number (see :class:`~roombus.cluster.Subscribe`).
         held: Chat messages of connections waiting to join, published once they
             have: ``(conn, content, timestamp)``.
     """

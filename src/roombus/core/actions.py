@@ -1,7 +1,7 @@
 """
 Actions: what the broker asks its driver to do (outputs, imperatives), and notices.
 
-Every call into :class:`roombus.Broker` returns a list of these, in the order the
+Every call into :class:`roombus.lowlevel.Broker` returns a list of these, in the order the
 driver must carry them out.
 """
 
@@ -109,7 +109,7 @@ class MessagePublished:
 class Subscribe:
     """
     Backplane: listen to *room*'s channel, then report the room's presence snapshot
-    with :class:`~roombus.RoomSynced`. Also asked again to re-read the snapshot of a
+    with :class:`~roombus.cluster.RoomSynced`. Also asked again to re-read the snapshot of a
     room already listened to (after a gap in its records, or a reconnect).
 
     Attributes:

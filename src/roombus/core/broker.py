@@ -3,7 +3,7 @@ Broker: the one facade of the sans-IO core.
 
 Events and the current time go in; actions come out. The broker never reads a clock,
 never touches a socket, and never raises because of what a client sent: a refused
-message becomes an ``error`` envelope, a dead peer a :class:`~roombus.Close`.
+message becomes an ``error`` envelope, a dead peer a :class:`~roombus.lowlevel.Close`.
 
 This is the broker of a node on its own. A node of a cluster runs
 :class:`roombus.cluster.broker.ClusterBroker`, a subclass that overrides the few hooks
@@ -121,7 +121,7 @@ class Broker:
             and see presence; asked once when the connection joins the room. None
             lets everyone do everything.
 
-    A node of a cluster uses :class:`~roombus.ClusterBroker` instead.
+    A node of a cluster uses :class:`~roombus.cluster.ClusterBroker` instead.
 
     Example::
 
@@ -136,7 +136,7 @@ class Broker:
         #  Deliver(conns=(1,), payload=b'{"type":"presence_state",...}')]
     """
 
-    #: This node's id in a cluster (set by a :class:`~roombus.ClusterBroker`); None
+    #: This node's id in a cluster (set by a :class:`~roombus.cluster.ClusterBroker`); None
     #: for a broker on its own.
     node: str | None = None
 

@@ -1,7 +1,7 @@
 """
 Events: the facts a driver tells the broker (inputs, in the past tense).
 
-Each is a frozen value. Pass them to :meth:`roombus.Broker.handle`.
+Each is a frozen value. Pass them to :meth:`roombus.lowlevel.Broker.handle`.
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ class ClientDisconnected:
 class RoomSynced:
     """
     Backplane: the presence of *room* across the cluster, read after its channel was
-    listened to (the answer to :class:`~roombus.Subscribe`).
+    listened to (the answer to :class:`~roombus.cluster.Subscribe`).
 
     Attributes:
         room: The room.
         version: The room's record counter when the snapshot was read; records up
             to it are in the snapshot.
         entries: ``(node, username)`` for every user present on every node.
-        gen: The ``gen`` of the :class:`~roombus.Subscribe` this answers; an answer
+        gen: The ``gen`` of the :class:`~roombus.cluster.Subscribe` this answers; an answer
             to an earlier listening of the room (since left and joined again) is
             ignored.
     """

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import ipaddress
 import itertools
 import logging
 from collections.abc import Callable
@@ -90,6 +89,7 @@ from .config import ServerConfig
 from .handshake import Upgrade
 from .http import HttpResponse
 from .metrics import collect, render_prometheus
+from .peer import peer_address
 from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
 from .wire import (
     GOING_AWAY,
@@ -159,18 +159,6 @@ class _Conn:
         self.refusal: HttpResponse | None = None
 
 
-def peer_address(peer: str) -> str | None:
-    """
-    The client address in a peer label such as ``"203.0.113.9:51234"`` or
-    ``"::1:80"``; None if the label holds no IP address.
-    """
-    host, sep, _ = peer.rpartition(":")
-    try:
-        return str(ipaddress.ip_address(host.strip("[]") if sep else peer))
-    except ValueError:
-        return None
-
-
 class HubBase:
     """
     Connections, their send queues and lifecycle, and the broker: what
@@ -191,9 +179,9 @@ class HubBase:
             authenticator and no authorizer, the identity's room rules (the token's
             ``rooms`` claim) decide.
         broker: The broker to run, made by the caller (a node of a cluster passes a
-            :class:`~roombus.ClusterBroker`: it then asks for backplane work,
+            :class:`~roombus.cluster.ClusterBroker`: it then asks for backplane work,
             :meth:`take_backplane`, and takes backplane events, :meth:`backplane_event`).
-            None: a :class:`~roombus.Broker` on its own, made of *broker_config* and
+            None: a :class:`~roombus.lowlevel.Broker` on its own, made of *broker_config* and
             *authorizer*, which must then be None.
 
     Raises:

@@ -42,6 +42,7 @@ from ..node.settings import Settings
 from ..node.tuning import ACCEPT_BATCH, ACCEPT_PAUSE, BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
 from ..server.config import ServerConfig
 from ..server.framed import FramedHub
+from ..server.peer import peer_label
 from ..server.queues import SendQueue
 
 if TYPE_CHECKING:  # the backplane needs hiredis (the redis extra); a single node does not
@@ -301,7 +302,7 @@ class Server(ServerFacade):
                     except OSError:  # the client already reset (seen on BSDs)
                         sock.close()
                         continue
-                peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+                peer = peer_label(addr)
                 if self.ssl_context is None:
                     nursery.start_soon(self._handle, _SocketTransport(sock, peer))
                 else:

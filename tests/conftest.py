@@ -2,10 +2,10 @@
 
 ``HYPOTHESIS_PROFILE=ci`` (set by ``.ci/run``) is bounded and derandomized, so CI runs
 are reproducible and fit the budget; ``dev`` is the default; ``long`` explores far more
-(``HYPOTHESIS_PROFILE=long python3 -m pytest tests/core tests/fuzz tests/sim``).
+(``HYPOTHESIS_PROFILE=long python3 -m pytest tests/core tests/server tests/trio``).
 
 The core state machine and the fuzzers take three times the profile's examples; the
-simulation in tests/sim runs 12 seeds (200 under ``long``; ``ROOMBUS_SIM_SEEDS=n`` or
+simulation in tests/trio/test_sim.py runs 12 seeds (200 under ``long``; ``ROOMBUS_SIM_SEEDS=n`` or
 ``ROOMBUS_SIM_SEED=s`` to choose). See docs/testing.md.
 """
 

@@ -6,7 +6,7 @@ starts and stops each the way its server does. Two backplanes on one Redis: list
 and snapshots, records both ways in one order (as :mod:`roombus.cluster.records`
 encodes them), a room no longer listened to, the link lost and restored with the
 server, the goodbyes before close, and the settings. (Nodes killed, and their users
-reaped by the others' refresh, are in tests/cluster/test_nodes.py, with real processes.)
+reaped by the others' refresh, are in tests/e2e/test_cluster_nodes.py, with real processes.)
 """
 
 from __future__ import annotations

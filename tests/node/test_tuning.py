@@ -7,7 +7,7 @@ from pathlib import Path
 
 import roombus.node.tuning as tuning
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "roombus"
+SRC = Path(__file__).resolve().parents[2] / "src" / "roombus"
 ADAPTERS = [SRC / "trio" / "_server.py", SRC / "asyncio" / "_server.py", SRC / "asgi.py"]
 
 

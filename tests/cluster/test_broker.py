@@ -1,5 +1,5 @@
 """
-The broker's cluster mode, against an in-memory backplane (``cluster_model``).
+The broker's cluster mode, against an in-memory backplane (``tests/cluster/model.py``).
 
 Three brokers (nodes) share a :class:`ModelBackplane`. Every backplane action a broker
 asks for is queued on its node's connection; every step of the backplane's work (run a
@@ -90,7 +90,7 @@ from roombus.lowlevel import (
     TextReceived,
 )
 
-from .cluster_model import ModelBackplane, Record, Snapshot
+from .model import ModelBackplane, Record, Snapshot
 
 NODES = ("n1", "n2", "n3")
 ROOMS = ("r1", "r2")

@@ -19,7 +19,7 @@ from roombus.server import hub as _hub
 
 from .test_hub import connect, written
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Written out by hand, not derived from the table (a test made from the table would
 #: agree with any mistake in it).

@@ -36,7 +36,7 @@ from roombus.cluster.resp import (
     sharded_from_info,
 )
 
-SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "roombus"
+SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "roombus"
 
 
 # --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from roombus.lowlevel import Broker
 from roombus.server.auth import MAX_CLAIMS_DEPTH, JWTAuthenticator, Refusal
 from roombus.server.handshake import HttpResponse, Upgrade, route_request, route_websocket
 
-from .helpers import connect, inbox, send
+from ..helpers import connect, inbox, send
 
 SECRET = "roombus-test-secret-0123456789abcdef"
 NOW = 1_700_000_000.0

@@ -38,7 +38,7 @@ from roombus.server.auth import (
     token_from_request,
 )
 
-from .strategies import json_values
+from ..strategies import json_values
 
 SECRET = "roombus-test-secret-0123456789abcdef"  # 36 bytes: long enough for HS256
 OTHER_SECRET = "another-secret-that-is-also-long-enough"

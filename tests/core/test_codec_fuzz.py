@@ -23,9 +23,9 @@ from roombus.lowlevel import (
     TextReceived,
 )
 
+from ..server.pipeline import CONFIG, ENVELOPE_TYPES, ERROR_CODES, TS
+from ..server.test_handshake_fuzz import FUZZ
 from ..strategies import json_values
-from .pipeline import CONFIG, ENVELOPE_TYPES, ERROR_CODES, TS
-from .test_fuzz_handshake import FUZZ
 
 #: Lone surrogates: JSON spells them ("\\ud800"), UTF-8 cannot carry them.
 LONE_SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from roombus.server.wire import FRAGMENT_OVERHEAD
 
 from .pipeline import CONFIG, MAX_MESSAGE, HttpAnswer, Pipeline, WebSocketAnswer, read_answer
-from .test_fuzz_frames import check
-from .test_fuzz_frames import opened as opened_pipeline
-from .test_fuzz_handshake import FUZZ, VALID, chunked
+from .test_handshake_fuzz import FUZZ, VALID, chunked
+from .test_wire_fuzz import check
+from .test_wire_fuzz import opened as opened_pipeline
 
 MASK = b"\x00\x00\x00\x00"
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from roombus.core import codec
 
-from .strategies import json_values, rooms
+from ..strategies import json_values, rooms
 
 
 @given(st.text())

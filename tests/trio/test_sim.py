@@ -24,7 +24,7 @@ after it connected, or ``ping_timeout`` after a clock jump that looked like a st
 clients are gone; nothing raises; once everyone has left, the server holds nothing.
 
 A failure names its seed. Run that one again with
-``ROOMBUS_SIM_SEED=<seed> python3 -m pytest tests/sim``; ``ROOMBUS_SIM_SEEDS=<n>`` runs n
+``ROOMBUS_SIM_SEED=<seed> python3 -m pytest tests/trio/test_sim.py``; ``ROOMBUS_SIM_SEEDS=<n>`` runs n
 seeds (default 12, or 200 under ``HYPOTHESIS_PROFILE=long``).
 """
 
@@ -398,7 +398,7 @@ def test_simulation(seed: int) -> None:
     try:
         check(run(seed))
     except BaseException as exc:
-        note = f"simulation seed {seed}: reproduce with ROOMBUS_SIM_SEED={seed} python3 -m pytest tests/sim"
+        note = f"simulation seed {seed}: reproduce with ROOMBUS_SIM_SEED={seed} python3 -m pytest tests/trio/test_sim.py"
         print(note)
         if hasattr(exc, "add_note"):
             exc.add_note(note)

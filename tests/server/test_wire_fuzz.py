@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from .pipeline import PEER_CLOSE_CODES, SERVER_CLOSE_CODES, Pipeline, WebSocketAnswer, read_answer
-from .test_fuzz_handshake import FUZZ, VALID, chunked
+from .test_handshake_fuzz import FUZZ, VALID, chunked
 
 protocol_texts = st.sampled_from(
     [

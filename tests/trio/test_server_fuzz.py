@@ -18,15 +18,15 @@ import trio
 from roombus import BrokerConfig, ServerConfig
 from roombus.trio import Server, run_server
 
-from .pipeline import (
+from ..server.pipeline import (
     PEER_CLOSE_CODES,
     SERVER_CLOSE_CODES,
     HttpAnswer,
     WebSocketAnswer,
     read_answer,
 )
-from .test_fuzz_frames import frame
-from .test_fuzz_handshake import VALID, chunked
+from ..server.test_handshake_fuzz import VALID, chunked
+from ..server.test_wire_fuzz import frame
 
 #: Each example is a whole trio run: fewer of them than for the pure fuzzers.
 SERVER_FUZZ = settings(max_examples=settings.default.max_examples)

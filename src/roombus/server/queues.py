@@ -138,7 +138,13 @@ class SendQueue:
             because the queue is no longer OPEN.
         """
         size = len(frame)
-        if _refuses(self, size):
+        # The common case in line (one call less per delivery on the fan-out path): an
+        # OPEN queue with room for it. Anything else is _refuses' to decide.
+        if not (
+            self.state is QueueState.OPEN
+            and self._data_frames < self.max_messages
+            and self._data_bytes + size <= self.max_bytes
+        ) and _refuses(self, size):
             return False
         self._pending.append(frame)
         self._data_frames += 1

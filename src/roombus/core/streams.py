@@ -1,0 +1,449 @@
+"""
+Room streams: each room's position (an epoch and a seq), its recent history, and the
+acknowledgements of idempotent publishes, as pure logic.
+
+A room's stream outlives its members: its epoch and seq are kept for
+``position_ttl`` seconds after the room's last publish, and each message for
+``history_ttl`` seconds, so a client that reconnects can name the last position it
+saw and be sent what it missed, or told exactly what it cannot be sent
+(:func:`plan_recovery`, the one home of that decision).
+
+:class:`MemoryStreams` keeps streams in the memory of one node, bounded per room
+(messages, TTL) and per node (bytes: whole rooms are evicted, least recently active
+first). No clock is read: every call takes the driver's monotonic ``now``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import OrderedDict, deque
+from itertools import islice
+from typing import Final
+
+import attrs
+
+from .names import RoomName, Username
+
+#: An epoch: 1 to 32 characters of ``A-Z a-z 0-9 _ -``.
+EPOCH_PATTERN: Final = "[A-Za-z0-9_-]{1,32}"
+_EPOCH_RE = re.compile(EPOCH_PATTERN)
+#: Bytes a stored message costs beyond its payload (the entry and its deque slot).
+ENTRY_OVERHEAD: Final = 96
+#: Bytes a room's stream costs with no history (its name, epoch, counters).
+STREAM_OVERHEAD: Final = 256
+#: Bytes an acknowledgement kept for deduplication costs beyond its key's text.
+ACK_OVERHEAD: Final = 160
+
+# Why a join with a position was not recovered (the protocol's ``reason`` values).
+EPOCH_CHANGED: Final = "epoch_changed"
+TOO_OLD: Final = "too_old"
+OVER_LIMIT: Final = "over_limit"
+NO_HISTORY: Final = "no_history"
+UNAVAILABLE: Final = "unavailable"
+FUTURE_POSITION: Final = "future_position"
+
+
+def is_valid_epoch(value: object) -> bool:
+    """Whether *value* is an epoch: 1 to 32 characters of ``A-Z a-z 0-9 _ -``."""
+    return type(value) is str and _EPOCH_RE.fullmatch(value) is not None
+
+
+@attrs.frozen
+class Position:
+    """One message of a room, forever: the room's epoch and the message's seq."""
+
+    epoch: str
+    seq: int
+
+
+@attrs.frozen
+class Span:
+    """The messages ``first..last`` (both included) of one epoch."""
+
+    first: int
+    last: int
+
+
+@attrs.frozen(kw_only=True)
+class Recovery:
+    """
+    What a join with a position gets: the decision of :func:`plan_recovery`.
+
+    Attributes:
+        recovered: True if every missed message follows (``replay``), False if not
+            (``reason``), None when the join named no position.
+        reason: Why not recovered (one of the reason constants), else None.
+        lost: The missed messages no longer kept anywhere (``too_old``,
+            ``no_history``), else None.
+        skipped: Kept messages a partial replay leaves out (more than
+            ``recovery_max``), for the client to read with ``history``, else None.
+        replay: The messages to send now, else None.
+    """
+
+    recovered: bool | None
+    reason: str | None = None
+    lost: Span | None = None
+    skipped: Span | None = None
+    replay: Span | None = None
+
+
+_NOTHING: Final = Recovery(recovered=None)
+_CAUGHT_UP: Final = Recovery(recovered=True)
+
+
+def plan_recovery(
+    since: Position | None,
+    *,
+    epoch: str,
+    top: int,
+    first_kept: int,
+    history: bool,
+    recovery_max: int,
+    partial: bool,
+) -> Recovery:
+    """
+    Decide what a join with position *since* gets from a stream at *epoch*, *top*.
+
+    Args:
+        since: The last position the client saw, or None (none yet).
+        epoch: The stream's epoch now.
+        top: The seq of the stream's last message (0 before the first).
+        first_kept: The seq of the oldest message still kept (``top + 1`` when none is).
+        history: Whether the room keeps history at all.
+        recovery_max: The most messages one join may be replayed.
+        partial: Whether the client asked for what is kept when not all of it is.
+    """
+    if since is None:
+        return _NOTHING
+    if since.epoch != epoch:
+        return Recovery(recovered=False, reason=EPOCH_CHANGED)
+    n = since.seq
+    if n > top:
+        return Recovery(recovered=False, reason=FUTURE_POSITION)
+    if n == top:
+        return _CAUGHT_UP
+    if not history:
+        return Recovery(recovered=False, reason=NO_HISTORY, lost=Span(n + 1, top))
+    if n + 1 < first_kept:
+        lost = Span(n + 1, first_kept - 1)
+        if not partial or first_kept > top:
+            return Recovery(recovered=False, reason=TOO_OLD, lost=lost)
+        return _partial(TOO_OLD, lost, first_kept, top, recovery_max)
+    if top - n <= recovery_max:
+        return Recovery(recovered=True, replay=Span(n + 1, top))
+    if not partial:
+        return Recovery(recovered=False, reason=OVER_LIMIT)
+    return _partial(OVER_LIMIT, None, n + 1, top, recovery_max)
+
+
+def _partial(reason: str, lost: Span | None, first: int, top: int, most: int) -> Recovery:
+    """Replay the latest *most* of ``first..top``; name the rest as skipped."""
+    start = max(first, top - most + 1)
+    return Recovery(
+        recovered=False,
+        reason=reason,
+        lost=lost,
+        skipped=Span(first, start - 1) if start > first else None,
+        replay=Span(start, top) if start <= top else None,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class RoomPolicy:
+    """How much history one room keeps: ``size`` messages (0: none) for ``ttl`` seconds."""
+
+    size: int
+    ttl: float
+
+
+@attrs.define(eq=False)
+class _Stream:
+    epoch: str
+    policy: RoomPolicy
+    top: int = 0
+    active: float = 0.0  # the last publish (or creation): the position TTL counts from it
+    # (seq, published at, payload), oldest first
+    items: deque[tuple[int, float, bytes]] = attrs.field(factory=deque)
+    size: int = STREAM_OVERHEAD  # bytes, as counted against the node's cap
+    held: bool = False  # the room has members: its position never expires
+
+
+@attrs.frozen(kw_only=True)
+class Published:
+    """
+    The outcome of :meth:`MemoryStreams.publish`.
+
+    Attributes:
+        position: The message's position.
+        payload: The envelope to deliver, or None for a duplicate (an ``id`` already
+            acknowledged within the dedup window): then nothing is published and
+            *position* is the first publish's.
+    """
+
+    position: Position
+    payload: bytes | None
+
+
+class MemoryStreams:
+    """
+    The streams of one node's rooms, in memory.
+
+    Args:
+        epoch_prefix: The start of every epoch this object gives out: unique to this
+            process (a restart must start new epochs), 1 to 24 epoch characters.
+        history_size: Messages kept per room (0: no history).
+        history_ttl: Seconds each message is kept.
+        position_ttl: Seconds a room's epoch and seq are kept after its last publish.
+        max_bytes: Bytes all streams may hold; beyond, the least recently active
+            rooms lose their history first, then their positions.
+        dedup_window: Seconds an acknowledged ``id`` is remembered.
+        overrides: ``(pattern, policy)`` pairs, first match wins: rooms whose name
+            matches the shell-style *pattern* keep history by *policy*.
+    """
+
+    def __init__(
+        self,
+        *,
+        epoch_prefix: str,
+        history_size: int,
+        history_ttl: float,
+        position_ttl: float,
+        max_bytes: int,
+        dedup_window: float,
+        overrides: tuple[tuple[str, RoomPolicy], ...] = (),
+    ) -> None:
+        if not (is_valid_epoch(epoch_prefix) and len(epoch_prefix) <= 24):
+            raise ValueError(f"epoch prefix must be 1-24 of A-Z a-z 0-9 _ -: {epoch_prefix!r}")
+        self._prefix = epoch_prefix
+        self._default = RoomPolicy(size=history_size, ttl=history_ttl)
+        self._overrides = tuple((re.compile(fnmatch.translate(p)), pol) for p, pol in overrides)
+        self._position_ttl = position_ttl
+        self._max_bytes = max_bytes
+        self._dedup_window = dedup_window
+        self._epochs = 0
+        # Least recently active first.
+        self._streams: OrderedDict[RoomName, _Stream] = OrderedDict()
+        # (username, room, id) -> (position, forgotten at); oldest first.
+        self._acks: OrderedDict[tuple[Username, RoomName, str], tuple[Position, float]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+        self.evicted_rooms = 0  # rooms whose history the byte cap took
+
+    # -- introspection --------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """The bytes counted against ``max_bytes`` now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def policy(self, room: RoomName) -> RoomPolicy:
+        """The history policy of *room*: the first override that matches, else the default."""
+        for pattern, policy in self._overrides:
+            if pattern.match(room):
+                return policy
+        return self._default
+
+    def position(self, room: RoomName, now: float) -> Position:
+        """*room*'s position now (a new stream starts at seq 0 in a new epoch)."""
+        self._expire(now)
+        s = self._stream(room, now)
+        return Position(s.epoch, s.top)
+
+    # -- operations -----------------------------------------------------------------
+
+    def publish(
+        self,
+        room: RoomName,
+        prefix: bytes,
+        now: float,
+        *,
+        dedup: tuple[Username, str] | None = None,
+    ) -> Published:
+        """
+        Number a message of *room* and keep it.
+
+        Args:
+            prefix: The chat envelope up to its ``seq`` value (``...,"seq":``).
+            dedup: ``(username, id)`` of an idempotent publish: if acknowledged within
+                the window (in this epoch), the message is not published again.
+        """
+        self._expire(now)
+        s = self._stream(room, now)
+        key = None
+        if dedup is not None:
+            key = (dedup[0], room, dedup[1])
+            seen = self._acks.get(key)
+            if seen is not None and seen[0].epoch == s.epoch:
+                return Published(position=seen[0], payload=None)
+        s.top += 1
+        s.active = now
+        self._streams.move_to_end(room)
+        payload = b"%b%d}" % (prefix, s.top)
+        policy = s.policy
+        if policy.size:
+            s.items.append((s.top, now, payload))
+            cost = len(payload) + ENTRY_OVERHEAD
+            s.size += cost
+            self._bytes += cost
+            if len(s.items) > policy.size:
+                self._drop_oldest(s)
+        position = Position(s.epoch, s.top)
+        if key is not None:
+            old = self._acks.pop(key, None)
+            if old is None:
+                self._bytes += ACK_OVERHEAD + len(key[0]) + len(key[2])
+            self._acks[key] = (position, now + self._dedup_window)
+        if self._bytes > self._max_bytes:
+            self._evict(keep=room)
+        return Published(position=position, payload=payload)
+
+    def recover(
+        self,
+        room: RoomName,
+        since: Position | None,
+        now: float,
+        *,
+        recovery_max: int,
+        partial: bool,
+    ) -> tuple[Position, Recovery, list[bytes]]:
+        """
+        What a join of *room* with position *since* gets: the room's position, the
+        decision, and the payloads to replay (oldest first).
+        """
+        self._expire(now)
+        s = self._stream(room, now)
+        self._trim(s, now)
+        first_kept = s.items[0][0] if s.items else s.top + 1
+        plan = plan_recovery(
+            since,
+            epoch=s.epoch,
+            top=s.top,
+            first_kept=first_kept,
+            history=s.policy.size > 0,
+            recovery_max=recovery_max,
+            partial=partial,
+        )
+        items = self._range(s, plan.replay) if plan.replay is not None else []
+        return Position(s.epoch, s.top), plan, items
+
+    def history(
+        self, room: RoomName, since: Position | None, limit: int, now: float
+    ) -> tuple[Position, list[bytes]]:
+        """
+        Up to *limit* kept messages of *room* after *since* (the latest *limit* when
+        *since* is None or of another epoch), oldest first, and the room's position.
+        """
+        self._expire(now)
+        s = self._stream(room, now)
+        self._trim(s, now)
+        items = s.items
+        if limit <= 0 or not items:
+            return Position(s.epoch, s.top), []
+        if since is None or since.epoch != s.epoch:
+            chosen = list(items)[-limit:]
+        else:
+            start = max(since.seq + 1 - items[0][0], 0)
+            chosen = list(items)[start : start + limit]
+        return Position(s.epoch, s.top), [payload for _, _, payload in chosen]
+
+    def hold(self, room: RoomName, now: float) -> None:
+        """*room* has members now: its position is kept however long it stays quiet."""
+        self._expire(now)
+        self._stream(room, now).held = True
+
+    def release(self, room: RoomName, now: float) -> None:
+        """*room*'s last member left: its position TTL counts from now."""
+        self._expire(now)
+        s = self._streams.get(room)
+        if s is not None:
+            s.held = False
+            s.active = now
+            self._streams.move_to_end(room)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _stream(self, room: RoomName, now: float) -> _Stream:
+        s = self._streams.get(room)
+        if s is None:
+            self._epochs += 1
+            s = _Stream(
+                epoch=f"{self._prefix}-{self._epochs:x}"[:32],
+                policy=self.policy(room),
+                active=now,
+            )
+            self._streams[room] = s
+            self._bytes += STREAM_OVERHEAD
+        return s
+
+    def _range(self, s: _Stream, span: Span) -> list[bytes]:
+        start = span.first - s.items[0][0]
+        chosen = islice(s.items, start, start + span.last - span.first + 1)
+        return [payload for _, _, payload in chosen]
+
+    def _drop_oldest(self, s: _Stream) -> None:
+        _, _, payload = s.items.popleft()
+        cost = len(payload) + ENTRY_OVERHEAD
+        s.size -= cost
+        self._bytes -= cost
+
+    def _trim(self, s: _Stream, now: float) -> None:
+        """Drop *s*'s messages older than its TTL."""
+        horizon = now - s.policy.ttl
+        items = s.items
+        while items and items[0][1] <= horizon:
+            self._drop_oldest(s)
+
+    def _expire(self, now: float) -> None:
+        """Forget positions past their TTL and acknowledgements past the window."""
+        streams = self._streams
+        horizon = now - self._position_ttl
+        while streams:
+            room, s = next(iter(streams.items()))
+            if s.active > horizon:
+                break
+            if s.held:  # still has members: counts as active now
+                s.active = now
+                streams.move_to_end(room)
+                continue
+            del streams[room]
+            self._bytes -= s.size
+        acks = self._acks
+        while acks:
+            key, (_, until) = next(iter(acks.items()))
+            if until > now:
+                break
+            del acks[key]
+            self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
+
+    def _evict(self, *, keep: RoomName) -> None:
+        """
+        Over the byte cap: the history of the least recently active rooms goes first
+        (their old positions are then ``too_old``), then acknowledgements, oldest
+        first, then the positions of empty rooms (a join with one is then told
+        ``epoch_changed``). *keep*'s newest message and held positions stay.
+        """
+        for room, s in self._streams.items():
+            if self._bytes <= self._max_bytes:
+                return
+            if room != keep and s.items:
+                while s.items:
+                    self._drop_oldest(s)
+                self.evicted_rooms += 1
+        s = self._streams[keep]
+        while len(s.items) > 1 and self._bytes > self._max_bytes:
+            self._drop_oldest(s)
+        acks = self._acks
+        while self._bytes > self._max_bytes and acks:
+            key, _ = acks.popitem(last=False)
+            self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
+        for room, s in list(self._streams.items()):
+            if self._bytes <= self._max_bytes:
+                return
+            if room != keep and not s.held:
+                del self._streams[room]
+                self._bytes -= s.size

@@ -50,14 +50,18 @@ async def rooms() -> dict[str, dict[str, list[str]]]:
 
 
 @app.post("/api/announce")
-async def announce(text: str, room: str = "lobby") -> dict[str, int]:
+async def announce(text: str, room: str = "lobby") -> dict[str, object]:
     # In the event loop that serves the app, as bus.publish() requires. publish()
     # raises ValueError for a room name or content it refuses: answer 400, not 500.
     try:
-        delivered = bus.publish(room, {"announcement": text}, username="server")
+        sent = bus.publish(room, {"announcement": text}, username="server")
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    return {"delivered": delivered}
+    position = sent.position
+    return {
+        "delivered": sent.delivered,
+        "position": None if position is None else {"epoch": position.epoch, "seq": position.seq},
+    }
 
 
 app.mount("/", bus)  # last, so that the routes above come first

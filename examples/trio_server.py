@@ -30,8 +30,8 @@ def on_notice(notice: roombus.Notice) -> None:
 async def tick(server: roombus.trio.Server) -> None:
     for n in itertools.count(1):
         await trio.sleep(5)
-        delivered = server.publish("lobby", {"tick": n}, username="server")
-        print(f"tick {n} delivered to {delivered} connection(s)", flush=True)
+        sent = server.publish("lobby", {"tick": n}, username="server")
+        print(f"tick {n} delivered to {sent.delivered} connection(s)", flush=True)
 
 
 async def main(port: int) -> None:

@@ -112,7 +112,7 @@ async def test_a_whole_conversation() -> None:
         )
         chat = json.loads((await server.next_sent())["text"])
         assert (chat["type"], chat["content"], chat["seq"]) == ("chat", "hi", 1)
-        assert bus.publish("lobby", "from the app") == 1
+        assert bus.publish("lobby", "from the app").delivered == 1
         assert json.loads((await server.next_sent())["text"])["content"] == "from the app"
         await server.incoming_send.send({"type": "websocket.receive", "bytes": b"\x01"})
         assert await server.next_sent() == {

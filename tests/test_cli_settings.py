@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from roombus import ConfigError
+from roombus import ConfigError, RoomName
 from roombus._cli import _parser
 from roombus.node.options import build_configs
 
@@ -66,3 +68,56 @@ def test_the_queued_bytes_budget_and_send_buffer_from_flag_variable_and_file(tmp
 def test_a_negative_budget_or_buffer_is_refused(tmp_path, flag):
     with pytest.raises(ConfigError, match=flag[2:]):
         settings(tmp_path, "", flag, "-1")
+
+
+def test_history_settings_from_flag_variable_and_file(tmp_path):
+    toml = "history-size = 50\nhistory-ttl = 120\ndedup-window = 60\n"
+    s = settings(
+        tmp_path,
+        toml,
+        "--history-size",
+        "20",
+        "--recovery-max",
+        "10",
+        env={"ROOMBUS_HISTORY_MAX_BYTES": "1000000", "ROOMBUS_POSITION_TTL": "600"},
+    )
+    b = s.broker
+    assert (b.history_size, b.history_ttl, b.dedup_window) == (20, 120.0, 60.0)
+    assert (b.history_max_bytes, b.position_ttl, b.recovery_max) == (1_000_000, 600.0, 10)
+
+
+def test_recovery_max_over_the_send_queue_is_a_configuration_error(tmp_path):
+    with pytest.raises(ConfigError, match="recovery-max: must be at most send-queue"):
+        settings(tmp_path, "", "--send-queue", "50", "--recovery-max", "51")
+
+
+def test_room_tables_override_history_per_pattern(tmp_path):
+    toml = (
+        "history-size = 30\nhistory-ttl = 90\n"
+        '[rooms."tenant-*"]\nhistory-size = 1000\n'
+        '[rooms."quiet"]\nhistory-size = 0\nhistory-ttl = 5\n'
+    )
+    s = settings(tmp_path, toml)
+    policies = {pattern: (p.size, p.ttl) for pattern, p in s.broker.room_history}
+    # A missing key is the server-wide value.
+    assert policies == {"tenant-*": (1000, 90.0), "quiet": (0, 5.0)}
+    from roombus.lowlevel import Broker
+
+    streams = Broker(s.broker).streams
+    assert streams.policy(RoomName("tenant-7")).size == 1000
+    assert streams.policy(RoomName("lobby")).size == 30
+
+
+@pytest.mark.parametrize(
+    ("toml", "where"),
+    [
+        ('[rooms."t-*"]\nhistory-size = -1\n', 'rooms."t-*".history-size'),
+        ('[rooms."t-*"]\nhistory-ttl = 0\n', 'rooms."t-*".history-ttl'),
+        ('[rooms."t-*"]\nsize = 3\n', 'rooms."t-*".size: unknown setting'),
+        ('rooms = 3\n', "rooms: must be tables"),
+        ('[rooms]\n"t-*" = 3\n', 'rooms."t-*": must be a table'),
+    ],
+)
+def test_bad_room_tables_are_named(tmp_path, toml, where):
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        settings(tmp_path, toml)

@@ -43,6 +43,9 @@ from .core.names import RoomName as RoomName
 from .core.names import Username as Username
 from .core.names import is_valid_room as is_valid_room
 from .core.names import is_valid_username as is_valid_username
+from .core.streams import Position as Position
+from .core.streams import Publication as Publication
+from .core.streams import RoomPolicy as RoomPolicy
 from .node.settings import Settings as Settings
 from .server.auth import Authenticator as Authenticator
 from .server.auth import JWTAuthenticator as JWTAuthenticator
@@ -61,8 +64,11 @@ __all__ = [
     "LocalProtocolError",
     "MessagePublished",
     "Notice",
+    "Position",
+    "Publication",
     "Refusal",
     "RoomName",
+    "RoomPolicy",
     "RoomRules",
     "RoombusError",
     "ServerConfig",

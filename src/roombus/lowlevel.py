@@ -29,6 +29,9 @@ from .core.events import TextReceived as TextReceived
 from .core.heartbeat import Heartbeat as Heartbeat
 from .core.heartbeat import HeartbeatState as HeartbeatState
 from .core.names import ConnectionId as ConnectionId
+from .core.streams import MemoryStreams as MemoryStreams
+from .core.streams import Recovery as Recovery
+from .core.streams import plan_recovery as plan_recovery
 from .server.framed import FramedHub as FramedHub
 from .server.http import HttpResponse as HttpResponse
 from .server.hub import HubBase as HubBase
@@ -60,6 +63,7 @@ __all__ = [
     "HeartbeatState",
     "HttpResponse",
     "HubBase",
+    "MemoryStreams",
     "MessageHub",
     "MessageQueue",
     "NoticeHook",
@@ -67,8 +71,10 @@ __all__ = [
     "PING_TIMEOUT_CODE",
     "PongReceived",
     "QueueState",
+    "Recovery",
     "SendPing",
     "SendQueue",
     "TextReceived",
     "peer_label",
+    "plan_recovery",
 ]

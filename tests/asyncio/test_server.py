@@ -37,7 +37,7 @@ def test_awaited_it_reports_ready_and_a_cancellation_is_a_graceful_shutdown() ->
         async with connect(url, compression=None) as ws:
             assert json.loads(await ws.recv())["type"] == "presence"
             assert json.loads(await ws.recv())["type"] == "presence_state"
-            assert server.publish("lobby", "hello") == 1
+            assert server.publish("lobby", "hello").delivered == 1
             assert json.loads(await ws.recv())["content"] == "hello"
             assert server.connection_count == 1
             task.cancel()

@@ -12,6 +12,7 @@ from roombus import (
     UserLeft,
     Username,
 )
+from roombus.core.streams import Position
 from roombus.lowlevel import (
     PING_TIMEOUT_CODE,
     Broker,
@@ -127,7 +128,12 @@ def test_chat_reaches_every_member_with_server_fields() -> None:
         )
     ]
     assert actions[-1] == MessagePublished(
-        room=RoomName("lobby"), username=Username("ann"), content="hi", seq=1, timestamp=TS
+        room=RoomName("lobby"),
+        username=Username("ann"),
+        content="hi",
+        seq=1,
+        timestamp=TS,
+        epoch=b.position("lobby").epoch,
     )
     second = send(b, 2, {"type": "chat", "content": {"any": ["json", 1, None]}})
     assert deliveries(second)[0][1]["seq"] == 2
@@ -302,7 +308,11 @@ def test_connecting_an_id_twice_is_a_driver_error() -> None:
 
 def test_server_publish() -> None:
     b = Broker()
-    assert b.publish("lobby", "nobody here", username="server", timestamp=TS) == []
+    # Nobody is in the room: nothing is delivered, but the message is numbered and
+    # kept, for clients that join with a position.
+    (notice,) = b.publish("lobby", "nobody here", username="server", timestamp=TS)
+    assert isinstance(notice, MessagePublished) and notice.seq == 1
+    assert b.position("lobby") == Position(notice.epoch, 1)
     connect(b, 1, "ann")
     actions = b.publish("lobby", {"n": 1}, username="server", timestamp=TS)
     assert deliveries(actions)[0][1] == {
@@ -311,7 +321,7 @@ def test_server_publish() -> None:
         "content": {"n": 1},
         "room": "lobby",
         "timestamp": TS,
-        "seq": 1,
+        "seq": 2,
     }
     with pytest.raises(ValueError, match="room"):
         b.publish("bad room", 1, username="server", timestamp=TS)

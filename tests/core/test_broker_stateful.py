@@ -36,7 +36,7 @@ import enum
 import json
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -157,8 +157,12 @@ def normalize(action: object) -> object:
 
 @attrs.define
 class Model:
+    #: The epoch the broker gives a room's stream (learned once; it must never change:
+    #: the machine's time stays far below the position TTL).
+    epoch_of: Callable[[str], str]
     conns: dict[int, ModelConn] = attrs.field(factory=dict)
     seq: dict[str, int] = attrs.field(factory=dict)
+    epochs: dict[str, str] = attrs.field(factory=dict)
 
     def members(self, room: str) -> set[int]:
         return {c for c, m in self.conns.items() if room in m.rooms}
@@ -198,8 +202,7 @@ class Model:
             if self.members(room):
                 out.append(deliver(self.members(room), self.presence("leave", m.user, room, ts)))
             out.append(UserLeft(room=RoomName(room), username=Username(m.user)))
-        if not self.members(room):
-            self.seq.pop(room, None)  # a room with nobody in it is freed; seq starts over
+        # A room with nobody in it is freed; its stream (epoch, seq) is kept.
         return out
 
     def disconnect(self, c: int, ts: int) -> Expected:
@@ -219,8 +222,7 @@ class Model:
         return self.publish(target, m.user, content, ts)
 
     def publish(self, room: str, user: str, content: object, ts: int) -> Expected:
-        if not self.members(room):
-            return []
+        # Numbered and kept even with nobody in the room (delivered to nobody).
         seq = self.seq[room] = self.seq.get(room, 0) + 1
         envelope = {
             "type": "chat",
@@ -230,12 +232,16 @@ class Model:
             "timestamp": ts,
             "seq": seq,
         }
-        return [
-            deliver(self.members(room), envelope),
-            MessagePublished(
-                room=RoomName(room), username=Username(user), content=content, seq=seq, timestamp=ts
-            ),
-        ]
+        notice = MessagePublished(
+            room=RoomName(room),
+            username=Username(user),
+            content=content,
+            seq=seq,
+            timestamp=ts,
+            epoch=self.epochs.setdefault(room, self.epoch_of(room)),
+        )
+        members = self.members(room)
+        return [deliver(members, envelope), notice] if members else [notice]
 
     def state(self, room: str) -> dict[str, Any]:
         return {"type": "presence_state", "room": room, "users": sorted(self.present(room))}
@@ -436,7 +442,7 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.broker = Broker(CONFIG)
-        self.model = Model()
+        self.model = Model(lambda room: self.broker.position(room).epoch)
         self.pipes: dict[int, Pipe] = {}
         self.retired: list[Pipe] = []  # pipes of connections whose id was reused
         self.now = 0.0
@@ -778,13 +784,18 @@ class CoreMachine(RuleBasedStateMachine):
         broker.next_deadline()  # what a driver calls after every step
         live = len(self.model.conns)
         memberships = sum(len(m.rooms) for m in self.model.conns.values())
+        # Room streams keep positions and history by design, bounded by their own
+        # limits (tests/core/test_streams.py): counted apart.
+        streams = broker.streams
+        assert len(streams) <= 3  # r1, r2, r3
+        assert streams.used_bytes <= CONFIG.history_max_bytes
         if not live:
             assert broker.rooms == []
             assert broker.next_deadline() is None
-            assert footprint(broker) == 0, "state left behind with nobody connected"
+            assert footprint(broker, {id(streams)}) == 0, "state left behind with nobody connected"
         else:
             # State grows with connections and memberships, never with traffic.
-            assert footprint(broker) <= 16 * (live + memberships) + 300
+            assert footprint(broker, {id(streams)}) <= 16 * (live + memberships) + 300
 
 
 TestCore = CoreMachine.TestCase

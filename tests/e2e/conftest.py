@@ -91,18 +91,20 @@ def open_client(
     *,
     expect_join: bool | None = True,
     origin: str | None = None,
+    query: dict[str, str] | None = None,
     **kw: Any,
 ) -> Client:
     """
-    Connect to ``/ws?room=&username=``. With *expect_join* True, read the client's own
-    presence join and then its presence_state; with False, only the presence_state
-    (a second connection of a present user); with None, read nothing.
+    Connect to ``/ws?room=&username=`` (plus *query*). With *expect_join* True, read
+    the client's own presence join and then its presence_state; with False, only the
+    presence_state (a second connection of a present user); with None, read nothing.
     """
     from urllib.parse import urlencode
 
     kw.setdefault("compression", None)
+    params = {"room": room, "username": username, **(query or {})}
     ws = ws_connect(
-        f"ws://{HOST}:{port}/ws?" + urlencode({"room": room, "username": username}),
+        f"ws://{HOST}:{port}/ws?" + urlencode(params),
         open_timeout=TIMEOUT,
         close_timeout=2,
         proxy=None,

@@ -210,7 +210,8 @@ def test_example_fastapi_app_under_uvicorn(served):
             f"http://{HOST}:{proc.port}/api/announce?text=hello", method="POST"
         )
         with urllib.request.urlopen(request, timeout=5) as resp:
-            assert json.load(resp) == {"delivered": 1}
+            answer = json.load(resp)
+            assert answer["delivered"] == 1 and answer["position"]["seq"] == 1
         ann.expect(type="chat", username="server", content={"announcement": "hello"})
         bad = urllib.request.Request(
             f"http://{HOST}:{proc.port}/api/announce?text=hello&room=bad%20room", method="POST"

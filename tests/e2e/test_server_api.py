@@ -7,14 +7,15 @@ import time
 
 import pytest
 
-from roombus import MessagePublished, UserJoined, UserLeft
+from roombus import MessagePublished, Position, UserJoined, UserLeft
 
 
 def test_publish_reaches_every_member(server):
     ann, bob = server.room("lobby", "ann", "bob")
     (other,) = server.room("other", "cid")
     before = int(time.time())
-    assert server.publish("lobby", {"alert": "maintenance at 5"}) == 2
+    sent = server.publish("lobby", {"alert": "maintenance at 5"})
+    assert sent.delivered == 2 and sent.position is not None and sent.position.seq == 1
     for c in (ann, bob):
         msg = c.expect(
             type="chat",
@@ -24,7 +25,8 @@ def test_publish_reaches_every_member(server):
             seq=1,
         )
         assert before <= msg["timestamp"] <= int(time.time()) + 1
-    assert server.publish("lobby", "hi", username="bot") == 2
+    again = server.publish("lobby", "hi", username="bot")
+    assert again.delivered == 2 and again.position == Position(sent.position.epoch, 2)
     ann.expect(type="chat", username="bot", content="hi", seq=2)
     # Clients and the server share the room's seq.
     bob.chat("me too")
@@ -32,11 +34,15 @@ def test_publish_reaches_every_member(server):
     other.ping()  # nothing reached the other room
 
 
-def test_publish_to_an_empty_room_delivers_nothing(server):
-    assert server.publish("nobody-here", "hello?") == 0
-    c = server.connect("nobody-here", "ann")
+def test_publish_to_an_empty_room_is_kept_for_who_joins_with_a_position(server):
+    sent = server.publish("nobody-here", "hello?")
+    assert sent.delivered == 0 and sent.position is not None and sent.position.seq == 1
+    epoch = sent.position.epoch
+    c = server.connect("nobody-here", "ann", query={"since": f"{epoch}:0"})
+    c.expect(type="joined", room="nobody-here", epoch=epoch, seq=1, recovered=True)
+    c.expect(type="chat", content="hello?", seq=1, replayed=True)
     c.chat("first")
-    c.expect(type="chat", content="first", seq=1)  # the empty publish did not count
+    c.expect(type="chat", content="first", seq=2)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from roombus.core.streams import Position
 from roombus.server.handshake import HttpResponse, Upgrade, accept_token, route_request
 
 KEY = base64.b64encode(b"0123456789abcdef")
@@ -102,3 +103,43 @@ def test_any_request_gets_a_decision(method: bytes, target: bytes, headers: list
         assert 200 <= decision.status < 600
     else:
         assert isinstance(decision, Upgrade)
+
+
+@pytest.mark.parametrize(
+    ("query", "positioned", "since", "partial"),
+    [
+        (b"", False, None, False),
+        (b"&since=", True, None, False),
+        (b"&since=Ab_-9:41", True, Position("Ab_-9", 41), False),
+        (b"&since=e1:0&partial=1", True, Position("e1", 0), True),
+        (b"&since=e1:7&partial=0", True, Position("e1", 7), False),
+        (b"&since=e1:7&partial=true&since=x:1", True, Position("e1", 7), True),
+    ],
+)
+def test_a_position_in_the_query(
+    query: bytes, positioned: bool, since: Position | None, partial: bool
+) -> None:
+    decision = route_request(b"GET", b"/ws?room=lobby&username=ann" + query, UPGRADE)
+    assert isinstance(decision, Upgrade)
+    assert (decision.positioned, decision.since, decision.partial) == (positioned, since, partial)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"&since=e1",
+        b"&since=:5",
+        b"&since=e1:",
+        b"&since=e1:-1",
+        b"&since=e1:1.5",
+        b"&since=e%201:1",
+        b"&since=" + b"e" * 33 + b":1",
+        b"&since=e1:" + b"9" * 20,
+        b"&since=e1:%d9%a3",  # a non-ASCII digit
+        b"&since=e1:1&partial=yes",
+    ],
+)
+def test_a_malformed_position_is_refused_with_400(query: bytes) -> None:
+    decision = route_request(b"GET", b"/ws?room=lobby&username=ann" + query, UPGRADE)
+    assert isinstance(decision, HttpResponse) and decision.status == 400
+    assert b"since" in decision.body or b"partial" in decision.body

@@ -7,7 +7,7 @@ import base64
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, TextMessage
 
-from roombus import BrokerConfig, ServerConfig
+from roombus import BrokerConfig, RoomName, ServerConfig
 from roombus.hub import Hub
 from roombus.server.queues import SendQueue
 
@@ -174,8 +174,9 @@ def test_connections_without_an_address_share_no_per_address_limit() -> None:
 def test_a_mass_disconnect_gives_the_memory_back() -> None:
     """
     Thousands of connections (in rooms of 10) all dropped at once: what the hub and
-    the broker still hold afterwards is a few kilobytes, not tables sized for the crowd
-    (a dict never shrinks by deletions) nor heaps of stale deadlines.
+    the broker still hold afterwards (once the rooms' positions expired) is a few
+    kilobytes, not tables sized for the crowd (a dict never shrinks by deletions) nor
+    heaps of stale deadlines.
     """
     import gc
     import tracemalloc
@@ -193,6 +194,12 @@ def test_a_mass_disconnect_gives_the_memory_back() -> None:
             hub.lost(cid, now=0.0, timestamp=0)
         written(hub)
         del cids
+        # The rooms' positions outlive their members, for position_ttl (by design);
+        # once that has passed, they are gone too.
+        streams = hub.broker.streams
+        assert len(streams) == n // 10
+        streams.position(RoomName("elsewhere"), BrokerConfig().position_ttl + 1.0)
+        assert len(streams) == 1
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0] - before
     finally:

@@ -96,7 +96,7 @@ async def test_chat_and_presence_over_streams() -> None:
         for client in (ann, bob):
             message = await client.recv()
             assert (message["type"], message["content"], message["seq"]) == ("chat", "hi", 1)
-        assert server.publish("lobby", {"tick": 1}) == 2
+        assert server.publish("lobby", {"tick": 1}).delivered == 2
         assert (await bob.recv())["username"] == "server"
         assert any(isinstance(n, UserJoined) for n in notices)
         assert any(isinstance(n, MessagePublished) for n in notices)

@@ -21,7 +21,7 @@ import attrs
 
 from ..core import codec
 from ..core.actions import Action, Announce, MessagePublished, Relay, Subscribe, Unsubscribe
-from ..core.broker import Broker, BrokerStatistics, _Conn
+from ..core.broker import Broker, BrokerStatistics, Resume, _Conn
 from ..core.errors import ConfigError
 from ..core.events import (
     BackplaneLost,
@@ -42,6 +42,12 @@ if TYPE_CHECKING:
 
 #: Chats a room may hold for connections still joining it (one round trip's worth).
 MAX_HELD: Final = 1000
+#: Room streams (positions, history, acknowledged publish) are served by a node on its
+#: own; a cluster answers the requests that need them with this ``bad_message``.
+_NO_STREAMS: Final = (
+    "positions, history and acknowledged publish (since, history, id) are not served"
+    " by a cluster yet"
+)
 
 
 class ClusterBroker(Broker):
@@ -139,11 +145,19 @@ class ClusterBroker(Broker):
         return super()._occupancy(room) + (len(cr.pending) if cr is not None else 0)
 
     def _try_join(
-        self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
+        self,
+        conn: ConnectionId,
+        c: _Conn,
+        room: RoomName,
+        timestamp: int,
+        actions: list[Action],
+        resume: Resume | None = None,
     ) -> None:
         rights = self._admitted(conn, c, room, actions)
         if rights is None:
             return
+        if resume is not None:
+            self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions)
         cr = self._cluster.get(room)
         if cr is None:
             self._gens += 1
@@ -200,6 +214,16 @@ class ClusterBroker(Broker):
         cr = self._cluster.get(room)
         return cr is not None and conn in cr.pending
 
+    def _resume(
+        self, conn: ConnectionId, room: RoomName, resume: Resume, actions: list[Action]
+    ) -> None:
+        self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions)
+
+    def _history(
+        self, conn: ConnectionId, c: _Conn, request: codec.History, actions: list[Action]
+    ) -> None:
+        self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions, request.id)
+
     def _publish(
         self,
         conn: ConnectionId | None,
@@ -208,7 +232,11 @@ class ClusterBroker(Broker):
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None = None,
     ) -> bool:
+        if msg_id is not None and conn is not None:
+            self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions, msg_id)
+            return True
         cr = self._cluster.get(room)
         if cr is None:
             return super()._publish(conn, room, username, content, timestamp, actions)

@@ -96,6 +96,8 @@ class MessagePublished:
         content: The message's content (any JSON value).
         seq: The room's sequence number of this message.
         timestamp: The wall-clock time stamped on it, in Unix seconds.
+        epoch: The epoch of the room's stream: with *seq*, the message's position
+            (empty in a cluster, whose streams do not have epochs yet).
     """
 
     room: RoomName
@@ -103,6 +105,7 @@ class MessagePublished:
     content: object
     seq: int
     timestamp: int
+    epoch: str = ""
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import secrets
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -46,7 +47,9 @@ from .events import (
 from .heartbeat import Heartbeat, HeartbeatState
 from .names import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
 from .ratelimit import RateDecision, RateLimiter
-from .registry import Registry, worth_shrinking
+from .registry import Registry
+from .streams import MemoryStreams, Position
+from .tables import worth_shrinking
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -59,7 +62,8 @@ POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
 # What a connection may do in one room, decided once when it joins.
 _PUBLISH: Final = 1
 _PRESENCE: Final = 2
-_ALL_RIGHTS: Final = _PUBLISH | _PRESENCE
+_HISTORY: Final = 4
+_ALL_RIGHTS: Final = _PUBLISH | _PRESENCE | _HISTORY
 _UNFORWARDABLE: Final = (
     "content cannot be forwarded: nested too deeply, a number out of range,"
     " or a lone surrogate (not Unicode text)"
@@ -107,6 +111,14 @@ class _Conn:
     timer_gen: int = 0  # the generation of this connection's live timer entry
 
 
+@attrs.frozen
+class Resume:
+    """A join's position (``since``, None for ``null``) and whether it takes a partial replay."""
+
+    since: Position | None
+    partial: bool = False
+
+
 #: The events only a broker of a cluster takes.
 _BACKPLANE_EVENTS: Final = (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored)
 
@@ -119,7 +131,12 @@ class Broker:
         config: Limits and intervals; the defaults suit production.
         authorizer: Decides, per connection and room, whether it may join, publish
             and see presence; asked once when the connection joins the room. None
-            lets everyone do everything.
+            lets everyone do everything. An authorizer with a ``may_read_history(identity,
+            room)`` method also decides who may read a room's ``history`` (members
+            or not); without one, members may and others may not.
+        epoch_prefix: The start of the epochs of this broker's room streams: unique
+            per process, so that a restart starts new epochs (1-24 characters of
+            ``A-Z a-z 0-9 _ -``). None: a random one.
 
     A node of a cluster uses :class:`~roombus.cluster.ClusterBroker` instead.
 
@@ -145,9 +162,22 @@ class Broker:
         config: BrokerConfig | None = None,
         *,
         authorizer: Authorizer | None = None,
+        epoch_prefix: str | None = None,
     ) -> None:
         self.config: Final = config if config is not None else BrokerConfig()
         self.authorizer: Final = authorizer
+        config = self.config
+        self._streams = MemoryStreams(
+            epoch_prefix=epoch_prefix if epoch_prefix is not None else secrets.token_urlsafe(6),
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            position_ttl=config.position_ttl,
+            max_bytes=config.history_max_bytes,
+            dedup_window=config.dedup_window,
+            overrides=config.room_history,
+        )
+        # The driver's clock as of the event being handled (streams keep time by it).
+        self._now = 0.0
         # (deadline, conn): when a connection's credentials expire. An entry is live
         # while it equals the connection's ``expires``; others are skipped or pruned.
         self._expiries: list[tuple[float, ConnectionId]] = []
@@ -195,8 +225,16 @@ class Broker:
 
     def seq(self, room: str) -> int:
         """The sequence number of *room*'s last chat message (0 before the first)."""
-        r = self._registry.rooms.get(RoomName(room))
-        return r.seq if r is not None else 0
+        return self.position(room).seq
+
+    def position(self, room: str) -> Position:
+        """*room*'s stream position: its epoch and the seq of its last chat."""
+        return self._streams.position(RoomName(room), self._now)
+
+    @property
+    def streams(self) -> MemoryStreams:
+        """The rooms' streams (positions, history, acknowledgements)."""
+        return self._streams
 
     def __contains__(self, conn: object) -> bool:
         return conn in self._conns
@@ -253,6 +291,7 @@ class Broker:
             timestamp: Wall-clock Unix seconds, for envelopes this produces.
         """
         actions: list[Action] = []
+        self._now = now
         conns = self._conns
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
@@ -331,6 +370,7 @@ class Broker:
                 already connected. Never because of a client's input.
         """
         actions: list[Action] = []
+        self._now = now
         if isinstance(event, TextReceived):
             c = self._conns.get(event.conn)
             if c is not None:
@@ -411,11 +451,24 @@ class Broker:
             self._disconnect(conn, c, timestamp, actions)
         return decision
 
-    def publish(self, room: str, content: object, *, username: str, timestamp: int) -> list[Action]:
+    def publish(
+        self,
+        room: str,
+        content: object,
+        *,
+        username: str,
+        timestamp: int,
+        now: float | None = None,
+    ) -> list[Action]:
         """
         Publish a chat message from server-side code to everyone in *room*.
 
-        Nothing is delivered (and ``seq`` does not move) if the room has no members.
+        The message is numbered and kept in the room's history even if the room has
+        no members now (a client that joins with a position is sent it); the
+        :class:`~roombus.lowlevel.MessagePublished` among the actions has its position.
+
+        Args:
+            now: The driver's monotonic clock (None: as of the last event handled).
 
         Raises:
             ValueError: if *room* or *username* is not valid, or *content* cannot be
@@ -430,6 +483,8 @@ class Broker:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"content is not encodable as JSON: {exc}") from None
         actions: list[Action] = []
+        if now is not None:
+            self._now = now
         self._publish_as_server(RoomName(room), Username(username), content, timestamp, actions)
         return actions
 
@@ -442,8 +497,7 @@ class Broker:
         actions: list[Action],
     ) -> None:
         """:meth:`publish`, its arguments checked (hook: a cluster relays it)."""
-        if room in self._registry.rooms:
-            self._publish(None, room, username, content, timestamp, actions)
+        self._publish(None, room, username, content, timestamp, actions)
 
     # -- internals --------------------------------------------------------------------
 
@@ -480,7 +534,8 @@ class Broker:
                 ]
                 heapq.heapify(self._expiries)
         if event.room is not None:
-            self._try_join(conn, c, event.room, timestamp, actions)
+            resume = Resume(event.since, event.partial) if event.positioned else None
+            self._try_join(conn, c, event.room, timestamp, actions, resume)
 
     def refusal(self, room: RoomName, username: Username, identity: Identity | None) -> str | None:
         """
@@ -509,15 +564,40 @@ class Broker:
         return identity if identity is not None else Identity(username=username)
 
     def _try_join(
-        self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
+        self,
+        conn: ConnectionId,
+        c: _Conn,
+        room: RoomName,
+        timestamp: int,
+        actions: list[Action],
+        resume: Resume | None = None,
     ) -> None:
         """
         Join if the authorizer and the room's size allow it, else a ``forbidden`` error
-        (hook: a cluster may make the connection wait for the room's presence).
+        (hook: a cluster may make the connection wait for the room's presence). With
+        *resume* (the join named a position, or ``null``), ``joined`` follows, and the
+        missed messages if they can be recovered.
         """
         rights = self._admitted(conn, c, room, actions)
         if rights is not None:
             self._join(conn, c, room, rights, timestamp, actions)
+            if resume is not None:
+                self._resume(conn, room, resume, actions)
+
+    def _resume(
+        self, conn: ConnectionId, room: RoomName, resume: Resume, actions: list[Action]
+    ) -> None:
+        """``joined`` for *conn* in *room*, then the replay its position allows."""
+        position, recovery, items = self._streams.recover(
+            room,
+            resume.since,
+            self._now,
+            recovery_max=self.config.recovery_max,
+            partial=resume.partial,
+        )
+        self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
+        for payload in items:
+            self._deliver((conn,), codec.replayed(payload), actions)
 
     def _admitted(
         self, conn: ConnectionId, c: _Conn, room: RoomName, actions: list[Action]
@@ -531,8 +611,11 @@ class Broker:
         if authorizer is None:
             return _ALL_RIGHTS
         identity = self._identity(c.username, c.identity)
-        return (_PUBLISH if authorizer.may_publish(identity, room) else 0) | (
-            _PRESENCE if authorizer.may_see_presence(identity, room) else 0
+        may_read = getattr(authorizer, "may_read_history", None)
+        return (
+            (_PUBLISH if authorizer.may_publish(identity, room) else 0)
+            | (_PRESENCE if authorizer.may_see_presence(identity, room) else 0)
+            | (_HISTORY if may_read is None or may_read(identity, room) else 0)
         )
 
     def _deliver(
@@ -541,8 +624,15 @@ class Broker:
         self._deliveries += len(conns)
         actions.append(Deliver(conns=conns, payload=payload))
 
-    def _error(self, conn: ConnectionId, code: str, reason: str, actions: list[Action]) -> None:
-        self._deliver((conn,), codec.encode_error(code, reason), actions)
+    def _error(
+        self,
+        conn: ConnectionId,
+        code: str,
+        reason: str,
+        actions: list[Action],
+        msg_id: str | None = None,
+    ) -> None:
+        self._deliver((conn,), codec.encode_error(code, reason, msg_id), actions)
 
     def _presence_audience(
         self, members: Iterable[ConnectionId], room: RoomName
@@ -564,6 +654,8 @@ class Broker:
     ) -> None:
         r, first = self._registry.join(room, conn, c.username)
         c.rooms[room] = rights
+        if len(r.members) == 1:
+            self._streams.hold(room, self._now)
         if first and self._first_here(room, c.username, actions):
             audience = self._presence_audience(r.members, room)
             if audience:
@@ -591,6 +683,8 @@ class Broker:
         """*conn* leaves *room* (hook: in a cluster it may only have been joining)."""
         del c.rooms[room]
         r, username, last = self._registry.leave(room, conn)
+        if not r.members:
+            self._streams.release(room, self._now)
         if last and self._last_here(room, username, actions):
             audience = self._presence_audience(r.members, room)
             if audience:
@@ -627,26 +721,40 @@ class Broker:
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None = None,
     ) -> bool:
         """
         Publish a chat of *conn* (None: of server-side code) to *room*'s members
-        (hook: a cluster relays it).
+        (hook: a cluster relays it). With *msg_id*, *conn* gets an ``ack``, and a
+        chat whose id it already had acknowledged is not published again.
 
         Returns:
             False if *content* cannot be forwarded (nothing published).
         """
-        r = self._registry.rooms[room]
-        payload = codec.encode_chat(username, content, room, timestamp, r.seq + 1)
-        if payload is None:
+        prefix = codec.chat_prefix(username, content, room, timestamp)
+        if prefix is None:
             return False
-        r.seq += 1
-        self._messages_published += 1
-        self._deliver(tuple(r.members), payload, actions)
-        actions.append(
-            MessagePublished(
-                room=room, username=username, content=content, seq=r.seq, timestamp=timestamp
-            )
+        out = self._streams.publish(
+            room, prefix, self._now, dedup=None if msg_id is None else (username, msg_id)
         )
+        position = out.position
+        if out.payload is not None:
+            self._messages_published += 1
+            r = self._registry.rooms.get(room)
+            if r is not None:
+                self._deliver(tuple(r.members), out.payload, actions)
+            actions.append(
+                MessagePublished(
+                    room=room,
+                    username=username,
+                    content=content,
+                    seq=position.seq,
+                    timestamp=timestamp,
+                    epoch=position.epoch,
+                )
+            )
+        if msg_id is not None and conn is not None:
+            self._deliver((conn,), codec.encode_ack(msg_id, room, position), actions)
         return True
 
     def _on_text(
@@ -656,25 +764,34 @@ class Broker:
         if isinstance(request, codec.Chat):
             room = request.room or c.default_room
             rights = c.rooms.get(room) if room is not None else None
+            msg_id = request.id
             if room is None or rights is None:
-                self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions)
+                self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions, msg_id)
             elif not rights & _PUBLISH:
-                self._error(conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions)
-            elif not self._publish(conn, room, c.username, request.content, timestamp, actions):
-                self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions)
+                self._error(
+                    conn, codec.FORBIDDEN, f"may not publish to room {room!r}", actions, msg_id
+                )
+            elif not self._publish(
+                conn, room, c.username, request.content, timestamp, actions, msg_id
+            ):
+                self._error(conn, codec.BAD_MESSAGE, _UNFORWARDABLE, actions, msg_id)
         elif isinstance(request, codec.Join):
             room = request.room
             rights = c.rooms.get(room)
+            resume = Resume(request.since, request.partial) if request.positioned else None
             if rights is not None:
                 # Already in: answer with the current state, which doubles as an ack
                 # (or, still waiting for the cluster's, with that once it is known).
-                if rights & _PRESENCE and not self._joining(conn, room):
-                    self._deliver((conn,), self._presence_state(room), actions)
+                if not self._joining(conn, room):
+                    if rights & _PRESENCE:
+                        self._deliver((conn,), self._presence_state(room), actions)
+                    if resume is not None:
+                        self._resume(conn, room, resume, actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection
                 self._error(conn, codec.FORBIDDEN, f"at most {limit} rooms per connection", actions)
             else:
-                self._try_join(conn, c, room, timestamp, actions)
+                self._try_join(conn, c, room, timestamp, actions, resume)
         elif isinstance(request, codec.Leave):
             if request.room in c.rooms:
                 self._leave(conn, c, request.room, timestamp, actions)
@@ -682,8 +799,31 @@ class Broker:
                 self._error(conn, codec.NOT_JOINED, f"not in room {request.room!r}", actions)
         elif isinstance(request, codec.Ping):
             self._deliver((conn,), codec.PONG, actions)
+        elif isinstance(request, codec.History):
+            self._history(conn, c, request, actions)
         else:
-            self._error(conn, request.code, request.reason, actions)
+            self._error(conn, request.code, request.reason, actions, request.id)
+
+    def _history(
+        self, conn: ConnectionId, c: _Conn, request: codec.History, actions: list[Action]
+    ) -> None:
+        """Answer a ``history`` request (members, or those granted the right)."""
+        room = request.room
+        rights = c.rooms.get(room)
+        if rights is None:
+            may_read = getattr(self.authorizer, "may_read_history", None)
+            identity = self._identity(c.username, c.identity)
+            if may_read is None or not may_read(identity, room):
+                self._error(conn, codec.NOT_JOINED, f"not in room {room!r}", actions, request.id)
+                return
+        elif not rights & _HISTORY:
+            reason = f"may not read the history of room {room!r}"
+            self._error(conn, codec.FORBIDDEN, reason, actions, request.id)
+            return
+        size = self._streams.policy(room).size
+        limit = size if request.limit is None else min(request.limit, size)
+        position, items = self._streams.history(room, request.since, limit, self._now)
+        self._deliver((conn,), codec.encode_history(room, position, items, request.id), actions)
 
     def connected(self) -> Iterable[ConnectionId]:
         """The live connections (a snapshot)."""

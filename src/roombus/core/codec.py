@@ -14,7 +14,8 @@ from json.encoder import encode_basestring
 
 import attrs
 
-from .names import RoomName, is_valid_room
+from .names import RoomName, is_valid_request_id, is_valid_room
+from .streams import Position, Recovery, Span, is_valid_epoch
 
 # Error codes of the protocol's ``error`` envelope.
 BAD_JSON = "bad_json"
@@ -27,17 +28,29 @@ FORBIDDEN = "forbidden"
 
 @attrs.frozen
 class Chat:
-    """``{"type":"chat","content":...,"room"?:R}``: publish; room None means the default."""
+    """
+    ``{"type":"chat","content":...,"room"?:R,"id"?:X}``: publish; room None means the
+    default. With an *id*, the sender is acknowledged and a resend is not published twice.
+    """
 
     room: RoomName | None
     content: object
+    id: str | None = None
 
 
 @attrs.frozen
 class Join:
-    """``{"type":"join","room":R}``."""
+    """
+    ``{"type":"join","room":R,"since"?:{"epoch":E,"seq":N}|null,"partial"?:bool}``.
+
+    *positioned* tells a join that carried ``since`` (null included: "tell me the
+    current position") from a v1 join, which is answered without ``joined``.
+    """
 
     room: RoomName
+    positioned: bool = False
+    since: Position | None = None
+    partial: bool = False
 
 
 @attrs.frozen
@@ -53,14 +66,31 @@ class Ping:
 
 
 @attrs.frozen
+class History:
+    """
+    ``{"type":"history","room":R,"since"?:{...}|null,"limit"?:L,"id"?:X}``: kept
+    messages after *since* (the latest when None); *limit* None means the default.
+    """
+
+    room: RoomName
+    since: Position | None = None
+    limit: int | None = None
+    id: str | None = None
+
+
+@attrs.frozen
 class Invalid:
-    """A message the server refuses; answered with an ``error`` envelope."""
+    """
+    A message the server refuses; answered with an ``error`` envelope, which echoes
+    the message's ``id`` when it had a valid one.
+    """
 
     code: str
     reason: str
+    id: str | None = None
 
 
-Request = Chat | Join | Leave | Ping | Invalid
+Request = Chat | Join | Leave | Ping | History | Invalid
 
 _PING = Ping()
 
@@ -81,6 +111,25 @@ def _room_field(value: object) -> RoomName | Invalid:
     return Invalid(INVALID_ROOM, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
 
 
+_BAD_SINCE = 'since must be null or {"epoch": 1-32 of A-Z a-z 0-9 _ -, "seq": an integer >= 0}'
+_BAD_ID = "id must be a string of 1-64 characters, none of them a control character"
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def decode_position(value: object) -> Position | Invalid | None:
+    """A ``since`` value: a :class:`Position`, None (``null``), or :class:`Invalid`."""
+    if value is None:
+        return None
+    if type(value) is dict:
+        epoch, seq = value.get("epoch"), value.get("seq")
+        if is_valid_epoch(epoch) and _is_count(seq):
+            return Position(epoch, seq)  # type: ignore[arg-type]
+    return Invalid(BAD_MESSAGE, _BAD_SINCE)
+
+
 def decode_request(text: str) -> Request:
     """
     Decode one client message.
@@ -97,6 +146,8 @@ def decode_request(text: str) -> Request:
         return Invalid(BAD_MESSAGE, "message must be a JSON object")
     kind = obj.get("type")
     if kind == "chat":
+        if "id" in obj:
+            return _decode_acked_chat(obj)
         if "content" not in obj:
             return Invalid(BAD_MESSAGE, "chat needs a content field")
         room = obj.get("room")
@@ -112,12 +163,60 @@ def decode_request(text: str) -> Request:
         checked = _room_field(obj["room"])
         if type(checked) is Invalid:
             return checked
-        return Join(checked) if kind == "join" else Leave(checked)  # type: ignore[arg-type]
+        if kind == "leave":
+            return Leave(checked)  # type: ignore[arg-type]
+        if "since" not in obj:
+            return Join(checked)  # type: ignore[arg-type]
+        since = decode_position(obj["since"])
+        if type(since) is Invalid:
+            return since
+        partial = obj.get("partial", False)
+        if type(partial) is not bool:
+            return Invalid(BAD_MESSAGE, "partial must be true or false")
+        return Join(checked, True, since, partial)  # type: ignore[arg-type]
     if kind == "ping":
         return _PING
+    if kind == "history":
+        return _decode_history(obj)
     if type(kind) is not str:
         return Invalid(BAD_MESSAGE, "message needs a string type field")
     return Invalid(BAD_MESSAGE, "unknown message type")
+
+
+def _decode_acked_chat(obj: dict[str, object]) -> Chat | Invalid:
+    """A chat with an ``id``: refusals echo the id once it is known to be valid."""
+    msg_id = obj["id"]
+    if not is_valid_request_id(msg_id):
+        return Invalid(BAD_MESSAGE, _BAD_ID)
+    assert type(msg_id) is str
+    if "content" not in obj:
+        return Invalid(BAD_MESSAGE, "chat needs a content field", msg_id)
+    room = obj.get("room")
+    if room is None or room == "":
+        return Chat(None, obj["content"], msg_id)
+    checked = _room_field(room)
+    if type(checked) is Invalid:
+        return Invalid(checked.code, checked.reason, msg_id)
+    return Chat(checked, obj["content"], msg_id)  # type: ignore[arg-type]
+
+
+def _decode_history(obj: dict[str, object]) -> History | Invalid:
+    msg_id = obj.get("id")
+    if msg_id is not None and not is_valid_request_id(msg_id):
+        return Invalid(BAD_MESSAGE, _BAD_ID)
+    echo = msg_id if type(msg_id) is str else None
+    if "room" not in obj:
+        return Invalid(BAD_MESSAGE, "history needs a room field", echo)
+    room = _room_field(obj["room"])
+    if type(room) is Invalid:
+        return Invalid(room.code, room.reason, echo)
+    since = decode_position(obj.get("since"))
+    if type(since) is Invalid:
+        return Invalid(since.code, since.reason, echo)
+    limit = obj.get("limit")
+    if limit is not None and not _is_count(limit):
+        return Invalid(BAD_MESSAGE, "limit must be an integer >= 0", echo)
+    return History(room, since, limit, echo)  # type: ignore[arg-type]
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
@@ -166,6 +265,16 @@ def encode_chat(
     deeply, a number out of range such as 1e999, or a lone surrogate, which JSON
     can spell as ``"\ud800"`` but UTF-8 cannot carry: refused rather than passed
     on, so no node, client or backplane has to cope with text that is not Unicode).
+    """
+    prefix = chat_prefix(username, content, room, timestamp)
+    return None if prefix is None else complete_chat(prefix, seq)
+
+
+def chat_prefix(username: str, content: object, room: str, timestamp: int) -> bytes | None:
+    """
+    A chat envelope up to its ``seq`` value (``...,"seq":``), for a sequence number
+    assigned when it is numbered; complete it with :func:`complete_chat`. None as for
+    :func:`encode_chat`.
 
     Built from pieces rather than through a dict: this runs once per published
     message, and string content (the common case) needs only the C string escaper.
@@ -179,22 +288,12 @@ def encode_chat(
             return None
     text = (
         f'{{"type":"chat","username":{_escape(username)},"content":{body},'
-        f'"room":{_escape(room)},"timestamp":{int(timestamp)},"seq":{int(seq)}}}'
+        f'"room":{_escape(room)},"timestamp":{int(timestamp)},"seq":'
     )
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return None
-
-
-def chat_prefix(username: str, content: object, room: str, timestamp: int) -> bytes | None:
-    """
-    A chat envelope up to its ``seq`` value (``...,"seq":``), for a sequence number
-    someone else assigns; complete it with :func:`complete_chat`. None as for
-    :func:`encode_chat`.
-    """
-    encoded = encode_chat(username, content, room, timestamp, 0)
-    return None if encoded is None else encoded[:-2]
 
 
 def complete_chat(prefix: bytes, seq: int) -> bytes:
@@ -240,9 +339,69 @@ def presence_state_of(room: str, literals: Sequence[bytes]) -> bytes:
     )
 
 
-def encode_error(code: str, reason: str) -> bytes:
-    """Encode an ``error`` envelope."""
-    return encode({"type": "error", "code": code, "content": reason})
+def encode_error(code: str, reason: str, msg_id: str | None = None) -> bytes:
+    """Encode an ``error`` envelope (echoing the refused message's ``id``, if any)."""
+    envelope: dict[str, object] = {"type": "error", "code": code, "content": reason}
+    if msg_id is not None:
+        envelope["id"] = msg_id
+    return encode(envelope)
+
+
+def _span(span: Span) -> dict[str, int]:
+    return {"from": span.first, "to": span.last}
+
+
+def encode_joined(room: str, position: Position, recovery: Recovery) -> bytes:
+    """Encode a ``joined`` envelope: *room*'s position and what the join recovered."""
+    envelope: dict[str, object] = {
+        "type": "joined",
+        "room": room,
+        "epoch": position.epoch,
+        "seq": position.seq,
+    }
+    if recovery.recovered is not None:
+        envelope["recovered"] = recovery.recovered
+    if recovery.reason is not None:
+        envelope["reason"] = recovery.reason
+    if recovery.lost is not None:
+        envelope["lost"] = _span(recovery.lost)
+    if recovery.skipped is not None:
+        envelope["skipped"] = _span(recovery.skipped)
+    return encode(envelope)
+
+
+def replayed(payload: bytes) -> bytes:
+    """A kept chat envelope as a replay sends it: with ``"replayed":true``."""
+    return payload[:-1] + b',"replayed":true}'
+
+
+def encode_ack(msg_id: str, room: str, position: Position) -> bytes:
+    """Encode the ``ack`` of an idempotent publish."""
+    return encode(
+        {"type": "ack", "id": msg_id, "room": room, "epoch": position.epoch, "seq": position.seq}
+    )
+
+
+def encode_history(
+    room: str, position: Position, items: Sequence[bytes], msg_id: str | None
+) -> bytes:
+    """Encode a ``history`` answer; *items* are kept chat envelopes, oldest first."""
+    head = encode({"type": "history", "room": room, "epoch": position.epoch, "seq": position.seq})
+    tail = b"" if msg_id is None else b',"id":' + _utf8(_escape(msg_id))
+    return b'%b,"items":[%b]%b}' % (head[:-1], b",".join(items), tail)
+
+
+def encode_reset(room: str, position: Position, reason: str) -> bytes:
+    """Encode a ``reset``: the room's continuity is lost, this is a valid position again."""
+    return encode(
+        {
+            "type": "reset",
+            "room": room,
+            "epoch": position.epoch,
+            "seq": position.seq,
+            "reason": reason,
+        }
+    )
 
 
 PONG = encode({"type": "pong"})

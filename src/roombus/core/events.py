@@ -10,6 +10,7 @@ import attrs
 
 from .auth import Identity
 from .names import ConnectionId, RoomName, Username
+from .streams import Position
 
 
 @attrs.frozen(kw_only=True)
@@ -25,6 +26,10 @@ class ClientConnected:
             broker's authorizer; None when nobody authenticated it.
         expires: The driver's clock (``now``) at which the client's credentials
             expire; the broker then closes the connection with 1008. None: never.
+        positioned: Whether the URL named a position for *room* (``since=E:N``, or
+            ``since=`` empty for none yet): the join is then answered with ``joined``.
+        since: That position, or None.
+        partial: Whether a partial replay was asked for (``partial=1``).
     """
 
     conn: ConnectionId
@@ -32,6 +37,9 @@ class ClientConnected:
     room: RoomName | None = None
     identity: Identity | None = attrs.field(default=None, repr=False)
     expires: float | None = None
+    positioned: bool = False
+    since: Position | None = None
+    partial: bool = False
 
 
 @attrs.frozen(kw_only=True)

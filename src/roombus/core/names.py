@@ -44,6 +44,14 @@ def is_token(name: object) -> bool:
     return type(name) is str and _TOKEN_RE.fullmatch(name) is not None
 
 
+def is_valid_request_id(value: object) -> bool:
+    """
+    Whether *value* can be a message's ``id`` (an idempotent chat's, a history
+    request's): the same rule as a username, so it can be echoed as it came.
+    """
+    return is_valid_username(value)
+
+
 def is_valid_username(name: object) -> bool:
     """
     Tell whether *name* is a usable username.

@@ -14,17 +14,7 @@ import attrs
 
 from .codec import user_literal
 from .names import ConnectionId, RoomName, Username
-
-#: A table (a room's dicts, the connection tables) is copied smaller once it held at
-#: least this many entries...
-_SHRINK_FROM = 256
-#: ... and is down to this fraction of that peak (a dict never shrinks by deletions).
-_SHRINK_BELOW = 4
-
-
-def worth_shrinking(size: int, peak: int) -> bool:
-    """Whether a dict that held *peak* entries and now holds *size* should be copied."""
-    return peak >= _SHRINK_FROM and size * _SHRINK_BELOW < peak
+from .tables import worth_shrinking
 
 
 @attrs.define
@@ -34,7 +24,6 @@ class Room:
     name: RoomName
     members: dict[ConnectionId, Username] = attrs.field(factory=dict)
     users: dict[Username, int] = attrs.field(factory=dict)  # user -> connections here
-    seq: int = 0  # the last chat's sequence number
     #: The present users, sorted, and each one's JSON string literal (same order): a
     #: ``presence_state`` without sorting or encoding the whole list per join.
     sorted_users: list[Username] = attrs.field(factory=list)

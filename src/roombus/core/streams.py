@@ -24,6 +24,7 @@ from typing import Final
 import attrs
 
 from .names import RoomName, Username
+from .tables import worth_shrinking
 
 #: An epoch: 1 to 32 characters of ``A-Z a-z 0-9 _ -``.
 EPOCH_PATTERN: Final = "[A-Za-z0-9_-]{1,32}"
@@ -150,6 +151,22 @@ def _partial(reason: str, lost: Span | None, first: int, top: int, most: int) ->
 
 
 @attrs.frozen(kw_only=True)
+class Publication:
+    """
+    What a server-side publish did.
+
+    Attributes:
+        delivered: The connections on this node it was delivered to (0 if the room
+            has no members here).
+        position: Its position in the room's stream, or None in a cluster (whose
+            streams do not have epochs yet).
+    """
+
+    delivered: int
+    position: Position | None
+
+
+@attrs.frozen(kw_only=True)
 class RoomPolicy:
     """How much history one room keeps: ``size`` messages (0: none) for ``ttl`` seconds."""
 
@@ -163,14 +180,15 @@ class _Stream:
     policy: RoomPolicy
     top: int = 0
     active: float = 0.0  # the last publish (or creation): the position TTL counts from it
-    # (seq, published at, payload), oldest first
-    items: deque[tuple[int, float, bytes]] = attrs.field(factory=deque)
+    # (seq, published at, payload), oldest first; () while empty (an empty deque
+    # costs 600 bytes, and most positions are kept with no history)
+    items: deque[tuple[int, float, bytes]] | tuple[()] = ()
     size: int = STREAM_OVERHEAD  # bytes, as counted against the node's cap
     held: bool = False  # the room has members: its position never expires
 
 
 @attrs.frozen(kw_only=True)
-class Published:
+class Numbered:
     """
     The outcome of :meth:`MemoryStreams.publish`.
 
@@ -229,6 +247,8 @@ class MemoryStreams:
             OrderedDict()
         )
         self._bytes = 0
+        self._peak = 0  # most streams since the table was last copied
+        self._acks_peak = 0
         self.evicted_rooms = 0  # rooms whose history the byte cap took
 
     # -- introspection --------------------------------------------------------------
@@ -263,7 +283,7 @@ class MemoryStreams:
         now: float,
         *,
         dedup: tuple[Username, str] | None = None,
-    ) -> Published:
+    ) -> Numbered:
         """
         Number a message of *room* and keep it.
 
@@ -279,13 +299,15 @@ class MemoryStreams:
             key = (dedup[0], room, dedup[1])
             seen = self._acks.get(key)
             if seen is not None and seen[0].epoch == s.epoch:
-                return Published(position=seen[0], payload=None)
+                return Numbered(position=seen[0], payload=None)
         s.top += 1
         s.active = now
         self._streams.move_to_end(room)
         payload = b"%b%d}" % (prefix, s.top)
         policy = s.policy
         if policy.size:
+            if not s.items:
+                s.items = deque()
             s.items.append((s.top, now, payload))
             cost = len(payload) + ENTRY_OVERHEAD
             s.size += cost
@@ -298,9 +320,10 @@ class MemoryStreams:
             if old is None:
                 self._bytes += ACK_OVERHEAD + len(key[0]) + len(key[2])
             self._acks[key] = (position, now + self._dedup_window)
+            self._acks_peak = max(self._acks_peak, len(self._acks))
         if self._bytes > self._max_bytes:
             self._evict(keep=room)
-        return Published(position=position, payload=payload)
+        return Numbered(position=position, payload=payload)
 
     def recover(
         self,
@@ -378,15 +401,22 @@ class MemoryStreams:
             )
             self._streams[room] = s
             self._bytes += STREAM_OVERHEAD
+            self._peak = max(self._peak, len(self._streams))
         return s
 
     def _range(self, s: _Stream, span: Span) -> list[bytes]:
-        start = span.first - s.items[0][0]
-        chosen = islice(s.items, start, start + span.last - span.first + 1)
+        items = s.items
+        assert isinstance(items, deque)
+        start = span.first - items[0][0]
+        chosen = islice(items, start, start + span.last - span.first + 1)
         return [payload for _, _, payload in chosen]
 
     def _drop_oldest(self, s: _Stream) -> None:
-        _, _, payload = s.items.popleft()
+        items = s.items
+        assert items
+        _, _, payload = items.popleft()
+        if not items:
+            s.items = ()
         cost = len(payload) + ENTRY_OVERHEAD
         s.size -= cost
         self._bytes -= cost
@@ -419,6 +449,16 @@ class MemoryStreams:
                 break
             del acks[key]
             self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """After many streams or acknowledgements went: copy their tables smaller."""
+        if worth_shrinking(len(self._streams), self._peak):
+            self._streams = OrderedDict(self._streams)
+            self._peak = len(self._streams)
+        if worth_shrinking(len(self._acks), self._acks_peak):
+            self._acks = OrderedDict(self._acks)
+            self._acks_peak = len(self._acks)
 
     def _evict(self, *, keep: RoomName) -> None:
         """

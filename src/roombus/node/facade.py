@@ -6,6 +6,7 @@ import time
 
 from ..core.events import Event
 from ..core.names import RoomName
+from ..core.streams import Publication
 from ..server.hub import HubBase
 
 
@@ -42,12 +43,15 @@ class ServerFacade:
         none; the adapter calls it, an application never needs to."""
         raise NotImplementedError
 
-    def publish(self, room: str, content: object, *, username: str = "server") -> int:
+    def publish(self, room: str, content: object, *, username: str = "server") -> Publication:
         """
         Publish a chat message to every member of *room*, as *username*.
 
         Returns:
-            How many connections it was delivered to (0 if the room has no members).
+            How many connections here it was delivered to (``delivered``, 0 if the
+            room has no members), and its position in the room's stream
+            (``position``: epoch and seq; None in a cluster). The message is kept in
+            the room's history even if nobody is in the room now.
 
         Raises:
             ValueError: if the room or username is invalid or content is not JSON.

@@ -25,6 +25,7 @@ import attrs
 from ..cluster.config import ClusterConfig
 from ..core.config import BrokerConfig
 from ..core.errors import ConfigError
+from ..core.streams import RoomPolicy
 from ..server.auth import JWTAuthenticator
 from ..server.config import ServerConfig
 from .settings import LOG_LEVELS, TRANSPORTS, Settings
@@ -173,6 +174,41 @@ SERVE_OPTIONS = (
         f"messages one connection may send at once (default {_defaults_b.rate_burst})",
     ),
     _Option(
+        "history-size",
+        int,
+        f"chat messages kept per room, for clients that rejoin with a position or ask "
+        f"for history; 0: none (default {_defaults_b.history_size})",
+    ),
+    _Option(
+        "history-ttl",
+        float,
+        f"seconds each kept message is kept (default {_defaults_b.history_ttl:g})",
+    ),
+    _Option(
+        "history-max-bytes",
+        int,
+        f"bytes all rooms' history may take; beyond, the least recently active rooms "
+        f"lose theirs first (default {_defaults_b.history_max_bytes})",
+    ),
+    _Option(
+        "position-ttl",
+        float,
+        f"seconds an empty room's epoch and seq are kept after its last message "
+        f"(default {_defaults_b.position_ttl:g})",
+    ),
+    _Option(
+        "recovery-max",
+        int,
+        f"most messages one join may be replayed; at most --send-queue "
+        f"(default {_defaults_b.recovery_max}, or --send-queue if smaller)",
+    ),
+    _Option(
+        "dedup-window",
+        float,
+        f"seconds a chat id is remembered, so a resend is not published twice "
+        f"(default {_defaults_b.dedup_window:g})",
+    ),
+    _Option(
         "handshake-timeout",
         float,
         f"seconds to complete the opening request (default {_defaults_s.handshake_timeout:g})",
@@ -304,10 +340,40 @@ def _read_file(path: str) -> dict[str, Any]:
         if others:
             raise ConfigError(f"{path}: {others[0]}", "outside the [roombus] table")
         table = table["roombus"]
+    rooms = table.pop("rooms", None)
     error = _unknown_keys(table, path)
     if error is not None:
         raise error
-    return {key.replace("-", "_"): value for key, value in table.items()}
+    values = {key.replace("-", "_"): value for key, value in table.items()}
+    if rooms is not None:
+        values[_ROOMS] = _room_tables(rooms, path)
+    return values
+
+
+#: Where the per-room tables of a configuration file go among its values.
+_ROOMS = "rooms"
+_ROOM_KEYS = frozenset({"history-size", "history-ttl"})
+
+
+def _room_tables(rooms: object, path: str) -> list[tuple[str, int | None, float | None]]:
+    """``[rooms."PATTERN"]`` tables: (pattern, history size, history TTL), in file order."""
+    if not isinstance(rooms, dict):
+        raise ConfigError(f"{path}: rooms", 'must be tables: [rooms."tenant-*"]')
+    out: list[tuple[str, int | None, float | None]] = []
+    for pattern, table in rooms.items():
+        where = f'{path}: rooms."{pattern}"'
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table of history-size and history-ttl")
+        unknown = sorted(set(table) - _ROOM_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown setting")
+        size, ttl = table.get("history-size"), table.get("history-ttl")
+        if size is not None and not (type(size) is int and size >= 0):
+            raise ConfigError(f"{where}.history-size", f"must be an integer >= 0, not {size!r}")
+        if ttl is not None and not (type(ttl) in (int, float) and 0 < ttl < float("inf")):
+            raise ConfigError(f"{where}.history-ttl", f"must be a positive number, not {ttl!r}")
+        out.append((pattern, size, None if ttl is None else float(ttl)))
+    return out
 
 
 def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -344,6 +410,8 @@ def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str,
         except (ValueError, TypeError) as exc:
             shown = "" if opt.dest in _SECRETS else f" {raw!r}"
             raise ConfigError(source, f"invalid value{shown}: {exc}") from None
+    if _ROOMS in from_file:
+        values[_ROOMS] = from_file[_ROOMS]
     return values
 
 
@@ -462,6 +530,15 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     authenticator = _authenticator(values)
     ssl_context = _ssl_context(values)
     cluster = _cluster(values)
+    rooms = values.pop(_ROOMS, None)
+    if rooms:
+        # A room table's missing keys are the server-wide values.
+        size = values.get("history_size", _defaults_b.history_size)
+        ttl = values.get("history_ttl", _defaults_b.history_ttl)
+        values["room_history"] = tuple(
+            (pattern, RoomPolicy(size=size if s is None else s, ttl=ttl if t is None else t))
+            for pattern, s, t in rooms
+        )
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
     server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})

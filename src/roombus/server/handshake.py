@@ -19,6 +19,7 @@ import attrs
 
 from ..core.auth import Identity
 from ..core.names import RoomName, Username, is_valid_room, is_valid_username
+from ..core.streams import Position, is_valid_epoch
 from .auth import Authenticator, Refusal, selected_subprotocol
 from .http import HttpResponse as HttpResponse
 from .typing import Headers
@@ -37,6 +38,10 @@ class Upgrade:
         accept: The ``Sec-WebSocket-Accept`` value for the response.
         identity: What the authenticator established, or None without one.
         subprotocol: The ``Sec-WebSocket-Protocol`` to answer with, or None.
+        positioned: Whether the query named a position (``since=E:N``, or
+            ``since=`` for none yet): the join is answered with ``joined``.
+        since: That position, or None.
+        partial: Whether the query asked for a partial replay (``partial=1``).
     """
 
     room: RoomName
@@ -44,6 +49,24 @@ class Upgrade:
     accept: bytes
     identity: Identity | None = attrs.field(default=None, repr=False)
     subprotocol: bytes | None = None
+    positioned: bool = False
+    since: Position | None = None
+    partial: bool = False
+
+
+def parse_since(value: str) -> Position | None:
+    """
+    The query form of a position: ``EPOCH:SEQ``, or empty for None.
+
+    Raises:
+        ValueError: if *value* is neither.
+    """
+    if not value:
+        return None
+    epoch, colon, seq = value.rpartition(":")
+    if colon and is_valid_epoch(epoch) and seq.isdigit() and seq.isascii() and len(seq) <= 19:
+        return Position(epoch, int(seq))
+    raise ValueError(value)
 
 
 def accept_token(key: bytes) -> bytes:
@@ -193,11 +216,23 @@ def _admit(
         return _refuse(400, "query string is not valid UTF-8")
     room: str | None = None
     username: str | None = None
+    since: str | None = None
+    partial: str | None = None
     for name, value in params:  # the first of repeated parameters wins
         if name == "room" and room is None:
             room = value
         elif name == "username" and username is None:
             username = value
+        elif name == "since" and since is None:
+            since = value
+        elif name == "partial" and partial is None:
+            partial = value
+    try:
+        position = parse_since(since) if since is not None else None
+    except ValueError:
+        return _refuse(400, "since must be EPOCH:SEQ (or empty for no position yet)")
+    if partial not in (None, "", "0", "1", "true", "false"):
+        return _refuse(400, "partial must be 1 or 0")
     identity: Identity | None = None
     if authenticator is not None:
         verdict = authenticator.authenticate(path=path, query=query, headers=headers, now=now)
@@ -217,4 +252,7 @@ def _admit(
         accept=accept,
         identity=identity,
         subprotocol=selected_subprotocol(headers),
+        positioned=since is not None,
+        since=position,
+        partial=partial in ("1", "true"),
     )

@@ -82,7 +82,8 @@ from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event
 from ..core.names import ConnectionId
-from ..core.registry import worth_shrinking
+from ..core.streams import Position, Publication
+from ..core.tables import worth_shrinking
 from .admission import Admission
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
@@ -409,16 +410,26 @@ class HubBase:
 
     def publish(
         self, room: str, content: object, *, username: str, now: float, timestamp: int
-    ) -> int:
+    ) -> Publication:
         """
-        Publish a chat message from server-side code; returns how many receivers.
+        Publish a chat message from server-side code: how many receivers here, and
+        its position.
 
         Raises:
             ValueError: if the room or username is invalid or content is not JSON.
         """
-        actions = self.broker.publish(room, content, username=username, timestamp=timestamp)
+        actions = self.broker.publish(
+            room, content, username=username, timestamp=timestamp, now=now
+        )
         self._apply(actions, now, timestamp)
-        return sum(len(a.conns) for a in actions if type(a) is Deliver)
+        position = None
+        for a in actions:
+            if type(a) is MessagePublished and a.epoch:
+                position = Position(a.epoch, a.seq)
+        return Publication(
+            delivered=sum(len(a.conns) for a in actions if type(a) is Deliver),
+            position=position,
+        )
 
     def shutdown(self, *, now: float, timestamp: int) -> None:
         """Close every connection (1001 for clients; handshakes are dropped)."""
@@ -466,6 +477,9 @@ class HubBase:
                     room=upgrade.room,
                     identity=identity,
                     expires=expires,
+                    positioned=upgrade.positioned,
+                    since=upgrade.since,
+                    partial=upgrade.partial,
                 ),
                 now=now,
                 timestamp=timestamp,

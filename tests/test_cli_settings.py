@@ -114,7 +114,7 @@ def test_room_tables_override_history_per_pattern(tmp_path):
         ('[rooms."t-*"]\nhistory-size = -1\n', 'rooms."t-*".history-size'),
         ('[rooms."t-*"]\nhistory-ttl = 0\n', 'rooms."t-*".history-ttl'),
         ('[rooms."t-*"]\nsize = 3\n', 'rooms."t-*".size: unknown setting'),
-        ('rooms = 3\n', "rooms: must be tables"),
+        ("rooms = 3\n", "rooms: must be tables"),
         ('[rooms]\n"t-*" = 3\n', 'rooms."t-*": must be a table'),
     ],
 )

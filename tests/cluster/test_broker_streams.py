@@ -43,3 +43,15 @@ def test_a_join_with_a_position_joins_and_says_it_cannot_recover() -> None:
     assert error["code"] == "bad_message"
     assert not [e for e in inbox(out, 1) if e["type"] == "joined"]
     assert b.rooms_of(ConnectionId(1)) == ["lobby"]
+
+
+def test_joiners_still_waiting_for_the_room_count_against_its_limit() -> None:
+    from roombus import BrokerConfig, RoomName, Username
+
+    b = ClusterBroker(BrokerConfig(max_connections_per_room=1), node="n1")
+    b.handle(BackplaneRestored(), now=0.0, timestamp=0)
+    connect(b, 1, "ann")  # waits for the room's presence (no RoomSynced yet)
+    assert b.rooms_of(ConnectionId(1)) == ["lobby"] and b.members("lobby") == []
+    assert b.refusal(RoomName("lobby"), Username("bob"), None) == (
+        "room 'lobby' is full (1 connections)"
+    )

@@ -193,6 +193,11 @@ def _client_frames() -> st.SearchStrategy[list[bytes]]:
         st.binary(max_size=20).map(lambda b: ("rawtext", b)),
         st.binary(max_size=10).map(lambda b: ("binary", b)),
         st.binary(min_size=1, max_size=12).map(lambda b: ("garbage", b)),
+        # A short text frame whose length takes 2 bytes where 1 would do (RFC 6455
+        # 5.2 wants the minimal form), and a new text frame inside a fragmented message:
+        # both protocol errors the fast path must leave to wsproto.
+        st.binary(max_size=20).map(lambda b: ("long-length", b)),
+        text.map(lambda t: ("text-in-fragments", t)),
     )
 
     def build(items: list[tuple[str, object]]) -> list[bytes]:
@@ -216,6 +221,13 @@ def _client_frames() -> st.SearchStrategy[list[bytes]]:
                 out.append(raw_frame(0x1, arg))  # type: ignore[arg-type]
             elif kind == "binary":
                 out.append(client.send(BytesMessage(data=arg)))  # type: ignore[arg-type]
+            elif kind == "long-length":
+                payload = arg  # type: ignore[assignment]
+                out.append(b"\x81\xfe" + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload)
+            elif kind == "text-in-fragments":
+                # Raw frames: the client object must not think a message is open.
+                out.append(raw_frame(0x1, b"a", fin=False))
+                out.append(raw_frame(0x1, arg.encode()[:100]))  # type: ignore[union-attr]
             else:
                 out.append(arg)  # type: ignore[arg-type]
         return out
@@ -243,3 +255,13 @@ def test_fast_path_matches_wsproto_alone(frames: list[bytes], cuts: list[int]) -
                 break
         results.append(events)
     assert results[0] == results[1]
+
+
+def test_a_needlessly_long_length_and_a_text_frame_inside_a_fragmented_message_close_1002() -> None:
+    wire, _ = opened()
+    assert closing_code(wire, b"\x81\xfe\x00\x02\0\0\0\0hi") == 1002
+    wire, client = opened()
+    assert wire.receive_data(client.send(TextMessage(data="a", message_finished=False))) == [
+        FragmentReceived()
+    ]
+    assert closing_code(wire, raw_frame(0x1, b"new")) == 1002

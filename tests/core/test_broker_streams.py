@@ -221,6 +221,17 @@ def test_malformed_v2_fields_are_bad_messages(message: dict[str, object]) -> Non
     assert error["type"] == "error" and error["code"] == "bad_message" and "id" not in error
 
 
+def test_a_rate_limited_chat_is_refused_with_its_id() -> None:
+    b = make_broker(rate_limit=1.0, rate_burst=3)
+    connect(b, 1, "ann")
+    for n in range(3):
+        send(b, 1, chat("allowed", id=f"a{n}"))
+    (error,) = inbox(send(b, 1, chat("second", id="b")), 1)
+    assert (error["code"], error["id"]) == ("rate_limited", "b")
+    (error,) = inbox(send(b, 1, chat("third")), 1)
+    assert error["code"] == "rate_limited" and "id" not in error
+
+
 def test_history_on_demand() -> None:
     b = make_broker(history_size=4)
     connect(b, 1, "ann")

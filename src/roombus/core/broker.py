@@ -383,7 +383,10 @@ class Broker:
                 if decision is RateDecision.ALLOW:
                     self._on_text(event.conn, c, event.text, timestamp, actions)
                 elif decision is RateDecision.REFUSE:
-                    self._error(event.conn, codec.RATE_LIMITED, "too many messages", actions)
+                    msg_id = codec.request_id(event.text)
+                    self._error(
+                        event.conn, codec.RATE_LIMITED, "too many messages", actions, msg_id
+                    )
                 else:
                     actions.append(
                         Close(conn=event.conn, code=POLICY_VIOLATION, reason="rate limit exceeded")
@@ -734,27 +737,26 @@ class Broker:
         prefix = codec.chat_prefix(username, content, room, timestamp)
         if prefix is None:
             return False
-        out = self._streams.publish(
-            room, prefix, self._now, dedup=None if msg_id is None else (username, msg_id)
+        epoch, seq, payload = self._streams.number(
+            room, prefix, self._now, None if msg_id is None else (username, msg_id)
         )
-        position = out.position
-        if out.payload is not None:
+        if payload is not None:
             self._messages_published += 1
             r = self._registry.rooms.get(room)
             if r is not None:
-                self._deliver(tuple(r.members), out.payload, actions)
+                self._deliver(tuple(r.members), payload, actions)
             actions.append(
                 MessagePublished(
                     room=room,
                     username=username,
                     content=content,
-                    seq=position.seq,
+                    seq=seq,
                     timestamp=timestamp,
-                    epoch=position.epoch,
+                    epoch=epoch,
                 )
             )
         if msg_id is not None and conn is not None:
-            self._deliver((conn,), codec.encode_ack(msg_id, room, position), actions)
+            self._deliver((conn,), codec.encode_ack(msg_id, room, Position(epoch, seq)), actions)
         return True
 
     def _on_text(

@@ -183,6 +183,18 @@ def decode_request(text: str) -> Request:
     return Invalid(BAD_MESSAGE, "unknown message type")
 
 
+def request_id(text: str) -> str | None:
+    """
+    The ``id`` of a message (a chat's or a history request's), or None: for a refusal
+    decided before the message is decoded (rate limiting), which must still echo it.
+    """
+    if '"id"' not in text:
+        return None
+    request = decode_request(text)
+    msg_id = getattr(request, "id", None)
+    return msg_id if type(msg_id) is str else None
+
+
 def _decode_acked_chat(obj: dict[str, object]) -> Chat | Invalid:
     """A chat with an ``id``: refusals echo the id once it is known to be valid."""
     msg_id = obj["id"]

@@ -16,6 +16,7 @@ first). No clock is read: every call takes the driver's monotonic ``now``.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections import OrderedDict, deque
 from itertools import islice
@@ -247,6 +248,8 @@ class MemoryStreams:
             OrderedDict()
         )
         self._bytes = 0
+        # No position or acknowledgement expires before this instant (a lower bound).
+        self._due = math.inf
         self._peak = 0  # most streams since the table was last copied
         self._acks_peak = 0
         self.evicted_rooms = 0  # rooms whose history the byte cap took
@@ -292,38 +295,55 @@ class MemoryStreams:
             dedup: ``(username, id)`` of an idempotent publish: if acknowledged within
                 the window (in this epoch), the message is not published again.
         """
-        self._expire(now)
-        s = self._stream(room, now)
+        epoch, seq, payload = self.number(room, prefix, now, dedup)
+        return Numbered(position=Position(epoch, seq), payload=payload)
+
+    def number(
+        self,
+        room: RoomName,
+        prefix: bytes,
+        now: float,
+        dedup: tuple[Username, str] | None = None,
+    ) -> tuple[str, int, bytes | None]:
+        """:meth:`publish` as ``(epoch, seq, payload)``: the broker's chat path."""
+        if now >= self._due:
+            self._expire(now)
+        s = self._streams.get(room)
+        if s is None:
+            s = self._stream(room, now)
         key = None
         if dedup is not None:
             key = (dedup[0], room, dedup[1])
             seen = self._acks.get(key)
             if seen is not None and seen[0].epoch == s.epoch:
-                return Numbered(position=seen[0], payload=None)
-        s.top += 1
+                return s.epoch, seen[0].seq, None
+        seq = s.top = s.top + 1
         s.active = now
         self._streams.move_to_end(room)
-        payload = b"%b%d}" % (prefix, s.top)
-        policy = s.policy
-        if policy.size:
-            if not s.items:
-                s.items = deque()
-            s.items.append((s.top, now, payload))
+        payload = b"%b%d}" % (prefix, seq)
+        size = s.policy.size
+        if size:
+            items = s.items
+            if not items:
+                items = s.items = deque()
+            items.append((seq, now, payload))
             cost = len(payload) + ENTRY_OVERHEAD
+            if len(items) > size:
+                cost -= len(items.popleft()[2]) + ENTRY_OVERHEAD
             s.size += cost
             self._bytes += cost
-            if len(s.items) > policy.size:
-                self._drop_oldest(s)
-        position = Position(s.epoch, s.top)
         if key is not None:
             old = self._acks.pop(key, None)
             if old is None:
                 self._bytes += ACK_OVERHEAD + len(key[0]) + len(key[2])
-            self._acks[key] = (position, now + self._dedup_window)
+            until = now + self._dedup_window
+            self._acks[key] = (Position(s.epoch, seq), until)
             self._acks_peak = max(self._acks_peak, len(self._acks))
+            if until < self._due:
+                self._due = until
         if self._bytes > self._max_bytes:
             self._evict(keep=room)
-        return Numbered(position=position, payload=payload)
+        return s.epoch, seq, payload
 
     def recover(
         self,
@@ -401,6 +421,8 @@ class MemoryStreams:
             )
             self._streams[room] = s
             self._bytes += STREAM_OVERHEAD
+            if now + self._position_ttl < self._due:
+                self._due = now + self._position_ttl
             self._peak = max(self._peak, len(self._streams))
         return s
 
@@ -449,6 +471,12 @@ class MemoryStreams:
                 break
             del acks[key]
             self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
+        due = math.inf
+        if streams:
+            due = next(iter(streams.values())).active + self._position_ttl
+        if acks:
+            due = min(due, next(iter(acks.values()))[1])
+        self._due = due
         self._shrink()
 
     def _shrink(self) -> None:

@@ -55,3 +55,11 @@ def test_joiners_still_waiting_for_the_room_count_against_its_limit() -> None:
     assert b.refusal(RoomName("lobby"), Username("bob"), None) == (
         "room 'lobby' is full (1 connections)"
     )
+
+
+def test_a_join_with_a_position_while_still_joining_is_refused_too() -> None:
+    b = node()
+    connect(b, 1, "ann")  # pending: the room's presence is not read yet
+    out = send(b, 1, {"type": "join", "room": "lobby", "since": None})
+    (error,) = inbox(out, 1)
+    assert (error["type"], error["code"]) == ("error", "bad_message")

@@ -200,13 +200,20 @@ def test_refusals_echo_the_id(message: dict[str, object], code: str) -> None:
     assert error["type"] == "error" and error["code"] == code and error["id"] == "a"
 
 
+@pytest.mark.parametrize("msg_id", ["", "x" * 65, 7, None, "a\nb", ["m1"]])
+def test_an_id_that_is_not_one_is_ignored_as_the_first_protocol_did(msg_id: object) -> None:
+    b = make_broker()
+    connect(b, 1, "ann")
+    out = inbox(send(b, 1, chat("x", id=msg_id)), 1)
+    assert [e["type"] for e in out] == ["chat"] and out[0]["seq"] == 1
+    assert "id" not in out[0]
+
+
 @pytest.mark.parametrize(
     "message",
     [
-        chat("x", id=""),
-        chat("x", id="x" * 65),
-        chat("x", id=7),
-        chat("x", id="a\nb"),
+        {"type": "history", "room": "lobby", "id": 7},
+        {"type": "history", "room": "lobby", "id": ""},
         join("lobby", {"epoch": "e e", "seq": 1}),
         join("lobby", {"epoch": "e", "seq": -1}),
         join("lobby", {"epoch": "e", "seq": True}),
@@ -230,6 +237,37 @@ def test_a_rate_limited_chat_is_refused_with_its_id() -> None:
     assert (error["code"], error["id"]) == ("rate_limited", "b")
     (error,) = inbox(send(b, 1, chat("third")), 1)
     assert error["code"] == "rate_limited" and "id" not in error
+
+
+def test_a_replay_never_outgrows_the_joiners_queue() -> None:
+    # 4 queue slots: presence, presence_state and joined leave room for one chat; and
+    # half the queue's bytes for the replay.
+    big = "x" * 2000
+    b = make_broker(send_queue=4, send_queue_bytes=64 + 1024 + 5000, max_message_bytes=64)
+    connect(b, 1, "ann")
+    epoch = b.position("lobby").epoch
+    for _ in range(3):
+        b.publish("lobby", big, username="server", timestamp=TS)
+    joined = inbox(send(b, 1, join("lobby", {"epoch": epoch, "seq": 2})), 1)[-2]
+    assert joined["recovered"] is True  # one fits
+    joined = inbox(send(b, 1, join("lobby", {"epoch": epoch, "seq": 1})), 1)[-1]
+    assert joined["recovered"] is False and joined["reason"] == "over_limit"
+    out = inbox(send(b, 1, join("lobby", {"epoch": epoch, "seq": 1}, partial=True)), 1)
+    assert [e["seq"] for e in out if e["type"] == "chat"] == [3]
+    assert next(e for e in out if e["type"] == "joined")["skipped"] == {"from": 2, "to": 2}
+
+
+def test_a_history_answer_is_bounded_by_bytes_too() -> None:
+    b = make_broker(send_queue_bytes=64 * 1024 + 1024, max_message_bytes=64 * 1024)
+    connect(b, 1, "ann")
+    for n in range(10):
+        b.publish("lobby", str(n) + "x" * 10_000, username="server", timestamp=TS)
+    (answer,) = inbox(send(b, 1, {"type": "history", "room": "lobby"}), 1)
+    # Half of 65 KiB holds three 10 KB chats: the latest three.
+    assert [e["seq"] for e in answer["items"]] == [8, 9, 10]
+    since = {"epoch": answer["epoch"], "seq": 0}
+    (answer,) = inbox(send(b, 1, {"type": "history", "room": "lobby", "since": since}), 1)
+    assert [e["seq"] for e in answer["items"]] == [1, 2, 3]
 
 
 def test_history_on_demand() -> None:

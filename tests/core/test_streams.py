@@ -143,7 +143,7 @@ def make(**kw: object) -> MemoryStreams:
 
 
 def test_epochs_are_valid_and_new_per_stream() -> None:
-    s = make(epoch_prefix="abcdefghijklmnopqrstuvwx")
+    s = make(epoch_prefix="abcdefghijklmnop")
     e1 = s.position(RoomName("a"), 0.0).epoch
     s.publish(RoomName("a"), prefix("a", 1), 0.0)
     assert s.position(RoomName("a"), 100.0).epoch != e1  # expired, a new stream
@@ -351,3 +351,31 @@ def test_the_byte_cap_holds_and_replays_stay_truthful(script: list[tuple[RoomNam
             assert seqs(plan.lost) + seqs(plan.skipped) + seqs(plan.replay) == list(
                 range(1, top.seq + 1)
             )
+
+
+def test_positions_of_rooms_never_published_to_go_first_and_the_cap_holds() -> None:
+    s = make(max_bytes=20_000, history_size=10, history_ttl=1000.0)
+    kept = RoomName("kept")
+    s.publish(kept, b"x" * 500 + prefix("kept", 1), 0.0)
+    epoch = s.position(kept, 0.0).epoch
+    # Join/leave churn over many distinct rooms (positions only) cannot push it out.
+    for n in range(500):
+        room = RoomName(f"churn-{n}")
+        s.hold(room, 1.0)
+        s.release(room, 1.0)
+        assert s.used_bytes <= 20_000
+    _, plan, items = s.recover(kept, Position(epoch, 0), 2.0, recovery_max=10, partial=False)
+    assert plan.recovered and len(items) == 1
+
+
+def test_acknowledgements_go_before_other_rooms_history() -> None:
+    s = make(max_bytes=12_000, history_size=10, history_ttl=1000.0, dedup_window=1000.0)
+    quiet = RoomName("quiet")
+    s.publish(quiet, b"x" * 500 + prefix("quiet", 1), 0.0)
+    epoch = s.position(quiet, 0.0).epoch
+    busy = RoomName("busy")
+    for n in range(200):  # a flood of distinct ids
+        s.publish(busy, prefix("busy", n), 1.0, dedup=(Username("flood"), f"id-{n}"))
+        assert s.used_bytes <= 12_000
+    _, plan, items = s.recover(quiet, Position(epoch, 0), 2.0, recovery_max=10, partial=False)
+    assert plan.recovered and len(items) == 1

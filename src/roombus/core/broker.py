@@ -64,6 +64,8 @@ _PUBLISH: Final = 1
 _PRESENCE: Final = 2
 _HISTORY: Final = 4
 _ALL_RIGHTS: Final = _PUBLISH | _PRESENCE | _HISTORY
+#: Messages a join sends the joiner besides a replay (presence, presence_state, joined).
+_JOIN_ANSWERS: Final = 3
 _UNFORWARDABLE: Final = (
     "content cannot be forwarded: nested too deeply, a number out of range,"
     " or a lone surrogate (not Unicode text)"
@@ -591,12 +593,17 @@ class Broker:
         self, conn: ConnectionId, room: RoomName, resume: Resume, actions: list[Action]
     ) -> None:
         """``joined`` for *conn* in *room*, then the replay its position allows."""
+        config = self.config
         position, recovery, items = self._streams.recover(
             room,
             resume.since,
             self._now,
-            recovery_max=self.config.recovery_max,
+            # Room in the joiner's queue for its presence, presence_state and joined,
+            # and half of its bytes for live traffic: a replay never gets its own
+            # client closed as slow.
+            recovery_max=min(config.recovery_max, config.send_queue - _JOIN_ANSWERS),
             partial=resume.partial,
+            max_bytes=config.send_queue_bytes // 2,
         )
         self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
         for payload in items:
@@ -784,11 +791,11 @@ class Broker:
             if rights is not None:
                 # Already in: answer with the current state, which doubles as an ack
                 # (or, still waiting for the cluster's, with that once it is known).
-                if not self._joining(conn, room):
-                    if rights & _PRESENCE:
-                        self._deliver((conn,), self._presence_state(room), actions)
-                    if resume is not None:
-                        self._resume(conn, room, resume, actions)
+                if rights & _PRESENCE and not self._joining(conn, room):
+                    self._deliver((conn,), self._presence_state(room), actions)
+                if resume is not None:
+                    # (Still joining, in a cluster: answered there with an error.)
+                    self._resume(conn, room, resume, actions)
             elif len(c.rooms) >= self.config.max_rooms_per_connection:
                 limit = self.config.max_rooms_per_connection
                 self._error(conn, codec.FORBIDDEN, f"at most {limit} rooms per connection", actions)
@@ -824,7 +831,10 @@ class Broker:
             return
         size = self._streams.policy(room).size
         limit = size if request.limit is None else min(request.limit, size)
-        position, items = self._streams.history(room, request.since, limit, self._now)
+        # At most half a send queue's bytes in one answer (one message, however big).
+        position, items = self._streams.history(
+            room, request.since, limit, self._now, self.config.send_queue_bytes // 2
+        )
         self._deliver((conn,), codec.encode_history(room, position, items, request.id), actions)
 
     def connected(self) -> Iterable[ConnectionId]:

@@ -146,7 +146,7 @@ def decode_request(text: str) -> Request:
         return Invalid(BAD_MESSAGE, "message must be a JSON object")
     kind = obj.get("type")
     if kind == "chat":
-        if "id" in obj:
+        if is_valid_request_id(obj.get("id")):
             return _decode_acked_chat(obj)
         if "content" not in obj:
             return Invalid(BAD_MESSAGE, "chat needs a content field")
@@ -196,10 +196,11 @@ def request_id(text: str) -> str | None:
 
 
 def _decode_acked_chat(obj: dict[str, object]) -> Chat | Invalid:
-    """A chat with an ``id``: refusals echo the id once it is known to be valid."""
+    """
+    A chat with a valid ``id`` (an ``id`` that is not one, as a client of the first
+    protocol may send, is ignored like any unknown field); refusals echo it.
+    """
     msg_id = obj["id"]
-    if not is_valid_request_id(msg_id):
-        return Invalid(BAD_MESSAGE, _BAD_ID)
     assert type(msg_id) is str
     if "content" not in obj:
         return Invalid(BAD_MESSAGE, "chat needs a content field", msg_id)

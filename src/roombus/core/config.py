@@ -140,6 +140,11 @@ class BrokerConfig:
                 raise ConfigError("rooms", f"not a RoomPolicy: {policy!r}")
             _non_negative_int(f"rooms.{pattern}.history-size", policy.size)
             _positive_finite(f"rooms.{pattern}.history-ttl", policy.ttl)
+            if policy.ttl > self.position_ttl:
+                raise ConfigError(
+                    f"rooms.{pattern}.history-ttl",
+                    f"must be at most position-ttl ({self.position_ttl}), not {policy.ttl}",
+                )
         if self.send_queue_bytes < self.max_message_bytes + ENVELOPE_OVERHEAD:
             raise ConfigError(
                 "send-queue-bytes",

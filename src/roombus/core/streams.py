@@ -3,7 +3,8 @@ Room streams: each room's position (an epoch and a seq), its recent history, and
 acknowledgements of idempotent publishes, as pure logic.
 
 A room's stream outlives its members: its epoch and seq are kept for
-``position_ttl`` seconds after the room's last publish, and each message for
+``position_ttl`` seconds after the room's last publish or last member's leave, and
+each message for
 ``history_ttl`` seconds, so a client that reconnects can name the last position it
 saw and be sent what it missed, or told exactly what it cannot be sent
 (:func:`plan_recovery`, the one home of that decision).
@@ -210,7 +211,7 @@ class MemoryStreams:
 
     Args:
         epoch_prefix: The start of every epoch this object gives out: unique to this
-            process (a restart must start new epochs), 1 to 24 epoch characters.
+            process (a restart must start new epochs), 1 to 16 epoch characters.
         history_size: Messages kept per room (0: no history).
         history_ttl: Seconds each message is kept.
         position_ttl: Seconds a room's epoch and seq are kept after its last publish.
@@ -232,8 +233,8 @@ class MemoryStreams:
         dedup_window: float,
         overrides: tuple[tuple[str, RoomPolicy], ...] = (),
     ) -> None:
-        if not (is_valid_epoch(epoch_prefix) and len(epoch_prefix) <= 24):
-            raise ValueError(f"epoch prefix must be 1-24 of A-Z a-z 0-9 _ -: {epoch_prefix!r}")
+        if not (is_valid_epoch(epoch_prefix) and len(epoch_prefix) <= 16):
+            raise ValueError(f"epoch prefix must be 1-16 of A-Z a-z 0-9 _ -: {epoch_prefix!r}")
         self._prefix = epoch_prefix
         self._default = RoomPolicy(size=history_size, ttl=history_ttl)
         self._overrides = tuple((re.compile(fnmatch.translate(p)), pol) for p, pol in overrides)
@@ -353,33 +354,55 @@ class MemoryStreams:
         *,
         recovery_max: int,
         partial: bool,
+        max_bytes: int | None = None,
     ) -> tuple[Position, Recovery, list[bytes]]:
         """
         What a join of *room* with position *since* gets: the room's position, the
         decision, and the payloads to replay (oldest first).
+
+        Args:
+            recovery_max: The most messages one join may be replayed.
+            max_bytes: The most bytes of payloads one join may be replayed (None: no
+                bound): the latest kept messages that fit bound ``recovery_max`` too.
         """
         self._expire(now)
         s = self._stream(room, now)
         self._trim(s, now)
         first_kept = s.items[0][0] if s.items else s.top + 1
+        most = recovery_max
+        if max_bytes is not None and s.items:
+            fit = 0
+            for _, _, payload in reversed(s.items):
+                max_bytes -= len(payload)
+                if max_bytes < 0 or fit >= most:
+                    break
+                fit += 1
+            most = fit
         plan = plan_recovery(
             since,
             epoch=s.epoch,
             top=s.top,
             first_kept=first_kept,
             history=s.policy.size > 0,
-            recovery_max=recovery_max,
+            recovery_max=most,
             partial=partial,
         )
         items = self._range(s, plan.replay) if plan.replay is not None else []
         return Position(s.epoch, s.top), plan, items
 
     def history(
-        self, room: RoomName, since: Position | None, limit: int, now: float
+        self,
+        room: RoomName,
+        since: Position | None,
+        limit: int,
+        now: float,
+        max_bytes: int | None = None,
     ) -> tuple[Position, list[bytes]]:
         """
         Up to *limit* kept messages of *room* after *since* (the latest *limit* when
         *since* is None or of another epoch), oldest first, and the room's position.
+        With *max_bytes*, fewer if their payloads would take more (after *since*: the
+        first that fit; else the latest that fit; at least one if any).
         """
         self._expire(now)
         s = self._stream(room, now)
@@ -387,12 +410,23 @@ class MemoryStreams:
         items = s.items
         if limit <= 0 or not items:
             return Position(s.epoch, s.top), []
+        budget = max_bytes if max_bytes is not None else -1
+        chosen: list[bytes] = []
         if since is None or since.epoch != s.epoch:
-            chosen = list(items)[-limit:]
+            for _, _, payload in reversed(items):
+                if len(chosen) >= limit or (budget >= 0 and chosen and len(payload) > budget):
+                    break
+                chosen.append(payload)
+                budget -= len(payload)
+            chosen.reverse()
         else:
             start = max(since.seq + 1 - items[0][0], 0)
-            chosen = list(items)[start : start + limit]
-        return Position(s.epoch, s.top), [payload for _, _, payload in chosen]
+            for _, _, payload in islice(items, start, None):
+                if len(chosen) >= limit or (budget >= 0 and chosen and len(payload) > budget):
+                    break
+                chosen.append(payload)
+                budget -= len(payload)
+        return Position(s.epoch, s.top), chosen
 
     def hold(self, room: RoomName, now: float) -> None:
         """*room* has members now: its position is kept however long it stays quiet."""
@@ -415,12 +449,14 @@ class MemoryStreams:
         if s is None:
             self._epochs += 1
             s = _Stream(
-                epoch=f"{self._prefix}-{self._epochs:x}"[:32],
+                epoch=f"{self._prefix}-{self._epochs:x}",  # <= 16 + 1 + 15 characters
                 policy=self.policy(room),
                 active=now,
             )
             self._streams[room] = s
             self._bytes += STREAM_OVERHEAD
+            if self._bytes > self._max_bytes:
+                self._evict(keep=room)
             if now + self._position_ttl < self._due:
                 self._due = now + self._position_ttl
             self._peak = max(self._peak, len(self._streams))
@@ -490,28 +526,37 @@ class MemoryStreams:
 
     def _evict(self, *, keep: RoomName) -> None:
         """
-        Over the byte cap: the history of the least recently active rooms goes first
-        (their old positions are then ``too_old``), then acknowledgements, oldest
-        first, then the positions of empty rooms (a join with one is then told
-        ``epoch_changed``). *keep*'s newest message and held positions stay.
+        Over the byte cap, least recently active first: the positions of empty rooms
+        that never had a message (nothing to lose but the epoch), then
+        acknowledgements, oldest first, then the history of rooms other than *keep*
+        (their old positions are then ``too_old``), then *keep*'s but its newest
+        message, then the positions of empty rooms (a join with one is then told
+        ``epoch_changed``). Rooms with members keep their positions.
         """
-        for room, s in self._streams.items():
+        streams = self._streams
+        for room, s in list(streams.items()):
+            if self._bytes <= self._max_bytes:
+                return
+            if room != keep and not s.held and not s.top:
+                del streams[room]
+                self._bytes -= s.size
+        acks = self._acks
+        while self._bytes > self._max_bytes and acks:
+            key, _ = acks.popitem(last=False)
+            self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
+        for room, s in streams.items():
             if self._bytes <= self._max_bytes:
                 return
             if room != keep and s.items:
                 while s.items:
                     self._drop_oldest(s)
                 self.evicted_rooms += 1
-        s = self._streams[keep]
-        while len(s.items) > 1 and self._bytes > self._max_bytes:
-            self._drop_oldest(s)
-        acks = self._acks
-        while self._bytes > self._max_bytes and acks:
-            key, _ = acks.popitem(last=False)
-            self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
-        for room, s in list(self._streams.items()):
+        k = streams[keep]
+        while len(k.items) > 1 and self._bytes > self._max_bytes:
+            self._drop_oldest(k)
+        for room, s in list(streams.items()):
             if self._bytes <= self._max_bytes:
                 return
             if room != keep and not s.held:
-                del self._streams[room]
+                del streams[room]
                 self._bytes -= s.size

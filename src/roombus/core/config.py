@@ -53,7 +53,7 @@ class BrokerConfig:
         rate_burst: Messages one connection may send at once above the average.
         history_size: Chat messages kept per room for clients that rejoin with a
             position or ask for ``history`` (0: none). Each costs its envelope's size
-            plus about 100 bytes.
+            plus about 120 bytes.
         history_ttl: Seconds each kept message is kept.
         history_max_bytes: Bytes all rooms' history (with positions and
             acknowledgements) may take on this node; beyond, the least recently

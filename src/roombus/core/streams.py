@@ -32,7 +32,7 @@ from .tables import worth_shrinking
 EPOCH_PATTERN: Final = "[A-Za-z0-9_-]{1,32}"
 _EPOCH_RE = re.compile(EPOCH_PATTERN)
 #: Bytes a stored message costs beyond its payload (the entry and its deque slot).
-ENTRY_OVERHEAD: Final = 96
+ENTRY_OVERHEAD: Final = 120
 #: Bytes a room's stream costs with no history (its name, epoch, counters).
 STREAM_OVERHEAD: Final = 256
 #: Bytes an acknowledgement kept for deduplication costs beyond its key's text.
@@ -531,31 +531,33 @@ class MemoryStreams:
         acknowledgements, oldest first, then the history of rooms other than *keep*
         (their old positions are then ``too_old``), then *keep*'s but its newest
         message, then the positions of empty rooms (a join with one is then told
-        ``epoch_changed``). Rooms with members keep their positions.
+        ``epoch_changed``). Rooms with members keep their positions. It frees down to
+        7/8 of the cap, so that the next publishes do not each scan the rooms again.
         """
+        target = self._max_bytes - self._max_bytes // 8
         streams = self._streams
         for room, s in list(streams.items()):
-            if self._bytes <= self._max_bytes:
+            if self._bytes <= target:
                 return
             if room != keep and not s.held and not s.top:
                 del streams[room]
                 self._bytes -= s.size
         acks = self._acks
-        while self._bytes > self._max_bytes and acks:
+        while self._bytes > target and acks:
             key, _ = acks.popitem(last=False)
             self._bytes -= ACK_OVERHEAD + len(key[0]) + len(key[2])
         for room, s in streams.items():
-            if self._bytes <= self._max_bytes:
+            if self._bytes <= target:
                 return
             if room != keep and s.items:
                 while s.items:
                     self._drop_oldest(s)
                 self.evicted_rooms += 1
         k = streams[keep]
-        while len(k.items) > 1 and self._bytes > self._max_bytes:
+        while len(k.items) > 1 and self._bytes > target:
             self._drop_oldest(k)
         for room, s in list(streams.items()):
-            if self._bytes <= self._max_bytes:
+            if self._bytes <= target:
                 return
             if room != keep and not s.held:
                 del streams[room]

@@ -473,7 +473,8 @@ class Broker:
         :class:`~roombus.lowlevel.MessagePublished` among the actions has its position.
 
         Args:
-            now: The driver's monotonic clock (None: as of the last event handled).
+            now: The driver's monotonic clock (None: as of the last event handled, 0.0
+                before any; pass it when publishing before the first event).
 
         Raises:
             ValueError: if *room* or *username* is not valid, or *content* cannot be

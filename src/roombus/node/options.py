@@ -193,8 +193,8 @@ SERVE_OPTIONS = (
     _Option(
         "position-ttl",
         float,
-        f"seconds an empty room's epoch and seq are kept after its last message "
-        f"(default {_defaults_b.position_ttl:g})",
+        f"seconds an empty room's epoch and seq are kept after its last message or "
+        f"member (default {_defaults_b.position_ttl:g})",
     ),
     _Option(
         "recovery-max",

@@ -17,7 +17,15 @@ implements it with Redis):
 * ``Unsubscribe(room)``: no more of the room's records for the node (with
   ``skip_unsubscribe``, as the trio driver does, not carried out when a later
   Subscribe of the room was asked for meanwhile).
-* ``Relay(room, ref, prefix)``: ``seq = INCR``; publish ``m <seq> <node> <ref> <prefix>``.
+* Each room has a stream: an epoch (made when missing: a new epoch starts ``seq`` and
+  the history over), a ``seq`` and the history (the latest ``keep`` messages; the
+  model keeps no TTL).
+* ``Relay(room, ref, prefix, ...)``: ``seq = INCR``, kept, published as
+  ``m <seq> <node> <ref> <epoch> <prefix>``; with ``dedup``, an id already numbered in
+  the epoch publishes nothing, and the node is answered ``Relayed``.
+* ``ReadStream(...)``: answered ``StreamRead`` with the latest (or first) ``count``
+  kept messages of the range. Answers come on the command connection: they may reach
+  the node before or after records published after them (a step of their own).
 * ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
   set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
   (The records are built by ``roombus.cluster.records``, as the driver's scripts build them.)
@@ -55,6 +63,8 @@ from roombus.cluster import (
     Unsubscribe,
 )
 from roombus.cluster.records import encode_chat, encode_presence
+from roombus.core.actions import ReadStream
+from roombus.core.events import Relayed, StreamRead
 from roombus.lowlevel import Event
 
 
@@ -70,6 +80,8 @@ class Snapshot:
     entries: tuple[tuple[str, str], ...]
     gen: int
     index: int  # records published when it was read
+    epoch: str = ""
+    seq: int = 0
 
 
 @attrs.define
@@ -88,6 +100,9 @@ class Channel:
     version: int = 0
     presence: set[tuple[str, str]] = attrs.field(factory=set)
     subscribers: set[str] = attrs.field(factory=set)
+    epoch: str = ""
+    history: list[tuple[int, bytes]] = attrs.field(factory=list)
+    acks: dict[tuple[str, str], tuple[str, int]] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -102,8 +117,10 @@ class Link:
     inbox: dict[str, deque[Record | Snapshot]] = attrs.field(factory=dict)
     wanted: dict[str, int] = attrs.field(factory=dict)  # room -> the latest Subscribe's gen
     reread: bool = False  # the read-again after connecting is still to come
+    replies: deque[Event] = attrs.field(factory=deque)  # answers on the command link
 
     def drop_queues(self) -> None:
+        self.replies.clear()
         self.commands.clear()
         self.reads.clear()
         self.inbox.clear()
@@ -142,10 +159,21 @@ class ModelBackplane:
         self.skip_unsubscribe = skip_unsubscribe
         self.on_publish = on_publish
         self.published = 0
-        self.delivering: Record | Snapshot | None = None  # what deliver() is handed now
+        self.epochs = 0
+        self.delivering: Record | Snapshot | Event | None = None  # what deliver() is handed
 
     def channel(self, room: str) -> Channel:
         return self.channels.setdefault(room, Channel())
+
+    def epoch(self, ch: Channel) -> str:
+        """The room's epoch, made if missing (seq and history start over)."""
+        if not ch.epoch:
+            self.epochs += 1
+            ch.epoch = f"E{self.epochs}"
+            ch.seq = 0
+            ch.history.clear()
+            ch.acks.clear()
+        return ch.epoch
 
     # -- what the brokers ask for -------------------------------------------------------
 
@@ -200,19 +228,64 @@ class ModelBackplane:
                 ch.subscribers.discard(node)
                 link.inbox.pop(room, None)
         elif isinstance(action, Relay):
+            epoch = self.epoch(ch)
+            dedup = action.dedup
+            seen = ch.acks.get(dedup) if dedup is not None else None
+            if seen is not None:
+                link.replies.append(
+                    Relayed(room=room, ref=action.ref, epoch=epoch, seq=seen[1], duplicate=True)
+                )
+                return
             ch.seq += 1
-            self.publish(room, encode_chat(ch.seq, node, action.ref, action.prefix))
+            if action.keep:
+                ch.history.append((ch.seq, action.prefix))
+                del ch.history[: -action.keep]
+            if dedup is not None:
+                ch.acks[dedup] = (epoch, ch.seq)
+                link.replies.append(Relayed(room=room, ref=action.ref, epoch=epoch, seq=ch.seq))
+            self.publish(room, encode_chat(ch.seq, node, action.ref, epoch, action.prefix))
+        elif isinstance(action, ReadStream):
+            link.replies.append(self.read_stream(ch, action))
         else:
             assert isinstance(action, Announce)
             self.announce(node, room, action.username, action.present)
+
+    def read_stream(self, ch: Channel, action: ReadStream) -> StreamRead:
+        epoch = self.epoch(ch)
+        top = ch.seq
+        kept = [(seq, prefix) for seq, prefix in ch.history if seq > top - action.keep]
+        first = kept[0][0] if kept else top + 1
+        upto = top if action.upto <= 0 else min(action.upto, top)
+        chosen = [(seq, p) for seq, p in kept if action.after < seq <= upto]
+        chosen = chosen[: action.count] if action.oldest else chosen[-action.count :]
+        if action.count <= 0:
+            chosen = []
+        return StreamRead(
+            room=action.room,
+            ticket=action.ticket,
+            epoch=epoch,
+            top=top,
+            first_kept=first,
+            entries=tuple(chosen),
+        )
 
     def read_next(self, node: str) -> None:
         link = self.links[node]
         read = link.reads.popleft()
         ch = self.channel(read.room)
+        epoch = self.epoch(ch)
         link.inbox.setdefault(read.room, deque()).append(
-            Snapshot(ch.version, tuple(sorted(ch.presence)), read.gen, self.published)
+            Snapshot(
+                ch.version, tuple(sorted(ch.presence)), read.gen, self.published, epoch, ch.seq
+            )
         )
+
+    def reply_next(self, node: str) -> None:
+        """The next answer on the node's command connection reaches it."""
+        item = self.links[node].replies.popleft()
+        self.delivering = item
+        self.deliver(node, item)
+        self.delivering = None
 
     def reread(self, node: str) -> None:
         """A while after connecting, the driver reads every room's presence again."""
@@ -233,7 +306,12 @@ class ModelBackplane:
             self.deliver(
                 node,
                 RoomSynced(
-                    room=RoomName(room), version=item.version, entries=item.entries, gen=item.gen
+                    room=RoomName(room),
+                    version=item.version,
+                    entries=item.entries,
+                    gen=item.gen,
+                    epoch=item.epoch,
+                    seq=item.seq,
                 ),
             )
         self.delivering = None
@@ -257,6 +335,8 @@ class ModelBackplane:
                 out.append(("read", node, "", 0))
             if link.reread:
                 out.append(("reread", node, "", 0))
+            if link.replies:
+                out.append(("reply", node, "", 0))
             for room, box in sorted(link.inbox.items()):
                 out.append(("deliver", node, room, 0))
                 if reorder:
@@ -284,6 +364,8 @@ class ModelBackplane:
             self.read_next(node)
         elif kind == "reread":
             self.reread(node)
+        elif kind == "reply":
+            self.reply_next(node)
         elif kind == "deliver":
             self.deliver_next(node, room)
         else:

@@ -1,65 +1,509 @@
 """
-Until room streams are served by the cluster: a node of a cluster answers the
-requests that need them with an explicit ``bad_message`` (never a silent v1 answer
-that a client could take for a recovery or an acknowledgement), and serves the rest.
+Room streams in a cluster: positions, resume on any node, acknowledged publish,
+history, gap repair, and what a member that follows positions is told when the
+numbering it follows restarts -- against the in-memory backplane (``model.py``).
+
+The state machine at the end is the proof of the promise "every message exactly once,
+or told": clients that follow positions disconnect at random points and reconnect to a
+random node with the last position they saw, while others publish (with and without
+ids, and from server-side code), links are lost and restored, nodes die and Redis
+restarts empty; the backplane's work is interleaved in any order it allows. For every
+client and room, each chat it is sent is the next seq of the position it holds (never a
+gap, a repeat or a step back), replayed exactly when at or below its ``joined`` seq; a
+gap is only ever a ``joined`` that says what it did not recover, or a ``reset``; no two
+chats share a position; no chat reaches a client twice. Once everything is connected
+and quiet, every client in a room holds the room's position in Redis: nothing was held
+back silently.
 """
 
 from __future__ import annotations
 
-import pytest
+import json
+from typing import Any
 
-from roombus.cluster import BackplaneRestored, ClusterBroker
-from roombus.lowlevel import ConnectionId
+import attrs
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ..helpers import connect, inbox, send
-
-
-def node() -> ClusterBroker:
-    b = ClusterBroker(node="n1")
-    b.handle(BackplaneRestored(), now=0.0, timestamp=0)
-    return b
-
-
-@pytest.mark.parametrize(
-    "message",
-    [
-        {"type": "chat", "content": "x", "id": "m1"},
-        {"type": "history", "room": "lobby", "id": "m1"},
-    ],
+from roombus import BrokerConfig, RoomName, Username
+from roombus.cluster import (
+    Announce,
+    BackplaneLost,
+    BackplaneRestored,
+    ClusterBroker,
+    Relay,
+    Subscribe,
+    Unsubscribe,
 )
-def test_acked_chat_and_history_are_refused_with_their_id(message: dict[str, object]) -> None:
-    b = node()
-    connect(b, 1, "ann")
-    (error,) = inbox(send(b, 1, message), 1)
-    assert (error["type"], error["code"], error["id"]) == ("error", "bad_message", "m1")
-    assert "not served by a cluster" in error["content"]
+from roombus.core.actions import ReadStream
+from roombus.lowlevel import (
+    ClientConnected,
+    ClientDisconnected,
+    ConnectionId,
+    Deliver,
+    Event,
+    TextReceived,
+)
+
+from .model import ModelBackplane, Record
+
+TS = 1_700_000_000
+CONFIG = BrokerConfig(heartbeat=False, rate_limit=0, history_size=5)
+NODES = ("n1", "n2", "n3")
 
 
-def test_a_join_with_a_position_joins_and_says_it_cannot_recover() -> None:
-    b = node()
-    connect(b, 1, "ann", room=None)
-    out = send(b, 1, {"type": "join", "room": "lobby", "since": None})
-    (error,) = [e for e in inbox(out, 1) if e["type"] == "error"]
-    assert error["code"] == "bad_message"
-    assert not [e for e in inbox(out, 1) if e["type"] == "joined"]
-    assert b.rooms_of(ConnectionId(1)) == ["lobby"]
+@attrs.define
+class Net:
+    """Brokers of a cluster over the model backplane, and what each connection got."""
+
+    nodes: tuple[str, ...] = NODES
+    config: BrokerConfig = CONFIG
+    brokers: dict[str, ClusterBroker] = attrs.field(init=False)
+    bp: ModelBackplane = attrs.field(init=False)
+    got: dict[int, list[dict[str, Any]]] = attrs.field(factory=dict)
+    node_of: dict[int, str] = attrs.field(factory=dict)
+    now: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.brokers = {n: ClusterBroker(self.config, node=n) for n in self.nodes}
+        self.bp = ModelBackplane(self.nodes, self.handle)
+        for node in self.nodes:
+            self.restore(node)
+
+    def handle(self, node: str, event: Event) -> list[Any]:
+        self.now += 1.0
+        actions = self.brokers[node].handle(event, now=self.now, timestamp=TS)
+        self.apply(node, actions)
+        return actions
+
+    def apply(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Deliver):
+                for conn in a.conns:
+                    assert self.node_of.get(conn) == node, (conn, a)
+                    self.got[conn].append(json.loads(a.payload))
+            elif isinstance(a, (Subscribe, Unsubscribe, Relay, Announce, ReadStream)):
+                assert self.bp.links[node].online, f"{node} asked for {a!r} while offline"
+                self.bp.submit(node, a)
+
+    def restore(self, node: str) -> None:
+        self.bp.restore(node)
+        self.handle(node, BackplaneRestored())
+
+    def lose(self, node: str) -> None:
+        self.bp.lose(node)
+        self.handle(node, BackplaneLost())
+
+    def connect(self, node: str, conn: int, user: str) -> None:
+        self.got[conn] = []
+        self.node_of[conn] = node
+        self.handle(node, ClientConnected(conn=ConnectionId(conn), username=Username(user)))
+
+    def send(self, conn: int, message: dict[str, Any]) -> None:
+        node = self.node_of[conn]
+        self.handle(node, TextReceived(conn=ConnectionId(conn), text=json.dumps(message)))
+
+    def disconnect(self, conn: int) -> None:
+        node = self.node_of.pop(conn)
+        if self.bp.links[node].alive:
+            self.handle(node, ClientDisconnected(conn=ConnectionId(conn)))
+
+    def quiesce(self) -> None:
+        self.bp.drain()
+
+    def of(self, conn: int, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.got[conn] if e["type"] == kind]
 
 
-def test_joiners_still_waiting_for_the_room_count_against_its_limit() -> None:
-    from roombus import BrokerConfig, RoomName, Username
+def chats(net: Net, conn: int) -> list[tuple[int, Any, bool]]:
+    return [(e["seq"], e["content"], e.get("replayed", False)) for e in net.of(conn, "chat")]
 
-    b = ClusterBroker(BrokerConfig(max_connections_per_room=1), node="n1")
-    b.handle(BackplaneRestored(), now=0.0, timestamp=0)
-    connect(b, 1, "ann")  # waits for the room's presence (no RoomSynced yet)
-    assert b.rooms_of(ConnectionId(1)) == ["lobby"] and b.members("lobby") == []
-    assert b.refusal(RoomName("lobby"), Username("bob"), None) == (
-        "room 'lobby' is full (1 connections)"
+
+def test_a_client_resumes_on_another_node_with_what_it_missed() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.quiesce()
+    (joined,) = net.of(1, "joined")
+    assert "recovered" not in joined and joined["seq"] == 0
+    epoch = joined["epoch"]
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    net.send(2, {"type": "chat", "room": "r", "content": "one"})
+    net.quiesce()
+    assert chats(net, 1) == [(1, "one", False)]
+    net.disconnect(1)  # ann's node is left; bob goes on
+    for text in ("two", "three"):
+        net.send(2, {"type": "chat", "room": "r", "content": text})
+    net.quiesce()
+    net.connect("n3", 3, "ann")
+    net.send(3, {"type": "join", "room": "r", "since": {"epoch": epoch, "seq": 1}})
+    net.send(2, {"type": "chat", "room": "r", "content": "four"})  # races the read
+    net.quiesce()
+    (joined,) = net.of(3, "joined")
+    assert (joined["epoch"], joined["recovered"]) == (epoch, True)
+    top = joined["seq"]
+    got = chats(net, 3)
+    assert [seq for seq, _, _ in got] == [2, 3, 4]
+    assert [c for _, c, _ in got] == ["two", "three", "four"]
+    assert all(replayed == (seq <= top) for seq, _, replayed in got)
+
+
+def test_an_acknowledged_publish_is_numbered_once_in_the_cluster() -> None:
+    net = Net()
+    for conn, node in ((1, "n1"), (2, "n2")):
+        net.connect(node, conn, f"u{conn}")
+        net.send(conn, {"type": "join", "room": "r"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "x", "id": "m1"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "x", "id": "m1"})  # a resend
+    net.quiesce()
+    first, again = net.of(1, "ack")
+    assert first == again and (first["id"], first["seq"]) == ("m1", 1)
+    assert first["epoch"] == net.brokers["n2"].position("r").epoch
+    assert chats(net, 2) == [(1, "x", False)] and chats(net, 1) == [(1, "x", False)]
+    assert (
+        net.brokers["n1"]._cluster[RoomName("r")].outbox
+        == type(net.brokers["n1"]._cluster[RoomName("r")].outbox)()
     )
 
 
-def test_a_join_with_a_position_while_still_joining_is_refused_too() -> None:
-    b = node()
-    connect(b, 1, "ann")  # pending: the room's presence is not read yet
-    out = send(b, 1, {"type": "join", "room": "lobby", "since": None})
-    (error,) = inbox(out, 1)
-    assert (error["type"], error["code"]) == ("error", "bad_message")
+def test_history_is_read_from_the_stream_on_any_node() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(7):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    net.quiesce()
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    epoch = net.brokers["n2"].position("r").epoch
+    net.send(2, {"type": "history", "room": "r", "limit": 3, "id": "h"})
+    net.send(2, {"type": "history", "room": "r", "since": {"epoch": epoch, "seq": 3}, "id": "s"})
+    net.send(2, {"type": "history", "room": "r", "since": {"epoch": "old", "seq": 3}, "limit": 2})
+    net.quiesce()
+    latest, after, other = net.of(2, "history")
+    assert (latest["id"], latest["epoch"], latest["seq"]) == ("h", epoch, 7)
+    assert [e["content"] for e in latest["items"]] == [4, 5, 6]
+    assert [e["seq"] for e in after["items"]] == [4, 5, 6, 7]  # the history keeps 5: 3..7
+    assert [e["seq"] for e in other["items"]] == [6, 7]  # another epoch: the latest
+
+
+def test_a_resume_older_than_the_history_is_told_the_exact_loss() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(9):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    net.quiesce()
+    epoch = net.brokers["n1"].position("r").epoch
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r", "since": {"epoch": epoch, "seq": 1}})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    assert (joined["recovered"], joined["reason"]) == (False, "too_old")
+    assert joined["lost"] == {"from": 2, "to": 4} and chats(net, 2) == []
+    net.send(2, {"type": "join", "room": "r", "since": {"epoch": "gone", "seq": 1}})
+    net.quiesce()
+    assert net.of(2, "joined")[-1]["reason"] == "epoch_changed"
+
+
+def test_a_lost_record_is_repaired_from_the_stream() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.connect("n2", 2, "bob")
+    for conn in (1, 2):
+        net.send(conn, {"type": "join", "room": "r", "since": None})
+    net.quiesce()
+    for i in range(3):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    # Run n1's relays, then drop the second record before it reaches n2.
+    while net.bp.links["n1"].commands:
+        net.bp.run_command("n1")
+    box = net.bp.links["n2"].inbox["r"]
+    assert len(box) == 3
+    del box[1]
+    net.quiesce()
+    assert [seq for seq, _, _ in chats(net, 2)] == [1, 2, 3]
+    assert net.of(2, "reset") == []
+    assert net.brokers["n2"].statistics().repairs == 1
+
+
+def test_a_node_cut_off_numbers_on_its_own_and_says_so() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.connect("n1", 2, "old")  # a v1 client: never told anything of v2
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "a"})
+    net.quiesce()
+    redis_epoch = net.of(1, "joined")[0]["epoch"]
+    net.lose("n1")
+    (reset,) = net.of(1, "reset")
+    assert reset["reason"] == "unavailable" and reset["seq"] == 1
+    assert reset["epoch"] != redis_epoch
+    net.send(1, {"type": "chat", "room": "r", "content": "b", "id": "x"})
+    (ack,) = net.of(1, "ack")
+    assert (ack["epoch"], ack["seq"]) == (reset["epoch"], 2)
+    net.restore("n1")
+    net.quiesce()
+    back = net.of(1, "reset")[-1]
+    assert (back["epoch"], back["seq"], back["reason"]) == (redis_epoch, 1, "unavailable")
+    assert [e["type"] for e in net.got[2] if e["type"] not in ("presence", "presence_state")] == [
+        "chat",
+        "chat",
+    ]
+
+
+def test_after_redis_lost_its_data_a_resume_is_told_epoch_changed() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "a"})
+    net.quiesce()
+    epoch = net.of(1, "joined")[0]["epoch"]
+    net.bp.restart()
+    for node in NODES:
+        net.handle(node, BackplaneLost())
+        net.restore(node)
+    net.quiesce()
+    back = net.of(1, "reset")[-1]
+    assert back["epoch"] != epoch and back["reason"] == "epoch_changed"
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r", "since": {"epoch": epoch, "seq": 1}})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    assert (joined["recovered"], joined["reason"]) == (False, "epoch_changed")
+    assert joined["epoch"] == back["epoch"]
+
+
+# -- the proof: exactly once, or told ------------------------------------------------------
+
+ROOMS = ("r1", "r2")
+
+
+@attrs.define
+class Follower:
+    """A client that follows positions: what it holds per room, and what it got."""
+
+    name: str
+    conn: int = 0
+    node: str = ""
+    live: bool = False
+    # room -> [epoch, seq, joined-seq (replays at or below it)]; absent: no position yet
+    held: dict[str, list[Any]] = attrs.field(factory=dict)
+    joined: set[str] = attrs.field(factory=set)  # rooms it is in on this connection
+    seen: set[Any] = attrs.field(factory=set)  # chats (their content) it got
+
+
+class OnceOrTold(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        self.followers = [Follower(f"f{i}") for i in range(3)]
+        self.conns = 0
+        self.chats = 0
+        self.at: dict[tuple[str, str, int], Any] = {}  # (room, epoch, seq) -> content
+        self.read = 0  # envelopes of net.got already checked, per conn
+        self.checked: dict[int, int] = {}
+
+    # -- clients --------------------------------------------------------------------
+
+    def live_nodes(self) -> list[str]:
+        return [n for n in NODES if self.net.bp.links[n].alive]
+
+    @rule(i=st.integers(0, 2), node=st.integers(0, 2), rooms=st.sets(st.sampled_from(ROOMS)))
+    def reconnect(self, i: int, node: int, rooms: set[str]) -> None:
+        """A follower (re)connects to a node, joining rooms with the positions it holds."""
+        f = self.followers[i]
+        if f.live:
+            self.net.disconnect(f.conn)
+            f.live = False
+        nodes = self.live_nodes()
+        self.conns += 1
+        f.conn, f.node, f.live = self.conns, nodes[node % len(nodes)], True
+        f.joined = set()
+        self.net.connect(f.node, f.conn, f.name)
+        for room in sorted(rooms):
+            held = f.held.get(room)
+            since = None if held is None else {"epoch": held[0], "seq": held[1]}
+            f.joined.add(room)
+            self.net.send(f.conn, {"type": "join", "room": room, "since": since})
+
+    @rule(i=st.integers(0, 2))
+    def drop(self, i: int) -> None:
+        f = self.followers[i]
+        if f.live:
+            self.net.disconnect(f.conn)
+            f.live = False
+
+    @rule(
+        i=st.integers(0, 2),
+        room=st.sampled_from(ROOMS),
+        acked=st.booleans(),
+        n=st.integers(1, 4),
+    )
+    def chat(self, i: int, room: str, acked: bool, n: int) -> None:
+        f = self.followers[i]
+        for _ in range(n):
+            if f.live and room in f.joined:
+                self.chats += 1
+                message: dict[str, Any] = {"type": "chat", "room": room, "content": self.chats}
+                if acked:
+                    message["id"] = f"m{self.chats}"
+                self.net.send(f.conn, message)
+
+    @rule(node=st.integers(0, 2), room=st.sampled_from(ROOMS))
+    def server_publish(self, node: int, room: str) -> None:
+        n = NODES[node]
+        if self.net.bp.links[n].alive:
+            self.chats += 1
+            actions = self.net.brokers[n].publish(
+                room, self.chats, username="srv", timestamp=TS, now=self.net.now
+            )
+            self.net.apply(n, actions)
+
+    # -- the backplane ----------------------------------------------------------------
+
+    @rule(choices=st.lists(st.integers(0, 1000), min_size=1, max_size=10))
+    def work(self, choices: list[int]) -> None:
+        for pick in choices:
+            work = self.net.bp.work()
+            if not work:
+                return
+            self.net.bp.step(work[pick % len(work)])
+
+    @rule()
+    def quiesce(self) -> None:
+        self.net.quiesce()
+
+    @rule(pick=st.integers(0, 1000), node=st.integers(0, 2))
+    def lose_a_record(self, pick: int, node: int) -> None:
+        """A record never reaches a node (its stream still has the message)."""
+        link = self.net.bp.links[NODES[node]]
+        while link.alive and link.online and link.commands:
+            self.net.bp.run_command(link.node)
+        boxes = [
+            (lk, room, i)
+            for _, lk in sorted(self.net.bp.links.items())
+            for room, box in sorted(lk.inbox.items())
+            for i, item in enumerate(box)
+            if isinstance(item, Record)
+        ]
+        if boxes:
+            lk, room, i = boxes[pick % len(boxes)]
+            del lk.inbox[room][i]
+            if not lk.inbox[room]:
+                del lk.inbox[room]
+
+    @rule(node=st.integers(0, 2))
+    def lose(self, node: int) -> None:
+        n = NODES[node]
+        if self.net.bp.links[n].alive and self.net.bp.links[n].online:
+            self.net.lose(n)
+
+    @precondition(lambda self: any(lk.alive and not lk.online for lk in self.net.bp.links.values()))
+    @rule(node=st.integers(0, 2))
+    def restore(self, node: int) -> None:
+        lost = [n for n, lk in sorted(self.net.bp.links.items()) if lk.alive and not lk.online]
+        self.net.restore(lost[node % len(lost)])
+
+    @rule(node=st.integers(0, 2))
+    def kill(self, node: int) -> None:
+        """A node dies (kill -9): its clients are cut off, and come back elsewhere."""
+        n = NODES[node]
+        if n in self.live_nodes() and len(self.live_nodes()) > 1:
+            self.net.bp.kill(n)
+            for f in self.followers:
+                if f.live and f.node == n:
+                    f.live = False
+                    self.net.node_of.pop(f.conn)
+
+    @rule()
+    def redis_restart(self) -> None:
+        for n in self.net.bp.restart():
+            self.net.handle(n, BackplaneLost())
+
+    # -- the promise ------------------------------------------------------------------
+
+    @invariant()
+    def once_or_told(self) -> None:
+        for f in self.followers:
+            if f.conn == 0:
+                continue
+            got = self.net.got[f.conn]
+            for env in got[self.checked.get(f.conn, 0) :]:
+                self.check(f, env)
+            self.checked[f.conn] = len(got)
+
+    def check(self, f: Follower, env: dict[str, Any]) -> None:
+        kind, room = env["type"], env.get("room")
+        if kind in ("presence", "presence_state", "ack"):
+            return
+        assert kind != "error", env
+        held = f.held.get(room) if isinstance(room, str) else None
+        if kind in ("joined", "reset"):
+            event(f"{kind}: {env.get('recovered')} {env.get('reason')}")
+        if kind == "joined":
+            if env.get("recovered") is True:
+                assert held is not None and held[0] == env["epoch"], (f.name, env)
+                assert env["seq"] >= held[1]
+                held[2] = env["seq"]
+            else:  # told: what lies between is not coming
+                f.held[room] = [env["epoch"], env["seq"], env["seq"]]
+            return
+        if kind == "reset":
+            assert held is not None, (f.name, env)
+            f.held[room] = [env["epoch"], env["seq"], env["seq"]]
+            return
+        assert kind == "chat", env
+        assert held is not None, f"{f.name} got a chat of {room} before joined: {env}"
+        epoch, seq, top = held
+        assert env["seq"] == seq + 1, f"{f.name} in {room} at {epoch}:{seq} got {env}"
+        assert env.get("replayed", False) == (env["seq"] <= top), (f.name, held, env)
+        key = (room, epoch, env["seq"])
+        assert self.at.setdefault(key, env["content"]) == env["content"], (key, env)
+        assert env["content"] not in f.seen, f"{f.name} got {env['content']} twice"
+        f.seen.add(env["content"])
+        held[1] = env["seq"]
+
+    def teardown(self) -> None:
+        net = self.net
+        for n in self.live_nodes():
+            if not net.bp.links[n].online:
+                net.restore(n)
+        net.quiesce()
+        # One more message in every room: a record lost at the tail shows as a gap.
+        node = self.live_nodes()[0]
+        for room in ROOMS:
+            self.chats += 1
+            actions = net.brokers[node].publish(
+                room, self.chats, username="srv", timestamp=TS, now=net.now
+            )
+            net.apply(node, actions)
+        net.quiesce()
+        self.once_or_told()
+        repairs = sum(b.statistics().repairs for b in net.brokers.values())
+        event(f"gap repairs: {min(repairs, 3)}")
+        # Connected and quiet: every follower holds its rooms' position in Redis.
+        for f in self.followers:
+            if not f.live:
+                continue
+            for room in f.joined:
+                ch = net.bp.channels.get(room)
+                assert ch is not None
+                assert f.held[room][:2] == [ch.epoch, ch.seq], (f.name, room, ch.epoch, ch.seq)
+
+
+TestOnceOrTold = OnceOrTold.TestCase
+TestOnceOrTold.settings = settings(
+    max_examples=5 * settings.default.max_examples, stateful_step_count=60
+)

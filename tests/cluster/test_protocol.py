@@ -103,7 +103,11 @@ def answer(command: tuple[Any, ...]) -> object:
     if command == (b"PING",):
         return b"PONG"
     if command[0] == "EVALSHA" and command[1] == SHAS["snapshot"]:
-        return [3, [b"n2 bob"]]
+        return [3, [b"n2 bob"], b"E1", 0]
+    if command[0] == "EVALSHA" and command[1] == SHAS["relay"]:
+        return [1, b"E1", 0]
+    if command[0] == "EVALSHA" and command[1] == SHAS["read"]:
+        return [b"E1", 0, 1, []]
     if command[0] == "EVALSHA":
         return 1
     raise AssertionError(f"unexpected command {command!r}")
@@ -124,7 +128,7 @@ def online(proto: BackplaneProtocol, now: float = 0.0) -> None:
     assert probe.commands == (SHARDED_PROBE,)
     proto.replies(probe.batch, replies_to(probe), now)
     load = only(proto.take_commands(), Execute)
-    assert [c[:2] for c in load.commands] == [(b"SCRIPT", b"LOAD")] * 4
+    assert [c[:2] for c in load.commands] == [(b"SCRIPT", b"LOAD")] * len(SCRIPTS)
     proto.replies(load.batch, replies_to(load), now)
     assert only(proto.take_commands(), OpenLink) == OpenLink(
         Link.SUBSCRIBER, proto.address, TIMEOUT
@@ -320,7 +324,7 @@ def test_a_refused_script_load_ends_the_session_and_is_counted() -> None:
     probe = only(proto.take_commands(), Execute)
     proto.replies(probe.batch, replies_to(probe), 0.0)
     load = only(proto.take_commands(), Execute)
-    proto.replies(load.batch, [SHAS["relay"], RedisError("OOM"), b"x", b"y"], 0.0)
+    proto.replies(load.batch, [SHAS["relay"], RedisError("OOM"), b"x", b"y", b"z"], 0.0)
     assert proto.take_commands() == [CloseLinks()]
     assert proto.statistics.errors == 1 and proto.statistics.failures == 1
     assert proto.take_events() == []  # it never was online: nothing to lose
@@ -560,13 +564,13 @@ def test_a_batch_runs_up_to_the_next_subscribe_and_subscribes_are_deduplicated()
     proto.confirmed(listen.batch, 0.0)  # listened first, then the snapshots
     snap = only(proto.take_commands(), Execute)
     assert [c[1] for c in snap.commands] == [SHAS["snapshot"]] * 2
-    proto.replies(snap.batch, [[3, [b"n2 bob"]], [0, []]], 0.0)
+    proto.replies(snap.batch, [[3, [b"n2 bob"], b"E1", 7], [0, [], b"E2", 0]], 0.0)
     assert proto.take_events() == [
-        RoomSynced(room=R1, version=3, entries=(("n2", "bob"),), gen=2),
-        RoomSynced(room=R2, version=0, entries=(), gen=1),
+        RoomSynced(room=R1, version=3, entries=(("n2", "bob"),), gen=2, epoch="E1", seq=7),
+        RoomSynced(room=R2, version=0, entries=(), gen=1, epoch="E2", seq=0),
     ]
     last = only(proto.take_commands(), Execute)
-    assert last.commands[0][1] == SHAS["relay"] and last.commands[0][6] == 2
+    assert last.commands[0][1] == SHAS["relay"] and last.commands[0][8] == 2
     assert proto.statistics.relayed == 2
     proto.replies(last.batch, [2], 0.0)
     assert proto.idle

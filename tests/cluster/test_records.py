@@ -26,7 +26,8 @@ NODE_ALPHABET = "ABCXYZabcxyz0189_.:-"
 node_ids = st.text(NODE_ALPHABET, min_size=1, max_size=64)
 counters = st.integers(min_value=0, max_value=2**63 - 1)
 
-chat_records = st.builds(ChatRecord, counters, node_ids, counters, st.binary(max_size=200))
+epochs = st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True)
+chat_records = st.builds(ChatRecord, counters, node_ids, counters, epochs, st.binary(max_size=200))
 presence_records = st.builds(
     PresenceRecord, counters, st.booleans(), node_ids, usernames.map(Username)
 )
@@ -40,7 +41,8 @@ def test_parse_undoes_encode(record: ChatRecord | PresenceRecord) -> None:
 
 @given(chat_records)
 def test_encode_chat_is_encode_record(record: ChatRecord) -> None:
-    assert encode_chat(record.seq, record.node, record.ref, record.prefix) == encode_record(record)
+    data = encode_chat(record.seq, record.node, record.ref, record.epoch, record.prefix)
+    assert data == encode_record(record)
 
 
 @given(presence_records)
@@ -100,18 +102,22 @@ def test_a_mutated_record_is_a_record_as_written_or_none(
     [
         b"",
         b"m",
-        b"m 1 n 1",  # no space before the prefix
-        b"m +1 n 1 x",
-        b"m -1 n 1 x",
-        b"m 01 n 1 x",
-        b"m 1_0 n 1 x",
-        b"m 1 n 1_0 x",
-        b"m 12345678901234567890 n 1 x",  # 20 digits: more than a Redis counter holds
-        b"m 1  1 x",
-        b"m 1 n\x00 1 x",
-        b"m 1 " + b"n" * 65 + b" 1 x",
-        b"m 1 n\xc3\xa9 1 x",
-        b"m \xd9\xa3 n 1 x",  # a non-ASCII digit
+        b"m 1 n 1 E",  # no space before the prefix
+        b"m 1 n 1 x",  # no epoch
+        b"m +1 n 1 E x",
+        b"m -1 n 1 E x",
+        b"m 01 n 1 E x",
+        b"m 1_0 n 1 E x",
+        b"m 1 n 1_0 E x",
+        b"m 12345678901234567890 n 1 E x",  # 20 digits: more than a Redis counter holds
+        b"m 1  1 E x",
+        b"m 1 n\x00 1 E x",
+        b"m 1 " + b"n" * 65 + b" 1 E x",
+        b"m 1 n\xc3\xa9 1 E x",
+        b"m \xd9\xa3 n 1 E x",  # a non-ASCII digit
+        b"m 1 n 1 E:1 x",  # not an epoch character
+        b"m 1 n 1 " + b"E" * 33 + b" x",  # an epoch of 33 characters
+        b"m 1 n 1  x",  # an empty epoch
         b"j 1 n",
         b"j 1 n ",  # no username
         b"j 1 n \xff",  # not UTF-8
@@ -129,8 +135,8 @@ def test_malformed_records_are_none(data: bytes) -> None:
 
 
 def test_the_documented_examples() -> None:
-    assert parse_record(b'm 7 n1 3 {"a":1') == ChatRecord(7, "n1", 3, b'{"a":1')
-    assert parse_record(b"m 7 n1 3 ") == ChatRecord(7, "n1", 3, b"")
+    assert parse_record(b'm 7 n1 3 R17 {"a":1') == ChatRecord(7, "n1", 3, "R17", b'{"a":1')
+    assert parse_record(b"m 7 n1 3 e-1 ") == ChatRecord(7, "n1", 3, "e-1", b"")
     assert parse_record(b"j 2 n-1 bob cy") == PresenceRecord(2, True, "n-1", Username("bob cy"))
     assert parse_record("l 0 a.b:c zoë".encode()) == PresenceRecord(
         0, False, "a.b:c", Username("zoë")
@@ -138,8 +144,8 @@ def test_the_documented_examples() -> None:
 
 
 def test_lua_expressions_spell_the_same_fields() -> None:
-    assert lua_chat_record("s", "ARGV[2]", "ARGV[3]", "ARGV[4]") == (
-        "'m ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]"
+    assert lua_chat_record("s", "ARGV[2]", "ARGV[3]", "e", "ARGV[4]") == (
+        "'m ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. e .. ' ' .. ARGV[4]"
     )
     assert lua_presence_record(True, "v", "m") == "'j ' .. v .. ' ' .. m"
     assert lua_presence_record(False, "v", "m") == "'l ' .. v .. ' ' .. m"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +18,8 @@ from roombus.cluster.schema import (
     command_for,
     key,
     lifetime_ms,
+    parse_read,
+    parse_relayed,
     parse_snapshot,
     publish_verb,
     records_received,
@@ -25,22 +28,34 @@ from roombus.cluster.schema import (
     script_source,
     snapshot_command,
 )
+from roombus.core.actions import ReadStream
+from roombus.core.events import Relayed, StreamRead
 
 from ..strategies import rooms
 
-SHAS = {"relay": b"r" * 40, "announce": b"a" * 40, "refresh": b"f" * 40, "snapshot": b"s" * 40}
+SHAS = {
+    "relay": b"r" * 40,
+    "read": b"h" * 40,
+    "announce": b"a" * 40,
+    "refresh": b"f" * 40,
+    "snapshot": b"s" * 40,
+}
 
-# SHA1 of every script as the trio backplane loaded it before the schema had a module
-# of its own: the scripts were moved, not changed (Redis caches scripts by this SHA).
+# SHA1 of every script as loaded (Redis caches scripts by it): a change to a script is
+# a change to the cluster's schema, made on purpose. Presence scripts are as the trio
+# backplane loaded them before the schema had a module of its own; relay, read and
+# snapshot are those of room streams (epoch, history, dedup).
 LOADED = {
-    (True, "relay"): "8ee4491c5e5b7f8afa0865798551030c377cac55",
+    (True, "relay"): "a8b918700f77a5abbcdb2b9ece15d879ec86ca5c",
+    (True, "read"): "6804d194d675536439662eb6437aa830f273b3aa",
     (True, "announce"): "b53b3697497a791736cdc2f11e74a935f2a02aa4",
     (True, "refresh"): "0f8c9373feca7f8961fdc3e54bd806a2f62c5384",
-    (True, "snapshot"): "cb25442bb8cf9671d490549082309990c730bb3f",
-    (False, "relay"): "fbb294d13b8f1fc44a893244c0b87de5c9ae5c4d",
+    (True, "snapshot"): "4115f303d1c4f5895eb67d0fac9e14673c16c347",
+    (False, "relay"): "2a48e51b33b777071b4b0c22d4de91f0b0a31224",
+    (False, "read"): "6804d194d675536439662eb6437aa830f273b3aa",
     (False, "announce"): "b6456c2582df1c99fe9c203acb96d317077eb2e2",
     (False, "refresh"): "a5bbe76e5fd24c0b96aeb976b9540daa54286386",
-    (False, "snapshot"): "7992d425b304df2351c5f0d0884f85c2c304b190",
+    (False, "snapshot"): "666465daa4f415f9d1aef7dc93e0a1d91e9e5eb9",
 }
 
 
@@ -49,14 +64,15 @@ def test_script_sources_are_unchanged(sharded: bool, name: str) -> None:
     source = script_source(name, sharded)
     assert hashlib.sha1(source.encode()).hexdigest() == LOADED[sharded, name]
     assert "{pub}" not in source and "{key_ttl}" not in source
-    assert f"redis.call('{publish_verb(sharded)}'" in source
+    if name != "read":  # the only script that publishes nothing
+        assert f"redis.call('{publish_verb(sharded)}'" in source
 
 
 def test_scripts_load_in_order() -> None:
-    assert list(SCRIPTS) == ["relay", "announce", "refresh", "snapshot"]
+    assert list(SCRIPTS) == ["relay", "read", "announce", "refresh", "snapshot"]
     assert publish_verb(True) == "SPUBLISH"
     assert publish_verb(False) == "PUBLISH"
-    assert str(KEY_TTL_MS) in script_source("relay", True)
+    assert str(KEY_TTL_MS) in script_source("announce", True)
 
 
 def test_key_names() -> None:
@@ -93,17 +109,46 @@ def test_records_received_keep_order_and_skip_strangers() -> None:
 
 
 def test_commands_of_the_actions() -> None:
-    relay = Relay(room=RoomName("r"), ref=7, prefix=b'{"x":')
+    relay = Relay(room=RoomName("r"), ref=7, prefix=b'{"x":', keep=100, keep_ms=300_000)
     assert command_for(relay, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
         "EVALSHA",
         SHAS["relay"],
-        1,
+        3,
         "p:{r}:s",
+        "p:{r}:e",
+        "p:{r}:h",
         "p:{r}:c",
         "n1",
         7,
         b'{"x":',
+        100,
+        300_000,
+        86_400_000,
+        1,  # no dedup: a window of 1 ms is never used
     )
+    acked = attrs.evolve(relay, dedup=("bob:1", "m 1"), dedup_ms=5000, position_ms=0)
+    command = command_for(acked, prefix="p", node="n1", shas=SHAS, lifetime=10_000)
+    assert command[2:7] == (4, "p:{r}:s", "p:{r}:e", "p:{r}:h", "p:{r}:d:5:bob:1:m 1")
+    assert command[-2:] == (1, 5000)  # a TTL of 0 would be an error reply: at least 1 ms
+    read = ReadStream(room=RoomName("r"), ticket=3, after=4, count=10, keep=100, keep_ms=9)
+    assert command_for(read, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
+        "EVALSHA",
+        SHAS["read"],
+        3,
+        "p:{r}:s",
+        "p:{r}:e",
+        "p:{r}:h",
+        4,
+        0,
+        10,
+        100,
+        9,
+        86_400_000,
+        "0",
+    )
+    oldest = attrs.evolve(read, oldest=True, upto=8)
+    command = command_for(oldest, prefix="p", node="n1", shas=SHAS, lifetime=10_000)
+    assert (command[7], command[-1]) == (8, "1")
     for present, flag in ((True, "1"), (False, "0")):
         announce = Announce(room=RoomName("r"), username=Username("bob cy"), present=present)
         assert command_for(announce, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
@@ -128,30 +173,90 @@ def test_commands_of_the_actions() -> None:
         "n1 ann",
         "n1 bob",
     )
-    assert snapshot_command("r", prefix="p", shas=SHAS) == (
+    assert snapshot_command("r", prefix="p", shas=SHAS, position_ms=60_000) == (
         "EVALSHA",
         SHAS["snapshot"],
-        2,
+        5,
         "p:{r}:p",
         "p:{r}:v",
+        "p:{r}:e",
+        "p:{r}:s",
+        "p:{r}:h",
         "p:{r}:c",
+        60_000,
     )
 
 
 def test_a_snapshot_reply() -> None:
     room = RoomName("r")
-    assert parse_snapshot(room, 3, [5, [b"n1 ann", b"n2 bob cy", b"n3 \xff"]]) == RoomSynced(
+    reply = [5, [b"n1 ann", b"n2 bob cy", b"n3 \xff"], b"R17", 9]
+    assert parse_snapshot(room, 3, reply) == RoomSynced(
         room=room,
         version=5,
         entries=(("n1", "ann"), ("n2", "bob cy"), ("n3", "\ufffd")),
         gen=3,
+        epoch="R17",
+        seq=9,
     )
-    assert parse_snapshot(room, 1, [0, []]) == RoomSynced(room=room, version=0, entries=(), gen=1)
+    assert parse_snapshot(room, 1, [0, [], b"E", 0]) == RoomSynced(
+        room=room, version=0, entries=(), gen=1, epoch="E", seq=0
+    )
 
 
 @pytest.mark.parametrize(
-    "reply", [None, 5, b"", [1], [1, 2, 3], [b"x", []], [1, ["n1 ann"]], [1, None], [None, []]]
+    "reply",
+    [
+        None,
+        5,
+        b"",
+        [1],
+        [1, 2, 3],
+        [b"x", [], b"E", 0],
+        [1, ["n1 ann"], b"E", 0],
+        [1, None, b"E", 0],
+        [None, [], b"E", 0],
+        [1, [], None, 0],
+        [1, [], b"E", b"x"],
+        [1, [], b"\xff", 0],
+        [1, [], b"no spaces", 0],
+        [1, []],
+    ],
 )
 def test_an_unreadable_snapshot_is_a_value_error(reply: object) -> None:
     with pytest.raises(ValueError, match="unreadable presence snapshot of room 'r'"):
         parse_snapshot(RoomName("r"), 1, reply)
+
+
+def test_relay_and_read_replies() -> None:
+    relay = Relay(room=RoomName("r"), ref=7, prefix=b"{", dedup=("ann", "x"))
+    assert parse_relayed(relay, [4, b"R1", 0]) == Relayed(
+        room=RoomName("r"), ref=7, epoch="R1", seq=4, duplicate=False
+    )
+    assert parse_relayed(relay, [2, b"R1", 1]).duplicate
+    read = ReadStream(room=RoomName("r"), ticket=5, after=0, count=3, keep=10, keep_ms=1)
+    assert parse_read(read, [b"R1", 9, 7, [7, b'{"a":', 9, b'{"b":']]) == StreamRead(
+        room=RoomName("r"),
+        ticket=5,
+        epoch="R1",
+        top=9,
+        first_kept=7,
+        entries=((7, b'{"a":'), (9, b'{"b":')),
+    )
+
+
+@pytest.mark.parametrize(
+    "reply", [None, [1, b"R"], [b"x", b"R", 0], [1, None, 0], [1, b"\xff", 0], [1, b"", 0]]
+)
+def test_an_unreadable_relay_reply_is_a_value_error(reply: object) -> None:
+    relay = Relay(room=RoomName("r"), ref=7, prefix=b"{", dedup=("ann", "x"))
+    with pytest.raises(ValueError, match="unreadable relay reply for room 'r'"):
+        parse_relayed(relay, reply)
+
+
+@pytest.mark.parametrize(
+    "reply", [None, [b"R", 1, 1], [b"R", b"x", 1, []], [None, 1, 1, []], [b"R", 1, 1, [b"x", b"p"]]]
+)
+def test_an_unreadable_read_reply_is_a_value_error(reply: object) -> None:
+    read = ReadStream(room=RoomName("r"), ticket=5, after=0, count=3, keep=10, keep_ms=1)
+    with pytest.raises(ValueError, match="unreadable stream read of room 'r'"):
+        parse_read(read, reply)

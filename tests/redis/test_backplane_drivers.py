@@ -30,8 +30,10 @@ from roombus.cluster import (
     Unsubscribe,
 )
 from roombus.cluster.records import encode_chat, encode_presence
-from roombus.core.events import Event, RecordReceived
+from roombus.core.actions import ReadStream
+from roombus.core.events import Event, RecordReceived, Relayed, StreamRead
 from roombus.core.names import RoomName, Username, is_token
+from roombus.core.streams import is_valid_epoch
 from roombus.trio import RedisBackplane as TrioBackplane
 
 from .conftest import RedisProcess
@@ -157,15 +159,23 @@ def test_records_go_both_ways_in_one_order(harness: Harness, redis_server: Redis
         a, host_a = await h.started(redis_server.url, "node-a")
         b, host_b = await h.started(redis_server.url, "node-b")
         async with closing(h, a, b):
+            epochs = []
             for backplane, host in ((a, host_a), (b, host_b)):
                 backplane.submit([Subscribe(room=LOBBY, gen=1)])
                 (synced,) = await host.wait_for(of(RoomSynced))
-                assert synced == RoomSynced(room=LOBBY, version=0, entries=(), gen=1)
+                assert synced == RoomSynced(
+                    room=LOBBY, version=0, entries=(), gen=1, epoch=synced.epoch, seq=0
+                )
+                epochs.append(synced.epoch)
+            epoch = epochs[0]
+            assert epochs == [epoch, epoch] and is_valid_epoch(epoch)  # one room, one epoch
             b.submit([Announce(room=LOBBY, username=Username("bob"), present=True)])
             a.submit([Relay(room=LOBBY, ref=ref, prefix=PREFIX) for ref in range(50)])
             for host in (host_a, host_b):
                 await host.wait_for(of(RecordReceived), 51)
-            expected_chats = [encode_chat(seq, "node-a", seq - 1, PREFIX) for seq in range(1, 51)]
+            expected_chats = [
+                encode_chat(seq, "node-a", seq - 1, epoch, PREFIX) for seq in range(1, 51)
+            ]
             for host in (host_a, host_b):
                 records = host.records()
                 assert encode_presence(True, 1, "node-b", "bob") in records
@@ -177,7 +187,21 @@ def test_records_go_both_ways_in_one_order(harness: Harness, redis_server: Redis
             # A late listener's snapshot holds bob, at the version of his record.
             a.submit([Subscribe(room=LOBBY, gen=2)])
             synced = (await host_a.wait_for(of(RoomSynced), 2))[-1]
-            assert synced == RoomSynced(room=LOBBY, version=1, entries=(("node-b", "bob"),), gen=2)
+            assert synced == RoomSynced(
+                room=LOBBY, version=1, entries=(("node-b", "bob"),), gen=2, epoch=epoch, seq=50
+            )
+            # An acknowledged relay and a read of the stream are answered through the
+            # driver; a resend of the id publishes nothing.
+            acked = Relay(
+                room=LOBBY, ref=99, prefix=PREFIX, keep=10, keep_ms=60_000, dedup=("b", "x")
+            )
+            b.submit([acked, acked])
+            first, again = await host_b.wait_for(of(Relayed), 2)
+            assert (first.seq, first.duplicate, again.seq, again.duplicate) == (51, False, 51, True)
+            b.submit([ReadStream(room=LOBBY, ticket=4, after=0, count=5, keep=10, keep_ms=60_000)])
+            (read,) = await host_b.wait_for(of(StreamRead))
+            assert (read.ticket, read.epoch, read.top, read.first_kept) == (4, epoch, 51, 51)
+            assert read.entries == ((51, PREFIX),)  # the first 50 kept no history
 
     harness.run(main)
 
@@ -198,7 +222,8 @@ def test_a_room_no_longer_listened_to_sends_nothing(
             # OTHER's record comes after LOBBY's was published: had LOBBY's been
             # delivered, it would be here first.
             await host_a.wait_for(of(RecordReceived))
-            assert host_a.records() == [encode_chat(1, "node-b", 2, PREFIX)]
+            (record,) = host_a.records()
+            assert record.startswith(b"m 1 node-b 2 ") and record.endswith(PREFIX)
             assert host_b.records() == []  # b listens to neither
 
     harness.run(main)
@@ -264,10 +289,10 @@ def test_a_cluster_config_is_the_settings_one_by_one(
         c, host = await h.start(config)
         async with closing(h, c):
             c.submit([Subscribe(room=LOBBY, gen=1)])
-            await host.wait_for(of(RoomSynced))
             c.submit([Relay(room=LOBBY, ref=7, prefix=PREFIX)])
+            (synced,) = await host.wait_for(of(RoomSynced))
             await host.wait_for(of(RecordReceived))
-            assert host.records() == [encode_chat(1, "node-c", 7, PREFIX)]
+            assert host.records() == [encode_chat(1, "node-c", 7, synced.epoch, PREFIX)]
 
     harness.run(main)
 

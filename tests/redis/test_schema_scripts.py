@@ -21,12 +21,16 @@ from roombus.cluster.schema import (
     SCRIPTS,
     channel,
     command_for,
+    parse_read,
+    parse_relayed,
     parse_snapshot,
     records_received,
     refresh_command,
     script_source,
     snapshot_command,
 )
+from roombus.core.actions import ReadStream
+from roombus.core.streams import is_valid_epoch
 from roombus.trio._redis import RedisConnection, RedisSubscriber, connect, connect_subscriber
 
 from .conftest import RedisProcess
@@ -60,12 +64,25 @@ async def _receive(sub: RedisSubscriber, count: int) -> list[tuple[str, bytes]]:
 async def test_scripts_publish_what_the_encoders_write(
     redis_server: RedisProcess, sharded: bool, seed: int
 ) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            # Reading a room's stream gives it an epoch (the relay would too).
+            shas = await _load(conn, sharded)
+            await conn.execute("FLUSHALL")
+            epochs = {}
+            for room in ROOMS:
+                read = ReadStream(room=room, ticket=1, after=0, count=0, keep=10, keep_ms=LIFETIME)
+                command = command_for(read, prefix=PREFIX, node="n1", shas=shas, lifetime=LIFETIME)
+                answer = parse_read(read, await conn.execute(*command))
+                assert is_valid_epoch(answer.epoch) and answer.top == 0
+                assert answer.first_kept == 1 and answer.entries == ()
+                epochs[room] = answer.epoch
     rng = random.Random(seed)
     seq = dict.fromkeys(ROOMS, 0)
     version = dict.fromkeys(ROOMS, 0)
     present: dict[RoomName, set[tuple[str, str]]] = {room: set() for room in ROOMS}
     actions: list[tuple[Relay | Announce, str]] = []
-    replies: list[int | None] = []  # the relay script answers the seq
+    replies: list[object] = []  # the relay script answers the seq and the epoch
     expected: list[tuple[str, bytes]] = []
     for ref in range(1, 201):
         room, node = rng.choice(ROOMS), rng.choice(NODES)
@@ -73,8 +90,9 @@ async def test_scripts_publish_what_the_encoders_write(
         if rng.random() < 0.5:
             action = Relay(room=room, ref=ref, prefix=rng.randbytes(rng.randrange(0, 40)))
             seq[room] += 1
-            expected.append((room, encode_chat(seq[room], node, ref, action.prefix)))
-            replies.append(seq[room])
+            epoch = epochs[room]
+            expected.append((room, encode_chat(seq[room], node, ref, epoch, action.prefix)))
+            replies.append([seq[room], epoch.encode(), 0])
         else:
             user, on = rng.choice(USERS), rng.random() < 0.6
             action = Announce(room=room, username=user, present=on)
@@ -106,6 +124,7 @@ async def test_scripts_publish_what_the_encoders_write(
                 synced = parse_snapshot(room, gen, reply)
                 assert synced.version == version[room]
                 assert set(synced.entries) == present[room]
+                assert (synced.epoch, synced.seq) == (epochs[room], seq[room])
 
 
 async def test_refresh_keeps_its_own_and_reaps_the_dead(redis_server: RedisProcess) -> None:
@@ -139,3 +158,91 @@ async def test_refresh_keeps_its_own_and_reaps_the_dead(redis_server: RedisProce
                 encode_presence(False, 4, "gone", USERS[1]),
             ]
             assert await _receive(sub, len(expected)) == [(room, data) for data in expected]
+
+
+async def _run(conn: RedisConnection, shas: dict[str, bytes], action: object) -> object:
+    assert isinstance(action, (Relay, ReadStream))
+    return await conn.execute(
+        *command_for(action, prefix=PREFIX, node="n1", shas=shas, lifetime=LIFETIME)
+    )
+
+
+async def test_a_room_stream_keeps_dedups_and_reads(redis_server: RedisProcess) -> None:
+    room = ROOMS[0]
+    keep = 5
+
+    def relay(ref: int, msg_id: str | None = None) -> Relay:
+        return Relay(
+            room=room,
+            ref=ref,
+            prefix=b'{"n":%d,"seq":' % ref,
+            keep=keep,
+            keep_ms=LIFETIME,
+            dedup=None if msg_id is None else ("ann", msg_id),
+            dedup_ms=LIFETIME,
+        )
+
+    def read(after: int, count: int, *, oldest: bool = False, upto: int = 0) -> ReadStream:
+        return ReadStream(
+            room=room,
+            ticket=9,
+            after=after,
+            upto=upto,
+            count=count,
+            oldest=oldest,
+            keep=keep,
+            keep_ms=LIFETIME,
+        )
+
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            first = parse_relayed(relay(1, "a"), await _run(conn, shas, relay(1, "a")))
+            assert (first.seq, first.duplicate) == (1, False)
+            for ref in range(2, 201):  # more than MAXLEN ~ trims exactly
+                await _run(conn, shas, relay(ref))
+            again = parse_relayed(relay(201, "a"), await _run(conn, shas, relay(201, "a")))
+            assert (again.seq, again.epoch, again.duplicate) == (1, first.epoch, True)
+            top = parse_read(read(0, 0), await _run(conn, shas, read(0, 0)))
+            assert (top.epoch, top.top, top.first_kept) == (first.epoch, 200, 196)
+            latest = parse_read(read(190, 3), await _run(conn, shas, read(190, 3)))
+            assert [seq for seq, _ in latest.entries] == [198, 199, 200]
+            assert latest.entries[0][1] == b'{"n":198,"seq":'
+            oldest = parse_read(
+                read(190, 3, oldest=True), await _run(conn, shas, read(190, 3, oldest=True))
+            )
+            assert [seq for seq, _ in oldest.entries] == [196, 197, 198]  # kept: from 196
+            span = parse_read(
+                read(196, 10, upto=198), await _run(conn, shas, read(196, 10, upto=198))
+            )
+            assert [seq for seq, _ in span.entries] == [197, 198]
+            # Redis loses the room (FLUSHALL is what a restart without persistence
+            # looks like): a new epoch, seq and history start over, the id is new again.
+            await conn.execute("FLUSHALL")
+            await trio.sleep(0.002)  # epochs are made from the server's clock (us)
+            fresh = parse_relayed(relay(202, "a"), await _run(conn, shas, relay(202, "a")))
+            assert (fresh.seq, fresh.duplicate) == (1, False) and fresh.epoch != first.epoch
+
+
+async def test_kept_messages_expire_with_the_history_ttl(redis_server: RedisProcess) -> None:
+    room = ROOMS[1]
+    relay = Relay(room=room, ref=1, prefix=b"{", keep=10, keep_ms=30)
+    read = ReadStream(room=room, ticket=1, after=0, count=10, keep=10, keep_ms=30)
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            await _run(conn, shas, relay)
+            await _run(conn, shas, relay)
+            now = parse_read(read, await _run(conn, shas, read))
+            assert (now.top, now.first_kept, len(now.entries)) == (2, 1, 2)
+            await trio.sleep(0.1)
+            later = parse_read(read, await _run(conn, shas, read))
+            # The messages are gone; the position is not (it lives the position TTL).
+            assert (later.epoch, later.top, later.first_kept, later.entries) == (
+                now.epoch,
+                2,
+                3,
+                (),
+            )

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from ..core import codec
-from ..core.actions import Action, Announce, MessagePublished, Relay, Subscribe, Unsubscribe
+from ..core.actions import (
+    Action,
+    Announce,
+    MessagePublished,
+    ReadStream,
+    Relay,
+    Subscribe,
+    Unsubscribe,
+)
 from ..core.broker import Broker, BrokerStatistics, Resume, _Conn
 from ..core.errors import ConfigError
 from ..core.events import (
@@ -28,11 +36,21 @@ from ..core.events import (
     BackplaneRestored,
     Event,
     RecordReceived,
+    Relayed,
     RoomSynced,
+    StreamRead,
 )
 from ..core.names import ConnectionId, RoomName, Username, is_valid_username
+from ..core.streams import (
+    EPOCH_CHANGED,
+    TOO_OLD,
+    UNAVAILABLE,
+    Position,
+    Recovery,
+    plan_recovery,
+)
 from .records import ChatRecord, PresenceRecord, parse_record
-from .room import ClusterRoom, Effect, Lifetime, Phase, RoomInput, is_valid_node_id
+from .room import ClusterRoom, Effect, Lifetime, Phase, Resuming, RoomInput, is_valid_node_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -40,14 +58,18 @@ if TYPE_CHECKING:
     from ..core.auth import Authorizer
     from ..core.config import BrokerConfig
 
-#: Chats a room may hold for connections still joining it (one round trip's worth).
+#: Chats a room may hold for connections still joining it (one round trip's worth),
+#: and the most messages one gap repair reads.
 MAX_HELD: Final = 1000
-#: Room streams (positions, history, acknowledged publish) are served by a node on its
-#: own; a cluster answers the requests that need them with this ``bad_message``.
-_NO_STREAMS: Final = (
-    "positions, history and acknowledged publish (since, history, id) are not served"
-    " by a cluster yet"
-)
+
+
+@attrs.frozen
+class _HistoryRead:
+    """A ``history`` request waiting for its read of Redis."""
+
+    conn: ConnectionId
+    request: codec.History
+    limit: int
 
 
 class ClusterBroker(Broker):
@@ -90,6 +112,14 @@ class ClusterBroker(Broker):
         self._recent_leaves: deque[tuple[RoomName, Username]] = deque(maxlen=MAX_HELD)
         self._relay_unconfirmed = 0
         self._presence_gaps = 0
+        # Reads of Redis streams in flight, by ticket: a resume (its room and
+        # connection), a history request, or a gap repair (its room).
+        self._tickets = 0
+        self._reads: dict[int, tuple[RoomName, ConnectionId | None, _HistoryRead | None]] = {}
+        # Acknowledged publishes relayed and not answered yet: ref -> (conn, id).
+        self._awaiting: dict[int, tuple[ConnectionId, str]] = {}
+        self._resets = 0
+        self._repairs = 0
 
     # -- introspection ------------------------------------------------------------------
 
@@ -101,10 +131,13 @@ class ClusterBroker(Broker):
         return users
 
     def seq(self, room: str) -> int:
+        return self.position(room).seq
+
+    def position(self, room: str) -> Position:
         cr = self._cluster.get(RoomName(room))
-        if cr is not None:
-            return cr.seq
-        return super().seq(room)
+        if cr is not None and not cr.local and cr.epoch:
+            return Position(cr.epoch, cr.seq)
+        return super().position(room)
 
     def statistics(self) -> BrokerStatistics:
         return attrs.evolve(
@@ -112,6 +145,8 @@ class ClusterBroker(Broker):
             relay_unconfirmed=self._relay_unconfirmed,
             presence_gaps=self._presence_gaps,
             backplane_online=self._online,
+            resets=self._resets,
+            repairs=self._repairs,
         )
 
     # -- the core's hooks ---------------------------------------------------------------
@@ -119,6 +154,10 @@ class ClusterBroker(Broker):
     def _handle_other(self, event: Event, timestamp: int, actions: list[Action]) -> None:
         if isinstance(event, RecordReceived):
             self._on_record(event, timestamp, actions)
+        elif isinstance(event, StreamRead):
+            self._on_read(event, timestamp, actions)
+        elif isinstance(event, Relayed):
+            self._on_relayed(event, actions)
         elif isinstance(event, RoomSynced):
             self._on_synced(event, timestamp, actions)
         elif isinstance(event, BackplaneLost):
@@ -138,7 +177,7 @@ class ClusterBroker(Broker):
     ) -> None:
         cr = self._cluster.get(room)
         if cr is not None or self._online:  # no member here, maybe some elsewhere
-            self._publish_cluster(room, cr, username, content, timestamp, actions)
+            self._publish_cluster(None, room, cr, username, content, timestamp, actions)
 
     def _occupancy(self, room: RoomName) -> int:
         cr = self._cluster.get(room)
@@ -156,23 +195,29 @@ class ClusterBroker(Broker):
         rights = self._admitted(conn, c, room, actions)
         if rights is None:
             return
-        if resume is not None:
-            self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions)
         cr = self._cluster.get(room)
         if cr is None:
             self._gens += 1
-            cr = self._cluster[room] = ClusterRoom(gen=self._gens)
+            # Offline, a new room is numbered here until the cluster's numbering is seen.
+            cr = self._cluster[room] = ClusterRoom(gen=self._gens, local=not self._online)
             # A new room is told the link's state: online, it listens to the room.
             link = RoomInput.LINK_RESTORED if self._online else RoomInput.LINK_LOST
             if cr.step(link) is Effect.SUBSCRIBE:
-                actions.append(Subscribe(room=room, gen=cr.gen))
+                actions.append(self._subscribe(room, cr))
         cr.step(RoomInput.FIRST_INTEREST)
         if cr.step(RoomInput.JOIN) is Effect.PEND:
             # Joined once the room's presence across the cluster is known.
             cr.pending[conn] = rights
+            if resume is not None:
+                cr.pending_resume[conn] = resume
             c.rooms[room] = rights
             return
         self._join(conn, c, room, rights, timestamp, actions)
+        if resume is not None:
+            self._resume(conn, room, resume, actions)
+
+    def _subscribe(self, room: RoomName, cr: ClusterRoom) -> Subscribe:
+        return Subscribe(room=room, gen=cr.gen, position_ms=int(self.config.position_ttl * 1000))
 
     def _first_here(self, room: RoomName, username: Username, actions: list[Action]) -> bool:
         cr = self._cluster.get(room)
@@ -192,6 +237,10 @@ class ClusterBroker(Broker):
         self, conn: ConnectionId, c: _Conn, room: RoomName, timestamp: int, actions: list[Action]
     ) -> None:
         cr = self._cluster.get(room)
+        if cr is not None:
+            cr.positioned.discard(conn)
+            cr.resuming.pop(conn, None)
+            cr.pending_resume.pop(conn, None)
         if cr is not None and conn in cr.pending:
             del c.rooms[room]
             del cr.pending[conn]
@@ -214,15 +263,221 @@ class ClusterBroker(Broker):
         cr = self._cluster.get(room)
         return cr is not None and conn in cr.pending
 
+    # -- positions: resume, history, resets ---------------------------------------------
+
     def _resume(
         self, conn: ConnectionId, room: RoomName, resume: Resume, actions: list[Action]
     ) -> None:
-        self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions)
+        cr = self._cluster.get(room)
+        if cr is None:  # (not a cluster room: cannot happen for a member)
+            super()._resume(conn, room, resume, actions)
+            return
+        if conn in cr.pending:
+            cr.pending_resume[conn] = resume  # answered once joined
+            return
+        cr.positioned.add(conn)
+        if not self._online:
+            since = resume.since
+            local = super().position(room)
+            if since is None or since.epoch == local.epoch:
+                super()._resume(conn, room, resume, actions)
+            else:  # a position of the cluster's numbering, which this node cannot see now
+                recovery = Recovery(recovered=False, reason=UNAVAILABLE)
+                self._deliver((conn,), codec.encode_joined(room, local, recovery), actions)
+            return
+        # Read the stream; chats of the room wait for the answer (merged by seq).
+        most, _ = self._replay_bounds()
+        since = resume.since
+        ticket = self._read(
+            room,
+            (conn, None),
+            after=since.seq if since is not None else 0,
+            count=most if since is not None else 0,
+            actions=actions,
+        )
+        cr.resuming[conn] = Resuming(resume=resume, ticket=ticket)
 
-    def _history(
-        self, conn: ConnectionId, c: _Conn, request: codec.History, actions: list[Action]
+    def _read(
+        self,
+        room: RoomName,
+        waiting: tuple[ConnectionId | None, _HistoryRead | None],
+        *,
+        after: int,
+        count: int,
+        actions: list[Action],
+        upto: int = 0,
+        oldest: bool = False,
+    ) -> int:
+        self._tickets += 1
+        policy = self._streams.policy(room)
+        self._reads[self._tickets] = (room, *waiting)
+        actions.append(
+            ReadStream(
+                room=room,
+                ticket=self._tickets,
+                after=after,
+                upto=upto,
+                count=count,
+                oldest=oldest,
+                keep=policy.size,
+                keep_ms=int(policy.ttl * 1000),
+                position_ms=int(self.config.position_ttl * 1000),
+            )
+        )
+        return self._tickets
+
+    def _read_history(
+        self, conn: ConnectionId, request: codec.History, limit: int, actions: list[Action]
     ) -> None:
-        self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions, request.id)
+        if not self._online:
+            super()._read_history(conn, request, limit, actions)
+            return
+        since = request.since
+        self._read(
+            request.room,
+            (None, _HistoryRead(conn, request, limit)),
+            after=since.seq if since is not None else 0,
+            count=limit,
+            oldest=since is not None,
+            actions=actions,
+        )
+
+    def _on_read(self, event: StreamRead, timestamp: int, actions: list[Action]) -> None:
+        waiting = self._reads.pop(event.ticket, None)
+        if waiting is None:
+            return
+        room, conn, history = waiting
+        if history is not None:
+            self._answer_history(event, history, actions)
+        elif conn is not None:
+            self._answer_resume(room, conn, event, actions)
+        else:
+            self._repaired(room, event, timestamp, actions)
+
+    def _answer_history(self, event: StreamRead, h: _HistoryRead, actions: list[Action]) -> None:
+        if h.conn not in self._conns:
+            return
+        since = h.request.since
+        if since is not None and since.epoch != event.epoch:
+            # Of another epoch: the latest ones, as on a node on its own.
+            self._read(
+                event.room,
+                (None, _HistoryRead(h.conn, attrs.evolve(h.request, since=None), h.limit)),
+                after=0,
+                count=h.limit,
+                actions=actions,
+            )
+            return
+        budget = self.config.send_queue_bytes // 2
+        items: list[bytes] = []
+        entries = event.entries if since is not None else tuple(reversed(event.entries))
+        for seq, prefix in entries:
+            payload = codec.complete_chat(prefix, seq)
+            if items and len(payload) > budget:
+                break
+            items.append(payload)
+            budget -= len(payload)
+        if since is None:
+            items.reverse()
+        position = Position(event.epoch, event.top)
+        self._deliver(
+            (h.conn,), codec.encode_history(event.room, position, items, h.request.id), actions
+        )
+
+    def _answer_resume(
+        self, room: RoomName, conn: ConnectionId, event: StreamRead, actions: list[Action]
+    ) -> None:
+        cr = self._cluster.get(room)
+        rs = cr.resuming.get(conn) if cr is not None else None
+        if cr is None or rs is None or rs.ticket != event.ticket:
+            return  # left (or asked again) meanwhile
+        rs.ticket = 0
+        since = rs.resume.since
+        held, rs.held = rs.held, []
+        top = event.top
+        if cr.local or (cr.epoch and cr.epoch != event.epoch):
+            # The node's numbering is not the stream's right now (cut off a moment ago,
+            # or the epoch changed while reading): no continuity to offer.
+            del cr.resuming[conn]
+            position = self.position(room)
+            recovery = Recovery(
+                recovered=None if since is None else False,
+                reason=None if since is None else UNAVAILABLE,
+            )
+            self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
+            return
+        most, max_bytes = self._replay_bounds()
+        payloads = {seq: codec.complete_chat(prefix, seq) for seq, prefix in event.entries}
+        fit = 0  # the latest kept messages that fit in the replay's bytes
+        for seq in range(top, top - most, -1):
+            max_bytes -= len(payloads.get(seq, b""))
+            if max_bytes < 0:
+                break
+            fit += 1
+        first_kept = event.first_kept
+        plan = self._plan(since, event.epoch, top, first_kept, room, fit, rs.resume.partial)
+        if plan.replay is not None:
+            missing = [
+                seq for seq in range(plan.replay.first, plan.replay.last + 1) if seq not in payloads
+            ]
+            if missing:  # a message the stream failed to keep: lost, and said so
+                first_kept = max(missing) + 1
+                plan = self._plan(since, event.epoch, top, first_kept, room, fit, rs.resume.partial)
+        position = Position(event.epoch, top)
+        self._deliver((conn,), codec.encode_joined(room, position, plan), actions)
+        if plan.replay is not None:
+            for seq in range(plan.replay.first, plan.replay.last + 1):
+                self._deliver((conn,), codec.replayed(payloads[seq]), actions)
+        # Chats that came while reading: those after the read, live.
+        for seq, payload in held:
+            if seq > top:
+                self._deliver((conn,), payload, actions)
+        if cr.seq >= top or not cr.epoch:
+            del cr.resuming[conn]
+        else:  # records up to the read's top are still on their way: in the replay
+            rs.floor = top
+
+    def _plan(
+        self,
+        since: Position | None,
+        epoch: str,
+        top: int,
+        first_kept: int,
+        room: RoomName,
+        most: int,
+        partial: bool,
+    ) -> Recovery:
+        return plan_recovery(
+            since,
+            epoch=epoch,
+            top=top,
+            first_kept=first_kept,
+            history=self._streams.policy(room).size > 0,
+            recovery_max=most,
+            partial=partial,
+        )
+
+    def _reset(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        position: Position,
+        reason: str,
+        actions: list[Action],
+    ) -> None:
+        """Tell the members that joined *room* with a position that it restarts here."""
+        conns = tuple(
+            ConnectionId(conn)
+            for conn in cr.positioned
+            if conn not in cr.resuming or not cr.resuming[conn].ticket
+        )
+        for conn in conns:
+            cr.resuming.pop(conn, None)
+        if conns:
+            self._resets += len(conns)
+            self._deliver(conns, codec.encode_reset(room, position, reason), actions)
+
+    # -- publishing -----------------------------------------------------------------------
 
     def _publish(
         self,
@@ -234,17 +489,12 @@ class ClusterBroker(Broker):
         actions: list[Action],
         msg_id: str | None = None,
     ) -> bool:
-        if msg_id is not None and conn is not None:
-            self._error(conn, codec.BAD_MESSAGE, _NO_STREAMS, actions, msg_id)
-            return True
         cr = self._cluster.get(room)
         if cr is None:
-            return super()._publish(conn, room, username, content, timestamp, actions)
+            return super()._publish(conn, room, username, content, timestamp, actions, msg_id)
         if conn is not None and conn in cr.pending:
-            return self._hold(conn, room, username, content, timestamp, actions)
-        return self._publish_cluster(room, cr, username, content, timestamp, actions)
-
-    # -- joining and leaving ------------------------------------------------------------
+            return self._hold(conn, room, username, content, timestamp, actions, msg_id)
+        return self._publish_cluster(conn, room, cr, username, content, timestamp, actions, msg_id)
 
     def _release(self, room: RoomName, cr: ClusterRoom, actions: list[Action]) -> None:
         """
@@ -287,6 +537,7 @@ class ClusterBroker(Broker):
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None,
     ) -> bool:
         """
         A chat from a connection still joining *room*: published once it has joined.
@@ -298,62 +549,82 @@ class ClusterBroker(Broker):
         if codec.chat_prefix(username, content, room, timestamp) is None:
             return False
         if len(cr.held) >= MAX_HELD:
-            self._error(conn, codec.NOT_JOINED, f"still joining room {room!r}", actions)
+            self._error(conn, codec.NOT_JOINED, f"still joining room {room!r}", actions, msg_id)
         else:
-            cr.held.append((conn, content, timestamp))
+            cr.held.append((conn, content, timestamp, msg_id))
         return True
-
-    # -- chats and records --------------------------------------------------------------
 
     def _publish_cluster(
         self,
+        conn: ConnectionId | None,
         room: RoomName,
         cr: ClusterRoom | None,
         username: Username,
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None = None,
     ) -> bool:
         """
         Relay a message (delivered here too when it comes back: one order on every
-        node), or deliver it here only while the backplane is down. With no *cr*
-        (nobody here in the room) it is relayed with nothing to wait for.
+        node), or number and deliver it here only while the backplane is down. With no
+        *cr* (nobody here in the room) it is relayed with nothing to wait for.
         """
+        if not self._online:
+            assert cr is not None
+            if not super()._publish(conn, room, username, content, timestamp, actions, msg_id):
+                return False
+            self._relay_unconfirmed += 1
+            return True
         prefix = codec.chat_prefix(username, content, room, timestamp)
         if prefix is None:
             return False
-        if self._online:
-            self._refs += 1
-            if cr is not None:
-                cr.outbox.append((self._refs, username, content, timestamp))
-            actions.append(Relay(room=room, ref=self._refs, prefix=prefix))
-        else:
-            assert cr is not None
-            self._relay_unconfirmed += 1
-            self._deliver_local(room, cr, prefix, username, content, timestamp, actions)
-        return True
-
-    def _deliver_local(
-        self,
-        room: RoomName,
-        cr: ClusterRoom,
-        prefix: bytes,
-        username: Username,
-        content: object,
-        timestamp: int,
-        actions: list[Action],
-    ) -> None:
-        """Deliver a message of this node here only, numbered on from the last seen."""
-        cr.seq += 1
-        self._messages_published += 1
-        r = self._registry.rooms.get(room)
-        if r is not None:
-            self._deliver(tuple(r.members), codec.complete_chat(prefix, cr.seq), actions)
+        self._refs += 1
+        ref = self._refs
+        if cr is not None:
+            cr.outbox.append((ref, username, content, timestamp))
+        config = self.config
+        policy = self._streams.policy(room)
+        dedup = None
+        if msg_id is not None and conn is not None:
+            dedup = (str(username), msg_id)
+            self._awaiting[ref] = (conn, msg_id)
         actions.append(
-            MessagePublished(
-                room=room, username=username, content=content, seq=cr.seq, timestamp=timestamp
+            Relay(
+                room=room,
+                ref=ref,
+                prefix=prefix,
+                keep=policy.size,
+                keep_ms=int(policy.ttl * 1000),
+                position_ms=int(config.position_ttl * 1000),
+                dedup=dedup,
+                dedup_ms=int(config.dedup_window * 1000),
             )
         )
+        return True
+
+    def _on_relayed(self, event: Relayed, actions: list[Action]) -> None:
+        """The answer to an acknowledged publish: ack it; a duplicate comes back no more."""
+        waiting = self._awaiting.pop(event.ref, None)
+        if waiting is not None and waiting[0] in self._conns:
+            conn, msg_id = waiting
+            position = Position(event.epoch, event.seq)
+            self._deliver((conn,), codec.encode_ack(msg_id, event.room, position), actions)
+        if not event.duplicate:
+            return
+        room = event.room
+        cr = self._cluster.get(room)
+        if cr is None:
+            return
+        cr.outbox = deque(entry for entry in cr.outbox if entry[0] != event.ref)
+        if (
+            not cr.outbox
+            and cr.lifetime is Lifetime.DRAINING
+            and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
+        ):
+            self._remove(room, actions)
+
+    # -- records ----------------------------------------------------------------------------
 
     def _on_record(self, event: RecordReceived, timestamp: int, actions: list[Action]) -> None:
         room = event.room
@@ -362,36 +633,142 @@ class ClusterBroker(Broker):
         if cr is None or record is None:
             return  # no longer listening, or not a record of ours
         if isinstance(record, ChatRecord):
-            cr.seq = record.seq
-            r = self._registry.rooms.get(room)
-            if r is not None:
-                self._deliver(
-                    tuple(r.members), codec.complete_chat(record.prefix, record.seq), actions
-                )
-            if record.node == self.node:
-                outbox = cr.outbox
-                if (
-                    cr.lifetime is Lifetime.DRAINING
-                    and outbox
-                    and outbox[-1][0] <= record.ref
-                    and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
-                ):
-                    self._remove(room, actions)
-                while outbox and outbox[0][0] <= record.ref:
-                    ref, username, content, stamp = outbox.popleft()
-                    if ref == record.ref:
-                        self._messages_published += 1
-                        actions.append(
-                            MessagePublished(
-                                room=room,
-                                username=username,
-                                content=content,
-                                seq=record.seq,
-                                timestamp=stamp,
-                            )
-                        )
+            if cr.phase is not Phase.OFFLINE:
+                self._on_chat(room, cr, record, actions)
+                if record.node == self.node:
+                    self._came_back(room, cr, record, actions)
             return
         self._on_presence(room, cr, record, timestamp, actions)
+
+    def _on_chat(
+        self, room: RoomName, cr: ClusterRoom, record: ChatRecord, actions: list[Action]
+    ) -> None:
+        """A chat record: delivered in seq order, once; a gap is read from the stream."""
+        if cr.repair:
+            cr.waiting.append(record)
+            return
+        seq = record.seq
+        if record.epoch != cr.epoch or cr.local:
+            # The first news of the room's numbering, or a new epoch: Redis lost its
+            # data or the room expired, or this node numbered on its own meanwhile.
+            if cr.epoch or cr.local:
+                reason = EPOCH_CHANGED if record.epoch != cr.epoch else UNAVAILABLE
+                self._restart(room, cr, Position(record.epoch, seq - 1), reason, actions)
+            else:
+                cr.epoch = record.epoch
+                cr.seq = seq - 1
+        if seq <= cr.seq:
+            return  # delivered already (read to repair a gap, or before a snapshot)
+        if seq > cr.seq + 1:
+            # Missed records: read them from the stream before delivering this one.
+            self._repairs += 1
+            cr.waiting.append(record)
+            cr.repair = self._read(
+                room,
+                (None, None),
+                after=cr.seq,
+                upto=seq - 1,
+                count=min(seq - 1 - cr.seq, MAX_HELD),
+                actions=actions,
+            )
+            return
+        self._deliver_chat(room, cr, seq, codec.complete_chat(record.prefix, seq), actions)
+
+    def _restart(
+        self,
+        room: RoomName,
+        cr: ClusterRoom,
+        position: Position,
+        reason: str,
+        actions: list[Action],
+    ) -> None:
+        """The room's numbering is *position* from now on: say so to those who follow it."""
+        cr.local = False
+        cr.epoch = position.epoch
+        cr.seq = position.seq
+        for rs in cr.resuming.values():
+            rs.held.clear()  # of the old numbering
+        self._reset(room, cr, position, reason, actions)
+
+    def _repaired(
+        self, room: RoomName, event: StreamRead, timestamp: int, actions: list[Action]
+    ) -> None:
+        cr = self._cluster.get(room)
+        if cr is None or cr.repair != event.ticket:
+            return
+        cr.repair = 0
+        waiting, cr.waiting = cr.waiting, []
+        if waiting and event.epoch == cr.epoch and not cr.local:
+            # The read covered what was missing before the first waiting record.
+            same = waiting[0].epoch == cr.epoch
+            end = waiting[0].seq - 1 if same else event.top
+            for seq, prefix in event.entries:
+                if seq <= cr.seq or seq > end:
+                    continue
+                if seq > cr.seq + 1:  # not kept any more: lost, and said so
+                    self._reset(room, cr, Position(cr.epoch, seq - 1), TOO_OLD, actions)
+                self._deliver_chat(room, cr, seq, codec.complete_chat(prefix, seq), actions)
+            if same and cr.seq < end:
+                self._reset(room, cr, Position(cr.epoch, end), TOO_OLD, actions)
+                cr.seq = end
+        for i, record in enumerate(waiting):
+            self._on_chat(room, cr, record, actions)
+            if cr.repair:  # another gap: the rest waits for that read
+                cr.waiting.extend(waiting[i + 1 :])
+                return
+
+    def _deliver_chat(
+        self, room: RoomName, cr: ClusterRoom, seq: int, payload: bytes, actions: list[Action]
+    ) -> None:
+        cr.seq = seq
+        r = self._registry.rooms.get(room)
+        if r is None:
+            return
+        resuming = cr.resuming
+        if not resuming:
+            self._deliver(tuple(r.members), payload, actions)
+            return
+        members = []
+        for member in r.members:
+            rs = resuming.get(member)
+            if rs is None:
+                members.append(member)
+            elif rs.ticket:
+                rs.held.append((seq, payload))
+            elif seq > rs.floor:
+                del resuming[member]
+                members.append(member)
+            elif seq == rs.floor:
+                del resuming[member]  # caught up: the replay had it
+        if members:
+            self._deliver(tuple(members), payload, actions)
+
+    def _came_back(
+        self, room: RoomName, cr: ClusterRoom, record: ChatRecord, actions: list[Action]
+    ) -> None:
+        """This node's message is numbered: notice it, and forget it from the outbox."""
+        outbox = cr.outbox
+        if (
+            cr.lifetime is Lifetime.DRAINING
+            and outbox
+            and outbox[-1][0] <= record.ref
+            and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
+        ):
+            self._remove(room, actions)
+        while outbox and outbox[0][0] <= record.ref:
+            ref, username, content, stamp = outbox.popleft()
+            if ref == record.ref:
+                self._messages_published += 1
+                actions.append(
+                    MessagePublished(
+                        room=room,
+                        username=username,
+                        content=content,
+                        seq=record.seq,
+                        timestamp=stamp,
+                        epoch=record.epoch,
+                    )
+                )
 
     def _on_presence(
         self,
@@ -412,7 +789,7 @@ class ClusterBroker(Broker):
             # meanwhile (this one included) to apply on top of it.
             self._presence_gaps += 1
             cr.buffered(record)
-            actions.append(Subscribe(room=room, gen=cr.gen))
+            actions.append(self._subscribe(room, cr))
         # IGNORE: a record of a lost link
 
     def _apply_presence(
@@ -467,9 +844,18 @@ class ClusterBroker(Broker):
             inp = RoomInput.SNAPSHOT
         effect = cr.step(inp)
         if effect is Effect.SUBSCRIBE:
-            actions.append(Subscribe(room=room, gen=cr.gen))
+            actions.append(self._subscribe(room, cr))
         if effect is not Effect.ADOPT and effect is not Effect.ADOPT_REREAD:
             return  # NOTHING, IGNORE (an answer of a lost link) or SUBSCRIBE
+        if event.epoch and not cr.repair:
+            if cr.local or (cr.epoch and event.epoch != cr.epoch):
+                reason = EPOCH_CHANGED if event.epoch != cr.epoch else UNAVAILABLE
+                self._restart(room, cr, Position(event.epoch, event.seq), reason, actions)
+            elif not cr.epoch:
+                # The room's position as the snapshot was read: records up to it were
+                # published before anyone here joined (they all wait for this).
+                cr.epoch = event.epoch
+                cr.seq = event.seq
         r = self._registry.rooms.get(room)
         local = r.users if r is not None else {}
         before = set(cr.remote)
@@ -492,7 +878,7 @@ class ClusterBroker(Broker):
         for record in sorted(buffered, key=lambda rec: rec.version):
             self._on_presence(room, cr, record, timestamp, actions)
         if effect is Effect.ADOPT_REREAD and cr.step(RoomInput.REREAD) is Effect.SUBSCRIBE:
-            actions.append(Subscribe(room=room, gen=cr.gen))
+            actions.append(self._subscribe(room, cr))
         if cr.phase is Phase.LIVE or cr.phase is Phase.SETTLING:
             self._join_pending(room, cr, timestamp, actions)
 
@@ -500,36 +886,123 @@ class ClusterBroker(Broker):
         self, room: RoomName, cr: ClusterRoom, timestamp: int, actions: list[Action]
     ) -> None:
         pending, cr.pending = cr.pending, {}
+        resumes, cr.pending_resume = cr.pending_resume, {}
         for conn, rights in pending.items():
-            c = self._conns[ConnectionId(conn)]
-            self._join(ConnectionId(conn), c, room, rights, timestamp, actions)
+            cid = ConnectionId(conn)
+            self._join(cid, self._conns[cid], room, rights, timestamp, actions)
+            resume = resumes.get(conn)
+            if resume is not None:
+                self._resume(cid, room, resume, actions)
         held, cr.held = cr.held, []
-        for conn, content, stamp in held:
+        for conn, content, stamp, msg_id in held:
             sender = self._conns.get(ConnectionId(conn))
             if sender is not None and room in sender.rooms and conn not in cr.pending:
-                self._publish(ConnectionId(conn), room, sender.username, content, stamp, actions)
+                self._publish(
+                    ConnectionId(conn), room, sender.username, content, stamp, actions, msg_id
+                )
+
+    # -- the link -----------------------------------------------------------------------
 
     def _on_lost(self, timestamp: int, actions: list[Action]) -> None:
         self._online = False
+        reads, self._reads = self._reads, {}
+        awaiting, self._awaiting = self._awaiting, {}
         for room, cr in list(self._cluster.items()):
             if cr.step(RoomInput.LINK_LOST) is not Effect.FALL_BACK:
                 continue
             cr.buffer.clear()
             cr.lost_version = max(cr.version, cr.lost_version)
             cr.version = 0  # Redis may come back without its data, counting from 0
-            # Relayed but not back: maybe lost on the way. Deliver them here at least.
+            # Records that waited for a repair: those that follow on, delivered.
+            waiting, cr.waiting, cr.repair = cr.waiting, [], 0
+            for record in waiting:
+                if record.epoch == cr.epoch and record.seq == cr.seq + 1:
+                    payload = codec.complete_chat(record.prefix, record.seq)
+                    self._deliver_chat(room, cr, record.seq, payload, actions)
+            # From now on this node numbers the room's messages on its own, in an
+            # epoch of its own.
+            visible = cr.seq if not cr.local else super().position(room).seq
+            start = self._streams.restart(room, visible, self._now)
+            cr.local = True
+            # Those who follow positions are told; a member whose replay is still
+            # catching up may have had this node's unconfirmed messages from the
+            # stream: it restarts after them instead.
+            resuming, cr.resuming = cr.resuming, {}
+            told = tuple(ConnectionId(c) for c in cr.positioned if c not in resuming)
+            if told:
+                self._resets += len(told)
+                self._deliver(told, codec.encode_reset(room, start, UNAVAILABLE), actions)
+            # Relayed but not back: maybe lost on the way, maybe published (it will not
+            # come back now). Numbered here and delivered, at least on this node.
             outbox, cr.outbox = cr.outbox, type(cr.outbox)()
-            for _, username, content, stamp in outbox:
-                prefix = codec.chat_prefix(username, content, room, stamp)
-                if prefix is not None:
-                    self._relay_unconfirmed += 1
-                    self._deliver_local(room, cr, prefix, username, content, stamp, actions)
+            for ref, username, content, stamp in outbox:
+                sender, msg_id = awaiting.pop(ref, (None, None))
+                self._relay_unconfirmed += 1
+                self._fall_back(
+                    room, username, content, stamp, sender, msg_id, set(resuming), actions
+                )
+            position = super().position(room)
+            for conn, rs in resuming.items():
+                cid = ConnectionId(conn)
+                if not rs.ticket:
+                    self._resets += 1
+                    self._deliver((cid,), codec.encode_reset(room, position, UNAVAILABLE), actions)
+                    continue
+                # Reading: the read is lost with the link.
+                if rs.resume.since is None:
+                    recovery = Recovery(recovered=None)
+                else:
+                    recovery = Recovery(recovered=False, reason=UNAVAILABLE)
+                self._deliver((cid,), codec.encode_joined(room, position, recovery), actions)
             self._join_pending(room, cr, timestamp, actions)
             if (
                 cr.lifetime is Lifetime.DRAINING
                 and cr.step(RoomInput.OUTBOX_DRAINED) is Effect.REMOVE
             ):
                 self._remove(room, actions)  # offline: no Unsubscribe
+        for _room, _conn, history in reads.values():
+            if history is not None and history.conn in self._conns:
+                super()._read_history(history.conn, history.request, history.limit, actions)
+
+    def _fall_back(
+        self,
+        room: RoomName,
+        username: Username,
+        content: object,
+        timestamp: int,
+        sender: ConnectionId | None,
+        msg_id: str | None,
+        skip: set[int],
+        actions: list[Action],
+    ) -> None:
+        """Number a message not back from Redis here; deliver it to members not in *skip*."""
+        prefix = codec.chat_prefix(username, content, room, timestamp)
+        if prefix is None:
+            return
+        if sender is not None and sender not in self._conns:
+            sender = msg_id = None
+        dedup = None if msg_id is None else (username, msg_id)
+        epoch, seq, payload = self._streams.number(room, prefix, self._now, dedup)
+        if payload is not None:
+            self._messages_published += 1
+            r = self._registry.rooms.get(room)
+            if r is not None:
+                members = tuple(m for m in r.members if m not in skip)
+                if members:
+                    self._deliver(members, payload, actions)
+            actions.append(
+                MessagePublished(
+                    room=room,
+                    username=username,
+                    content=content,
+                    seq=seq,
+                    timestamp=timestamp,
+                    epoch=epoch,
+                )
+            )
+        if sender is not None and msg_id is not None:
+            ack = codec.encode_ack(msg_id, room, Position(epoch, seq))
+            self._deliver((sender,), ack, actions)
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True
@@ -537,7 +1010,7 @@ class ClusterBroker(Broker):
         # Every Subscribe first, then every Announce: a driver can batch each kind.
         for room, cr in self._cluster.items():
             if cr.step(RoomInput.LINK_RESTORED) is Effect.SUBSCRIBE:
-                actions.append(Subscribe(room=room, gen=cr.gen))
+                actions.append(self._subscribe(room, cr))
         # Take back who left during the outage (rather than wait for their entries
         # to expire), then announce everyone here.
         recent, self._recent_leaves = self._recent_leaves, deque(maxlen=MAX_HELD)

@@ -22,7 +22,8 @@ its timer from :meth:`~BackplaneProtocol.get_timer`. The commands, and their ans
 * :class:`CloseLinks` -- close both links and cancel everything running on them; answer
   :meth:`~BackplaneProtocol.links_closed` once nothing of theirs runs any more. After
   that answer no late input of those links may arrive.
-* :class:`Execute` -- one pipeline on COMMAND; answer
+* :class:`Execute` -- one pipeline on COMMAND (the replies to acknowledged Relays and to
+  ReadStreams become Relayed and StreamRead events); answer
   :meth:`~BackplaneProtocol.replies` with one reply per command, in order, error replies
   as :class:`~roombus.cluster.resp.RedisError` instances (:data:`RespError`).
 * :class:`Listen` / :class:`Unlisten` / :class:`Ping` -- on SUBSCRIBER, in the order
@@ -43,7 +44,8 @@ the table (:func:`render_link_table`; tested).
 * DOWN --start / backoff timer--> CONNECTING: ``OpenLink(COMMAND)``.
 * CONNECTING --COMMAND opened--> PROBING: ``COMMAND INFO SPUBLISH`` (an error reply:
   ``INFO server``; an error again: classic pub/sub).
-* PROBING --probed--> LOADING: ``SCRIPT LOAD`` of the four scripts.
+* PROBING --probed--> LOADING: ``SCRIPT LOAD`` of the scripts
+  (:data:`~roombus.cluster.schema.SCRIPTS`).
 * LOADING --loaded--> OPENING_SUB: ``OpenLink(SUBSCRIBER)``.
 * OPENING_SUB --SUBSCRIBER opened--> ONLINE: event BackplaneRestored.
 * Each of CONNECTING .. OPENING_SUB must be done within ``connect_timeout``.
@@ -81,7 +83,7 @@ from typing import Final, TypeAlias
 
 import attrs
 
-from ..core.actions import Announce, BackplaneAction, Relay, Subscribe, Unsubscribe
+from ..core.actions import Announce, BackplaneAction, ReadStream, Relay, Subscribe, Unsubscribe
 from ..core.errors import ConfigError
 from ..core.events import BackplaneLost, BackplaneRestored, Event
 from ..core.names import RoomName
@@ -100,6 +102,8 @@ from .schema import (
     channel,
     command_for,
     lifetime_ms,
+    parse_read,
+    parse_relayed,
     parse_snapshot,
     records_received,
     refresh_command,
@@ -365,6 +369,11 @@ class BackplaneProtocol:
         self._step_batch = -1
         self._step_expected = 0
         self._step_rooms: dict[RoomName, int] = {}
+        # The commands of the batch in flight whose replies are answers for the broker:
+        # (index in the batch, the action): acknowledged Relays and ReadStreams.
+        self._step_answers: list[tuple[int, Relay | ReadStream]] = []
+        # How long a room's epoch lives if a snapshot makes one (from the Subscribes).
+        self._position_ms = 86_400_000
         self._step_pings = False  # the batch in flight carries the keepalive PING
         self._ping_batch = -1  # the keepalive Ping on SUBSCRIBER awaiting confirmation
         self._ping_command_due = False  # the keepalive PING on COMMAND not answered yet
@@ -457,6 +466,7 @@ class BackplaneProtocol:
         for action in work:
             if isinstance(action, Subscribe):
                 wanted[action.room] = action.gen
+                self._position_ms = action.position_ms
             elif isinstance(action, Unsubscribe):
                 wanted.pop(action.room, None)
         self._work.extend(work)
@@ -499,7 +509,7 @@ class BackplaneProtocol:
             return
         self._step = None
         if step is _Step.WORK:
-            if self._check(replies, now):
+            if self._check(replies, now) and self._answer(replies, now):
                 if self._step_pings:
                     self._ping_command_due = False
                 self._next_batch(now)
@@ -529,7 +539,12 @@ class BackplaneProtocol:
             rooms = self._step_rooms
             self._execute(
                 _Step.SNAPSHOT,
-                [snapshot_command(room, prefix=self.prefix, shas=self._scripts) for room in rooms],
+                [
+                    snapshot_command(
+                        room, prefix=self.prefix, shas=self._scripts, position_ms=self._position_ms
+                    )
+                    for room in rooms
+                ],
             )
 
     def messages(self, items: Sequence[tuple[bytes, bytes]], now: float) -> None:
@@ -632,6 +647,7 @@ class BackplaneProtocol:
     def _drop_queued(self) -> None:
         self.statistics.dropped += sum(isinstance(a, (Relay, Announce)) for a in self._work)
         self._work.clear()
+        self._step_answers = []
 
     def _load(self, sharded: bool, now: float) -> None:
         self.sharded = sharded
@@ -724,12 +740,18 @@ class BackplaneProtocol:
             # rooms no longer wanted in one Unlisten (its order does not matter: it only
             # stops records coming).
             batch: list[tuple[Arg, ...]] = []
+            answers: list[tuple[int, Relay | ReadStream]] = []
             gone: set[str] = set()
             pings = False
             while work and not isinstance(work[0], Subscribe):
                 action = work.popleft()
                 if isinstance(action, Relay):
                     self.statistics.relayed += 1
+                    if action.dedup is not None:
+                        answers.append((len(batch), action))
+                    batch.append(self._command(action))
+                elif isinstance(action, ReadStream):
+                    answers.append((len(batch), action))
                     batch.append(self._command(action))
                 elif isinstance(action, Announce):
                     batch.append(self._command(action))
@@ -748,6 +770,7 @@ class BackplaneProtocol:
             if batch:
                 self._execute(_Step.WORK, batch)
                 self._step_pings = pings
+                self._step_answers = answers
                 return
             rooms: dict[RoomName, int] = {}  # the latest listening of each room
             while work and isinstance(work[0], Subscribe):
@@ -770,7 +793,23 @@ class BackplaneProtocol:
         if self._stopping and self.idle and self.phase is Phase.ONLINE:
             self._set_phase(Input.STOP, now)
 
-    def _command(self, action: Relay | Announce) -> tuple[Arg, ...]:
+    def _answer(self, replies: list[object], now: float) -> bool:
+        """The broker's answers among a work batch's replies (False: unreadable)."""
+        answers, self._step_answers = self._step_answers, []
+        events: list[Event] = []
+        for index, action in answers:
+            try:
+                if isinstance(action, Relay):
+                    events.append(parse_relayed(action, replies[index]))
+                else:
+                    events.append(parse_read(action, replies[index]))
+            except ValueError as exc:
+                self._fail(str(exc), now)
+                return False
+        self._events.extend(events)
+        return True
+
+    def _command(self, action: Relay | Announce | ReadStream) -> tuple[Arg, ...]:
         return command_for(
             action,
             prefix=self.prefix,

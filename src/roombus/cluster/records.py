@@ -5,18 +5,20 @@ A cluster shares one backplane (Redis). Each room has a channel, and every recor
 it reaches every node listening, in one order for all (the backplane serializes a
 channel). Records are bytes, fields separated by one space, the last field free:
 
-=================================== ================================================
-``m <seq> <node> <ref> <prefix>``   a chat message: its room-wide ``seq``, the node
-                                    it came through and that node's number for it,
-                                    and the envelope up to its ``seq`` value
-``j <version> <node> <username>``   *username* became present on *node*
-``l <version> <node> <username>``   *username* is no longer present on *node*
-=================================== ================================================
+========================================== =========================================
+``m <seq> <node> <ref> <epoch> <prefix>``  a chat message: its room-wide ``seq``, the
+                                           node it came through and that node's
+                                           number for it, the room's epoch, and the
+                                           envelope up to its ``seq`` value
+``j <version> <node> <username>``          *username* became present on *node*
+``l <version> <node> <username>``          *username* is no longer present on *node*
+========================================== =========================================
 
 ``version`` counts a room's presence records; a snapshot of a room's presence carries
 the version it was read at, so a node that reads one knows which records it already
 reflects. Numbers are decimal without sign or leading zero, at most 19 digits (Redis
-counters are 64-bit); a node id is 1 to 64 of ``A-Z a-z 0-9 _ . : -``.
+counters are 64-bit); a node id is 1 to 64 of ``A-Z a-z 0-9 _ . : -``, an epoch
+1 to 32 of ``A-Z a-z 0-9 _ -``.
 
 The backplane's Lua scripts build the same bytes on the Redis server (the ``seq`` and
 ``version`` counters live there): :func:`lua_chat_record` and
@@ -34,11 +36,15 @@ from typing import Final
 import attrs
 
 from ..core.names import TOKEN_PATTERN, Username, is_valid_username
+from ..core.streams import EPOCH_PATTERN
 
 _NUMBER: Final = rb"(0|[1-9][0-9]{0,18})"
 _NODE: Final = b"(" + TOKEN_PATTERN.encode() + b")"
 #: The fields before the free last one, each followed by its space.
-_chat_head: Final = re.compile(rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" ").match
+_EPOCH: Final = b"(" + EPOCH_PATTERN.encode() + b")"
+_chat_head: Final = re.compile(
+    rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" " + _EPOCH + b" "
+).match
 _presence_head: Final = re.compile(rb"([jl]) " + _NUMBER + b" " + _NODE + b" ").match
 
 
@@ -47,6 +53,7 @@ class ChatRecord:
     seq: int
     node: str
     ref: int
+    epoch: str
     prefix: bytes
 
 
@@ -69,9 +76,9 @@ def parse_member(data: bytes) -> tuple[str, str]:
     return node, username
 
 
-def encode_chat(seq: int, node: str, ref: int, prefix: bytes) -> bytes:
-    """The record of chat message *seq* (what the relay script publishes)."""
-    return b"m %d %s %d " % (seq, node.encode("ascii"), ref) + prefix
+def encode_chat(seq: int, node: str, ref: int, epoch: str, prefix: bytes) -> bytes:
+    """The record of chat message *seq* of *epoch* (what the relay script publishes)."""
+    return b"m %d %s %d %s " % (seq, node.encode("ascii"), ref, epoch.encode("ascii")) + prefix
 
 
 def encode_presence(present: bool, version: int, node: str, username: str) -> bytes:
@@ -83,7 +90,7 @@ def encode_presence(present: bool, version: int, node: str, username: str) -> by
 def encode_record(record: ChatRecord | PresenceRecord) -> bytes:
     """The bytes of *record*: ``parse_record(encode_record(r)) == r``."""
     if isinstance(record, ChatRecord):
-        return encode_chat(record.seq, record.node, record.ref, record.prefix)
+        return encode_chat(record.seq, record.node, record.ref, record.epoch, record.prefix)
     return encode_presence(record.present, record.version, record.node, record.username)
 
 
@@ -96,8 +103,10 @@ def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
     """
     m = _chat_head(data)
     if m is not None:
-        seq, node, ref = m.groups()
-        return ChatRecord(int(seq), node.decode("ascii"), int(ref), data[m.end() :])
+        seq, node, ref, epoch = m.groups()
+        return ChatRecord(
+            int(seq), node.decode("ascii"), int(ref), epoch.decode("ascii"), data[m.end() :]
+        )
     m = _presence_head(data)
     if m is None:
         return None
@@ -111,9 +120,9 @@ def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
     return PresenceRecord(int(version), kind == b"j", node.decode("ascii"), Username(username))
 
 
-def lua_chat_record(seq: str, node: str, ref: str, prefix: str) -> str:
+def lua_chat_record(seq: str, node: str, ref: str, epoch: str, prefix: str) -> str:
     """The Lua expression of a chat record, given Lua expressions of its fields."""
-    return f"'m ' .. {seq} .. ' ' .. {node} .. ' ' .. {ref} .. ' ' .. {prefix}"
+    return f"'m ' .. {seq} .. ' ' .. {node} .. ' ' .. {ref} .. ' ' .. {epoch} .. ' ' .. {prefix}"
 
 
 def lua_presence_record(present: bool, version: str, member: str) -> str:

@@ -19,9 +19,10 @@ from typing import Final
 
 import attrs
 
+from ..core.broker import Resume
 from ..core.errors import LocalProtocolError
 from ..core.names import Username, is_token
-from .records import PresenceRecord
+from .records import ChatRecord, PresenceRecord
 
 #: Records of a room that may wait for its snapshot before it must be read again.
 MAX_BUFFERED: Final = 10_000
@@ -194,6 +195,25 @@ LIFETIME_INPUTS: Final = frozenset(
 
 
 @attrs.define
+class Resuming:
+    """
+    A member that joined with a position, until its replay has caught up with the
+    records this node delivers.
+
+    Attributes:
+        resume: The position it named.
+        ticket: The read of the stream in flight for it (0: answered).
+        held: ``(seq, payload)`` of the chats delivered to the others meanwhile.
+        floor: After the answer: records up to this seq were in its replay.
+    """
+
+    resume: Resume
+    ticket: int = 0
+    held: list[tuple[int, bytes]] = attrs.field(factory=list)
+    floor: int = 0
+
+
+@attrs.define
 class ClusterRoom:
     """
     One room as seen by a node of a cluster, kept while the node listens to it (it has
@@ -204,7 +224,10 @@ class ClusterRoom:
         lifetime: Whether the node still needs the room (see :class:`Lifetime`).
         remote: The users present on other nodes, and on which.
         version: The last presence record applied (or the snapshot's).
-        seq: The last chat ``seq`` seen (continued locally while disconnected).
+        epoch: The epoch of the room's stream in Redis, as last seen ("": not yet).
+        seq: The last chat ``seq`` of *epoch* delivered here.
+        local: Numbering the room's messages on its own (in an epoch of this node's)
+            since the link was lost, until the cluster's numbering is seen again.
         pending: Connections waiting for the snapshot to join, with their rights: a
             connection is joining the room exactly while it is a key here.
         buffer: Presence records that arrived before the snapshot.
@@ -214,20 +237,33 @@ class ClusterRoom:
             below it after reconnecting means Redis lost its data (0: none).
         gen: This listening's number (see :class:`~roombus.cluster.Subscribe`).
         held: Chat messages of connections waiting to join, published once they
-            have: ``(conn, content, timestamp)``.
+            have: ``(conn, content, timestamp, id)``.
+        pending_resume: The positions named by connections in *pending*.
+        positioned: Members that joined with a position: told ``reset`` when the
+            numbering they follow restarts.
+        resuming: Members whose replay is being read or is catching up.
+        repair: The read of the stream repairing a gap in flight (0: none).
+        waiting: Chat records that arrived during the repair, in order.
     """
 
     phase: Phase = Phase.NEW
     lifetime: Lifetime = Lifetime.HELD
     remote: dict[Username, set[str]] = attrs.field(factory=dict)
     version: int = 0
+    epoch: str = ""
     seq: int = 0
+    local: bool = False
     pending: dict[int, int] = attrs.field(factory=dict)
     buffer: list[PresenceRecord] = attrs.field(factory=list)
     outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)
     lost_version: int = 0
     gen: int = 0
-    held: list[tuple[int, object, int]] = attrs.field(factory=list)
+    held: list[tuple[int, object, int, str | None]] = attrs.field(factory=list)
+    pending_resume: dict[int, Resume] = attrs.field(factory=dict)
+    positioned: set[int] = attrs.field(factory=set)
+    resuming: dict[int, Resuming] = attrs.field(factory=dict)
+    repair: int = 0
+    waiting: list[ChatRecord] = attrs.field(factory=list)
 
     def step(self, inp: RoomInput) -> Effect:
         """

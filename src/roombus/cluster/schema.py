@@ -7,10 +7,19 @@ a backplane driver sends what these build and hands back what Redis answers.
   (``SSUBSCRIBE``, or ``SUBSCRIBE`` on a server without sharded pub/sub) only while
   the node has members in the room. The ``{<room>}`` hash tag keeps a room's channel
   and keys on one shard of a Redis Cluster, and spreads rooms over shards.
-* ``<prefix>:{<room>}:s`` counts the room's chat messages. The ``relay`` script
-  (``INCR``, then publish the record) numbers and publishes one, so ``seq`` is one
-  counter per room for the whole cluster and every node, the sender's included,
-  delivers messages in the same order.
+* A room's stream: ``<prefix>:{<room>}:e`` is its epoch (made from the server's
+  ``TIME`` when missing, which also starts ``seq`` over: Redis lost its data, or the
+  room expired), ``<prefix>:{<room>}:s`` counts its chat messages and
+  ``<prefix>:{<room>}:h`` (a Redis stream, entry id ``<seq>-1``, fields ``p`` the
+  envelope up to its seq and ``t`` the publish time in ms) keeps its history,
+  ``MAXLEN ~`` the room's history size, expiring with the history TTL. The ``relay``
+  script numbers, keeps and publishes one message atomically, so ``(epoch, seq)`` is
+  one position per message for the whole cluster and every node, the sender's
+  included, delivers messages in the same order. An acknowledged publish also sets
+  ``<prefix>:{<room>}:d:<n>:<user>:<id>`` (``<n>`` the username's length) to
+  ``"<epoch> <seq>"`` for the dedup window: a second publish of it within the epoch
+  answers the first position and publishes nothing. ``read`` answers a range of the
+  stream (:func:`parse_read`): a resume, a ``history`` request, a node's gap repair.
 * ``<prefix>:{<room>}:p`` is the room's presence, a sorted set of members
   ``"<node> <username>"`` (:func:`~roombus.cluster.records.member`), one per user per node,
   scored with its expiry (server time, ms). ``<prefix>:{<room>}:v`` counts its
@@ -19,8 +28,8 @@ a backplane driver sends what these build and hands back what Redis answers.
   ``refresh`` renews a node's members and removes (``reap``) those of nodes that
   stopped renewing theirs; ``snapshot`` reaps, then answers ``{version, members}``
   (:func:`parse_snapshot`).
-* Keys of a room idle for :data:`KEY_TTL_MS` (no message, no presence change) are
-  left to expire.
+* Presence keys of a room idle for :data:`KEY_TTL_MS` (no presence change) are left
+  to expire; its epoch and seq live the position TTL after its last message or read.
 
 The record text the scripts publish comes from :mod:`roombus.cluster.records`.
 """
@@ -31,9 +40,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
-from ..core.actions import Announce, Relay
-from ..core.events import Event, RecordReceived, RoomSynced
+from ..core.actions import Announce, ReadStream, Relay
+from ..core.events import Event, RecordReceived, Relayed, RoomSynced, StreamRead
 from ..core.names import TOKEN_PATTERN, RoomName
+from ..core.streams import is_valid_epoch
 from .records import lua_chat_record, lua_presence_record, member, parse_member
 
 #: One argument of a Redis command, and a command.
@@ -67,13 +77,106 @@ _KEEP: Final = """
 redis.call('PEXPIRE', KEYS[1], {key_ttl})
 redis.call('PEXPIRE', KEYS[2], {key_ttl})
 """
-# KEYS: seq. ARGV: channel, node, ref, prefix. Returns the seq.
-_RELAY: Final = f"""
-local s = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], {{key_ttl}})
-{_publish(lua_chat_record("s", "ARGV[2]", "ARGV[3]", "ARGV[4]"))}
-return s
+# The room's epoch (KEYS[e], made if missing: a new epoch starts seq and history
+# over), as Lua: ``local e = epoch(e, s, h, ttl)``.
+_EPOCH: Final = """
+local function epoch(ke, ks, kh, ttl)
+  local e = redis.call('GET', ke)
+  if not e then
+    local t = redis.call('TIME')
+    e = 'R' .. t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', ke, e, 'PX', ttl)
+    redis.call('DEL', ks, kh)
+  end
+  return e
+end
 """
+# KEYS: seq, epoch, history[, dedup]. ARGV: channel, node, ref, prefix, keep, keep ms,
+# position ms, dedup ms. Returns {seq, epoch, duplicate 0/1}.
+_RELAY: Final = (
+    _EPOCH
+    + f"""
+local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[7])
+if KEYS[4] then
+  local d = redis.call('GET', KEYS[4])
+  if d then
+    local sp = string.find(d, ' ', 1, true)
+    if sp and string.sub(d, 1, sp - 1) == e then
+      return {{tonumber(string.sub(d, sp + 1)), e, 1}}
+    end
+  end
+end
+local s = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+if tonumber(ARGV[5]) > 0 then
+  local t = redis.call('TIME')
+  local ms = t[1] * 1000 + math.floor(t[2] / 1000)
+  redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], s .. '-1', 'p', ARGV[4], 't', ms)
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+end
+if KEYS[4] then
+  redis.call('SET', KEYS[4], e .. ' ' .. s, 'PX', ARGV[8])
+end
+{_publish(lua_chat_record("s", "ARGV[2]", "ARGV[3]", "e", "ARGV[4]"))}
+return {{s, e, 0}}
+"""
+)
+# KEYS: seq, epoch, history. ARGV: after, upto, count, keep, keep ms, position ms,
+# oldest '1'/'0'. Returns {epoch, top, first kept, {seq, prefix, ...}}: the latest
+# (oldest '1': the first) `count` kept messages in after+1..upto (upto 0 or above the
+# top: the top).
+_READ: Final = (
+    _EPOCH
+    + """
+local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+local keep = tonumber(ARGV[4])
+local first = top + 1
+if keep > 0 and top > 0 then
+  local t = redis.call('TIME')
+  local cut = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[5])
+  local start = math.max(1, top - keep + 1) .. '-0'
+  while first > top do
+    local batch = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 64)
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      local f = entry[2]
+      for i = 1, #f, 2 do
+        if f[i] == 't' and tonumber(f[i + 1]) >= cut then
+          first = tonumber(string.match(entry[1], '^(%d+)'))
+        end
+      end
+      if first <= top then break end
+    end
+    start = '(' .. batch[#batch][1]
+  end
+end
+local upto = tonumber(ARGV[2])
+if upto <= 0 or upto > top then upto = top end
+local from = math.max(tonumber(ARGV[1]) + 1, first)
+if ARGV[7] == '1' then
+  upto = math.min(upto, from + tonumber(ARGV[3]) - 1)
+else
+  from = math.max(from, upto - tonumber(ARGV[3]) + 1)
+end
+local out = {}
+if from <= upto then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], from .. '-0', upto .. '-1')) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'p' then
+        out[#out + 1] = tonumber(string.match(entry[1], '^(%d+)'))
+        out[#out + 1] = f[i + 1]
+      end
+    end
+  end
+end
+return {e, top, first, out}
+"""
+)
 # KEYS: presence, version. ARGV: channel, member, "1"/"0", lifetime ms.
 _ANNOUNCE: Final = (
     _NOW
@@ -102,18 +205,23 @@ end
     + _REAP
     + _KEEP
 )
-# KEYS: presence, version. ARGV: channel. Returns {version, members}.
+# KEYS: presence, version, epoch, seq, history. ARGV: channel, position ms. Returns
+# {version, members, epoch, top} (an epoch made if the room has none).
 _SNAPSHOT: Final = (
-    _NOW
+    _EPOCH
+    + _NOW
     + _REAP
     + """
-return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1)}
+local e = epoch(KEYS[3], KEYS[4], KEYS[5], ARGV[2])
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1),
+        e, tonumber(redis.call('GET', KEYS[4]) or '0')}
 """
 )
 
 #: The scripts by name, in the order a driver loads them (``SCRIPT LOAD``).
 SCRIPTS: Final[Mapping[str, str]] = {
     "relay": _RELAY,
+    "read": _READ,
     "announce": _ANNOUNCE,
     "refresh": _REFRESH,
     "snapshot": _SNAPSHOT,
@@ -135,7 +243,10 @@ def script_source(name: str, sharded: bool) -> str:
 
 
 def key(prefix: str, room: str, kind: str) -> str:
-    """A room's key: *kind* ``c`` (channel), ``s`` (seq), ``p`` (presence), ``v`` (version)."""
+    """
+    A room's key: *kind* ``c`` (channel), ``s`` (seq), ``e`` (epoch), ``h`` (history),
+    ``p`` (presence), ``v`` (version).
+    """
     return f"{prefix}:{{{room}}}:{kind}"
 
 
@@ -149,8 +260,13 @@ def lifetime_ms(presence_ttl: float) -> int:
     return int(presence_ttl * 2000 / 3)
 
 
+def dedup_key(prefix: str, room: str, username: str, msg_id: str) -> str:
+    """The key that remembers an acknowledged publish of *username* with *msg_id*."""
+    return key(prefix, room, f"d:{len(username)}:{username}:{msg_id}")
+
+
 def command_for(
-    action: Relay | Announce,
+    action: Relay | Announce | ReadStream,
     *,
     prefix: str,
     node: str,
@@ -158,7 +274,8 @@ def command_for(
     lifetime: int,
 ) -> Command:
     """
-    The command a Relay (the ``relay`` script) or an Announce (``announce``) becomes.
+    The command a Relay (the ``relay`` script), a ReadStream (``read``) or an Announce
+    (``announce``) becomes.
 
     Args:
         shas: The loaded scripts' SHA1s, by name.
@@ -166,15 +283,39 @@ def command_for(
     """
     room = action.room
     if isinstance(action, Relay):
+        dedup = action.dedup
+        keys: tuple[str, ...] = tuple(key(prefix, room, kind) for kind in "seh")
+        if dedup is not None:
+            keys += (dedup_key(prefix, room, *dedup),)
         return (
             "EVALSHA",
             shas["relay"],
-            1,
-            key(prefix, room, "s"),
+            len(keys),
+            *keys,
             key(prefix, room, "c"),
             node,
             action.ref,
             action.prefix,
+            action.keep,
+            max(1, action.keep_ms),
+            max(1, action.position_ms),
+            max(1, action.dedup_ms),
+        )
+    if isinstance(action, ReadStream):
+        return (
+            "EVALSHA",
+            shas["read"],
+            3,
+            key(prefix, room, "s"),
+            key(prefix, room, "e"),
+            key(prefix, room, "h"),
+            action.after,
+            action.upto,
+            action.count,
+            action.keep,
+            max(1, action.keep_ms),
+            max(1, action.position_ms),
+            "1" if action.oldest else "0",
         )
     return (
         "EVALSHA",
@@ -187,6 +328,58 @@ def command_for(
         "1" if action.present else "0",
         lifetime,
     )
+
+
+def _epoch(value: Any) -> str:
+    epoch = value.decode("ascii")
+    if not is_valid_epoch(epoch):
+        raise ValueError(epoch)
+    return str(epoch)
+
+
+def parse_relayed(action: Relay, reply: object) -> Relayed:
+    """
+    What a ``relay`` reply means, for an acknowledged publish: the message's position,
+    and whether it was a duplicate.
+
+    Raises:
+        ValueError: the reply is not ``[seq, epoch, 0 | 1]``.
+    """
+    try:
+        triple: Any = reply
+        seq, epoch, dup = triple
+        return Relayed(
+            room=action.room,
+            ref=action.ref,
+            epoch=_epoch(epoch),
+            seq=int(seq),
+            duplicate=int(dup) == 1,
+        )
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"unreadable relay reply for room {action.room!r}") from None
+
+
+def parse_read(action: ReadStream, reply: object) -> StreamRead:
+    """
+    What a ``read`` reply means: the room's stream position and the messages read.
+
+    Raises:
+        ValueError: the reply is not ``[epoch, top, first kept, [seq, prefix, ...]]``.
+    """
+    try:
+        quad: Any = reply
+        epoch, top, first, flat = quad
+        entries = tuple((int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
+        return StreamRead(
+            room=action.room,
+            ticket=action.ticket,
+            epoch=_epoch(epoch),
+            top=int(top),
+            first_kept=int(first),
+            entries=entries,
+        )
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"unreadable stream read of room {action.room!r}") from None
 
 
 def refresh_command(
@@ -211,31 +404,45 @@ def refresh_command(
     )
 
 
-def snapshot_command(room: str, *, prefix: str, shas: Mapping[str, bytes]) -> Command:
-    """The command that reads *room*'s presence (after listening to its channel)."""
+def snapshot_command(
+    room: str, *, prefix: str, shas: Mapping[str, bytes], position_ms: int = 86_400_000
+) -> Command:
+    """The command that reads *room*'s presence and position (after listening to it)."""
     return (
         "EVALSHA",
         shas["snapshot"],
-        2,
+        5,
         key(prefix, room, "p"),
         key(prefix, room, "v"),
+        key(prefix, room, "e"),
+        key(prefix, room, "s"),
+        key(prefix, room, "h"),
         key(prefix, room, "c"),
+        max(1, position_ms),
     )
 
 
 def parse_snapshot(room: RoomName, gen: int, reply: object) -> RoomSynced:
     """
-    What a ``snapshot`` reply means: the room's presence as of its version.
+    What a ``snapshot`` reply means: the room's presence as of its version, and its
+    stream's position then.
 
     Raises:
-        ValueError: the reply is not ``[version, [member, ...]]``.
+        ValueError: the reply is not ``[version, [member, ...], epoch, top]``.
     """
     try:
-        pair: Any = reply
-        version, members = pair
+        quad: Any = reply
+        version, members, epoch, top = quad
         entries = tuple(parse_member(m) for m in members)
-        return RoomSynced(room=room, version=int(version), entries=entries, gen=gen)
-    except (TypeError, ValueError, AttributeError):
+        return RoomSynced(
+            room=room,
+            version=int(version),
+            entries=entries,
+            gen=gen,
+            epoch=_epoch(epoch),
+            seq=int(top),
+        )
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
         raise ValueError(f"unreadable presence snapshot of room {room!r}") from None
 
 
@@ -263,8 +470,11 @@ __all__ = [
     "Command",
     "channel",
     "command_for",
+    "dedup_key",
     "key",
     "lifetime_ms",
+    "parse_read",
+    "parse_relayed",
     "parse_snapshot",
     "publish_verb",
     "records_received",

@@ -97,7 +97,7 @@ class MessagePublished:
         seq: The room's sequence number of this message.
         timestamp: The wall-clock time stamped on it, in Unix seconds.
         epoch: The epoch of the room's stream: with *seq*, the message's position
-            (empty in a cluster, whose streams do not have epochs yet).
+            (the cluster's, or this node's own while it is cut off from Redis).
     """
 
     room: RoomName
@@ -118,10 +118,12 @@ class Subscribe:
     Attributes:
         room: The room.
         gen: Which listening of the room this is; echo it in the answer.
+        position_ms: How long the room's epoch lives if the read has to make one.
     """
 
     room: RoomName
     gen: int = 0
+    position_ms: int = 86_400_000
 
 
 @attrs.frozen(kw_only=True)
@@ -141,19 +143,64 @@ class Relay:
     """
     Backplane: publish a chat message to *room* on every node.
 
-    The backplane numbers it (the room's ``seq``, one counter for the cluster) and
-    publishes the record ``m <seq> <node> <ref> <prefix>``; every node, this one
-    included, delivers it when the record arrives, so all see the same order.
+    The backplane numbers it in the room's stream (the room's epoch and ``seq``, one
+    stream for the cluster), keeps it in the room's history and publishes the record
+    ``m <seq> <node> <ref> <epoch> <prefix>``; every node, this one included, delivers
+    it when the record arrives, so all see the same order.
 
     Attributes:
         room: The room.
         ref: This node's number for the message, echoed in the record.
         prefix: The chat envelope up to its ``seq`` value (``...,"seq":``).
+        keep: How many messages the room's history keeps (0: none).
+        keep_ms: How long each kept message is kept, in ms.
+        position_ms: How long the room's epoch and seq live after its last message.
+        dedup: For an acknowledged publish, ``(username, id)``: a message of the same
+            user and id numbered within *dedup_ms* in this epoch is not published
+            again. The backplane answers with :class:`~roombus.cluster.Relayed`.
+        dedup_ms: How long an acknowledged id is remembered, in ms.
     """
 
     room: RoomName
     ref: int
     prefix: bytes
+    keep: int = 0
+    keep_ms: int = 0
+    position_ms: int = 86_400_000
+    dedup: tuple[str, str] | None = None
+    dedup_ms: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ReadStream:
+    """
+    Backplane: read *room*'s stream: its epoch and top, its oldest kept message, and
+    the latest *count* kept messages after seq *after* up to seq *upto* (0: the top).
+    Answered with :class:`~roombus.cluster.StreamRead` echoing *ticket*. A room with
+    no epoch yet is given one.
+
+    Attributes:
+        room: The room.
+        ticket: This node's number for the read.
+        after: Read messages after this seq (0: from the oldest kept).
+        upto: Read messages up to this seq (0: up to the top).
+        count: At most this many messages: the latest of the range, or with
+            *oldest* the first.
+        oldest: Read the first *count* messages of the range rather than the latest.
+        keep: The room's history size (older messages count as not kept).
+        keep_ms: The room's history TTL, in ms.
+        position_ms: As for :class:`Relay` (a new epoch lives this long).
+    """
+
+    room: RoomName
+    ticket: int
+    after: int
+    upto: int = 0
+    count: int
+    oldest: bool = False
+    keep: int
+    keep_ms: int
+    position_ms: int = 86_400_000
 
 
 @attrs.frozen(kw_only=True)
@@ -175,7 +222,7 @@ class Announce:
 
 
 Notice = UserJoined | UserLeft | MessagePublished
-BackplaneAction = Subscribe | Unsubscribe | Relay | Announce
+BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream
 Action = (
     Deliver
     | SendPing
@@ -187,4 +234,5 @@ Action = (
     | Unsubscribe
     | Relay
     | Announce
+    | ReadStream
 )

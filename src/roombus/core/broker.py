@@ -41,7 +41,9 @@ from .events import (
     Event,
     PongReceived,
     RecordReceived,
+    Relayed,
     RoomSynced,
+    StreamRead,
     TextReceived,
 )
 from .heartbeat import Heartbeat, HeartbeatState
@@ -89,6 +91,10 @@ class BrokerStatistics:
         presence_gaps: In a cluster, times a room's presence records had a gap (a
             record lost), after which the room's presence was read again.
         backplane_online: In a cluster, whether the backplane is connected.
+        resets: In a cluster, ``reset`` envelopes sent: a member that follows
+            positions was told the room's numbering restarted (the link to Redis lost
+            or back, the epoch changed, a missed message no longer kept).
+        repairs: In a cluster, gaps in a room's records read back from its stream.
     """
 
     connections: int
@@ -97,6 +103,8 @@ class BrokerStatistics:
     deliveries: int
     relay_unconfirmed: int = 0
     presence_gaps: int = 0
+    resets: int = 0
+    repairs: int = 0
     backplane_online: bool = False
 
 
@@ -122,7 +130,14 @@ class Resume:
 
 
 #: The events only a broker of a cluster takes.
-_BACKPLANE_EVENTS: Final = (RecordReceived, RoomSynced, BackplaneLost, BackplaneRestored)
+_BACKPLANE_EVENTS: Final = (
+    RecordReceived,
+    RoomSynced,
+    BackplaneLost,
+    BackplaneRestored,
+    Relayed,
+    StreamRead,
+)
 
 
 class Broker:
@@ -594,21 +609,30 @@ class Broker:
         self, conn: ConnectionId, room: RoomName, resume: Resume, actions: list[Action]
     ) -> None:
         """``joined`` for *conn* in *room*, then the replay its position allows."""
-        config = self.config
+        most, max_bytes = self._replay_bounds()
         position, recovery, items = self._streams.recover(
             room,
             resume.since,
             self._now,
-            # Room in the joiner's queue for its presence, presence_state and joined,
-            # and half of its bytes for live traffic: a replay never gets its own
-            # client closed as slow.
-            recovery_max=min(config.recovery_max, config.send_queue - _JOIN_ANSWERS),
+            recovery_max=most,
             partial=resume.partial,
-            max_bytes=config.send_queue_bytes // 2,
+            max_bytes=max_bytes,
         )
         self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
         for payload in items:
             self._deliver((conn,), codec.replayed(payload), actions)
+
+    def _replay_bounds(self) -> tuple[int, int]:
+        """
+        The most messages and bytes one replay may send: room in the joiner's queue for
+        its presence, presence_state and joined, and half of its bytes for live
+        traffic, so that a replay never gets its own client closed as slow.
+        """
+        config = self.config
+        return (
+            min(config.recovery_max, config.send_queue - _JOIN_ANSWERS),
+            config.send_queue_bytes // 2,
+        )
 
     def _admitted(
         self, conn: ConnectionId, c: _Conn, room: RoomName, actions: list[Action]
@@ -832,11 +856,19 @@ class Broker:
             return
         size = self._streams.policy(room).size
         limit = size if request.limit is None else min(request.limit, size)
+        self._read_history(conn, request, limit, actions)
+
+    def _read_history(
+        self, conn: ConnectionId, request: codec.History, limit: int, actions: list[Action]
+    ) -> None:
+        """Answer an allowed ``history`` request (hook: a cluster reads Redis)."""
         # At most half a send queue's bytes in one answer (one message, however big).
         position, items = self._streams.history(
-            room, request.since, limit, self._now, self.config.send_queue_bytes // 2
+            request.room, request.since, limit, self._now, self.config.send_queue_bytes // 2
         )
-        self._deliver((conn,), codec.encode_history(room, position, items, request.id), actions)
+        self._deliver(
+            (conn,), codec.encode_history(request.room, position, items, request.id), actions
+        )
 
     def connected(self) -> Iterable[ConnectionId]:
         """The live connections (a snapshot)."""

@@ -100,12 +100,16 @@ class RoomSynced:
         gen: The ``gen`` of the :class:`~roombus.cluster.Subscribe` this answers; an answer
             to an earlier listening of the room (since left and joined again) is
             ignored.
+        epoch: The room's stream epoch when the snapshot was read ("": unknown).
+        seq: The room's top seq in that epoch then.
     """
 
     room: RoomName
     version: int
     entries: tuple[tuple[str, str], ...]
     gen: int = 0
+    epoch: str = ""
+    seq: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -121,6 +125,50 @@ class RecordReceived:
 
     room: RoomName
     data: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Relayed:
+    """
+    Backplane: the answer to a :class:`~roombus.cluster.Relay` with ``dedup`` (an
+    acknowledged publish).
+
+    Attributes:
+        room: The room.
+        ref: The Relay's ``ref``.
+        epoch: The message's epoch.
+        seq: The message's seq (for a duplicate: the first publish's).
+        duplicate: True if the id was already numbered: nothing was published.
+    """
+
+    room: RoomName
+    ref: int
+    epoch: str
+    seq: int
+    duplicate: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class StreamRead:
+    """
+    Backplane: the answer to a :class:`~roombus.cluster.ReadStream`.
+
+    Attributes:
+        room: The room.
+        ticket: The ReadStream's ``ticket``.
+        epoch: The room's epoch.
+        top: The seq of its last message (0 before the first).
+        first_kept: The seq of its oldest kept message (``top + 1`` if none is).
+        entries: ``(seq, prefix)`` of the messages read, oldest first (the chat
+            envelope up to its ``seq`` value).
+    """
+
+    room: RoomName
+    ticket: int
+    epoch: str
+    top: int
+    first_kept: int
+    entries: tuple[tuple[int, bytes], ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -142,4 +190,6 @@ Event = (
     | RecordReceived
     | BackplaneLost
     | BackplaneRestored
+    | Relayed
+    | StreamRead
 )

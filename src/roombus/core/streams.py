@@ -160,8 +160,8 @@ class Publication:
     Attributes:
         delivered: The connections on this node it was delivered to (0 if the room
             has no members here).
-        position: Its position in the room's stream, or None in a cluster (whose
-            streams do not have epochs yet).
+        position: Its position in the room's stream, or None in a cluster (Redis
+            numbers it on its way; the ``MessagePublished`` notice carries it).
     """
 
     delivered: int
@@ -427,6 +427,20 @@ class MemoryStreams:
                 chosen.append(payload)
                 budget -= len(payload)
         return Position(s.epoch, s.top), chosen
+
+    def restart(self, room: RoomName, top: int, now: float) -> Position:
+        """
+        Start *room*'s stream over in a new epoch at seq *top*, its history dropped: a
+        node of a cluster cut off from the cluster's numbering numbers on its own.
+        """
+        self._expire(now)
+        old = self._streams.pop(room, None)
+        if old is not None:
+            self._bytes -= old.size
+        s = self._stream(room, now)
+        s.top = top
+        s.held = old is not None and old.held
+        return Position(s.epoch, s.top)
 
     def hold(self, room: RoomName, now: float) -> None:
         """*room* has members now: its position is kept however long it stays quiet."""

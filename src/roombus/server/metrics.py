@@ -38,6 +38,8 @@ def collect(hub: HubBase) -> dict[str, float]:
         values["roombus_backplane_online"] = int(stats.backplane_online)
         values["roombus_relay_unconfirmed_total"] = stats.relay_unconfirmed
         values["roombus_presence_gaps_total"] = stats.presence_gaps
+        values["roombus_resets_total"] = stats.resets
+        values["roombus_gap_repairs_total"] = stats.repairs
     if hub.extra_metrics is not None:
         values.update(hub.extra_metrics())
     return values

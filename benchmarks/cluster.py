@@ -15,6 +15,7 @@ Setups (each started afresh, on free loopback ports, for every repetition):
   redis3          3 nodes with --redis; subscribers spread round-robin over the nodes,
                   every publisher on node 0
   redis3-spread   the same, with publisher k on node k % 3
+  redis3-nohist   redis3 with --history-size 0: what keeping history in Redis costs
 
 Nodes run `python3 -m roombus serve --max-connections-per-ip 0 --log-level warning`
 (every client is 127.0.0.1, and the default per-IP limit of 1000 would refuse the
@@ -128,6 +129,7 @@ class Setup:
     nodes: int
     redis: bool
     spread: bool = False
+    args: str = ""  # more options of every node
 
 
 SETUPS = {
@@ -137,6 +139,7 @@ SETUPS = {
         Setup("redis1", "1 node + redis", 1, True),
         Setup("redis3", "3 nodes + redis", 3, True),
         Setup("redis3-spread", "3 nodes, pubs spread", 3, True, spread=True),
+        Setup("redis3-nohist", "3 nodes + redis, no history", 3, True, args="--history-size 0"),
     )
 }
 
@@ -202,7 +205,7 @@ class Cluster:
         self.nodes: list[Server] = []
         self.killed: set[int] = set()
         try:
-            node_cmd = NODE_CMD
+            node_cmd = NODE_CMD + (f" {setup.args}" if setup.args else "")
             if setup.redis:
                 self.redis = Server(
                     "cluster-redis", REDIS_CMD.replace("{redis}", redis_bin), cpus, logdir

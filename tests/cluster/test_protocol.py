@@ -49,11 +49,14 @@ from roombus.cluster.protocol import (
 )
 from roombus.cluster.resp import SHARDED_PROBE, VERSION_PROBE, RedisError
 from roombus.cluster.schema import SCRIPTS, channel, script_source
+from roombus.core.actions import ReadStream
+from roombus.core.events import StreamRead
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL = 3.0
 TIMEOUT = 2.0
 SHAS = {name: f"sha-{name}".encode() for name in SCRIPTS}
+INFO = b"# Server\r\nredis_version:7.2.4\r\nrun_id:0a1b2c\r\n"
 R1, R2 = RoomName("r1"), RoomName("r2")
 
 
@@ -99,7 +102,7 @@ def answer(command: tuple[Any, ...]) -> object:
                 return SHAS[name]
         raise AssertionError(f"unknown script {command[2]!r:.40}")
     if command == VERSION_PROBE:
-        return b"# Server\r\nredis_version:7.2.4\r\n"
+        return INFO
     if command == (b"PING",):
         return b"PONG"
     if command[0] == "EVALSHA" and command[1] == SHAS["snapshot"]:
@@ -128,7 +131,7 @@ def online(proto: BackplaneProtocol, now: float = 0.0) -> None:
     assert probe.commands == (SHARDED_PROBE,)
     proto.replies(probe.batch, replies_to(probe), now)
     load = only(proto.take_commands(), Execute)
-    assert [c[:2] for c in load.commands] == [(b"SCRIPT", b"LOAD")] * len(SCRIPTS)
+    assert [c[:2] for c in load.commands] == [(b"SCRIPT", b"LOAD")] * len(SCRIPTS) + [VERSION_PROBE]
     proto.replies(load.batch, replies_to(load), now)
     assert only(proto.take_commands(), OpenLink) == OpenLink(
         Link.SUBSCRIBER, proto.address, TIMEOUT
@@ -199,7 +202,7 @@ def step(proto: BackplaneProtocol, phase: str) -> None:
     elif phase == "PROBING":
         proto.replies(proto._step_batch, [answer(SHARDED_PROBE)], 0.0)
     elif phase == "LOADING":
-        proto.replies(proto._step_batch, [SHAS[name] for name in SCRIPTS], 0.0)
+        proto.replies(proto._step_batch, [*(SHAS[name] for name in SCRIPTS), INFO], 0.0)
     elif phase == "OPENING_SUB":
         proto.take_commands()
         proto.link_opened(Link.SUBSCRIBER, 0.0)
@@ -241,7 +244,10 @@ def test_every_row_of_the_link_table(phase: str, inp: str) -> None:
         assert only(commands, Execute).commands == (SHARDED_PROBE,)
     elif new_phase == "LOADING":
         load = only(commands, Execute)
-        assert load.commands == tuple((b"SCRIPT", b"LOAD", script_source(n, True)) for n in SCRIPTS)
+        assert load.commands == (
+            *((b"SCRIPT", b"LOAD", script_source(n, True)) for n in SCRIPTS),
+            VERSION_PROBE,
+        )
     elif new_phase == "OPENING_SUB":
         assert commands == [OpenLink(Link.SUBSCRIBER, proto.address, TIMEOUT)]
     else:
@@ -293,7 +299,8 @@ def test_without_command_info_the_version_decides_and_old_redis_gets_classic_pub
     proto.replies(version.batch, [b"# Server\r\nredis_version:6.2.14\r\n"], 0.0)
     load = only(proto.take_commands(), Execute)
     assert not proto.sharded
-    assert all("'PUBLISH'" in str(c[2]) or "PUBLISH" not in str(c[2]) for c in load.commands)
+    scripts = load.commands[:-1]  # then INFO server
+    assert all("'PUBLISH'" in str(c[2]) or "PUBLISH" not in str(c[2]) for c in scripts)
     assert load.commands[0][2] == script_source("relay", False)
     proto.replies(load.batch, replies_to(load), 0.0)
     proto.take_commands()
@@ -324,7 +331,7 @@ def test_a_refused_script_load_ends_the_session_and_is_counted() -> None:
     probe = only(proto.take_commands(), Execute)
     proto.replies(probe.batch, replies_to(probe), 0.0)
     load = only(proto.take_commands(), Execute)
-    proto.replies(load.batch, [SHAS["relay"], RedisError("OOM"), b"x", b"y", b"z"], 0.0)
+    proto.replies(load.batch, [SHAS["relay"], RedisError("OOM"), b"x", b"y", b"z", INFO], 0.0)
     assert proto.take_commands() == [CloseLinks()]
     assert proto.statistics.errors == 1 and proto.statistics.failures == 1
     assert proto.take_events() == []  # it never was online: nothing to lose
@@ -916,3 +923,47 @@ ProtocolMachine.TestCase.settings = settings(
     max_examples=3 * settings.default.max_examples, stateful_step_count=60
 )
 TestProtocolMachine = ProtocolMachine.TestCase
+
+
+def test_the_session_s_run_id_goes_into_every_stream_command() -> None:
+    proto = new()
+    online(proto)
+    proto.submit(
+        [
+            Subscribe(room=R1, gen=1),
+        ],
+        0.0,
+    )
+    listen = only(proto.take_commands(), Listen)
+    proto.confirmed(listen.batch, 0.0)
+    snap = only(proto.take_commands(), Execute)
+    assert snap.commands[0][-1] == "0a1b2c"  # snapshot: its last argument
+    proto.replies(snap.batch, [[0, [], b"E1", 0]], 0.0)
+    proto.take_events()
+    read = ReadStream(room=R1, ticket=1, after=0, count=1, keep=1, keep_ms=1)
+    proto.submit([relay(), read], 0.0)
+    work = only(proto.take_commands(), Execute)
+    assert [c[-1] for c in work.commands] == ["0a1b2c", "0a1b2c"]
+    proto.replies(work.batch, [[1, b"E1", 0], [b"E1", 1, 1, [1, b"{"]]], 0.0)
+    assert proto.take_events() == [
+        StreamRead(room=R1, ticket=1, epoch="E1", top=1, first_kept=1, entries=((1, b"{"),))
+    ]
+
+
+def test_an_unreadable_answer_ends_the_session() -> None:
+    proto = new()
+    online(proto)
+    read = ReadStream(room=R1, ticket=1, after=0, count=1, keep=1, keep_ms=1)
+    proto.submit([read], 0.0)
+    work = only(proto.take_commands(), Execute)
+    proto.replies(work.batch, [[b"E1", b"x", 1, []]], 0.0)
+    assert proto.take_commands() == [CloseLinks()]
+    assert proto.take_events() == [BackplaneLost()]
+
+
+def test_run_id_of_an_info_reply() -> None:
+    from roombus.cluster.resp import run_id_from_info
+
+    assert run_id_from_info(INFO) == "0a1b2c"
+    assert run_id_from_info(b"# Server\r\nredis_version:6\r\n") == ""
+    assert run_id_from_info(RedisError("ERR")) == ""

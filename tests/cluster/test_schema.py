@@ -46,16 +46,16 @@ SHAS = {
 # backplane loaded them before the schema had a module of its own; relay, read and
 # snapshot are those of room streams (epoch, history, dedup).
 LOADED = {
-    (True, "relay"): "a8b918700f77a5abbcdb2b9ece15d879ec86ca5c",
-    (True, "read"): "6804d194d675536439662eb6437aa830f273b3aa",
+    (True, "relay"): "c34914c77d654a2bb191a35d2a0146d5c5eb766b",
+    (True, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
     (True, "announce"): "b53b3697497a791736cdc2f11e74a935f2a02aa4",
     (True, "refresh"): "0f8c9373feca7f8961fdc3e54bd806a2f62c5384",
-    (True, "snapshot"): "4115f303d1c4f5895eb67d0fac9e14673c16c347",
-    (False, "relay"): "2a48e51b33b777071b4b0c22d4de91f0b0a31224",
-    (False, "read"): "6804d194d675536439662eb6437aa830f273b3aa",
+    (True, "snapshot"): "fd9aa9975fce7108a13244796ae7bc830b69cd4f",
+    (False, "relay"): "7e8b90c775aabdd408ef69598144eda4a506ce3e",
+    (False, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
     (False, "announce"): "b6456c2582df1c99fe9c203acb96d317077eb2e2",
     (False, "refresh"): "a5bbe76e5fd24c0b96aeb976b9540daa54286386",
-    (False, "snapshot"): "666465daa4f415f9d1aef7dc93e0a1d91e9e5eb9",
+    (False, "snapshot"): "a04e0a897d2164e75f72b77bd40af0c1a72ae47d",
 }
 
 
@@ -125,11 +125,12 @@ def test_commands_of_the_actions() -> None:
         300_000,
         86_400_000,
         1,  # no dedup: a window of 1 ms is never used
+        "",  # the server's run_id, unknown here
     )
     acked = attrs.evolve(relay, dedup=("bob:1", "m 1"), dedup_ms=5000, position_ms=0)
     command = command_for(acked, prefix="p", node="n1", shas=SHAS, lifetime=10_000)
     assert command[2:7] == (4, "p:{r}:s", "p:{r}:e", "p:{r}:h", "p:{r}:d:5:bob:1:m 1")
-    assert command[-2:] == (1, 5000)  # a TTL of 0 would be an error reply: at least 1 ms
+    assert command[-3:-1] == (1, 5000)  # a TTL of 0 would be an error reply: at least 1 ms
     read = ReadStream(room=RoomName("r"), ticket=3, after=4, count=10, keep=100, keep_ms=9)
     assert command_for(read, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
         "EVALSHA",
@@ -145,10 +146,11 @@ def test_commands_of_the_actions() -> None:
         9,
         86_400_000,
         "0",
+        "",
     )
     oldest = attrs.evolve(read, oldest=True, upto=8)
-    command = command_for(oldest, prefix="p", node="n1", shas=SHAS, lifetime=10_000)
-    assert (command[7], command[-1]) == (8, "1")
+    command = command_for(oldest, prefix="p", node="n1", shas=SHAS, lifetime=10_000, run="ab")
+    assert (command[7], command[-2], command[-1]) == (8, "1", "ab")
     for present, flag in ((True, "1"), (False, "0")):
         announce = Announce(room=RoomName("r"), username=Username("bob cy"), present=present)
         assert command_for(announce, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
@@ -184,6 +186,7 @@ def test_commands_of_the_actions() -> None:
         "p:{r}:h",
         "p:{r}:c",
         60_000,
+        "",
     )
 
 

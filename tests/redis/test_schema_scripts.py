@@ -246,3 +246,34 @@ async def test_kept_messages_expire_with_the_history_ttl(redis_server: RedisProc
                 3,
                 (),
             )
+
+
+async def test_an_epoch_is_tied_to_its_seq_and_to_the_server_s_run(
+    redis_server: RedisProcess,
+) -> None:
+    """A seq that is gone (evicted), or a server that is another run (restarted from a
+    snapshot that may be older, a failover), starts a new epoch: a position of the old
+    one can never name another message."""
+    room = ROOMS[0]
+    relay = Relay(room=room, ref=1, prefix=b"{", keep=10, keep_ms=LIFETIME)
+
+    async def publish(conn: RedisConnection, shas: dict[str, bytes], run: str) -> tuple[str, int]:
+        command = command_for(
+            relay, prefix=PREFIX, node="n1", shas=shas, lifetime=LIFETIME, run=run
+        )
+        seq, epoch, _ = await conn.execute(*command)
+        return epoch.decode(), seq
+
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            e1, _ = await publish(conn, shas, "run-a")
+            assert await publish(conn, shas, "run-a") == (e1, 2)
+            await trio.sleep(0.002)
+            e2, seq = await publish(conn, shas, "run-b")  # the same keys, another run
+            assert e2 != e1 and seq == 1
+            await conn.execute("DEL", f"{PREFIX}:{{{room}}}:s")  # the seq evicted alone
+            await trio.sleep(0.002)
+            e3, seq = await publish(conn, shas, "run-b")
+            assert e3 not in (e1, e2) and seq == 1

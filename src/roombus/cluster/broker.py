@@ -428,10 +428,18 @@ class ClusterBroker(Broker):
         if plan.replay is not None:
             for seq in range(plan.replay.first, plan.replay.last + 1):
                 self._deliver((conn,), codec.replayed(payloads[seq]), actions)
-        # Chats that came while reading: those after the read, live.
+        # Chats that came while reading: those after the read, live (a gap among
+        # them, a message the node never got and the stream no longer keeps: told).
+        last = top
         for seq, payload in held:
-            if seq > top:
-                self._deliver((conn,), payload, actions)
+            if seq <= last:
+                continue
+            if seq > last + 1:
+                gap = Position(event.epoch, seq - 1)
+                self._resets += 1
+                self._deliver((conn,), codec.encode_reset(room, gap, TOO_OLD), actions)
+            self._deliver((conn,), payload, actions)
+            last = seq
         if cr.seq >= top or not cr.epoch:
             del cr.resuming[conn]
         else:  # records up to the read's top are still on their way: in the replay
@@ -466,13 +474,17 @@ class ClusterBroker(Broker):
         actions: list[Action],
     ) -> None:
         """Tell the members that joined *room* with a position that it restarts here."""
+        resuming = cr.resuming
+        # Not those still reading their replay (their `joined` tells them), nor those
+        # whose replay already went past it (they have those messages).
         conns = tuple(
             ConnectionId(conn)
             for conn in cr.positioned
-            if conn not in cr.resuming or not cr.resuming[conn].ticket
+            if conn not in resuming
+            or (not resuming[conn].ticket and resuming[conn].floor <= position.seq)
         )
         for conn in conns:
-            cr.resuming.pop(conn, None)
+            resuming.pop(conn, None)
         if conns:
             self._resets += len(conns)
             self._deliver(conns, codec.encode_reset(room, position, reason), actions)
@@ -698,7 +710,12 @@ class ClusterBroker(Broker):
             return
         cr.repair = 0
         waiting, cr.waiting = cr.waiting, []
-        if waiting and event.epoch == cr.epoch and not cr.local:
+        if event.epoch != cr.epoch and not cr.local:
+            # The room's stream started over while the node read it (its keys gone
+            # with the link up): follow the new one; the old epoch's records are moot.
+            self._restart(room, cr, Position(event.epoch, event.top), EPOCH_CHANGED, actions)
+            waiting = [record for record in waiting if record.epoch == event.epoch]
+        elif waiting and not cr.local:
             # The read covered what was missing before the first waiting record.
             same = waiting[0].epoch == cr.epoch
             end = waiting[0].seq - 1 if same else event.top

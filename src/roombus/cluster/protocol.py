@@ -45,7 +45,8 @@ the table (:func:`render_link_table`; tested).
 * CONNECTING --COMMAND opened--> PROBING: ``COMMAND INFO SPUBLISH`` (an error reply:
   ``INFO server``; an error again: classic pub/sub).
 * PROBING --probed--> LOADING: ``SCRIPT LOAD`` of the scripts
-  (:data:`~roombus.cluster.schema.SCRIPTS`).
+  (:data:`~roombus.cluster.schema.SCRIPTS`) and ``INFO server`` (the server's
+  ``run_id``, which the room streams' epochs are tied to).
 * LOADING --loaded--> OPENING_SUB: ``OpenLink(SUBSCRIBER)``.
 * OPENING_SUB --SUBSCRIBER opened--> ONLINE: event BackplaneRestored.
 * Each of CONNECTING .. OPENING_SUB must be done within ``connect_timeout``.
@@ -94,6 +95,7 @@ from .resp import (
     Arg,
     RedisAddress,
     RedisError,
+    run_id_from_info,
     sharded_from_command_info,
     sharded_from_info,
 )
@@ -374,6 +376,8 @@ class BackplaneProtocol:
         self._step_answers: list[tuple[int, Relay | ReadStream]] = []
         # How long a room's epoch lives if a snapshot makes one (from the Subscribes).
         self._position_ms = 86_400_000
+        # The Redis server's run_id this session: the streams' epochs are tied to it.
+        self._run = ""
         self._step_pings = False  # the batch in flight carries the keepalive PING
         self._ping_batch = -1  # the keepalive Ping on SUBSCRIBER awaiting confirmation
         self._ping_command_due = False  # the keepalive PING on COMMAND not answered yet
@@ -541,7 +545,11 @@ class BackplaneProtocol:
                 _Step.SNAPSHOT,
                 [
                     snapshot_command(
-                        room, prefix=self.prefix, shas=self._scripts, position_ms=self._position_ms
+                        room,
+                        prefix=self.prefix,
+                        shas=self._scripts,
+                        position_ms=self._position_ms,
+                        run=self._run,
                     )
                     for room in rooms
                 ],
@@ -654,14 +662,16 @@ class BackplaneProtocol:
         if self._set_phase(Input.PROBED, now):
             self._execute(
                 _Step.LOAD,
-                [(b"SCRIPT", b"LOAD", script_source(name, sharded)) for name in SCRIPTS],
+                [(b"SCRIPT", b"LOAD", script_source(name, sharded)) for name in SCRIPTS]
+                + [VERSION_PROBE],  # its run_id: a new one is a Redis whose data may be older
             )
 
     def _loaded(self, replies: list[object], now: float) -> None:
         if not self._check(replies, now):
             return
         shas: dict[str, bytes] = {}
-        for name, sha in zip(SCRIPTS, replies, strict=True):
+        self._run = run_id_from_info(replies[-1])
+        for name, sha in zip(SCRIPTS, replies[:-1], strict=True):
             if not isinstance(sha, bytes):
                 self._fail(f"unreadable SCRIPT LOAD reply {sha!r:.80}", now)
                 return
@@ -816,6 +826,7 @@ class BackplaneProtocol:
             node=self.node_id,
             shas=self._scripts,
             lifetime=self._lifetime,
+            run=self._run,
         )
 
     def _check(self, replies: list[object], now: float) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "HIREDIS_MISSING",
     "INCOMPLETE",
     "SHARDED_PROBE",
+    "run_id_from_info",
     "VERSION_PROBE",
     "Arg",
     "RedisAddress",
@@ -307,3 +308,11 @@ def sharded_from_info(reply: Any) -> bool:
     """
     found = _VERSION.search(reply) if isinstance(reply, bytes) else None
     return found is not None and (int(found[1]), int(found[2])) >= (7, 0)
+
+
+def run_id_from_info(reply: object) -> str:
+    """The ``run_id`` of an ``INFO server`` reply ("" if it has none, or is an error)."""
+    if not isinstance(reply, bytes):
+        return ""
+    m = re.search(rb"^run_id:([0-9a-f]{1,64})\r?$", reply, re.MULTILINE)
+    return m.group(1).decode() if m is not None else ""

@@ -7,9 +7,11 @@ a backplane driver sends what these build and hands back what Redis answers.
   (``SSUBSCRIBE``, or ``SUBSCRIBE`` on a server without sharded pub/sub) only while
   the node has members in the room. The ``{<room>}`` hash tag keeps a room's channel
   and keys on one shard of a Redis Cluster, and spreads rooms over shards.
-* A room's stream: ``<prefix>:{<room>}:e`` is its epoch (made from the server's
-  ``TIME`` when missing, which also starts ``seq`` over: Redis lost its data, or the
-  room expired), ``<prefix>:{<room>}:s`` counts its chat messages and
+* A room's stream: ``<prefix>:{<room>}:e`` is its epoch and the ``run_id`` of the
+  Redis server that made it (a new epoch, from the server's ``TIME``, starts ``seq``
+  and the history over: when it is missing, when its seq is, or when the server is
+  another run, restarted or failed over, whose data may be older than what the nodes
+  saw), ``<prefix>:{<room>}:s`` counts its chat messages and
   ``<prefix>:{<room>}:h`` (a Redis stream, entry id ``<seq>-1``, fields ``p`` the
   envelope up to its seq and ``t`` the publish time in ms) keeps its history,
   ``MAXLEN ~`` the room's history size, expiring with the history TTL. The ``relay``
@@ -77,26 +79,33 @@ _KEEP: Final = """
 redis.call('PEXPIRE', KEYS[1], {key_ttl})
 redis.call('PEXPIRE', KEYS[2], {key_ttl})
 """
-# The room's epoch (KEYS[e], made if missing: a new epoch starts seq and history
-# over), as Lua: ``local e = epoch(e, s, h, ttl)``.
+# The room's epoch, as Lua: ``local e = epoch(e, s, h, ttl, run)``. KEYS[e] holds
+# "<epoch> <run_id>": an epoch is made (and seq and history start over) when it is
+# missing, when its seq is (evicted), or when it was written by another run of the
+# server (a restart or a failover: the data may be older than what the nodes saw).
 _EPOCH: Final = """
-local function epoch(ke, ks, kh, ttl)
-  local e = redis.call('GET', ke)
-  if not e then
-    local t = redis.call('TIME')
-    e = 'R' .. t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('SET', ke, e, 'PX', ttl)
-    redis.call('DEL', ks, kh)
+local function epoch(ke, ks, kh, ttl, run)
+  local v = redis.call('GET', ke)
+  if v then
+    local sp = string.find(v, ' ', 1, true)
+    if sp and string.sub(v, sp + 1) == run and redis.call('EXISTS', ks) == 1 then
+      return string.sub(v, 1, sp - 1)
+    end
   end
+  local t = redis.call('TIME')
+  local e = 'R' .. t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', ke, e .. ' ' .. run, 'PX', ttl)
+  redis.call('SET', ks, 0, 'PX', ttl)
+  redis.call('DEL', kh)
   return e
 end
 """
 # KEYS: seq, epoch, history[, dedup]. ARGV: channel, node, ref, prefix, keep, keep ms,
-# position ms, dedup ms. Returns {seq, epoch, duplicate 0/1}.
+# position ms, dedup ms, run id. Returns {seq, epoch, duplicate 0/1}.
 _RELAY: Final = (
     _EPOCH
     + f"""
-local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[7])
+local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[7], ARGV[9])
 if KEYS[4] then
   local d = redis.call('GET', KEYS[4])
   if d then
@@ -123,13 +132,13 @@ return {{s, e, 0}}
 """
 )
 # KEYS: seq, epoch, history. ARGV: after, upto, count, keep, keep ms, position ms,
-# oldest '1'/'0'. Returns {epoch, top, first kept, {seq, prefix, ...}}: the latest
+# oldest '1'/'0', run id. Returns {epoch, top, first kept, {seq, prefix, ...}}: the latest
 # (oldest '1': the first) `count` kept messages in after+1..upto (upto 0 or above the
 # top: the top).
 _READ: Final = (
     _EPOCH
     + """
-local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[6])
+local e = epoch(KEYS[2], KEYS[1], KEYS[3], ARGV[6], ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -205,14 +214,15 @@ end
     + _REAP
     + _KEEP
 )
-# KEYS: presence, version, epoch, seq, history. ARGV: channel, position ms. Returns
+# KEYS: presence, version, epoch, seq, history. ARGV: channel, position ms, run id.
+# Returns
 # {version, members, epoch, top} (an epoch made if the room has none).
 _SNAPSHOT: Final = (
     _EPOCH
     + _NOW
     + _REAP
     + """
-local e = epoch(KEYS[3], KEYS[4], KEYS[5], ARGV[2])
+local e = epoch(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[3])
 return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1),
         e, tonumber(redis.call('GET', KEYS[4]) or '0')}
 """
@@ -272,6 +282,7 @@ def command_for(
     node: str,
     shas: Mapping[str, bytes],
     lifetime: int,
+    run: str = "",
 ) -> Command:
     """
     The command a Relay (the ``relay`` script), a ReadStream (``read``) or an Announce
@@ -280,6 +291,7 @@ def command_for(
     Args:
         shas: The loaded scripts' SHA1s, by name.
         lifetime: :func:`lifetime_ms` of the presence TTL.
+        run: The Redis server's ``run_id`` (the epochs are tied to it).
     """
     room = action.room
     if isinstance(action, Relay):
@@ -300,6 +312,7 @@ def command_for(
             max(1, action.keep_ms),
             max(1, action.position_ms),
             max(1, action.dedup_ms),
+            run,
         )
     if isinstance(action, ReadStream):
         return (
@@ -316,6 +329,7 @@ def command_for(
             max(1, action.keep_ms),
             max(1, action.position_ms),
             "1" if action.oldest else "0",
+            run,
         )
     return (
         "EVALSHA",
@@ -376,7 +390,7 @@ def parse_read(action: ReadStream, reply: object) -> StreamRead:
             epoch=_epoch(epoch),
             top=int(top),
             first_kept=int(first),
-            entries=entries,
+            entries=tuple(entries),
         )
     except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
         raise ValueError(f"unreadable stream read of room {action.room!r}") from None
@@ -405,7 +419,12 @@ def refresh_command(
 
 
 def snapshot_command(
-    room: str, *, prefix: str, shas: Mapping[str, bytes], position_ms: int = 86_400_000
+    room: str,
+    *,
+    prefix: str,
+    shas: Mapping[str, bytes],
+    position_ms: int = 86_400_000,
+    run: str = "",
 ) -> Command:
     """The command that reads *room*'s presence and position (after listening to it)."""
     return (
@@ -419,6 +438,7 @@ def snapshot_command(
         key(prefix, room, "h"),
         key(prefix, room, "c"),
         max(1, position_ms),
+        run,
     )
 
 

@@ -157,3 +157,71 @@ def test_trio_asyncio_and_uvicorn_nodes_share_one_room(redis: RedisProcess) -> N
         for node in (trio_node, asyncio_node):
             node.stop()
         uvicorn_node.stop()
+
+
+def _chats_until(client: Client, last: str) -> list[dict[str, object]]:
+    got = []
+    while True:
+        msg = client.recv(timeout=BOUND)
+        got.append(msg)
+        if msg.get("content") == last:
+            return got
+
+
+def test_a_client_resumes_across_trio_asyncio_and_uvicorn_nodes(redis: RedisProcess) -> None:
+    """Positions are the cluster's: a client that leaves one kind of node resumes on
+    another, with an acknowledged publish deduplicated across them."""
+    options = ("--port", "0", "--redis", redis.url, "--presence-ttl", str(TTL))
+    trio_node = CliServer(*options, "--node-id", "n-trio", transport="trio")
+    asyncio_node = CliServer(*options, "--node-id", "n-asyncio", transport="asyncio")
+    uvicorn_node = UvicornNode(redis.url, "n-uvicorn")
+    clients: list[Client] = []
+    try:
+        ports = [trio_node.wait_listening(), asyncio_node.wait_listening(), uvicorn_node.port]
+        for port in ports[:2]:
+            wait_for(lambda port=port: metric(port, "roombus_backplane_online") == 1)
+        wait_for(uvicorn_node.online)
+        pub = open_client(ports[1], "lobby", "pub", expect_join=None)
+        clients.append(pub)
+        sent = 0
+
+        def publish_three() -> None:
+            nonlocal sent
+            for _ in range(3):
+                pub.chat(f"m{sent}", id=f"m{sent}")
+                sent += 1
+            pub.chat(f"m{sent - 1}", id=f"m{sent - 1}")  # a resend: acknowledged, not sent
+            acks = []
+            while len(acks) < 4:
+                msg = pub.recv(timeout=BOUND)
+                if msg["type"] == "ack":
+                    acks.append(msg)
+            assert acks[-1] == acks[-2]  # the resend got the first ack
+
+        ann = open_client(ports[0], "lobby", "ann", expect_join=None, query={"since": ""})
+        clients.append(ann)
+        publish_three()
+        got = _chats_until(ann, "m2")
+        (joined,) = [m for m in got if m["type"] == "joined"]
+        assert [m["content"] for m in got if m["type"] == "chat"] == ["m0", "m1", "m2"]
+        position = f"{joined['epoch']}:{got[-1]['seq']}"
+        for port in ports[1:]:  # ann leaves, misses three, and comes back on another kind
+            ann.close()
+            clients.remove(ann)
+            publish_three()
+            ann = open_client(port, "lobby", "ann", expect_join=None, query={"since": position})
+            clients.append(ann)
+            got = _chats_until(ann, f"m{sent - 1}")
+            (joined,) = [m for m in got if m["type"] == "joined"]
+            chats = [m for m in got if m["type"] == "chat"]
+            assert joined["recovered"] is True, joined
+            assert [m["content"] for m in chats] == [f"m{k}" for k in range(sent - 3, sent)]
+            assert all(m.get("replayed") for m in chats)
+            position = f"{joined['epoch']}:{chats[-1]['seq']}"
+        assert "Traceback" not in "".join(uvicorn_node.lines)
+    finally:
+        for client in clients:
+            client.close()
+        for node in (trio_node, asyncio_node):
+            node.stop()
+        uvicorn_node.stop()

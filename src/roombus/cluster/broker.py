@@ -53,7 +53,7 @@ from .records import ChatRecord, PresenceRecord, parse_record
 from .room import ClusterRoom, Effect, Lifetime, Phase, Resuming, RoomInput, is_valid_node_id
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
     from ..core.auth import Authorizer
     from ..core.config import BrokerConfig
@@ -500,6 +500,7 @@ class ClusterBroker(Broker):
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        skip: Collection[int] = (),  # (the fallback's: it calls the core's directly)
     ) -> bool:
         cr = self._cluster.get(room)
         if cr is None:
@@ -955,8 +956,10 @@ class ClusterBroker(Broker):
             for ref, username, content, stamp in outbox:
                 sender, msg_id = awaiting.pop(ref, (None, None))
                 self._relay_unconfirmed += 1
-                self._fall_back(
-                    room, username, content, stamp, sender, msg_id, set(resuming), actions
+                if sender is not None and sender not in self._conns:
+                    sender = msg_id = None
+                super()._publish(
+                    sender, room, username, content, stamp, actions, msg_id, skip=resuming
                 )
             position = super().position(room)
             for conn, rs in resuming.items():
@@ -980,46 +983,6 @@ class ClusterBroker(Broker):
         for _room, _conn, history in reads.values():
             if history is not None and history.conn in self._conns:
                 super()._read_history(history.conn, history.request, history.limit, actions)
-
-    def _fall_back(
-        self,
-        room: RoomName,
-        username: Username,
-        content: object,
-        timestamp: int,
-        sender: ConnectionId | None,
-        msg_id: str | None,
-        skip: set[int],
-        actions: list[Action],
-    ) -> None:
-        """Number a message not back from Redis here; deliver it to members not in *skip*."""
-        prefix = codec.chat_prefix(username, content, room, timestamp)
-        if prefix is None:
-            return
-        if sender is not None and sender not in self._conns:
-            sender = msg_id = None
-        dedup = None if msg_id is None else (username, msg_id)
-        epoch, seq, payload = self._streams.number(room, prefix, self._now, dedup)
-        if payload is not None:
-            self._messages_published += 1
-            r = self._registry.rooms.get(room)
-            if r is not None:
-                members = tuple(m for m in r.members if m not in skip)
-                if members:
-                    self._deliver(members, payload, actions)
-            actions.append(
-                MessagePublished(
-                    room=room,
-                    username=username,
-                    content=content,
-                    seq=seq,
-                    timestamp=timestamp,
-                    epoch=epoch,
-                )
-            )
-        if sender is not None and msg_id is not None:
-            ack = codec.encode_ack(msg_id, room, Position(epoch, seq))
-            self._deliver((sender,), ack, actions)
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True

@@ -54,7 +54,7 @@ from .streams import MemoryStreams, Position
 from .tables import worth_shrinking
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
 #: Close code for a peer that stopped answering pings (as websockets uses it).
 PING_TIMEOUT_CODE: Final = CloseCode.INTERNAL_ERROR
@@ -757,11 +757,13 @@ class Broker:
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        skip: Collection[int] = (),
     ) -> bool:
         """
         Publish a chat of *conn* (None: of server-side code) to *room*'s members
-        (hook: a cluster relays it). With *msg_id*, *conn* gets an ``ack``, and a
-        chat whose id it already had acknowledged is not published again.
+        (hook: a cluster relays it), but those in *skip*. With *msg_id*, *conn* gets
+        an ``ack``, and a chat whose id it already had acknowledged is not published
+        again.
 
         Returns:
             False if *content* cannot be forwarded (nothing published).
@@ -776,7 +778,11 @@ class Broker:
             self._messages_published += 1
             r = self._registry.rooms.get(room)
             if r is not None:
-                self._deliver(tuple(r.members), payload, actions)
+                members = (
+                    tuple(r.members) if not skip else tuple(m for m in r.members if m not in skip)
+                )
+                if members:
+                    self._deliver(members, payload, actions)
             actions.append(
                 MessagePublished(
                     room=room,

@@ -480,9 +480,10 @@ def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
     proto.handle_timer(TTL / 3)
     refresh = only(proto.take_commands(), Execute)
     (command,) = refresh.commands
-    assert command[:3] == ("EVALSHA", SHAS["refresh"], 2)
+    assert command[:3] == ("EVALSHA", SHAS["refresh"], 4)
     assert command[-2:] == ("n1 ann", "n1 bob")
-    assert command[6] == int(TTL * 2000 / 3)
+    assert command[8] == int(TTL * 2000 / 3)
+    assert command[9] == 86_400_000  # the room's position lives on while it has members
     proto.replies(refresh.batch, [0], TTL / 3)
     assert proto.get_timer() == pytest.approx(2 * TTL / 3)
 

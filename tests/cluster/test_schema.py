@@ -42,19 +42,19 @@ SHAS = {
 }
 
 # SHA1 of every script as loaded (Redis caches scripts by it): a change to a script is
-# a change to the cluster's schema, made on purpose. Presence scripts are as the trio
-# backplane loaded them before the schema had a module of its own; relay, read and
-# snapshot are those of room streams (epoch, history, dedup).
+# a change to the cluster's schema, made on purpose. announce is as the trio backplane
+# loaded it before the schema had a module of its own; relay, read, snapshot and
+# refresh are those of room streams (epoch, history, dedup, a held room's position).
 LOADED = {
     (True, "relay"): "c34914c77d654a2bb191a35d2a0146d5c5eb766b",
     (True, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
     (True, "announce"): "b53b3697497a791736cdc2f11e74a935f2a02aa4",
-    (True, "refresh"): "0f8c9373feca7f8961fdc3e54bd806a2f62c5384",
+    (True, "refresh"): "0c0acfc4971cdc50cacd6a091510cd7685571fbd",
     (True, "snapshot"): "fd9aa9975fce7108a13244796ae7bc830b69cd4f",
     (False, "relay"): "7e8b90c775aabdd408ef69598144eda4a506ce3e",
     (False, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
     (False, "announce"): "b6456c2582df1c99fe9c203acb96d317077eb2e2",
-    (False, "refresh"): "a5bbe76e5fd24c0b96aeb976b9540daa54286386",
+    (False, "refresh"): "799282ad9db8ca271349f8d14e075b81e38dab29",
     (False, "snapshot"): "a04e0a897d2164e75f72b77bd40af0c1a72ae47d",
 }
 
@@ -167,11 +167,14 @@ def test_commands_of_the_actions() -> None:
     assert refresh_command("r", ["ann", "bob"], prefix="p", node="n1", shas=SHAS, lifetime=5) == (
         "EVALSHA",
         SHAS["refresh"],
-        2,
+        4,
         "p:{r}:p",
         "p:{r}:v",
+        "p:{r}:e",
+        "p:{r}:s",
         "p:{r}:c",
         5,
+        86_400_000,
         "n1 ann",
         "n1 bob",
     )

@@ -277,3 +277,27 @@ async def test_an_epoch_is_tied_to_its_seq_and_to_the_server_s_run(
             await trio.sleep(0.002)
             e3, seq = await publish(conn, shas, "run-b")
             assert e3 not in (e1, e2) and seq == 1
+
+
+async def test_a_room_with_members_keeps_its_position(redis_server: RedisProcess) -> None:
+    room = ROOMS[1]
+    relay = Relay(room=room, ref=1, prefix=b"{", keep=0, position_ms=200)
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            await conn.execute(
+                *command_for(relay, prefix=PREFIX, node="n1", shas=shas, lifetime=LIFETIME)
+            )
+            refresh = refresh_command(
+                room,
+                [USERS[0]],
+                prefix=PREFIX,
+                node="n1",
+                shas=shas,
+                lifetime=LIFETIME,
+                position_ms=60_000,
+            )
+            await conn.execute(*refresh)
+            for kind in "es":
+                assert await conn.execute("PTTL", f"{PREFIX}:{{{room}}}:{kind}") > 1000

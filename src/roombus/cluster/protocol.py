@@ -717,6 +717,7 @@ class BackplaneProtocol:
                     node=self.node_id,
                     shas=self._scripts,
                     lifetime=self._lifetime,
+                    position_ms=self._position_ms,
                 )
                 for room, users in self._local_presence()
             ]

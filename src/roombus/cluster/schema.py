@@ -31,7 +31,8 @@ a backplane driver sends what these build and hands back what Redis answers.
   stopped renewing theirs; ``snapshot`` reaps, then answers ``{version, members}``
   (:func:`parse_snapshot`).
 * Presence keys of a room idle for :data:`KEY_TTL_MS` (no presence change) are left
-  to expire; its epoch and seq live the position TTL after its last message or read.
+  to expire; its epoch and seq live the position TTL after its last message or read,
+  or after the last refresh of a node with members in it.
 
 The record text the scripts publish comes from :mod:`roombus.cluster.records`.
 """
@@ -200,16 +201,19 @@ end
 """
     + _KEEP
 )
-# KEYS: presence, version. ARGV: channel, lifetime ms, members to keep... Refresh this
-# node's members first (so that a late refresh does not flap them), then reap.
+# KEYS: presence, version, epoch, seq. ARGV: channel, lifetime ms, position ms,
+# members to keep... Refresh this node's members first (so that a late refresh does
+# not flap them), then reap; a room with members keeps its stream's position.
 _REFRESH: Final = (
     _NOW
     + f"""
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[i]) == 1 then
     {_publish(lua_presence_record(True, _NEXT_VERSION, "ARGV[i]"))}
   end
 end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 """
     + _REAP
     + _KEEP
@@ -404,16 +408,23 @@ def refresh_command(
     node: str,
     shas: Mapping[str, bytes],
     lifetime: int,
+    position_ms: int = 86_400_000,
 ) -> Command:
-    """The command that renews this node's members *users* of *room* and reaps the dead."""
+    """
+    The command that renews this node's members *users* of *room*, reaps the dead,
+    and keeps the room's stream position alive (*position_ms* more).
+    """
     return (
         "EVALSHA",
         shas["refresh"],
-        2,
+        4,
         key(prefix, room, "p"),
         key(prefix, room, "v"),
+        key(prefix, room, "e"),
+        key(prefix, room, "s"),
         key(prefix, room, "c"),
         lifetime,
+        max(1, position_ms),
         *(member(node, user) for user in users),
     )
 

@@ -30,6 +30,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from roombus import BrokerConfig, Notice, ServerConfig
+from tests.redis.conftest import RedisProcess, start_redis
 
 from .rawws import HOST, TIMEOUT
 from .servers import TRANSPORTS, Capabilities, ServerThread, TrioServer, _ErrorLog
@@ -295,6 +296,16 @@ class CliServer:
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisProcess]:
+    """A real ``redis-server`` of the test's own (the cluster tests' backplane)."""
+    proc = start_redis()
+    try:
+        yield proc
+    finally:
+        proc.close()
 
 
 @pytest.fixture(params=["trio", "asyncio"])

@@ -26,19 +26,10 @@ import pytest
 
 from tests.e2e.conftest import Client, CliServer, open_client
 from tests.e2e.test_cluster_nodes import metric, wait_for
-from tests.redis.conftest import RedisProcess, start_redis
+from tests.redis.conftest import RedisProcess
 
 TTL = 1.5
 ROOM = "live"
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisProcess]:
-    proc = start_redis()
-    try:
-        yield proc
-    finally:
-        proc.close()
 
 
 @pytest.fixture

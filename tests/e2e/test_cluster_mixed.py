@@ -23,7 +23,7 @@ import pytest
 
 from tests.e2e.conftest import Client, CliServer, open_client
 from tests.e2e.rawws import HOST, get
-from tests.redis.conftest import RedisProcess, start_redis
+from tests.redis.conftest import RedisProcess
 
 TTL = 1.5
 BOUND = 15.0
@@ -93,15 +93,6 @@ class UvicornNode:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self.sock.close()
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisProcess]:
-    proc = start_redis()
-    try:
-        yield proc
-    finally:
-        proc.close()
 
 
 @attrs.define

@@ -23,18 +23,9 @@ import pytest
 
 from tests.e2e.conftest import Client, CliServer, open_client
 from tests.e2e.rawws import get
-from tests.redis.conftest import RedisProcess, start_redis
+from tests.redis.conftest import RedisProcess
 
 TTL = 1.5  # presence TTL of the nodes: a killed node's users leave within it
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisProcess]:
-    proc = start_redis()
-    try:
-        yield proc
-    finally:
-        proc.close()
 
 
 Cluster = Callable[..., list[CliServer]]

@@ -436,8 +436,7 @@ class ClusterBroker(Broker):
                 continue
             if seq > last + 1:
                 gap = Position(event.epoch, seq - 1)
-                self._resets += 1
-                self._deliver((conn,), codec.encode_reset(room, gap, TOO_OLD), actions)
+                self._tell_reset((conn,), room, gap, TOO_OLD, actions)
             self._deliver((conn,), payload, actions)
             last = seq
         if cr.seq >= top or not cr.epoch:
@@ -485,6 +484,17 @@ class ClusterBroker(Broker):
         )
         for conn in conns:
             resuming.pop(conn, None)
+        self._tell_reset(conns, room, position, reason, actions)
+
+    def _tell_reset(
+        self,
+        conns: tuple[ConnectionId, ...],
+        room: RoomName,
+        position: Position,
+        reason: str,
+        actions: list[Action],
+    ) -> None:
+        """Send *conns* a ``reset`` of *room* to *position* (counted)."""
         if conns:
             self._resets += len(conns)
             self._deliver(conns, codec.encode_reset(room, position, reason), actions)
@@ -947,9 +957,7 @@ class ClusterBroker(Broker):
             # stream: it restarts after them instead.
             resuming, cr.resuming = cr.resuming, {}
             told = tuple(ConnectionId(c) for c in cr.positioned if c not in resuming)
-            if told:
-                self._resets += len(told)
-                self._deliver(told, codec.encode_reset(room, start, UNAVAILABLE), actions)
+            self._tell_reset(told, room, start, UNAVAILABLE, actions)
             # Relayed but not back: maybe lost on the way, maybe published (it will not
             # come back now). Numbered here and delivered, at least on this node.
             outbox, cr.outbox = cr.outbox, type(cr.outbox)()
@@ -965,8 +973,7 @@ class ClusterBroker(Broker):
             for conn, rs in resuming.items():
                 cid = ConnectionId(conn)
                 if not rs.ticket:
-                    self._resets += 1
-                    self._deliver((cid,), codec.encode_reset(room, position, UNAVAILABLE), actions)
+                    self._tell_reset((cid,), room, position, UNAVAILABLE, actions)
                     continue
                 # Reading: the read is lost with the link.
                 if rs.resume.since is None:

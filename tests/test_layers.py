@@ -28,6 +28,7 @@ RANKS: Final = {
     "core": 0,
     "server": 1,
     "cluster": 1,
+    "client": 1,
     "node": 2,
     "trio": 3,
     "asyncio": 3,
@@ -43,6 +44,12 @@ LAYERS: Final = {
     "roombus._version": "core",
     "roombus.server": "server",
     "roombus.cluster": "cluster",
+    "roombus.client": "root",  # connect() picks the driver of the running loop
+    "roombus.client.protocol": "client",
+    "roombus.client.wire": "client",
+    "roombus.client._driver": "client",
+    "roombus.client._trio": "trio",
+    "roombus.client._asyncio": "asyncio",
     "roombus.node": "node",
     "roombus.trio": "trio",
     "roombus.asyncio": "asyncio",
@@ -83,12 +90,14 @@ THIRD_PARTY: Final = {
     "core": frozenset({"attrs"}),
     "server": frozenset({"attrs"}),
     "cluster": frozenset({"attrs"}),
+    "client": frozenset({"attrs"}),
     "node": frozenset({"attrs"}),
     "trio": frozenset({"attrs", "trio"}),
     "asyncio": frozenset({"attrs"}),
     # it runs on either loop; sniffio tells anyio which, in the backplane's callbacks
     "asgi": frozenset({"attrs", "anyio", "sniffio", "trio"}),
     "roombus.server.wire": frozenset({"h11", "wsproto"}),
+    "roombus.client.wire": frozenset({"wsproto"}),
     # JWTAuthenticator: PyJWT and cryptography, imported when one is made
     "roombus.server.auth": frozenset({"cryptography", "jwt"}),
     "roombus.cluster.resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use

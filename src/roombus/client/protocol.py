@@ -574,14 +574,14 @@ class ClientProtocol:
         self._connect_deadline = None
         self._last_heard = now
         self._ping_sent = None
-        self._emit(Connected())
+        self._inform(Connected())
         for r in self._rooms.values():
             r.phase, r.behind, r.retry_at = RoomPhase.PENDING, False, None
         url_room = self._rooms.get(self._url_room) if self._url_room else None
         if url_room is not None:
             url_room.phase = RoomPhase.JOINING
             self._joins.append(url_room.name)
-            self._emit(Joining(url_room.name))
+            self._inform(Joining(url_room.name))
         for r in list(self._rooms.values()):
             if r.phase is RoomPhase.PENDING:
                 self._send_join(r)
@@ -697,9 +697,7 @@ class ClientProtocol:
 
     def next_event(self) -> Event | None:
         """The next event for the application, or None."""
-        if not self._events:
-            return None
-        event = self._events.popleft()
+        event = self._events.popleft() if self._events else None
         if self._behind:
             self._catch_up()
         return event
@@ -740,6 +738,15 @@ class ClientProtocol:
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
+    def _inform(self, event: Event) -> None:
+        """
+        Queue an event that only informs (the connection's phase, a join sent, an
+        unattributed error): dropped when the queue is full, where the room events'
+        bound would otherwise not hold against a reconnecting client nobody reads.
+        """
+        if len(self._events) < self.options.max_events:
+            self._events.append(event)
+
     def _full(self, r: _Room) -> bool:
         """Whether the queue is full: if so, *r* falls behind (its events dropped)."""
         if r.behind:
@@ -773,7 +780,7 @@ class ClientProtocol:
         self._reconnect_at = None
         self._connect_deadline = now + self.options.connect_timeout
         self._joins.clear()
-        self._emit(Connecting(self._attempt + 1))
+        self._inform(Connecting(self._attempt + 1))
         self._actions.append(OpenConnection(self.gen, self._target()))
 
     def _end(
@@ -813,7 +820,7 @@ class ClientProtocol:
             self._attempt += 1
         self.phase = Phase.WAITING
         self._reconnect_at = now + delay
-        self._emit(Disconnected(code=code, reason=reason, status=status, reconnect_in=delay))
+        self._inform(Disconnected(code=code, reason=reason, status=status, reconnect_in=delay))
 
     def _send_join(self, r: _Room) -> None:
         r.phase = RoomPhase.JOINING
@@ -825,7 +832,7 @@ class ClientProtocol:
             message["partial"] = True
         self._joins.append(r.name)
         self._send(json.dumps(message, separators=(",", ":")))
-        self._emit(Joining(r.name))
+        self._inform(Joining(r.name))
 
     def _drop_room(self, r: _Room) -> None:
         """Leave *r* for good: tell the server (if joined) and the application."""
@@ -904,6 +911,12 @@ class ClientProtocol:
             return
         if r.name in self._joins:
             self._joins.remove(r.name)
+        if self._full(r):
+            # Not handed over: the position stays the application's, and the join
+            # made again from it once the queue has room tells what this one did.
+            r.phase = RoomPhase.JOINED
+            self._catch_up()
+            return
         recovered = msg.get("recovered")
         lost, skipped = _span(msg.get("lost")), _span(msg.get("skipped"))
         if recovered is True and r.position is not None and r.position.epoch == epoch:
@@ -934,6 +947,8 @@ class ClientProtocol:
         epoch, seq, reason = msg.get("epoch"), msg.get("seq"), msg.get("reason")
         if not (type(epoch) is str and is_valid_epoch(epoch) and type(seq) is int and seq >= 0):
             return
+        if self._full(r):
+            return  # joined again later, from the position the application has
         r.position = Position(epoch, seq)
         self._emit(
             Reset(room=r.name, epoch=epoch, seq=seq, reason=reason if type(reason) is str else "")
@@ -976,7 +991,7 @@ class ClientProtocol:
                     self._settled.append((pub_id, failure))
             self._emit(JoinRefused(room=room, code=code, content=content))
             return
-        self._emit(ServerError(code=code, content=content, id=err_id))
+        self._inform(ServerError(code=code, content=content, id=err_id))
 
 
 def _check_room(room: str) -> None:

@@ -40,6 +40,13 @@ implements it with Redis):
   wipes everything (counters, presence, subscriptions) and every node loses its link.
   Some time after reconnecting, the driver reads again the presence of every room it
   listens to (``Subscribe`` with the room's latest ``gen``).
+* Redis may also restart from a snapshot taken earlier (an RDB file, :meth:`save`):
+  :meth:`restart` with ``snapshot`` brings back what it held then (counters, presence,
+  epochs, seqs, histories, dedup answers; not the subscriptions, which belong to
+  connections). The server is another run: as the scripts do with the ``run_id`` stored
+  next to the epoch, a room's epoch of an earlier run is renewed (seq and history start
+  over) the first time a relay, a stream read or a snapshot read uses it; presence (and
+  its version) comes back as it was, older than what the nodes saw.
 
 Nothing here knows about the broker: the test hands the brokers' backplane actions to
 :meth:`ModelBackplane.submit` and the model hands events back through ``deliver``.
@@ -47,8 +54,9 @@ Nothing here knows about the broker: the test hands the brokers' backplane actio
 
 from __future__ import annotations
 
+import copy
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -103,6 +111,7 @@ class Channel:
     epoch: str = ""
     history: list[tuple[int, bytes]] = attrs.field(factory=list)
     acks: dict[tuple[str, str], tuple[str, int]] = attrs.field(factory=dict)
+    run: int = 0  # the run of the server that made the epoch (the scripts' run_id)
 
 
 @attrs.define
@@ -160,16 +169,22 @@ class ModelBackplane:
         self.on_publish = on_publish
         self.published = 0
         self.epochs = 0
+        self.run = 1  # the server's run: a restart is another one
         self.delivering: Record | Snapshot | Event | None = None  # what deliver() is handed
 
     def channel(self, room: str) -> Channel:
         return self.channels.setdefault(room, Channel())
 
     def epoch(self, ch: Channel) -> str:
-        """The room's epoch, made if missing (seq and history start over)."""
-        if not ch.epoch:
+        """
+        The room's epoch, made (seq and history start over) if missing or made by
+        another run of the server (restored from a snapshot: it may be older than
+        what the nodes saw).
+        """
+        if not ch.epoch or ch.run != self.run:
             self.epochs += 1
             ch.epoch = f"E{self.epochs}"
+            ch.run = self.run
             ch.seq = 0
             ch.history.clear()
             ch.acks.clear()
@@ -423,9 +438,20 @@ class ModelBackplane:
             self.announce(node, room, user, False)
         return gone
 
-    def restart(self) -> list[str]:
-        """Redis restarts, empty. Returns the nodes that lose their link."""
+    def save(self) -> dict[str, Channel]:
+        """A snapshot of the data as it is now (what ``BGSAVE`` writes), for :meth:`restart`."""
+        return {room: _data_of(ch) for room, ch in self.channels.items()}
+
+    def restart(self, snapshot: Mapping[str, Channel] | None = None) -> list[str]:
+        """
+        Redis restarts, another run: empty, or with the data of *snapshot* (see
+        :meth:`save`; it may be restored again later). Returns the nodes that lose
+        their link.
+        """
+        self.run += 1
         self.channels.clear()
+        for room, ch in (snapshot or {}).items():
+            self.channels[room] = _data_of(ch)
         lost = [n for n, link in sorted(self.links.items()) if link.alive and link.online]
         for n in lost:
             self.lose(n)
@@ -447,3 +473,8 @@ class ModelBackplane:
 
     def subscriptions(self, node: str) -> set[str]:
         return {room for room, ch in self.channels.items() if node in ch.subscribers}
+
+
+def _data_of(ch: Channel) -> Channel:
+    """A copy of a channel's data, without its subscribers (state of connections)."""
+    return attrs.evolve(copy.deepcopy(ch), subscribers=set())

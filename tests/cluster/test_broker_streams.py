@@ -7,7 +7,7 @@ The state machine at the end is the proof of the promise "every message exactly 
 or told": clients that follow positions disconnect at random points and reconnect to a
 random node with the last position they saw, while others publish (with and without
 ids, and from server-side code), links are lost and restored, nodes die and Redis
-restarts empty; the backplane's work is interleaved in any order it allows. For every
+restarts, empty or with the data of a snapshot it took earlier; the backplane's work is interleaved in any order it allows. For every
 client and room, each chat it is sent is the next seq of the position it holds (never a
 gap, a repeat or a step back), replayed exactly when at or below its ``joined`` seq; a
 gap is only ever a ``joined`` that says what it did not recover, or a ``reset``; no two
@@ -46,7 +46,7 @@ from roombus.lowlevel import (
     TextReceived,
 )
 
-from .model import ModelBackplane, Record
+from .model import Channel, ModelBackplane, Record
 
 TS = 1_700_000_000
 CONFIG = BrokerConfig(heartbeat=False, rate_limit=0, history_size=5)
@@ -285,6 +285,38 @@ def test_after_redis_lost_its_data_a_resume_is_told_epoch_changed() -> None:
     assert joined["epoch"] == back["epoch"]
 
 
+def test_after_redis_reloaded_older_data_no_position_is_numbered_twice() -> None:
+    """Redis restarts from a snapshot taken before "b": the room's epoch comes back with
+    seq 1, from another run of the server, so it is renewed rather than numbered on
+    (which would give "c" the position "b" had)."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "a"})
+    net.quiesce()
+    saved = net.bp.save()
+    net.send(1, {"type": "chat", "room": "r", "content": "b"})
+    net.quiesce()
+    epoch = net.of(1, "joined")[0]["epoch"]
+    for node in net.bp.restart(saved):
+        net.handle(node, BackplaneLost())
+        net.restore(node)
+    assert (net.bp.channels["r"].epoch, net.bp.channels["r"].seq) == (epoch, 1)  # as saved
+    net.quiesce()
+    back = net.of(1, "reset")[-1]
+    assert (back["seq"], back["reason"]) == (0, "epoch_changed") and back["epoch"] != epoch
+    net.send(1, {"type": "chat", "room": "r", "content": "c"})
+    net.quiesce()
+    assert chats(net, 1) == [(1, "a", False), (2, "b", False), (1, "c", False)]
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r", "since": {"epoch": epoch, "seq": 2}})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    assert (joined["recovered"], joined["reason"]) == (False, "epoch_changed")
+    assert (joined["epoch"], joined["seq"]) == (back["epoch"], 1)
+
+
 # -- the proof: exactly once, or told ------------------------------------------------------
 
 ROOMS = ("r1", "r2")
@@ -314,6 +346,7 @@ class OnceOrTold(RuleBasedStateMachine):
         self.at: dict[tuple[str, str, int], Any] = {}  # (room, epoch, seq) -> content
         self.read = 0  # envelopes of net.got already checked, per conn
         self.checked: dict[int, int] = {}
+        self.saved: dict[str, Channel] | None = None  # Redis's last snapshot (RDB)
 
     # -- clients --------------------------------------------------------------------
 
@@ -430,6 +463,18 @@ class OnceOrTold(RuleBasedStateMachine):
     @rule()
     def redis_restart(self) -> None:
         for n in self.net.bp.restart():
+            self.net.handle(n, BackplaneLost())
+
+    @rule()
+    def redis_save(self) -> None:
+        """Redis writes a snapshot of its data (BGSAVE), to restart from later."""
+        self.saved = self.net.bp.save()
+
+    @precondition(lambda self: self.saved is not None)
+    @rule()
+    def redis_restart_from_save(self) -> None:
+        """Redis restarts with the data of its last snapshot: older than what was seen."""
+        for n in self.net.bp.restart(self.saved):
             self.net.handle(n, BackplaneLost())
 
     # -- the promise ------------------------------------------------------------------

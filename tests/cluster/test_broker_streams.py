@@ -262,6 +262,62 @@ def test_a_node_cut_off_numbers_on_its_own_and_says_so() -> None:
     ]
 
 
+def test_an_epoch_change_reaches_a_resumer_whose_replay_went_past_its_seq() -> None:
+    """
+    A resumer's replay floor is a seq of the old epoch: after the room's epoch changed
+    under it (its seq key evicted), with the old epoch's last records lost on the way,
+    it must be told the new epoch, not handed the new epoch's chats as if they followed.
+    """
+    from .model import Snapshot
+
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(1, 9):
+        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
+    net.quiesce()
+    e1 = net.of(1, "joined")[0]["epoch"]
+    for i in (9, 10):
+        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
+    while net.bp.links["n2"].commands:
+        net.bp.run_command("n2")
+    net.connect("n1", 3, "fay")
+    net.send(3, {"type": "join", "room": "r", "since": {"epoch": e1, "seq": 5}})
+    l1 = net.bp.links["n1"]
+    while l1.commands:
+        net.bp.run_command("n1")
+    while l1.replies:
+        net.bp.reply_next("n1")  # fay's replay: 6..10, floor 10
+    net.bp.channels["r"].epoch = ""  # the seq key evicted: the next use starts E2
+    for i in range(1, 4):
+        net.send(2, {"type": "chat", "room": "r", "content": f"b{i}"})
+    while net.bp.links["n2"].commands:
+        net.bp.run_command("n2")
+    gen = net.brokers["n1"]._cluster[RoomName("r")].gen
+    l1.commands.append(Subscribe(room=RoomName("r"), gen=gen))
+    net.bp.run_command("n1")
+    net.bp.read_next("n1")
+    box = l1.inbox["r"]
+    while not isinstance(box[0], Snapshot):
+        net.bp.swap("n1", "r", next(i for i, it in enumerate(box) if isinstance(it, Snapshot)))
+    net.bp.deliver_next("n1", "r")  # the snapshot, at E2:3
+    for item in [it for it in box if isinstance(it, Record) and f" {e1} ".encode() in it.data]:
+        box.remove(item)  # E1:9 and E1:10 never arrive
+    for i in range(4, 14):
+        net.send(2, {"type": "chat", "room": "r", "content": f"b{i}"})
+    net.quiesce()
+    got = [e for e in net.got[3] if e["type"] in ("chat", "reset", "joined")]
+    resets = [i for i, e in enumerate(got) if e["type"] == "reset" and e["epoch"] != e1]
+    assert resets, got
+    first = resets[0]
+    assert got[first]["seq"] == 3
+    after = [e["content"] for e in got[first + 1 :] if e["type"] == "chat"]
+    assert after == [f"b{i}" for i in range(4, 14)]
+
+
 def test_after_redis_lost_its_data_a_resume_is_told_epoch_changed() -> None:
     net = Net()
     net.connect("n1", 1, "ann")

@@ -266,3 +266,26 @@ def test_an_unreadable_read_reply_is_a_value_error(reply: object) -> None:
     read = ReadStream(room=RoomName("r"), ticket=5, after=0, count=3, keep=10, keep_ms=1)
     with pytest.raises(ValueError, match="unreadable stream read of room 'r'"):
         parse_read(read, reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [b"E1", 1, 1, [1, 2**70]],
+        [b"E1", 1, 1, [1, -1]],
+        [b"E1", 1, 1, [b"x", b"p"]],
+        [b"E1", 1, 1, b"ab"],
+        [b"E1", 1, 1, [1, 5]],
+        [b"E1", 1, 1, [2**70, b"p"]],
+        [b"E1", 1, 1, [1, b"p", 2]],
+    ],
+)
+def test_a_malformed_read_reply_is_a_value_error(reply: object) -> None:
+    from roombus.cluster.schema import parse_read
+    from roombus.core.actions import ReadStream
+
+    action = ReadStream(
+        room=RoomName("r"), ticket=1, after=0, upto=0, count=5, keep=5, keep_ms=1000
+    )
+    with pytest.raises(ValueError, match="unreadable stream read"):
+        parse_read(action, reply)

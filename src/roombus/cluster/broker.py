@@ -707,10 +707,13 @@ class ClusterBroker(Broker):
     ) -> None:
         """The room's numbering is *position* from now on: say so to those who follow it."""
         cr.local = False
+        moved = cr.epoch != position.epoch
         cr.epoch = position.epoch
         cr.seq = position.seq
         for rs in cr.resuming.values():
             rs.held.clear()  # of the old numbering
+            if moved:
+                rs.floor = 0  # a seq of the old epoch: no replay went past the new one
         self._reset(room, cr, position, reason, actions)
 
     def _repaired(

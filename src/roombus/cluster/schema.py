@@ -377,6 +377,14 @@ def parse_relayed(action: Relay, reply: object) -> Relayed:
         raise ValueError(f"unreadable relay reply for room {action.room!r}") from None
 
 
+def _seq(value: object) -> int:
+    """A stream entry's seq: a positive integer (or its decimal bytes)."""
+    seq = int(value)  # type: ignore[call-overload]
+    if not 0 < seq < 2**63:
+        raise ValueError
+    return seq
+
+
 def parse_read(action: ReadStream, reply: object) -> StreamRead:
     """
     What a ``read`` reply means: the room's stream position and the messages read.
@@ -387,7 +395,11 @@ def parse_read(action: ReadStream, reply: object) -> StreamRead:
     try:
         quad: Any = reply
         epoch, top, first, flat = quad
-        entries = tuple((int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
+        if not isinstance(flat, list) or len(flat) % 2:
+            raise ValueError
+        entries = tuple((_seq(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2))
+        if not all(type(prefix) is bytes for _, prefix in entries):
+            raise ValueError
         return StreamRead(
             room=action.room,
             ticket=action.ticket,

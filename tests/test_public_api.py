@@ -23,7 +23,7 @@ def test_all_is_sorted_and_complete() -> None:
     public = {n for n in dir(roombus) if not n.startswith("_")}
     # Besides __all__, only the layer packages, the adapters and the hub module (once
     # imported) are visible.
-    layers = {"cluster", "core", "lowlevel", "node", "server"}
+    layers = {"client", "cluster", "core", "lowlevel", "node", "server"}
     adapters = {"asgi", "asyncio", "hub", "trio"}
     assert public - set(roombus.__all__) <= {"annotations"} | layers | adapters
 

@@ -477,3 +477,11 @@ def test_a_client_nobody_reads_stays_bounded_while_it_reconnects() -> None:
         p.take_actions()
         joined(p, "lobby")
     assert p.pending_events() <= 4
+
+
+def test_the_client_package_exports_what_it_lists() -> None:
+    import roombus.client
+
+    assert roombus.client.__all__ == sorted(roombus.client.__all__)
+    for name in roombus.client.__all__:
+        assert name in vars(roombus.client), name

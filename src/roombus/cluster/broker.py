@@ -800,6 +800,12 @@ class ClusterBroker(Broker):
                         epoch=record.epoch,
                     )
                 )
+                # Acknowledged now: Redis's reply may still be lost with the link.
+                waiting = self._awaiting.pop(ref, None)
+                if waiting is not None and waiting[0] in self._conns:
+                    position = Position(record.epoch, record.seq)
+                    ack = codec.encode_ack(waiting[1], room, position)
+                    self._deliver((waiting[0],), ack, actions)
 
     def _on_presence(
         self,

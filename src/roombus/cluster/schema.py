@@ -379,7 +379,7 @@ def parse_relayed(action: Relay, reply: object) -> Relayed:
 
 def _seq(value: object) -> int:
     """A stream entry's seq: a positive integer (or its decimal bytes)."""
-    seq = int(value)  # type: ignore[call-overload]
+    seq: int = int(value)  # type: ignore[call-overload]
     if not 0 < seq < 2**63:
         raise ValueError
     return seq

@@ -26,7 +26,7 @@ from .protocol import (
     PublishFailed,
     SendText,
 )
-from .wire import ClientWire
+from .wire import ClientWire, Closed, Opened, Refused, Text, WireEvent
 
 #: Credentials asked for before every connection attempt (None: none).
 TokenSource = Callable[[], Awaitable[str | None]] | Callable[[], str | None]
@@ -164,6 +164,25 @@ class DriverBase:
         for pub_id, outcome in proto.take_settled():
             self._settle(pub_id, outcome)
         self._wake()
+
+    def _dispatch(self, gen: int, events: list[WireEvent]) -> bool:
+        """Tell the protocol what connection *gen*'s bytes meant; True once it ended."""
+        proto = self.protocol
+        ended = False
+        for ev in events:
+            now = self._now()
+            if isinstance(ev, Text):
+                proto.received(gen, ev.text, now)
+            elif isinstance(ev, Opened):
+                proto.opened(gen, now)
+            elif isinstance(ev, Refused):
+                proto.failed(gen, now, reason=f"refused: HTTP {ev.status}", status=ev.status)
+                ended = True
+            else:
+                assert isinstance(ev, Closed)
+                proto.closed(gen, now, ev.code, ev.reason)
+                ended = True
+        return ended
 
     async def _token(self) -> str | None:
         source = self._get_token

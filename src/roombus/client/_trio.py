@@ -16,7 +16,7 @@ import trio
 from ..core.streams import Position
 from ._driver import DriverBase, TokenSource
 from .protocol import ClientOptions, Event, OpenConnection, Outcome, Phase
-from .wire import ClientWire, Closed, Opened, Refused, Text
+from .wire import ClientWire
 
 #: How long a close handshake may take before the socket is closed anyway.
 CLOSE_TIMEOUT = 2.0
@@ -222,7 +222,6 @@ class Client(DriverBase):
     async def _reader(self, conn: _Conn) -> None:
         assert conn.stream is not None and conn.wire is not None
         gen = conn.action.gen
-        proto = self.protocol
         while True:
             try:
                 data = bytes(await conn.stream.receive_some(_READ_SIZE))
@@ -230,20 +229,7 @@ class Client(DriverBase):
                 data = b""
             events = conn.wire.receive(data or None)
             conn.writable.set()
-            ended = False
-            for ev in events:
-                now = self._now()
-                if isinstance(ev, Text):
-                    proto.received(gen, ev.text, now)
-                elif isinstance(ev, Opened):
-                    proto.opened(gen, now)
-                elif isinstance(ev, Refused):
-                    proto.failed(gen, now, reason=f"refused: HTTP {ev.status}", status=ev.status)
-                    ended = True
-                else:
-                    assert isinstance(ev, Closed)
-                    proto.closed(gen, now, ev.code, ev.reason)
-                    ended = True
+            ended = self._dispatch(gen, events)
             self.transmit()
             if ended or not data:
                 return

@@ -318,6 +318,58 @@ def test_an_epoch_change_reaches_a_resumer_whose_replay_went_past_its_seq() -> N
     assert after == [f"b{i}" for i in range(4, 14)]
 
 
+def test_records_of_an_epoch_the_room_left_are_dropped() -> None:
+    """
+    The stream starts over with the link up, and the new epoch's snapshot overtakes
+    the old epoch's last records: they must not move the room back (a resumer whose
+    replay had them would get them twice).
+    """
+    from .model import Snapshot
+
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r", "since": None})
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(1, 9):
+        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
+    net.quiesce()
+    e1 = net.of(1, "joined")[0]["epoch"]
+    for i in (9, 10):
+        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
+    while net.bp.links["n2"].commands:
+        net.bp.run_command("n2")
+    net.connect("n1", 3, "fay")
+    net.send(3, {"type": "join", "room": "r", "since": {"epoch": e1, "seq": 5}})
+    l1 = net.bp.links["n1"]
+    while l1.commands:
+        net.bp.run_command("n1")
+    while l1.replies:
+        net.bp.reply_next("n1")  # fay's replay: 6..10, before records 9, 10 arrive
+    net.bp.channels["r"].epoch = ""
+    for i in range(1, 13):
+        net.send(2, {"type": "chat", "room": "r", "content": f"b{i}"})
+    while net.bp.links["n2"].commands:
+        net.bp.run_command("n2")
+    gen = net.brokers["n1"]._cluster[RoomName("r")].gen
+    l1.commands.append(Subscribe(room=RoomName("r"), gen=gen))
+    net.bp.run_command("n1")
+    net.bp.read_next("n1")
+    box = l1.inbox["r"]
+    while not isinstance(box[0], Snapshot):
+        net.bp.swap("n1", "r", next(i for i, it in enumerate(box) if isinstance(it, Snapshot)))
+    net.quiesce()
+    for conn in (1, 3):
+        contents = [e["content"] for e in net.of(conn, "chat")]
+        assert len(contents) == len(set(contents)), (conn, contents)
+        epochs = [e["epoch"] for e in net.got[conn] if e["type"] == "reset"]
+        assert e1 not in epochs, (conn, epochs)  # never back to the epoch it left
+    net.send(2, {"type": "chat", "room": "r", "content": "b13"})
+    net.quiesce()
+    assert net.of(3, "chat")[-1]["content"] == "b13"
+
+
 def test_after_redis_lost_its_data_a_resume_is_told_epoch_changed() -> None:
     net = Net()
     net.connect("n1", 1, "ann")

@@ -72,6 +72,10 @@ class _HistoryRead:
     limit: int
 
 
+#: How many epochs a room remembers having left (stale records of them are dropped).
+_LEFT_EPOCHS: Final = 8
+
+
 class ClusterBroker(Broker):
     """
     The room broker of one node of a cluster.
@@ -667,6 +671,8 @@ class ClusterBroker(Broker):
         self, room: RoomName, cr: ClusterRoom, record: ChatRecord, actions: list[Action]
     ) -> None:
         """A chat record: delivered in seq order, once; a gap is read from the stream."""
+        if record.epoch in cr.left:
+            return  # of a numbering the room left: on its way before the change
         if cr.repair:
             cr.waiting.append(record)
             return
@@ -708,6 +714,8 @@ class ClusterBroker(Broker):
         """The room's numbering is *position* from now on: say so to those who follow it."""
         cr.local = False
         moved = cr.epoch != position.epoch
+        if moved and cr.epoch and not cr.local and reason == EPOCH_CHANGED:
+            cr.left = (*cr.left, cr.epoch)[-_LEFT_EPOCHS:]
         cr.epoch = position.epoch
         cr.seq = position.seq
         for rs in cr.resuming.values():
@@ -884,7 +892,7 @@ class ClusterBroker(Broker):
             actions.append(self._subscribe(room, cr))
         if effect is not Effect.ADOPT and effect is not Effect.ADOPT_REREAD:
             return  # NOTHING, IGNORE (an answer of a lost link) or SUBSCRIBE
-        if event.epoch and not cr.repair:
+        if event.epoch and not cr.repair and event.epoch not in cr.left:
             if cr.local or (cr.epoch and event.epoch != cr.epoch):
                 reason = EPOCH_CHANGED if event.epoch != cr.epoch else UNAVAILABLE
                 self._restart(room, cr, Position(event.epoch, event.seq), reason, actions)

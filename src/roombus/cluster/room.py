@@ -253,6 +253,9 @@ class ClusterRoom:
     epoch: str = ""
     seq: int = 0
     local: bool = False
+    # Epochs the room's stream left while this node followed it (Redis never goes
+    # back to one: what still comes of them was on its way), the latest few.
+    left: tuple[str, ...] = ()
     pending: dict[int, int] = attrs.field(factory=dict)
     buffer: list[PresenceRecord] = attrs.field(factory=list)
     outbox: deque[tuple[int, Username, object, int]] = attrs.field(factory=deque)

@@ -7,7 +7,9 @@ node's next command, read a snapshot, deliver a node's next record or snapshot o
 room, let a snapshot overtake a record or lag behind one, read every room again after
 reconnecting) is a separate step that hypothesis interleaves with clients connecting,
 joining, leaving, chatting (also while their join waits) and disconnecting, with links
-lost and restored, nodes killed, entries expiring and Redis restarting empty. Each run
+lost and restored, nodes killed, entries expiring and Redis restarting, empty or from
+a snapshot it took earlier (older presence and versions, entries of users gone since
+and of nodes dead since, left to expire). Each run
 also picks the driver's ways: snapshots may lag behind later records or not;
 superseded Unsubscribes are skipped or carried out.
 
@@ -92,7 +94,7 @@ from roombus.lowlevel import (
     TextReceived,
 )
 
-from .model import ModelBackplane, Record, Snapshot
+from .model import Channel, ModelBackplane, Record, Snapshot
 
 NODES = ("n1", "n2", "n3")
 ROOMS = ("r1", "r2")
@@ -180,6 +182,7 @@ class Cluster:
         self.dropped_leaves: dict[str, set[tuple[str, str]]] = {n: set() for n in NODES}
         self.versions: dict[tuple[str, str], int] = {}  # the last presence version a node got
         self.synced_at: dict[tuple[str, str], int] = {}  # records published at its last snapshot
+        self.saved: dict[str, Channel] | None = None  # Redis's last snapshot (RDB)
 
     # -- driving a broker ---------------------------------------------------------------
 
@@ -473,20 +476,33 @@ class Cluster:
     def expire(self, node: str) -> None:
         self.bp.expire(node, self.refreshed(node))
 
-    def restart(self) -> None:
+    def save(self) -> None:
+        """Redis writes a snapshot of its data (BGSAVE), to restart from later."""
+        self.saved = self.bp.save()
+
+    def restart(self, *, from_save: bool = False) -> None:
+        """Redis restarts, empty, or (*from_save*) with the data of its last snapshot."""
         self.disturbed = True
-        self.versions.clear()  # the counters start over
-        for dropped in self.dropped_leaves.values():
-            dropped.clear()  # so do the entries
-        for node in self.bp.restart():
+        self.versions.clear()  # the counters start over (or go back to the snapshot's)
+        for node in NODES:
+            self.dropped_leaves[node].clear()  # so do the entries
+        lost = self.bp.restart(self.saved if from_save else None)
+        for node in NODES:
+            # The entries of then: those the node no longer holds wait for the TTL.
+            self.dropped_leaves[node] |= self.bp.entries(node)
+        for node in lost:
             self.outage.add(node)
             self.unreliable(node)
             self.handle(node, BackplaneLost())
 
     def quiesce(self, order: str = "") -> None:
         """All the backplane's work done (see :meth:`ModelBackplane.drain`), and the
-        entries of leaves lost with a link expired (TTL)."""
+        entries of leaves lost with a link expired (TTL), as have those of dead nodes
+        (brought back by a restart from a snapshot)."""
         self.bp.drain(order=order)
+        for node in NODES:
+            if not self.bp.links[node].alive and self.bp.entries(node):
+                self.bp.expire(node, set())
         for node in self.live_nodes():
             stale = self.dropped_leaves[node] & self.bp.entries(node) - self.refreshed(node)
             if stale and self.bp.links[node].online:
@@ -730,16 +746,23 @@ class ClusterMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.stormy)
     @rule(
-        trouble=st.sampled_from(["lose", "lose", "expire", "kill", "restart"]),
+        trouble=st.sampled_from(["lose", "lose", "expire", "kill", "restart", "save", "reload"]),
         i=nodes,
     )
     def storm(self, trouble: str, i: int) -> None:
-        """A link lost; entries expiring (TTL); a node dying; Redis restarting, empty."""
+        """A link lost; entries expiring (TTL); a node dying; Redis restarting, empty, or
+        saving a snapshot and (*reload*) restarting with the data of the last one."""
         self.step()
         node = self.node(i)
         cl, link = self.cl, self.cl.bp.links[node]
         if trouble == "restart":
             cl.restart()
+        elif trouble == "save":
+            cl.save()
+        elif trouble == "reload":
+            if cl.saved is None:
+                return
+            cl.restart(from_save=True)
         elif trouble == "expire":
             cl.expire(node)
         elif not link.alive:
@@ -1090,3 +1113,32 @@ def test_the_re_read_after_redis_lost_its_data_is_not_ignored() -> None:
     bp.swap("n2", "r1", 1)  # ... comes first (the records' connection was quicker)
     cl.quiesce()
     assert cl.brokers["n2"].members("r1") == ["ann", "bob", "dan"], told(bob)
+
+
+def test_entries_brought_back_by_an_older_snapshot_are_taken_back_or_expire() -> None:
+    """Redis restarts with a snapshot taken while ann (n1) and cy (n3) were in r1; ann
+    left and n3 died since. Their entries come back with the data (bob may be told they
+    are there, as Redis says): n1 takes ann's back, cy's expires (TTL), and presence
+    converges."""
+    cl = online_cluster()
+    ann = cl.clients[cl.connect("n1", "ann", "r1")]
+    bob = cl.clients[cl.connect("n2", "bob", "r1")]
+    cl.connect("n3", "cy", "r1")
+    cl.quiesce()
+    cl.save()
+    cl.disconnect(ann)
+    cl.kill("n3")
+    cl.quiesce()
+    assert cl.brokers["n2"].members("r1") == ["bob"]
+    seen = len(told(bob))
+    cl.restart(from_save=True)
+    assert cl.bp.entries("n1") == {("r1", "ann")} and cl.bp.entries("n3") == {("r1", "cy")}
+    for node in ("n2", "n1"):
+        cl.restore(node)
+    cl.quiesce()
+    assert cl.brokers["n2"].members("r1") == ["bob"], told(bob)
+    assert cl.bp.entries("n1") == set() and cl.bp.entries("n3") == set()
+    for user in ("ann", "cy"):  # told they are back, if at all, then told they left
+        news = [e for e in told(bob)[seen:] if e[1] == user]
+        assert news in ([], [("join", user), ("leave", user)]), told(bob)
+    cl.check_quiet()

@@ -712,10 +712,10 @@ class ClusterBroker(Broker):
         actions: list[Action],
     ) -> None:
         """The room's numbering is *position* from now on: say so to those who follow it."""
-        cr.local = False
         moved = cr.epoch != position.epoch
         if moved and cr.epoch and not cr.local and reason == EPOCH_CHANGED:
-            cr.left = (*cr.left, cr.epoch)[-_LEFT_EPOCHS:]
+            cr.left = (*cr.left, cr.epoch)[-_LEFT_EPOCHS:]  # a stream of Redis's, gone
+        cr.local = False
         cr.epoch = position.epoch
         cr.seq = position.seq
         for rs in cr.resuming.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 import pytest
 
@@ -121,3 +122,16 @@ def test_room_tables_override_history_per_pattern(tmp_path):
 def test_bad_room_tables_are_named(tmp_path, toml, where):
     with pytest.raises(ConfigError, match=re.escape(where)):
         settings(tmp_path, toml)
+
+
+def test_the_javascript_client_is_served_unless_no_script(tmp_path):
+    body = resources.files("roombus").joinpath("js/roombus.js").read_bytes()
+    script = settings(tmp_path, "").server.script
+    assert script is not None
+    assert (script.body, script.content_type) == (body, b"text/javascript; charset=utf-8")
+    assert re.fullmatch(rb'"[0-9a-f]{16}"', script.etag)
+    assert settings(tmp_path, "", "--no-script").server.script is None
+    assert settings(tmp_path, "no-script = true\n").server.script is None
+    assert settings(tmp_path, "", env={"ROOMBUS_NO_SCRIPT": "1"}).server.script is None
+    off_in_file = settings(tmp_path, "no-script = true\n", env={"ROOMBUS_NO_SCRIPT": "0"})
+    assert off_in_file.server.script == script  # the variable beats the file

@@ -122,8 +122,9 @@ class _Link:
 @final
 class RoombusASGI(ServerFacade):
     """
-    A roombus server as an ASGI 3 application: ``/ws`` (WebSocket), ``/healthz`` and
-    the page at ``/`` (HTTP), and the ``lifespan`` protocol.
+    A roombus server as an ASGI 3 application: ``/ws`` (WebSocket), ``/healthz``, the
+    page at ``/`` and the client at ``/roombus.js`` (HTTP), and the ``lifespan``
+    protocol.
 
     Mounted under a path (``app.mount("/bus", bus)``), it answers relative to it
     (``/bus/ws``). A framework does not pass a mounted app the lifespan events: give
@@ -131,7 +132,7 @@ class RoombusASGI(ServerFacade):
 
     Args:
         settings: What to serve (:class:`roombus.Settings`). Of ``settings.server``,
-            ``allowed_origins``, ``page``, ``metrics``, ``max_header_bytes`` and
+            ``allowed_origins``, ``page``, ``script``, ``metrics``, ``max_header_bytes`` and
             ``close_timeout`` apply (the address and backlog are the ASGI server's
             own); ``settings.broker.heartbeat`` must be off, since the ASGI server
             owns pings; ``ssl_context`` is the server's business too. A cluster:
@@ -294,6 +295,7 @@ class RoombusASGI(ServerFacade):
             scope.get("headers") or [],
             allowed_origins=self.config.allowed_origins,
             page=self.config.page,
+            script=self.config.script,
         )
         if self.config.metrics and method in (b"GET", b"HEAD") and scope.get("path") == "/metrics":
             decision = self.hub.metrics_response()

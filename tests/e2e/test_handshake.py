@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+from importlib import resources
+
 import pytest
 from websockets.exceptions import InvalidStatus
+
+from roombus.node.options import settings_from
 
 from .conftest import open_client
 from .rawws import (
@@ -158,6 +163,41 @@ def test_root_serves_the_configured_page(make_server):
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("text/html")
     assert resp.body == b"<!doctype html><title>hi</title>"
+
+
+def test_the_javascript_client_is_served_with_an_etag_and_revalidated(make_server):
+    """``/roombus.js`` (as ``roombus serve`` configures it) is the package's file, byte
+    for byte; a conditional GET or HEAD naming its tag gets 304 and nothing after the
+    head."""
+    body = resources.files("roombus").joinpath("js/roombus.js").read_bytes()
+    tag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+    srv = make_server(script=settings_from({}, {}).server.script)
+    resp = get(srv.port, "/roombus.js")
+    assert resp.status == 200
+    assert resp.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert resp.headers["etag"] == tag
+    assert resp.headers["cache-control"] == "no-cache"
+    assert resp.headers["content-length"] == str(len(body))
+    assert resp.body == body
+    head = get(srv.port, "/roombus.js", method="HEAD")
+    assert (head.status, head.headers["etag"], head.body) == (200, tag, b"")
+    assert head.headers["content-length"] == str(len(body))
+    for method in ("GET", "HEAD"):
+        for value in (tag, f'W/"0", W/{tag}', "*"):
+            cached = get(srv.port, "/roombus.js", method=method, headers={"If-None-Match": value})
+            assert cached.status == 304, (method, value)
+            assert cached.body == b""
+            assert cached.headers["etag"] == tag
+            assert cached.headers["cache-control"] == "no-cache"
+            assert "content-length" not in cached.headers
+            assert "content-type" not in cached.headers
+    stale = get(srv.port, "/roombus.js", headers={"If-None-Match": '"0000000000000000"'})
+    assert (stale.status, stale.body) == (200, body)
+
+
+def test_without_a_script_the_javascript_client_is_404(make_server):
+    srv = make_server(script=settings_from({"no_script": "1"}, {}).server.script)
+    assert get(srv.port, "/roombus.js").status == 404
 
 
 def test_origin_allow_list(make_server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from roombus.core.streams import Position
 from roombus.server.handshake import HttpResponse, Upgrade, accept_token, route_request
+from roombus.server.http import StaticFile, response_head
 
 KEY = base64.b64encode(b"0123456789abcdef")
 UPGRADE = [
@@ -90,6 +92,106 @@ def test_page_and_health() -> None:
     assert isinstance(page, HttpResponse) and (page.status, page.body) == (200, b"<html>")
     health = route_request(b"GET", b"/healthz", [])
     assert isinstance(health, HttpResponse) and health.status == 200
+
+
+SCRIPT = StaticFile(body=b"export const x = 1;\n", content_type=b"text/javascript; charset=utf-8")
+TAG = b'"' + hashlib.sha256(SCRIPT.body).hexdigest()[:16].encode() + b'"'
+
+
+def _script(method: bytes = b"GET", *if_none_match: bytes) -> HttpResponse:
+    headers = [(b"host", b"x"), *((b"if-none-match", value) for value in if_none_match)]
+    decision = route_request(method, b"/roombus.js", headers, script=SCRIPT)
+    assert isinstance(decision, HttpResponse)
+    return decision
+
+
+def test_the_script_has_a_strong_etag_computed_once() -> None:
+    assert SCRIPT.etag == TAG
+    assert SCRIPT.etag is SCRIPT.etag  # an attribute, not hashed again per request
+    with pytest.raises(TypeError):
+        StaticFile(body=b"", content_type=b"x/y", etag=b'"forged"')  # type: ignore[call-arg]
+    assert "bytes" in repr(SCRIPT) and "export" not in repr(SCRIPT)  # no 26 KiB repr
+    other = StaticFile(body=b"export const x = 2;\n", content_type=SCRIPT.content_type)
+    assert other.etag != TAG and other.etag.startswith(b'"') and len(other.etag) == 18
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_the_script_is_served_with_its_etag_and_no_cache(method: bytes) -> None:
+    # HEAD gets the same decision, body and length included: the transport leaves the
+    # body out (as for the page), so Content-Length is the GET's.
+    response = _script(method)
+    assert (response.status, response.body) == (200, SCRIPT.body)
+    assert response_head(response) == [
+        (b"content-type", b"text/javascript; charset=utf-8"),
+        (b"content-length", b"%d" % len(SCRIPT.body)),
+        (b"connection", b"close"),
+        (b"cache-control", b"no-cache"),
+        (b"etag", TAG),
+    ]
+    # The query string does not matter (a cache-busting ?v=).
+    busted = route_request(method, b"/roombus.js?v=3", [], script=SCRIPT)
+    assert isinstance(busted, HttpResponse) and busted.body == SCRIPT.body
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([TAG], id="the-tag"),
+        pytest.param([b"W/" + TAG], id="weak-comparison"),
+        pytest.param([b"*"], id="star"),
+        pytest.param([b" \t* "], id="star-with-whitespace"),
+        pytest.param([b'"0000000000000000", ' + TAG], id="second-of-a-list"),
+        pytest.param([b'W/"a",W/' + TAG + b' , "b"'], id="list-without-spaces"),
+        pytest.param([b", ," + TAG + b",,"], id="empty-list-members"),
+        pytest.param([b'"a,b", ' + TAG], id="comma-inside-a-tag"),
+        pytest.param([b'"a"', TAG], id="second-header-line"),
+    ],
+)
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_if_none_match_naming_the_tag_is_answered_304(method: bytes, values: list) -> None:
+    response = _script(method, *values)
+    assert (response.status, response.body) == (304, b"")
+    # What a 200 would carry for caches (ETag, Cache-Control), no content fields.
+    assert response_head(response) == [
+        (b"connection", b"close"),
+        (b"cache-control", b"no-cache"),
+        (b"etag", TAG),
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([b'"0000000000000000"'], id="another-tag"),
+        pytest.param([TAG[1:-1]], id="unquoted"),
+        pytest.param([TAG.upper()], id="case-matters"),
+        pytest.param([b"w/" + TAG], id="lower-case-w"),
+        pytest.param([b"W/ " + TAG], id="space-after-W/"),
+        pytest.param([b"*, " + TAG[:-1]], id="star-in-a-list-and-a-cut-tag"),
+        pytest.param([b'"a" garbage ' + TAG], id="after-garbage"),
+        pytest.param([b""], id="empty"),
+        pytest.param([TAG + TAG], id="two-tags-without-a-comma"),
+    ],
+)
+def test_if_none_match_not_naming_the_tag_gets_the_file(values: list) -> None:
+    response = _script(b"GET", *values)
+    assert (response.status, response.body) == (200, SCRIPT.body)
+    assert (b"etag", TAG) in response.headers
+
+
+def test_without_a_script_it_is_404_and_other_answers_keep_no_store() -> None:
+    for script in (None, SCRIPT):
+        missing = route_request(b"GET", b"/roombus.js", [], script=script, page=b"<html>")
+        assert isinstance(missing, HttpResponse)
+        assert missing.status == (404 if script is None else 200)
+        page = route_request(b"GET", b"/", [(b"if-none-match", b"*")], script=script, page=b"x")
+        assert isinstance(page, HttpResponse) and page.status == 200  # the page has no tag
+        assert (b"cache-control", b"no-store") in response_head(page)
+    assert route_request(b"GET", b"/roombus.js", []).status == 404  # type: ignore[union-attr]
+    refused = route_request(b"POST", b"/roombus.js", [], script=SCRIPT)
+    assert isinstance(refused, HttpResponse) and refused.status == 405
+    nested = route_request(b"GET", b"/js/roombus.js", [], script=SCRIPT)
+    assert isinstance(nested, HttpResponse) and nested.status == 404
 
 
 @given(

@@ -7,7 +7,7 @@ from typing import Any
 from roombus import BrokerConfig, ServerConfig
 from roombus.asgi import RoombusASGI
 from roombus.hub import Hub
-from roombus.server.http import HttpResponse, response_head
+from roombus.server.http import HttpResponse, StaticFile, response_head
 from roombus.server.wire import ServerWire
 
 
@@ -26,6 +26,18 @@ def test_the_head_lists_type_length_close_no_store_then_the_responses_own() -> N
     ]
 
 
+def test_cache_control_is_the_responses_own_and_a_304_has_no_content_fields() -> None:
+    kept = HttpResponse(status=200, body=b"x", cache_control=b"no-cache")
+    assert (b"cache-control", b"no-cache") in response_head(kept)
+    assert [name for name, _ in response_head(kept)].count(b"cache-control") == 1
+    not_modified = HttpResponse(status=304, body=b"", headers=((b"etag", b'"t"'),))
+    assert response_head(not_modified) == [
+        (b"connection", b"close"),
+        (b"cache-control", b"no-store"),
+        (b"etag", b'"t"'),
+    ]
+
+
 def test_the_framed_wire_writes_the_head_after_its_status_line() -> None:
     response = HttpResponse(status=429, body=b"slow down\n", headers=((b"retry-after", b"5"),))
     head = b"HTTP/1.1 429 Too Many Requests\r\n" + b"".join(
@@ -37,8 +49,14 @@ def test_the_framed_wire_writes_the_head_after_its_status_line() -> None:
     assert ServerWire().respond(HttpResponse(status=599, body=b"")).startswith(b"HTTP/1.1 599 \r\n")
 
 
-async def _asgi_headers(method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]]]:
-    bus = RoombusASGI(BrokerConfig(heartbeat=False), ServerConfig())
+SCRIPT = StaticFile(body=b"export {};\n", content_type=b"text/javascript; charset=utf-8")
+CONFIG = ServerConfig(script=SCRIPT)
+
+
+async def _asgi_headers(
+    method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, list[tuple[bytes, bytes]]]:
+    bus = RoombusASGI(BrokerConfig(heartbeat=False), CONFIG)
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -47,13 +65,19 @@ async def _asgi_headers(method: str, path: str) -> tuple[int, list[tuple[bytes, 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": []}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": headers or [],
+    }
     await bus(scope, receive, send)
     return sent[0]["status"], list(sent[0]["headers"])
 
 
 def _framed_headers(request: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    hub = Hub(BrokerConfig(), ServerConfig())
+    hub = Hub(BrokerConfig(), CONFIG)
     cid = hub.open(now=0.0, peer="127.0.0.1:5000")
     hub.receive(cid, request, now=0.0, timestamp=0)
     ((_, queue),) = hub.take_dirty()
@@ -66,3 +90,12 @@ async def test_asgi_and_the_framed_hub_send_the_same_head() -> None:
     for method, path in (("GET", "/healthz"), ("POST", "/healthz"), ("GET", "/nowhere")):
         request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
         assert await _asgi_headers(method, path) == _framed_headers(request), (method, path)
+    for method, conditional in (("GET", False), ("HEAD", False), ("GET", True), ("HEAD", True)):
+        headers = [(b"if-none-match", SCRIPT.etag)] if conditional else []
+        request = f"{method} /roombus.js HTTP/1.1\r\nHost: x\r\n".encode() + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers
+        )
+        asgi = await _asgi_headers(method, "/roombus.js", headers)
+        assert asgi == _framed_headers(request + b"\r\n"), (method, conditional)
+        assert asgi[0] == (304 if conditional else 200)
+        assert (b"etag", SCRIPT.etag) in asgi[1]

@@ -28,6 +28,7 @@ from ..core.errors import ConfigError
 from ..core.streams import RoomPolicy
 from ..server.auth import JWTAuthenticator
 from ..server.config import ServerConfig
+from ..server.http import StaticFile
 from .settings import LOG_LEVELS, TRANSPORTS, Settings
 
 
@@ -294,6 +295,12 @@ SERVE_OPTIONS = (
     ),
     _Option("no-page", _flag, "answer / with 404 instead of serving a page", metavar="BOOL"),
     _Option(
+        "no-script",
+        _flag,
+        "answer /roombus.js with 404 instead of serving the JavaScript client",
+        metavar="BOOL",
+    ),
+    _Option(
         "no-metrics",
         _flag,
         "answer /metrics with 404 instead of counters and gauges",
@@ -525,6 +532,14 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         page = _read_bytes("page", page_path)
     else:
         page = resources.files("roombus").joinpath("_static/chat.html").read_bytes()
+    script = (
+        None
+        if values.pop("no_script", False)
+        else StaticFile(
+            body=resources.files("roombus").joinpath("js/roombus.js").read_bytes(),
+            content_type=b"text/javascript; charset=utf-8",
+        )
+    )
     if "allowed_origin" in values:
         values["allowed_origins"] = values.pop("allowed_origin")
     authenticator = _authenticator(values)
@@ -541,7 +556,11 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         )
     broker_fields = set(attrs.fields_dict(BrokerConfig))
     broker = BrokerConfig(**{k: v for k, v in values.items() if k in broker_fields})
-    server = ServerConfig(page=page, **{k: v for k, v in values.items() if k not in broker_fields})
+    server = ServerConfig(
+        page=page,
+        script=script,
+        **{k: v for k, v in values.items() if k not in broker_fields},
+    )
     return Settings(
         broker=broker,
         server=server,

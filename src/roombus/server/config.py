@@ -9,6 +9,7 @@ import attrs
 from ..core.config import _non_negative_int, _positive_finite, _positive_int
 from ..core.errors import ConfigError
 from .handshake import normalize_origin
+from .http import StaticFile
 
 
 def _origins(values: Iterable[str]) -> frozenset[str]:
@@ -35,6 +36,9 @@ class ServerConfig:
         allowed_origins: If not empty, the only ``Origin`` values an upgrade may carry
             (normalized: lower case, no trailing slash); others get 403.
         page: HTML served at ``GET /`` (the chat page), or None for 404.
+        script: The JavaScript client served at ``GET /roombus.js``, with its
+            ``ETag`` (``If-None-Match`` gets 304) and ``Cache-Control: no-cache``, or
+            None for 404.
         metrics: Whether ``GET /metrics`` answers with counters and gauges (the
             Prometheus text format); else 404.
         backlog: The listen backlog.
@@ -57,6 +61,7 @@ class ServerConfig:
     max_connections_per_ip: int = 1_000
     allowed_origins: frozenset[str] = attrs.field(default=frozenset(), converter=_origins)
     page: bytes | None = None
+    script: StaticFile | None = None
     metrics: bool = True
     backlog: int = 1024
     max_queued_bytes: int = 256 * 1024 * 1024

@@ -161,6 +161,7 @@ class FramedHub(HubBase):
                     event.headers,
                     allowed_origins=config.allowed_origins,
                     page=config.page,
+                    script=config.script,
                     authenticator=self.authenticator,
                     now=timestamp,
                 )

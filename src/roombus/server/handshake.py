@@ -3,8 +3,9 @@ The opening handshake's decisions, as pure functions of a parsed HTTP request.
 
 Given a request's method, target and headers, :func:`route_request` decides: upgrade
 to a WebSocket for a room and user, or answer with a plain HTTP response (the chat
-page, ``/healthz``, or a refusal with the status the protocol names). Parsing HTTP
-and writing bytes belong to the wire layer; nothing here does I/O.
+page, the JavaScript client at ``/roombus.js``, ``/healthz``, or a refusal with the
+status the protocol names). Parsing HTTP and writing bytes belong to the wire layer;
+nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..core.names import RoomName, Username, is_valid_room, is_valid_username
 from ..core.streams import Position, is_valid_epoch
 from .auth import Authenticator, Refusal, selected_subprotocol
 from .http import HttpResponse as HttpResponse
+from .http import StaticFile, serve_file
 from .typing import Headers
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -109,6 +111,7 @@ def route_request(
     *,
     allowed_origins: Collection[str] = (),
     page: bytes | None = None,
+    script: StaticFile | None = None,
     authenticator: Authenticator | None = None,
     now: float = 0.0,
 ) -> Upgrade | HttpResponse:
@@ -122,6 +125,9 @@ def route_request(
         allowed_origins: If not empty, the only ``Origin`` values (normalized with
             :func:`normalize_origin`) an upgrade may carry; others get 403.
         page: An HTML page to serve at ``/``, if any.
+        script: The JavaScript client to serve at ``/roombus.js``, if any: 200 with
+            its ``ETag``, or 304 for an ``If-None-Match`` naming it (for ``HEAD``
+            too; the transport leaves out the body of a ``HEAD``).
         authenticator: If given, it decides who the client is (the query's
             ``username`` is then ignored); its refusal is the answer (401/403).
         now: Wall-clock Unix seconds, for the authenticator's expiry checks.
@@ -133,6 +139,8 @@ def route_request(
         return HttpResponse(status=200, body=b"ok\n")
     if path == b"/" and page is not None:
         return HttpResponse(status=200, body=page, content_type=b"text/html; charset=utf-8")
+    if path == b"/roombus.js" and script is not None:
+        return serve_file(script, headers)
     if path != b"/ws":
         return _refuse(404, "not found")
 

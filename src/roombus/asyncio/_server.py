@@ -4,7 +4,8 @@ The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
 
 Theory of operation
 -------------------
-Every connection is an :class:`asyncio.Protocol`. What arrives goes to the hub, and
+Every connection is an :class:`asyncio.Protocol` (on a TCP or TLS transport, or on
+an in-memory one: :meth:`Server.connect_in_memory`). What arrives goes to the hub, and
 the hub's outputs are carried out (:meth:`Server.transmit`) before the callback
 returns. asyncio runs one callback at a time, so the hub needs no lock.
 
@@ -53,6 +54,7 @@ from ..server.config import ServerConfig
 from ..server.framed import FramedHub
 from ..server.peer import peer_label
 from ..server.queues import SendQueue
+from ._memory import HIGH_WATER, transport_pair
 
 
 class Backplane(Protocol):
@@ -112,8 +114,10 @@ class Server(ServerFacade):
     """
     A running roombus server: the hub, its connections, and the way in for an app.
 
-    Get one from :func:`serve`. All methods are synchronous (but :meth:`aclose`) and
-    must be called from the thread of the event loop that runs the server.
+    Get one from :func:`serve` (one made directly listens nowhere: it serves the
+    connections of :meth:`connect_in_memory` only). All methods are synchronous (but
+    :meth:`aclose`) and must be called from the thread of the event loop that runs the
+    server.
 
     Args:
         settings, config, legacy: As for :func:`serve`.
@@ -203,6 +207,51 @@ class Server(ServerFacade):
         for handle in (self._timer, self._flush_handle):
             if handle is not None:
                 handle.cancel()
+
+    def connect_in_memory(
+        self, *, peer: str = "memory", limit: int = 64 * 1024
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """
+        A client connection to this server over memory, no socket: the client's reader
+        and writer, as :func:`asyncio.open_connection` gives them
+        (:func:`roombus.client.testing.connect` connects a client with it).
+
+        The server serves it as a TCP connection: the same protocol, hub and send
+        queues (the opening request, frames, heartbeats, presence, positions, slow
+        consumers, shutdown). Only the socket is replaced, by two in-memory transports
+        with a socket's flow control and endings: what the client leaves unread waits
+        in the server's transport buffer, and past ``config.socket_send_buffer`` bytes
+        (64 KiB if 0) the server pauses writing to it, so that its frames wait in its
+        bounded send queue as for a TCP client that does not read. Closing either end
+        is an end of stream for the other (after what was written), an abort a reset;
+        :meth:`aclose` ends these connections as it ends TCP ones.
+
+        A server made directly (``Server(settings)`` in a running loop, not by
+        :func:`serve`) listens nowhere: it serves these only (``aclose()`` it at the end).
+
+        Args:
+            peer: The connection's peer label (as a TCP client's address, in notices).
+            limit: The client reader's buffer limit (as for ``open_connection``).
+
+        Raises:
+            ConnectionRefusedError: the server is shutting down, or shut down.
+        """
+        if self.hub.shutting_down:
+            raise ConnectionRefusedError("the server is shutting down")
+        ours, theirs = transport_pair(
+            self._loop,
+            left={"peername": peer, "sockname": "memory"},
+            right={"peername": "memory", "sockname": peer},
+        )
+        ours.set_write_buffer_limits(high=self.config.socket_send_buffer or HIGH_WATER)
+        reader = asyncio.StreamReader(limit=limit)
+        client = asyncio.StreamReaderProtocol(reader)
+        theirs.set_protocol(client)
+        client.connection_made(theirs)
+        proto = _Protocol(self)
+        ours.set_protocol(proto)
+        proto.connection_made(ours)  # as a listener's: Server._open
+        return reader, asyncio.StreamWriter(theirs, client, reader, self._loop)
 
     # -- binding -----------------------------------------------------------------------
 

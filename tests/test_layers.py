@@ -50,7 +50,7 @@ LAYERS: Final = {
     "roombus.client._driver": "client",
     "roombus.client._trio": "trio",
     "roombus.client._asyncio": "asyncio",
-    "roombus.client.testing": "root",  # runs a trio server's handle_stream
+    "roombus.client.testing": "root",  # serves a trio or asyncio server in memory
     "roombus.node": "node",
     "roombus.trio": "trio",
     "roombus.asyncio": "asyncio",

@@ -1,6 +1,7 @@
 """
 Test an application's rooms without sockets: a client connected in memory to a
-roombus trio :class:`~roombus.trio.Server` running in the same process.
+roombus server running in the same process, a :class:`roombus.trio.Server` under trio
+or a :class:`roombus.asyncio.Server` under asyncio.
 
 ::
 
@@ -10,37 +11,78 @@ roombus trio :class:`~roombus.trio.Server` running in the same process.
         async with roombus.client.testing.connect(server, ["lobby"], username="ann") as ann:
             await ann.publish("lobby", "hi")
 
+    server = roombus.asyncio.Server(roombus.Settings())  # listens nowhere
+    try:
+        async with roombus.client.testing.connect(server, ["lobby"], username="ann") as ann:
+            await ann.publish("lobby", "hi")
+    finally:
+        await server.aclose()
+
 Everything the server does happens as over TCP (the handshake, frames, queues,
 presence, positions): only the socket is replaced, by a ``trio.testing`` memory stream
-pair, so a test runs in milliseconds (and under trio's autojump clock).
+pair (trio: ``server.handle_stream``) or by in-memory transports with a socket's flow
+control (asyncio: ``server.connect_in_memory()``), so a test runs in milliseconds (and
+under trio's autojump clock).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio.testing
+import sniffio
 
-import trio
-
-from ..trio import Server
-from ._trio import Client
-from ._trio import connect as _connect
+if TYPE_CHECKING:
+    from .. import asyncio as _aio_server
+    from .. import trio as _trio_server
+    from . import _asyncio, _trio
 
 __all__ = ["connect"]
+
+_URL = "ws://roombus.test/ws"
 
 
 @asynccontextmanager
 async def connect(
-    server: Server, rooms: Iterable[str] = (), **options: Any
-) -> AsyncIterator[Client]:
+    server: _trio_server.Server | _aio_server.Server, rooms: Iterable[str] = (), **options: Any
+) -> AsyncIterator[_trio.Client | _asyncio.Client]:
     """
-    A client of *server* (a running :class:`roombus.trio.Server`) over memory streams;
-    the keyword arguments are :func:`roombus.client.connect`'s but ``stream_factory``.
-    Each (re)connection is a new stream pair served by ``server.handle_stream``.
+    A client of *server*, a server in the same process, over memory: on trio a running
+    :class:`roombus.trio.Server` (each connection a memory stream pair served by
+    ``server.handle_stream``), on asyncio a :class:`roombus.asyncio.Server` (each
+    connection ``server.connect_in_memory()``). The keyword arguments are
+    :func:`roombus.client.connect`'s but ``stream_factory``.
+
+    Raises:
+        TypeError: *server* is not a server of the running event loop's adapter.
     """
+    if sniffio.current_async_library() == "trio":
+        async with _connect_trio(server, rooms, options) as client:
+            yield client
+    else:
+        async with _connect_asyncio(server, rooms, options) as aclient:
+            yield aclient
+
+
+def _wrong(server: object, loop: str) -> TypeError:
+    name = type(server).__name__
+    return TypeError(f"under {loop}, connect() takes a roombus.{loop}.Server, not {name}")
+
+
+@asynccontextmanager
+async def _connect_trio(
+    server: object, rooms: Iterable[str], options: dict[str, Any]
+) -> AsyncIterator[_trio.Client]:
+    import trio.testing
+
+    import trio
+
+    from .. import trio as _trio_server
+    from . import _trio
+
+    if not isinstance(server, _trio_server.Server):
+        raise _wrong(server, "trio")
     async with trio.open_nursery() as nursery:
 
         async def factory() -> trio.abc.Stream:
@@ -48,6 +90,25 @@ async def connect(
             nursery.start_soon(server.handle_stream, theirs, "memory")
             return ours
 
-        async with _connect("ws://roombus.test/ws", rooms, stream_factory=factory, **options) as c:
+        async with _trio.connect(_URL, rooms, stream_factory=factory, **options) as c:
             yield c
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _connect_asyncio(
+    server: object, rooms: Iterable[str], options: dict[str, Any]
+) -> AsyncIterator[_asyncio.Client]:
+    import asyncio
+
+    from .. import asyncio as _aio_server
+    from . import _asyncio
+
+    if not isinstance(server, _aio_server.Server):
+        raise _wrong(server, "asyncio")
+
+    async def factory() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return server.connect_in_memory()
+
+    async with _asyncio.connect(_URL, rooms, stream_factory=factory, **options) as c:
+        yield c

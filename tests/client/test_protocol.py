@@ -365,9 +365,12 @@ def test_a_rate_limited_join_is_sent_again() -> None:
     assert p.rooms == ["lobby", "games"]
     deadline = p.next_deadline()
     assert deadline is not None and deadline <= 2.0
+    pub_id = p.publish("games", "held")  # not sent: the room waits for its join
+    assert sent(p.take_actions()) == []
     p.handle_timer(deadline)
     assert sent(p.take_actions()) == [
-        {"type": "join", "room": "games", "since": None, "partial": True}
+        {"type": "join", "room": "games", "since": None, "partial": True},
+        {"type": "chat", "room": "games", "content": "held", "id": pub_id},
     ]
 
 

@@ -663,6 +663,9 @@ class ClientProtocol:
                 if r.retry_at is not None and now >= r.retry_at:
                     r.retry_at = None
                     self._send_join(r)
+                    for pending in self._outbox.values():  # held while the room waited
+                        if pending.room == r.name:
+                            self._send(pending.text)
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` has something to do next (None: nothing)."""

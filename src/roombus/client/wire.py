@@ -133,14 +133,20 @@ class ClientWire:
         """Bytes from the socket (None: it reached EOF); what they meant."""
         if self._done:
             return []
-        self._ws.receive_data(data)
         out: list[WireEvent] = []
         try:
+            # wsproto raises here when the stream ends before the handshake's answer
+            # (a proxy with no backend, a server dying mid-handshake).
+            self._ws.receive_data(data)
             for event in self._ws.events():
                 self._on(event, out)
                 if self.finished:
                     break
         except RemoteProtocolError as exc:
+            if data is None:
+                self._done = True
+                out.append(Closed(None, "connection lost during the handshake"))
+                return out
             self._fail(exc.event_hint, out)
         if data is None and not self.finished:
             self._done = True

@@ -201,7 +201,7 @@ export class Client {
         target.addEventListener("offline", this._onWake);
         target.addEventListener("pagehide", this._onHide);
       }
-      if (globalThis.document && typeof globalThis.document.addEventListener === "function") {
+      if (target && globalThis.document && typeof globalThis.document.addEventListener === "function") {
         globalThis.document.addEventListener("visibilitychange", this._onVisible);
       }
       this._setState("waiting");
@@ -245,7 +245,7 @@ export class Client {
     const id = `${this._idPrefix}-${this._nextId}`;
     let text;
     try {
-      text = JSON.stringify({ type: "chat", room, content, id });
+      text = JSON.stringify({ type: "chat", room, content, id }, notJSON);
     } catch (err) {
       return Promise.reject(new TypeError(`content is not JSON: ${err.message}`));
     }
@@ -450,6 +450,7 @@ export class Client {
         if (r.retryAt !== null && now >= r.retryAt) {
           r.retryAt = null;
           this._sendJoin(r);
+          for (const p of this._outbox.values()) if (p.room === r.name) this._send(p.text); // held while it waited
         }
       }
     }
@@ -728,6 +729,15 @@ export class Client {
       // storage full or denied: positions stay in memory
     }
   }
+}
+
+// JSON.stringify drops functions and symbols and writes NaN as null: refuse them instead.
+function notJSON(key, value) {
+  if (typeof value === "function" || typeof value === "symbol" || (typeof value === "number" && !Number.isFinite(value))) {
+    throw new TypeError(`${key || "content"} is a ${typeof value === "number" ? String(value) : typeof value}`);
+  }
+  if (value === undefined && key !== "") throw new TypeError(`${key} is undefined`);
+  return value;
 }
 
 function newRoom(name) {

@@ -375,12 +375,15 @@ describe("the client alone", () => {
     assert.deepEqual(events.at(-1), ["disconnected", { code: 1003, reason: "binary", final: true, reconnectIn: null }]);
   });
 
-  test("bad arguments are refused at once", () => {
+  test("bad arguments are refused at once", async () => {
     assert.throws(() => new Client("http://x/ws", { rooms: ["no spaces"], WebSocket: FakeSocket }), TypeError);
     assert.throws(() => new Client("ftp://x/ws", { WebSocket: FakeSocket }), TypeError);
     assert.throws(() => new Client("ws://x/ws", { backoffInitial: 0, WebSocket: FakeSocket }), RangeError);
     const c = new Client("ws://x/ws", { rooms: ["a"], WebSocket: FakeSocket, eventTarget: null });
     assert.throws(() => c.on("nope", () => {}), TypeError);
-    return assert.rejects(c.publish("a", undefined), TypeError);
+    for (const bad of [undefined, NaN, { f() {} }, [1, Symbol("s")], { n: Infinity }, 10n]) {
+      await assert.rejects(c.publish("a", bad), TypeError, String(typeof bad));
+    }
+    assert.deepEqual(c.outbox(), []);
   });
 });

@@ -135,3 +135,50 @@ def test_the_javascript_client_is_served_unless_no_script(tmp_path):
     assert settings(tmp_path, "", env={"ROOMBUS_NO_SCRIPT": "1"}).server.script is None
     off_in_file = settings(tmp_path, "no-script = true\n", env={"ROOMBUS_NO_SCRIPT": "0"})
     assert off_in_file.server.script == script  # the variable beats the file
+
+
+def test_proxy_options_from_flag_variable_and_file(tmp_path):
+    default = settings(tmp_path, "")
+    assert not default.server.forwarded_allow_ips  # trust nothing
+    assert default.server.proxy_protocol is False
+    s = settings(
+        tmp_path,
+        'forwarded-allow-ips = ["10.0.0.0/8", "127.0.0.1"]\nproxy-protocol = true\n',
+    )
+    assert s.server.forwarded_allow_ips.entries == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert s.server.proxy_protocol is True
+    s = settings(
+        tmp_path,
+        'forwarded-allow-ips = "10.0.0.1"\n',
+        "--forwarded-allow-ips",
+        "127.0.0.1, ::1",
+        "--forwarded-allow-ips",
+        "fd00::/8",
+        "--proxy-protocol",
+    )
+    assert s.server.forwarded_allow_ips.entries == ["127.0.0.1/32", "::1/128", "fd00::/8"]
+    assert s.server.proxy_protocol is True
+    s = settings(
+        tmp_path,
+        "",
+        env={"ROOMBUS_FORWARDED_ALLOW_IPS": "*", "ROOMBUS_PROXY_PROTOCOL": "1"},
+    )
+    assert s.server.forwarded_allow_ips.any and s.server.proxy_protocol
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "env", "message"),
+    [
+        ("", ["--forwarded-allow-ips", "127.0.0.1,10.0.0.300"], {}, "--forwarded-allow-ips"),
+        ("", [], {"ROOMBUS_FORWARDED_ALLOW_IPS": "nginx"}, "ROOMBUS_FORWARDED_ALLOW_IPS"),
+        ('forwarded-allow-ips = ["10.0.0.1/8"]\n', [], {}, "forwarded-allow-ips"),
+        ("", [], {"ROOMBUS_PROXY_PROTOCOL": "maybe"}, "ROOMBUS_PROXY_PROTOCOL"),
+    ],
+)
+def test_a_bad_trusted_address_is_one_line_naming_where(tmp_path, toml, args, env, message):
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, toml, *args, env=env)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+    if "PROXY_PROTOCOL" not in message:
+        assert "is not an IP address, a CIDR network or *" in text

@@ -16,6 +16,11 @@ CASES: list[tuple[Callable[[], object], str, str]] = [
     (lambda: ServerConfig(port=70000), "port", "must be 0-65535, not 70000"),
     (lambda: ServerConfig(handshake_timeout=0), "handshake-timeout", "positive"),
     (
+        lambda: ServerConfig(forwarded_allow_ips=["127.0.0.1", "10.0.0.1/8"]),
+        "forwarded-allow-ips",
+        "'10.0.0.1/8' is not an IP address, a CIDR network or *",
+    ),
+    (
         lambda: ServerConfig(allowed_origins=frozenset({"chat.example.com"})),
         "allowed-origin",
         "is not an origin like https://example.com",

@@ -28,6 +28,7 @@ from ..core.errors import ConfigError
 from ..core.streams import RoomPolicy
 from ..server.auth import JWTAuthenticator
 from ..server.config import ServerConfig
+from ..server.forwarded import parse_trusted
 from ..server.http import StaticFile
 from .settings import LOG_LEVELS, TRANSPORTS, Settings
 
@@ -232,6 +233,22 @@ SERVE_OPTIONS = (
         "list); with none given, any origin may connect",
         repeat=True,
         metavar="ORIGIN",
+    ),
+    _Option(
+        "forwarded-allow-ips",
+        parse_trusted,
+        "proxies whose X-Forwarded-For or Forwarded header names the client: IPs, CIDR "
+        "networks or * (comma-separated, repeatable); default: none, the headers are "
+        "never read",
+        repeat=True,
+        metavar="LIST",
+    ),
+    _Option(
+        "proxy-protocol",
+        _flag,
+        "every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's "
+        "send-proxy writes it) naming the client; others are closed",
+        metavar="BOOL",
     ),
     _Option("backlog", int, f"the listen backlog (default {_defaults_s.backlog})"),
     _Option(
@@ -542,6 +559,8 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     )
     if "allowed_origin" in values:
         values["allowed_origins"] = values.pop("allowed_origin")
+    if "forwarded_allow_ips" in values:
+        values["forwarded_allow_ips"] = [e for es in values["forwarded_allow_ips"] for e in es]
     authenticator = _authenticator(values)
     ssl_context = _ssl_context(values)
     cluster = _cluster(values)

@@ -59,15 +59,22 @@ class Admission:
         counted and logged once given (:meth:`refused`): a probe may be spared.
         """
         config = self.config
-        count = 0
-        if ip is not None:
-            count = self._per_ip.get(ip, 0) + 1
-            self._per_ip[ip] = count
+        over_ip = None if ip is None else self.add_address(ip)
         if config.max_connections and total > config.max_connections:
             return HttpResponse(
                 status=503, body=b"server full: too many connections\n", headers=RETRY_AFTER
             )
-        limit = config.max_connections_per_ip
+        return over_ip
+
+    def add_address(self, ip: str) -> HttpResponse | None:
+        """
+        Count a connection already counted in the total (:meth:`add` with no address)
+        against *ip*, now that its client is known (behind a proxy); the 429 if that
+        puts it over the per-address limit, else None.
+        """
+        count = self._per_ip.get(ip, 0) + 1
+        self._per_ip[ip] = count
+        limit = self.config.max_connections_per_ip
         if limit and count > limit:
             return HttpResponse(
                 status=429, body=b"too many connections from your address\n", headers=RETRY_AFTER

@@ -8,12 +8,22 @@ import attrs
 
 from ..core.config import _non_negative_int, _positive_finite, _positive_int
 from ..core.errors import ConfigError
+from .forwarded import TrustedProxies
 from .handshake import normalize_origin
 from .http import StaticFile
 
 
 def _origins(values: Iterable[str]) -> frozenset[str]:
     return frozenset(normalize_origin(v) for v in values)
+
+
+def _trusted(values: TrustedProxies | Iterable[str] | str) -> TrustedProxies:
+    if isinstance(values, TrustedProxies):
+        return values
+    try:
+        return TrustedProxies.parse(values)
+    except ValueError as exc:
+        raise ConfigError("forwarded-allow-ips", str(exc)) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +60,15 @@ class ServerConfig:
             (``SO_SNDBUF``; Linux doubles the value for its bookkeeping), so that a
             client that does not read pins at most this much kernel memory. 0: the
             system's default (autotuned, up to megabytes a socket).
+        forwarded_allow_ips: The proxies whose ``X-Forwarded-For`` (or ``Forwarded``)
+            names the client (IPs, CIDR networks, ``*`` for any; a string may hold a
+            comma-separated list): per-address limits and logs then use the client's
+            address. Empty (the default): the headers are never read.
+        proxy_protocol: Every connection starts with a PROXY protocol header (version
+            1 or 2, as HAProxy's ``send-proxy`` and cloud load balancers write it),
+            whose source address is the client's; a connection without a valid one
+            is closed. A ``LOCAL`` header (a balancer's health check) keeps the
+            connection's own address.
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +85,8 @@ class ServerConfig:
     backlog: int = 1024
     max_queued_bytes: int = 256 * 1024 * 1024
     socket_send_buffer: int = 64 * 1024
+    forwarded_allow_ips: TrustedProxies = attrs.field(factory=TrustedProxies, converter=_trusted)
+    proxy_protocol: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):

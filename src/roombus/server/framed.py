@@ -23,9 +23,12 @@ from typing import Final, cast
 
 from ..core.events import PongReceived, TextReceived
 from ..core.names import ConnectionId
+from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
 from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .peer import client_label
+from .proxyproto import ProxyHeaderError, parse_proxy_header
 from .queues import SendQueue
 from .wire import (
     BadRequest,
@@ -45,6 +48,10 @@ from .wire import (
 #: batches queued (far below ``send_queue``). The rest waits, unparsed, in the wire;
 #: :meth:`FramedHub.input_pending` says so.
 INPUT_BATCH: Final = 64
+
+#: The longest PROXY protocol header accepted is ``max_header_bytes``, but at least
+#: this: a version 2 header with a Unix socket's addresses.
+PROXY_HEADER_MIN: Final = 16 + 216
 
 
 class FramedHub(HubBase):
@@ -83,6 +90,7 @@ class FramedHub(HubBase):
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
         conn = _Conn(cid, peer, wire, queue)
+        self._behind_proxy(conn)
         refusal = self._add(conn)
         if self.shutting_down:
             self._drop(conn)
@@ -106,7 +114,10 @@ class FramedHub(HubBase):
         if phase is _Phase.OPEN:
             self._receive_frames(conn, data, now, timestamp)
         elif phase is _Phase.HANDSHAKE:
-            self._receive_request(conn, data, now, timestamp)
+            if conn.proxy is None:
+                self._receive_request(conn, data, now, timestamp)
+            else:
+                self._receive_proxy_header(conn, data, now, timestamp)
         elif phase is _Phase.CLOSING:
             # Only the peer's answer to our close matters now.
             wire = conn.wire
@@ -135,12 +146,53 @@ class FramedHub(HubBase):
 
     # -- phases -----------------------------------------------------------------------
 
+    def _receive_proxy_header(
+        self, conn: _Conn, data: bytes | None, now: float, timestamp: int
+    ) -> None:
+        """The first bytes with ``proxy_protocol``: the PROXY header, then the request."""
+        buf = conn.proxy
+        assert buf is not None
+        if data is None:  # the peer went away before its header
+            self._drop(conn)
+            return
+        buf += data
+        try:
+            header = parse_proxy_header(
+                buf, limit=max(self.config.max_header_bytes, PROXY_HEADER_MIN)
+            )
+        except ProxyHeaderError as exc:
+            self.proxy_header_errors += 1
+            log.info("%s sent no valid PROXY protocol header, closed: %s", conn.peer, exc)
+            self._drop(conn)
+            return
+        if header is None:
+            return
+        conn.proxy = None
+        label = conn.peer
+        if header.source is not None:  # else LOCAL or UNKNOWN: the socket's own address
+            conn.hop = normalize_ip(header.source[0])
+            label = client_label(conn.hop, header.source[1])
+        trusted = self.config.forwarded_allow_ips
+        if trusted and trusted.trusts(conn.hop):
+            conn.forwarded = True
+            conn.peer = label
+        elif not self._resolved(conn, conn.hop, label):
+            return
+        if header.rest:
+            self._receive_request(conn, header.rest, now, timestamp)
+
     def _receive_request(self, conn: _Conn, data: bytes | None, now: float, timestamp: int) -> None:
         config = self.config
         wire = conn.wire
         assert wire is not None
         for event in wire.receive_data(data):
             if type(event) is RequestReceived:
+                if conn.forwarded:
+                    conn.forwarded = False
+                    client = forwarded_client(conn.hop, event.headers, config.forwarded_allow_ips)
+                    label = conn.peer if client == conn.hop else client_label(client)
+                    if not self._resolved(conn, client, label):
+                        return
                 refusal = conn.refusal
                 if refusal is not None and not self.admission.spared(
                     conn.cid, event.method, event.target

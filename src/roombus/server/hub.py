@@ -138,7 +138,19 @@ PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
 
 
 class _Conn:
-    __slots__ = ("cid", "deadline", "ip", "peer", "phase", "queue", "refusal", "wire")
+    __slots__ = (
+        "cid",
+        "deadline",
+        "forwarded",
+        "hop",
+        "ip",
+        "peer",
+        "phase",
+        "proxy",
+        "queue",
+        "refusal",
+        "wire",
+    )
 
     def __init__(
         self,
@@ -152,6 +164,13 @@ class _Conn:
         # None when the transport knows no address (a Unix socket, a stream handed
         # in): such connections are not counted against one address's limit.
         self.ip = peer_address(peer)
+        # Behind a proxy: the address of the hop that connected (the socket's, then
+        # a PROXY header's), while ``ip`` waits (None) for the client's to be known.
+        self.hop = self.ip
+        # The PROXY protocol header read so far, while it is awaited.
+        self.proxy: bytearray | None = None
+        # The request's forwarding headers name the client (the hop is trusted).
+        self.forwarded = False
         self.wire = wire
         self.queue = queue
         self.phase = _Phase.HANDSHAKE
@@ -236,6 +255,9 @@ class HubBase:
         self.overflows = 0
         #: Of those, the ones closed because all queues together held too much.
         self.budget_closes = 0
+        #: Connections closed because their first bytes were no valid PROXY protocol
+        #: header (``proxy_protocol``), since the start.
+        self.proxy_header_errors = 0
         #: Bytes waiting in every send queue together, against ``max_queued_bytes``.
         self.budget = ByteBudget(self.config.max_queued_bytes)
         self._conns: dict[ConnectionId, _Conn] = {}
@@ -326,6 +348,38 @@ class HubBase:
         if len(conns) > self._peak:
             self._peak = len(conns)
         return self.admission.add(conn.ip, len(conns))
+
+    def _behind_proxy(self, conn: _Conn) -> None:
+        """
+        A new connection through a proxy: it counts against the total at once, and
+        against an address once its client is known (:meth:`_resolved`): the PROXY
+        header's, or the request's forwarding headers' when the hop is trusted.
+        """
+        config = self.config
+        if config.proxy_protocol:
+            conn.proxy = bytearray()
+        elif config.forwarded_allow_ips and config.forwarded_allow_ips.trusts(conn.hop):
+            conn.forwarded = True
+        if conn.proxy is not None or conn.forwarded:
+            conn.ip = None
+
+    def _resolved(self, conn: _Conn, ip: str | None, label: str) -> bool:
+        """
+        *conn*'s client is at *ip* (None: no address), named *label* in logs: count
+        it against that address. False if that dropped it (far over the limit).
+        """
+        conn.peer = label
+        conn.ip = ip
+        if ip is None:
+            return True
+        refusal = self.admission.add_address(ip)
+        if conn.refusal is None:
+            conn.refusal = refusal
+        if conn.refusal is not None and self.admission.far_over(ip, len(self._conns)):
+            self.admission.refused(conn.peer, conn.refusal)
+            self._drop(conn)
+            return False
+        return True
 
     def _admit(self, upgrade: Upgrade) -> Upgrade | HttpResponse:
         """The room's checks (authorization, size) before a WebSocket opens."""

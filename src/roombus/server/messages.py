@@ -27,9 +27,11 @@ from typing import cast
 
 from ..core.events import TextReceived
 from ..core.names import ConnectionId
+from .forwarded import forwarded_client
 from .handshake import Upgrade, route_websocket
 from .http import HttpResponse
 from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .peer import client_label
 from .queues import CloseMessage, MessageQueue
 from .typing import Headers
 from .wire import MESSAGE_TOO_BIG, UNSUPPORTED_DATA
@@ -96,6 +98,14 @@ class MessageHub(HubBase):
                 broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
             ),
         )
+        trusted = self.config.forwarded_allow_ips
+        if trusted and trusted.trusts(conn.hop):
+            # The ASGI server's client is a trusted proxy (its own --proxy-headers
+            # did not resolve it): the headers name the client.
+            client = forwarded_client(conn.hop, headers, trusted)
+            if client != conn.hop:
+                conn.ip = client
+                conn.peer = peer = client_label(client)
         refusal = self._add(conn)
         if refusal is not None:
             self.admission.refused(peer, refusal)

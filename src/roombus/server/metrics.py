@@ -34,6 +34,8 @@ def collect(hub: HubBase) -> dict[str, float]:
         "roombus_queued_bytes_closed_total": hub.budget_closes,
         "roombus_limit_refusals_total": hub.admission.refusals,
     }
+    if hub.config.proxy_protocol:
+        values["roombus_proxy_header_errors_total"] = hub.proxy_header_errors
     if broker.node is not None:
         values["roombus_backplane_online"] = int(stats.backplane_online)
         values["roombus_relay_unconfirmed_total"] = stats.relay_unconfirmed

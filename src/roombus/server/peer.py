@@ -4,7 +4,9 @@ Peer labels: how a connection's client is named in logs and counted by address.
 An adapter names each connection's peer once, from what its transport reports
 (:func:`peer_label`), and hands the label to the hub; the hub reads the client's IP
 address back out of it (:func:`peer_address`) for the per-address limits. Both
-directions live here so that they cannot drift apart.
+directions live here so that they cannot drift apart. Behind a proxy
+(``forwarded_allow_ips``, ``proxy_protocol``) the hub names the client the proxy
+reports instead, with :func:`client_label`, and counts its address.
 """
 
 from __future__ import annotations
@@ -44,3 +46,14 @@ def peer_address(peer: str) -> str | None:
         return str(ipaddress.ip_address(host.strip("[]") if sep else peer))
     except ValueError:
         return None
+
+
+def client_label(ip: str | None, port: int | None = None, *, unknown: str = "") -> str:
+    """
+    The label of a client a proxy named: *ip* (canonical) with *port* if the proxy
+    gave one (the PROXY protocol does, ``X-Forwarded-For`` does not), like
+    :func:`peer_label`'s.
+    """
+    if ip is None:
+        return unknown
+    return ip if port is None else peer_label((ip, port))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import attrs
@@ -10,6 +11,16 @@ from ..core.config import _non_negative_int, _positive_finite, _positive_int
 from ..core.errors import ConfigError
 from .handshake import normalize_origin
 from .http import StaticFile
+
+
+def _non_negative_seconds(setting: str, value: float) -> None:
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    ):
+        raise ConfigError(setting, f"must be a number of seconds >= 0, not {value!r}")
 
 
 def _origins(values: Iterable[str]) -> frozenset[str]:
@@ -50,6 +61,11 @@ class ServerConfig:
             (``SO_SNDBUF``; Linux doubles the value for its bookkeeping), so that a
             client that does not read pins at most this much kernel memory. 0: the
             system's default (autotuned, up to megabytes a socket).
+        drain_seconds: Seconds over which a drain (SIGTERM to ``roombus serve``,
+            ``Server.drain()``) spreads its closes (1001) of the open WebSockets,
+            jittered, so that their clients do not all reconnect elsewhere at once;
+            meanwhile ``/healthz`` answers 503 and new WebSockets are refused (503).
+            0: close them all at once.
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +82,7 @@ class ServerConfig:
     backlog: int = 1024
     max_queued_bytes: int = 256 * 1024 * 1024
     socket_send_buffer: int = 64 * 1024
+    drain_seconds: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -78,6 +95,7 @@ class ServerConfig:
         _non_negative_int("max-connections-per-ip", self.max_connections_per_ip)
         _non_negative_int("max-queued-bytes", self.max_queued_bytes)
         _non_negative_int("socket-send-buffer", self.socket_send_buffer)
+        _non_negative_seconds("drain-seconds", self.drain_seconds)
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(

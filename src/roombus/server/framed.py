@@ -164,6 +164,7 @@ class FramedHub(HubBase):
                     script=config.script,
                     authenticator=self.authenticator,
                     now=timestamp,
+                    draining=self.draining,
                 )
                 if isinstance(decision, Upgrade):
                     decision = self._admit(decision)

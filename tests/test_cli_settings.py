@@ -135,3 +135,19 @@ def test_the_javascript_client_is_served_unless_no_script(tmp_path):
     assert settings(tmp_path, "", env={"ROOMBUS_NO_SCRIPT": "1"}).server.script is None
     off_in_file = settings(tmp_path, "no-script = true\n", env={"ROOMBUS_NO_SCRIPT": "0"})
     assert off_in_file.server.script == script  # the variable beats the file
+
+
+def test_the_drain_window_from_flag_variable_and_file(tmp_path):
+    assert settings(tmp_path, "").server.drain_seconds == 10.0
+    assert settings(tmp_path, "drain-seconds = 3\n").server.drain_seconds == 3.0
+    s = settings(tmp_path, "drain-seconds = 3\n", env={"ROOMBUS_DRAIN_SECONDS": "2.5"})
+    assert s.server.drain_seconds == 2.5
+    s = settings(tmp_path, "", "--drain-seconds", "0", env={"ROOMBUS_DRAIN_SECONDS": "2.5"})
+    assert s.server.drain_seconds == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon"])
+def test_a_negative_or_odd_drain_window_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="drain-seconds") as info:
+        settings(tmp_path, "", "--drain-seconds", value)
+    assert "\n" not in str(info.value)

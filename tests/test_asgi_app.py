@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import pytest
+import trio.lowlevel
 
 import trio
 from roombus import BrokerConfig, ConfigError, ServerConfig
@@ -275,3 +276,44 @@ async def test_a_backplane_under_trio_fails_startup_naming_the_setting() -> None
     assert server.sent[0]["status"] == 500
     assert server.sent[1]["body"].startswith(b"redis: a cluster under ASGI")
     assert backplane.calls == []
+
+
+async def test_drain_answers_503_then_closes_each_with_1001_within_the_window() -> None:
+    bus = app()
+    assert (await http(bus, "GET", "/healthz"))[:3:2] == (200, b"ok\n")
+    servers = [FakeServer() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        for i, server in enumerate(servers):
+            query = f"room=lobby&username=u{i}".encode()
+            nursery.start_soon(bus, server.scope(query), server.receive, server.send)
+            await server.incoming_send.send({"type": "websocket.connect"})
+            assert await server.next_sent() == {"type": "websocket.accept"}
+        t0 = trio.current_time()
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await bus.drain(0.5)
+            drained.set()
+
+        nursery.start_soon(drain)
+        with trio.fail_after(2):
+            while not bus.draining:
+                await trio.lowlevel.checkpoint()
+        assert (await http(bus, "GET", "/healthz"))[:3:2] == (503, b"draining\n")
+        late = FakeServer(extensions={"websocket.http.response": {}})
+        await late.incoming_send.send({"type": "websocket.connect"})
+        await bus(late.scope(b"room=lobby&username=late"), late.receive, late.send)
+        assert late.sent[0]["status"] == 503
+        assert (b"retry-after", b"5") in late.sent[0]["headers"]
+        for server in servers:
+            with trio.fail_after(2):
+                while True:
+                    message = await server.next_sent()
+                    if message["type"] == "websocket.close":
+                        break
+            assert (message["code"], message["reason"]) == (1001, "server draining")
+            assert trio.current_time() - t0 <= 0.5 + 0.2
+            await server.incoming_send.send({"type": "websocket.disconnect", "code": 1001})
+        with trio.fail_after(2):
+            await drained.wait()
+    assert bus.hub.connection_count == 0 and bus.hub.shutting_down

@@ -182,3 +182,19 @@ def test_a_bad_trusted_address_is_one_line_naming_where(tmp_path, toml, args, en
     assert message in text and "\n" not in text
     if "PROXY_PROTOCOL" not in message:
         assert "is not an IP address, a CIDR network or *" in text
+
+
+def test_the_drain_window_from_flag_variable_and_file(tmp_path):
+    assert settings(tmp_path, "").server.drain_seconds == 10.0
+    assert settings(tmp_path, "drain-seconds = 3\n").server.drain_seconds == 3.0
+    s = settings(tmp_path, "drain-seconds = 3\n", env={"ROOMBUS_DRAIN_SECONDS": "2.5"})
+    assert s.server.drain_seconds == 2.5
+    s = settings(tmp_path, "", "--drain-seconds", "0", env={"ROOMBUS_DRAIN_SECONDS": "2.5"})
+    assert s.server.drain_seconds == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon"])
+def test_a_negative_or_odd_drain_window_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="drain-seconds") as info:
+        settings(tmp_path, "", "--drain-seconds", value)
+    assert "\n" not in str(info.value)

@@ -15,6 +15,7 @@ from roombus.cluster import ClusterBroker
 CASES: list[tuple[Callable[[], object], str, str]] = [
     (lambda: ServerConfig(port=70000), "port", "must be 0-65535, not 70000"),
     (lambda: ServerConfig(handshake_timeout=0), "handshake-timeout", "positive"),
+    (lambda: ServerConfig(drain_seconds=-1), "drain-seconds", "must be a number of seconds >= 0"),
     (
         lambda: ServerConfig(forwarded_allow_ips=["127.0.0.1", "10.0.0.1/8"]),
         "forwarded-allow-ips",

@@ -19,8 +19,15 @@ log = logging.getLogger("roombus")
 
 def run(settings: Settings | None = None, /, **changes: Any) -> None:
     """
-    Run a roombus server until SIGINT or SIGTERM, then shut it down gracefully (close
-    1001 to every client, at most ``server.close_timeout`` seconds) and return.
+    Run a roombus server until SIGTERM or SIGINT, then shut it down gracefully and
+    return.
+
+    SIGTERM drains: ``/healthz`` answers 503 and new WebSockets are refused at once,
+    the open ones are closed with 1001 at jittered instants spread over
+    ``server.drain_seconds`` (what a rolling deploy wants: their clients reconnect to
+    the other nodes a few at a time), then the last answers get at most
+    ``server.close_timeout`` seconds. SIGINT (Ctrl-C), or a second signal during a
+    drain, closes every connection at once (1001, at most ``close_timeout``).
 
     *settings* (the defaults if None) with *changes*, any of the fields of
     :class:`Settings`, say what to run::
@@ -57,6 +64,26 @@ def _url(settings: Settings, port: int | None) -> str:
     return f"{scheme}://{settings.server.host}:{port}/ws"
 
 
+def _draining(signum: int, settings: Settings) -> bool:
+    """Whether the first signal *signum* drains (SIGTERM; SIGINT closes all at once),
+    logged either way."""
+    name = signal.Signals(signum).name
+    if signum == signal.SIGTERM and settings.server.drain_seconds > 0:
+        log.info(
+            "%s received: draining (closing connections over %g s; "
+            "a second signal closes them at once)",
+            name,
+            settings.server.drain_seconds,
+        )
+        return True
+    log.info("%s received: closing connections", name)
+    return False
+
+
+def _at_once(signum: int) -> None:
+    log.info("%s received: closing the remaining connections now", signal.Signals(signum).name)
+
+
 async def _serve_trio(settings: Settings) -> None:
     import trio
 
@@ -66,8 +93,18 @@ async def _serve_trio(settings: Settings) -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, settings)
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
+
+            async def drain() -> None:
+                await running.drain()
+                nursery.cancel_scope.cancel()  # the server stopped: so does the signal loop
+
             async for signum in signals:
-                log.info("%s received: closing connections", signal.Signals(signum).name)
+                if not running.draining and _draining(signum, settings):
+                    nursery.start_soon(drain)
+                    continue
+                if running.draining:
+                    _at_once(signum)
+                # Cancelling serve() shuts down now: 1001 to whoever is left.
                 nursery.cancel_scope.cancel()
                 break
     log.info("stopped")
@@ -79,20 +116,29 @@ async def _serve_asyncio(settings: Settings) -> None:
     from .asyncio import serve
 
     loop = asyncio.get_running_loop()
-    received: asyncio.Future[signal.Signals] = loop.create_future()
-
-    def on_signal(signum: signal.Signals) -> None:
-        if not received.done():
-            received.set_result(signum)
-
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, received.put_nowait, signum)
     try:
         async with serve(settings) as running:
             log.info(
                 "roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port)
             )
-            log.info("%s received: closing connections", (await received).name)
+            if _draining(await received.get(), settings):
+                drain = asyncio.ensure_future(running.drain())
+                second = asyncio.ensure_future(received.get())
+                await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+                if second.done():
+                    _at_once(second.result())
+                    drain.cancel()
+                else:
+                    second.cancel()
+                try:
+                    await drain
+                except asyncio.CancelledError:
+                    if not drain.cancelled():
+                        raise
+            # Leaving serve() shuts down now (after a drain: already done).
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -36,6 +36,13 @@ pings (the core heartbeat must be off: ``BrokerConfig(heartbeat=False)``; use
 ``uvicorn --ws-ping-interval`` or hypercorn's ``websocket_ping_interval``), protocol
 errors in frames (the server closes with its own codes), and shutdown (uvicorn
 closes WebSockets with 1012; hypercorn waits for them up to its graceful timeout).
+
+The server owns the signals too, and on SIGTERM it closes every WebSocket itself
+before the app's lifespan shutdown begins, so a drain spread over time cannot come
+from there. :meth:`RoombusASGI.drain` is that drain for an app to call before the
+server stops (from an endpoint a pre-stop hook calls, say): ``/healthz`` answers 503,
+new WebSockets are refused, the open ones are closed with 1001 over
+``drain_seconds``, then :meth:`RoombusASGI.aclose`.
 """
 
 from __future__ import annotations
@@ -199,6 +206,7 @@ class RoombusASGI(ServerFacade):
         self._timer_stop: anyio.CancelScope | None = None  # the whole timer task
         self._closed = False
         self._all_closed: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
 
     # -- public API for the embedding app ----------------------------------------------
 
@@ -244,6 +252,39 @@ class RoombusASGI(ServerFacade):
         self._closed = True
         if self._timer_stop is not None:
             self._timer_stop.cancel()
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """
+        Shut down gracefully, spread over time: at once, ``/healthz`` answers 503
+        ``draining`` and new WebSockets are refused (503 with ``Retry-After``); the
+        open ones are closed with 1001 (``server draining``), each at a jittered
+        instant spread over *seconds*, and get their messages until then; then
+        :meth:`aclose`. Returns when done.
+
+        The ASGI server owns the signals and, on its own shutdown, closes every
+        WebSocket before the lifespan shutdown: call this before the server is told
+        to stop (a pre-stop hook's request to an endpoint of the app that awaits it).
+        :meth:`aclose` meanwhile closes the rest at once.
+
+        Args:
+            seconds: The window; None: ``config.drain_seconds``. 0: close all at once.
+
+        Raises:
+            ConfigError: a cluster's backplane under trio (hypercorn's trio worker).
+        """
+        hub = self.hub
+        if not hub.shutting_down:
+            if not hub.draining:
+                self._start_timer()  # it closes them at the schedule's instants
+                hub.drain(now=anyio.current_time(), timestamp=_wall(), seconds=seconds)
+                self.transmit()
+            end = hub.drain_ends
+            assert end is not None
+            if not hub.drain_done:
+                self._drained = anyio.Event()
+                with anyio.move_on_after(max(0.0, end - anyio.current_time())):
+                    await self._drained.wait()
+        await self.aclose()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -296,6 +337,7 @@ class RoombusASGI(ServerFacade):
             allowed_origins=self.config.allowed_origins,
             page=self.config.page,
             script=self.config.script,
+            draining=self.hub.draining,
         )
         if self.config.metrics and method in (b"GET", b"HEAD") and scope.get("path") == "/metrics":
             decision = self.hub.metrics_response()
@@ -455,6 +497,8 @@ class RoombusASGI(ServerFacade):
                 scope.deadline = deadline
         if self._all_closed is not None and not links:
             self._all_closed.set()
+        if self._drained is not None and hub.drain_done:
+            self._drained.set()
 
     def _start_timer(self) -> None:
         """Start the timer task and the backplane once, outliving the connection that

@@ -16,7 +16,8 @@ EXIT_BOUND = 5.0  # seconds from the signal to the exit
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_closes_every_client_with_1001_and_exits_0(cli, signum):
-    proc = cli("--port", "0", "--close-timeout", "2")
+    # No drain: all at once, on either signal (tests/e2e/test_drain.py has the drain).
+    proc = cli("--port", "0", "--close-timeout", "2", "--drain-seconds", "0")
     port = proc.wait_listening()
     assert f"listening on ws://127.0.0.1:{port}/ws" in proc.stderr
     ann = open_client(port, "lobby", "ann")
@@ -43,7 +44,7 @@ def test_signal_closes_every_client_with_1001_and_exits_0(cli, signum):
 
 
 def test_sigterm_with_a_client_that_ignores_close_still_exits_within_close_timeout(cli):
-    proc = cli("--port", "0", "--close-timeout", "1")
+    proc = cli("--port", "0", "--close-timeout", "1", "--drain-seconds", "0")
     port = proc.wait_listening()
     with RawWS.connect(port, "lobby", "stubborn") as raw:
         assert raw.recv_json()["type"] == "presence"

@@ -19,7 +19,8 @@ PROGRAM = f"""
 import logging, sys
 import roombus
 logging.basicConfig(level="INFO", stream=sys.stderr)
-settings = roombus.Settings(server=roombus.ServerConfig(host={HOST!r}, port=0, close_timeout=2))
+server = roombus.ServerConfig(host={HOST!r}, port=0, close_timeout=2, drain_seconds=0.5)
+settings = roombus.Settings(server=server)
 roombus.run(settings, transport=sys.argv[1], on_notice=lambda n: print(type(n).__name__))
 print("returned")
 """
@@ -44,7 +45,7 @@ def test_run_serves_with_the_settings_and_returns_on_sigterm(transport: str) -> 
     finally:
         proc.stop()
     assert "Traceback" not in proc.stderr
-    assert "SIGTERM received" in proc.stderr
+    assert "SIGTERM received: draining" in proc.stderr
     # on_notice saw the join, the chat and the leave; run() returned after the shutdown.
     assert proc.stdout.split() == ["UserJoined", "MessagePublished", "UserLeft", "returned"]
 

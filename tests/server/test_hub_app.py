@@ -62,6 +62,7 @@ METRICS = {
     "roombus_queued_bytes": "gauge",
     "roombus_queued_bytes_closed_total": "counter",
     "roombus_limit_refusals_total": "counter",
+    "roombus_draining": "gauge",
 }
 
 

@@ -25,7 +25,10 @@ stall of the loop: pongs waiting unread) is read before any verdict.
 
 Shutdown (leaving :func:`serve`'s ``async with``, or cancelling ``await serve()``)
 stops accepting, has the hub close everyone with 1001, and gives the clients
-``close_timeout`` to answer.
+``close_timeout`` to answer. A drain (:meth:`Server.drain`) comes first when asked
+for: the listeners stay open (``/healthz`` answers 503, upgrades are refused with 503)
+while the hub closes the WebSockets with 1001 over ``drain_seconds``, at the instants
+of its schedule (the timer handle fires for them); then the shutdown.
 
 In a cluster (``backplane=``, a :class:`roombus.asyncio.RedisBackplane`), the backplane
 runs on the same loop: the hub's backplane work goes to it after every hub call (in
@@ -170,11 +173,48 @@ class Server(ServerFacade):
         self._held: list[_Protocol] = []  # to read the rest of a burst after the flush
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
+        self._drained = asyncio.Event()  # a drain closed (or lost) every WebSocket
+        self._stopped = asyncio.Event()  # aclose() is done
 
     # -- public API for the embedding app ----------------------------------------------
 
     def _now(self) -> float:
         return self._loop.time()
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """
+        Shut down gracefully, spread over time, and return once the server stopped
+        (``await serve()`` then returns too). What ``roombus serve`` does on SIGTERM:
+
+        1. at once, ``/healthz`` answers 503 ``draining`` (load balancers stop
+           sending clients here) and WebSocket upgrades 503 with ``Retry-After``; the
+           listeners stay open to say so;
+        2. the open WebSockets are closed with 1001 (``server draining``), each at a
+           jittered instant spread over *seconds*, so that their clients reconnect
+           elsewhere a few at a time; the others still get their messages meanwhile
+           (in a cluster too: nothing is lost, clients resume from their positions);
+        3. once all are closed (by the window's end), :meth:`aclose`: the listeners
+           close and the clients get ``close_timeout`` to answer.
+
+        :meth:`aclose` meanwhile (a second signal: cancel this first) closes the rest
+        at once.
+
+        Args:
+            seconds: The window; None: ``config.drain_seconds``. 0: close all at once.
+        """
+        hub = self.hub
+        loop = self._loop
+        if not hub.shutting_down:
+            if not hub.draining:
+                hub.drain(now=loop.time(), timestamp=_wall(), seconds=seconds)
+                self.transmit()
+            end = hub.drain_ends
+            assert end is not None
+            try:
+                await asyncio.wait_for(self._drained.wait(), max(0.0, end - loop.time()))
+            except asyncio.TimeoutError:
+                pass  # the timer closed the last ones at the end; aclose() sees to the rest
+        await self.aclose()
 
     async def aclose(self) -> None:
         """
@@ -207,6 +247,7 @@ class Server(ServerFacade):
         for handle in (self._timer, self._flush_handle):
             if handle is not None:
                 handle.cancel()
+        self._stopped.set()
 
     def connect_in_memory(
         self, *, peer: str = "memory", limit: int = 64 * 1024
@@ -391,6 +432,8 @@ class Server(ServerFacade):
             self._arm_timer()
         if hub.shutting_down and not self._links:
             self._all_closed.set()
+        if hub.draining and hub.drain_done:
+            self._drained.set()
 
     def _end(self, proto: _Protocol) -> None:
         """Close a transport the hub is done with; what it buffered still goes out."""
@@ -485,7 +528,8 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
             await asyncio.sleep(3600)
 
     As a coroutine (awaited, or run as a task), it serves until cancelled, then shuts
-    down the same way and lets the cancellation propagate; *on_ready* gets the
+    down the same way and lets the cancellation propagate (or until
+    :meth:`Server.drain` stopped it: then it returns); *on_ready* gets the
     :class:`Server` once it listens::
 
         task = asyncio.create_task(roombus.asyncio.serve(settings, on_ready=print))
@@ -548,7 +592,7 @@ class serve(Coroutine[object, object, None]):  # used like a function, as asynci
         try:
             if self._on_ready is not None:
                 self._on_ready(server)
-            await asyncio.get_running_loop().create_future()  # until cancelled
+            await server._stopped.wait()  # until cancelled, or stopped by drain()
         finally:
             await server.aclose()
 

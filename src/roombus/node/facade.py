@@ -43,6 +43,22 @@ class ServerFacade:
         none; the adapter calls it, an application never needs to."""
         raise NotImplementedError
 
+    async def drain(self, seconds: float | None = None) -> None:
+        """
+        Shut down gracefully, spread over time, and return once done: ``/healthz``
+        answers 503 and new WebSockets are refused at once; the open ones are closed
+        with 1001 at jittered instants over *seconds* (None:
+        ``config.drain_seconds``; 0: all at once), and get their messages until then;
+        then the adapter's shutdown (``close_timeout`` for the last answers). What
+        ``roombus serve`` does on SIGTERM; a second signal closes the rest at once.
+        """
+        raise NotImplementedError
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain began (``/healthz`` answers 503)."""
+        return self.hub.draining
+
     def publish(self, room: str, content: object, *, username: str = "server") -> Publication:
         """
         Publish a chat message to every member of *room*, as *username*.

@@ -222,6 +222,13 @@ SERVE_OPTIONS = (
         f"(default {_defaults_s.close_timeout:g})",
     ),
     _Option(
+        "drain-seconds",
+        float,
+        f"on SIGTERM, seconds over which the open WebSockets are closed (1001, "
+        f"jittered) while /healthz answers 503; a second signal closes the rest at once; "
+        f"0: all at once (default {_defaults_s.drain_seconds:g})",
+    ),
+    _Option(
         "max-header-bytes",
         int,
         f"largest opening request; larger gets 431 (default {_defaults_s.max_header_bytes})",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import attrs
@@ -11,6 +12,16 @@ from ..core.errors import ConfigError
 from .forwarded import TrustedProxies
 from .handshake import normalize_origin
 from .http import StaticFile
+
+
+def _non_negative_seconds(setting: str, value: float) -> None:
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    ):
+        raise ConfigError(setting, f"must be a number of seconds >= 0, not {value!r}")
 
 
 def _origins(values: Iterable[str]) -> frozenset[str]:
@@ -69,6 +80,11 @@ class ServerConfig:
             whose source address is the client's; a connection without a valid one
             is closed. A ``LOCAL`` header (a balancer's health check) keeps the
             connection's own address.
+        drain_seconds: Seconds over which a drain (SIGTERM to ``roombus serve``,
+            ``Server.drain()``) spreads its closes (1001) of the open WebSockets,
+            jittered, so that their clients do not all reconnect elsewhere at once;
+            meanwhile ``/healthz`` answers 503 and new WebSockets are refused (503).
+            0: close them all at once.
     """
 
     host: str = "127.0.0.1"
@@ -87,6 +103,7 @@ class ServerConfig:
     socket_send_buffer: int = 64 * 1024
     forwarded_allow_ips: TrustedProxies = attrs.field(factory=TrustedProxies, converter=_trusted)
     proxy_protocol: bool = False
+    drain_seconds: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -99,6 +116,7 @@ class ServerConfig:
         _non_negative_int("max-connections-per-ip", self.max_connections_per_ip)
         _non_negative_int("max-queued-bytes", self.max_queued_bytes)
         _non_negative_int("socket-send-buffer", self.socket_send_buffer)
+        _non_negative_seconds("drain-seconds", self.drain_seconds)
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(

@@ -216,6 +216,7 @@ class FramedHub(HubBase):
                     script=config.script,
                     authenticator=self.authenticator,
                     now=timestamp,
+                    draining=self.draining,
                 )
                 if isinstance(decision, Upgrade):
                     decision = self._admit(decision)

@@ -28,6 +28,15 @@ from .typing import Headers
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
+#: The headers of a WebSocket refused while the server drains: when to try again, in
+#: seconds (by then a load balancer has taken this node out: another one answers).
+DRAINING_RETRY_AFTER = ((b"retry-after", b"5"),)
+
+
+def draining_refusal() -> HttpResponse:
+    """The answer to a WebSocket upgrade while the server drains: 503, Retry-After."""
+    return _refuse(503, "server draining: connect to another node", *DRAINING_RETRY_AFTER)
+
 
 @attrs.frozen(kw_only=True)
 class Upgrade:
@@ -114,6 +123,7 @@ def route_request(
     script: StaticFile | None = None,
     authenticator: Authenticator | None = None,
     now: float = 0.0,
+    draining: bool = False,
 ) -> Upgrade | HttpResponse:
     """
     Decide what to do with one HTTP request.
@@ -131,11 +141,16 @@ def route_request(
         authenticator: If given, it decides who the client is (the query's
             ``username`` is then ignored); its refusal is the answer (401/403).
         now: Wall-clock Unix seconds, for the authenticator's expiry checks.
+        draining: Whether the server drains: ``/healthz`` then answers 503
+            ``draining`` (load balancers stop sending clients), and a WebSocket
+            upgrade 503 with ``Retry-After`` (:func:`draining_refusal`).
     """
     path, _, query = target.partition(b"?")
     if method not in (b"GET", b"HEAD"):
         return _refuse(405, "method not allowed", (b"allow", b"GET, HEAD"))
     if path == b"/healthz":
+        if draining:
+            return HttpResponse(status=503, body=b"draining\n")
         return HttpResponse(status=200, body=b"ok\n")
     if path == b"/" and page is not None:
         return HttpResponse(status=200, body=page, content_type=b"text/html; charset=utf-8")
@@ -143,6 +158,8 @@ def route_request(
         return serve_file(script, headers)
     if path != b"/ws":
         return _refuse(404, "not found")
+    if draining:
+        return draining_refusal()
 
     if b"websocket" not in _tokens(headers, b"upgrade") or b"upgrade" not in _tokens(
         headers, b"connection"

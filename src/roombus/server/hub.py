@@ -28,7 +28,10 @@ Each module's docstring gives its inputs. What :class:`HubBase` gives both, in f
 * Also: :meth:`HubBase.enforce_budget` after writing, :meth:`HubBase.publish` from
   server-side code, :meth:`HubBase.backplane_event`, :meth:`HubBase.metrics`.
 * Shutdown: :meth:`HubBase.shutdown`; done when :attr:`HubBase.connection_count` is
-  zero.
+  zero. A graceful one spread over time: :meth:`HubBase.drain` first (``/healthz``
+  answers 503, new WebSockets are refused, the open ones are closed with 1001 over
+  ``drain_seconds``, at :meth:`HubBase.timeout`), then :meth:`HubBase.shutdown` once
+  :attr:`HubBase.drain_done` or at :attr:`HubBase.drain_ends`.
 
 Connection lifecycle (``_Phase``; every move is a row of :data:`PHASES`):
 
@@ -62,6 +65,7 @@ import enum
 import heapq
 import itertools
 import logging
+import random as _random
 from collections.abc import Callable
 from typing import ClassVar, Final, cast
 
@@ -87,6 +91,7 @@ from ..core.tables import worth_shrinking
 from .admission import Admission
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
+from .drain import DrainSchedule
 from .handshake import Upgrade
 from .http import HttpResponse
 from .metrics import collect, render_prometheus
@@ -251,6 +256,9 @@ class HubBase:
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
         self.on_notice = on_notice
         self.shutting_down = False
+        #: Set by :meth:`drain`: ``/healthz`` answers 503, new WebSockets are refused.
+        self.draining = False
+        self._drain: DrainSchedule | None = None
         #: Slow consumers closed since the start (the budget's included).
         self.overflows = 0
         #: Of those, the ones closed because all queues together held too much.
@@ -334,6 +342,10 @@ class HubBase:
                 break
             heapq.heappop(deadlines)
         own = deadlines[0][0] if deadlines else None
+        if self._drain is not None:
+            close_at = self._drain.next_deadline()
+            if close_at is not None and (own is None or close_at < own):
+                own = close_at
         beat = self.broker.next_deadline()
         if own is None:
             return beat
@@ -402,6 +414,8 @@ class HubBase:
             self._deadlines = [(c.deadline, k) for k, c in conns.items() if c.deadline is not None]
             heapq.heapify(self._deadlines)
         self.admission.remove(cid, conn.ip)
+        if self._drain is not None:
+            self._drain.discard(cid)
         self._dirty.pop(cid, None)
         conn.queue.detach()
         self._forget(conn, now, timestamp)
@@ -445,8 +459,13 @@ class HubBase:
             self._drop(conn)
 
     def timeout(self, *, now: float, timestamp: int) -> None:
-        """Let time pass up to *now*: heartbeats, handshake and close timeouts."""
+        """Let time pass up to *now*: heartbeats, handshake and close timeouts, a
+        drain's closes."""
         self._apply(self.broker.handle_timeout(now=now, timestamp=timestamp), now, timestamp)
+        if self._drain is not None:
+            due = self._drain.due(now)
+            if due:
+                self._close_drained(due, now, timestamp)
         deadlines = self._deadlines
         conns = self._conns
         while deadlines and deadlines[0][0] <= now:
@@ -485,6 +504,64 @@ class HubBase:
             position=position,
         )
 
+    @property
+    def drain_ends(self) -> float | None:
+        """When the drain's window ends (every WebSocket closed by then), or None."""
+        return self._drain.end if self._drain is not None else None
+
+    @property
+    def drain_done(self) -> bool:
+        """Whether a drain began and no WebSocket it was to close is left open."""
+        return self._drain is not None and self._drain.done
+
+    def drain(
+        self,
+        *,
+        now: float,
+        timestamp: int,
+        seconds: float | None = None,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        """
+        Begin a graceful, spread shutdown: from now on ``/healthz`` answers 503
+        (``draining``) and a WebSocket upgrade 503 with ``Retry-After``; the open
+        WebSockets are closed with 1001 (``server draining``, after what is queued for
+        them), each at an instant of the window drawn by a
+        :class:`~roombus.server.drain.DrainSchedule` (:meth:`timeout` at
+        :meth:`next_deadline` closes them). Messages still reach those not closed
+        yet. Then call :meth:`shutdown`, once :attr:`drain_done` or at
+        :attr:`drain_ends`. No-op if already draining or shutting down.
+
+        Args:
+            seconds: The window; None: ``config.drain_seconds``. 0 closes them now.
+            random: A uniform ``[0, 1)`` source for the schedule's jitter.
+        """
+        if self.draining or self.shutting_down:
+            return
+        if seconds is None:
+            seconds = self.config.drain_seconds
+        self.draining = True
+        open_ = [cid for cid, conn in self._conns.items() if conn.phase is _Phase.OPEN]
+        self._drain = DrainSchedule(open_, now=now, seconds=seconds, random=random)
+        self.deadline_moved = True
+        log.info("draining: closing %d WebSockets over %g s", len(open_), seconds)
+        due = self._drain.due(now)
+        if due:
+            self._close_drained(due, now, timestamp)
+
+    def _close_drained(self, cids: list[ConnectionId], now: float, timestamp: int) -> None:
+        """Close these connections of a drain with 1001; then tell the broker."""
+        conns = self._conns
+        closing = []
+        for cid in cids:
+            conn = conns.get(cid)
+            if conn is not None and conn.phase is _Phase.OPEN:
+                self._close(conn, GOING_AWAY, "server draining", now, drop_pending=False)
+                closing.append(conn)
+        # As in shutdown(): every queue of the batch is closing before anyone's leave.
+        for conn in closing:
+            self._forget(conn, now, timestamp)
+
     def shutdown(self, *, now: float, timestamp: int) -> None:
         """Close every connection (1001 for clients; handshakes are dropped)."""
         self.shutting_down = True
@@ -502,17 +579,23 @@ class HubBase:
 
     def _set_phase(self, conn: _Conn, step: _Step) -> None:
         """Move *conn* on by *step*, as :data:`PHASES` allows."""
+        was = conn.phase
         try:
-            conn.phase = PHASES[conn.phase, step]
+            conn.phase = PHASES[was, step]
         except KeyError:
             raise LocalProtocolError(
-                f"conn {conn.cid}: no move from {conn.phase.name} by {step.name}"
+                f"conn {conn.cid}: no move from {was.name} by {step.name}"
             ) from None
+        if was is _Phase.OPEN and self._drain is not None:
+            self._drain.discard(conn.cid)  # closed otherwise: not the drain's to close
 
     def _connect(self, conn: _Conn, upgrade: Upgrade, now: float, timestamp: int) -> None:
         """An OPEN connection joins the broker (and its room)."""
         cid = conn.cid
         self.deadline_moved = True  # its heartbeat starts
+        if self._drain is not None:
+            # Not while draining (upgrades are refused then), but closed in time if so.
+            self._drain.add(cid, now=now)
         log.debug(
             "%s connected as %r in %r (conn %d)", conn.peer, upgrade.username, upgrade.room, cid
         )

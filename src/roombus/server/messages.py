@@ -28,7 +28,7 @@ from typing import cast
 from ..core.events import TextReceived
 from ..core.names import ConnectionId
 from .forwarded import forwarded_client
-from .handshake import Upgrade, route_websocket
+from .handshake import Upgrade, draining_refusal, route_websocket
 from .http import HttpResponse
 from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
 from .peer import client_label
@@ -70,12 +70,15 @@ class MessageHub(HubBase):
 
         Returns:
             The response to refuse it with (before accepting: a 403 for a bad origin,
-            400 for a bad room or username, 404 for another path, 503 during shutdown),
+            400 for a bad room or username, 404 for another path, 503 while draining or
+            during shutdown),
             or the id of the new, open connection: accept the WebSocket, then send
             its queue (its presence messages are already in it).
         """
         if self.shutting_down:
             return HttpResponse(status=503, body=b"server shutting down\n")
+        if self.draining:
+            return draining_refusal()
         decision = route_websocket(
             target,
             headers,

@@ -33,6 +33,7 @@ def collect(hub: HubBase) -> dict[str, float]:
         "roombus_queued_bytes": hub.budget.used,
         "roombus_queued_bytes_closed_total": hub.budget_closes,
         "roombus_limit_refusals_total": hub.admission.refusals,
+        "roombus_draining": int(hub.draining),
     }
     if hub.config.proxy_protocol:
         values["roombus_proxy_header_errors_total"] = hub.proxy_header_errors

@@ -20,7 +20,11 @@ and close timeouts), then lets readers with input waiting run before it hands ov
 the hub (after a stall, pongs may be waiting unread).
 
 Shutdown (cancellation of :func:`serve`) stops accepting, has the hub close everyone
-with 1001, and gives the clients ``close_timeout`` to answer.
+with 1001, and gives the clients ``close_timeout`` to answer. A drain
+(:meth:`Server.drain`) comes first when asked for: the listeners stay open (``/healthz``
+answers 503, upgrades are refused with 503) while the hub closes the WebSockets with
+1001 over ``drain_seconds``, at the instants of its schedule (the timer task wakes for
+them); then the shutdown, and :func:`serve` returns.
 """
 
 from __future__ import annotations
@@ -209,6 +213,8 @@ class Server(ServerFacade):
         self._nursery: trio.Nursery | None = None
         self._world = trio.CancelScope()
         self._all_closed = trio.Event()
+        self._drained = trio.Event()  # a drain closed (or lost) every WebSocket
+        self._stopped = trio.Event()  # the server's world is over
         self._listeners: list[socket.socket] = []
 
     # -- public API for the embedding app ----------------------------------------------
@@ -228,6 +234,44 @@ class Server(ServerFacade):
             await trio.aclose_forcefully(stream)
             raise RuntimeError("the server is not running: start it with run_server() first")
         await self._handle(_StreamTransport(stream, peer))
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """
+        Shut down gracefully, spread over time, and return once the server stopped
+        (:func:`serve` then returns too). What ``roombus serve`` does on SIGTERM:
+
+        1. at once, ``/healthz`` answers 503 ``draining`` (load balancers stop
+           sending clients here) and WebSocket upgrades 503 with ``Retry-After``; the
+           listeners stay open to say so;
+        2. the open WebSockets are closed with 1001 (``server draining``), each at a
+           jittered instant spread over *seconds*, so that their clients reconnect
+           elsewhere a few at a time; the others still get their messages meanwhile
+           (in a cluster too: nothing is lost, clients resume from their positions);
+        3. once all are closed (by the window's end), the shutdown: the listeners
+           close and the clients get ``close_timeout`` to answer.
+
+        Cancelling :func:`serve` meanwhile (a second signal) closes the rest at once.
+        A second call waits for the first drain.
+
+        Args:
+            seconds: The window; None: ``config.drain_seconds``. 0: close all at once.
+
+        Raises:
+            RuntimeError: if the server is not running.
+        """
+        hub = self.hub
+        if self._nursery is None:
+            raise RuntimeError("the server is not running: start it with run_server() first")
+        if not hub.shutting_down:
+            if not hub.draining:
+                hub.drain(now=trio.current_time(), timestamp=_wall(), seconds=seconds)
+                self.transmit()
+            end = hub.drain_ends
+            assert end is not None
+            with trio.move_on_at(end):
+                await self._drained.wait()
+            self._begin_shutdown()
+        await self._stopped.wait()
 
     # -- the tasks ---------------------------------------------------------------------
 
@@ -250,6 +294,7 @@ class Server(ServerFacade):
                     with trio.move_on_after(self.config.close_timeout):
                         await self.backplane.wait_idle()
                 nursery.cancel_scope.cancel()
+        self._stopped.set()
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, close everyone with 1001, bound the wait for them."""
@@ -381,6 +426,8 @@ class Server(ServerFacade):
             deadline = hub.next_deadline()
             if deadline is not None and deadline < self._timer_scope.deadline:
                 self._timer_scope.deadline = deadline
+        if hub.draining and hub.drain_done:
+            self._drained.set()
 
     async def _flush_loop(self) -> None:
         self._flusher = trio.lowlevel.current_task()
@@ -522,7 +569,8 @@ async def serve(
 
     Cancelling it is a graceful shutdown: no new connections, close 1001 to every
     client, then it returns (by raising the cancellation) within
-    ``server.close_timeout`` seconds.
+    ``server.close_timeout`` seconds. :meth:`Server.drain` is one spread over
+    ``drain_seconds``; it returns after it.
 
     Args:
         settings: What to serve (:class:`roombus.Settings`): the core's limits, the
@@ -557,12 +605,13 @@ def _backplane(settings: Settings) -> RedisBackplane | None:
 async def run_server(
     server: Server, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run an already built :class:`Server` (with or without listeners) until cancelled."""
+    """Run an already built :class:`Server` (with or without listeners) until cancelled,
+    or until it stopped after :meth:`Server.drain`."""
     async with trio.open_nursery() as nursery:
         await nursery.start(server._run)
         task_status.started(server)
         try:
-            await trio.sleep_forever()
+            await server._stopped.wait()
         finally:
             server._begin_shutdown()
 

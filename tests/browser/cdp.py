@@ -61,7 +61,14 @@ class Session:
 
     def __init__(self, url: str) -> None:
         self.ws: ClientConnection = ws_connect(
-            url, max_size=None, open_timeout=CALL_TIMEOUT, proxy=None, compression=None
+            url,
+            max_size=None,
+            open_timeout=CALL_TIMEOUT,
+            proxy=None,
+            compression=None,
+            # No keepalive thread: its pings draw from the global `random`, which
+            # hypothesis (in later tests) takes for a strategy using it.
+            ping_interval=None,
         )
         self.ws.__enter__()  # websockets >= 17.1 wants a direct connection used so
         self._id = 0

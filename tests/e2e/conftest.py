@@ -229,6 +229,8 @@ class CliServer:
         env = {**environ, **(env or {})}
         env["PYTHONUNBUFFERED"] = "1"
         env["ROOMBUS_TRANSPORT"] = transport  # the variable: a test may still give the flag
+        # SIGTERM closes every connection at once unless a test drains (--drain-seconds)
+        env.setdefault("ROOMBUS_DRAIN_SECONDS", "0")
         self.transport = transport
         command = ["-m", "roombus", "serve", "--host", HOST] if code is None else ["-c", code]
         self.proc = subprocess.Popen(

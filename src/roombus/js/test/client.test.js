@@ -268,7 +268,7 @@ describe("credentials", () => {
 
 describe("a server that goes away", () => {
   test("a drain (1001, 1012) reconnects promptly; a restart's new epoch is told", T, async () => {
-    const own = await startServer();
+    const own = await startServer({ env: { ROOMBUS_DRAIN_SECONDS: "1" } });
     const r = room();
     const ann = open(own.url, { rooms: [r], username: "ann", backoffInitial: 0.3, backoffMax: 5 });
     const events = record(ann);
@@ -279,6 +279,7 @@ describe("a server that goes away", () => {
     const down = events.find(([t]) => t === "disconnected")[1];
     // roombus's own servers drain with 1001; uvicorn closes an app's sockets with 1012.
     assert.ok([1001, 1012].includes(down.code), `code ${down.code}`);
+    if (down.code === 1001) assert.equal(down.reason, "server draining");
     assert.equal(closePolicy(down.code), "prompt");
     assert.ok(down.reconnectIn <= 0.3, `reconnectIn ${down.reconnectIn}`);
     const again = await startServer({ port: own.port });

@@ -21,7 +21,7 @@ export async function startServer({ port = 0, env = {} } = {}) {
     ? ["-m", "uvicorn", "--factory", "roombus.asgi:create_app", "--host", "127.0.0.1", "--port", String(port), "--log-level", "info"]
     : ["-m", "roombus", "serve", "--transport", TRANSPORT, "--host", "127.0.0.1", "--port", String(port)];
   const proc = spawn(PYTHON, args, {
-    env: { ...process.env, ROOMBUS_HISTORY_SIZE: "1000", ...env },
+    env: { ...process.env, ROOMBUS_HISTORY_SIZE: "1000", ROOMBUS_DRAIN_SECONDS: "0", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let output = "";

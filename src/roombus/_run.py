@@ -57,6 +57,24 @@ def _url(settings: Settings, port: int | None) -> str:
     return f"{scheme}://{settings.server.host}:{port}/ws"
 
 
+def _log_api(settings: Settings, api_port: int | None) -> None:
+    """Say where the server API is, if it is on."""
+    server = settings.server
+    if not server.api_keys:
+        return
+    if api_port is None:
+        log.info("server API at /api/ on the main listener (%d keys)", len(server.api_keys))
+    else:
+        scheme = "https" if settings.ssl_context is not None else "http"
+        log.info(
+            "server API listening on %s://%s:%d/api/ (%d keys)",
+            scheme,
+            server.api_host,
+            api_port,
+            len(server.api_keys),
+        )
+
+
 async def _serve_trio(settings: Settings) -> None:
     import trio
 
@@ -66,6 +84,7 @@ async def _serve_trio(settings: Settings) -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, settings)
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
+            _log_api(settings, running.api_port)
             async for signum in signals:
                 log.info("%s received: closing connections", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -92,6 +111,7 @@ async def _serve_asyncio(settings: Settings) -> None:
             log.info(
                 "roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port)
             )
+            _log_api(settings, running.api_port)
             log.info("%s received: closing connections", (await received).name)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

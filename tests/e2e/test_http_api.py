@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -215,3 +216,60 @@ def test_too_large_is_413(api: Any) -> None:
     assert status_line.split()[1] == b"413", data
     body = json.loads(rest.partition(b"\r\n\r\n")[2])
     assert body["error"]["code"] == "payload_too_large"
+
+
+def test_in_process_api(server: Any) -> None:
+    (ann,) = server.room("lobby", "ann")
+
+    async def publish() -> Any:
+        return await server.server.api.publish("lobby", "hello", idempotency_key="x1")
+
+    result = server.call(lambda: _run_coroutine(publish()))
+    assert result["seq"] == 1 and result["delivered"] == 1
+    ann.expect(type="chat", content="hello", username="api")
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Run a coroutine that never awaits anything (the API's single-node calls)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the call awaited something")
+
+
+def test_api_on_its_own_listener(make_server: Any, transport: str) -> None:
+    if transport not in ("trio", "asyncio"):
+        pytest.skip("an ASGI app has no listener of its own")
+    st = make_server(api_keys=KEYS, api_port=0)
+    api_port = st.server.api_port
+    assert api_port and api_port != st.port
+    status, result = call(api_port, "info", {})
+    assert status == 200 and result["connections"] == 0
+    conn = http.client.HTTPConnection(HOST, api_port, timeout=TIMEOUT)
+    conn.request("GET", "/metrics")
+    assert conn.getresponse().status == 200
+    conn.close()
+    conn = http.client.HTTPConnection(HOST, api_port, timeout=TIMEOUT)
+    conn.request("GET", "/")
+    assert conn.getresponse().status == 404
+    conn.close()
+    # Not on the main listener.
+    conn = http.client.HTTPConnection(HOST, st.port, timeout=TIMEOUT)
+    conn.request("POST", "/api/info", body=b"{}", headers={"authorization": f"apikey {KEY}"})
+    assert conn.getresponse().status in (404, 405)
+    conn.close()
+
+
+def test_cli_api_key(cli: Any) -> None:
+    proc = cli("--port", "0", "--api-port", "0", env={"ROOMBUS_API_KEY": f"{KEY} {READER}:read"})
+    proc.wait_listening()
+    deadline = time.monotonic() + 10
+    while "server API listening" not in proc.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = int(
+        proc.stderr.split("server API listening on http://")[1].split("/")[0].rsplit(":", 1)[1]
+    )
+    assert call(port, "info", {})[0] == 200
+    assert call(port, "kick", {"room": "r", "username": "u"}, key=READER)[0] == 403
+    assert KEY not in proc.stderr

@@ -84,6 +84,24 @@ def _at_once(signum: int) -> None:
     log.info("%s received: closing the remaining connections now", signal.Signals(signum).name)
 
 
+def _log_api(settings: Settings, api_port: int | None) -> None:
+    """Say where the server API is, if it is on."""
+    server = settings.server
+    if not server.api_keys:
+        return
+    if api_port is None:
+        log.info("server API at /api/ on the main listener (%d keys)", len(server.api_keys))
+    else:
+        scheme = "https" if settings.ssl_context is not None else "http"
+        log.info(
+            "server API listening on %s://%s:%d/api/ (%d keys)",
+            scheme,
+            server.api_host,
+            api_port,
+            len(server.api_keys),
+        )
+
+
 async def _serve_trio(settings: Settings) -> None:
     import trio
 
@@ -93,6 +111,7 @@ async def _serve_trio(settings: Settings) -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, settings)
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
+            _log_api(settings, running.api_port)
 
             async def drain() -> None:
                 await running.drain()
@@ -124,6 +143,7 @@ async def _serve_asyncio(settings: Settings) -> None:
             log.info(
                 "roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port)
             )
+            _log_api(settings, running.api_port)
             if _draining(await received.get(), settings):
                 drain = asyncio.ensure_future(running.drain())
                 second = asyncio.ensure_future(received.get())

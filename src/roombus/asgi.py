@@ -83,6 +83,7 @@ from .node.facade import ServerFacade
 from .node.facade import wall as _wall
 from .node.options import settings_from_environ
 from .node.settings import Settings
+from .server.api import MAX_BODY_BYTES
 from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
@@ -303,7 +304,7 @@ class RoombusASGI(ServerFacade):
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._http(scope, send)
+            await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -322,13 +323,41 @@ class RoombusASGI(ServerFacade):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _http(self, scope: Scope, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = str(scope["method"]).encode()
         if (too_large := self._oversized(scope)) is not None:
             await send(
                 {"type": "http.response.start", "status": 431, "headers": response_head(too_large)}
             )
             await send({"type": "http.response.body", "body": too_large.body})
+            return
+        path = _target(scope).partition(b"?")[0]
+        if (path == b"/api" or path.startswith(b"/api/")) and self.hub.api_enabled(
+            api_listener=self.config.api_port is not None
+        ):
+            body = (
+                await _read_body(receive, scope.get("headers") or [], MAX_BODY_BYTES)
+                if method == b"POST"
+                else b""
+            )
+            hub = self.hub
+            response = hub.api_response(
+                method,
+                path,
+                scope.get("headers") or [],
+                body,
+                now=self._now(),
+                timestamp=_wall(),
+            )
+            self.transmit()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response_head(response),
+                }
+            )
+            await send({"type": "http.response.body", "body": response.body})
             return
         decision = route_request(
             method,
@@ -543,6 +572,29 @@ class RoombusASGI(ServerFacade):
                 if deadline is not None and deadline <= now:
                     hub.timeout(now=now, timestamp=_wall())
                     self.transmit()
+
+
+async def _read_body(
+    receive: Receive, headers: list[tuple[bytes, bytes]], most: int
+) -> bytes | None:
+    """An HTTP request's body (its ``http.request`` events), or None past *most* bytes
+    (at once if its ``Content-Length`` says so)."""
+    for name, value in headers:
+        if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > most:
+            return None
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            return b""
+        chunk = bytes(message.get("body") or b"")
+        size += len(chunk)
+        if size > most:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
 
 
 def _target(scope: Scope) -> bytes:

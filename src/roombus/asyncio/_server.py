@@ -81,8 +81,9 @@ class Backplane(Protocol):
 class _Protocol(asyncio.Protocol):
     """One connection: hands the loop's callbacks to the server."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, api: bool = False) -> None:
         self.server = server
+        self.api = api  # accepted on the API's own listener
         self.transport: asyncio.Transport | None = None
         self.cid: ConnectionId | None = None  # None once the hub let go of it
         self.paused = False  # the transport's buffer is over its high-water mark
@@ -165,6 +166,8 @@ class Server(ServerFacade):
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
+        #: The port of the API's own listener (``api_port``), or None without one.
+        self.api_port: int | None = None
         self._loop = asyncio.get_running_loop()
         self._links: dict[ConnectionId, _Protocol] = {}
         self._listeners: list[asyncio.AbstractServer] = []
@@ -298,24 +301,32 @@ class Server(ServerFacade):
 
     async def _listen(self) -> None:
         config = self.config
-        host: str | None = config.host
-        if config.port == 0:
+        listener = await self._bind(config.host, config.port, api=False)
+        self.port = listener.sockets[0].getsockname()[1]
+        if config.api_port is not None:
+            listener = await self._bind(config.api_host, config.api_port, api=True)
+            self.api_port = listener.sockets[0].getsockname()[1]
+
+    async def _bind(self, host_name: str, port: int, *, api: bool) -> asyncio.Server:
+        config = self.config
+        host: str | None = host_name
+        if port == 0:
             # One address only, so that ``port`` is unambiguous (as in roombus.trio).
             infos = await self._loop.getaddrinfo(
-                config.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                host_name, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             host = str(infos[0][4][0])
         listener = await self._loop.create_server(
-            lambda: _Protocol(self),
+            lambda: _Protocol(self, api),
             host,
-            config.port,
+            port,
             backlog=config.backlog,
             reuse_address=True,
             ssl=self.ssl_context,
             ssl_handshake_timeout=config.handshake_timeout if self.ssl_context else None,
         )
         self._listeners.append(listener)
-        self.port = listener.sockets[0].getsockname()[1]
+        return listener
 
     # -- the protocols' callbacks ------------------------------------------------------
 
@@ -330,7 +341,7 @@ class Server(ServerFacade):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
             except OSError:  # the client already reset
                 pass
-        cid = self.hub.open(now=self._loop.time(), peer=peer)
+        cid = self.hub.open(now=self._loop.time(), peer=peer, api=proto.api)
         proto.cid = cid
         self._links[cid] = proto
         self.transmit()

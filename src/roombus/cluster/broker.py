@@ -178,10 +178,11 @@ class ClusterBroker(Broker):
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None = None,
     ) -> None:
         cr = self._cluster.get(room)
         if cr is not None or self._online:  # no member here, maybe some elsewhere
-            self._publish_cluster(None, room, cr, username, content, timestamp, actions)
+            self._publish_cluster(None, room, cr, username, content, timestamp, actions, msg_id)
 
     def _occupancy(self, room: RoomName) -> int:
         cr = self._cluster.get(room)
@@ -613,9 +614,10 @@ class ClusterBroker(Broker):
         config = self.config
         policy = self._streams.policy(room)
         dedup = None
-        if msg_id is not None and conn is not None:
+        if msg_id is not None:
             dedup = (str(username), msg_id)
-            self._awaiting[ref] = (conn, msg_id)
+            if conn is not None:
+                self._awaiting[ref] = (conn, msg_id)
         actions.append(
             Relay(
                 room=room,

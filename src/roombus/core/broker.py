@@ -47,7 +47,14 @@ from .events import (
     TextReceived,
 )
 from .heartbeat import Heartbeat, HeartbeatState
-from .names import ConnectionId, RoomName, Username, is_valid_room, is_valid_username
+from .names import (
+    ConnectionId,
+    RoomName,
+    Username,
+    is_valid_request_id,
+    is_valid_room,
+    is_valid_username,
+)
 from .ratelimit import RateDecision, RateLimiter
 from .registry import Registry
 from .streams import MemoryStreams, Position
@@ -479,9 +486,15 @@ class Broker:
         username: str,
         timestamp: int,
         now: float | None = None,
+        msg_id: str | None = None,
     ) -> list[Action]:
         """
         Publish a chat message from server-side code to everyone in *room*.
+
+        With *msg_id* (an idempotency key, as a chat's ``id``), a message of the same
+        *username* and id to the same room within ``dedup_window`` (in this epoch) is
+        not published again: no :class:`~roombus.lowlevel.MessagePublished` then, and
+        :meth:`acknowledged` has the first one's position.
 
         The message is numbered and kept in the room's history even if the room has
         no members now (a client that joins with a position is sent it); the
@@ -499,6 +512,8 @@ class Broker:
             raise ValueError(f"invalid room name: {room!r}")
         if not is_valid_username(username):
             raise ValueError(f"invalid username: {username!r}")
+        if msg_id is not None and not is_valid_request_id(msg_id):
+            raise ValueError(f"invalid message id: {msg_id!r}")
         try:
             codec.check_content(content)
         except (TypeError, ValueError) as exc:
@@ -506,7 +521,9 @@ class Broker:
         actions: list[Action] = []
         if now is not None:
             self._now = now
-        self._publish_as_server(RoomName(room), Username(username), content, timestamp, actions)
+        self._publish_as_server(
+            RoomName(room), Username(username), content, timestamp, actions, msg_id
+        )
         return actions
 
     def _publish_as_server(
@@ -516,9 +533,66 @@ class Broker:
         content: object,
         timestamp: int,
         actions: list[Action],
+        msg_id: str | None = None,
     ) -> None:
         """:meth:`publish`, its arguments checked (hook: a cluster relays it)."""
-        self._publish(None, room, username, content, timestamp, actions)
+        self._publish(None, room, username, content, timestamp, actions, msg_id)
+
+    def acknowledged(self, room: str, username: str, msg_id: str) -> Position | None:
+        """The position of *username*'s message *msg_id* to *room*, if it is still
+        remembered (within ``dedup_window``, in the room's current epoch)."""
+        return self._streams.acknowledged(RoomName(room), Username(username), msg_id)
+
+    # -- server-side control ----------------------------------------------------------
+
+    def user_connections(self, username: str) -> list[ConnectionId]:
+        """The live connections of *username* here, oldest first."""
+        return [conn for conn, c in self._conns.items() if c.username == username]
+
+    def username_of(self, conn: ConnectionId) -> Username | None:
+        """The user of a live connection, or None."""
+        c = self._conns.get(conn)
+        return c.username if c is not None else None
+
+    def counts(self, room: str) -> dict[Username, int]:
+        """The users present in *room* here, each with its connections here."""
+        r = self._registry.rooms.get(RoomName(room))
+        return dict(r.users) if r is not None else {}
+
+    def disconnect(
+        self, conn: ConnectionId, *, code: int, reason: str, timestamp: int
+    ) -> list[Action]:
+        """
+        Close *conn* from server-side code with *code* and *reason*: a
+        :class:`~roombus.lowlevel.Close`, then its rooms learn it left. Nothing for
+        an unknown connection.
+        """
+        c = self._conns.get(conn)
+        if c is None:
+            return []
+        actions: list[Action] = [Close(conn=conn, code=code, reason=reason)]
+        self._disconnect(conn, c, timestamp, actions)
+        return actions
+
+    def kick(self, room: str, username: str, *, reason: str, timestamp: int) -> list[Action]:
+        """
+        Remove *username*'s connections from *room*: each is sent an ``error``
+        ``kicked`` (with the room) and leaves it, as if it had sent a ``leave``; the
+        room learns the user left. The connections stay open, and may join again
+        (keep a user out with the authorizer).
+        """
+        name = RoomName(room)
+        r = self._registry.rooms.get(name)
+        if r is None:
+            return []
+        actions: list[Action] = []
+        for conn, user in list(r.members.items()):
+            c = self._conns.get(conn)
+            if user != username or c is None or name not in c.rooms:
+                continue
+            self._deliver((conn,), codec.encode_kicked(name, reason), actions)
+            self._leave(conn, c, name, timestamp, actions)
+        return actions
 
     # -- internals --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ NOT_JOINED = "not_joined"
 INVALID_ROOM = "invalid_room"
 RATE_LIMITED = "rate_limited"
 FORBIDDEN = "forbidden"
+KICKED = "kicked"
 
 
 @attrs.frozen
@@ -358,6 +359,11 @@ def encode_error(code: str, reason: str, msg_id: str | None = None) -> bytes:
     if msg_id is not None:
         envelope["id"] = msg_id
     return encode(envelope)
+
+
+def encode_kicked(room: str, reason: str) -> bytes:
+    """The ``error`` ``kicked`` a connection removed from *room* by the server gets."""
+    return encode({"type": "error", "code": KICKED, "room": room, "content": reason})
 
 
 def _span(span: Span) -> dict[str, int]:

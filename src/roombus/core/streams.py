@@ -346,6 +346,15 @@ class MemoryStreams:
             self._evict(keep=room)
         return s.epoch, seq, payload
 
+    def acknowledged(self, room: RoomName, username: Username, msg_id: str) -> Position | None:
+        """The position of *username*'s message *msg_id* to *room*, while it is
+        remembered (within the dedup window) and the room's epoch is still its own."""
+        seen = self._acks.get((username, room, msg_id))
+        s = self._streams.get(room)
+        if seen is None or s is None or seen[0].epoch != s.epoch:
+            return None
+        return seen[0]
+
     def recover(
         self,
         room: RoomName,

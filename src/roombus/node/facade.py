@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..core.events import Event
 from ..core.names import RoomName
-from ..core.streams import Publication
+from ..core.streams import Position, Publication
+from ..server import api as _api
 from ..server.hub import HubBase
 
 
@@ -34,6 +36,15 @@ class ServerFacade:
     """
 
     hub: HubBase
+    _server_api: ServerApi | None = None
+
+    @property
+    def api(self) -> ServerApi:
+        """The server API in process: the operations of ``POST /api/<method>``, as
+        async methods returning the same JSON results (``docs/api-http.md``)."""
+        if self._server_api is None:
+            self._server_api = ServerApi(self)
+        return self._server_api
 
     def _now(self) -> float:
         raise NotImplementedError
@@ -102,3 +113,107 @@ class ServerFacade:
     def overflows(self) -> int:
         """Slow consumers closed (send queue over its bound) since the start."""
         return self.hub.overflows
+
+
+def _since(since: Position | dict[str, object] | None) -> object:
+    if isinstance(since, Position):
+        return {"epoch": since.epoch, "seq": since.seq}
+    return since
+
+
+class ServerApi:
+    """
+    The server API of a running server, in process: ``await server.api.publish(...)``.
+
+    Every method takes the fields of its HTTP method (``docs/api-http.md``) as
+    keyword arguments and returns its JSON result; it validates them as the HTTP API
+    does, and raises :class:`~roombus.server.api.ApiError` (a ``ValueError``, with
+    ``status``, ``code`` and ``field``) where the HTTP API answers 4xx. No key is
+    needed: the application has every scope. Call them from the server's event loop
+    (its thread). They are coroutines so that a cluster-wide operation may wait for
+    the other nodes without changing their signature.
+    """
+
+    def __init__(self, server: ServerFacade) -> None:
+        self._server = server
+
+    async def call(self, method: str, /, **params: Any) -> dict[str, object]:
+        """Method *method* (``"publish"``, ...) with *params*: its result."""
+        server = self._server
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            return _api.call(
+                server.hub.operations, method, params, now=server._now(), timestamp=wall()
+            )
+        finally:
+            server.transmit()
+
+    async def publish(
+        self,
+        room: str,
+        content: object,
+        *,
+        username: str = "api",
+        idempotency_key: str | None = None,
+    ) -> dict[str, object]:
+        """Publish *content* to *room*: ``{"room", "epoch", "seq", "delivered", "duplicate"}``."""
+        return await self.call(
+            "publish",
+            room=room,
+            content=content,
+            username=username,
+            idempotency_key=idempotency_key,
+        )
+
+    async def broadcast(
+        self, rooms: list[str], content: object, *, username: str = "api"
+    ) -> dict[str, object]:
+        """Publish *content* to each of *rooms*: ``{"results": [publish's, ...]}``."""
+        return await self.call("broadcast", rooms=rooms, content=content, username=username)
+
+    async def presence(self, room: str) -> dict[str, object]:
+        """The users in *room*, each with its connections: ``{"room", "users": [...]}``."""
+        return await self.call("presence", room=room)
+
+    async def presence_stats(self, room: str) -> dict[str, object]:
+        """How many users and connections *room* has."""
+        return await self.call("presence_stats", room=room)
+
+    async def history(
+        self,
+        room: str,
+        *,
+        since: Position | dict[str, object] | None = None,
+        limit: int | None = None,
+    ) -> dict[str, object]:
+        """The kept chats of *room* after *since* (the latest without), at most *limit*."""
+        return await self.call("history", room=room, since=_since(since), limit=limit)
+
+    async def disconnect(
+        self,
+        *,
+        username: str | None = None,
+        connection: str | None = None,
+        code: int = 1000,
+        reason: str | None = None,
+    ) -> dict[str, object]:
+        """Close a user's connections, or one connection, with *code* (1000, 3000-4999)."""
+        return await self.call(
+            "disconnect", username=username, connection=connection, code=code, reason=reason
+        )
+
+    async def kick(
+        self, room: str, username: str, *, reason: str | None = None
+    ) -> dict[str, object]:
+        """Remove *username*'s connections from *room* (they stay open)."""
+        return await self.call("kick", room=room, username=username, reason=reason)
+
+    async def rooms(
+        self, *, pattern: str = "*", cursor: str | None = None, limit: int = 100
+    ) -> dict[str, object]:
+        """One page of the rooms matching *pattern*: ``{"rooms": [...], "cursor"}``."""
+        return await self.call("rooms", pattern=pattern, cursor=cursor, limit=limit)
+
+    async def info(self) -> dict[str, object]:
+        """This node: its id, connections, rooms and backplane state."""
+        return await self.call("info")

@@ -40,6 +40,8 @@ class _Option:
     help: str
     repeat: bool = False
     metavar: str | None = None
+    #: What separates a repeatable option's values in its variable (None: whitespace).
+    separator: str | None = ","
 
     @property
     def env(self) -> str:
@@ -259,6 +261,30 @@ SERVE_OPTIONS = (
     ),
     _Option("backlog", int, f"the listen backlog (default {_defaults_s.backlog})"),
     _Option(
+        "api-key",
+        str,
+        "turn the server API on (POST /api/<method>) with this key, of at least 16 "
+        "characters; KEY:publish,read grants fewer scopes (publish, read, admin; default "
+        "all). Repeatable; the variable takes keys separated by spaces; prefer it or the "
+        "file: a flag shows in the process list",
+        repeat=True,
+        metavar="KEY[:SCOPES]",
+        separator=None,
+    ),
+    _Option(
+        "api-host",
+        str,
+        f"address of the API's own listener, with --api-port (default {_defaults_s.api_host})",
+        metavar="ADDRESS",
+    ),
+    _Option(
+        "api-port",
+        int,
+        "serve the API (with /metrics and /healthz) on a listener of its own at this port, "
+        "and not on the main one (default: on the main listener)",
+        metavar="PORT",
+    ),
+    _Option(
         "certfile",
         str,
         "serve TLS (wss://) with this PEM certificate chain (default: plain TCP)",
@@ -340,7 +366,7 @@ SERVE_OPTIONS = (
 
 
 # Settings whose value must never be echoed in an error message.
-_SECRETS = frozenset({"jwt_secret", "redis"})
+_SECRETS = frozenset({"jwt_secret", "redis", "api_key"})
 
 _METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
 
@@ -426,7 +452,7 @@ def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str,
             raw = environ[opt.env]
             source = opt.env
             if opt.repeat:
-                raw = [part for part in raw.split(",") if part.strip()]
+                raw = [part for part in raw.split(opt.separator) if part.strip()]
         if raw is None and opt.dest in from_file:
             source = f"{config_path}: {opt.flag}"
             try:
@@ -564,6 +590,8 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
             content_type=b"text/javascript; charset=utf-8",
         )
     )
+    if "api_key" in values:
+        values["api_keys"] = values.pop("api_key")
     if "allowed_origin" in values:
         values["allowed_origins"] = values.pop("allowed_origin")
     if "forwarded_allow_ips" in values:

@@ -9,6 +9,7 @@ import attrs
 
 from ..core.config import _non_negative_int, _positive_finite, _positive_int
 from ..core.errors import ConfigError
+from .api import ApiKey, parse_api_key
 from .forwarded import TrustedProxies
 from .handshake import normalize_origin
 from .http import StaticFile
@@ -35,6 +36,10 @@ def _trusted(values: TrustedProxies | Iterable[str] | str) -> TrustedProxies:
         return TrustedProxies.parse(values)
     except ValueError as exc:
         raise ConfigError("forwarded-allow-ips", str(exc)) from None
+
+
+def _api_keys(values: Iterable[ApiKey | str]) -> tuple[ApiKey, ...]:
+    return tuple(v if isinstance(v, ApiKey) else parse_api_key(v) for v in values)
 
 
 @attrs.frozen(kw_only=True)
@@ -85,6 +90,13 @@ class ServerConfig:
             jittered, so that their clients do not all reconnect elsewhere at once;
             meanwhile ``/healthz`` answers 503 and new WebSockets are refused (503).
             0: close them all at once.
+        api_keys: The keys of the server API (``POST /api/<method>``,
+            ``docs/api-http.md``): :class:`~roombus.server.api.ApiKey` values, or
+            their text (``SECRET`` or ``SECRET:publish,read``). None: no API (404).
+        api_host: The address of the API's own listener (with *api_port*).
+        api_port: If set, the API is served on a listener of its own at
+            *api_host* and this port (0 picks one), with ``/metrics`` and
+            ``/healthz``, and not on the main listener. None: on the main listener.
     """
 
     host: str = "127.0.0.1"
@@ -104,10 +116,19 @@ class ServerConfig:
     forwarded_allow_ips: TrustedProxies = attrs.field(factory=TrustedProxies, converter=_trusted)
     proxy_protocol: bool = False
     drain_seconds: float = 10.0
+    api_keys: tuple[ApiKey, ...] = attrs.field(default=(), converter=_api_keys)
+    api_host: str = "127.0.0.1"
+    api_port: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise ConfigError("port", f"must be 0-65535, not {self.port!r}")
+        if self.api_port is not None and not (
+            isinstance(self.api_port, int) and 0 <= self.api_port <= 65535
+        ):
+            raise ConfigError("api-port", f"must be 0-65535, not {self.api_port!r}")
+        if self.api_port is not None and not self.api_keys:
+            raise ConfigError("api-port", "needs --api-key (the API is off without one)")
         _positive_finite("handshake-timeout", self.handshake_timeout)
         _positive_finite("close-timeout", self.close_timeout)
         _positive_int("max-header-bytes", self.max_header_bytes)

@@ -23,6 +23,7 @@ from typing import Final, cast
 
 from ..core.events import PongReceived, TextReceived
 from ..core.names import ConnectionId
+from .api import MAX_BODY_BYTES
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
@@ -52,6 +53,7 @@ INPUT_BATCH: Final = 64
 #: The longest PROXY protocol header accepted is ``max_header_bytes``, but at least
 #: this: a version 2 header with a Unix socket's addresses.
 PROXY_HEADER_MIN: Final = 16 + 216
+_NOT_HERE: Final = HttpResponse(status=404, body=b"not found (the API's listener)\n")
 
 
 class FramedHub(HubBase):
@@ -75,9 +77,11 @@ class FramedHub(HubBase):
 
     # -- inputs -----------------------------------------------------------------------
 
-    def open(self, *, now: float, peer: str = "") -> ConnectionId:
+    def open(self, *, now: float, peer: str = "", api: bool = False) -> ConnectionId:
         """
-        A new transport connection; it has the handshake timeout to send its request.
+        A new transport connection; it has the handshake timeout to send its request
+        (a ``POST``'s body included). *api*: accepted on the API's own listener
+        (``api_port``), which serves ``/api/...``, ``/metrics`` and ``/healthz`` only.
         """
         cid = ConnectionId(next(self._ids))
         broker_config = self.broker.config
@@ -85,12 +89,14 @@ class FramedHub(HubBase):
             max_header_bytes=self.config.max_header_bytes,
             max_message_bytes=broker_config.max_message_bytes,
             max_events=INPUT_BATCH,
+            max_body_bytes=MAX_BODY_BYTES,
         )
         queue = SendQueue(
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
         conn = _Conn(cid, peer, wire, queue)
         self._behind_proxy(conn)
+        conn.api_only = api
         refusal = self._add(conn)
         if self.shutting_down:
             self._drop(conn)
@@ -200,12 +206,24 @@ class FramedHub(HubBase):
                     self.admission.refused(conn.peer, refusal)
                     self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
-                if (
-                    config.metrics
-                    and event.method in (b"GET", b"HEAD")
-                    and event.target.partition(b"?")[0] == b"/metrics"
-                ):
+                path = event.target.partition(b"?")[0]
+                if config.metrics and event.method in (b"GET", b"HEAD") and path == b"/metrics":
                     self._respond(conn, self.metrics_response(), now, head=event.method == b"HEAD")
+                    return
+                is_api = path == b"/api" or path.startswith(b"/api/")
+                if is_api and self.api_enabled(api_listener=conn.api_only):
+                    response = self.api_response(
+                        event.method,
+                        path,
+                        event.headers,
+                        event.body,
+                        now=now,
+                        timestamp=timestamp,
+                    )
+                    self._respond(conn, response, now, head=event.method == b"HEAD")
+                    return
+                if conn.api_only and path != b"/healthz":
+                    self._respond(conn, _NOT_HERE, now, head=event.method == b"HEAD")
                     return
                 decision = route_request(
                     event.method,
@@ -225,6 +243,12 @@ class FramedHub(HubBase):
                     return
                 _log_refusal(conn.peer, decision)
                 self._respond(conn, decision, now, head=event.method == b"HEAD")
+            elif type(event) is Reply:  # 100 Continue: the body may come
+                queue = cast("SendQueue", conn.queue)
+                queue.push_control(event.data)
+                queue.data()  # handed out: never dropped
+                self._dirty[conn.cid] = queue
+                continue
             elif type(event) is BadRequest:
                 log.info("%s sent a bad request: %d", conn.peer, event.response.status)
                 self._respond(conn, event.response, now, head=False)

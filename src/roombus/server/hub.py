@@ -89,14 +89,17 @@ from ..core.names import ConnectionId
 from ..core.streams import Position, Publication
 from ..core.tables import worth_shrinking
 from .admission import Admission
+from .api import TOO_LARGE, handle_api
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
 from .drain import DrainSchedule
 from .handshake import Upgrade
 from .http import HttpResponse
 from .metrics import collect, render_prometheus
+from .operations import HubOperations
 from .peer import peer_address
 from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
+from .typing import Headers
 from .wire import (
     GOING_AWAY,
     PING_FRAME,
@@ -144,6 +147,7 @@ PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
 
 class _Conn:
     __slots__ = (
+        "api_only",
         "cid",
         "deadline",
         "forwarded",
@@ -182,6 +186,8 @@ class _Conn:
         self.deadline: float | None = None  # when the transport is dropped regardless
         # The answer to its request, decided before it arrived (a connection limit).
         self.refusal: HttpResponse | None = None
+        # Accepted on the API's own listener: /api, /metrics and /healthz only.
+        self.api_only = False
 
 
 class HubBase:
@@ -252,6 +258,9 @@ class HubBase:
         self.config = config if config is not None else ServerConfig()
         #: The connection limits: per-address and total counts, the probe budget.
         self.admission = Admission(self.config)
+        #: What the server API (``POST /api/...``) calls; the adapters' ``Server.api``
+        #: calls it too.
+        self.operations = HubOperations(self)
         #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
         self.on_notice = on_notice
@@ -312,6 +321,37 @@ class HubBase:
     def metrics_response(self) -> HttpResponse:
         """``GET /metrics``: :meth:`metrics` in the Prometheus text format."""
         return render_prometheus(collect(self))
+
+    def api_enabled(self, *, api_listener: bool) -> bool:
+        """Whether ``/api/...`` is served to a connection of the main listener
+        (*api_listener* False) or of the API's own one: only with an API key, and
+        on the API's listener if it has one."""
+        config = self.config
+        return bool(config.api_keys) and api_listener == (config.api_port is not None)
+
+    def api_response(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: bytes | None,
+        *,
+        now: float,
+        timestamp: int,
+    ) -> HttpResponse:
+        """The answer to a request for ``/api/...`` (*body* None: it was too large)."""
+        if body is None:
+            return TOO_LARGE
+        return handle_api(
+            method,
+            path,
+            headers,
+            body,
+            keys=self.config.api_keys,
+            operations=self.operations,
+            now=now,
+            timestamp=timestamp,
+        )
 
     def take_backplane(self) -> list[BackplaneAction]:
         """Backplane work the broker asked for since the last call, in order."""

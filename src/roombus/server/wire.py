@@ -10,6 +10,7 @@ receiver and is built once (:func:`text_frame`).
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
 
@@ -68,11 +69,16 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 @attrs.frozen
 class RequestReceived:
-    """The opening HTTP request is complete."""
+    """
+    The opening HTTP request is complete: a ``POST``'s body too (*body*; None when it
+    is over the wire's ``max_body_bytes``, of which no more is read). Every other
+    method's request is complete with its head, and its *body* empty.
+    """
 
     method: bytes
     target: bytes
     headers: list[tuple[bytes, bytes]]
+    body: bytes | None = b""
 
 
 @attrs.frozen
@@ -138,6 +144,14 @@ WireEvent = (
 )
 
 
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The ``Content-Length`` h11 accepted (it refuses a malformed one), if any."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
 class WireState(enum.Enum):
     """Where a connection's wire stands."""
 
@@ -178,6 +192,8 @@ class ServerWire:
         max_message_bytes: Largest inbound message; larger ones close with 1009. Each
             frame of a fragmented message counts :data:`FRAGMENT_OVERHEAD` bytes more,
             and a message of more than :data:`MAX_FRAGMENTS` frames closes with 1009 too.
+        max_body_bytes: Largest body of a ``POST`` (the server API's) read; a larger
+            one is reported as a request with no body (None), and no more is read.
         max_events: Most events one :meth:`receive_data` call returns for frames (0: no
             limit). The frames beyond stay buffered, unparsed, and :attr:`more` is True
             until a call (with ``b""`` or new bytes) takes them: a driver bounds how much
@@ -185,9 +201,17 @@ class ServerWire:
     """
 
     def __init__(
-        self, *, max_header_bytes: int = 16384, max_message_bytes: int = 65536, max_events: int = 0
+        self,
+        *,
+        max_header_bytes: int = 16384,
+        max_message_bytes: int = 65536,
+        max_events: int = 0,
+        max_body_bytes: int = 1024 * 1024,
     ) -> None:
         self.state = WireState.HANDSHAKE
+        self._max_body = max_body_bytes
+        self._request: h11.Request | None = None  # a POST whose body is being read
+        self._body = bytearray()
         self._h11: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=max_header_bytes
         )
@@ -224,6 +248,8 @@ class ServerWire:
                 if len(self._head) <= self._max_header_bytes:
                     self._head += data
                 h.receive_data(data)
+            if self._request is not None:
+                return self._read_body()
             event = h.next_event()
         except h11.RemoteProtocolError as exc:
             self.state = WireState.CLOSED
@@ -241,12 +267,58 @@ class ServerWire:
             if refusal is not None:
                 self.state = WireState.CLOSED
                 return [BadRequest(refusal)]
+            if event.method == b"POST":
+                self._request = event
+                length = _content_length(event.headers)
+                if length is not None and length > self._max_body:
+                    return self._too_large()
+                out: list[WireEvent] = []
+                if h.they_are_waiting_for_100_continue:
+                    out.append(Reply(b"HTTP/1.1 100 Continue\r\n\r\n"))
+                return out + self._read_body()
             return [RequestReceived(event.method, event.target, list(event.headers))]
         if event is h11.NEED_DATA:
             return []
         # ConnectionClosed before a full request: nothing to answer.
         self.state = WireState.CLOSED
         return [Closed(code=CloseReason.ABNORMAL_CLOSURE, data=b"", by_peer=True)]
+
+    def _read_body(self) -> list[WireEvent]:
+        """A POST's body so far: the request once it is all there (or too large)."""
+        h = self._h11
+        request = self._request
+        assert h is not None and request is not None
+        try:
+            while True:
+                event = h.next_event()
+                if type(event) is h11.Data:
+                    self._body += event.data
+                    if len(self._body) > self._max_body:
+                        return self._too_large()
+                elif type(event) is h11.EndOfMessage:
+                    body, self._body = bytes(self._body), bytearray()
+                    self._request = None
+                    self.state = WireState.CLOSED  # answered, then the connection ends
+                    return [
+                        RequestReceived(request.method, request.target, list(request.headers), body)
+                    ]
+                elif event is h11.NEED_DATA:
+                    return []
+                else:  # the peer went away mid-body
+                    self.state = WireState.CLOSED
+                    return [Closed(code=CloseReason.ABNORMAL_CLOSURE, data=b"", by_peer=True)]
+        except h11.RemoteProtocolError as exc:
+            self.state = WireState.CLOSED
+            status = exc.error_status_hint
+            return [BadRequest(HttpResponse(status=status, body=b"malformed HTTP request\n"))]
+
+    def _too_large(self) -> list[WireEvent]:
+        request = self._request
+        assert request is not None
+        self._request = None
+        self._body = bytearray()
+        self.state = WireState.CLOSED
+        return [RequestReceived(request.method, request.target, list(request.headers), None)]
 
     def respond(self, response: HttpResponse, *, head: bool = False) -> bytes:
         """The bytes of a plain HTTP *response* (no body for HEAD); the connection is then over."""

@@ -205,6 +205,9 @@ class Server(ServerFacade):
         self.broker = self.hub.broker
         self.config = self.hub.config
         self.port: int | None = None
+        #: The port of the API's own listener (``api_port``), or None without one.
+        self.api_port: int | None = None
+        self._api_listeners: list[socket.socket] = []
         self._links: dict[ConnectionId, _Link] = {}
         self._flusher: trio.lowlevel.Task | None = None
         self._flusher_parked = False
@@ -286,7 +289,7 @@ class Server(ServerFacade):
                 if self.backplane is not None:
                     nursery.start_soon(self.backplane.run, self)
                 for lsock in self._listeners:
-                    nursery.start_soon(self._accept_loop, lsock)
+                    nursery.start_soon(self._accept_loop, lsock, lsock in self._api_listeners)
                 task_status.started()
                 await self._all_closed.wait()
                 if self.backplane is not None:
@@ -314,7 +317,7 @@ class Server(ServerFacade):
         if self.hub.shutting_down and not self._links:
             self._all_closed.set()
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
+    async def _accept_loop(self, lsock: socket.socket, api: bool = False) -> None:
         nursery = self._nursery
         assert nursery is not None
         while True:
@@ -349,7 +352,7 @@ class Server(ServerFacade):
                         continue
                 peer = peer_label(addr)
                 if self.ssl_context is None:
-                    nursery.start_soon(self._handle, _SocketTransport(sock, peer))
+                    nursery.start_soon(self._handle, _SocketTransport(sock, peer), api)
                 else:
                     # The TLS handshake happens on the first receive, inside the
                     # handshake timeout like the HTTP request.
@@ -358,12 +361,12 @@ class Server(ServerFacade):
                         self.ssl_context,
                         server_side=True,
                     )
-                    nursery.start_soon(self._handle, _StreamTransport(stream, peer))
+                    nursery.start_soon(self._handle, _StreamTransport(stream, peer), api)
 
-    async def _handle(self, transport: _Transport) -> None:
+    async def _handle(self, transport: _Transport, api: bool = False) -> None:
         """One connection's whole life; its transport is closed on every way out."""
         hub = self.hub
-        cid = hub.open(now=trio.current_time(), peer=transport.peer)
+        cid = hub.open(now=trio.current_time(), peer=transport.peer, api=api)
         link = _Link(transport)
         self._links[cid] = link
         try:
@@ -529,12 +532,9 @@ def _limit_send_buffer(sock: socket.socket, size: int) -> None:
             pass
 
 
-def _listen(config: ServerConfig) -> list[socket.socket]:
-    infos = socket.getaddrinfo(
-        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+def _listen(config: ServerConfig, host: str, port: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
-    port = config.port
     try:
         for family, type_, proto, _, addr in infos[:1] if port == 0 else infos:
             sock = socket.socket(family, type_, proto)
@@ -588,8 +588,18 @@ async def serve(
         TypeError: for a keyword that is no setting.
     """
     server = Server(settings, config, **legacy)
-    server._listeners = _listen(server.config)
+    config = server.config
+    server._listeners = _listen(config, config.host, config.port)
     server.port = server._listeners[0].getsockname()[1]
+    if config.api_port is not None:
+        try:
+            server._api_listeners = _listen(config, config.api_host, config.api_port)
+        except BaseException:
+            for sock in server._listeners:
+                sock.close()
+            raise
+        server._listeners += server._api_listeners
+        server.api_port = server._api_listeners[0].getsockname()[1]
     await run_server(server, task_status=task_status)
 
 

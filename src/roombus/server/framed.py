@@ -25,7 +25,7 @@ from ..core.events import PongReceived, TextReceived
 from ..core.names import ConnectionId
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
-from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .hub import HubBase, _Conn, _Phase, _Step, log
 from .queues import SendQueue
 from .wire import (
     BadRequest,
@@ -64,6 +64,7 @@ class FramedHub(HubBase):
         if not self._dirty:
             return []
         dirty, self._dirty = self._dirty, {}
+        self._sample_depths(dirty)
         return cast("list[tuple[ConnectionId, SendQueue]]", list(dirty.items()))
 
     # -- inputs -----------------------------------------------------------------------
@@ -82,7 +83,7 @@ class FramedHub(HubBase):
         queue = SendQueue(
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
-        conn = _Conn(cid, peer, wire, queue)
+        conn = _Conn(cid, peer, wire, queue, now)
         refusal = self._add(conn)
         if self.shutting_down:
             self._drop(conn)
@@ -91,7 +92,7 @@ class FramedHub(HubBase):
             conn.refusal = refusal
             if self.admission.far_over(conn.ip, len(self._conns)):
                 # Far over a limit: not even an answer (descriptors are what is scarce).
-                self.admission.refused(conn.peer, refusal)
+                self._refused(conn.peer, refusal, limit=True)
                 self._drop(conn)
                 return cid
         self._set_deadline(conn, now + self.config.handshake_timeout)
@@ -145,7 +146,7 @@ class FramedHub(HubBase):
                 if refusal is not None and not self.admission.spared(
                     conn.cid, event.method, event.target
                 ):
-                    self.admission.refused(conn.peer, refusal)
+                    self._refused(conn.peer, refusal, limit=True)
                     self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
                 if (
@@ -170,10 +171,12 @@ class FramedHub(HubBase):
                 if isinstance(decision, Upgrade):
                     self._upgrade(conn, decision, now, timestamp)
                     return
-                _log_refusal(conn.peer, decision)
+                self._refused(conn.peer, decision)
                 self._respond(conn, decision, now, head=event.method == b"HEAD")
             elif type(event) is BadRequest:
-                log.info("%s sent a bad request: %d", conn.peer, event.response.status)
+                status = event.response.status
+                log.info("%s sent a bad request: %d", conn.peer, status)
+                self.http_refusals.add(status)
                 self._respond(conn, event.response, now, head=False)
             else:  # the peer went away mid-request
                 self._drop(conn)
@@ -194,6 +197,7 @@ class FramedHub(HubBase):
         queue.data()
         self._dirty[conn.cid] = queue
         self._set_phase(conn, _Step.UPGRADE)
+        self.handshake_duration.observe(now - conn.opened)
         conn.deadline = None
         self._connect(conn, upgrade, now, timestamp)
         if conn.phase is _Phase.OPEN:
@@ -238,6 +242,7 @@ class FramedHub(HubBase):
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse): what
                 # is queued for it (its own echoes) goes out first, then the close.
+                self._closed(event.code, "client" if event.by_peer else "server")  # type: ignore[union-attr]
                 self._forget(conn, now, timestamp)
                 self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return
@@ -249,6 +254,7 @@ class FramedHub(HubBase):
         queue = conn.queue
         wire = conn.wire
         assert wire is not None
+        self._closed(code, "server")
         frame = wire.close(code, reason)
         if frame:
             queue.close_with(frame, drop_pending=drop_pending)  # type: ignore[arg-type]

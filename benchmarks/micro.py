@@ -7,6 +7,10 @@ Micro-benchmarks of the sans-IO hub's hot paths (no sockets, one process, timeit
   per-address and total limits on), the upgrade request, the queues written,
   ``lost``.
 * ``open-lost``: ``open`` then ``lost`` with no request, the admission counting alone.
+* ``fanout-write``: ``fanout`` and then its 1000 queues taken and written out, each
+  reported with ``flushed(cid, now=...)`` (what the metrics observe: the send-queue
+  depth per queue taken, the publish-to-write latency per queue written).
+* ``observe``: one ``Histogram.observe`` (what each of those observations costs), in ns.
 
 Run: ``python benchmarks/micro.py [--repeat 7]``. Prints the best of the repeats, in
 microseconds per operation, as one JSON object.
@@ -24,7 +28,9 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
 from roombus import BrokerConfig, ServerConfig
+from roombus.core.stats import Histogram
 from roombus.hub import Hub
+from roombus.server.metrics import LATENCY_BUCKETS
 
 TS = 1_700_000_000
 ROOM = 1000
@@ -39,19 +45,19 @@ def request(room: str, user: str) -> bytes:
     ).encode()
 
 
-def drain(hub: Hub) -> None:
+def drain(hub: Hub, now: float | None = None) -> None:
     """Write every dirty queue out completely, as a flusher whose kernel takes it all."""
     for cid, queue in hub.take_dirty():
         data = queue.data()
         while data:
             queue.consume(len(data))
             data = queue.data()
-        hub.flushed(cid)
+        hub.flushed(cid, now=now)
     for cid in hub.take_to_close():
         hub.lost(cid, now=0.0, timestamp=TS)
 
 
-def fanout(repeat: int, number: int = 50) -> float:
+def fanout(repeat: int, number: int = 50, *, write: bool = False) -> float:
     hub = Hub(
         BrokerConfig(rate_limit=0, heartbeat=False, max_connections_per_room=0),
         ServerConfig(max_connections=0, max_connections_per_ip=0, max_queued_bytes=0),
@@ -68,7 +74,14 @@ def fanout(repeat: int, number: int = 50) -> float:
     def chat() -> None:
         hub.receive(sender, frame, now=0.0, timestamp=TS)
 
-    times = timeit.Timer(chat, setup=lambda: drain(hub)).repeat(repeat, number)
+    def chat_written() -> None:
+        hub.receive(sender, frame, now=0.0, timestamp=TS)
+        drain(hub, 0.001)
+
+    if write:
+        times = timeit.Timer(chat_written).repeat(repeat, number)
+    else:
+        times = timeit.Timer(chat, setup=lambda: drain(hub)).repeat(repeat, number)
     assert hub.websocket_count == ROOM
     return min(times) / number * 1e6
 
@@ -95,6 +108,13 @@ def churn(repeat: int, number: int = 2000, *, handshake: bool = True) -> float:
     return min(times) / number * 1e6
 
 
+def observe(repeat: int, number: int = 200_000) -> float:
+    histogram = Histogram(LATENCY_BUCKETS)
+    times = timeit.Timer(lambda: histogram.observe(0.003)).repeat(repeat, number)
+    empty = timeit.Timer(lambda: None).repeat(repeat, number)  # the call's own cost
+    return (min(times) - min(empty)) / number * 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
@@ -106,6 +126,8 @@ def main() -> None:
                 "fanout_us": round(fanout(args.repeat), 2),
                 "churn_us": round(churn(args.repeat), 2),
                 "open_lost_us": round(churn(args.repeat, handshake=False), 3),
+                "fanout_write_us": round(fanout(args.repeat, write=True), 2),
+                "observe_ns": round(observe(args.repeat), 1),
             }
         )
     )

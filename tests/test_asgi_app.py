@@ -258,7 +258,7 @@ def test_a_backplane_starts_at_lifespan_startup_on_asyncio() -> None:
     assert backplane.host is bus
     assert backplane.calls == ["start", "wait_idle", "aclose"]
     assert bus.hub.broker.node == "fake-node"
-    assert "roombus_fake_total 3" in bus.hub.metrics_response().body.decode().splitlines()
+    assert "roombus_fake_total 3.0" in bus.hub.metrics_response().body.decode().splitlines()
 
 
 async def test_a_backplane_under_trio_fails_startup_naming_the_setting() -> None:

@@ -103,6 +103,8 @@ THIRD_PARTY: Final = {
     "roombus.server.auth": frozenset({"cryptography", "jwt"}),
     "roombus.cluster.resp": frozenset({"hiredis"}),  # the RESP parser, imported on first use
     "roombus.node.options": frozenset({"tomli"}),  # the configuration file, before 3.11
+    # each server's own CollectorRegistry, its collector and the process collectors
+    "roombus.node.metrics": frozenset({"prometheus_client"}),
 }
 
 #: Event loops each adapter may import (the others' are not its business).

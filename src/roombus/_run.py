@@ -38,6 +38,8 @@ def run(settings: Settings | None = None, /, **changes: Any) -> None:
     ``asyncio`` (:func:`roombus.asyncio.serve`). A cluster (``settings.cluster``) gets
     the backplane of that framework. It logs to the ``roombus`` logger (the address it
     listens on, the signal that stops it) and leaves the logging setup to the caller.
+    Its ``/metrics`` has the process's metrics too (``process_*``, ``python_*``): the
+    process is the server's.
     Call it from the main thread (it handles the signals), outside any event loop.
 
     Raises:
@@ -110,6 +112,7 @@ async def _serve_trio(settings: Settings) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, settings)
+            running.metrics.add_process_collectors()  # this process is the server's
             log.info("roombus %s listening on %s", __version__, _url(settings, running.port))
             _log_api(settings, running.api_port)
 
@@ -140,6 +143,7 @@ async def _serve_asyncio(settings: Settings) -> None:
         loop.add_signal_handler(signum, received.put_nowait, signum)
     try:
         async with serve(settings) as running:
+            running.metrics.add_process_collectors()  # this process is the server's
             log.info(
                 "roombus %s listening on %s (asyncio)", __version__, _url(settings, running.port)
             )

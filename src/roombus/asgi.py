@@ -81,6 +81,7 @@ from .core.names import ConnectionId
 from .node.assemble import build_broker
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
+from .node.metrics import ServerMetrics
 from .node.options import settings_from_environ
 from .node.settings import Settings
 from .server.api import MAX_BODY_BYTES
@@ -198,6 +199,8 @@ class RoombusASGI(ServerFacade):
         self.backplane = backplane
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
+        #: The server's Prometheus registry and ``/metrics`` text (its own registry).
+        self.metrics: Final = ServerMetrics(self.hub, transport="asgi")
         self.broker = self.hub.broker
         self.config = self.hub.config
         self._links: dict[ConnectionId, _Link] = {}
@@ -409,6 +412,7 @@ class RoombusASGI(ServerFacade):
             await _refuse(scope, send, opened)
             return
         cid = opened
+        code: int | None = None  # the peer's close code, once it disconnects
         link = _Link()
         self._links[cid] = link
         try:
@@ -424,11 +428,11 @@ class RoombusASGI(ServerFacade):
                     return
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._write_loop, cid, link, send)
-                    await self._read_loop(cid, receive)
+                    code = await self._read_loop(cid, receive)
                     tasks.cancel_scope.cancel()
         finally:
             del self._links[cid]
-            hub.lost(cid, now=anyio.current_time(), timestamp=_wall())
+            hub.lost(cid, now=anyio.current_time(), timestamp=_wall(), code=code)
             self.transmit()
 
     def _oversized(self, scope: Scope) -> HttpResponse | None:
@@ -445,7 +449,8 @@ class RoombusASGI(ServerFacade):
         log.info("%s refused with 431", _peer(scope))
         return HttpResponse(status=431, body=b"request header too large\n")
 
-    async def _read_loop(self, cid: ConnectionId, receive: Receive) -> None:
+    async def _read_loop(self, cid: ConnectionId, receive: Receive) -> int:
+        """Pass the peer's messages to the hub until it disconnects; its close code."""
         hub = self.hub
         while True:
             message = await receive()
@@ -467,7 +472,7 @@ class RoombusASGI(ServerFacade):
                 hub.enforce_budget(now=anyio.current_time(), timestamp=_wall())
                 self.transmit()
             elif kind == "websocket.disconnect":
-                return
+                return int(message.get("code", 1005))
 
     async def _write_loop(self, cid: ConnectionId, link: _Link, send: Send) -> None:
         hub = self.hub
@@ -487,7 +492,7 @@ class RoombusASGI(ServerFacade):
                         )
                     queue.consume(1)
                 if not queue:
-                    hub.flushed(cid)
+                    hub.flushed(cid, now=anyio.current_time())
                     self.transmit()
         except OSError:  # ASGI servers raise an OSError for a send to a vanished client
             link.scope.cancel()

@@ -29,6 +29,6 @@ def test_probes_are_answered_at_the_connection_limits(make_server, limits, statu
         assert (health.status, health.body) == (200, b"ok\n")
         metrics = get(srv.port, "/metrics")
         assert metrics.status == 200
-        assert b"roombus_websocket_connections 2" in metrics.body
+        assert b"roombus_websocket_connections 2.0" in metrics.body
         assert get(srv.port, "/healthz", method="HEAD").status == 200
     assert http_exchange(srv.port, upgrade_request("/ws?room=lobby&username=c")).status == status

@@ -53,6 +53,7 @@ def test_the_notice_hook_sees_every_notice_and_its_failure_breaks_nothing(
 
 
 METRICS = {
+    "roombus_server_info": "gauge",
     "roombus_transport_connections": "gauge",
     "roombus_websocket_connections": "gauge",
     "roombus_rooms": "gauge",
@@ -63,6 +64,13 @@ METRICS = {
     "roombus_queued_bytes_closed_total": "counter",
     "roombus_limit_refusals_total": "counter",
     "roombus_draining": "gauge",
+    "roombus_error_replies_total": "counter",
+    "roombus_closes_total": "counter",
+    "roombus_handshake_refusals_total": "counter",
+    "roombus_publish_write_latency_seconds": "histogram",
+    "roombus_send_queue_depth_messages": "histogram",
+    "roombus_handshake_duration_seconds": "histogram",
+    "roombus_replay_messages": "histogram",
 }
 
 
@@ -85,9 +93,9 @@ def test_metrics_name_every_series_with_its_type() -> None:
     types = dict(line.split()[2:4] for line in lines if line.startswith("# TYPE "))
     values = dict(line.split() for line in lines if not line.startswith("#"))
     assert types == METRICS
-    assert values["roombus_messages_published_total"] == "1"
-    assert values["roombus_rooms"] == "1"
-    assert values["roombus_websocket_connections"] == "1"
+    assert values["roombus_messages_published_total"] == "1.0"
+    assert values["roombus_rooms"] == "1.0"
+    assert values["roombus_websocket_connections"] == "1.0"
 
 
 def test_head_metrics_has_the_headers_and_no_body() -> None:

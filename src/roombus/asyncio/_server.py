@@ -51,6 +51,7 @@ from ..core.names import ConnectionId
 from ..node.assemble import build_broker
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.metrics import ServerMetrics
 from ..node.settings import Settings
 from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
 from ..server.config import ServerConfig
@@ -161,6 +162,8 @@ class Server(ServerFacade):
         self.backplane = backplane
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
+        #: The server's Prometheus registry and ``/metrics`` text (its own registry).
+        self.metrics: Final = ServerMetrics(self.hub, transport="asyncio")
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
         self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
@@ -486,7 +489,7 @@ class Server(ServerFacade):
         if queue:
             proto.stalled = queue
         else:
-            self.hub.flushed(cid)
+            self.hub.flushed(cid, now=self._loop.time())
 
     def _arm_timer(self) -> None:
         deadline = self.hub.next_deadline()

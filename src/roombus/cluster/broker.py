@@ -410,6 +410,7 @@ class ClusterBroker(Broker):
                 reason=None if since is None else UNAVAILABLE,
             )
             self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
+            self.replay_sizes.observe(0)
             return
         most, max_bytes = self._replay_bounds()
         payloads = {seq: codec.complete_chat(prefix, seq) for seq, prefix in event.entries}
@@ -430,6 +431,8 @@ class ClusterBroker(Broker):
                 plan = self._plan(since, event.epoch, top, first_kept, room, fit, rs.resume.partial)
         position = Position(event.epoch, top)
         self._deliver((conn,), codec.encode_joined(room, position, plan), actions)
+        replay = plan.replay
+        self.replay_sizes.observe(0 if replay is None else replay.last - replay.first + 1)
         if plan.replay is not None:
             for seq in range(plan.replay.first, plan.replay.last + 1):
                 self._deliver((conn,), codec.replayed(payloads[seq]), actions)

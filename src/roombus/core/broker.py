@@ -57,6 +57,7 @@ from .names import (
 )
 from .ratelimit import RateDecision, RateLimiter
 from .registry import Registry
+from .stats import REPLAY_BUCKETS, Counts, Histogram
 from .streams import MemoryStreams, Position
 from .tables import worth_shrinking
 
@@ -216,6 +217,10 @@ class Broker:
         self._resumed_at = -math.inf
         self._messages_published = 0
         self._deliveries = 0
+        #: ``error`` replies sent since the start, by their ``code`` (``bad_json``, ...).
+        self.error_replies: Counts[str] = Counts()
+        #: Messages replayed per join with a position (0 for one that got none).
+        self.replay_sizes = Histogram(REPLAY_BUCKETS)
 
     # -- introspection (no side effects) --------------------------------------------
 
@@ -693,6 +698,7 @@ class Broker:
             max_bytes=max_bytes,
         )
         self._deliver((conn,), codec.encode_joined(room, position, recovery), actions)
+        self.replay_sizes.observe(len(items))
         for payload in items:
             self._deliver((conn,), codec.replayed(payload), actions)
 
@@ -741,6 +747,7 @@ class Broker:
         actions: list[Action],
         msg_id: str | None = None,
     ) -> None:
+        self.error_replies.add(code)
         self._deliver((conn,), codec.encode_error(code, reason, msg_id), actions)
 
     def _presence_audience(

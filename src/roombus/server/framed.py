@@ -27,7 +27,7 @@ from .api import MAX_BODY_BYTES
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
-from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .hub import HubBase, _Conn, _Phase, _Step, log
 from .peer import client_label
 from .proxyproto import ProxyHeaderError, parse_proxy_header
 from .queues import SendQueue
@@ -73,6 +73,7 @@ class FramedHub(HubBase):
         if not self._dirty:
             return []
         dirty, self._dirty = self._dirty, {}
+        self._sample_depths(dirty)
         return cast("list[tuple[ConnectionId, SendQueue]]", list(dirty.items()))
 
     # -- inputs -----------------------------------------------------------------------
@@ -94,7 +95,7 @@ class FramedHub(HubBase):
         queue = SendQueue(
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
-        conn = _Conn(cid, peer, wire, queue)
+        conn = _Conn(cid, peer, wire, queue, now)
         self._behind_proxy(conn)
         conn.api_only = api
         refusal = self._add(conn)
@@ -105,7 +106,7 @@ class FramedHub(HubBase):
             conn.refusal = refusal
             if self.admission.far_over(conn.ip, len(self._conns)):
                 # Far over a limit: not even an answer (descriptors are what is scarce).
-                self.admission.refused(conn.peer, refusal)
+                self._refused(conn.peer, refusal, limit=True)
                 self._drop(conn)
                 return cid
         self._set_deadline(conn, now + self.config.handshake_timeout)
@@ -203,7 +204,7 @@ class FramedHub(HubBase):
                 if refusal is not None and not self.admission.spared(
                     conn.cid, event.method, event.target
                 ):
-                    self.admission.refused(conn.peer, refusal)
+                    self._refused(conn.peer, refusal, limit=True)
                     self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
                 path = event.target.partition(b"?")[0]
@@ -241,7 +242,7 @@ class FramedHub(HubBase):
                 if isinstance(decision, Upgrade):
                     self._upgrade(conn, decision, now, timestamp)
                     return
-                _log_refusal(conn.peer, decision)
+                self._refused(conn.peer, decision)
                 self._respond(conn, decision, now, head=event.method == b"HEAD")
             elif type(event) is Reply:  # 100 Continue: the body may come
                 queue = cast("SendQueue", conn.queue)
@@ -250,7 +251,9 @@ class FramedHub(HubBase):
                 self._dirty[conn.cid] = queue
                 continue
             elif type(event) is BadRequest:
-                log.info("%s sent a bad request: %d", conn.peer, event.response.status)
+                status = event.response.status
+                log.info("%s sent a bad request: %d", conn.peer, status)
+                self.http_refusals.add(status)
                 self._respond(conn, event.response, now, head=False)
             else:  # the peer went away mid-request
                 self._drop(conn)
@@ -271,6 +274,7 @@ class FramedHub(HubBase):
         queue.data()
         self._dirty[conn.cid] = queue
         self._set_phase(conn, _Step.UPGRADE)
+        self.handshake_duration.observe(now - conn.opened)
         conn.deadline = None
         self._connect(conn, upgrade, now, timestamp)
         if conn.phase is _Phase.OPEN:
@@ -315,6 +319,7 @@ class FramedHub(HubBase):
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse): what
                 # is queued for it (its own echoes) goes out first, then the close.
+                self._closed(event.code, "client" if event.by_peer else "server")  # type: ignore[union-attr]
                 self._forget(conn, now, timestamp)
                 self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return
@@ -326,6 +331,7 @@ class FramedHub(HubBase):
         queue = conn.queue
         wire = conn.wire
         assert wire is not None
+        self._closed(code, "server")
         frame = wire.close(code, reason)
         if frame:
             queue.close_with(frame, drop_pending=drop_pending)  # type: ignore[arg-type]

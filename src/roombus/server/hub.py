@@ -86,6 +86,7 @@ from ..core.config import BrokerConfig
 from ..core.errors import ConfigError, LocalProtocolError
 from ..core.events import ClientConnected, ClientDisconnected, Event
 from ..core.names import ConnectionId
+from ..core.stats import Counts, Histogram
 from ..core.streams import Position, Publication
 from ..core.tables import worth_shrinking
 from .admission import Admission
@@ -95,7 +96,13 @@ from .config import ServerConfig
 from .drain import DrainSchedule
 from .handshake import Upgrade
 from .http import HttpResponse
-from .metrics import collect, render_prometheus
+from .metrics import (
+    DEPTH_BUCKETS,
+    HANDSHAKE_BUCKETS,
+    LATENCY_BUCKETS,
+    collect,
+    render_prometheus,
+)
 from .operations import HubOperations
 from .peer import peer_address
 from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
@@ -109,6 +116,10 @@ from .wire import (
 )
 
 log: Final = logging.getLogger("roombus")
+
+#: One in this many queue writes is observed by the fan-out path's histograms (the
+#: publish-to-write latency, the send-queue depth): uniformly, the first one included.
+SAMPLE_EVERY: Final = 8
 
 NoticeHook = Callable[[Notice], None]
 
@@ -153,11 +164,13 @@ class _Conn:
         "forwarded",
         "hop",
         "ip",
+        "opened",
         "peer",
         "phase",
         "proxy",
         "queue",
         "refusal",
+        "since",
         "wire",
     )
 
@@ -167,8 +180,12 @@ class _Conn:
         peer: str,
         wire: ServerWire | None,  # None: the transport frames messages itself
         queue: SendQueue | MessageQueue,
+        opened: float,
     ) -> None:
         self.cid = cid
+        self.opened = opened  # the driver's clock when the transport connection opened
+        # When the oldest message not yet written out arrived (None: nothing waits).
+        self.since: float | None = None
         self.peer = peer
         # None when the transport knows no address (a Unix socket, a stream handed
         # in): such connections are not counted against one address's limit.
@@ -263,6 +280,24 @@ class HubBase:
         self.operations = HubOperations(self)
         #: Further gauges and counters for ``GET /metrics`` (an adapter's backplane).
         self.extra_metrics: Callable[[], dict[str, float]] | None = None
+        #: What answers ``GET /metrics`` (the adapters install their Prometheus
+        #: registry's, ``roombus.node.metrics``); None: the plain rendering of
+        #: :func:`~roombus.server.metrics.render_prometheus`.
+        self.exposition: Callable[[], HttpResponse] | None = None
+        #: WebSocket closes by ``(code, side)``: ``server`` when the hub closed or
+        #: refused the peer's input, ``client`` when the peer closed or vanished.
+        self.closes: Counts[tuple[int, str]] = Counts()
+        #: Requests answered with an HTTP error instead of an upgrade, by status.
+        self.http_refusals: Counts[int] = Counts()
+        #: Seconds from the oldest waiting message's arrival to its queue's write (per
+        #: receiver per write, when the adapter reports the time to :meth:`flushed`).
+        self.write_latency = Histogram(LATENCY_BUCKETS)
+        #: Messages waiting in each queue handed out to be written.
+        self.queue_depth = Histogram(DEPTH_BUCKETS)
+        #: Seconds from a transport connection's opening to its upgrade (framed only).
+        self.handshake_duration = Histogram(HANDSHAKE_BUCKETS)
+        self._written = SAMPLE_EVERY - 1  # queues written out (the latency's sample)
+        self._taken = 0  # queues handed out to be written (the depth's sample)
         self.on_notice = on_notice
         self.shutting_down = False
         #: Set by :meth:`drain`: ``/healthz`` answers 503, new WebSockets are refused.
@@ -315,12 +350,14 @@ class HubBase:
         return self.admission.refusals
 
     def metrics(self) -> dict[str, float]:
-        """Gauges and counters, by Prometheus name (what ``GET /metrics`` shows)."""
+        """The unlabelled gauges and counters, by Prometheus name."""
         return collect(self)
 
     def metrics_response(self) -> HttpResponse:
-        """``GET /metrics``: :meth:`metrics` in the Prometheus text format."""
-        return render_prometheus(collect(self))
+        """``GET /metrics``: :attr:`exposition`'s answer, or the plain rendering."""
+        if self.exposition is not None:
+            return self.exposition()
+        return render_prometheus(self)
 
     def api_enabled(self, *, api_listener: bool) -> bool:
         """Whether ``/api/...`` is served to a connection of the main listener
@@ -440,12 +477,21 @@ class HubBase:
             return HttpResponse(status=403, body=reason.encode() + b"\n")
         return upgrade
 
-    def lost(self, cid: ConnectionId, *, now: float, timestamp: int) -> None:
-        """*cid*'s transport is closed or broken; forget it (no-op if unknown)."""
+    def lost(
+        self, cid: ConnectionId, *, now: float, timestamp: int, code: int | None = None
+    ) -> None:
+        """
+        *cid*'s transport is closed or broken; forget it (no-op if unknown). *code*:
+        the close code its peer sent, if the transport reports one (an ASGI server's
+        ``websocket.disconnect``); a connection still open when lost counts as a
+        client's close with it (1006 without).
+        """
         conns = self._conns
         conn = conns.pop(cid, None)
         if conn is None:
             return
+        if conn.phase is _Phase.OPEN:
+            self._closed(1006 if code is None else code, "client")
         if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
@@ -492,10 +538,23 @@ class HubBase:
         )
         self._apply([], now, timestamp)
 
-    def flushed(self, cid: ConnectionId) -> None:
-        """*cid*'s queue was written out completely."""
+    def flushed(self, cid: ConnectionId, *, now: float | None = None) -> None:
+        """
+        *cid*'s queue was written out completely. With *now* (the driver's clock), the
+        time its oldest message waited is observed (``write_latency``; one in
+        :data:`SAMPLE_EVERY` writes).
+        """
         conn = self._conns.get(cid)
-        if conn is not None and conn.phase is _Phase.FINISHING and not conn.queue:
+        if conn is None:
+            return
+        since = conn.since
+        if since is not None:
+            conn.since = None
+            if now is not None:
+                self._written += 1
+                if not self._written % SAMPLE_EVERY:
+                    self.write_latency.observe(now - since)
+        if conn.phase is _Phase.FINISHING and not conn.queue:
             self._drop(conn)
 
     def timeout(self, *, now: float, timestamp: int) -> None:
@@ -680,6 +739,28 @@ class HubBase:
         """Start closing an OPEN connection from our side (CLOSING, close timeout set)."""
         raise NotImplementedError
 
+    def _sample_depths(self, dirty: dict[ConnectionId, SendQueue | MessageQueue]) -> None:
+        """Observe the depth of one in :data:`SAMPLE_EVERY` queues handed out."""
+        start = -self._taken % SAMPLE_EVERY
+        self._taken += len(dirty)
+        if start < len(dirty):
+            sample = itertools.islice(dirty.values(), start, None, SAMPLE_EVERY)
+            self.queue_depth.observe_all([queue._data_frames for queue in sample])
+
+    def _closed(self, code: int, side: str) -> None:
+        """Count a WebSocket close."""
+        self.closes.add((code, side))
+
+    def _refused(self, peer: str, response: HttpResponse, *, limit: bool = False) -> None:
+        """Count (and log) a request answered with an error instead of an upgrade."""
+        status = response.status
+        if status >= 400:
+            self.http_refusals.add(status)
+            if limit:
+                self.admission.refused(peer, response)
+            else:
+                _log_refusal(peer, response)
+
     def _drop(self, conn: _Conn) -> None:
         """The transport must close now; nothing it sends matters any more."""
         if conn.phase is not _Phase.DROPPED:
@@ -709,6 +790,8 @@ class HubBase:
                     queue = conn.queue
                     if queue.push(frame):
                         dirty[cid] = queue
+                        if conn.since is None:
+                            conn.since = now
                     elif queue.state is QueueState.OVERFLOWED and conn.phase is _Phase.OPEN:
                         overflowed.append(conn)
             elif isinstance(action, SendPing):

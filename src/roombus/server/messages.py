@@ -30,7 +30,7 @@ from ..core.names import ConnectionId
 from .forwarded import forwarded_client
 from .handshake import Upgrade, draining_refusal, route_websocket
 from .http import HttpResponse
-from .hub import HubBase, _Conn, _log_refusal, _Phase, _Step, log
+from .hub import HubBase, _Conn, _Phase, _Step, log
 from .peer import client_label
 from .queues import CloseMessage, MessageQueue
 from .typing import Headers
@@ -54,6 +54,7 @@ class MessageHub(HubBase):
         if not self._dirty:
             return []
         dirty, self._dirty = self._dirty, {}
+        self._sample_depths(dirty)
         return cast("list[tuple[ConnectionId, MessageQueue]]", list(dirty.items()))
 
     # -- inputs -----------------------------------------------------------------------
@@ -76,6 +77,7 @@ class MessageHub(HubBase):
             its queue (its presence messages are already in it).
         """
         if self.shutting_down:
+            self.http_refusals.add(503)
             return HttpResponse(status=503, body=b"server shutting down\n")
         if self.draining:
             return draining_refusal()
@@ -89,7 +91,7 @@ class MessageHub(HubBase):
         if isinstance(decision, Upgrade):
             decision = self._admit(decision)
         if isinstance(decision, HttpResponse):
-            _log_refusal(peer, decision)
+            self._refused(peer, decision)
             return decision
         cid = ConnectionId(next(self._ids))
         broker_config = self.broker.config
@@ -100,6 +102,7 @@ class MessageHub(HubBase):
             MessageQueue(
                 broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
             ),
+            now,
         )
         trusted = self.config.forwarded_allow_ips
         if trusted and trusted.trusts(conn.hop):
@@ -111,7 +114,7 @@ class MessageHub(HubBase):
                 conn.peer = peer = client_label(client)
         refusal = self._add(conn)
         if refusal is not None:
-            self.admission.refused(peer, refusal)
+            self._refused(peer, refusal, limit=True)
             self.lost(cid, now=now, timestamp=timestamp)
             return refusal
         self._set_phase(conn, _Step.UPGRADE)
@@ -160,6 +163,7 @@ class MessageHub(HubBase):
         # The server frames the close and answers the peer's; the connection is
         # CLOSING until the server reports the peer gone (lost()), since some
         # servers end the TCP connection as soon as the app returns.
+        self._closed(code, "server")
         queue = conn.queue
         queue.close_with(CloseMessage(code, reason[:120]), drop_pending=drop_pending)  # type: ignore[arg-type]
         self._dirty[conn.cid] = queue

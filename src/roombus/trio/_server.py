@@ -42,6 +42,7 @@ from ..core.names import ConnectionId
 from ..node.assemble import build_broker
 from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
+from ..node.metrics import ServerMetrics
 from ..node.settings import Settings
 from ..node.tuning import ACCEPT_BATCH, ACCEPT_PAUSE, BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
 from ..server.config import ServerConfig
@@ -200,6 +201,8 @@ class Server(ServerFacade):
         self.backplane = backplane
         if backplane is not None:
             self.hub.extra_metrics = backplane.metrics
+        #: The server's Prometheus registry and ``/metrics`` text (its own registry).
+        self.metrics: Final = ServerMetrics(self.hub, transport="trio")
         #: TLS for accepted connections (``wss://``), or None for plain TCP.
         self.ssl_context = settings.ssl_context
         self.broker = self.hub.broker
@@ -467,6 +470,7 @@ class Server(ServerFacade):
         links = self._links
         nursery = self._nursery
         dirty = hub.take_dirty()
+        now = trio.current_time()
         for cid, queue in dirty:
             link = links.get(cid)
             if link is None or link.draining:
@@ -483,11 +487,11 @@ class Server(ServerFacade):
                 link.scope.cancel()
                 continue
             if not queue:
-                hub.flushed(cid)
+                hub.flushed(cid, now=trio.current_time())
             elif nursery is not None:
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)
-        hub.enforce_budget(now=trio.current_time(), timestamp=_wall())
+        hub.enforce_budget(now=now, timestamp=_wall())
         self.transmit()
         return len(dirty)
 
@@ -500,7 +504,7 @@ class Server(ServerFacade):
             return
         finally:
             link.draining = False
-        self.hub.flushed(cid)
+        self.hub.flushed(cid, now=trio.current_time())
         self.transmit()
 
     async def _timer_loop(self) -> None:

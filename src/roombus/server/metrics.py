@@ -113,6 +113,18 @@ CATALOGUE: Final[dict[str, Family]] = {
             "Requests refused for a connection limit (total, per address).",
         ),
         _f(
+            "roombus_draining",
+            "gauge",
+            "1 while the server drains (SIGTERM, drain()): /healthz answers 503, new "
+            "WebSockets are refused; else 0.",
+        ),
+        _f(
+            "roombus_proxy_header_errors_total",
+            "counter",
+            "Connections closed for a missing or invalid PROXY protocol header.",
+            when="with --proxy-protocol",
+        ),
+        _f(
             "roombus_error_replies_total",
             "counter",
             "error envelopes sent to clients, by their code (bad_json, forbidden, ...).",

@@ -127,7 +127,7 @@ def test_a_backplane_is_started_fed_and_closed_after_the_goodbyes() -> None:
             assert backplane.host is server
             assert backplane.calls == ["start"]
             metrics = server.hub.metrics_response().body.decode()
-            assert "roombus_fake_total 7" in metrics.splitlines()
+            assert "roombus_fake_total 7.0" in metrics.splitlines()
             server.backplane_events([BackplaneRestored()])
             url = f"ws://127.0.0.1:{server.port}/ws?room=lobby&username=ann"
             ws = await connect(url, compression=None)

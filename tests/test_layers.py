@@ -61,6 +61,7 @@ LAYERS: Final = {
     "roombus._run": "root",
     "roombus.hub": "root",
     "roombus.lowlevel": "root",
+    "roombus.logging": "root",  # JsonFormatter, RedactTokens: for any program's log
 }
 
 #: Standard modules the layers below ``node`` may not import: sockets, clocks,

@@ -21,9 +21,9 @@ def test_all_is_sorted_and_complete() -> None:
         for name in tier.__all__:
             assert name in vars(tier), (tier.__name__, name)
     public = {n for n in dir(roombus) if not n.startswith("_")}
-    # Besides __all__, only the layer packages, the adapters and the hub module (once
-    # imported) are visible.
-    layers = {"client", "cluster", "core", "lowlevel", "node", "server"}
+    # Besides __all__, only the layer packages, the adapters, the hub module and the
+    # logging helpers (once imported) are visible.
+    layers = {"client", "cluster", "core", "logging", "lowlevel", "node", "server"}
     adapters = {"asgi", "asyncio", "hub", "trio"}
     assert public - set(roombus.__all__) <= {"annotations"} | layers | adapters
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 from ._run import run
 from ._version import __version__
 from .core.errors import ConfigError
+from .logging import _handler as _log_handler
 from .node.options import SERVE_OPTIONS, build_configs
 
 __all__ = ["build_configs", "main"]
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = settings.server
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[_log_handler(settings.log_format, sys.stderr)],
     )
     try:
         run(settings)

@@ -376,7 +376,9 @@ class RoombusASGI(ServerFacade):
         elif isinstance(decision, Upgrade):  # the server has its WebSocket support off
             decision = HttpResponse(status=426, body=b"this server does not speak WebSocket\n")
         elif decision.status >= 400:
-            log.info("%s refused with %d", _peer(scope), decision.status)
+            peer = _peer(scope)
+            status = decision.status
+            log.info("%s refused with %d", peer, status, extra={"peer": peer, "status": status})
         await send(
             {
                 "type": "http.response.start",
@@ -424,7 +426,13 @@ class RoombusASGI(ServerFacade):
                         accept["subprotocol"] = "roombus"
                     await send(accept)
                 except Exception as exc:  # an OSError by the spec; some servers differ
-                    log.info("%s could not be accepted: %r", _peer(scope), exc)
+                    peer = _peer(scope)
+                    log.info(
+                        "%s could not be accepted: %r",
+                        peer,
+                        exc,
+                        extra={"conn": cid, "peer": peer, "reason": repr(exc)},
+                    )
                     return
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._write_loop, cid, link, send)
@@ -446,7 +454,8 @@ class RoombusASGI(ServerFacade):
         )
         if size <= self.config.max_header_bytes:
             return None
-        log.info("%s refused with 431", _peer(scope))
+        peer = _peer(scope)
+        log.info("%s refused with 431", peer, extra={"peer": peer, "status": 431})
         return HttpResponse(status=431, body=b"request header too large\n")
 
     async def _read_loop(self, cid: ConnectionId, receive: Receive) -> int:

@@ -143,6 +143,7 @@ def test_environment_variables_configure_the_server(cli):
         (["--handshake-timeout", "0"], "handshake-timeout"),
         (["--allowed-origin", "example.com"], "allowed-origin"),
         (["--log-level", "loud"], "log-level"),
+        (["--log-format", "yaml"], "log-format"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

@@ -417,3 +417,64 @@ def test_debug_log_never_shows_a_token(cli):
         assert token not in log
         for part in token.split("."):
             assert part not in log  # not the header, the claims or the signature
+
+
+def test_json_log_has_every_connection_event_and_never_a_token(cli):
+    proc = cli(
+        "--port", "0", "--log-format", "json", "--log-level", "debug", "--jwt-secret", SECRET
+    )
+    port = proc.wait_listening()
+    by_query = hs256("ann")
+    by_protocol = hs256("bob")
+    ann = connect(port, {"room": "lobby", "token": by_query})
+    try:
+        joined_as(ann, "ann")
+        bob = connect(port, {"room": "lobby"}, subprotocols=["roombus", f"bearer.{by_protocol}"])
+        try:
+            joined_as(bob, "bob")
+            bob.send({"type": "join", "room": "side"})
+            bob.expect(type="presence", event="join", username="bob", room="side")
+            bob.expect(type="presence_state", room="side")
+            ann.expect(type="presence", event="join", username="bob")
+            bob.chat("hello, lobby", room="lobby")
+            ann.expect(type="chat", content="hello, lobby", username="bob")
+        finally:
+            bob.close()
+        ann.expect(type="presence", event="leave", username="bob")
+    finally:
+        ann.close()
+    refused = "/ws?" + urlencode({"room": "lobby", "token": by_query + "x"})
+    assert http_exchange(port, upgrade_request(refused)).status == 401
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sum("closed by the client" in x for x in proc.lines) < 2:
+        time.sleep(0.05)  # the server logs both closes soon after the clients are gone
+    stop(proc)
+    records = [json.loads(line) for line in proc.lines]  # every line is one JSON object
+    assert records, proc.stderr
+    for r in records:
+        assert {"ts", "level", "logger", "msg"} <= set(r), r
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", r["ts"]), r
+    levels = {r["level"] for r in records}
+    assert "DEBUG" in levels and "INFO" in levels
+    joins = [r for r in records if " joined " in r["msg"]]
+    assert {(r["user"], r["room"]) for r in joins} == {
+        ("ann", "lobby"),
+        ("bob", "lobby"),
+        ("bob", "side"),
+    }
+    assert all(isinstance(r["conn"], int) for r in joins)
+    connected = {r["user"]: r for r in records if "connected as" in r["msg"]}
+    assert set(connected) == {"ann", "bob"}
+    assert connected["ann"]["room"] == "lobby" and connected["ann"]["peer"].startswith("127.0.0.1:")
+    closes = [r for r in records if "closed by the client" in r["msg"]]
+    assert {r["user"] for r in closes} == {"ann", "bob"}
+    for r in closes:
+        assert r["code"] == 1000 and isinstance(r["conn"], int)
+        assert r["conn"] == connected[r["user"]]["conn"]
+    (refusal,) = [r for r in records if "refused with 401" in r["msg"]]
+    assert refusal["status"] == 401 and refusal["reason"]
+    text = proc.stderr + proc.stdout
+    assert SECRET not in text
+    for token in (by_query, by_protocol, by_query + "x"):
+        for part in token.split("."):
+            assert part not in text  # not the header, the claims or the signature

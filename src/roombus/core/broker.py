@@ -13,6 +13,7 @@ marked below (joining, leaving, publishing, presence, ``seq``, the backplane eve
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import secrets
 from typing import TYPE_CHECKING, Final
@@ -70,6 +71,11 @@ PING_TIMEOUT_CODE: Final = CloseCode.INTERNAL_ERROR
 POLICY_VIOLATION: Final = CloseCode.POLICY_VIOLATION
 
 # What a connection may do in one room, decided once when it joins.
+#: Joins and leaves are logged here, at debug level (the hub logs the rest of a
+#: connection's life to the same logger).
+log: Final = logging.getLogger("roombus")
+_DEBUG: Final = logging.DEBUG
+
 _PUBLISH: Final = 1
 _PRESENCE: Final = 2
 _HISTORY: Final = 4
@@ -770,6 +776,14 @@ class Broker:
     ) -> None:
         r, first = self._registry.join(room, conn, c.username)
         c.rooms[room] = rights
+        if log.isEnabledFor(_DEBUG):
+            log.debug(
+                "conn %d joined %r as %r",
+                conn,
+                room,
+                c.username,
+                extra={"conn": conn, "room": room, "user": c.username},
+            )
         if len(r.members) == 1:
             self._streams.hold(room, self._now)
         if first and self._first_here(room, c.username, actions):
@@ -799,6 +813,10 @@ class Broker:
         """*conn* leaves *room* (hook: in a cluster it may only have been joining)."""
         del c.rooms[room]
         r, username, last = self._registry.leave(room, conn)
+        if log.isEnabledFor(_DEBUG):
+            log.debug(
+                "conn %d left %r", conn, room, extra={"conn": conn, "room": room, "user": username}
+            )
         if not r.members:
             self._streams.release(room, self._now)
         if last and self._last_here(room, username, actions):

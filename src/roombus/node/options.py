@@ -30,7 +30,7 @@ from ..server.auth import JWTAuthenticator
 from ..server.config import ServerConfig
 from ..server.forwarded import parse_trusted
 from ..server.http import StaticFile
-from .settings import LOG_LEVELS, TRANSPORTS, Settings
+from .settings import LOG_FORMATS, LOG_LEVELS, TRANSPORTS, Settings
 
 
 @attrs.frozen
@@ -66,6 +66,12 @@ def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
     return text.lower()
+
+
+def _log_format(text: str) -> str:
+    if text.strip().lower() not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return text.strip().lower()
 
 
 def _transport(text: str) -> str:
@@ -362,6 +368,13 @@ SERVE_OPTIONS = (
         "debug, info, warning or error (default info)",
         metavar="LEVEL",
     ),
+    _Option(
+        "log-format",
+        _log_format,
+        "text, or json: one JSON object per line, with conn, room, user and close code "
+        "on every connection event (default text)",
+        metavar="FORMAT",
+    ),
 )
 
 
@@ -572,6 +585,7 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     """
     values = _settings(flags, environ)
     level = values.pop("log_level", "info")
+    log_format = values.pop("log_format", "text")
     transport = values.pop("transport", "trio")
     values["heartbeat"] = not values.pop("no_heartbeat", False)
     values["metrics"] = not values.pop("no_metrics", False)
@@ -619,6 +633,7 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         broker=broker,
         server=server,
         log_level=level,
+        log_format=log_format,
         transport=transport,
         authenticator=authenticator,
         ssl_context=ssl_context,

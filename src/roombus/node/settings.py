@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 #: The I/O frameworks :func:`roombus.run` can run a server on.
 TRANSPORTS = ("trio", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: What ``roombus serve`` writes its log as: ``text`` lines, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
 
 
 def _transport(_: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -38,6 +40,11 @@ def _transport(_: object, attribute: attrs.Attribute[str], value: str) -> None:
 def _log_level(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if value not in LOG_LEVELS:
         raise ConfigError("log-level", f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+
+
+def _log_format(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ConfigError("log-format", f"must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
 
 
 def _instance(kind: type, setting: str) -> Any:
@@ -59,6 +66,8 @@ class Settings:
         broker: The core's limits and intervals.
         server: Address and transport settings.
         log_level: The ``roombus`` logger's level (``roombus serve``, ``create_app``).
+        log_format: ``text`` or ``json`` (one object per line, with each connection
+            event's fields): how ``roombus serve`` writes its log.
         transport: ``trio`` or ``asyncio``: what :func:`roombus.run` runs the server on.
         authenticator: Who a client is, from its request; refused requests get 401/403.
         authorizer: Per-room rights; by default the identity's room rules.
@@ -70,7 +79,7 @@ class Settings:
             *cluster*.
 
     Raises:
-        ConfigError: for a transport, log level or config of the wrong kind.
+        ConfigError: for a transport, log level, log format or config of the wrong kind.
     """
 
     broker: BrokerConfig = attrs.field(
@@ -80,6 +89,7 @@ class Settings:
         factory=ServerConfig, validator=_instance(ServerConfig, "server")
     )
     log_level: str = attrs.field(default="info", validator=_log_level)
+    log_format: str = attrs.field(default="text", validator=_log_format)
     transport: str = attrs.field(default="trio", validator=_transport)
     authenticator: Authenticator | None = None
     authorizer: Authorizer | None = None
@@ -125,4 +135,4 @@ class Settings:
         return attrs.evolve(base, **changes) if changes else base
 
 
-__all__ = ["LOG_LEVELS", "Settings", "TRANSPORTS"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "Settings", "TRANSPORTS"]

@@ -108,14 +108,21 @@ class Admission:
             or (limit and total > limit + max(limit // 8, 64))
         )
 
-    def refused(self, peer: str, refusal: HttpResponse) -> None:
-        """A connection from *peer* was refused with *refusal*, for a limit."""
+    def refused(self, peer: str, refusal: HttpResponse, *, cid: ConnectionId | None = None) -> None:
+        """A connection from *peer* (*cid*, if it has one yet) was refused with
+        *refusal*, for a limit."""
         self.refusals += 1
+        extra: dict[str, object] = {"peer": peer, "status": refusal.status}
+        if cid is not None:
+            extra["conn"] = cid
         if refusal.status == 503:
-            log.info("%s refused: over max-connections (%d)", peer, self.config.max_connections)
+            extra["reason"] = "max-connections"
+            limit = self.config.max_connections
+            log.info("%s refused: over max-connections (%d)", peer, limit, extra=extra)
         else:
+            extra["reason"] = "max-connections-per-ip"
             limit = self.config.max_connections_per_ip
-            log.info("%s refused: over max-connections-per-ip (%d)", peer, limit)
+            log.info("%s refused: over max-connections-per-ip (%d)", peer, limit, extra=extra)
 
     def spared(self, cid: ConnectionId, method: bytes, target: bytes) -> bool:
         """Whether a request over a limit is a probe answered anyway (see PROBE_BUDGET)."""

@@ -27,7 +27,7 @@ from .api import MAX_BODY_BYTES
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
-from .hub import HubBase, _Conn, _Phase, _Step, log
+from .hub import DEBUG, HubBase, _Conn, _Phase, _Step, log
 from .peer import client_label
 from .proxyproto import ProxyHeaderError, parse_proxy_header
 from .queues import SendQueue
@@ -106,7 +106,7 @@ class FramedHub(HubBase):
             conn.refusal = refusal
             if self.admission.far_over(conn.ip, len(self._conns)):
                 # Far over a limit: not even an answer (descriptors are what is scarce).
-                self._refused(conn.peer, refusal, limit=True)
+                self._refused(conn.peer, refusal, limit=True, cid=cid)
                 self._drop(conn)
                 return cid
         self._set_deadline(conn, now + self.config.handshake_timeout)
@@ -169,7 +169,12 @@ class FramedHub(HubBase):
             )
         except ProxyHeaderError as exc:
             self.proxy_header_errors += 1
-            log.info("%s sent no valid PROXY protocol header, closed: %s", conn.peer, exc)
+            log.info(
+                "%s sent no valid PROXY protocol header, closed: %s",
+                conn.peer,
+                exc,
+                extra=conn.fields(reason=str(exc)),
+            )
             self._drop(conn)
             return
         if header is None:
@@ -204,7 +209,7 @@ class FramedHub(HubBase):
                 if refusal is not None and not self.admission.spared(
                     conn.cid, event.method, event.target
                 ):
-                    self._refused(conn.peer, refusal, limit=True)
+                    self._refused(conn.peer, refusal, limit=True, cid=conn.cid)
                     self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
                 path = event.target.partition(b"?")[0]
@@ -242,7 +247,7 @@ class FramedHub(HubBase):
                 if isinstance(decision, Upgrade):
                     self._upgrade(conn, decision, now, timestamp)
                     return
-                self._refused(conn.peer, decision)
+                self._refused(conn.peer, decision, cid=conn.cid)
                 self._respond(conn, decision, now, head=event.method == b"HEAD")
             elif type(event) is Reply:  # 100 Continue: the body may come
                 queue = cast("SendQueue", conn.queue)
@@ -252,7 +257,9 @@ class FramedHub(HubBase):
                 continue
             elif type(event) is BadRequest:
                 status = event.response.status
-                log.info("%s sent a bad request: %d", conn.peer, status)
+                log.info(
+                    "%s sent a bad request: %d", conn.peer, status, extra=conn.fields(status=status)
+                )
                 self.http_refusals.add(status)
                 self._respond(conn, event.response, now, head=False)
             else:  # the peer went away mid-request
@@ -319,7 +326,28 @@ class FramedHub(HubBase):
             elif kind is Closed:
                 # The peer closed (we answer), or broke the protocol (we refuse): what
                 # is queued for it (its own echoes) goes out first, then the close.
-                self._closed(event.code, "client" if event.by_peer else "server")  # type: ignore[union-attr]
+                code = event.code  # type: ignore[union-attr]
+                by_peer = event.by_peer  # type: ignore[union-attr]
+                self._closed(code, "client" if by_peer else "server")
+                if not by_peer:
+                    log.info(
+                        "closing conn %d (%s): %d (refused its input)",
+                        cid,
+                        conn.peer,
+                        code,
+                        extra=conn.fields(code=code, reason="refused its input"),
+                    )
+                elif log.isEnabledFor(DEBUG):
+                    if code == 1006:  # it went away without a close frame (abnormal closure)
+                        log.debug("conn %d (%s) lost", cid, conn.peer, extra=conn.fields(code=code))
+                    else:
+                        log.debug(
+                            "conn %d (%s) closed by the client: %d",
+                            cid,
+                            conn.peer,
+                            code,
+                            extra=conn.fields(code=code),
+                        )
                 self._forget(conn, now, timestamp)
                 self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return

@@ -106,6 +106,7 @@ from .metrics import (
 from .operations import HubOperations
 from .peer import peer_address
 from .queues import ByteBudget, MessageQueue, QueueState, SendQueue
+from .redact import redact
 from .typing import Headers
 from .wire import (
     GOING_AWAY,
@@ -116,6 +117,10 @@ from .wire import (
 )
 
 log: Final = logging.getLogger("roombus")
+
+#: The level of the lines a connection's ordinary life makes (connected, closed by
+#: its client, lost): checked with ``log.isEnabledFor`` before their fields are made.
+DEBUG: Final = logging.DEBUG
 
 #: One in this many queue writes is observed by the fan-out path's histograms (the
 #: publish-to-write latency, the send-queue depth): uniformly, the first one included.
@@ -170,7 +175,9 @@ class _Conn:
         "proxy",
         "queue",
         "refusal",
+        "room",
         "since",
+        "user",
         "wire",
     )
 
@@ -205,6 +212,23 @@ class _Conn:
         self.refusal: HttpResponse | None = None
         # Accepted on the API's own listener: /api, /metrics and /healthz only.
         self.api_only = False
+        # Who it is and the room it asked for, once upgraded (for the log's fields).
+        self.user: str | None = None
+        self.room: str | None = None
+
+    def fields(self, **more: object) -> dict[str, object]:
+        """The structured fields of a log record about this connection (``extra=``):
+        ``conn``, ``peer``, and ``user`` and ``room`` once known, then *more*."""
+        out: dict[str, object] = {"conn": self.cid, "peer": self.peer}
+        if self.user is not None:
+            out["user"] = self.user
+        if self.room is not None:
+            out["room"] = self.room
+        out.update(more)
+        code = out.get("code")
+        if code is not None:
+            out["code"] = int(code)  # type: ignore[call-overload]  # a CloseCode: the number
+        return out
 
 
 class HubBase:
@@ -465,7 +489,7 @@ class HubBase:
         if conn.refusal is None:
             conn.refusal = refusal
         if conn.refusal is not None and self.admission.far_over(ip, len(self._conns)):
-            self.admission.refused(conn.peer, conn.refusal)
+            self.admission.refused(conn.peer, conn.refusal, cid=conn.cid)
             self._drop(conn)
             return False
         return True
@@ -492,6 +516,18 @@ class HubBase:
             return
         if conn.phase is _Phase.OPEN:
             self._closed(1006 if code is None else code, "client")
+            if log.isEnabledFor(DEBUG):
+                closed = 1006 if code is None else code
+                if code is None:
+                    log.debug("conn %d (%s) lost", cid, conn.peer, extra=conn.fields(code=closed))
+                else:
+                    log.debug(
+                        "conn %d (%s) closed by the client: %d",
+                        cid,
+                        conn.peer,
+                        code,
+                        extra=conn.fields(code=closed),
+                    )
         if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
@@ -573,7 +609,18 @@ class HubBase:
             if conn is None or conn.deadline != at:
                 continue
             if conn.phase is _Phase.HANDSHAKE:
-                log.info("%s did not complete its handshake in time", conn.peer)
+                log.info(
+                    "%s did not complete its handshake in time",
+                    conn.peer,
+                    extra=conn.fields(reason="handshake timeout"),
+                )
+            elif conn.phase is _Phase.CLOSING and log.isEnabledFor(DEBUG):
+                log.debug(
+                    "conn %d (%s) did not answer the close in time",
+                    cid,
+                    conn.peer,
+                    extra=conn.fields(reason="close timeout"),
+                )
             self._drop(conn)
 
     def backplane_event(self, event: Event, *, now: float, timestamp: int) -> None:
@@ -695,9 +742,17 @@ class HubBase:
         if self._drain is not None:
             # Not while draining (upgrades are refused then), but closed in time if so.
             self._drain.add(cid, now=now)
-        log.debug(
-            "%s connected as %r in %r (conn %d)", conn.peer, upgrade.username, upgrade.room, cid
-        )
+        conn.user = upgrade.username
+        conn.room = upgrade.room
+        if log.isEnabledFor(DEBUG):
+            log.debug(
+                "%s connected as %r in %r (conn %d)",
+                conn.peer,
+                upgrade.username,
+                upgrade.room,
+                cid,
+                extra=conn.fields(),
+            )
         identity = upgrade.identity
         expires = None
         if identity is not None and identity.expires_at is not None:
@@ -751,15 +806,23 @@ class HubBase:
         """Count a WebSocket close."""
         self.closes.add((code, side))
 
-    def _refused(self, peer: str, response: HttpResponse, *, limit: bool = False) -> None:
-        """Count (and log) a request answered with an error instead of an upgrade."""
+    def _refused(
+        self,
+        peer: str,
+        response: HttpResponse,
+        *,
+        limit: bool = False,
+        cid: ConnectionId | None = None,
+    ) -> None:
+        """Count (and log) a request answered with an error instead of an upgrade
+        (*cid*: the transport connection's id, for a framed hub)."""
         status = response.status
         if status >= 400:
             self.http_refusals.add(status)
             if limit:
-                self.admission.refused(peer, response)
+                self.admission.refused(peer, response, cid=cid)
             else:
-                _log_refusal(peer, response)
+                _log_refusal(peer, response, cid)
 
     def _drop(self, conn: _Conn) -> None:
         """The transport must close now; nothing it sends matters any more."""
@@ -807,6 +870,7 @@ class HubBase:
                         conn.peer,
                         action.code,
                         action.reason,
+                        extra=conn.fields(code=action.code, reason=action.reason),
                     )
                     # Not slow (rate limit, expired credentials, kick): what is queued
                     # (its echoes, the error explaining the close) goes out first.
@@ -816,7 +880,11 @@ class HubBase:
                     try:
                         self.on_notice(action)
                     except Exception:
-                        log.exception("on_notice hook failed for %r", action)
+                        log.exception(
+                            "on_notice hook failed for %r",
+                            action,
+                            extra={"room": action.room, "user": action.username},
+                        )
             else:
                 self._backplane.append(action)
         if self._handling_overflow or not overflowed:
@@ -834,16 +902,22 @@ class HubBase:
                         continue
                     self.overflows += 1
                     if conn.queue.state is QueueState.OVERFLOWED:
+                        reason = "send queue full: reading too slowly"
                         log.warning(
                             "conn %d (%s) fell behind (send queue full); closing with 1008",
                             conn.cid,
                             conn.peer,
+                            extra=conn.fields(code=POLICY_VIOLATION, reason=reason),
                         )
-                        reason = "send queue full: reading too slowly"
                     else:  # chosen by enforce_budget()
                         self.budget_closes += 1
-                        log.info("conn %d (%s) closed over max-queued-bytes", conn.cid, conn.peer)
                         reason = "server send queues full: reading too slowly"
+                        log.info(
+                            "conn %d (%s) closed over max-queued-bytes",
+                            conn.cid,
+                            conn.peer,
+                            extra=conn.fields(code=POLICY_VIOLATION, reason=reason),
+                        )
                     self._close(conn, POLICY_VIOLATION, reason, now, drop_pending=True)
                     # What it still holds (a chunk in flight, the close) goes within the
                     # close timeout; it is no longer counted against everyone else.
@@ -859,11 +933,12 @@ def _queued(queue: SendQueue | MessageQueue) -> int:
     return queue.nbytes if type(queue) is SendQueue else queue.data_bytes
 
 
-def _log_refusal(peer: str, response: HttpResponse) -> None:
+def _log_refusal(peer: str, response: HttpResponse, cid: ConnectionId | None = None) -> None:
     if response.status >= 400:
-        log.info(
-            "%s refused with %d: %s",
-            peer,
-            response.status,
-            response.body.decode(errors="replace").strip(),
-        )
+        # The reason is ours or an authenticator's, and never holds credentials; a
+        # custom authenticator's is redacted all the same.
+        reason = redact(response.body.decode(errors="replace").strip())
+        extra: dict[str, object] = {"peer": peer, "status": response.status, "reason": reason}
+        if cid is not None:
+            extra["conn"] = cid
+        log.info("%s refused with %d: %s", peer, response.status, reason, extra=extra)

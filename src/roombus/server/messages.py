@@ -114,7 +114,7 @@ class MessageHub(HubBase):
                 conn.peer = peer = client_label(client)
         refusal = self._add(conn)
         if refusal is not None:
-            self._refused(peer, refusal, limit=True)
+            self._refused(peer, refusal, limit=True, cid=cid)
             self.lost(cid, now=now, timestamp=timestamp)
             return refusal
         self._set_phase(conn, _Step.UPGRADE)
@@ -152,7 +152,14 @@ class MessageHub(HubBase):
 
     def _refuse(self, conn: _Conn, code: int, reason: str, now: float, timestamp: int) -> None:
         """Close an OPEN message connection for what its peer sent."""
-        log.info("closing conn %d (%s): %d %s", conn.cid, conn.peer, code, reason)
+        log.info(
+            "closing conn %d (%s): %d %s",
+            conn.cid,
+            conn.peer,
+            code,
+            reason,
+            extra=conn.fields(code=code, reason=reason),
+        )
         self._forget(conn, now, timestamp)
         self._close(conn, code, reason, now, drop_pending=False)
 

@@ -391,7 +391,11 @@ class Server(ServerFacade):
             pass
         except Exception:
             # A bug, not a client's doing: lose this connection, never the server.
-            log.exception("internal error on %s; dropping the connection", transport.peer)
+            log.exception(
+                "internal error on %s; dropping the connection",
+                transport.peer,
+                extra={"conn": cid, "peer": transport.peer},
+            )
         finally:
             del self._links[cid]
             hub.lost(cid, now=trio.current_time(), timestamp=_wall())

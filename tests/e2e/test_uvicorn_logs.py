@@ -1,0 +1,107 @@
+"""
+uvicorn with the log configuration docs/security.md gives ("Under uvicorn"): its
+access log and its WebSocket lines keep their shape, and never show a ``?token=``.
+A real ``python -m uvicorn --factory roombus.asgi:create_app`` process on a socket
+bound here; ended by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from .rawws import HOST, get, http_exchange, upgrade_request
+from .test_cli_security import SECRET, hs256, joined_as
+from .test_security import connect
+
+pytest.importorskip("uvicorn")
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+BOUND = 15.0
+
+
+def documented_log_config() -> str:
+    """The JSON block of docs/security.md's "Under uvicorn" section."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("### Under uvicorn", 1)[1]
+    match = re.search(r"```json\n(.*?)```", section, re.DOTALL)
+    assert match, "docs/security.md: no JSON log configuration under 'Under uvicorn'"
+    return match.group(1)
+
+
+def test_uvicorn_with_the_documented_log_config_shows_no_token(tmp_path):
+    config = tmp_path / "uvicorn-log.json"
+    config.write_text(documented_log_config(), encoding="utf-8")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+    environ.update(ROOMBUS_JWT_SECRET=SECRET, ROOMBUS_LOG_LEVEL="debug", PYTHONUNBUFFERED="1")
+    with socket.socket() as sock, out.open("w") as stdout, err.open("w") as stderr:
+        sock.bind((HOST, 0))
+        sock.listen(64)
+        port = sock.getsockname()[1]
+        fd = sock.fileno()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "roombus.asgi:create_app",
+                "--fd",
+                str(fd),
+                "--log-config",
+                str(config),
+            ],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=environ,
+        )
+        try:
+            deadline = time.monotonic() + BOUND
+            while True:
+                assert proc.poll() is None, err.read_text()
+                try:
+                    if get(port, "/healthz").status == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.05)
+            good = hs256("ann")
+            bad = hs256("bob", ttl=-120)
+            ann = connect(port, {"room": "lobby", "token": good})
+            try:
+                joined_as(ann, "ann")
+            finally:
+                ann.close()
+            target = "/ws?" + urlencode({"room": "lobby", "token": bad})
+            assert http_exchange(port, upgrade_request(target)).status == 401
+            assert get(port, f"/healthz?token={good}").status == 200  # the access log
+            time.sleep(0.3)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # our own PID only
+            try:
+                proc.wait(BOUND)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(BOUND)
+    logged = err.read_text() + out.read_text()
+    assert '"WebSocket /ws?room=lobby&token=[redacted]" [accepted]' in logged, logged
+    assert '"GET /healthz?token=[redacted] HTTP/1.1" 200' in logged, logged
+    assert "connected as 'ann'" in logged  # roombus's own lines reach the handler too
+    for token in (good, bad):
+        for part in token.split("."):
+            assert part not in logged
+    assert SECRET not in logged

@@ -27,7 +27,7 @@ from .api import MAX_BODY_BYTES
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
-from .hub import DEBUG, HubBase, _Conn, _Phase, _Step, log
+from .hub import HubBase, _Conn, _log_client_close, _Phase, _Step, log
 from .peer import client_label
 from .proxyproto import ProxyHeaderError, parse_proxy_header
 from .queues import SendQueue
@@ -337,17 +337,8 @@ class FramedHub(HubBase):
                         code,
                         extra=conn.fields(code=code, reason="refused its input"),
                     )
-                elif log.isEnabledFor(DEBUG):
-                    if code == 1006:  # it went away without a close frame (abnormal closure)
-                        log.debug("conn %d (%s) lost", cid, conn.peer, extra=conn.fields(code=code))
-                    else:
-                        log.debug(
-                            "conn %d (%s) closed by the client: %d",
-                            cid,
-                            conn.peer,
-                            code,
-                            extra=conn.fields(code=code),
-                        )
+                else:
+                    _log_client_close(conn, code)
                 self._forget(conn, now, timestamp)
                 self._finish(conn, event.data, now, drop_pending=False)  # type: ignore[union-attr]
                 return

@@ -515,19 +515,9 @@ class HubBase:
         if conn is None:
             return
         if conn.phase is _Phase.OPEN:
-            self._closed(1006 if code is None else code, "client")
-            if log.isEnabledFor(DEBUG):
-                closed = 1006 if code is None else code
-                if code is None:
-                    log.debug("conn %d (%s) lost", cid, conn.peer, extra=conn.fields(code=closed))
-                else:
-                    log.debug(
-                        "conn %d (%s) closed by the client: %d",
-                        cid,
-                        conn.peer,
-                        code,
-                        extra=conn.fields(code=closed),
-                    )
+            closed = 1006 if code is None else code
+            self._closed(closed, "client")
+            _log_client_close(conn, closed)
         if worth_shrinking(len(conns), self._peak):
             # Many connections left: copy the table smaller (a dict never shrinks by
             # deletions), and drop the deadlines they left behind.
@@ -931,6 +921,22 @@ class HubBase:
 def _queued(queue: SendQueue | MessageQueue) -> int:
     """Bytes waiting in *queue*, as its budget counts them."""
     return queue.nbytes if type(queue) is SendQueue else queue.data_bytes
+
+
+def _log_client_close(conn: _Conn, code: int) -> None:
+    """Log (at debug) that *conn*'s peer closed with *code*, or went away (1006)."""
+    if not log.isEnabledFor(DEBUG):
+        return
+    if code == 1006:  # it went away without a close frame (abnormal closure)
+        log.debug("conn %d (%s) lost", conn.cid, conn.peer, extra=conn.fields(code=code))
+    else:
+        log.debug(
+            "conn %d (%s) closed by the client: %d",
+            conn.cid,
+            conn.peer,
+            code,
+            extra=conn.fields(code=code),
+        )
 
 
 def _log_refusal(peer: str, response: HttpResponse, cid: ConnectionId | None = None) -> None:

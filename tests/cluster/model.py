@@ -22,7 +22,8 @@ implements it with Redis):
   model keeps no TTL).
 * ``Relay(room, ref, prefix, ...)``: ``seq = INCR``, kept, published as
   ``m <seq> <node> <ref> <epoch> <prefix>``; with ``dedup``, an id already numbered in
-  the epoch publishes nothing, and the node is answered ``Relayed``.
+  the epoch publishes nothing, and the node is answered ``Relayed`` (also without
+  ``dedup`` when ``answer`` is set).
 * ``ReadStream(...)``: answered ``StreamRead`` with the latest (or first) ``count``
   kept messages of the range. Answers come on the command connection: they may reach
   the node before or after records published after them (a step of their own).
@@ -257,6 +258,7 @@ class ModelBackplane:
                 del ch.history[: -action.keep]
             if dedup is not None:
                 ch.acks[dedup] = (epoch, ch.seq)
+            if dedup is not None or action.answer:
                 link.replies.append(Relayed(room=room, ref=action.ref, epoch=epoch, seq=ch.seq))
             self.publish(room, encode_chat(ch.seq, node, action.ref, epoch, action.prefix))
         elif isinstance(action, ReadStream):

@@ -758,7 +758,7 @@ class BackplaneProtocol:
                 action = work.popleft()
                 if isinstance(action, Relay):
                     self.statistics.relayed += 1
-                    if action.dedup is not None:
+                    if action.dedup is not None or action.answer:
                         answers.append((len(batch), action))
                     batch.append(self._command(action))
                 elif isinstance(action, ReadStream):

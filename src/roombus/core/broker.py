@@ -24,7 +24,9 @@ from .actions import (
     Action,
     Close,
     Deliver,
+    HistoryAnswered,
     MessagePublished,
+    PublishAnswered,
     SendPing,
     UserJoined,
     UserLeft,
@@ -492,6 +494,7 @@ class Broker:
         timestamp: int,
         now: float | None = None,
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> list[Action]:
         """
         Publish a chat message from server-side code to everyone in *room*.
@@ -508,6 +511,10 @@ class Broker:
         Args:
             now: The driver's monotonic clock (None: as of the last event handled, 0.0
                 before any; pass it when publishing before the first event).
+            ticket: Non-zero: the caller waits for the message's position, answered
+                with a :class:`~roombus.core.actions.PublishAnswered` of this ticket
+                (among these actions on a node alone; in a cluster, those of the
+                backplane's answer).
 
         Raises:
             ValueError: if *room* or *username* is not valid, or *content* cannot be
@@ -527,7 +534,7 @@ class Broker:
         if now is not None:
             self._now = now
         self._publish_as_server(
-            RoomName(room), Username(username), content, timestamp, actions, msg_id
+            RoomName(room), Username(username), content, timestamp, actions, msg_id, ticket
         )
         return actions
 
@@ -539,9 +546,54 @@ class Broker:
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> None:
         """:meth:`publish`, its arguments checked (hook: a cluster relays it)."""
+        start = len(actions)
         self._publish(None, room, username, content, timestamp, actions, msg_id)
+        if not ticket:
+            return
+        position: Position | None = None
+        for a in actions[start:]:
+            if type(a) is MessagePublished and a.epoch:
+                position = Position(a.epoch, a.seq)
+        duplicate = False
+        if position is None and msg_id is not None:
+            position = self._streams.acknowledged(room, username, msg_id)
+            duplicate = position is not None
+        actions.append(
+            PublishAnswered(ticket=ticket, room=room, position=position, duplicate=duplicate)
+        )
+
+    def history(
+        self,
+        room: str,
+        *,
+        since: Position | None,
+        limit: int | None,
+        ticket: int,
+        now: float | None = None,
+    ) -> list[Action]:
+        """
+        Read *room*'s kept chats from server-side code: those after *since* (the
+        latest *limit* without it, or for another epoch), at most *limit* (capped at
+        the room's history size, its default) and half of ``send_queue_bytes``.
+        Answered with a :class:`~roombus.core.actions.HistoryAnswered` of *ticket*: among
+        these actions on a node alone, once Redis answered in a cluster.
+
+        Raises:
+            ValueError: if *room* is not valid.
+        """
+        if not is_valid_room(room):
+            raise ValueError(f"invalid room name: {room!r}")
+        if now is not None:
+            self._now = now
+        name = RoomName(room)
+        size = self._streams.policy(name).size
+        count = size if limit is None else min(limit, size)
+        actions: list[Action] = []
+        self._read_history(None, codec.History(room=name, since=since), count, actions, ticket)
+        return actions
 
     def acknowledged(self, room: str, username: str, msg_id: str) -> Position | None:
         """The position of *username*'s message *msg_id* to *room*, if it is still
@@ -946,13 +998,26 @@ class Broker:
         self._read_history(conn, request, limit, actions)
 
     def _read_history(
-        self, conn: ConnectionId, request: codec.History, limit: int, actions: list[Action]
+        self,
+        conn: ConnectionId | None,
+        request: codec.History,
+        limit: int,
+        actions: list[Action],
+        ticket: int = 0,
     ) -> None:
-        """Answer an allowed ``history`` request (hook: a cluster reads Redis)."""
+        """Answer an allowed ``history`` request, of *conn* or (None) server-side code
+        with *ticket* (hook: a cluster reads Redis)."""
         # At most half a send queue's bytes in one answer (one message, however big).
         position, items = self._streams.history(
             request.room, request.since, limit, self._now, self.config.send_queue_bytes // 2
         )
+        if conn is None:
+            actions.append(
+                HistoryAnswered(
+                    ticket=ticket, room=request.room, position=position, items=tuple(items)
+                )
+            )
+            return
         self._deliver(
             (conn,), codec.encode_history(request.room, position, items, request.id), actions
         )

@@ -131,7 +131,7 @@ class RecordReceived:
 class Relayed:
     """
     Backplane: the answer to a :class:`~roombus.cluster.Relay` with ``dedup`` (an
-    acknowledged publish).
+    acknowledged publish) or ``answer`` (a server-side publish awaiting its position).
 
     Attributes:
         room: The room.

@@ -74,8 +74,10 @@ from ..core.actions import (
     BackplaneAction,
     Close,
     Deliver,
+    HistoryAnswered,
     MessagePublished,
     Notice,
+    PublishAnswered,
     SendPing,
     UserJoined,
     UserLeft,
@@ -90,7 +92,7 @@ from ..core.stats import Counts, Histogram
 from ..core.streams import Position, Publication
 from ..core.tables import worth_shrinking
 from .admission import Admission
-from .api import TOO_LARGE, handle_api
+from .api import TOO_LARGE, Pending, handle_api
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
 from .drain import DrainSchedule
@@ -159,6 +161,7 @@ PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
 class _Conn:
     __slots__ = (
         "api_only",
+        "api_waiting",
         "cid",
         "deadline",
         "forwarded",
@@ -205,6 +208,8 @@ class _Conn:
         self.refusal: HttpResponse | None = None
         # Accepted on the API's own listener: /api, /metrics and /healthz only.
         self.api_only = False
+        # Its API request's answer is awaited (the backplane's): its input is ignored.
+        self.api_waiting = False
 
 
 class HubBase:
@@ -375,8 +380,10 @@ class HubBase:
         *,
         now: float,
         timestamp: int,
-    ) -> HttpResponse:
-        """The answer to a request for ``/api/...`` (*body* None: it was too large)."""
+    ) -> HttpResponse | Pending[HttpResponse]:
+        """The answer to a request for ``/api/...`` (*body* None: it was too large),
+        or a pending one: the backplane's answer is awaited (settled within the
+        operations' ``timeout``, by a later hub call: an event, or :meth:`timeout`)."""
         if body is None:
             return TOO_LARGE
         return handle_api(
@@ -423,6 +430,9 @@ class HubBase:
             close_at = self._drain.next_deadline()
             if close_at is not None and (own is None or close_at < own):
                 own = close_at
+        waits = self.operations.next_deadline()
+        if waits is not None and (own is None or waits < own):
+            own = waits
         beat = self.broker.next_deadline()
         if own is None:
             return beat
@@ -561,6 +571,7 @@ class HubBase:
         """Let time pass up to *now*: heartbeats, handshake and close timeouts, a
         drain's closes."""
         self._apply(self.broker.handle_timeout(now=now, timestamp=timestamp), now, timestamp)
+        self.operations.expire(now, timestamp)
         if self._drain is not None:
             due = self._drain.due(now)
             if due:
@@ -817,6 +828,8 @@ class HubBase:
                         self.on_notice(action)
                     except Exception:
                         log.exception("on_notice hook failed for %r", action)
+            elif isinstance(action, (PublishAnswered, HistoryAnswered)):
+                self.operations.answered(action, now, timestamp)
             else:
                 self._backplane.append(action)
         if self._handling_overflow or not overflowed:

@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 
 from roombus import BrokerConfig, ServerConfig, Username
 from roombus.cluster import BackplaneLost, BackplaneRestored, ClusterBroker
-from roombus.core.events import ClientConnected, TextReceived
+from roombus.cluster.control import encode_control
+from roombus.core.actions import DisconnectCommand
+from roombus.core.events import ClientConnected, ControlReceived, TextReceived
 from roombus.hub import Hub
-from roombus.lowlevel import ConnectionId, Deliver, Event
+from roombus.lowlevel import Close, ConnectionId, Deliver, Event
 from roombus.server.api import ApiError, Pending
 
 from .model import ModelBackplane
@@ -43,6 +45,7 @@ class Nodes:
     hubs: dict[str, Hub] = attrs.field(init=False)
     bp: ModelBackplane = attrs.field(init=False)
     got: dict[tuple[str, int], list[dict[str, Any]]] = attrs.field(factory=dict)
+    closed: dict[tuple[str, int], tuple[int, str]] = attrs.field(factory=dict)
     now: float = 0.0
 
     def __attrs_post_init__(self) -> None:
@@ -91,6 +94,8 @@ class Nodes:
                     for conn in a.conns:
                         if conn >= CLIENTS:
                             self.got.setdefault((node, conn), []).append(json.loads(a.payload))
+                elif isinstance(a, Close) and a.conn >= CLIENTS:
+                    self.closed[(node, a.conn - CLIENTS)] = (a.code, a.reason)
             apply(actions, now, timestamp)
 
         return recording
@@ -308,3 +313,87 @@ def test_interleaved_api_calls_are_each_answered_once(
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
     for hub in net.hubs.values():
         assert hub.operations.waiting == 0
+
+
+def members(net: Nodes, node: str, room: str) -> list[str]:
+    return [
+        u["username"]
+        for u in net.hubs[node].operations.presence(room, now=0, timestamp=TS)["users"]
+    ]  # type: ignore[index]
+
+
+def test_disconnect_on_one_node_closes_the_user_everywhere() -> None:
+    net = Nodes()
+    net.join("n1", 1, "ann", "lobby")
+    net.join("n2", 2, "ann", "lobby")
+    net.join("n2", 3, "bob", "lobby")
+    net.bp.drain()
+    cid = net.http("n1", "disconnect", {"username": "ann", "code": 4001, "reason": "banned"})
+    status, body = net.answer("n1", cid)  # type: ignore[misc]
+    assert status == 200
+    assert body == {"disconnected": ["n1/1001"], "cluster": True}
+    net.bp.drain()
+    assert net.closed == {("n1", 1): (4001, "banned"), ("n2", 2): (4001, "banned")}
+    assert members(net, "n2", "lobby") == ["bob"]
+    left = [e for e in net.got[("n2", 1003)] if e["type"] == "presence"]
+    assert (left[-1]["event"], left[-1]["username"]) == ("leave", "ann")
+
+
+def test_a_connection_of_another_node_is_closed_there() -> None:
+    net = Nodes()
+    net.join("n2", 2, "ann", "lobby")
+    net.join("n2", 3, "ann", "lobby")
+    net.bp.drain()
+    cid = net.http("n1", "disconnect", {"connection": "n2/1003", "code": 3000})
+    assert net.answer("n1", cid) == (200, {"disconnected": [], "cluster": True})
+    net.bp.drain()
+    assert list(net.closed) == [("n2", 3)]
+    # One of this node's: closed here, nothing sent.
+    net.join("n1", 4, "cat", "lobby")
+    cid = net.http("n1", "disconnect", {"connection": "n1/1004"})
+    assert net.answer("n1", cid) == (200, {"disconnected": ["n1/1004"]})
+
+
+def test_kick_on_one_node_removes_the_user_from_the_room_everywhere() -> None:
+    net = Nodes()
+    net.join("n1", 1, "bob", "lobby")
+    net.join("n2", 2, "ann", "lobby")
+    net.join("n2", 3, "ann", "other")
+    net.bp.drain()
+    assert members(net, "n1", "lobby") == ["ann", "bob"]
+    cid = net.http("n1", "kick", {"room": "lobby", "username": "ann", "reason": "be nice"})
+    assert net.answer("n1", cid) == (200, {"room": "lobby", "kicked": [], "cluster": True})
+    net.bp.drain()
+    kicked = [e for e in net.got[("n2", 1002)] if e["type"] == "error"]
+    assert [(e["code"], e["room"], e["content"]) for e in kicked] == [
+        ("kicked", "lobby", "be nice")
+    ]
+    assert members(net, "n1", "lobby") == ["bob"]  # (n2 has no member of it left)
+    assert net.hubs["n2"].broker.connections("lobby") == []
+    assert members(net, "n2", "other") == ["ann"]  # still open, in its other rooms
+    assert not net.closed
+    left = [e for e in net.got[("n1", 1001)] if e["type"] == "presence"]
+    assert left[-1]["event"] == "leave" and left[-1]["username"] == "ann"
+
+
+def test_cut_off_from_redis_a_command_is_this_node_s_only() -> None:
+    net = Nodes()
+    net.join("n1", 1, "ann", "lobby")
+    net.join("n2", 2, "ann", "lobby")
+    net.bp.drain()
+    net.lose("n1")
+    cid = net.http("n1", "disconnect", {"username": "ann"})
+    assert net.answer("n1", cid) == (200, {"disconnected": ["n1/1001"], "cluster": False})
+    net.bp.drain()
+    assert list(net.closed) == [("n1", 1)]
+
+
+def test_a_node_ignores_its_own_commands_and_what_is_not_one() -> None:
+    net = Nodes()
+    net.join("n1", 1, "ann", "lobby")
+    net.bp.drain()
+    hub = net.hubs["n1"]
+    own = encode_control("n1", DisconnectCommand(username="ann", code=4000))
+    for data in (own, b"garbage", b'{"v":1}'):
+        hub.backplane_event(ControlReceived(data=data), now=0, timestamp=TS)
+    assert not net.closed

@@ -125,3 +125,55 @@ def test_a_batch_on_a_publishes_then_reads_in_order(nodes: Any) -> None:
     published, history = result["results"]
     assert published["result"]["seq"] == history["result"]["seq"]
     assert [m["content"] for m in history["result"]["items"]] == ["x"]
+
+
+def ids_of(node: CliServer, room: str) -> dict[str, list[str]]:
+    _, result = call(node.port, "presence", {"room": room})
+    return {u["username"]: u["connection_ids"] for u in result["users"]}
+
+
+def test_disconnect_on_a_closes_a_client_on_b_with_the_code(nodes: Any) -> None:
+    a, b, clients = nodes
+    ann_b = client(clients, b, "lobby", "ann")
+    ann_a = client(clients, a, "lobby", "ann", expect_join=None)  # maybe present already
+    drain(ann_a, until=lambda m: m.get("type") == "presence_state")
+    cat = client(clients, b, "lobby", "cat")
+    until_present(a, "lobby", {"ann", "cat"})
+    status, result = call(
+        a.port, "disconnect", {"username": "ann", "code": 4001, "reason": "banned"}
+    )
+    assert status == 200 and result["cluster"] is True and len(result["disconnected"]) == 1
+    for c in (ann_a, ann_b):
+        closed = c.until_closed()
+        assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (
+            4001,
+            "banned",
+        )
+    drain(cat, until=lambda m: m.get("event") == "leave" and m.get("username") == "ann")
+    # By the id of one connection on B, as B's presence names it.
+    dan = client(clients, b, "lobby", "dan")
+    wait_for(lambda: "dan" in ids_of(b, "lobby"))
+    (dan_id,) = ids_of(b, "lobby")["dan"]
+    assert dan_id.startswith("node-b/")
+    status, result = call(a.port, "disconnect", {"connection": dan_id, "code": 3001})
+    assert (status, result) == (200, {"disconnected": [], "cluster": True})
+    closed = dan.until_closed()
+    assert closed.rcvd is not None and closed.rcvd.code == 3001
+
+
+def test_kick_on_a_removes_a_user_on_b_from_the_room_everywhere(nodes: Any) -> None:
+    a, b, clients = nodes
+    bob = client(clients, b, "lobby", "bob")
+    ann = client(clients, a, "lobby", "ann")
+    until_present(a, "lobby", {"ann", "bob"})
+    until_present(b, "lobby", {"ann", "bob"})
+    status, result = call(a.port, "kick", {"room": "lobby", "username": "bob", "reason": "be nice"})
+    assert status == 200 and result == {"room": "lobby", "kicked": [], "cluster": True}
+    kicked = drain(bob, until=lambda m: m.get("type") == "error")[-1]
+    assert (kicked["code"], kicked["room"], kicked["content"]) == ("kicked", "lobby", "be nice")
+    drain(ann, until=lambda m: m.get("event") == "leave" and m.get("username") == "bob")
+    wait_for(lambda: set(ids_of(a, "lobby")) == {"ann"})
+    assert "bob" not in ids_of(b, "lobby")
+    # Bob's connection stays open, and may join again.
+    bob.send({"type": "join", "room": "lobby"})
+    drain(ann, until=lambda m: m.get("event") == "join" and m.get("username") == "bob")

@@ -23,6 +23,9 @@ from ..core import codec
 from ..core.actions import (
     Action,
     Announce,
+    Control,
+    ControlCommand,
+    DisconnectCommand,
     HistoryAnswered,
     MessagePublished,
     PublishAnswered,
@@ -36,6 +39,7 @@ from ..core.errors import ConfigError
 from ..core.events import (
     BackplaneLost,
     BackplaneRestored,
+    ControlReceived,
     Event,
     RecordReceived,
     Relayed,
@@ -51,6 +55,7 @@ from ..core.streams import (
     Recovery,
     plan_recovery,
 )
+from .control import parse_control
 from .records import ChatRecord, PresenceRecord, parse_record
 from .room import ClusterRoom, Effect, Lifetime, Phase, Resuming, RoomInput, is_valid_node_id
 
@@ -174,8 +179,42 @@ class ClusterBroker(Broker):
             self._on_lost(timestamp, actions)
         elif isinstance(event, BackplaneRestored):
             self._on_restored(actions)
+        elif isinstance(event, ControlReceived):
+            self._on_control(event, timestamp, actions)
         else:
             super()._handle_other(event, timestamp, actions)
+
+    # -- the control channel ------------------------------------------------------------
+
+    def tell_cluster(self, command: ControlCommand) -> list[Action]:
+        return [Control(command=command)] if self._online else []
+
+    def _on_control(self, event: ControlReceived, timestamp: int, actions: list[Action]) -> None:
+        """Another node's command: carried out on this node's connections."""
+        parsed = parse_control(event.data)
+        if parsed is None or parsed[0] == self.node:
+            return  # not one of ours, or this node's own (carried out already)
+        _, command = parsed
+        if isinstance(command, DisconnectCommand):
+            if command.username is not None:
+                targets = self.user_connections(command.username)
+            else:
+                node, _, number = (command.connection or "").rpartition("/")
+                ok = node == self.node and number.isascii() and number.isdigit()
+                ok = ok and len(number) < 19
+                targets = [ConnectionId(int(number))] if ok else []
+            for conn in targets:
+                actions.extend(
+                    self.disconnect(
+                        conn, code=command.code, reason=command.reason, timestamp=timestamp
+                    )
+                )
+        else:
+            actions.extend(
+                self.kick(
+                    command.room, command.username, reason=command.reason, timestamp=timestamp
+                )
+            )
 
     def _publish_as_server(
         self,

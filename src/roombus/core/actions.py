@@ -270,10 +270,48 @@ class HistoryAnswered:
     items: tuple[bytes, ...]
 
 
+@attrs.frozen(kw_only=True)
+class DisconnectCommand:
+    """
+    Close every connection of *username*, or the one *connection* (an id of the
+    server API, ``<node>/<n>``), with *code* and *reason*.
+    """
+
+    username: str | None = None
+    connection: str | None = None
+    code: int = 1000
+    reason: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class KickCommand:
+    """Remove *username*'s connections from *room*, telling them *reason*."""
+
+    room: RoomName
+    username: Username
+    reason: str = ""
+
+
+ControlCommand = DisconnectCommand | KickCommand
+
+
+@attrs.frozen(kw_only=True)
+class Control:
+    """
+    Backplane: send *command* to every node of the cluster (its control channel);
+    each other node carries it out on the connections it holds.
+
+    Attributes:
+        command: What to do.
+    """
+
+    command: ControlCommand
+
+
 #: What a server-side request made with a ticket is answered with.
 Answer = PublishAnswered | HistoryAnswered
 Notice = UserJoined | UserLeft | MessagePublished
-BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream
+BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream | Control
 Action = (
     Deliver
     | SendPing
@@ -286,6 +324,7 @@ Action = (
     | Relay
     | Announce
     | ReadStream
+    | Control
     | PublishAnswered
     | HistoryAnswered
 )

@@ -23,6 +23,7 @@ from . import codec
 from .actions import (
     Action,
     Close,
+    ControlCommand,
     Deliver,
     HistoryAnswered,
     MessagePublished,
@@ -601,6 +602,15 @@ class Broker:
         return self._streams.acknowledged(RoomName(room), Username(username), msg_id)
 
     # -- server-side control ----------------------------------------------------------
+
+    def tell_cluster(self, command: ControlCommand) -> list[Action]:
+        """
+        Send *command* to the other nodes of the cluster, which carry it out on their
+        connections (a :class:`~roombus.core.actions.Control` among the actions); this
+        node's part is the caller's. Nothing on a node alone, or cut off from the
+        cluster.
+        """
+        return []
 
     def user_connections(self, username: str) -> list[ConnectionId]:
         """The live connections of *username* here, oldest first."""

@@ -16,8 +16,17 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .._version import __version__
-from ..core.actions import Answer, Deliver, HistoryAnswered, PublishAnswered
-from ..core.names import ConnectionId
+from ..core.actions import (
+    Answer,
+    Control,
+    ControlCommand,
+    Deliver,
+    DisconnectCommand,
+    HistoryAnswered,
+    KickCommand,
+    PublishAnswered,
+)
+from ..core.names import ConnectionId, RoomName, Username
 from ..core.streams import Position
 from .api import ApiError, Pending, Result, cursor_of, gather, map_result, room_of_cursor
 
@@ -46,9 +55,10 @@ class HubOperations:
     In a cluster, ``publish`` and ``broadcast`` reach every node (through the
     backplane) and answer the position Redis gave, ``history`` reads the room's
     stream in Redis (both :class:`~roombus.server.api.Pending` until the backplane
-    answers, at most :attr:`timeout` seconds), and ``presence`` lists the users of
-    every node; the counts of connections, ``disconnect``, ``kick`` and ``rooms``
-    are this node's.
+    answers, at most :attr:`timeout` seconds), ``disconnect`` and ``kick`` act here
+    and are sent to every other node (the control channel: ``"cluster": true`` in
+    the answer, whose ids are this node's), and ``presence`` lists the users of every
+    node; the counts of connections and ``rooms`` are this node's.
 
     The broker answers a request made with a ticket with an action
     (:class:`~roombus.core.actions.PublishAnswered`,
@@ -132,21 +142,27 @@ class HubOperations:
         return f"{node}/{cid}" if node is not None else str(cid)
 
     def _local(self, connection: str) -> ConnectionId | None:
+        """The connection here that *connection* names, or None (another node's, or
+        none)."""
         node, _, number = connection.rpartition("/")
-        own = self.hub.broker.node
-        if (node or None) != own:
-            if own is not None and node:
-                raise ApiError(
-                    501,
-                    "not_implemented",
-                    f"connection {connection!r} is on another node; only this node's "
-                    "connections can be closed by id yet",
-                    "connection",
-                )
+        if (node or None) != self.hub.broker.node:
             return None
         if not (number.isascii() and number.isdigit() and len(number) < 19):
             return None
         return ConnectionId(int(number))
+
+    def _tell_cluster(
+        self, command: ControlCommand, result: dict[str, object], now: float, timestamp: int
+    ) -> dict[str, object]:
+        """On a node of a cluster, send *command* to the other nodes: ``"cluster"``
+        says whether it was sent (not while cut off from Redis)."""
+        hub = self.hub
+        if hub.broker.node is None:
+            return result
+        actions = hub.broker.tell_cluster(command)
+        hub._apply(actions, now, timestamp)
+        result["cluster"] = any(type(a) is Control for a in actions)
+        return result
 
     # -- publishing ------------------------------------------------------------------
 
@@ -325,7 +341,13 @@ class HubOperations:
                 now,
                 timestamp,
             )
-        return {"disconnected": [self.connection_id(cid) for cid in targets]}
+        result: dict[str, object] = {"disconnected": [self.connection_id(c) for c in targets]}
+        if connection is not None and targets:
+            return result  # this node's: nothing for the others
+        command = DisconnectCommand(
+            username=username, connection=connection, code=code, reason=reason
+        )
+        return self._tell_cluster(command, result, now, timestamp)
 
     def kick(
         self, room: str, username: str, *, reason: str, now: float, timestamp: int
@@ -334,4 +356,9 @@ class HubOperations:
         broker = hub.broker
         before = [c for c in broker.connections(room) if broker.username_of(c) == username]
         hub._apply(broker.kick(room, username, reason=reason, timestamp=timestamp), now, timestamp)
-        return {"room": room, "kicked": [self.connection_id(cid) for cid in before]}
+        result: dict[str, object] = {
+            "room": room,
+            "kicked": [self.connection_id(cid) for cid in before],
+        }
+        command = KickCommand(room=RoomName(room), username=Username(username), reason=reason)
+        return self._tell_cluster(command, result, now, timestamp)

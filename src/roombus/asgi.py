@@ -84,7 +84,7 @@ from .node.facade import wall as _wall
 from .node.metrics import ServerMetrics
 from .node.options import settings_from_environ
 from .node.settings import Settings
-from .server.api import MAX_BODY_BYTES
+from .server.api import MAX_BODY_BYTES, ApiError, Pending, error_response
 from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
@@ -217,6 +217,9 @@ class RoombusASGI(ServerFacade):
     def _now(self) -> float:
         return anyio.current_time()
 
+    def _waiter(self) -> anyio.Event:
+        return anyio.Event()
+
     def backplane_events(self, events: list[Event]) -> None:
         """Hand the broker what the backplane learnt (the other nodes' doings), then
         carry out its outputs once.
@@ -344,7 +347,7 @@ class RoombusASGI(ServerFacade):
                 else b""
             )
             hub = self.hub
-            response = hub.api_response(
+            answer = hub.api_response(
                 method,
                 path,
                 scope.get("headers") or [],
@@ -353,6 +356,15 @@ class RoombusASGI(ServerFacade):
                 timestamp=_wall(),
             )
             self.transmit()
+            if isinstance(answer, Pending):
+                if not answer.done:  # the backplane's answer (the operations' timeout bounds it)
+                    waiter = self._waiter()
+                    answer.then(lambda *_: waiter.set())
+                    await waiter.wait()
+                outcome = answer.outcome
+                response = error_response(outcome) if isinstance(outcome, ApiError) else outcome
+            else:
+                response = answer
             await send(
                 {
                     "type": "http.response.start",

@@ -22,13 +22,17 @@ implements it with Redis):
   model keeps no TTL).
 * ``Relay(room, ref, prefix, ...)``: ``seq = INCR``, kept, published as
   ``m <seq> <node> <ref> <epoch> <prefix>``; with ``dedup``, an id already numbered in
-  the epoch publishes nothing, and the node is answered ``Relayed``.
+  the epoch publishes nothing, and the node is answered ``Relayed`` (also without
+  ``dedup`` when ``answer`` is set).
 * ``ReadStream(...)``: answered ``StreamRead`` with the latest (or first) ``count``
   kept messages of the range. Answers come on the command connection: they may reach
   the node before or after records published after them (a step of their own).
 * ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
   set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
   (The records are built by ``roombus.cluster.records``, as the driver's scripts build them.)
+* ``Control(command)``: published on the control channel, which every connected node
+  listens to (the sender included): each gets ``ControlReceived`` with the message
+  (``roombus.cluster.control``), in the channel's one order.
 * Each node has one connection: its commands run in the order asked for, interleaved
   with other nodes'. A subscribe's snapshot read is a step of its own, some time after
   the subscribe (the node's reads in order; its later commands may run first).
@@ -70,10 +74,14 @@ from roombus.cluster import (
     Subscribe,
     Unsubscribe,
 )
+from roombus.cluster.control import encode_control
 from roombus.cluster.records import encode_chat, encode_presence
-from roombus.core.actions import ReadStream
-from roombus.core.events import Relayed, StreamRead
+from roombus.core.actions import Control, ReadStream
+from roombus.core.events import ControlReceived, Relayed, StreamRead
 from roombus.lowlevel import Event
+
+#: The inbox of the control channel (no room is named so).
+CONTROL = " ctl"
 
 
 @attrs.define
@@ -228,6 +236,14 @@ class ModelBackplane:
     def run_command(self, node: str) -> None:
         link = self.links[node]
         action = link.commands.popleft()
+        if isinstance(action, Control):  # the control channel: every node listening
+            self.published += 1
+            data = encode_control(node, action.command)
+            for other in sorted(self.links):
+                peer = self.links[other]
+                if peer.alive and peer.online:
+                    peer.inbox.setdefault(CONTROL, deque()).append(Record(data, self.published))
+            return
         room = action.room
         ch = self.channel(room)
         if isinstance(action, Subscribe):
@@ -257,6 +273,7 @@ class ModelBackplane:
                 del ch.history[: -action.keep]
             if dedup is not None:
                 ch.acks[dedup] = (epoch, ch.seq)
+            if dedup is not None or action.answer:
                 link.replies.append(Relayed(room=room, ref=action.ref, epoch=epoch, seq=ch.seq))
             self.publish(room, encode_chat(ch.seq, node, action.ref, epoch, action.prefix))
         elif isinstance(action, ReadStream):
@@ -315,7 +332,10 @@ class ModelBackplane:
         if not link.inbox[room]:
             del link.inbox[room]
         self.delivering = item
-        if isinstance(item, Record):
+        if room == CONTROL:
+            assert isinstance(item, Record)
+            self.deliver(node, ControlReceived(data=item.data))
+        elif isinstance(item, Record):
             self.deliver(node, RecordReceived(room=RoomName(room), data=item.data))
         else:
             self.deliver(

@@ -30,6 +30,7 @@ from roombus.cluster import (
     Unsubscribe,
 )
 from roombus.cluster.config import ClusterConfig
+from roombus.cluster.control import encode_control
 from roombus.cluster.protocol import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
@@ -49,8 +50,8 @@ from roombus.cluster.protocol import (
 )
 from roombus.cluster.resp import SHARDED_PROBE, VERSION_PROBE, RedisError
 from roombus.cluster.schema import SCRIPTS, channel, script_source
-from roombus.core.actions import ReadStream
-from roombus.core.events import StreamRead
+from roombus.core.actions import Control, DisconnectCommand, KickCommand, ReadStream
+from roombus.core.events import ControlReceived, StreamRead
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL = 3.0
@@ -139,7 +140,11 @@ def online(proto: BackplaneProtocol, now: float = 0.0) -> None:
     proto.link_opened(Link.SUBSCRIBER, now)
     assert proto.phase is Phase.ONLINE
     assert proto.take_events() == [BackplaneRestored()]
-    assert proto.take_commands() == []
+    # The control channel, listened to for the session (no answer awaited).
+    control = only(proto.take_commands(), Listen)
+    verb = b"SSUBSCRIBE" if proto.sharded else b"SUBSCRIBE"
+    assert (control.verb, control.channels) == (verb, (b"rb:ctl",))
+    proto.confirmed(control.batch, now)  # (changes nothing)
 
 
 # --------------------------------------------------------------------------------------
@@ -250,6 +255,8 @@ def test_every_row_of_the_link_table(phase: str, inp: str) -> None:
         )
     elif new_phase == "OPENING_SUB":
         assert commands == [OpenLink(Link.SUBSCRIBER, proto.address, TIMEOUT)]
+    elif new_phase == "ONLINE":  # the control channel, for the session
+        assert [(c.verb, c.channels) for c in commands] == [(b"SSUBSCRIBE", (b"rb:ctl",))]
     else:
         assert commands == []
 
@@ -306,6 +313,7 @@ def test_without_command_info_the_version_decides_and_old_redis_gets_classic_pub
     proto.take_commands()
     proto.link_opened(Link.SUBSCRIBER, 0.0)
     proto.take_events()
+    assert only(proto.take_commands(), Listen).verb == b"SUBSCRIBE"  # the control channel
     proto.submit([Subscribe(room=R1, gen=1), Unsubscribe(room=R1)], 0.0)
     listen = only(proto.take_commands(), Listen)
     assert listen.verb == b"SUBSCRIBE"
@@ -968,3 +976,19 @@ def test_run_id_of_an_info_reply() -> None:
     assert run_id_from_info(INFO) == "0a1b2c"
     assert run_id_from_info(b"# Server\r\nredis_version:6\r\n") == ""
     assert run_id_from_info(RedisError("ERR")) == ""
+
+
+def test_control_commands_are_published_and_the_control_channel_s_messages_come_back() -> None:
+    proto = new()
+    online(proto)
+    command = KickCommand(room=R1, username=Username("ann"), reason="out")
+    proto.submit([Control(command=command), relay()], 0.0)
+    execute = only(proto.take_commands(), Execute)
+    assert execute.commands[0] == ("SPUBLISH", "rb:ctl", encode_control("n1", command))
+    proto.replies(execute.batch, [1, [1, b"E1", 0]], 0.0)
+    data = encode_control("n2", DisconnectCommand(username="bob", code=4000, reason="x"))
+    proto.messages([(b"rb:ctl", data), (b"rb:{r1}:c", b"j 1 n2 bob"), (b"other:ctl", data)], 0.0)
+    assert proto.take_events() == [
+        ControlReceived(data=data),
+        RecordReceived(room=R1, data=b"j 1 n2 bob"),
+    ]

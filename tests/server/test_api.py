@@ -13,7 +13,9 @@ from roombus import ConfigError
 from roombus.core.streams import Position
 from roombus.server.api import (
     METHODS,
+    ApiError,
     ApiKey,
+    Pending,
     authenticate,
     cursor_of,
     handle_api,
@@ -225,3 +227,89 @@ def test_any_json_body_is_answered_without_raising(method: str, body: Any) -> No
 def test_any_bytes_are_answered_without_raising(method: str, raw: bytes) -> None:
     status, _, _ = request(method, raw=raw, ops=Raising())
     assert status in (200, 400)
+
+
+class LaterOps:
+    """Answers every call later (a Pending each, settled by the test), in order."""
+
+    def __init__(self, now: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.pending: list[tuple[str, Pending[dict[str, object]]]] = []
+        self.now = now
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in METHODS:
+            raise AttributeError(name)
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            if name in self.now:
+                return {"now": name}
+            pending: Pending[dict[str, object]] = Pending()
+            self.pending.append((name, pending))
+            return pending
+
+        return method
+
+
+def _call(method: str, body: Any, ops: Any) -> Any:
+    return handle_api(
+        b"POST",
+        f"/api/{method}".encode(),
+        [(b"authorization", b"apikey " + KEY.encode())],
+        json.dumps(body).encode(),
+        keys=KEYS,
+        operations=ops,
+        now=0,
+        timestamp=0,
+    )
+
+
+def test_an_awaited_call_is_answered_once_settled() -> None:
+    ops = LaterOps()
+    answer = _call("publish", {"room": "a", "content": 1}, ops)
+    assert isinstance(answer, Pending) and not answer.done
+    ((_, pending),) = ops.pending
+    pending.resolve({"seq": 3}, 1.0, 0)
+    assert answer.done and answer.outcome.status == 200  # type: ignore[union-attr]
+    assert json.loads(answer.outcome.body) == {"seq": 3}  # type: ignore[union-attr]
+    pending.resolve({"seq": 4}, 2.0, 0)  # settled once
+    assert json.loads(answer.outcome.body) == {"seq": 3}  # type: ignore[union-attr]
+    failed = _call("history", {"room": "a"}, ops)
+    ops.pending[-1][1].fail(ApiError(503, "backplane_timeout", "late"), 5.0, 0)
+    assert failed.outcome.status == 503  # type: ignore[union-attr]
+    assert json.loads(failed.outcome.body)["error"]["code"] == "backplane_timeout"  # type: ignore[union-attr]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["publish", "presence", "bad", "info"]), min_size=1, max_size=12))
+def test_a_batch_answers_in_order_whatever_is_awaited(methods: list[str]) -> None:
+    """Calls answered at once and awaited ones mix; each runs only after the one
+    before it is answered, and the results come in the calls' order."""
+    ops = LaterOps(now={"info"})
+    calls = [
+        {"method": "nope"}
+        if m == "bad"
+        else {"method": m, "params": {"room": "a"} | ({"content": 0} if m == "publish" else {})}
+        for m in methods
+    ]
+    for c in calls:
+        if c["method"] == "info":
+            c["params"] = {}
+    answer = _call("batch", {"calls": calls}, ops)
+    settled = 0
+    while isinstance(answer, Pending) and not answer.done:
+        # Only the first awaited call not answered is running: the rest wait for it.
+        assert len(ops.pending) == settled + 1
+        _name, pending = ops.pending[-1]
+        pending.resolve({"later": settled}, float(settled), 0)
+        settled += 1
+    response = answer.outcome if isinstance(answer, Pending) else answer
+    results = json.loads(response.body)["results"]
+    assert len(results) == len(methods)
+    later = iter(range(settled))
+    for m, r in zip(methods, results, strict=True):
+        if m == "bad":
+            assert r["status"] == 404
+        elif m == "info":
+            assert r["result"] == {"now": "info"}
+        else:
+            assert r["result"] == {"later": next(later)}

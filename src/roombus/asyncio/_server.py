@@ -187,6 +187,9 @@ class Server(ServerFacade):
     def _now(self) -> float:
         return self._loop.time()
 
+    def _waiter(self) -> asyncio.Event:
+        return asyncio.Event()
+
     async def drain(self, seconds: float | None = None) -> None:
         """
         Shut down gracefully, spread over time, and return once the server stopped

@@ -23,7 +23,12 @@ from ..core import codec
 from ..core.actions import (
     Action,
     Announce,
+    Control,
+    ControlCommand,
+    DisconnectCommand,
+    HistoryAnswered,
     MessagePublished,
+    PublishAnswered,
     ReadStream,
     Relay,
     Subscribe,
@@ -34,6 +39,7 @@ from ..core.errors import ConfigError
 from ..core.events import (
     BackplaneLost,
     BackplaneRestored,
+    ControlReceived,
     Event,
     RecordReceived,
     Relayed,
@@ -49,6 +55,7 @@ from ..core.streams import (
     Recovery,
     plan_recovery,
 )
+from .control import parse_control
 from .records import ChatRecord, PresenceRecord, parse_record
 from .room import ClusterRoom, Effect, Lifetime, Phase, Resuming, RoomInput, is_valid_node_id
 
@@ -65,11 +72,13 @@ MAX_HELD: Final = 1000
 
 @attrs.frozen
 class _HistoryRead:
-    """A ``history`` request waiting for its read of Redis."""
+    """A ``history`` request waiting for its read of Redis: a connection's, or (conn
+    None) server-side code's, answered with its ticket."""
 
-    conn: ConnectionId
+    conn: ConnectionId | None
     request: codec.History
     limit: int
+    ticket: int = 0
 
 
 #: How many epochs a room remembers having left (stale records of them are dropped).
@@ -122,6 +131,8 @@ class ClusterBroker(Broker):
         self._reads: dict[int, tuple[RoomName, ConnectionId | None, _HistoryRead | None]] = {}
         # Acknowledged publishes relayed and not answered yet: ref -> (conn, id).
         self._awaiting: dict[int, tuple[ConnectionId, str]] = {}
+        # Server-side publishes whose position is awaited: ref -> (room, ticket).
+        self._answering: dict[int, tuple[RoomName, int]] = {}
         self._resets = 0
         self._repairs = 0
 
@@ -168,8 +179,42 @@ class ClusterBroker(Broker):
             self._on_lost(timestamp, actions)
         elif isinstance(event, BackplaneRestored):
             self._on_restored(actions)
+        elif isinstance(event, ControlReceived):
+            self._on_control(event, timestamp, actions)
         else:
             super()._handle_other(event, timestamp, actions)
+
+    # -- the control channel ------------------------------------------------------------
+
+    def tell_cluster(self, command: ControlCommand) -> list[Action]:
+        return [Control(command=command)] if self._online else []
+
+    def _on_control(self, event: ControlReceived, timestamp: int, actions: list[Action]) -> None:
+        """Another node's command: carried out on this node's connections."""
+        parsed = parse_control(event.data)
+        if parsed is None or parsed[0] == self.node:
+            return  # not one of ours, or this node's own (carried out already)
+        _, command = parsed
+        if isinstance(command, DisconnectCommand):
+            if command.username is not None:
+                targets = self.user_connections(command.username)
+            else:
+                node, _, number = (command.connection or "").rpartition("/")
+                ok = node == self.node and number.isascii() and number.isdigit()
+                ok = ok and len(number) < 19
+                targets = [ConnectionId(int(number))] if ok else []
+            for conn in targets:
+                actions.extend(
+                    self.disconnect(
+                        conn, code=command.code, reason=command.reason, timestamp=timestamp
+                    )
+                )
+        else:
+            actions.extend(
+                self.kick(
+                    command.room, command.username, reason=command.reason, timestamp=timestamp
+                )
+            )
 
     def _publish_as_server(
         self,
@@ -179,10 +224,19 @@ class ClusterBroker(Broker):
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> None:
         cr = self._cluster.get(room)
-        if cr is not None or self._online:  # no member here, maybe some elsewhere
-            self._publish_cluster(None, room, cr, username, content, timestamp, actions, msg_id)
+        if self._online:  # relayed even with no member here: maybe some elsewhere
+            relayed = self._publish_cluster(
+                None, room, cr, username, content, timestamp, actions, msg_id, ticket
+            )
+            if not relayed and ticket:
+                actions.append(PublishAnswered(ticket=ticket, room=room, position=None))
+        elif cr is not None:  # numbered here, and answered so
+            super()._publish_as_server(room, username, content, timestamp, actions, msg_id, ticket)
+        elif ticket:  # cut off from Redis, with no member here: nobody to publish to
+            actions.append(PublishAnswered(ticket=ticket, room=room, position=None))
 
     def _occupancy(self, room: RoomName) -> int:
         cr = self._cluster.get(room)
@@ -332,15 +386,20 @@ class ClusterBroker(Broker):
         return self._tickets
 
     def _read_history(
-        self, conn: ConnectionId, request: codec.History, limit: int, actions: list[Action]
+        self,
+        conn: ConnectionId | None,
+        request: codec.History,
+        limit: int,
+        actions: list[Action],
+        ticket: int = 0,
     ) -> None:
         if not self._online:
-            super()._read_history(conn, request, limit, actions)
+            super()._read_history(conn, request, limit, actions, ticket)
             return
         since = request.since
         self._read(
             request.room,
-            (None, _HistoryRead(conn, request, limit)),
+            (None, _HistoryRead(conn, request, limit, ticket)),
             after=since.seq if since is not None else 0,
             count=limit,
             oldest=since is not None,
@@ -360,14 +419,14 @@ class ClusterBroker(Broker):
             self._repaired(room, event, timestamp, actions)
 
     def _answer_history(self, event: StreamRead, h: _HistoryRead, actions: list[Action]) -> None:
-        if h.conn not in self._conns:
+        if h.conn is not None and h.conn not in self._conns:
             return
         since = h.request.since
         if since is not None and since.epoch != event.epoch:
             # Of another epoch: the latest ones, as on a node on its own.
             self._read(
                 event.room,
-                (None, _HistoryRead(h.conn, attrs.evolve(h.request, since=None), h.limit)),
+                (None, attrs.evolve(h, request=attrs.evolve(h.request, since=None))),
                 after=0,
                 count=h.limit,
                 actions=actions,
@@ -385,6 +444,13 @@ class ClusterBroker(Broker):
         if since is None:
             items.reverse()
         position = Position(event.epoch, event.top)
+        if h.conn is None:
+            actions.append(
+                HistoryAnswered(
+                    ticket=h.ticket, room=event.room, position=position, items=tuple(items)
+                )
+            )
+            return
         self._deliver(
             (h.conn,), codec.encode_history(event.room, position, items, h.request.id), actions
         )
@@ -595,11 +661,13 @@ class ClusterBroker(Broker):
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> bool:
         """
         Relay a message (delivered here too when it comes back: one order on every
         node), or number and deliver it here only while the backplane is down. With no
-        *cr* (nobody here in the room) it is relayed with nothing to wait for.
+        *cr* (nobody here in the room) it is relayed with nothing to wait for. With a
+        *ticket* (online), Redis's answer is awaited (:class:`PublishAnswered`).
         """
         if not self._online:
             assert cr is not None
@@ -621,6 +689,8 @@ class ClusterBroker(Broker):
             dedup = (str(username), msg_id)
             if conn is not None:
                 self._awaiting[ref] = (conn, msg_id)
+        if ticket:
+            self._answering[ref] = (room, ticket)
         actions.append(
             Relay(
                 room=room,
@@ -631,6 +701,7 @@ class ClusterBroker(Broker):
                 position_ms=int(config.position_ttl * 1000),
                 dedup=dedup,
                 dedup_ms=int(config.dedup_window * 1000),
+                answer=bool(ticket),
             )
         )
         return True
@@ -642,6 +713,16 @@ class ClusterBroker(Broker):
             conn, msg_id = waiting
             position = Position(event.epoch, event.seq)
             self._deliver((conn,), codec.encode_ack(msg_id, event.room, position), actions)
+        answering = self._answering.pop(event.ref, None)
+        if answering is not None:
+            actions.append(
+                PublishAnswered(
+                    ticket=answering[1],
+                    room=event.room,
+                    position=Position(event.epoch, event.seq),
+                    duplicate=event.duplicate,
+                )
+            )
         if not event.duplicate:
             return
         room = event.room
@@ -1010,8 +1091,15 @@ class ClusterBroker(Broker):
             ):
                 self._remove(room, actions)  # offline: no Unsubscribe
         for _room, _conn, history in reads.values():
-            if history is not None and history.conn in self._conns:
-                super()._read_history(history.conn, history.request, history.limit, actions)
+            if history is not None and (history.conn is None or history.conn in self._conns):
+                # Answered from what this node keeps (its own numbering now).
+                super()._read_history(
+                    history.conn, history.request, history.limit, actions, history.ticket
+                )
+        # Server-side publishes not answered: their fate is unknown.
+        answering, self._answering = self._answering, {}
+        for room, ticket in answering.values():
+            actions.append(PublishAnswered(ticket=ticket, room=room, position=None))
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True

@@ -84,11 +84,20 @@ from typing import Final, TypeAlias
 
 import attrs
 
-from ..core.actions import Announce, BackplaneAction, ReadStream, Relay, Subscribe, Unsubscribe
+from ..core.actions import (
+    Announce,
+    BackplaneAction,
+    Control,
+    ReadStream,
+    Relay,
+    Subscribe,
+    Unsubscribe,
+)
 from ..core.errors import ConfigError
 from ..core.events import BackplaneLost, BackplaneRestored, Event
 from ..core.names import RoomName
 from .config import ClusterConfig
+from .control import encode_control
 from .resp import (
     SHARDED_PROBE,
     VERSION_PROBE,
@@ -103,6 +112,8 @@ from .schema import (
     SCRIPTS,
     channel,
     command_for,
+    control_channel,
+    control_command,
     lifetime_ms,
     parse_read,
     parse_relayed,
@@ -358,6 +369,7 @@ class BackplaneProtocol:
         self._local_presence = local_presence
         self._random = random
         self._lifetime: Final = lifetime_ms(self.presence_ttl)
+        self._control: Final = control_channel(prefix).encode()
         self._period: Final = self.presence_ttl / 3
         self._commands: list[DriverCommand] = []
         self._events: list[Event] = []
@@ -559,7 +571,7 @@ class BackplaneProtocol:
         """A burst of ``(channel, data)`` read off SUBSCRIBER."""
         if self.phase is not Phase.ONLINE:
             return
-        events = records_received(items)
+        events = records_received(items, self._control)
         self.statistics.received += len(events)
         if self._events:
             self._events.extend(events)
@@ -689,6 +701,12 @@ class BackplaneProtocol:
         self._keepalive_at = now + KEEPALIVE
         self._refresh_at = now + self._period
         self._reread_at = now + self._period
+        # The control channel, listened to for the whole session (its confirmation
+        # is not waited for: a command sent before it is only of the server API).
+        self._batch += 1
+        self._commands.append(
+            Listen(self._batch, b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", (self._control,))
+        )
         log.info(
             "redis backplane connected as node %s (%s pub/sub)",
             self.node_id,
@@ -758,7 +776,7 @@ class BackplaneProtocol:
                 action = work.popleft()
                 if isinstance(action, Relay):
                     self.statistics.relayed += 1
-                    if action.dedup is not None:
+                    if action.dedup is not None or action.answer:
                         answers.append((len(batch), action))
                     batch.append(self._command(action))
                 elif isinstance(action, ReadStream):
@@ -766,6 +784,9 @@ class BackplaneProtocol:
                     batch.append(self._command(action))
                 elif isinstance(action, Announce):
                     batch.append(self._command(action))
+                elif isinstance(action, Control):
+                    data = encode_control(self.node_id, action.command)
+                    batch.append(control_command(self.prefix, data, sharded=self.sharded))
                 elif isinstance(action, _Commands):
                     batch.extend(action.commands)
                     pings = pings or action.ping

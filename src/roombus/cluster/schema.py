@@ -30,6 +30,11 @@ a backplane driver sends what these build and hands back what Redis answers.
   ``refresh`` renews a node's members and removes (``reap``) those of nodes that
   stopped renewing theirs; ``snapshot`` reaps, then answers ``{version, members}``
   (:func:`parse_snapshot`).
+* The cluster's control channel, ``<prefix>:ctl`` (:func:`control_channel`): every
+  node listens to it while connected; a command of the server API for every node
+  (:class:`~roombus.core.actions.Control`, encoded by :mod:`roombus.cluster.control`)
+  is published on it (:func:`control_command`) and reaches each node as a
+  :class:`~roombus.core.events.ControlReceived`.
 * Presence keys of a room idle for :data:`KEY_TTL_MS` (no presence change) are left
   to expire; its epoch and seq live the position TTL after its last message or read,
   or after the last refresh of a node with members in it.
@@ -44,7 +49,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
 from ..core.actions import Announce, ReadStream, Relay
-from ..core.events import Event, RecordReceived, Relayed, RoomSynced, StreamRead
+from ..core.events import (
+    ControlReceived,
+    Event,
+    RecordReceived,
+    Relayed,
+    RoomSynced,
+    StreamRead,
+)
 from ..core.names import TOKEN_PATTERN, RoomName
 from ..core.streams import is_valid_epoch
 from .records import lua_chat_record, lua_presence_record, member, parse_member
@@ -267,6 +279,16 @@ def key(prefix: str, room: str, kind: str) -> str:
 def channel(prefix: str, room: str) -> str:
     """The room's channel (what Subscribe listens to and Unsubscribe stops)."""
     return f"{prefix}:{{{room}}}:c"
+
+
+def control_channel(prefix: str) -> str:
+    """The cluster's control channel (every node listens to it while connected)."""
+    return f"{prefix}:ctl"
+
+
+def control_command(prefix: str, data: bytes, *, sharded: bool) -> Command:
+    """The command that publishes control message *data* to every node."""
+    return (publish_verb(sharded), control_channel(prefix), data)
 
 
 def lifetime_ms(presence_ttl: float) -> int:
@@ -495,14 +517,22 @@ def room_of_channel(channel: bytes) -> RoomName | None:
     return None if m is None else RoomName(m.group(1).decode())
 
 
-def records_received(messages: Sequence[tuple[bytes, bytes]]) -> list[Event]:
-    """The records (RecordReceived) of a burst of ``(channel, data)`` messages, in order."""
+def records_received(
+    messages: Sequence[tuple[bytes, bytes]], control: bytes | None = None
+) -> list[Event]:
+    """
+    The records (RecordReceived) of a burst of ``(channel, data)`` messages, in order;
+    with *control* (:func:`control_channel`, encoded), those of that channel as
+    ControlReceived.
+    """
     search = _CHANNEL_RE.search
     events: list[Event] = []
     for chan, data in messages:
         m = search(chan)
         if m is not None:
             events.append(RecordReceived(room=RoomName(m.group(1).decode()), data=data))
+        elif chan == control:
+            events.append(ControlReceived(data=data))
     return events
 
 
@@ -513,6 +543,8 @@ __all__ = [
     "Command",
     "channel",
     "command_for",
+    "control_channel",
+    "control_command",
     "dedup_key",
     "key",
     "lifetime_ms",

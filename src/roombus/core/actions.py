@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 
 from .names import ConnectionId, RoomName, Username
+from .streams import Position
 
 
 @attrs.frozen(kw_only=True)
@@ -159,6 +160,8 @@ class Relay:
             user and id numbered within *dedup_ms* in this epoch is not published
             again. The backplane answers with :class:`~roombus.cluster.Relayed`.
         dedup_ms: How long an acknowledged id is remembered, in ms.
+        answer: Answer with :class:`~roombus.cluster.Relayed` even without *dedup*
+            (the server API waits for the message's position).
     """
 
     room: RoomName
@@ -169,6 +172,7 @@ class Relay:
     position_ms: int = 86_400_000
     dedup: tuple[str, str] | None = None
     dedup_ms: int = 0
+    answer: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -221,8 +225,93 @@ class Announce:
     present: bool
 
 
+@attrs.frozen(kw_only=True)
+class PublishAnswered:
+    """
+    The answer to a server-side publish made with a ``ticket``
+    (:meth:`~roombus.lowlevel.Broker.publish`): where the message is in the room's
+    stream. On a node alone it comes with the publish; in a cluster once Redis
+    numbered it.
+
+    Attributes:
+        ticket: The publish's ticket.
+        room: The room.
+        position: The message's position; None if it is not known (nothing was
+            published: the content cannot be forwarded, or the node is cut off from
+            Redis with no member of the room; or the link was lost before Redis
+            answered).
+        duplicate: The idempotency key was numbered already: nothing was published,
+            *position* is the first publish's.
+    """
+
+    ticket: int
+    room: RoomName
+    position: Position | None
+    duplicate: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class HistoryAnswered:
+    """
+    The answer to a server-side history read (:meth:`~roombus.lowlevel.Broker.history`):
+    the room's position and the kept chats read, oldest first, each the envelope as
+    it was delivered.
+
+    Attributes:
+        ticket: The read's ticket.
+        room: The room.
+        position: The room's stream position as it was read.
+        items: The chats' envelopes (UTF-8 JSON).
+    """
+
+    ticket: int
+    room: RoomName
+    position: Position
+    items: tuple[bytes, ...]
+
+
+@attrs.frozen(kw_only=True)
+class DisconnectCommand:
+    """
+    Close every connection of *username*, or the one *connection* (an id of the
+    server API, ``<node>/<n>``), with *code* and *reason*.
+    """
+
+    username: str | None = None
+    connection: str | None = None
+    code: int = 1000
+    reason: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class KickCommand:
+    """Remove *username*'s connections from *room*, telling them *reason*."""
+
+    room: RoomName
+    username: Username
+    reason: str = ""
+
+
+ControlCommand = DisconnectCommand | KickCommand
+
+
+@attrs.frozen(kw_only=True)
+class Control:
+    """
+    Backplane: send *command* to every node of the cluster (its control channel);
+    each other node carries it out on the connections it holds.
+
+    Attributes:
+        command: What to do.
+    """
+
+    command: ControlCommand
+
+
+#: What a server-side request made with a ticket is answered with.
+Answer = PublishAnswered | HistoryAnswered
 Notice = UserJoined | UserLeft | MessagePublished
-BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream
+BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream | Control
 Action = (
     Deliver
     | SendPing
@@ -235,4 +324,7 @@ Action = (
     | Relay
     | Announce
     | ReadStream
+    | Control
+    | PublishAnswered
+    | HistoryAnswered
 )

@@ -24,8 +24,11 @@ from . import codec
 from .actions import (
     Action,
     Close,
+    ControlCommand,
     Deliver,
+    HistoryAnswered,
     MessagePublished,
+    PublishAnswered,
     SendPing,
     UserJoined,
     UserLeft,
@@ -498,6 +501,7 @@ class Broker:
         timestamp: int,
         now: float | None = None,
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> list[Action]:
         """
         Publish a chat message from server-side code to everyone in *room*.
@@ -514,6 +518,10 @@ class Broker:
         Args:
             now: The driver's monotonic clock (None: as of the last event handled, 0.0
                 before any; pass it when publishing before the first event).
+            ticket: Non-zero: the caller waits for the message's position, answered
+                with a :class:`~roombus.core.actions.PublishAnswered` of this ticket
+                (among these actions on a node alone; in a cluster, those of the
+                backplane's answer).
 
         Raises:
             ValueError: if *room* or *username* is not valid, or *content* cannot be
@@ -533,7 +541,7 @@ class Broker:
         if now is not None:
             self._now = now
         self._publish_as_server(
-            RoomName(room), Username(username), content, timestamp, actions, msg_id
+            RoomName(room), Username(username), content, timestamp, actions, msg_id, ticket
         )
         return actions
 
@@ -545,9 +553,54 @@ class Broker:
         timestamp: int,
         actions: list[Action],
         msg_id: str | None = None,
+        ticket: int = 0,
     ) -> None:
         """:meth:`publish`, its arguments checked (hook: a cluster relays it)."""
+        start = len(actions)
         self._publish(None, room, username, content, timestamp, actions, msg_id)
+        if not ticket:
+            return
+        position: Position | None = None
+        for a in actions[start:]:
+            if type(a) is MessagePublished and a.epoch:
+                position = Position(a.epoch, a.seq)
+        duplicate = False
+        if position is None and msg_id is not None:
+            position = self._streams.acknowledged(room, username, msg_id)
+            duplicate = position is not None
+        actions.append(
+            PublishAnswered(ticket=ticket, room=room, position=position, duplicate=duplicate)
+        )
+
+    def history(
+        self,
+        room: str,
+        *,
+        since: Position | None,
+        limit: int | None,
+        ticket: int,
+        now: float | None = None,
+    ) -> list[Action]:
+        """
+        Read *room*'s kept chats from server-side code: those after *since* (the
+        latest *limit* without it, or for another epoch), at most *limit* (capped at
+        the room's history size, its default) and half of ``send_queue_bytes``.
+        Answered with a :class:`~roombus.core.actions.HistoryAnswered` of *ticket*: among
+        these actions on a node alone, once Redis answered in a cluster.
+
+        Raises:
+            ValueError: if *room* is not valid.
+        """
+        if not is_valid_room(room):
+            raise ValueError(f"invalid room name: {room!r}")
+        if now is not None:
+            self._now = now
+        name = RoomName(room)
+        size = self._streams.policy(name).size
+        count = size if limit is None else min(limit, size)
+        actions: list[Action] = []
+        self._read_history(None, codec.History(room=name, since=since), count, actions, ticket)
+        return actions
 
     def acknowledged(self, room: str, username: str, msg_id: str) -> Position | None:
         """The position of *username*'s message *msg_id* to *room*, if it is still
@@ -555,6 +608,15 @@ class Broker:
         return self._streams.acknowledged(RoomName(room), Username(username), msg_id)
 
     # -- server-side control ----------------------------------------------------------
+
+    def tell_cluster(self, command: ControlCommand) -> list[Action]:
+        """
+        Send *command* to the other nodes of the cluster, which carry it out on their
+        connections (a :class:`~roombus.core.actions.Control` among the actions); this
+        node's part is the caller's. Nothing on a node alone, or cut off from the
+        cluster.
+        """
+        return []
 
     def user_connections(self, username: str) -> list[ConnectionId]:
         """The live connections of *username* here, oldest first."""
@@ -964,13 +1026,26 @@ class Broker:
         self._read_history(conn, request, limit, actions)
 
     def _read_history(
-        self, conn: ConnectionId, request: codec.History, limit: int, actions: list[Action]
+        self,
+        conn: ConnectionId | None,
+        request: codec.History,
+        limit: int,
+        actions: list[Action],
+        ticket: int = 0,
     ) -> None:
-        """Answer an allowed ``history`` request (hook: a cluster reads Redis)."""
+        """Answer an allowed ``history`` request, of *conn* or (None) server-side code
+        with *ticket* (hook: a cluster reads Redis)."""
         # At most half a send queue's bytes in one answer (one message, however big).
         position, items = self._streams.history(
             request.room, request.since, limit, self._now, self.config.send_queue_bytes // 2
         )
+        if conn is None:
+            actions.append(
+                HistoryAnswered(
+                    ticket=ticket, room=request.room, position=position, items=tuple(items)
+                )
+            )
+            return
         self._deliver(
             (conn,), codec.encode_history(request.room, position, items, request.id), actions
         )

@@ -131,7 +131,7 @@ class RecordReceived:
 class Relayed:
     """
     Backplane: the answer to a :class:`~roombus.cluster.Relay` with ``dedup`` (an
-    acknowledged publish).
+    acknowledged publish) or ``answer`` (a server-side publish awaiting its position).
 
     Attributes:
         room: The room.
@@ -172,6 +172,20 @@ class StreamRead:
 
 
 @attrs.frozen(kw_only=True)
+class ControlReceived:
+    """
+    Backplane: a message off the cluster's control channel (a command of the server
+    API sent by a node to every node: :class:`~roombus.core.actions.Control`), as
+    published; the cluster broker decodes it.
+
+    Attributes:
+        data: The message's bytes.
+    """
+
+    data: bytes
+
+
+@attrs.frozen(kw_only=True)
 class BackplaneLost:
     """Backplane: the connection to the other nodes is gone; serve locally meanwhile."""
 
@@ -192,4 +206,5 @@ Event = (
     | BackplaneRestored
     | Relayed
     | StreamRead
+    | ControlReceived
 )

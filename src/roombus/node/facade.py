@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.events import Event
 from ..core.names import RoomName
 from ..core.streams import Position, Publication
 from ..server import api as _api
 from ..server.hub import HubBase
+
+
+class Waiter(Protocol):
+    """An event of the adapter's loop (``trio.Event``, ``asyncio.Event``)."""
+
+    def set(self) -> None: ...
+
+    async def wait(self) -> Any: ...
 
 
 def wall() -> int:
@@ -47,6 +55,10 @@ class ServerFacade:
         return self._server_api
 
     def _now(self) -> float:
+        raise NotImplementedError
+
+    def _waiter(self) -> Waiter:
+        """A new event of the adapter's loop (what an awaited API call waits on)."""
         raise NotImplementedError
 
     def transmit(self) -> None:
@@ -138,15 +150,29 @@ class ServerApi:
         self._server = server
 
     async def call(self, method: str, /, **params: Any) -> dict[str, object]:
-        """Method *method* (``"publish"``, ...) with *params*: its result."""
+        """
+        Method *method* (``"publish"``, ...) with *params*: its result. In a cluster
+        some wait for the backplane's answer (``publish``'s position, ``history``), at
+        most the operations' ``timeout`` (then ``ApiError`` 503 ``backplane_timeout``).
+        """
         server = self._server
         params = {k: v for k, v in params.items() if v is not None}
         try:
-            return _api.call(
+            result = _api.call(
                 server.hub.operations, method, params, now=server._now(), timestamp=wall()
             )
         finally:
             server.transmit()
+        if not isinstance(result, _api.Pending):
+            return result
+        if not result.done:
+            waiter = server._waiter()
+            result.then(lambda *_: waiter.set())
+            await waiter.wait()
+        outcome = result.outcome
+        if isinstance(outcome, _api.ApiError):
+            raise outcome
+        return outcome
 
     async def publish(
         self,

@@ -16,12 +16,13 @@ exit, so the time taken says nothing about which key (or how much of one) matche
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import attrs
 
@@ -160,12 +161,127 @@ def _bad(field: str, message: str) -> ApiError:
     return ApiError(400, "bad_request", message, field)
 
 
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class Pending(Generic[T]):
+    """
+    A result still to come: the backplane's answer is awaited. Sans-IO: whoever
+    learns the outcome (the hub, when the answer or the deadline comes) calls
+    :meth:`resolve` or :meth:`fail` with the time; the callbacks given to :meth:`then`
+    run then, in order, with the outcome (the value or the :class:`ApiError`) and that
+    time. Settled once: later calls change nothing.
+    """
+
+    __slots__ = ("_callbacks", "_outcome", "_settled_at", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self._outcome: T | ApiError | None = None
+        self._settled_at = (0.0, 0)
+        self._callbacks: list[Callable[[T | ApiError, float, int], None]] = []
+
+    @property
+    def outcome(self) -> T | ApiError:
+        """The value or the error (only once :attr:`done`)."""
+        if not self.done:
+            raise RuntimeError("not settled yet")
+        return self._outcome  # type: ignore[return-value]
+
+    def resolve(self, value: T, now: float, timestamp: int) -> None:
+        self._settle(value, now, timestamp)
+
+    def fail(self, error: ApiError, now: float, timestamp: int) -> None:
+        self._settle(error, now, timestamp)
+
+    def _settle(self, outcome: T | ApiError, now: float, timestamp: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._outcome = outcome
+        self._settled_at = (now, timestamp)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(outcome, now, timestamp)
+
+    def then(self, callback: Callable[[T | ApiError, float, int], None]) -> None:
+        """Call *callback* with the outcome once settled (at once if it is)."""
+        if self.done:
+            callback(self._outcome, *self._settled_at)  # type: ignore[arg-type]
+        else:
+            self._callbacks.append(callback)
+
+
+#: What an operation answers: its JSON result now, or later.
+Result: TypeAlias = "dict[str, object] | Pending[dict[str, object]]"
+
+
+def map_result(result: T | Pending[T], f: Callable[[T], U]) -> U | Pending[U]:
+    """*f* of *result*: at once if it is known, else once it is (an error stays one)."""
+    if not isinstance(result, Pending):
+        return f(result)
+    if result.done:
+        outcome = result.outcome
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return f(outcome)
+    mapped: Pending[U] = Pending()
+
+    def settle(outcome: T | ApiError, now: float, timestamp: int) -> None:
+        if isinstance(outcome, ApiError):
+            mapped.fail(outcome, now, timestamp)
+            return
+        try:
+            value = f(outcome)
+        except ApiError as error:
+            mapped.fail(error, now, timestamp)
+        else:
+            mapped.resolve(value, now, timestamp)
+
+    result.then(settle)
+    return mapped
+
+
+def gather(results: list[Result]) -> list[dict[str, object]] | Pending[list[dict[str, object]]]:
+    """All of *results*, in order: at once if all are known, else once the last is
+    (failed as soon as one fails)."""
+    waiting = [r for r in results if isinstance(r, Pending) and not r.done]
+    if not waiting:
+        return [_known(r) for r in results]
+    together: Pending[list[dict[str, object]]] = Pending()
+    left = [len(waiting)]
+
+    def one(outcome: dict[str, object] | ApiError, now: float, timestamp: int) -> None:
+        if isinstance(outcome, ApiError):
+            together.fail(outcome, now, timestamp)
+            return
+        left[0] -= 1
+        if not left[0]:
+            together.resolve([_known(r) for r in results], now, timestamp)
+
+    for r in waiting:
+        r.then(one)
+    return together
+
+
+def _known(result: Result) -> dict[str, object]:
+    if not isinstance(result, Pending):
+        return result
+    outcome = result.outcome
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
+
+
 class Operations(Protocol):
     """
     What the API calls, once a call is authorized and its arguments are valid: each
-    method returns the call's JSON result. ``now`` is the driver's monotonic clock,
-    ``timestamp`` the wall-clock Unix seconds (sans-IO: nothing here reads a clock).
-    An :class:`ApiError` raised here is the caller's answer.
+    method returns the call's JSON result, or a :class:`Pending` one (the answer of
+    the backplane is awaited). ``now`` is the driver's monotonic clock, ``timestamp``
+    the wall-clock Unix seconds (sans-IO: nothing here reads a clock). An
+    :class:`ApiError` raised here (or failing the pending result) is the caller's
+    answer.
     """
 
     def publish(
@@ -177,7 +293,7 @@ class Operations(Protocol):
         idempotency_key: str | None,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
     def broadcast(
         self,
@@ -187,11 +303,11 @@ class Operations(Protocol):
         username: str,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
-    def presence(self, room: str, *, now: float, timestamp: int) -> dict[str, object]: ...
+    def presence(self, room: str, *, now: float, timestamp: int) -> Result: ...
 
-    def presence_stats(self, room: str, *, now: float, timestamp: int) -> dict[str, object]: ...
+    def presence_stats(self, room: str, *, now: float, timestamp: int) -> Result: ...
 
     def history(
         self,
@@ -201,7 +317,7 @@ class Operations(Protocol):
         limit: int | None,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
     def disconnect(
         self,
@@ -212,11 +328,11 @@ class Operations(Protocol):
         reason: str,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
     def kick(
         self, room: str, username: str, *, reason: str, now: float, timestamp: int
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
     def rooms(
         self,
@@ -226,9 +342,9 @@ class Operations(Protocol):
         limit: int,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]: ...
+    ) -> Result: ...
 
-    def info(self, *, now: float, timestamp: int) -> dict[str, object]: ...
+    def info(self, *, now: float, timestamp: int) -> Result: ...
 
 
 # -- the arguments of each method --------------------------------------------------------
@@ -489,10 +605,11 @@ def call(
     now: float,
     timestamp: int,
     scopes: frozenset[str] = ALL_SCOPES,
-) -> dict[str, object]:
+) -> Result:
     """
     Validate and run one call of method *name* with *params* (its JSON object) on
-    *ops*, if *scopes* allow it: its result.
+    *ops*, if *scopes* allow it: its result (:class:`Pending` while the backplane's
+    answer is awaited).
 
     Raises:
         ApiError: for an unknown method (404), a missing scope (403), a bad argument
@@ -504,39 +621,66 @@ def call(
     if method.scope not in scopes:
         raise ApiError(403, "forbidden", f"the key lacks the {method.scope!r} scope")
     kwargs = method.read(_Params(params, method.fields))
-    result: dict[str, object] = getattr(ops, name)(**kwargs, now=now, timestamp=timestamp)
+    result: Result = getattr(ops, name)(**kwargs, now=now, timestamp=timestamp)
     return result
 
 
-def _batch(
-    ops: Operations, key: ApiKey, params: object, now: float, timestamp: int
-) -> dict[str, object]:
+def _entry(outcome: dict[str, object] | ApiError) -> dict[str, object]:
+    if isinstance(outcome, ApiError):
+        return {"status": outcome.status, **outcome.body()}
+    return {"status": 200, "result": outcome}
+
+
+def _batch(ops: Operations, key: ApiKey, params: object, now: float, timestamp: int) -> Result:
+    """The calls in order: one whose answer is awaited holds back those after it."""
     p = _Params(params, ("calls",))
     calls = p.obj.get("calls")
     if type(calls) is not list or not 0 < len(calls) <= MAX_BATCH:
         raise _bad("calls", f"must be a list of 1 to {MAX_BATCH} calls")
-    results: list[object] = []
-    for i, entry in enumerate(calls):
+    entries: list[object] = []
+    done: Pending[dict[str, object]] = Pending()
+
+    def run(start: int, now: float, timestamp: int) -> bool:
+        """Run calls from *start* on; False if one is awaited (it goes on later)."""
+        for i in range(start, len(calls)):
+            try:
+                c = _Params(calls[i], ("method", "params"), f"calls[{i}].")
+                name = c.obj.get("method")
+                if name == "batch":
+                    raise _bad(c.name("method"), "a batch cannot hold a batch")
+                if type(name) is not str:
+                    raise _bad(c.name("method"), "required: the method's name")
+                result = call(
+                    ops,
+                    name,
+                    c.obj.get("params", {}),
+                    now=now,
+                    timestamp=timestamp,
+                    scopes=key.scopes,
+                )
+            except ApiError as error:
+                entries.append(_entry(error))
+                continue
+            if isinstance(result, Pending) and not result.done:
+                result.then(functools.partial(resume, i))
+                return False
+            entries.append(_entry(result.outcome if isinstance(result, Pending) else result))
+        return True
+
+    def resume(i: int, outcome: dict[str, object] | ApiError, now: float, ts: int) -> None:
+        entries.append(_entry(outcome))
         try:
-            c = _Params(entry, ("method", "params"), f"calls[{i}].")
-            name = c.obj.get("method")
-            if name == "batch":
-                raise _bad(c.name("method"), "a batch cannot hold a batch")
-            if type(name) is not str:
-                raise _bad(c.name("method"), "required: the method's name")
-            result = call(
-                ops,
-                name,
-                c.obj.get("params", {}),
-                now=now,
-                timestamp=timestamp,
-                scopes=key.scopes,
-            )
-        except ApiError as error:
-            results.append({"status": error.status, **error.body()})
-        else:
-            results.append({"status": 200, "result": result})
-    return {"results": results}
+            finished = run(i + 1, now, ts)
+        except Exception:  # a bug of the operations: the batch's answer is a 500
+            log.exception("API batch call failed")
+            done.fail(ApiError(500, "internal", "internal error"), now, ts)
+            return
+        if finished:
+            done.resolve({"results": entries}, now, ts)
+
+    if run(0, now, timestamp):
+        return {"results": entries}
+    return done
 
 
 def handle_api(
@@ -549,11 +693,13 @@ def handle_api(
     operations: Operations,
     now: float,
     timestamp: int,
-) -> HttpResponse:
+) -> HttpResponse | Pending[HttpResponse]:
     """
-    The answer to one request for ``/api/...`` (*path* without the query). Never
-    raises: what the client did wrong is a 4xx; a failure of *operations* (a bug) is
-    logged and answered 500, with no detail.
+    The answer to one request for ``/api/...`` (*path* without the query), or a
+    pending one (the backplane's answer is awaited: an operation's deadline, past
+    which it fails with 503 ``backplane_timeout``, bounds it). Never raises: what the
+    client did wrong is a 4xx; a failure of *operations* (a bug) is logged and
+    answered 500, with no detail.
     """
     try:
         if method != b"POST":
@@ -569,13 +715,32 @@ def handle_api(
             raise ApiError(404, "not_found", f"no such method: {name[:64]!r}")
         params = _parse_body(body)
         if name == "batch":
-            return _reply(200, _batch(operations, key, params, now, timestamp))
-        return _reply(
-            200, call(operations, name, params, now=now, timestamp=timestamp, scopes=key.scopes)
-        )
+            result = _batch(operations, key, params, now, timestamp)
+        else:
+            result = call(operations, name, params, now=now, timestamp=timestamp, scopes=key.scopes)
+        if not isinstance(result, Pending):
+            return _reply(200, result)
+        answer: Pending[HttpResponse] = Pending()
+
+        def respond(outcome: dict[str, object] | ApiError, now: float, ts: int) -> None:
+            answer.resolve(_answer(outcome, path), now, ts)
+
+        result.then(respond)
+        return answer
     except ApiError as error:
         allow = ((b"allow", b"POST"),) if error.status == 405 else ()
         return error_response(error, *allow)
+    except Exception:
+        log.exception("API call %r failed", path[:80])
+        return error_response(ApiError(500, "internal", "internal error"))
+
+
+def _answer(outcome: dict[str, object] | ApiError, path: bytes) -> HttpResponse:
+    """The HTTP answer of an awaited call's outcome."""
+    if isinstance(outcome, ApiError):
+        return error_response(outcome)
+    try:
+        return _reply(200, outcome)
     except Exception:
         log.exception("API call %r failed", path[:80])
         return error_response(ApiError(500, "internal", "internal error"))
@@ -589,10 +754,14 @@ __all__ = [
     "ApiError",
     "ApiKey",
     "Operations",
+    "Pending",
+    "Result",
     "authenticate",
     "call",
     "cursor_of",
+    "gather",
     "handle_api",
+    "map_result",
     "parse_api_key",
     "room_of_cursor",
 ]

@@ -23,7 +23,7 @@ from typing import Final, cast
 
 from ..core.events import PongReceived, TextReceived
 from ..core.names import ConnectionId
-from .api import MAX_BODY_BYTES
+from .api import MAX_BODY_BYTES, ApiError, Pending, error_response
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
@@ -121,6 +121,8 @@ class FramedHub(HubBase):
         if phase is _Phase.OPEN:
             self._receive_frames(conn, data, now, timestamp)
         elif phase is _Phase.HANDSHAKE:
+            if conn.api_waiting:
+                return  # the answer to its API request comes (the rest is not read)
             if conn.proxy is None:
                 self._receive_request(conn, data, now, timestamp)
             else:
@@ -226,6 +228,9 @@ class FramedHub(HubBase):
                         now=now,
                         timestamp=timestamp,
                     )
+                    if isinstance(response, Pending):
+                        self._await_api(conn, response, now)
+                        return
                     self._respond(conn, response, now, head=event.method == b"HEAD")
                     return
                 if conn.api_only and path != b"/healthz":
@@ -265,6 +270,27 @@ class FramedHub(HubBase):
             else:  # the peer went away mid-request
                 self._drop(conn)
             return
+
+    def _await_api(self, conn: _Conn, response: Pending[HttpResponse], now: float) -> None:
+        """Hold *conn* until its API answer comes (the operations' timeout bounds it;
+        the connection's own deadline is pushed past that)."""
+        conn.api_waiting = True
+        if conn.deadline is not None:
+            self._set_deadline(
+                conn, max(conn.deadline, now + self.operations.timeout + self.config.close_timeout)
+            )
+        cid = conn.cid
+
+        def answer(outcome: HttpResponse | ApiError, now: float, timestamp: int) -> None:
+            conn = self._conns.get(cid)
+            if conn is None or conn.phase is not _Phase.HANDSHAKE:
+                return  # gone meanwhile
+            conn.api_waiting = False
+            if isinstance(outcome, ApiError):  # (handle_api's never fails)
+                outcome = error_response(outcome)
+            self._respond(conn, outcome, now, head=False)
+
+        response.then(answer)
 
     def _respond(self, conn: _Conn, response: HttpResponse, now: float, *, head: bool) -> None:
         wire = conn.wire

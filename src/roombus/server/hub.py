@@ -74,8 +74,10 @@ from ..core.actions import (
     BackplaneAction,
     Close,
     Deliver,
+    HistoryAnswered,
     MessagePublished,
     Notice,
+    PublishAnswered,
     SendPing,
     UserJoined,
     UserLeft,
@@ -90,7 +92,7 @@ from ..core.stats import Counts, Histogram
 from ..core.streams import Position, Publication
 from ..core.tables import worth_shrinking
 from .admission import Admission
-from .api import TOO_LARGE, handle_api
+from .api import TOO_LARGE, Pending, handle_api
 from .auth import Authenticator, authorizer_for
 from .config import ServerConfig
 from .drain import DrainSchedule
@@ -164,6 +166,7 @@ PHASES: Final[dict[tuple[_Phase, _Step], _Phase]] = {
 class _Conn:
     __slots__ = (
         "api_only",
+        "api_waiting",
         "cid",
         "deadline",
         "forwarded",
@@ -215,6 +218,8 @@ class _Conn:
         # Who it is and the room it asked for, once upgraded (for the log's fields).
         self.user: str | None = None
         self.room: str | None = None
+        # Its API request's answer is awaited (the backplane's): its input is ignored.
+        self.api_waiting = False
 
     def fields(self, **more: object) -> dict[str, object]:
         """The structured fields of a log record about this connection (``extra=``):
@@ -399,8 +404,10 @@ class HubBase:
         *,
         now: float,
         timestamp: int,
-    ) -> HttpResponse:
-        """The answer to a request for ``/api/...`` (*body* None: it was too large)."""
+    ) -> HttpResponse | Pending[HttpResponse]:
+        """The answer to a request for ``/api/...`` (*body* None: it was too large),
+        or a pending one: the backplane's answer is awaited (settled within the
+        operations' ``timeout``, by a later hub call: an event, or :meth:`timeout`)."""
         if body is None:
             return TOO_LARGE
         return handle_api(
@@ -447,6 +454,9 @@ class HubBase:
             close_at = self._drain.next_deadline()
             if close_at is not None and (own is None or close_at < own):
                 own = close_at
+        waits = self.operations.next_deadline()
+        if waits is not None and (own is None or waits < own):
+            own = waits
         beat = self.broker.next_deadline()
         if own is None:
             return beat
@@ -587,6 +597,7 @@ class HubBase:
         """Let time pass up to *now*: heartbeats, handshake and close timeouts, a
         drain's closes."""
         self._apply(self.broker.handle_timeout(now=now, timestamp=timestamp), now, timestamp)
+        self.operations.expire(now, timestamp)
         if self._drain is not None:
             due = self._drain.due(now)
             if due:
@@ -875,6 +886,8 @@ class HubBase:
                             action,
                             extra={"room": action.room, "user": action.username},
                         )
+            elif isinstance(action, (PublishAnswered, HistoryAnswered)):
+                self.operations.answered(action, now, timestamp)
             else:
                 self._backplane.append(action)
         if self._handling_overflow or not overflowed:

@@ -9,18 +9,37 @@ after any hub call. The results are the JSON objects the HTTP API answers with
 
 from __future__ import annotations
 
+import heapq
 import json
+from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .._version import __version__
-from ..core.actions import Deliver, MessagePublished
-from ..core.names import ConnectionId, RoomName
+from ..core.actions import (
+    Answer,
+    Control,
+    ControlCommand,
+    Deliver,
+    DisconnectCommand,
+    HistoryAnswered,
+    KickCommand,
+    PublishAnswered,
+)
+from ..core.names import ConnectionId, RoomName, Username
 from ..core.streams import Position
-from .api import ApiError, cursor_of, room_of_cursor
+from .api import ApiError, Pending, Result, cursor_of, gather, map_result, room_of_cursor
 
 if TYPE_CHECKING:
     from .hub import HubBase
+
+
+#: What makes an operation's result of the broker's answer.
+_Finish: TypeAlias = "Callable[[Answer], dict[str, object]]"
+
+#: Seconds an operation waits for the backplane's answer before it fails with 503
+#: ``backplane_timeout``.
+API_TIMEOUT: Final = 5.0
 
 
 def _position(position: Position | None) -> dict[str, object]:
@@ -34,12 +53,86 @@ class HubOperations:
     :class:`~roombus.server.api.Operations` on *hub*: what this node knows and does.
 
     In a cluster, ``publish`` and ``broadcast`` reach every node (through the
-    backplane) and ``presence`` lists the users of every node; the counts of
-    connections, ``disconnect``, ``kick`` and ``rooms`` are this node's.
+    backplane) and answer the position Redis gave, ``history`` reads the room's
+    stream in Redis (both :class:`~roombus.server.api.Pending` until the backplane
+    answers, at most :attr:`timeout` seconds), ``disconnect`` and ``kick`` act here
+    and are sent to every other node (the control channel: ``"cluster": true`` in
+    the answer, whose ids are this node's), and ``presence`` lists the users of every
+    node; the counts of connections and ``rooms`` are this node's.
+
+    The broker answers a request made with a ticket with an action
+    (:class:`~roombus.core.actions.PublishAnswered`,
+    :class:`~roombus.core.actions.HistoryAnswered`), which the hub hands to
+    :meth:`answered`; :meth:`next_deadline` and :meth:`expire`
+    are the hub's timer for those still waiting.
     """
 
     def __init__(self, hub: HubBase) -> None:
         self.hub = hub
+        #: Seconds to wait for the backplane's answer (503 ``backplane_timeout`` after).
+        self.timeout = API_TIMEOUT
+        self._tickets = 0
+        self._waiting: dict[int, tuple[Pending[dict[str, object]], _Finish]] = {}
+        self._deadlines: list[tuple[float, int]] = []
+
+    # -- waiting for the broker's answers --------------------------------------------
+
+    def _wait(self, now: float, finish: _Finish) -> tuple[int, Pending[dict[str, object]]]:
+        """A new ticket and the result it will bring (*finish* of the answer)."""
+        self._tickets += 1
+        ticket = self._tickets
+        pending: Pending[dict[str, object]] = Pending()
+        self._waiting[ticket] = (pending, finish)
+        heapq.heappush(self._deadlines, (now + self.timeout, ticket))
+        self.hub.deadline_moved = True
+        return ticket, pending
+
+    @staticmethod
+    def _settled(pending: Pending[dict[str, object]]) -> Result:
+        """The result itself if it is known already (answered with the call)."""
+        if pending.done:
+            outcome = pending.outcome
+            if isinstance(outcome, ApiError):
+                raise outcome
+            return outcome
+        return pending
+
+    def answered(self, answer: Answer, now: float, timestamp: int) -> None:
+        """The broker answered a request of ours."""
+        waiting = self._waiting.pop(answer.ticket, None)
+        if waiting is None:
+            return  # timed out already
+        pending, finish = waiting
+        pending.resolve(finish(answer), now, timestamp)
+
+    def next_deadline(self) -> float | None:
+        """When the first request still waiting times out, or None."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._waiting:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def expire(self, now: float, timestamp: int) -> None:
+        """Fail the requests whose deadline passed (503 ``backplane_timeout``)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, ticket = heapq.heappop(deadlines)
+            waiting = self._waiting.pop(ticket, None)
+            if waiting is not None:
+                waiting[0].fail(
+                    ApiError(
+                        503,
+                        "backplane_timeout",
+                        f"the backplane did not answer within {self.timeout:g} s",
+                    ),
+                    now,
+                    timestamp,
+                )
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the broker's answer."""
+        return len(self._waiting)
 
     # -- connection ids --------------------------------------------------------------
 
@@ -49,21 +142,27 @@ class HubOperations:
         return f"{node}/{cid}" if node is not None else str(cid)
 
     def _local(self, connection: str) -> ConnectionId | None:
+        """The connection here that *connection* names, or None (another node's, or
+        none)."""
         node, _, number = connection.rpartition("/")
-        own = self.hub.broker.node
-        if (node or None) != own:
-            if own is not None and node:
-                raise ApiError(
-                    501,
-                    "not_implemented",
-                    f"connection {connection!r} is on another node; only this node's "
-                    "connections can be closed by id yet",
-                    "connection",
-                )
+        if (node or None) != self.hub.broker.node:
             return None
         if not (number.isascii() and number.isdigit() and len(number) < 19):
             return None
         return ConnectionId(int(number))
+
+    def _tell_cluster(
+        self, command: ControlCommand, result: dict[str, object], now: float, timestamp: int
+    ) -> dict[str, object]:
+        """On a node of a cluster, send *command* to the other nodes: ``"cluster"``
+        says whether it was sent (not while cut off from Redis)."""
+        hub = self.hub
+        if hub.broker.node is None:
+            return result
+        actions = hub.broker.tell_cluster(command)
+        hub._apply(actions, now, timestamp)
+        result["cluster"] = any(type(a) is Control for a in actions)
+        return result
 
     # -- publishing ------------------------------------------------------------------
 
@@ -76,31 +175,38 @@ class HubOperations:
         idempotency_key: str | None,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]:
+    ) -> Result:
         hub = self.hub
-        broker = hub.broker
-        actions = broker.publish(
-            room, content, username=username, timestamp=timestamp, now=now, msg_id=idempotency_key
+        delivered = [0]
+
+        def finish(answer: Answer) -> dict[str, object]:
+            assert isinstance(answer, PublishAnswered)
+            return {
+                "room": room,
+                **_position(answer.position),
+                "delivered": delivered[0],
+                "duplicate": answer.duplicate,
+            }
+
+        ticket, pending = self._wait(now, finish)
+        actions = hub.broker.publish(
+            room,
+            content,
+            username=username,
+            timestamp=timestamp,
+            now=now,
+            msg_id=idempotency_key,
+            ticket=ticket,
         )
-        hub._apply(actions, now, timestamp)
-        position: Position | None = None
-        for a in actions:
-            if type(a) is MessagePublished and a.epoch:
-                position = Position(a.epoch, a.seq)
-        duplicate = False
-        if position is None and idempotency_key is not None and broker.node is None:
-            position = broker.acknowledged(room, username, idempotency_key)
-            duplicate = position is not None
-        return {
-            "room": room,
-            **_position(position),
-            "delivered": sum(len(a.conns) for a in actions if type(a) is Deliver),
-            "duplicate": duplicate,
-        }
+        # (In a cluster the message reaches this node's members when Redis publishes
+        # it: none here yet.)
+        delivered[0] = sum(len(a.conns) for a in actions if type(a) is Deliver)
+        hub._apply(actions, now, timestamp)  # a node alone answers at once
+        return self._settled(pending)
 
     def broadcast(
         self, rooms: list[str], content: object, *, username: str, now: float, timestamp: int
-    ) -> dict[str, object]:
+    ) -> Result:
         results = [
             self.publish(
                 room,
@@ -112,9 +218,13 @@ class HubOperations:
             )
             for room in rooms
         ]
-        for r in results:
-            del r["duplicate"]
-        return {"results": results}
+
+        def together(results: list[dict[str, object]]) -> dict[str, object]:
+            for r in results:
+                r.pop("duplicate", None)
+            return {"results": results}
+
+        return map_result(gather(results), together)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -154,25 +264,21 @@ class HubOperations:
         limit: int | None,
         now: float,
         timestamp: int,
-    ) -> dict[str, object]:
-        broker = self.hub.broker
-        if broker.node is not None and broker.statistics().backplane_online:
-            raise ApiError(
-                501,
-                "not_implemented",
-                "history over the API is not available on a node of a cluster yet "
-                "(read it over a WebSocket)",
-            )
-        size = broker.streams.policy(RoomName(room)).size
-        count = size if limit is None else min(limit, size)
-        position, items = broker.streams.history(
-            RoomName(room), since, count, now, broker.config.send_queue_bytes // 2
-        )
-        return {
-            "room": room,
-            **_position(position),
-            "items": [json.loads(item) for item in items],
-        }
+    ) -> Result:
+        hub = self.hub
+
+        def finish(answer: Answer) -> dict[str, object]:
+            assert isinstance(answer, HistoryAnswered)
+            return {
+                "room": room,
+                **_position(answer.position),
+                "items": [json.loads(item) for item in answer.items],
+            }
+
+        ticket, pending = self._wait(now, finish)
+        actions = hub.broker.history(room, since=since, limit=limit, ticket=ticket, now=now)
+        hub._apply(actions, now, timestamp)  # a node alone answers at once
+        return self._settled(pending)
 
     def rooms(
         self, *, pattern: str, cursor: str | None, limit: int, now: float, timestamp: int
@@ -235,7 +341,13 @@ class HubOperations:
                 now,
                 timestamp,
             )
-        return {"disconnected": [self.connection_id(cid) for cid in targets]}
+        result: dict[str, object] = {"disconnected": [self.connection_id(c) for c in targets]}
+        if connection is not None and targets:
+            return result  # this node's: nothing for the others
+        command = DisconnectCommand(
+            username=username, connection=connection, code=code, reason=reason
+        )
+        return self._tell_cluster(command, result, now, timestamp)
 
     def kick(
         self, room: str, username: str, *, reason: str, now: float, timestamp: int
@@ -244,4 +356,9 @@ class HubOperations:
         broker = hub.broker
         before = [c for c in broker.connections(room) if broker.username_of(c) == username]
         hub._apply(broker.kick(room, username, reason=reason, timestamp=timestamp), now, timestamp)
-        return {"room": room, "kicked": [self.connection_id(cid) for cid in before]}
+        result: dict[str, object] = {
+            "room": room,
+            "kicked": [self.connection_id(cid) for cid in before],
+        }
+        command = KickCommand(room=RoomName(room), username=Username(username), reason=reason)
+        return self._tell_cluster(command, result, now, timestamp)

@@ -228,6 +228,9 @@ class Server(ServerFacade):
     def _now(self) -> float:
         return trio.current_time()
 
+    def _waiter(self) -> trio.Event:
+        return trio.Event()
+
     async def handle_stream(self, stream: trio.abc.Stream, peer: str = "stream") -> None:
         """
         Serve one client over any trio Stream until it ends (e.g. a TLS stream, or a

@@ -42,6 +42,7 @@ __all__ = [
     "Arg",
     "RedisAddress",
     "RedisError",
+    "RedisTLS",
     "RespProtocolError",
     "check_handshake",
     "handshake_commands",
@@ -154,11 +155,34 @@ def parse(reader: hiredis.Reader, data: bytes) -> list[Any]:
 
 
 @attrs.frozen
+class RedisTLS:
+    """How to speak TLS to Redis (a ``rediss://`` URL): file names and a name, no I/O.
+
+    Attributes:
+        ca_file: PEM file of the certificate authorities to trust (None: the system's).
+        cert_file: PEM client certificate (with its key, unless *key_file* is given),
+            for a server that requires one (``tls-auth-clients yes``).
+        key_file: PEM private key of *cert_file*.
+        server_name: The name to send (SNI) and to verify the server's certificate
+            against (None: the host of the URL).
+
+    A driver makes its :class:`ssl.SSLContext` of this once
+    (:func:`roombus.node.cluster.redis_ssl_context`).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@attrs.frozen
 class RedisAddress:
     """Where a Redis server is and how to log in: what a ``redis://`` URL says.
 
     With ``unix_path`` set, ``host`` and ``port`` are ignored. The password is left out of
-    ``repr()`` so that logging an address does not leak it.
+    ``repr()`` so that logging an address does not leak it. ``tls`` is set for a
+    ``rediss://`` URL.
     """
 
     host: str = "localhost"
@@ -167,6 +191,7 @@ class RedisAddress:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     unix_path: str | None = None
+    tls: RedisTLS | None = None
 
     def __str__(self) -> str:
         if self.unix_path is not None:
@@ -175,7 +200,15 @@ class RedisAddress:
             where = f"[{self.host}]:{self.port}"
         else:
             where = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            where += " (TLS)"
         return where if self.db == 0 else f"{where} db {self.db}"
+
+    @property
+    def server_name(self) -> str:
+        """The name a TLS connection sends and verifies: the TLS setting's, or the host."""
+        tls = self.tls
+        return tls.server_name if tls is not None and tls.server_name else self.host
 
 
 _DIGITS: Final = re.compile(r"[0-9]+")
@@ -188,7 +221,9 @@ def _parse_db(text: str) -> int:
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``.
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``;
+    ``rediss://`` is the first form over TLS (``tls`` set, with the default
+    :class:`RedisTLS`: the system's authorities, the host's name).
 
     ``?db=N`` and ``?password=...`` are accepted in the query of either form (the unix form
     has no other place for them). Anything unexpected is a :class:`ValueError` that says
@@ -199,11 +234,11 @@ def parse_redis_url(url: str) -> RedisAddress:
     except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
         raise ValueError(f"bad Redis URL: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme == "rediss":
-        raise ValueError("TLS to Redis is not supported (rediss://): use redis:// or unix://")
-    if scheme not in ("redis", "unix"):
+    if scheme not in ("redis", "rediss", "unix"):
         shown = f"{scheme}://" if scheme else "none"
-        raise ValueError(f"bad Redis URL: the scheme must be redis:// or unix://, not {shown}")
+        raise ValueError(
+            f"bad Redis URL: the scheme must be redis://, rediss:// or unix://, not {shown}"
+        )
     try:
         port = parts.port
     except ValueError:
@@ -253,6 +288,7 @@ def parse_redis_url(url: str) -> RedisAddress:
         db=db,
         username=username,
         password=password,
+        tls=RedisTLS() if scheme == "rediss" else None,
     )
 
 

@@ -58,6 +58,9 @@ from ..cluster.resp import (
     packer,
     parse,
     parse_redis_url,
+    primary_address,
+    sentinel_addresses,
+    sentinel_query,
     sharded_from_command_info,
     sharded_from_info,
 )
@@ -73,6 +76,7 @@ __all__ = [
     "connect",
     "connect_subscriber",
     "parse_redis_url",
+    "resolve_primary",
     "supports_sharded_pubsub",
 ]
 
@@ -537,7 +541,7 @@ async def _open(
             replies = await future
         except RedisConnectionError as exc:
             raise RedisConnectionError(_login_failed(address, str(exc))) from None
-        check_handshake(replies)
+        check_handshake(replies, address)
         return link
 
     try:
@@ -552,6 +556,36 @@ async def _open(
         if link is not None:
             link.close()
         raise
+
+
+async def resolve_primary(
+    address: RedisAddress,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisAddress:
+    """The primary that the sentinels of a ``redis+sentinel://`` *address* name: asked
+    in the URL's order, the first answer wins (:func:`~roombus.cluster.resp.primary_address`).
+
+    Raises :class:`RedisConnectionError` naming each sentinel's failure when none answers.
+    """
+    errors: list[str] = []
+    for sentinel in sentinel_addresses(address):
+        try:
+            conn = await connect(sentinel, connect_timeout=connect_timeout, ssl_context=ssl_context)
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{sentinel}: {exc}")
+            continue
+        try:
+            reply = await asyncio.wait_for(conn.execute(*sentinel_query(address)), connect_timeout)
+            return primary_address(address, reply)
+        except (RedisConnectionError, RedisError, ValueError, asyncio.TimeoutError) as exc:
+            errors.append(f"{sentinel}: {exc or 'no answer in time'}")
+        finally:
+            await conn.aclose()
+    raise RedisConnectionError(
+        f"no sentinel named the primary {address.master_name}: {'; '.join(errors)}"
+    )
 
 
 async def connect(
@@ -571,6 +605,10 @@ async def connect(
     """
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     where = str(address)
     link = await _open(address, connect_timeout, lambda: RedisConnection(where), ssl_context)
     assert isinstance(link, RedisConnection)
@@ -587,6 +625,10 @@ async def connect_subscriber(
     """Open a pub/sub connection (see :func:`connect`); ``sharded`` picks ``SSUBSCRIBE``."""
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     where = str(address)
     link = await _open(
         address, connect_timeout, lambda: RedisSubscriber(where, sharded=sharded), ssl_context

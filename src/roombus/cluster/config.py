@@ -18,7 +18,9 @@ _SERVER_NAME: Final = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 
 def _address(url: object) -> RedisAddress:
     if not isinstance(url, str):
-        raise ConfigError("redis", f"must be a redis://, rediss:// or unix:// URL, not {url!r}")
+        raise ConfigError(
+            "redis", f"must be a redis://, rediss://, redis+sentinel:// or unix:// URL, not {url!r}"
+        )
     try:
         return parse_redis_url(url)
     except (ValueError, TypeError, AttributeError) as exc:
@@ -75,7 +77,10 @@ class ClusterConfig:
     A node's part in a cluster: the settings every Redis backplane driver takes.
 
     Attributes:
-        url: ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path``.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
+            ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``
+            (the primary the sentinels know as *name*; ``rediss+sentinel://`` over TLS)
+            or ``unix:///path``.
         node_id: This node's id, unique in the cluster (1-64 characters of
             ``A-Z a-z 0-9 _ . : -``). None: the driver generates one (host name,
             process id and a random part) when it is made.

@@ -320,7 +320,8 @@ SERVE_OPTIONS = (
         "redis",
         str,
         "join a cluster of nodes through this Redis: redis://[[user]:password@]host[:port]"
-        "[/db], rediss://... for TLS (default: serve alone)",
+        "[/db], rediss://... for TLS, redis+sentinel://host:port[,host:port...]/name for the "
+        "primary that sentinels know as name (default: serve alone)",
         metavar="URL",
     ),
     _Option(

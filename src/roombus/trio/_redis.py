@@ -73,6 +73,9 @@ from ..cluster.resp import (
     packer,
     parse,
     parse_redis_url,
+    primary_address,
+    sentinel_addresses,
+    sentinel_query,
     sharded_from_command_info,
     sharded_from_info,
 )
@@ -88,6 +91,7 @@ __all__ = [
     "connect",
     "connect_subscriber",
     "parse_redis_url",
+    "resolve_primary",
     "supports_sharded_pubsub",
 ]
 
@@ -657,7 +661,7 @@ async def _handshake(stream: trio.SocketStream, address: RedisAddress, tls: _TLS
         ) from exc
     except RespProtocolError as exc:
         raise RedisConnectionError(f"{address} does not speak the Redis protocol: {exc}") from exc
-    check_handshake(replies)
+    check_handshake(replies, address)
 
 
 def _login_failed(address: RedisAddress, why: str) -> str:
@@ -703,6 +707,37 @@ async def _open(
     )
 
 
+async def resolve_primary(
+    address: RedisAddress,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisAddress:
+    """The primary that the sentinels of a ``redis+sentinel://`` *address* name: asked
+    in the URL's order, the first answer wins (:func:`~roombus.cluster.resp.primary_address`).
+
+    Raises :class:`RedisConnectionError` naming each sentinel's failure when none answers.
+    """
+    errors: list[str] = []
+    for sentinel in sentinel_addresses(address):
+        try:
+            conn = await connect(sentinel, connect_timeout=connect_timeout, ssl_context=ssl_context)
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{sentinel}: {exc}")
+            continue
+        try:
+            with trio.fail_after(connect_timeout):
+                reply = await conn.execute(*sentinel_query(address))
+            return primary_address(address, reply)
+        except (RedisConnectionError, RedisError, ValueError, trio.TooSlowError) as exc:
+            errors.append(f"{sentinel}: {exc or 'no answer in time'}")
+        finally:
+            await conn.aclose()
+    raise RedisConnectionError(
+        f"no sentinel named the primary {address.master_name}: {'; '.join(errors)}"
+    )
+
+
 async def connect(
     address: RedisAddress | str,
     *,
@@ -720,6 +755,10 @@ async def connect(
     """
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     stream, tls = await _open(address, connect_timeout, ssl_context)
     return RedisConnection(stream, str(address), tls)
 
@@ -734,6 +773,10 @@ async def connect_subscriber(
     """Open a pub/sub connection (see :func:`connect`); ``sharded`` picks ``SSUBSCRIBE``."""
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     stream, tls = await _open(address, connect_timeout, ssl_context)
     return RedisSubscriber(stream, sharded=sharded, where=str(address), tls=tls)
 

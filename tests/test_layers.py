@@ -118,7 +118,8 @@ LOOPS: Final = {
 #: Standard modules a module of a lower layer may import all the same.
 STDLIB_ALLOWED: Final = {
     "roombus.node.facade": frozenset({"time"}),  # wall(): the adapters' clock
-    "roombus.node.cluster": frozenset({"os", "socket"}),  # generate_node_id(): host, pid
+    # generate_node_id(): host, pid; redis_ssl_context(): the TLS context of rediss://
+    "roombus.node.cluster": frozenset({"os", "socket", "ssl"}),
     # the settings of `roombus serve`: the environment, the TLS context of --certfile
     "roombus.node.options": frozenset({"os", "ssl"}),
     "roombus.node.settings": frozenset({"ssl"}),  # the context's type (TYPE_CHECKING)

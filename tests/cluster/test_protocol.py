@@ -724,7 +724,9 @@ def test_abort_drops_the_queue_and_closes_at_once() -> None:
     ("field", "value", "option"),
     [
         ("url", "http://x", "redis"),
-        ("url", "rediss://x", "redis"),
+        ("url", "rediss://x:0", "redis"),
+        ("tls_ca_file", "ca.pem", "redis-ca"),  # with redis://
+        ("tls_server_name", "x", "redis-server-name"),
         ("url", None, "redis"),
         ("node_id", "has space", "node-id"),
         ("node_id", "", "node-id"),

@@ -24,6 +24,7 @@ from roombus.cluster.resp import (
     VERSION_PROBE,
     RedisAddress,
     RedisError,
+    RedisTLS,
     RespProtocolError,
     check_handshake,
     handshake_commands,
@@ -68,13 +69,25 @@ def test_parse_good_urls(url: str, expected: RedisAddress) -> None:
     assert parse_redis_url(url) == expected
 
 
+def test_rediss_is_tls() -> None:
+    address = parse_redis_url("rediss://:pw@cache.example:6380/2")
+    assert address == RedisAddress(
+        host="cache.example", port=6380, db=2, password="pw", tls=RedisTLS()
+    )
+    assert str(address) == "cache.example:6380 (TLS) db 2"
+    assert address.server_name == "cache.example"
+    assert parse_redis_url("redis://h").tls is None
+
+
 @pytest.mark.parametrize(
     ("url", "match"),
     [
-        ("http://h", "scheme must be redis:// or unix://, not http://"),
+        (
+            "http://h",
+            "scheme must be redis://, rediss://, redis\\+sentinel:// or unix://, not http://",
+        ),
         ("localhost:6379", "scheme"),
-        ("", "scheme must be redis:// or unix://, not none"),
-        ("rediss://h", "TLS to Redis is not supported"),
+        ("", "scheme must be redis://, rediss://, redis\\+sentinel:// or unix://, not none"),
         ("redis://h:port", "port must be a number"),
         ("redis://h:70000", "port must be a number"),
         ("redis://h:0", "port must be a number"),

@@ -39,14 +39,66 @@ def _free_port() -> int:
         return port
 
 
-def _answers(port: int) -> bool:
-    """Whether a Redis server on *port* answers PING (NOAUTH counts: it is up)."""
+def _answers(port: int | str) -> bool:
+    """Whether a Redis server on *port* (or the unix socket at that path) answers PING
+    (NOAUTH counts: it is up)."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
+        if isinstance(port, str):
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.settimeout(0.5)
+                sock.connect(port)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((HOST, port), timeout=0.5)
+        with sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64)[:1] in (b"+", b"-")
     except OSError:
         return False
+
+
+class TLSFiles:
+    """Certificates made by trustme in *directory*: a CA, the server's (for 127.0.0.1
+    and ``redis.test``), a client's (certificate and key in one file), and a CA that
+    signed none of them."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        ca = trustme.CA()
+        server = ca.issue_cert(HOST, "redis.test")
+        client = ca.issue_cert("roombus-node")
+        self.ca_file = str(directory / "ca.pem")
+        ca.cert_pem.write_to_path(self.ca_file)
+        self.server_cert = str(directory / "server.pem")
+        self.server_key = str(directory / "server.key")
+        server.cert_chain_pems[0].write_to_path(self.server_cert)
+        server.private_key_pem.write_to_path(self.server_key)
+        self.client_pem = str(directory / "client.pem")  # certificate and key
+        self.client_cert = str(directory / "client-cert.pem")
+        self.client_key = str(directory / "client.key")
+        client.private_key_and_cert_chain_pem.write_to_path(self.client_pem)
+        client.cert_chain_pems[0].write_to_path(self.client_cert)
+        client.private_key_pem.write_to_path(self.client_key)
+        self.other_ca_file = str(directory / "other-ca.pem")
+        trustme.CA().cert_pem.write_to_path(self.other_ca_file)
+
+    def server_args(self, *, auth_clients: bool) -> list[str]:
+        return [
+            "--tls-cert-file",
+            self.server_cert,
+            "--tls-key-file",
+            self.server_key,
+            "--tls-ca-cert-file",
+            self.ca_file,
+            "--tls-auth-clients",
+            "yes" if auth_clients else "no",
+        ]
 
 
 class RedisProcess:
@@ -55,10 +107,19 @@ class RedisProcess:
     ``extra_args`` are passed on the command line (``["--requirepass", "s3cret"]``).
     """
 
-    def __init__(self, port: int, extra_args: Sequence[str] = (), password: str | None = None):
+    def __init__(
+        self,
+        port: int,
+        extra_args: Sequence[str] = (),
+        password: str | None = None,
+        *,
+        tls: bool = False,
+    ):
         self.port = port
         self.extra_args = list(extra_args)
         self.password = password
+        #: *port* is a TLS port (``--tls-port``); plain TCP is off (``--port 0``).
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="roombus-redis-"))
         self.unix_path = str(self.dir / "redis.sock")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -66,7 +127,8 @@ class RedisProcess:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}{HOST}:{self.port}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{HOST}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -83,10 +145,14 @@ class RedisProcess:
         if binary is None:
             pytest.fail("redis-server not installed: apt-get install redis-server")
         assert self._proc is None, "already started"
+        ports = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
         args = [
             binary,
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             HOST,
             "--save",
@@ -100,7 +166,7 @@ class RedisProcess:
         with open(self.dir / "redis.log", "ab") as log:
             self._proc = subprocess.Popen([*args, *self.extra_args], stdout=log, stderr=log)
         deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(self.port):
+        while not _answers(self.unix_path if self.tls else self.port):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self._reap(signal.SIGKILL)
                 log_text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
@@ -152,7 +218,11 @@ class RedisProcess:
 
 
 def start_redis(
-    port: int | None = None, extra_args: Sequence[str] = (), password: str | None = None
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    password: str | None = None,
+    *,
+    tls: bool = False,
 ) -> RedisProcess:
     """Start a ``redis-server`` on *port* (a free one if None); the caller must ``close()`` it.
 
@@ -160,7 +230,7 @@ def start_redis(
     our probe and the server's bind) is retried on a new one.
     """
     for attempt in range(3):
-        server = RedisProcess(port or _free_port(), extra_args, password)
+        server = RedisProcess(port or _free_port(), extra_args, password, tls=tls)
         try:
             server.start()
         except RuntimeError:
@@ -183,3 +253,14 @@ def redis_server() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.close()
+
+
+def start_tls_redis(files: TLSFiles, *, auth_clients: bool = False) -> RedisProcess:
+    """A ``redis-server`` that speaks TLS only (``--port 0 --tls-port P``), with the
+    certificates of *files*; ``auth_clients``: it requires a client certificate."""
+    return start_redis(extra_args=files.server_args(auth_clients=auth_clients), tls=True)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return TLSFiles(tmp_path_factory.mktemp("redis-tls"))

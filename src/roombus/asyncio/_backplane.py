@@ -51,7 +51,7 @@ from ..cluster.resp import RedisAddress
 from ..core.actions import BackplaneAction
 from ..core.events import Event
 from ..core.names import RoomName
-from ..node.cluster import cluster_config, generate_node_id
+from ..node.cluster import cluster_config, generate_node_id, redis_ssl_context
 from ._redis import (
     Confirmation,
     RedisConnection,
@@ -122,6 +122,9 @@ class RedisBackplane:
         self.presence_ttl: Final = proto.presence_ttl
         self.prefix: Final = proto.prefix
         self.connect_timeout: Final = proto.connect_timeout
+        tls = proto.address.tls
+        #: The TLS context of a rediss:// address, made once (ConfigError for a bad file).
+        self.ssl_context: Final = None if tls is None else redis_ssl_context(tls)
         self._host: BackplaneHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._command: RedisConnection | None = None
@@ -176,6 +179,7 @@ class RedisBackplane:
         if self._loop is None or self._closed:
             self._closed = True
             return
+        links = [link for link in (self._command, self._subscriber) if link is not None]
         self._proto.abort(self._loop.time())
         self.transmit()
         self._closed = True
@@ -186,9 +190,10 @@ class RedisBackplane:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for link in (self._command, self._subscriber):
-            if link is not None:
-                await link.aclose()
+        # Closed by the abort already; wait until the transports let go (a TLS one
+        # says goodbye first, within the connect timeout).
+        for link in links:
+            await link.aclose()
         self._command = self._subscriber = None
         if self._idle is not None:
             self._idle.set()
@@ -279,11 +284,14 @@ class RedisBackplane:
         try:
             if link is Link.COMMAND:
                 conn: RedisConnection | RedisSubscriber = await connect(
-                    command.address, connect_timeout=command.timeout
+                    command.address, connect_timeout=command.timeout, ssl_context=self.ssl_context
                 )
             else:
                 conn = await connect_subscriber(
-                    command.address, sharded=self._proto.sharded, connect_timeout=command.timeout
+                    command.address,
+                    sharded=self._proto.sharded,
+                    connect_timeout=command.timeout,
+                    ssl_context=self.ssl_context,
                 )
         except (RedisConnectionError, RedisError, OSError) as exc:
             reason = str(exc)

@@ -37,6 +37,7 @@ resubscribing) is the owner's policy, not this module's.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -57,9 +58,13 @@ from ..cluster.resp import (
     packer,
     parse,
     parse_redis_url,
+    primary_address,
+    sentinel_addresses,
+    sentinel_query,
     sharded_from_command_info,
     sharded_from_info,
 )
+from ..node.cluster import redis_ssl_context
 
 __all__ = [
     "Arg",
@@ -71,6 +76,7 @@ __all__ = [
     "connect",
     "connect_subscriber",
     "parse_redis_url",
+    "resolve_primary",
     "supports_sharded_pubsub",
 ]
 
@@ -147,6 +153,8 @@ class _Link(asyncio.Protocol):
             self._lost.set_result(None)
         if exc is None:
             self._fail(f"Redis at {self._where} closed the connection")
+        elif isinstance(exc, ssl.SSLError):
+            self._fail(f"TLS with Redis at {self._where} failed: {_tls_reason(exc)}")
         else:
             self._fail(f"lost the connection to Redis at {self._where}: {exc!r}")
 
@@ -472,12 +480,37 @@ class RedisSubscriber(_Link):
 # Connecting
 
 
+def _login_failed(address: RedisAddress, why: str) -> str:
+    """*why* a connection broke while logging in; over TLS without a client certificate,
+    with the likely cause (Redis resets it at once, without a TLS alert)."""
+    tls = address.tls
+    if tls is not None and tls.cert_file is None:
+        return f"{why} (does Redis require a client certificate? see redis-cert)"
+    return why
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """What went wrong, in one line: the verification's message, else OpenSSL's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"the server's certificate is not trusted ({exc.verify_message})"
+    return str(exc.reason or exc).replace("_", " ").lower()
+
+
 async def _open(
-    address: RedisAddress, connect_timeout: float, factory: Callable[[], _Link]
+    address: RedisAddress,
+    connect_timeout: float,
+    factory: Callable[[], _Link],
+    context: ssl.SSLContext | None,
 ) -> _Link:
-    """Connect, log in (:func:`roombus.cluster.resp.handshake_commands`, pipelined) and PING."""
+    """Connect (TLS for a ``rediss://`` address), log in
+    (:func:`roombus.cluster.resp.handshake_commands`, pipelined) and PING."""
     loop = asyncio.get_running_loop()
     link: _Link | None = None
+    if address.tls is None:
+        context = None
+    elif context is None:
+        context = redis_ssl_context(address.tls)
+    name = None if address.tls is None else address.server_name
 
     async def opening() -> _Link:
         nonlocal link
@@ -485,7 +518,18 @@ async def _open(
             if address.unix_path is not None:
                 _, link = await loop.create_unix_connection(factory, address.unix_path)
             else:
-                _, link = await loop.create_connection(factory, address.host, address.port)
+                _, link = await loop.create_connection(
+                    factory,
+                    address.host,
+                    address.port,
+                    ssl=context,
+                    server_hostname=name,
+                    ssl_shutdown_timeout=None if context is None else connect_timeout,
+                )
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            raise RedisConnectionError(
+                f"TLS with Redis at {address} failed: {_tls_reason(exc)}"
+            ) from exc
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to Redis at {address}: {exc}") from exc
         commands = handshake_commands(address)
@@ -493,7 +537,11 @@ async def _open(
         link._write(pack_commands(commands), _Batch(len(commands), deliver, fail))
         if isinstance(link, RedisSubscriber):
             link._login = True  # its replies are no confirmations
-        check_handshake(await future)
+        try:
+            replies = await future
+        except RedisConnectionError as exc:
+            raise RedisConnectionError(_login_failed(address, str(exc))) from None
+        check_handshake(replies, address)
         return link
 
     try:
@@ -510,28 +558,81 @@ async def _open(
         raise
 
 
-async def connect(address: RedisAddress | str, *, connect_timeout: float = 5.0) -> RedisConnection:
+async def resolve_primary(
+    address: RedisAddress,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisAddress:
+    """The primary that the sentinels of a ``redis+sentinel://`` *address* name: asked
+    in the URL's order, the first answer wins (:func:`~roombus.cluster.resp.primary_address`).
+
+    Raises :class:`RedisConnectionError` naming each sentinel's failure when none answers.
+    """
+    errors: list[str] = []
+    for sentinel in sentinel_addresses(address):
+        try:
+            conn = await connect(sentinel, connect_timeout=connect_timeout, ssl_context=ssl_context)
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{sentinel}: {exc}")
+            continue
+        try:
+            reply = await asyncio.wait_for(conn.execute(*sentinel_query(address)), connect_timeout)
+            return primary_address(address, reply)
+        except (RedisConnectionError, RedisError, ValueError, asyncio.TimeoutError) as exc:
+            errors.append(f"{sentinel}: {exc or 'no answer in time'}")
+        finally:
+            await conn.aclose()
+    raise RedisConnectionError(
+        f"no sentinel named the primary {address.master_name}: {'; '.join(errors)}"
+    )
+
+
+async def connect(
+    address: RedisAddress | str,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisConnection:
     """Open a command connection: connect, AUTH and SELECT if the address says so, PING.
 
+    A ``rediss://`` address speaks TLS, with *ssl_context* (None: one made of
+    ``address.tls`` by :func:`~roombus.node.cluster.redis_ssl_context`).
+
     Raises :class:`RedisConnectionError` if Redis cannot be reached within
-    ``connect_timeout`` seconds, :class:`RedisError` if it refuses the login or the db.
+    ``connect_timeout`` seconds (or TLS fails), :class:`RedisError` if it refuses the
+    login or the db.
     """
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     where = str(address)
-    link = await _open(address, connect_timeout, lambda: RedisConnection(where))
+    link = await _open(address, connect_timeout, lambda: RedisConnection(where), ssl_context)
     assert isinstance(link, RedisConnection)
     return link
 
 
 async def connect_subscriber(
-    address: RedisAddress | str, *, sharded: bool, connect_timeout: float = 5.0
+    address: RedisAddress | str,
+    *,
+    sharded: bool,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RedisSubscriber:
     """Open a pub/sub connection (see :func:`connect`); ``sharded`` picks ``SSUBSCRIBE``."""
     if isinstance(address, str):
         address = parse_redis_url(address)
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
     where = str(address)
-    link = await _open(address, connect_timeout, lambda: RedisSubscriber(where, sharded=sharded))
+    link = await _open(
+        address, connect_timeout, lambda: RedisSubscriber(where, sharded=sharded), ssl_context
+    )
     assert isinstance(link, RedisSubscriber)
     return link
 

@@ -42,8 +42,13 @@ __all__ = [
     "Arg",
     "RedisAddress",
     "RedisError",
+    "RedisTLS",
     "RespProtocolError",
+    "SENTINEL_PORT",
     "check_handshake",
+    "primary_address",
+    "sentinel_addresses",
+    "sentinel_query",
     "handshake_commands",
     "new_reader",
     "pack_commands",
@@ -154,11 +159,34 @@ def parse(reader: hiredis.Reader, data: bytes) -> list[Any]:
 
 
 @attrs.frozen
+class RedisTLS:
+    """How to speak TLS to Redis (a ``rediss://`` URL): file names and a name, no I/O.
+
+    Attributes:
+        ca_file: PEM file of the certificate authorities to trust (None: the system's).
+        cert_file: PEM client certificate (with its key, unless *key_file* is given),
+            for a server that requires one (``tls-auth-clients yes``).
+        key_file: PEM private key of *cert_file*.
+        server_name: The name to send (SNI) and to verify the server's certificate
+            against (None: the host of the URL).
+
+    A driver makes its :class:`ssl.SSLContext` of this once
+    (:func:`roombus.node.cluster.redis_ssl_context`).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@attrs.frozen
 class RedisAddress:
     """Where a Redis server is and how to log in: what a ``redis://`` URL says.
 
     With ``unix_path`` set, ``host`` and ``port`` are ignored. The password is left out of
-    ``repr()`` so that logging an address does not leak it.
+    ``repr()`` so that logging an address does not leak it. ``tls`` is set for a
+    ``rediss://`` URL.
     """
 
     host: str = "localhost"
@@ -167,18 +195,44 @@ class RedisAddress:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     unix_path: str | None = None
+    tls: RedisTLS | None = None
+    #: Of a ``redis+sentinel://`` URL: the sentinels to ask for the primary (then
+    #: ``host`` and ``port`` mean nothing), and the name they know it by. A resolved
+    #: address (:func:`primary_address`) has the primary's host and port, no sentinels,
+    #: and keeps the name, so that its login checks the server's role.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
 
     def __str__(self) -> str:
-        if self.unix_path is not None:
+        if self.sentinels:
+            hosts = ",".join(_host_port(h, p) for h, p in self.sentinels)
+            where = f"{self.master_name} via sentinel {hosts}"
+        elif self.unix_path is not None:
             where = f"unix:{self.unix_path}"
-        elif ":" in self.host:
-            where = f"[{self.host}]:{self.port}"
         else:
-            where = f"{self.host}:{self.port}"
+            where = _host_port(self.host, self.port)
+            if self.master_name is not None:
+                where += f" (primary {self.master_name})"
+        if self.tls is not None:
+            where += " (TLS)"
         return where if self.db == 0 else f"{where} db {self.db}"
+
+    @property
+    def server_name(self) -> str:
+        """The name a TLS connection sends and verifies: the TLS setting's, or the host."""
+        tls = self.tls
+        return tls.server_name if tls is not None and tls.server_name else self.host
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _DIGITS: Final = re.compile(r"[0-9]+")
+
+#: Where a sentinel listens unless the URL says.
+SENTINEL_PORT: Final = 26379
+_MASTER_NAME: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def _parse_db(text: str) -> int:
@@ -188,7 +242,9 @@ def _parse_db(text: str) -> int:
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``.
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``;
+    ``rediss://`` is the first form over TLS (``tls`` set, with the default
+    :class:`RedisTLS`: the system's authorities, the host's name).
 
     ``?db=N`` and ``?password=...`` are accepted in the query of either form (the unix form
     has no other place for them). Anything unexpected is a :class:`ValueError` that says
@@ -199,11 +255,14 @@ def parse_redis_url(url: str) -> RedisAddress:
     except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
         raise ValueError(f"bad Redis URL: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme == "rediss":
-        raise ValueError("TLS to Redis is not supported (rediss://): use redis:// or unix://")
-    if scheme not in ("redis", "unix"):
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(parts, tls=scheme == "rediss+sentinel")
+    if scheme not in ("redis", "rediss", "unix"):
         shown = f"{scheme}://" if scheme else "none"
-        raise ValueError(f"bad Redis URL: the scheme must be redis:// or unix://, not {shown}")
+        raise ValueError(
+            f"bad Redis URL: the scheme must be redis://, rediss://, redis+sentinel:// or "
+            f"unix://, not {shown}"
+        )
     try:
         port = parts.port
     except ValueError:
@@ -253,7 +312,101 @@ def parse_redis_url(url: str) -> RedisAddress:
         db=db,
         username=username,
         password=password,
+        tls=RedisTLS() if scheme == "rediss" else None,
     )
+
+
+def _parse_sentinel_url(parts: Any, *, tls: bool) -> RedisAddress:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``."""
+    auth, _, hosts_text = parts.netloc.rpartition("@")
+    username = password = None
+    if auth:
+        user, colon, secret = auth.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+        if username is not None and password is None:
+            raise ValueError("bad Redis URL: a username needs a password")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts_text.split(","):
+        host, port = _sentinel_host(item.strip())
+        sentinels.append((host, port))
+    names = [unquote(p) for p in parts.path.split("/")[1:] if p]
+    if not names or len(names) > 2:
+        raise ValueError(
+            "bad Redis URL: redis+sentinel:// needs the primary's name as its path "
+            "(redis+sentinel://host:26379,host:26379/mymaster[/db])"
+        )
+    if not _MASTER_NAME.fullmatch(names[0]):
+        raise ValueError("bad Redis URL: the primary's name is 1-128 of A-Z a-z 0-9 _ . : -")
+    db = _parse_db(names[1]) if len(names) == 2 else 0
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name != "db" or len(names) == 2:
+            raise ValueError(f"bad Redis URL: unknown or repeated query parameter {name!r}")
+        db = _parse_db(value)
+    return RedisAddress(
+        host=sentinels[0][0],
+        port=sentinels[0][1],
+        db=db,
+        username=username,
+        password=password,
+        tls=RedisTLS() if tls else None,
+        sentinels=tuple(sentinels),
+        master_name=names[0],
+    )
+
+
+def _sentinel_host(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("bad Redis URL: an unbalanced [ in a sentinel's address")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError("bad Redis URL: a sentinel without a host")
+    if not port_text:
+        return host, SENTINEL_PORT
+    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError("bad Redis URL: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# --------------------------------------------------------------------------------------
+# Sentinel
+
+
+def sentinel_query(address: RedisAddress) -> tuple[Arg, ...]:
+    """What to ask a sentinel of *address*: where its primary is."""
+    assert address.master_name is not None
+    return (b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", address.master_name)
+
+
+def sentinel_addresses(address: RedisAddress) -> list[RedisAddress]:
+    """The sentinels of *address*, each as an address to connect to: over TLS if the
+    primary is, without the primary's login (a sentinel has its own, or none)."""
+    return [RedisAddress(host=h, port=p, tls=address.tls) for h, p in address.sentinels]
+
+
+def primary_address(address: RedisAddress, reply: Any) -> RedisAddress:
+    """The primary a sentinel named (``[host, port]``): *address* resolved, its login
+    then checking the role (:func:`handshake_commands`).
+
+    Raises:
+        ValueError: the sentinel does not know the name (nil), or an unreadable reply.
+    """
+    if reply is None:
+        raise ValueError(f"the sentinel knows no primary named {address.master_name!r}")
+    if isinstance(reply, RedisError):
+        raise ValueError(f"the sentinel refused: {reply}")
+    if (
+        not isinstance(reply, list)
+        or len(reply) != 2
+        or not all(isinstance(r, bytes) for r in reply)
+        or not _DIGITS.fullmatch(reply[1].decode("latin-1"))
+    ):
+        raise ValueError(f"unreadable sentinel reply {reply!r:.80}")
+    return attrs.evolve(address, host=reply[0].decode("latin-1"), port=int(reply[1]), sentinels=())
 
 
 # --------------------------------------------------------------------------------------
@@ -275,14 +428,26 @@ def handshake_commands(address: RedisAddress) -> list[tuple[Arg, ...]]:
     if address.db:
         commands.append((b"SELECT", address.db))
     commands.append((b"PING",))
+    if address.master_name is not None and not address.sentinels:
+        commands.append((b"ROLE",))  # a sentinel's answer may be stale: is it the primary?
     return commands
 
 
-def check_handshake(replies: Sequence[Any]) -> None:
-    """Raise the first error reply to :func:`handshake_commands` (a refused login or db)."""
+def check_handshake(replies: Sequence[Any], address: RedisAddress | None = None) -> None:
+    """Raise the first error reply to :func:`handshake_commands` (a refused login or db);
+    for a primary found through sentinels, a :class:`RedisError` (``READONLY``) if the
+    server is not the primary (any more)."""
     for reply in replies:
         if isinstance(reply, RedisError):
             raise reply
+    if address is not None and address.master_name is not None and not address.sentinels:
+        role = replies[-1] if replies else None
+        if not (isinstance(role, list) and role and role[0] == b"master"):
+            shown = role[0].decode("latin-1") if isinstance(role, list) and role else role
+            raise RedisError(
+                f"READONLY {address} is a {shown}, not the primary: the sentinel's answer "
+                "was stale (a failover under way)"
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What every Redis backplane driver does the same way before it connects: its
-:class:`~roombus.cluster.config.ClusterConfig`, and a node id when none is given."""
+:class:`~roombus.cluster.config.ClusterConfig`, a node id when none is given, and the
+TLS context of a ``rediss://`` address."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import os
 import re
 import secrets
 import socket
+import ssl
 
 import attrs
 
 from ..cluster.config import ClusterConfig
+from ..cluster.resp import RedisTLS
+from ..core.errors import ConfigError
 
 
 def generate_node_id() -> str:
@@ -51,3 +55,44 @@ def cluster_config(
     if config.node_id is None:
         config = attrs.evolve(config, node_id=generate_node_id())
     return config
+
+
+def _readable(setting: str, path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def redis_ssl_context(tls: RedisTLS) -> ssl.SSLContext:
+    """
+    The client context of a ``rediss://`` address: the server's certificate verified
+    (against *tls.ca_file*, or the system's authorities) and its name checked; the
+    client certificate loaded if there is one. Made once per driver.
+
+    Raises:
+        ConfigError: naming the setting (``redis-ca``, ``redis-cert``, ``redis-key``)
+            whose file is missing, unreadable or not PEM of the right kind.
+    """
+    _readable("redis-ca", tls.ca_file)
+    _readable("redis-cert", tls.cert_file)
+    _readable("redis-key", tls.key_file)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    except (ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigError("redis-ca", f"not a PEM file of certificates: {reason}") from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            raise ConfigError(
+                "redis-key" if tls.key_file else "redis-cert",
+                f"not a usable certificate and private key: {exc.reason or exc}",
+            ) from None
+        except OSError as exc:
+            raise ConfigError("redis-cert", f"cannot load: {exc.strerror or exc}") from None
+    return context

@@ -30,6 +30,7 @@ from ..server.auth import JWTAuthenticator
 from ..server.config import ServerConfig
 from ..server.forwarded import parse_trusted
 from ..server.http import StaticFile
+from .cluster import redis_ssl_context
 from .settings import LOG_FORMATS, LOG_LEVELS, TRANSPORTS, Settings
 
 
@@ -325,8 +326,30 @@ SERVE_OPTIONS = (
         "redis",
         str,
         "join a cluster of nodes through this Redis: redis://[[user]:password@]host[:port]"
-        "[/db] (default: serve alone)",
+        "[/db], rediss://... for TLS, redis+sentinel://host:port[,host:port...]/name for the "
+        "primary that sentinels know as name (default: serve alone)",
         metavar="URL",
+    ),
+    _Option(
+        "redis-ca",
+        str,
+        "with rediss://: trust the certificate authorities in this PEM file "
+        "(default: the system's)",
+        metavar="FILE",
+    ),
+    _Option(
+        "redis-cert",
+        str,
+        "with rediss://: present this PEM client certificate (and its key, unless "
+        "--redis-key) to a Redis that requires one",
+        metavar="FILE",
+    ),
+    _Option("redis-key", str, "the PEM private key of --redis-cert", metavar="FILE"),
+    _Option(
+        "redis-server-name",
+        str,
+        "with rediss://: the name the Redis certificate must have (default: the URL's host)",
+        metavar="NAME",
     ),
     _Option(
         "node-id",
@@ -509,16 +532,35 @@ def _cluster(values: dict[str, Any]) -> ClusterConfig | None:
             ("node_id", "node_id"),
             ("presence_ttl", "presence_ttl"),
             ("prefix", "redis_prefix"),
+            ("tls_ca_file", "redis_ca"),
+            ("tls_cert_file", "redis_cert"),
+            ("tls_key_file", "redis_key"),
+            ("tls_server_name", "redis_server_name"),
         )
         if key in values
     }
     if url is None:
         if options:
-            raise ConfigError(next(iter(options)).replace("_", "-"), "needs --redis")
+            raise ConfigError(_CLUSTER_SETTING[next(iter(options))], "needs --redis")
         return None
     if importlib.util.find_spec("hiredis") is None:
         raise ConfigError("redis", "needs hiredis: pip install 'roombus[redis]'")
-    return ClusterConfig(url=url, **options)  # checked here, before any loop runs
+    config = ClusterConfig(url=url, **options)  # checked here, before any loop runs
+    if config.address.tls is not None:
+        redis_ssl_context(config.address.tls)  # the files too: a clear error now, not later
+    return config
+
+
+#: The setting each ClusterConfig argument of `roombus serve` comes from.
+_CLUSTER_SETTING = {
+    "node_id": "node-id",
+    "presence_ttl": "presence-ttl",
+    "prefix": "redis-prefix",
+    "tls_ca_file": "redis-ca",
+    "tls_cert_file": "redis-cert",
+    "tls_key_file": "redis-key",
+    "tls_server_name": "redis-server-name",
+}
 
 
 def _read_bytes(setting: str, path: str) -> bytes:

@@ -47,7 +47,7 @@ from ..cluster.protocol import (
     Unlisten,
 )
 from ..cluster.resp import RedisError
-from ..node.cluster import cluster_config, generate_node_id
+from ..node.cluster import cluster_config, generate_node_id, redis_ssl_context
 from ._redis import (
     RedisConnection,
     RedisConnectionError,
@@ -123,6 +123,9 @@ class RedisBackplane:
         self.presence_ttl: Final = proto.presence_ttl
         self.prefix: Final = proto.prefix
         self.connect_timeout: Final = proto.connect_timeout
+        tls = proto.address.tls
+        #: The TLS context of a rediss:// address, made once (ConfigError for a bad file).
+        self.ssl_context: Final = None if tls is None else redis_ssl_context(tls)
         self.statistics: Final[BackplaneStatistics] = proto.statistics
         self.metrics: Final = proto.metrics
         self._transmitting = False
@@ -291,7 +294,9 @@ class RedisBackplane:
 
     async def _open_command(self, command: OpenLink) -> None:
         async def open_it() -> None:
-            self._cmd = await connect(command.address, connect_timeout=command.timeout)
+            self._cmd = await connect(
+                command.address, connect_timeout=command.timeout, ssl_context=self.ssl_context
+            )
             assert self._session_nursery is not None
             self._session_nursery.start_soon(self._guard, Link.COMMAND, self._cmd_worker)
             self._call(self.protocol.link_opened, Link.COMMAND)
@@ -301,7 +306,10 @@ class RedisBackplane:
     async def _open_subscriber(self, command: OpenLink) -> None:
         async def open_it() -> None:
             self._sub = await connect_subscriber(
-                command.address, sharded=self.protocol.sharded, connect_timeout=command.timeout
+                command.address,
+                sharded=self.protocol.sharded,
+                connect_timeout=command.timeout,
+                ssl_context=self.ssl_context,
             )
             assert self._session_nursery is not None
             self._session_nursery.start_soon(self._guard, Link.SUBSCRIBER, self._read)

@@ -33,14 +33,23 @@ what went out, so a cancelled sender leaves the rest in the buffer for the next 
 interrupts the receiver if nobody else is left to send it). A cancelled caller leaves its
 slot in the FIFO, abandoned, to swallow its reply; its command may or may not have run.
 
-Anything wrong with the transport -- a socket error, EOF, a reply that does not parse or
-that nobody asked for -- breaks the connection for good: ``closed`` becomes true and
-every waiting and later caller gets :class:`RedisConnectionError`. Reconnecting (and
-resubscribing) is the owner's policy, not this module's.
+TLS (a ``rediss://`` address) is done here too, on the same socket, with an
+:class:`ssl.SSLObject` over memory buffers rather than :class:`trio.SSLStream`: a
+sender encrypts the whole output buffer at once into a second buffer of TLS records,
+which goes out with ``socket.send`` as before, so a cancelled sender still leaves the
+rest for the next one (a cancelled ``SSLStream.send_all`` would break the stream).
+What is received is decrypted before it is parsed; TLS records that carry no data
+(session tickets) wake nobody.
+
+Anything wrong with the transport -- a socket error, a TLS error, EOF, a reply that
+does not parse or that nobody asked for -- breaks the connection for good: ``closed``
+becomes true and every waiting and later caller gets :class:`RedisConnectionError`.
+Reconnecting (and resubscribing) is the owner's policy, not this module's.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -64,9 +73,13 @@ from ..cluster.resp import (
     packer,
     parse,
     parse_redis_url,
+    primary_address,
+    sentinel_addresses,
+    sentinel_query,
     sharded_from_command_info,
     sharded_from_info,
 )
+from ..node.cluster import redis_ssl_context
 
 __all__ = [
     "Arg",
@@ -78,6 +91,7 @@ __all__ = [
     "connect",
     "connect_subscriber",
     "parse_redis_url",
+    "resolve_primary",
     "supports_sharded_pubsub",
 ]
 
@@ -96,6 +110,66 @@ class RedisConnectionError(Exception):
 
 
 # --------------------------------------------------------------------------------------
+# TLS over the socket
+
+
+class _TLS:
+    """An :class:`ssl.SSLObject` over two memory buffers: plain bytes <-> TLS records."""
+
+    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.object = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_name)
+
+    def encrypt(self, data: bytes | bytearray) -> bytes:
+        """The TLS records of *data* (and of anything else the session has to say)."""
+        plain = bytes(data)  # no view: the caller's bytearray must stay resizable
+        while plain:
+            plain = plain[self.object.write(plain) :]
+        return self._outgoing.read()
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The plain bytes that *data* completes (maybe none). ``ssl.SSLError`` if garbled;
+        :class:`EOFError` if the server ended the session (close_notify)."""
+        self._incoming.write(data)
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = self.object.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise EOFError from None
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def pending(self) -> bytes:
+        """What the session wants sent without being asked (a key update's answer)."""
+        return self._outgoing.read()
+
+    async def handshake(self, stream: trio.SocketStream) -> None:
+        """Run the TLS handshake over *stream* (ssl.SSLError, OSError, EOFError if refused)."""
+        while True:
+            try:
+                self.object.do_handshake()
+            except ssl.SSLWantReadError:
+                out = self._outgoing.read()
+                if out:
+                    await stream.send_all(out)
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise EOFError from None
+                self._incoming.write(data)
+            else:
+                out = self._outgoing.read()
+                if out:
+                    await stream.send_all(out)
+                return
+
+
+# --------------------------------------------------------------------------------------
 # The transport shared by both kinds of connection
 
 
@@ -106,12 +180,15 @@ class _Wire(trio.abc.AsyncResource):
     they say how replies are dispatched and whom to wake.
     """
 
-    def __init__(self, stream: trio.SocketStream, where: str) -> None:
+    def __init__(self, stream: trio.SocketStream, where: str, tls: _TLS | None = None) -> None:
         self._stream = stream
         self._sock = stream.socket
         self._where = where
         self._parser = new_reader()
         self._out = bytearray()
+        #: With TLS: the records of what left ``_out``, not all sent yet.
+        self._tls = tls
+        self._records = bytearray()
         self._sending = False
         self._receiving = False
         self._receive_scope: trio.CancelScope | None = None
@@ -142,6 +219,7 @@ class _Wire(trio.abc.AsyncResource):
         self._broken = message
         self._cause = cause
         self._out.clear()
+        self._records.clear()
         self._sock.close()
         self._on_fail()
 
@@ -151,15 +229,28 @@ class _Wire(trio.abc.AsyncResource):
     def _dispatch(self, reply: Any) -> None:
         raise NotImplementedError
 
+    @property
+    def _unsent(self) -> bool:
+        """Bytes wait to go out (commands, or TLS records of them)."""
+        return bool(self._out or self._records)
+
     async def _send(self) -> None:
         """Take the sender role; write the output buffer until it is empty."""
         self._sending = True
         try:
-            while self._out:
+            tls = self._tls
+            while self._out or self._records:
+                if tls is None:
+                    buffer = self._out
+                else:
+                    if self._out:  # all of it: records, not commands, are what is cut
+                        self._records += tls.encrypt(self._out)
+                        self._out.clear()
+                    buffer = self._records
                 # The bytearray itself, not a memoryview of it: a view would forbid other
                 # tasks to append while we wait for the socket. Retries send the longer buffer.
-                sent = await self._sock.send(self._out)
-                del self._out[:sent]
+                sent = await self._sock.send(buffer)
+                del buffer[:sent]
         except (OSError, trio.ClosedResourceError) as exc:
             self._fail(f"lost the connection to Redis at {self._where}: {exc!r}", exc)
         finally:
@@ -189,6 +280,18 @@ class _Wire(trio.abc.AsyncResource):
         if not data:
             self._fail(f"Redis at {self._where} closed the connection")
             return
+        if self._tls is not None:
+            try:
+                data = self._tls.decrypt(data)
+            except EOFError:
+                self._fail(f"Redis at {self._where} closed the connection")
+                return
+            except ssl.SSLError as exc:
+                self._fail(f"TLS error from Redis at {self._where}: {exc}", exc)
+                return
+            self._records += self._tls.pending()
+            if not data:
+                return
         parser = self._parser
         parser.feed(data)
         try:
@@ -206,7 +309,7 @@ class _Wire(trio.abc.AsyncResource):
         Otherwise the last live caller could wait in ``recv`` for the reply to a command
         that a cancelled sender left in the buffer.
         """
-        if self._out and not self._sending and self._receive_scope is not None:
+        if self._unsent and not self._sending and self._receive_scope is not None:
             self._receive_scope.cancel()
 
     async def aclose(self) -> None:
@@ -238,8 +341,10 @@ class RedisConnection(_Wire):
     Open it with :func:`connect`. See the module docstring for how it works.
     """
 
-    def __init__(self, stream: trio.SocketStream, where: str = "redis") -> None:
-        super().__init__(stream, where)
+    def __init__(
+        self, stream: trio.SocketStream, where: str = "redis", tls: _TLS | None = None
+    ) -> None:
+        super().__init__(stream, where, tls)
         self._pending: deque[_Slot] = deque()
 
     async def execute(self, *args: Arg) -> Any:
@@ -278,7 +383,7 @@ class RedisConnection(_Wire):
             while not slot.done:
                 if self._broken is not None:
                     raise self._error()
-                if self._out and not self._sending:
+                if self._unsent and not self._sending:
                     await self._send()
                 elif not self._receiving:
                     await self._receive()
@@ -297,7 +402,7 @@ class RedisConnection(_Wire):
         """Wake the oldest live caller if a role is needed and nobody holds it."""
         if self._broken is not None:
             return
-        if (self._out and not self._sending) or (self._pending and not self._receiving):
+        if (self._unsent and not self._sending) or (self._pending and not self._receiving):
             for slot in self._pending:
                 if not slot.abandoned:
                     if slot.wake is not None:
@@ -352,8 +457,15 @@ class RedisSubscriber(_Wire):
     ``client-output-buffer-limit pubsub``, disconnects the subscriber.
     """
 
-    def __init__(self, stream: trio.SocketStream, *, sharded: bool, where: str = "redis") -> None:
-        super().__init__(stream, where)
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        sharded: bool,
+        where: str = "redis",
+        tls: _TLS | None = None,
+    ) -> None:
+        super().__init__(stream, where, tls)
         self.sharded: Final = sharded
         if sharded:
             self._subscribe, self._unsubscribe = b"SSUBSCRIBE", b"SUNSUBSCRIBE"
@@ -449,7 +561,7 @@ class RedisSubscriber(_Wire):
 
     async def _step(self) -> None:
         """Take a free role, or sleep until something changes."""
-        if self._out and not self._sending:
+        if self._unsent and not self._sending:
             await self._send()
         elif not self._receiving:
             await self._receive()
@@ -464,7 +576,7 @@ class RedisSubscriber(_Wire):
     def _hand_over(self) -> None:
         # Unlike a command connection, a subscriber has waiters that no pending request
         # records (receive() calls), so any unattended role is worth a broadcast.
-        if self._broken is None and (not self._receiving or (self._out and not self._sending)):
+        if self._broken is None and (not self._receiving or (self._unsent and not self._sending)):
             self._notify()
             self._interrupt_receiver()
 
@@ -513,30 +625,69 @@ class RedisSubscriber(_Wire):
 # Connecting
 
 
-async def _handshake(stream: trio.SocketStream, address: RedisAddress) -> None:
+async def _handshake(stream: trio.SocketStream, address: RedisAddress, tls: _TLS | None) -> None:
     """Log in, select the db and PING (:func:`roombus.cluster.resp.handshake_commands`), pipelined
-    in one round trip; raise the first error reply.
+    in one round trip (after the TLS handshake, with TLS); raise the first error reply.
     """
     commands = handshake_commands(address)
     parser = new_reader()
     replies: list[Any] = []
     try:
-        await stream.send_all(pack_commands(commands))
+        data = pack_commands(commands)
+        if tls is not None:
+            await tls.handshake(stream)
+            data = tls.encrypt(data)
+        await stream.send_all(data)
         while len(replies) < len(commands):
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
-                raise RedisConnectionError(
-                    f"Redis at {address} closed the connection while logging in"
-                )
+                raise EOFError
+            if tls is not None:
+                data = tls.decrypt(data)
+                pending = tls.pending()
+                if pending:
+                    await stream.send_all(pending)
             replies += parse(parser, data)
+    except EOFError:
+        raise RedisConnectionError(
+            _login_failed(address, f"Redis at {address} closed the connection while logging in")
+        ) from None
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        reason = _tls_reason(exc)
+        raise RedisConnectionError(f"TLS with Redis at {address} failed: {reason}") from exc
     except (OSError, trio.BrokenResourceError) as exc:
-        raise RedisConnectionError(f"lost the connection to Redis at {address}: {exc!r}") from exc
+        raise RedisConnectionError(
+            _login_failed(address, f"lost the connection to Redis at {address}: {exc!r}")
+        ) from exc
     except RespProtocolError as exc:
         raise RedisConnectionError(f"{address} does not speak the Redis protocol: {exc}") from exc
-    check_handshake(replies)
+    check_handshake(replies, address)
 
 
-async def _open(address: RedisAddress, connect_timeout: float) -> trio.SocketStream:
+def _login_failed(address: RedisAddress, why: str) -> str:
+    """*why* a connection broke while logging in; over TLS without a client certificate,
+    with the likely cause (Redis resets it at once, without a TLS alert)."""
+    tls = address.tls
+    if tls is not None and tls.cert_file is None:
+        return f"{why} (does Redis require a client certificate? see redis-cert)"
+    return why
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """What went wrong, in one line: the verification's message, else OpenSSL's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"the server's certificate is not trusted ({exc.verify_message})"
+    return str(exc.reason or exc).replace("_", " ").lower()
+
+
+async def _open(
+    address: RedisAddress, connect_timeout: float, context: ssl.SSLContext | None
+) -> tuple[trio.SocketStream, _TLS | None]:
+    tls = None
+    if address.tls is not None:
+        if context is None:
+            context = redis_ssl_context(address.tls)
+        tls = _TLS(context, address.server_name)
     with trio.move_on_after(connect_timeout):
         try:
             if address.unix_path is not None:
@@ -546,35 +697,88 @@ async def _open(address: RedisAddress, connect_timeout: float) -> trio.SocketStr
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to Redis at {address}: {exc}") from exc
         try:
-            await _handshake(stream, address)
+            await _handshake(stream, address, tls)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return stream
+        return stream, tls
     raise RedisConnectionError(
         f"timed out connecting to Redis at {address} (after {connect_timeout}s)"
     )
 
 
-async def connect(address: RedisAddress | str, *, connect_timeout: float = 5.0) -> RedisConnection:
+async def resolve_primary(
+    address: RedisAddress,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisAddress:
+    """The primary that the sentinels of a ``redis+sentinel://`` *address* name: asked
+    in the URL's order, the first answer wins (:func:`~roombus.cluster.resp.primary_address`).
+
+    Raises :class:`RedisConnectionError` naming each sentinel's failure when none answers.
+    """
+    errors: list[str] = []
+    for sentinel in sentinel_addresses(address):
+        try:
+            conn = await connect(sentinel, connect_timeout=connect_timeout, ssl_context=ssl_context)
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{sentinel}: {exc}")
+            continue
+        try:
+            with trio.fail_after(connect_timeout):
+                reply = await conn.execute(*sentinel_query(address))
+            return primary_address(address, reply)
+        except (RedisConnectionError, RedisError, ValueError, trio.TooSlowError) as exc:
+            errors.append(f"{sentinel}: {exc or 'no answer in time'}")
+        finally:
+            await conn.aclose()
+    raise RedisConnectionError(
+        f"no sentinel named the primary {address.master_name}: {'; '.join(errors)}"
+    )
+
+
+async def connect(
+    address: RedisAddress | str,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RedisConnection:
     """Open a command connection: connect, AUTH and SELECT if the address says so, PING.
 
+    A ``rediss://`` address speaks TLS, with *ssl_context* (None: one made of
+    ``address.tls`` by :func:`~roombus.node.cluster.redis_ssl_context`).
+
     Raises :class:`RedisConnectionError` if Redis cannot be reached within
-    ``connect_timeout`` seconds, :class:`RedisError` if it refuses the login or the db.
+    ``connect_timeout`` seconds (or TLS fails), :class:`RedisError` if it refuses the
+    login or the db.
     """
     if isinstance(address, str):
         address = parse_redis_url(address)
-    return RedisConnection(await _open(address, connect_timeout), str(address))
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
+    stream, tls = await _open(address, connect_timeout, ssl_context)
+    return RedisConnection(stream, str(address), tls)
 
 
 async def connect_subscriber(
-    address: RedisAddress | str, *, sharded: bool, connect_timeout: float = 5.0
+    address: RedisAddress | str,
+    *,
+    sharded: bool,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RedisSubscriber:
     """Open a pub/sub connection (see :func:`connect`); ``sharded`` picks ``SSUBSCRIBE``."""
     if isinstance(address, str):
         address = parse_redis_url(address)
-    stream = await _open(address, connect_timeout)
-    return RedisSubscriber(stream, sharded=sharded, where=str(address))
+    if address.sentinels:
+        address = await resolve_primary(
+            address, connect_timeout=connect_timeout, ssl_context=ssl_context
+        )
+    stream, tls = await _open(address, connect_timeout, ssl_context)
+    return RedisSubscriber(stream, sharded=sharded, where=str(address), tls=tls)
 
 
 async def supports_sharded_pubsub(conn: RedisConnection) -> bool:

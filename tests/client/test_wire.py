@@ -29,3 +29,23 @@ def test_a_refused_handshake_gives_its_status() -> None:
     events = wire.receive(answer) + wire.receive(None)
     assert [type(e) for e in events] == [Refused]
     assert events[0].status == 400  # type: ignore[union-attr]
+
+
+def test_a_ping_after_our_close_is_not_answered() -> None:
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import AcceptConnection, Ping, Request
+    from wsproto.handshake import H11Handshake
+
+    wire = ClientWire("127.0.0.1:1", "/ws?room=lobby")
+    server = H11Handshake(ConnectionType.SERVER)
+    server.receive_data(wire.take_output())
+    request = next(server.events())
+    assert isinstance(request, Request)
+    accepted = server.send(AcceptConnection(subprotocol="roombus"))
+    assert wire.receive(accepted)  # Opened
+    wire.close(1000, "bye")
+    assert wire.take_output()  # our close frame
+    peer = Connection(ConnectionType.SERVER)
+    events = wire.receive(peer.send(Ping(b"late")))  # raised LocalProtocolError before
+    assert events == []
+    assert wire.take_output() == b""

@@ -170,7 +170,8 @@ class ClientWire:
         elif isinstance(event, BytesMessage):
             self._abort(1003, "binary message", out)
         elif isinstance(event, Ping):
-            self._out += self._ws.send(event.response())
+            if self._ws.state is ConnectionState.OPEN:  # not once our close is sent
+                self._out += self._ws.send(event.response())
         elif isinstance(event, CloseConnection):
             try:
                 self._out += self._ws.send(event.response())

@@ -84,7 +84,7 @@ from .node.facade import wall as _wall
 from .node.metrics import ServerMetrics
 from .node.options import settings_from_environ
 from .node.settings import Settings
-from .server.api import MAX_BODY_BYTES, ApiError, Pending, error_response
+from .server.api import MAX_BODY_BYTES, ApiError, Pending, authenticate, error_response
 from .server.config import ServerConfig
 from .server.handshake import Upgrade, route_request
 from .server.http import HttpResponse, response_head
@@ -341,11 +341,15 @@ class RoombusASGI(ServerFacade):
         if (path == b"/api" or path.startswith(b"/api/")) and self.hub.api_enabled(
             api_listener=self.config.api_port is not None
         ):
-            body = (
-                await _read_body(receive, scope.get("headers") or [], MAX_BODY_BYTES)
-                if method == b"POST"
-                else b""
-            )
+            headers = scope.get("headers") or []
+            body: bytes | None = b""
+            # Only a call with a valid key has its body read (the rest is answered
+            # from the head: 405, 401, 404), and one whose client left is not made.
+            if method == b"POST" and authenticate(headers, self.config.api_keys) is not None:
+                try:
+                    body = await _read_body(receive, headers, MAX_BODY_BYTES)
+                except _ClientGone:
+                    return
             hub = self.hub
             answer = hub.api_response(
                 method,
@@ -600,6 +604,10 @@ class RoombusASGI(ServerFacade):
                     self.transmit()
 
 
+class _ClientGone(Exception):
+    """The client went away before its request's body was all there."""
+
+
 async def _read_body(
     receive: Receive, headers: list[tuple[bytes, bytes]], most: int
 ) -> bytes | None:
@@ -613,7 +621,7 @@ async def _read_body(
     while True:
         message = await receive()
         if message["type"] != "http.request":  # http.disconnect
-            return b""
+            raise _ClientGone
         chunk = bytes(message.get("body") or b"")
         size += len(chunk)
         if size > most:

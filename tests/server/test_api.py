@@ -300,7 +300,7 @@ def test_a_batch_answers_in_order_whatever_is_awaited(methods: list[str]) -> Non
         # Only the first awaited call not answered is running: the rest wait for it.
         assert len(ops.pending) == settled + 1
         _name, pending = ops.pending[-1]
-        pending.resolve({"later": settled}, float(settled), 0)
+        pending.resolve({"later": settled}, settled * 0.01, 0)  # within the batch's 5 s
         settled += 1
     response = answer.outcome if isinstance(answer, Pending) else answer
     results = json.loads(response.body)["results"]

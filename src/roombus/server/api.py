@@ -564,7 +564,9 @@ def room_of_cursor(cursor: str) -> str | None:
 def _reply(status: int, body: object, *headers: tuple[bytes, bytes]) -> HttpResponse:
     return HttpResponse(
         status=status,
-        body=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n",
+        # ASCII: a field name the client sent may hold a lone surrogate (JSON allows
+        # "\ud800"), which UTF-8 cannot encode.
+        body=json.dumps(body, separators=(",", ":")).encode() + b"\n",
         content_type=JSON_TYPE,
         headers=headers,
     )
@@ -631,6 +633,12 @@ def _entry(outcome: dict[str, object] | ApiError) -> dict[str, object]:
     return {"status": 200, "result": outcome}
 
 
+#: The most a batch's calls may wait for the backplane, all together (seconds): the
+#: time one call may (``HubOperations.timeout``), so that the answer comes before the
+#: connection's deadline.
+BATCH_SECONDS: Final = 5.0
+
+
 def _batch(ops: Operations, key: ApiKey, params: object, now: float, timestamp: int) -> Result:
     """The calls in order: one whose answer is awaited holds back those after it."""
     p = _Params(params, ("calls",))
@@ -639,10 +647,24 @@ def _batch(ops: Operations, key: ApiKey, params: object, now: float, timestamp: 
         raise _bad("calls", f"must be a list of 1 to {MAX_BATCH} calls")
     entries: list[object] = []
     done: Pending[dict[str, object]] = Pending()
+    # One deadline for the whole batch (as for one call): a call not begun by then
+    # fails, so a batch never outlives the request that asked for it.
+    deadline = now + BATCH_SECONDS
 
     def run(start: int, now: float, timestamp: int) -> bool:
         """Run calls from *start* on; False if one is awaited (it goes on later)."""
         for i in range(start, len(calls)):
+            if now >= deadline:
+                entries.append(
+                    _entry(
+                        ApiError(
+                            503,
+                            "backplane_timeout",
+                            f"the batch did not reach this call within {BATCH_SECONDS:g} s",
+                        )
+                    )
+                )
+                continue
             try:
                 c = _Params(calls[i], ("method", "params"), f"calls[{i}].")
                 name = c.obj.get("method")

@@ -23,7 +23,7 @@ from typing import Final, cast
 
 from ..core.events import PongReceived, TextReceived
 from ..core.names import ConnectionId
-from .api import MAX_BODY_BYTES, ApiError, Pending, error_response
+from .api import MAX_BODY_BYTES, ApiError, Pending, authenticate, error_response
 from .forwarded import forwarded_client, normalize_ip
 from .handshake import Upgrade, route_request
 from .http import HttpResponse
@@ -96,8 +96,19 @@ class FramedHub(HubBase):
             broker_config.send_queue, broker_config.send_queue_bytes, budget=self.budget
         )
         conn = _Conn(cid, peer, wire, queue, now)
-        self._behind_proxy(conn)
         conn.api_only = api
+        if not api:  # the API's own listener is not the balancer's: no PROXY header there
+            self._behind_proxy(conn)
+        if self.api_enabled(api_listener=api):
+            keys = self.config.api_keys
+
+            def wants_body(target: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+                # Only an API call with a valid key has its body read: any other POST
+                # is answered (405, 401, 404) from its head, holding nothing.
+                path = target.partition(b"?")[0]
+                return path.startswith(b"/api/") and authenticate(headers, keys) is not None
+
+            wire.wants_body = wants_body
         refusal = self._add(conn)
         if self.shutting_down:
             self._drop(conn)

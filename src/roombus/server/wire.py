@@ -10,7 +10,7 @@ receiver and is built once (:func:`text_frame`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Final
 
@@ -210,6 +210,11 @@ class ServerWire:
     ) -> None:
         self.state = WireState.HANDSHAKE
         self._max_body = max_body_bytes
+        #: Whether a ``POST``'s body is read, asked with its target and headers once
+        #: its head is in (the hub: an ``/api/...`` request with a valid key). None or
+        #: False: the request is reported at once with an empty body, none of which is
+        #: read (and no ``100 Continue`` sent), as for every other method.
+        self.wants_body: Callable[[bytes, list[tuple[bytes, bytes]]], bool] | None = None
         self._request: h11.Request | None = None  # a POST whose body is being read
         self._body = bytearray()
         self._h11: h11.Connection | None = h11.Connection(
@@ -267,7 +272,9 @@ class ServerWire:
             if refusal is not None:
                 self.state = WireState.CLOSED
                 return [BadRequest(refusal)]
-            if event.method == b"POST":
+            if event.method == b"POST" and (
+                self.wants_body is not None and self.wants_body(event.target, list(event.headers))
+            ):
                 self._request = event
                 length = _content_length(event.headers)
                 if length is not None and length > self._max_body:

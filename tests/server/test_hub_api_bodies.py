@@ -1,0 +1,124 @@
+"""A POST's body is read only for an API call with a valid key: any other is answered
+from its head, so that no one can make the server hold a body it does not want."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from roombus import BrokerConfig, ServerConfig
+from roombus.hub import Hub
+
+KEY = "k" * 24
+BIG = 1024 * 1024
+
+
+def post(hub: Hub, path: str, *, key: str | None, body: bytes) -> bytes:
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000")
+    auth = f"Authorization: apikey {key}\r\n" if key else ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {BIG}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    hub.receive(cid, head + body, now=0.0, timestamp=0)
+    return b"".join(q.data() for _, q in hub.take_dirty())
+
+
+@pytest.mark.parametrize(
+    ("config", "path", "key", "status"),
+    [
+        (ServerConfig(), "/ws", None, b"405"),
+        (ServerConfig(), "/api/info", KEY, b"405"),  # no API without a key configured
+        (ServerConfig(api_keys=[KEY]), "/healthz", KEY, b"405"),
+        (ServerConfig(api_keys=[KEY]), "/api/info", None, b"401"),
+        (ServerConfig(api_keys=[KEY]), "/api/info", "w" * 24, b"401"),
+    ],
+)
+def test_an_unwanted_body_is_answered_from_the_head(config, path, key, status) -> None:
+    hub = Hub(BrokerConfig(), config)
+    out = post(hub, path, key=key, body=b"a" * 65536)
+    assert out.startswith(b"HTTP/1.1 " + status), out[:80]
+    assert b"100 Continue" not in out
+
+
+def test_a_valid_call_gets_100_continue_then_its_body_is_read() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY]))
+    body = json.dumps({"room": "lobby", "content": "hi"}).encode()
+    head = (
+        f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    ).encode()
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000")
+    hub.receive(cid, head + b"Expect: 100-continue\r\n\r\n", now=0.0, timestamp=0)
+    assert b"".join(q.data() for _, q in hub.take_dirty()) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    cid = hub.open(now=0.0, peer="10.0.0.1:1001")
+    hub.receive(cid, head + b"\r\n" + body, now=0.0, timestamp=0)
+    out = b"".join(q.data() for _, q in hub.take_dirty())
+    assert out.startswith(b"HTTP/1.1 200"), out[:80]
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["seq"] == 1
+
+
+def _answer(hub: Hub, cid: int) -> tuple[int, dict]:
+    out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    head, _, body = out.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _call(hub: Hub, path: str, body: bytes, now: float = 0.0) -> int:
+    cid = hub.open(now=now, peer="192.0.2.1:1")
+    hub.receive(
+        cid,
+        b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: apikey %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), KEY.encode(), len(body), body),
+        now=now,
+        timestamp=int(now),
+    )
+    return cid
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/info", b'{"\\ud800": 1}'),
+        ("/api/batch", b'{"calls": [{"method": "info", "params": {"x\\udfff": 0}}]}'),
+    ],
+)
+def test_a_field_name_that_is_not_text_is_named_in_a_400(path: str, body: bytes) -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY]))
+    status, answer = _answer(hub, _call(hub, path, body))
+    if path == "/api/batch":
+        assert status == 200
+        status, answer = answer["results"][0]["status"], answer["results"][0]
+    assert status == 400
+    assert answer["error"]["field"] in ("\ud800", "x\udfff")
+
+
+def test_a_batch_waiting_on_a_silent_redis_answers_before_the_connection_s_deadline() -> None:
+    from roombus.cluster import BackplaneRestored, ClusterBroker
+
+    hub = Hub(
+        broker=ClusterBroker(BrokerConfig(heartbeat=False, rate_limit=0), node="n1"),
+        config=ServerConfig(api_keys=[KEY]),
+    )
+    hub.backplane_event(BackplaneRestored(), now=0.0, timestamp=0)
+    hub.take_backplane()
+    calls = [{"method": "publish", "params": {"room": f"r{i}", "content": i}} for i in range(4)]
+    calls.append({"method": "disconnect", "params": {"username": "bob"}})
+    cid = _call(hub, "/api/batch", json.dumps({"calls": calls}).encode())
+    sent: list[str] = []
+    out = b""
+    t = 0.0
+    while not out and t < 9.0:  # the connection's deadline: timeout + close_timeout, 10 s
+        t += 0.5
+        hub.timeout(now=t, timestamp=int(t))
+        sent += [type(a).__name__ for a in hub.take_backplane()]
+        out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    assert out.startswith(b"HTTP/1.1 200"), (t, out[:60])
+    results = json.loads(out.partition(b"\r\n\r\n")[2])["results"]
+    # Redis never answers: the first publish times out, the others are not begun
+    # (before, each waited its own 5 s and the disconnect went out after the client left).
+    assert [r["status"] for r in results] == [503] * 5
+    assert {r["error"]["code"] for r in results} == {"backplane_timeout"}
+    assert "Control" not in sent
+    assert t <= 6.0

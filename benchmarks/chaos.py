@@ -444,6 +444,7 @@ class Peer:
     next_n: int = 0
     connected_since: float | None = None
     errors: list[str] = field(default_factory=list)
+    seen: list[tuple[Any, ...]] = field(default_factory=list)  # presence changes (--dump)
 
 
 class StallableReader(asyncio.StreamReader):
@@ -627,6 +628,8 @@ class Harness:
 
     def on_presence(self, peer: Peer, room: str, users: frozenset[str], t: float) -> None:
         before = peer.shown.get(room, frozenset())
+        if self.a.dump:
+            peer.seen.append((t, room, peer.node, sorted(before ^ users), len(users)))
         peer.shown[room] = users
         for user in before - users:
             ghost = self.ghosts.pop((peer.name, room, user), None)
@@ -643,9 +646,13 @@ class Harness:
     def depart(self, peer: Peer, t: float) -> None:
         """*peer* is gone for good at *t*: whoever still shows it is seeing a ghost."""
         peer.ended = t
+        for key in [k for k in self.ghosts if k[0] == peer.name]:
+            del self.ghosts[key]  # what a departed client still showed does not matter
         healthy = not self.cluster_fault_near(t)
         self.gone[peer.name] = (t, healthy)
         for obs in self.live_peers():
+            if obs is peer:
+                continue
             for room, users in obs.shown.items():
                 if peer.name in users:
                     self.ghosts[(obs.name, room, peer.name)] = Ghost(
@@ -1127,10 +1134,13 @@ def account(h: Harness) -> dict[str, Any]:
         g.healthy = not h.cluster_fault_near(h.gone[g.user][0])
         obs = peers[g.observer]
         end = g.end if g.end is not None else t_end
-        g.impaired = any(s <= end and g.start <= e for s, e in obs.impaired) or (
+        # Excused only if the observer's own view may be stale when the ghost is
+        # measured: it was slow, stalled or reconnecting then, or gone itself.
+        g.impaired = any(s <= end <= e for s, e in obs.impaired) or (
             obs.ended is not None and obs.ended <= end
         )
     counted = [g for g in ghosts if g.healthy and not g.impaired]
+    counted_ids = {id(g) for g in counted}
     limit = h.a.presence_ttl + GHOST_SLACK
     durations = [(g.end or t_end) - g.start for g in counted]
     over = [g for g in counted if (g.end or t_end) - g.start > limit]
@@ -1192,6 +1202,14 @@ def account(h: Harness) -> dict[str, Any]:
                 for g in over[:10]
             ],
             "client_errors": [e for p in h.peers for e in p.errors][:10],
+            "ghosts_not_timed_over_ttl": [
+                f"{g.observer} saw {g.user} in {g.room} {(g.end or t_end) - g.start:.1f} s "
+                f"after it left (t={g.start:.1f}; {'healthy' if g.healthy else 'outage'}, "
+                f"{'observer impaired' if g.impaired else 'observer reading'}"
+                f"{', still at the end' if g.still_shown else ''})"
+                for g in sorted(ghosts, key=lambda g: g.start - (g.end or t_end))
+                if id(g) not in counted_ids and (g.end or t_end) - g.start > limit
+            ][:10],
         },
     }
 
@@ -1208,6 +1226,7 @@ def dump(h: Harness, path: Path) -> None:
             "impaired": p.impaired,
             "errors": p.errors,
             "logs": p.logs,
+            "presence": p.seen,
         }
         for p in h.peers
     ]

@@ -36,6 +36,13 @@ implements it with Redis):
 * Each node has one connection: its commands run in the order asked for, interleaved
   with other nodes'. A subscribe's snapshot read is a step of its own, some time after
   the subscribe (the node's reads in order; its later commands may run first).
+* The cluster's view for the server API (``ReadCluster``, answered ``ClusterRead`` on
+  the command connection, as ``ReadStream``): ``presence`` the room's entries;
+  ``nodes`` the node list, which a node enters when it connects (its first refresh)
+  and leaves when it dies (its entry expires); ``rooms`` the room index, names sorted,
+  those matching the glob after ``after``, ``limit`` a page (``more``: the last one
+  listed, if more match). A room enters the index with its first announced member and
+  leaves it once the TTL passed with no member in it (:meth:`expire`, :meth:`kill`).
 * Entries expire (TTL) unless refreshed: a dead or disconnected node refreshes none, a
   connected one those of :meth:`ClusterBroker.local_presence`. An expiry is published as an
   ``l`` record like any removal.
@@ -61,6 +68,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from fnmatch import fnmatchcase
 
 import attrs
 
@@ -76,8 +84,8 @@ from roombus.cluster import (
 )
 from roombus.cluster.control import encode_control
 from roombus.cluster.records import encode_chat, encode_presence
-from roombus.core.actions import Control, ReadStream
-from roombus.core.events import ControlReceived, Relayed, StreamRead
+from roombus.core.actions import Control, ReadCluster, ReadStream
+from roombus.core.events import ClusterRead, ControlReceived, Relayed, StreamRead
 from roombus.lowlevel import Event
 
 #: The inbox of the control channel (no room is named so).
@@ -178,6 +186,8 @@ class ModelBackplane:
         self.published = 0
         self.epochs = 0
         self.run = 1  # the server's run: a restart is another one
+        self.nodes: set[str] = set()  # the node list (``<prefix>:{@}:nodes``)
+        self.index: set[str] = set()  # the room index (``<prefix>:{@}:rooms``)
         self.delivering: Record | Snapshot | Event | None = None  # what deliver() is handed
 
     def channel(self, room: str) -> Channel:
@@ -228,6 +238,8 @@ class ModelBackplane:
             return
         if present:
             ch.presence.add(entry)
+            self.index.add(room)
+            self.nodes.add(node)
         else:
             ch.presence.discard(entry)
         ch.version += 1
@@ -243,6 +255,9 @@ class ModelBackplane:
                 peer = self.links[other]
                 if peer.alive and peer.online:
                     peer.inbox.setdefault(CONTROL, deque()).append(Record(data, self.published))
+            return
+        if isinstance(action, ReadCluster):
+            link.replies.append(self.read_cluster(action))
             return
         room = action.room
         ch = self.channel(room)
@@ -300,6 +315,19 @@ class ModelBackplane:
             first_kept=first,
             entries=tuple(chosen),
         )
+
+    def read_cluster(self, action: ReadCluster) -> ClusterRead:
+        if action.kind == "presence":
+            ch = self.channels.get(action.room)
+            entries = tuple(sorted(ch.presence)) if ch is not None else ()
+            return ClusterRead(ticket=action.ticket, kind=action.kind, entries=entries)
+        if action.kind == "nodes":
+            nodes = tuple((n, 0) for n in sorted(self.nodes))
+            return ClusterRead(ticket=action.ticket, kind=action.kind, nodes=nodes)
+        names = sorted(r for r in self.index if r > action.after and fnmatchcase(r, action.pattern))
+        page = names[: action.limit]
+        more = page[-1] if len(names) > action.limit else ""
+        return ClusterRead(ticket=action.ticket, kind=action.kind, rooms=tuple(page), more=more)
 
     def read_next(self, node: str) -> None:
         link = self.links[node]
@@ -439,11 +467,13 @@ class ModelBackplane:
         assert link.alive and not link.online
         link.online = True
         link.reread = True
+        self.nodes.add(node)
 
     def kill(self, node: str) -> None:
         """The node dies: no more commands, no deliveries; its entries expire."""
         self.lose(node)
         self.links[node].alive = False
+        self.nodes.discard(node)
         self.expire(node, set())
 
     def expire(self, node: str, refreshed: set[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -456,6 +486,8 @@ class ModelBackplane:
         ]
         for room, user in gone:
             self.announce(node, room, user, False)
+        # The TTL passed: rooms with no member left leave the index.
+        self.index = {r for r in self.index if r in self.channels and self.channels[r].presence}
         return gone
 
     def save(self) -> dict[str, Channel]:
@@ -470,6 +502,8 @@ class ModelBackplane:
         """
         self.run += 1
         self.channels.clear()
+        self.nodes.clear()
+        self.index.clear()
         for room, ch in (snapshot or {}).items():
             self.channels[room] = _data_of(ch)
         lost = [n for n, link in sorted(self.links.items()) if link.alive and link.online]

@@ -126,6 +126,14 @@ class Nodes:
         head, _, body = bytes(queue.data()).partition(b"\r\n\r\n")
         return int(head.split(b" ")[1]), json.loads(body)
 
+    def call(self, node: str, method: str, body: Any) -> Any:
+        """*method* over HTTP on *node*, the backplane drained: its 200 answer."""
+        cid = self.http(node, method, body)
+        self.bp.drain()
+        answer = self.answer(node, cid)
+        assert answer is not None and answer[0] == 200, answer
+        return answer[1]
+
     def chats(self, node: str, cid: int) -> list[tuple[int, Any]]:
         return [
             (e["seq"], e["content"])
@@ -316,10 +324,8 @@ def test_interleaved_api_calls_are_each_answered_once(
 
 
 def members(net: Nodes, node: str, room: str) -> list[str]:
-    return [
-        u["username"]
-        for u in net.hubs[node].operations.presence(room, now=0, timestamp=TS)["users"]
-    ]  # type: ignore[index]
+    """The users of *room* on every node, as *node*'s ``presence`` answers (Redis's)."""
+    return [u["username"] for u in net.call(node, "presence", {"room": room})["users"]]
 
 
 def test_disconnect_on_one_node_closes_the_user_everywhere() -> None:
@@ -397,3 +403,96 @@ def test_a_node_ignores_its_own_commands_and_what_is_not_one() -> None:
     for data in (own, b"garbage", b'{"v":1}'):
         hub.backplane_event(ControlReceived(data=data), now=0, timestamp=TS)
     assert not net.closed
+
+
+def test_presence_of_a_room_with_no_member_here_lists_every_node_s_users() -> None:
+    net = Nodes(("n1", "n2", "n3"))
+    net.join("n2", 1, "bob", "far")
+    net.join("n3", 2, "bob", "far")
+    net.join("n3", 3, "cy", "far")
+    net.bp.drain()
+    body = net.call("n1", "presence", {"room": "far"})
+    assert body == {
+        "room": "far",
+        "users": [
+            {"username": "bob", "connections": 0, "connection_ids": [], "nodes": 2},
+            {"username": "cy", "connections": 0, "connection_ids": [], "nodes": 1},
+        ],
+    }
+    assert net.call("n1", "presence_stats", {"room": "far"}) == {
+        "room": "far",
+        "users": 2,
+        "connections": 0,
+    }
+    # On a node with members: its own connections and ids, every node's users.
+    net.join("n1", 4, "bob", "far")
+    net.bp.drain()
+    users = net.call("n1", "presence", {"room": "far"})["users"]
+    assert users[0] == {
+        "username": "bob",
+        "connections": 1,
+        "connection_ids": ["n1/1004"],
+        "nodes": 3,
+    }
+
+
+def test_presence_cut_off_from_redis_answers_this_node_s_view_at_once() -> None:
+    net = Nodes()
+    net.join("n2", 1, "bob", "far")
+    net.bp.drain()
+    net.lose("n1")
+    cid = net.http("n1", "presence", {"room": "far"})
+    assert net.answer("n1", cid) == (200, {"room": "far", "users": []})
+    status, body = net.answer("n1", net.http("n1", "info", {}))  # type: ignore[misc]
+    assert status == 200 and body["nodes"] is None and body["backplane"] == {"online": False}
+
+
+def test_a_read_of_the_cluster_in_flight_when_the_link_goes_answers_this_node_s_view() -> None:
+    net = Nodes()
+    net.join("n1", 1, "ann", "lobby")
+    net.join("n2", 2, "bob", "lobby")
+    net.bp.drain()
+    cid = net.http("n1", "rooms", {})
+    assert net.answer("n1", cid) is None  # waits for Redis
+    net.lose("n1")
+    status, body = net.answer("n1", cid)  # type: ignore[misc]
+    assert status == 200
+    assert body == {"rooms": [{"room": "lobby", "users": 2, "connections": 1}], "cursor": None}
+    assert net.hubs["n1"].operations.waiting == 0
+
+
+def test_rooms_lists_the_rooms_of_every_node_by_pattern_and_page() -> None:
+    net = Nodes(("n1", "n2", "n3"))
+    net.join("n1", 1, "ann", "t1:a")
+    for i, room in enumerate(["t1:b", "t1:c", "t1:d", "t2:a"]):
+        net.join("n2" if i % 2 else "n3", 10 + i, "bob", room)
+    net.bp.drain()
+    seen: list[dict[str, Any]] = []
+    body = net.call("n1", "rooms", {"pattern": "t1:*", "limit": 2})
+    while True:
+        seen.extend(body["rooms"])
+        if body["cursor"] is None:
+            break
+        body = net.call("n1", "rooms", {"pattern": "t1:*", "limit": 2, "cursor": body["cursor"]})
+    assert [r["room"] for r in seen] == ["t1:a", "t1:b", "t1:c", "t1:d"]
+    # The counts are this node's.
+    assert seen[0] == {"room": "t1:a", "users": 1, "connections": 1}
+    assert seen[1] == {"room": "t1:b", "users": 0, "connections": 0}
+    # A room whose members' node died leaves the index once the TTL has passed.
+    net.bp.kill("n3")
+    names = [r["room"] for r in net.call("n1", "rooms", {})["rooms"]]
+    assert names == ["t1:a", "t1:c", "t2:a"]
+
+
+def test_info_lists_the_live_nodes() -> None:
+    net = Nodes(("n1", "n2", "n3"))
+    body = net.call("n1", "info", {})
+    assert body["node"] == "n1" and body["backplane"] == {"online": True}
+    assert body["nodes"] == [
+        {"node": "n1", "seen_ms_ago": 0},
+        {"node": "n2", "seen_ms_ago": 0},
+        {"node": "n3", "seen_ms_ago": 0},
+    ]
+    net.bp.kill("n2")
+    assert [n["node"] for n in net.call("n1", "info", {})["nodes"]] == ["n1", "n3"]
+    assert net.hubs["n1"].operations.waiting == 0

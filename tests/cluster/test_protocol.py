@@ -339,7 +339,9 @@ def test_a_refused_script_load_ends_the_session_and_is_counted() -> None:
     probe = only(proto.take_commands(), Execute)
     proto.replies(probe.batch, replies_to(probe), 0.0)
     load = only(proto.take_commands(), Execute)
-    proto.replies(load.batch, [SHAS["relay"], RedisError("OOM"), b"x", b"y", b"z", INFO], 0.0)
+    proto.replies(
+        load.batch, [SHAS["relay"], RedisError("OOM"), *[b"x"] * (len(SCRIPTS) - 2), INFO], 0.0
+    )
     assert proto.take_commands() == [CloseLinks()]
     assert proto.statistics.errors == 1 and proto.statistics.failures == 1
     assert proto.take_events() == []  # it never was online: nothing to lose
@@ -426,7 +428,11 @@ def test_keepalive_pings_both_links_and_a_missing_answer_ends_the_session() -> N
     proto = new()
     online(proto)
     assert proto.get_timer() == TTL / 3  # the refresh (1 s) comes before the keepalive
-    proto.handle_timer(TTL / 3)  # no local presence: nothing to refresh
+    proto.handle_timer(TTL / 3)  # no local presence: the node's entry only (touch)
+    touch = only(proto.take_commands(), Execute)
+    assert [c[1] for c in touch.commands] == [SHAS["touch"]]
+    assert touch.commands[0][3:] == ("rb:{@}:rooms", "rb:{@}:seen", "rb:{@}:nodes", 2000, "n1")
+    proto.replies(touch.batch, [None], TTL / 3)
     proto.handle_timer(TTL / 3)  # the reread: no rooms
     assert proto.take_commands() == []
     assert proto.get_timer() == pytest.approx(2 * TTL / 3)
@@ -436,9 +442,9 @@ def test_keepalive_pings_both_links_and_a_missing_answer_ends_the_session() -> N
     ping = [c for c in commands if isinstance(c, Ping)]
     execute = [c for c in commands if isinstance(c, Execute)]
     assert len(ping) == 1 and len(execute) == 1
-    assert execute[0].commands == ((b"PING",),)
+    assert execute[0].commands[0] == (b"PING",)  # (then the refresh's touch, due too)
     proto.confirmed(ping[0].batch, now + 0.01)
-    proto.replies(execute[0].batch, [b"PONG"], now + 0.01)
+    proto.replies(execute[0].batch, [b"PONG"] + [None] * (len(execute[0].commands) - 1), now + 0.01)
     # The next round is answered by the subscriber only: the command link is overdue.
     now = 2 * KEEPALIVE
     while (due := proto.get_timer()) is not None and due < now:
@@ -479,7 +485,8 @@ def test_the_keepalive_ping_goes_ahead_of_queued_work() -> None:
     proto.take_commands()
     proto.replies(first.batch, [1], KEEPALIVE)
     second = only(proto.take_commands(), Execute)
-    assert second.commands[0] == (b"PING",) and len(second.commands) == 3
+    # (the relays, and the refresh's touch of the node list, due at the same time)
+    assert second.commands[0] == (b"PING",) and len(second.commands) == 4
 
 
 def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
@@ -487,12 +494,13 @@ def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
     online(proto)
     proto.handle_timer(TTL / 3)
     refresh = only(proto.take_commands(), Execute)
-    (command,) = refresh.commands
+    command, touch = refresh.commands
+    assert touch[:3] == ("EVALSHA", SHAS["touch"], 3) and touch[-2:] == ("n1", R1)
     assert command[:3] == ("EVALSHA", SHAS["refresh"], 4)
     assert command[-2:] == ("n1 ann", "n1 bob")
     assert command[8] == int(TTL * 2000 / 3)
     assert command[9] == 86_400_000  # the room's position lives on while it has members
-    proto.replies(refresh.batch, [0], TTL / 3)
+    proto.replies(refresh.batch, [0, None], TTL / 3)
     assert proto.get_timer() == pytest.approx(2 * TTL / 3)
 
 
@@ -506,6 +514,8 @@ def test_presence_is_read_again_a_third_of_the_ttl_after_connecting() -> None:
     proto.replies(snap.batch, replies_to(snap), 0.0)
     proto.take_events()
     proto.handle_timer(TTL / 3)
+    touch = only(proto.take_commands(), Execute)  # the refresh: the node list
+    proto.replies(touch.batch, [None], TTL / 3)
     again = only(proto.take_commands(), Listen)
     assert again.channels == (b"rb:{r1}:c", b"rb:{r2}:c")
     proto.confirmed(again.batch, TTL / 3)
@@ -571,8 +581,9 @@ def test_a_batch_runs_up_to_the_next_subscribe_and_subscribes_are_deduplicated()
     first = proto.take_commands()
     assert len(first) == 1  # R2's Unsubscribe is superseded by the Subscribe after it
     execute = only(first, Execute)
-    assert [c[1] for c in execute.commands] == [SHAS["relay"], SHAS["announce"]]
-    proto.replies(execute.batch, [1, 1], 0.0)
+    # a join's announce also lists the room in the room index (touch)
+    assert [c[1] for c in execute.commands] == [SHAS["relay"], SHAS["announce"], SHAS["touch"]]
+    proto.replies(execute.batch, [1, 1, None], 0.0)
     listen = only(proto.take_commands(), Listen)
     assert listen.verb == b"SSUBSCRIBE"
     assert listen.channels == (b"rb:{r1}:c", b"rb:{r2}:c")
@@ -599,7 +610,12 @@ def test_work_submitted_before_the_commands_are_taken_is_one_batch() -> None:
     proto.submit([relay(ref=2), announce()], 0.1)
     assert not proto.idle
     execute = only(proto.take_commands(), Execute)
-    assert [c[1] for c in execute.commands] == [SHAS["relay"], SHAS["relay"], SHAS["announce"]]
+    assert [c[1] for c in execute.commands] == [
+        SHAS["relay"],
+        SHAS["relay"],
+        SHAS["announce"],
+        SHAS["touch"],
+    ]
     proto.link_failed(Link.COMMAND, "EOF", 0.2)
     proto.take_commands()
     assert proto.take_events() == [BackplaneLost()]

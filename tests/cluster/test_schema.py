@@ -69,7 +69,17 @@ def test_script_sources_are_unchanged(sharded: bool, name: str) -> None:
 
 
 def test_scripts_load_in_order() -> None:
-    assert list(SCRIPTS) == ["relay", "read", "announce", "refresh", "snapshot"]
+    assert list(SCRIPTS) == [
+        "relay",
+        "read",
+        "announce",
+        "refresh",
+        "snapshot",
+        "touch",
+        "rooms",
+        "nodes",
+        "members",
+    ]
     assert publish_verb(True) == "SPUBLISH"
     assert publish_verb(False) == "PUBLISH"
     assert str(KEY_TTL_MS) in script_source("announce", True)

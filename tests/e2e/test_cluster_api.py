@@ -6,6 +6,7 @@ node act on, and read, the whole cluster.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -177,3 +178,66 @@ def test_kick_on_a_removes_a_user_on_b_from_the_room_everywhere(nodes: Any) -> N
     # Bob's connection stays open, and may join again.
     bob.send({"type": "join", "room": "lobby"})
     drain(ann, until=lambda m: m.get("event") == "join" and m.get("username") == "bob")
+
+
+def test_presence_on_a_of_a_room_only_b_s_users_are_in(nodes: Any) -> None:
+    a, b, clients = nodes
+    client(clients, b, "far", "bob")
+    client(clients, b, "far", "cy")
+    until_present(a, "far", {"bob", "cy"})
+    status, result = call(a.port, "presence", {"room": "far"})
+    assert status == 200
+    assert result["users"] == [
+        {"username": "bob", "connections": 0, "connection_ids": [], "nodes": 1},
+        {"username": "cy", "connections": 0, "connection_ids": [], "nodes": 1},
+    ]
+    status, stats = call(a.port, "presence_stats", {"room": "far"})
+    assert (status, stats) == (200, {"room": "far", "users": 2, "connections": 0})
+
+
+def test_rooms_on_a_lists_the_rooms_only_b_has_page_by_page(nodes: Any) -> None:
+    a, b, clients = nodes
+    client(clients, a, "t:a0", "ann")
+    for i in range(5):
+        client(clients, b, f"t:b{i}", "bob")
+    client(clients, b, "other", "bob")
+    want = ["t:a0"] + [f"t:b{i}" for i in range(5)]
+
+    def listing() -> list[str]:
+        names: list[str] = []
+        body: dict[str, Any] = {"pattern": "t:*", "limit": 2}
+        for _ in range(10):
+            status, result = call(a.port, "rooms", body)
+            assert status == 200 and len(result["rooms"]) <= 2
+            names.extend(r["room"] for r in result["rooms"])
+            if result["cursor"] is None:
+                return names
+            body = {**body, "cursor": result["cursor"]}
+        raise AssertionError("the listing did not end")
+
+    wait_for(lambda: listing() == want)
+    status, result = call(a.port, "rooms", {"pattern": "t:b*", "limit": 1})
+    assert status == 200
+    assert result["rooms"] == [{"room": "t:b0", "users": 0, "connections": 0}]
+
+
+def test_info_on_a_lists_both_nodes_and_b_leaves_within_the_ttl_of_its_death(
+    nodes: Any,
+) -> None:
+    a, b, clients = nodes
+    client(clients, b, "lobby", "bob")  # B's join renews its entry at once
+
+    def listed() -> list[str]:
+        status, result = call(a.port, "info", {})
+        assert status == 200 and result["node"] == "node-a"
+        assert result["backplane"] == {"online": True}
+        return [n["node"] for n in result["nodes"]]
+
+    wait_for(lambda: listed() == ["node-a", "node-b"])
+    status, result = call(a.port, "info", {})
+    assert status == 200
+    assert all(0 <= n["seen_ms_ago"] <= 3000 for n in result["nodes"])
+    b.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: listed() == ["node-a"], timeout=3 + 2)
+    assert time.monotonic() - t0 <= 3 + 0.5  # within the presence TTL

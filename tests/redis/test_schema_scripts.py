@@ -9,7 +9,10 @@ loopback only.
 
 from __future__ import annotations
 
+import functools
 import random
+from fnmatch import fnmatchcase
+from typing import Any
 
 import pytest
 
@@ -20,7 +23,10 @@ from roombus.cluster.records import encode_chat, encode_presence, parse_record
 from roombus.cluster.schema import (
     SCRIPTS,
     channel,
+    cluster_read_command,
     command_for,
+    index_key,
+    parse_cluster_read,
     parse_read,
     parse_relayed,
     parse_snapshot,
@@ -28,8 +34,9 @@ from roombus.cluster.schema import (
     refresh_command,
     script_source,
     snapshot_command,
+    touch_command,
 )
-from roombus.core.actions import ReadStream
+from roombus.core.actions import ReadCluster, ReadStream
 from roombus.core.streams import is_valid_epoch
 from roombus.trio._redis import RedisConnection, RedisSubscriber, connect, connect_subscriber
 
@@ -301,3 +308,91 @@ async def test_a_room_with_members_keeps_its_position(redis_server: RedisProcess
             await conn.execute(*refresh)
             for kind in "es":
                 assert await conn.execute("PTTL", f"{PREFIX}:{{{room}}}:{kind}") > 1000
+
+
+# -- the server API's cluster-wide view: touch, rooms, nodes, members -----------------
+
+
+async def _cluster_read(conn: RedisConnection, shas: dict[str, bytes], read: Any) -> Any:
+    reply = await conn.execute(
+        *cluster_read_command(read, prefix=PREFIX, shas=shas, lifetime=LIFETIME)
+    )
+    return parse_cluster_read(read, reply)
+
+
+async def test_the_node_list_and_the_room_index_age_out(redis_server: RedisProcess) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            touch = functools.partial(touch_command, prefix=PREFIX, shas=shas)
+            await conn.execute(*touch(["r1", "r2"], node="n1", lifetime=LIFETIME))
+            await conn.execute(*touch(["r2", "r3"], node="n2", lifetime=300))
+            nodes = await _cluster_read(conn, shas, ReadCluster(ticket=1, kind="nodes"))
+            assert [n for n, _ in nodes.nodes] == ["n1", "n2"]
+            assert all(0 <= age < 1000 for _, age in nodes.nodes)
+            rooms = await _cluster_read(conn, shas, ReadCluster(ticket=2, kind="rooms"))
+            assert rooms.rooms == ("r1", "r2", "r3") and rooms.more == ""
+            for k in ("rooms", "seen", "nodes"):
+                assert await conn.execute("PTTL", index_key(PREFIX, k)) > 1000
+            await trio.sleep(0.4)
+            # Past a lifetime of 300 ms (this test's reader's is a minute): n2 and r3
+            # are still listed; with the writer's lifetime, trimmed.
+            await conn.execute(*touch(["r1"], node="n1", lifetime=300))
+            nodes = await _cluster_read(conn, shas, ReadCluster(ticket=3, kind="nodes"))
+            assert [n for n, _ in nodes.nodes] == ["n1"]
+            rooms = await _cluster_read(conn, shas, ReadCluster(ticket=4, kind="rooms"))
+            assert rooms.rooms == ("r1",)
+            assert await conn.execute("ZRANGE", index_key(PREFIX, "rooms"), 0, -1) == [b"r1"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_rooms_pages_match_fnmatch(redis_server: RedisProcess, seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = "ab1:-._"
+    names = sorted({"".join(rng.choices(alphabet, k=rng.randint(1, 5))) for _ in range(150)})
+    patterns = ["*", "a*", "a?", "*:*", "[ab]*", "[!a]*", "?-*", "a[.-]*", "*b", "[]", "x*"]
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            await conn.execute(
+                *touch_command(names, prefix=PREFIX, node="n1", shas=shas, lifetime=LIFETIME)
+            )
+            for pattern in patterns:
+                expected = [n for n in names if fnmatchcase(n, pattern)]
+                got: list[str] = []
+                after = ""
+                for _ in range(200):
+                    read = ReadCluster(
+                        ticket=1, kind="rooms", pattern=pattern, after=after, limit=7
+                    )
+                    answer = await _cluster_read(conn, shas, read)
+                    assert len(answer.rooms) <= 7
+                    got.extend(answer.rooms)
+                    if not answer.more:
+                        break
+                    after = answer.more
+                assert got == expected, pattern
+
+
+async def test_members_reads_the_live_presence_entries(redis_server: RedisProcess) -> None:
+    room = ROOMS[0]
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            for node, user, life in (
+                ("n1", "ann", LIFETIME),
+                ("n2", "ann", 100),
+                ("n2", "bob", LIFETIME),
+            ):
+                announce = Announce(room=room, username=Username(user), present=True)
+                await conn.execute(
+                    *command_for(announce, prefix=PREFIX, node=node, shas=shas, lifetime=life)
+                )
+            await trio.sleep(0.2)  # n2's ann expired (not reaped: a read changes nothing)
+            read = ReadCluster(ticket=5, kind="presence", room=room)
+            answer = await _cluster_read(conn, shas, read)
+            assert answer.ticket == 5 and answer.entries == (("n1", "ann"), ("n2", "bob"))
+            assert await conn.execute("ZCARD", f"{PREFIX}:{{{room}}}:p") == 3

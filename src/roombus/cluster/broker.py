@@ -23,12 +23,14 @@ from ..core import codec
 from ..core.actions import (
     Action,
     Announce,
+    ClusterAnswered,
     Control,
     ControlCommand,
     DisconnectCommand,
     HistoryAnswered,
     MessagePublished,
     PublishAnswered,
+    ReadCluster,
     ReadStream,
     Relay,
     Subscribe,
@@ -39,6 +41,7 @@ from ..core.errors import ConfigError
 from ..core.events import (
     BackplaneLost,
     BackplaneRestored,
+    ClusterRead,
     ControlReceived,
     Event,
     RecordReceived,
@@ -135,6 +138,8 @@ class ClusterBroker(Broker):
         self._answering: dict[int, tuple[RoomName, int]] = {}
         self._resets = 0
         self._repairs = 0
+        # The server API's reads of the cluster in flight (their tickets).
+        self._queries: set[int] = set()
 
     # -- introspection ------------------------------------------------------------------
 
@@ -181,10 +186,34 @@ class ClusterBroker(Broker):
             self._on_restored(actions)
         elif isinstance(event, ControlReceived):
             self._on_control(event, timestamp, actions)
+        elif isinstance(event, ClusterRead):
+            if event.ticket in self._queries:  # else answered already (the link lost)
+                self._queries.discard(event.ticket)
+                actions.append(ClusterAnswered(ticket=event.ticket, read=event))
         else:
             super()._handle_other(event, timestamp, actions)
 
     # -- the control channel ------------------------------------------------------------
+
+    def nodes_of(self, room: str) -> dict[str, set[str]]:
+        users: dict[str, set[str]] = {u: {self.node or ""} for u in self.counts(room)}
+        cr = self._cluster.get(RoomName(room))
+        if cr is not None:
+            for user, nodes in cr.remote.items():
+                users.setdefault(user, set()).update(nodes)
+        return users
+
+    def read_cluster(self, read: ReadCluster) -> list[Action]:
+        """
+        Ask Redis what the cluster knows (the server API's ``presence``, ``rooms``,
+        ``info``): answered with a :class:`~roombus.core.actions.ClusterAnswered` of
+        *read*'s ticket (its ``read`` None if the link is lost first). Nothing while
+        the node is cut off from Redis: answer with this node's view then.
+        """
+        if not self._online:
+            return []
+        self._queries.add(read.ticket)
+        return [read]
 
     def tell_cluster(self, command: ControlCommand) -> list[Action]:
         return [Control(command=command)] if self._online else []
@@ -1100,6 +1129,8 @@ class ClusterBroker(Broker):
         answering, self._answering = self._answering, {}
         for room, ticket in answering.values():
             actions.append(PublishAnswered(ticket=ticket, room=room, position=None))
+        queries, self._queries = self._queries, set()
+        actions.extend(ClusterAnswered(ticket=t, read=None) for t in sorted(queries))
 
     def _on_restored(self, actions: list[Action]) -> None:
         self._online = True

@@ -79,7 +79,7 @@ import enum
 import logging
 import random as _random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, TypeAlias
 
 import attrs
@@ -88,6 +88,7 @@ from ..core.actions import (
     Announce,
     BackplaneAction,
     Control,
+    ReadCluster,
     ReadStream,
     Relay,
     Subscribe,
@@ -111,10 +112,12 @@ from .resp import (
 from .schema import (
     SCRIPTS,
     channel,
+    cluster_read_command,
     command_for,
     control_channel,
     control_command,
     lifetime_ms,
+    parse_cluster_read,
     parse_read,
     parse_relayed,
     parse_snapshot,
@@ -122,6 +125,7 @@ from .schema import (
     refresh_command,
     script_source,
     snapshot_command,
+    touch_command,
 )
 
 __all__ = [
@@ -385,7 +389,7 @@ class BackplaneProtocol:
         self._step_rooms: dict[RoomName, int] = {}
         # The commands of the batch in flight whose replies are answers for the broker:
         # (index in the batch, the action): acknowledged Relays and ReadStreams.
-        self._step_answers: list[tuple[int, Relay | ReadStream]] = []
+        self._step_answers: list[tuple[int, Relay | ReadStream | ReadCluster]] = []
         # How long a room's epoch lives if a snapshot makes one (from the Subscribes).
         self._position_ms = 86_400_000
         # The Redis server's run_id this session: the streams' epochs are tied to it.
@@ -727,7 +731,8 @@ class BackplaneProtocol:
             self._work.appendleft(_Commands([_KEEPALIVE_PING], ping=True))
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = now + self._period
-            commands = [
+            local = self._local_presence()
+            commands: list[tuple[Arg, ...]] = [
                 refresh_command(
                     room,
                     users,
@@ -737,10 +742,11 @@ class BackplaneProtocol:
                     lifetime=self._lifetime,
                     position_ms=self._position_ms,
                 )
-                for room, users in self._local_presence()
+                for room, users in local
             ]
-            if commands:
-                self._work.append(_Commands(list(commands)))
+            # This node's entry in the node list, and its rooms in the room index.
+            commands.append(self._touch(room for room, _ in local))
+            self._work.append(_Commands(list(commands)))
         if self._reread_at is not None and now >= self._reread_at:
             # Read every room's presence again a third of the TTL after connecting: by
             # then the other nodes have re-announced their users if Redis lost its data,
@@ -769,7 +775,7 @@ class BackplaneProtocol:
             # rooms no longer wanted in one Unlisten (its order does not matter: it only
             # stops records coming).
             batch: list[tuple[Arg, ...]] = []
-            answers: list[tuple[int, Relay | ReadStream]] = []
+            answers: list[tuple[int, Relay | ReadStream | ReadCluster]] = []
             gone: set[str] = set()
             pings = False
             while work and not isinstance(work[0], Subscribe):
@@ -784,6 +790,15 @@ class BackplaneProtocol:
                     batch.append(self._command(action))
                 elif isinstance(action, Announce):
                     batch.append(self._command(action))
+                    if action.present:  # listed in the room index at once
+                        batch.append(self._touch((action.room,)))
+                elif isinstance(action, ReadCluster):
+                    answers.append((len(batch), action))
+                    batch.append(
+                        cluster_read_command(
+                            action, prefix=self.prefix, shas=self._scripts, lifetime=self._lifetime
+                        )
+                    )
                 elif isinstance(action, Control):
                     data = encode_control(self.node_id, action.command)
                     batch.append(control_command(self.prefix, data, sharded=self.sharded))
@@ -833,6 +848,8 @@ class BackplaneProtocol:
             try:
                 if isinstance(action, Relay):
                     events.append(parse_relayed(action, replies[index]))
+                elif isinstance(action, ReadCluster):
+                    events.append(parse_cluster_read(action, replies[index]))
                 else:
                     events.append(parse_read(action, replies[index]))
             except ValueError as exc:
@@ -840,6 +857,15 @@ class BackplaneProtocol:
                 return False
         self._events.extend(events)
         return True
+
+    def _touch(self, rooms: Iterable[str]) -> tuple[Arg, ...]:
+        return touch_command(
+            rooms,
+            prefix=self.prefix,
+            node=self.node_id,
+            shas=self._scripts,
+            lifetime=self._lifetime,
+        )
 
     def _command(self, action: Relay | Announce | ReadStream) -> tuple[Arg, ...]:
         return command_for(

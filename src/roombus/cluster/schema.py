@@ -46,10 +46,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, TypeAlias
+from fnmatch import fnmatchcase
+from typing import Any, Final, TypeAlias, cast
 
-from ..core.actions import Announce, ReadStream, Relay
+from ..core.actions import Announce, ReadCluster, ReadStream, Relay
 from ..core.events import (
+    ClusterRead,
     ControlReceived,
     Event,
     RecordReceived,
@@ -557,4 +559,265 @@ __all__ = [
     "room_of_channel",
     "script_source",
     "snapshot_command",
+]
+
+
+# -- the server API's cluster-wide view ------------------------------------------------
+#
+# Three keys of the cluster as a whole, with one hash tag (``{@}``: no room is named
+# so) so that a script may use them together on a Redis Cluster:
+#
+# * ``<prefix>:{@}:nodes`` (:func:`index_key`): the live nodes, a sorted set of node
+#   ids scored with the time (server time, ms) each last renewed its entry: at every
+#   presence refresh and with every announce of a join. An entry older than the
+#   presence lifetime (:func:`lifetime_ms`) is a dead node's: ignored and trimmed.
+# * ``<prefix>:{@}:rooms``: the room index, a sorted set of room names all scored 0
+#   (listed by name, ``ZRANGEBYLEX``), and ``<prefix>:{@}:seen``: the same names
+#   scored with the time a node with members in the room last renewed it (where the
+#   presence is renewed). A name not renewed within the lifetime is ignored, and
+#   trimmed (from both) by the next ``touch``.
+#
+# A room's presence set lives under its own hash tag, so the index cannot be changed
+# in the same script as the presence: a room whose last member left stays listed until
+# its entry is older than the lifetime.
+
+# KEYS: rooms, seen, nodes. ARGV: lifetime ms, node, rooms... Renews the node and the
+# rooms, trims what no one renewed within the lifetime (at most 256 rooms a call).
+_TOUCH: Final = (
+    _NOW
+    + """
+local cut = now - tonumber(ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+for i = 3, #ARGV do
+  redis.call('ZADD', KEYS[2], now, ARGV[i])
+  redis.call('ZADD', KEYS[1], 0, ARGV[i])
+end
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. cut, 'LIMIT', 0, 256)) do
+  redis.call('ZREM', KEYS[2], r)
+  redis.call('ZREM', KEYS[1], r)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. cut)
+redis.call('PEXPIRE', KEYS[1], {key_ttl})
+redis.call('PEXPIRE', KEYS[2], {key_ttl})
+redis.call('PEXPIRE', KEYS[3], {key_ttl})
+"""
+)
+# KEYS: rooms, seen. ARGV: lifetime ms, start, stop (ZRANGEBYLEX bounds), Lua pattern,
+# limit, budget. Returns {names, last}: up to `limit` live names matching the pattern,
+# in order from `start`, looking at no more than `budget` names; `last` is the last
+# name looked at ("" if the index holds no more).
+_ROOMS: Final = (
+    _NOW
+    + """
+local cut = now - tonumber(ARGV[1])
+local limit = tonumber(ARGV[5])
+local budget = tonumber(ARGV[6])
+local out = {}
+local last = ''
+local from = ARGV[2]
+local looked = 0
+while #out < limit and looked < budget do
+  local batch = redis.call('ZRANGEBYLEX', KEYS[1], from, ARGV[3], 'LIMIT', 0, 100)
+  if #batch == 0 then return {out, ''} end
+  for _, r in ipairs(batch) do
+    looked = looked + 1
+    last = r
+    local seen = redis.call('ZSCORE', KEYS[2], r)
+    if seen and tonumber(seen) >= cut and string.find(r, ARGV[4]) then
+      out[#out + 1] = r
+    end
+    if #out >= limit or looked >= budget then break end
+  end
+  from = '(' .. last
+end
+if #redis.call('ZRANGEBYLEX', KEYS[1], '(' .. last, ARGV[3], 'LIMIT', 0, 1) == 0 then
+  last = ''
+end
+return {out, last}
+"""
+)
+# KEYS: nodes. ARGV: lifetime ms. Trims the dead; returns {node, ms since renewed, ...}.
+_NODES: Final = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))
+local out = {}
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  out[#out + 1] = all[i]
+  out[#out + 1] = now - tonumber(all[i + 1])
+end
+return out
+"""
+)
+# KEYS: presence. Returns the live members (expiry still to come), a read only.
+_MEMBERS: Final = (
+    _NOW
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"""
+)
+
+# Loaded with the others, after them (the earlier scripts keep their order).
+cast("dict[str, str]", SCRIPTS).update(touch=_TOUCH, rooms=_ROOMS, nodes=_NODES, members=_MEMBERS)
+
+#: The most names of the room index one ``rooms`` read looks at: a page may hold fewer
+#: than its limit (even none) with a cursor when few names match the pattern.
+ROOMS_BUDGET: Final = 5000
+
+#: The characters of a room name (what a glob is matched against).
+_ROOM_CHARS: Final = "".join(
+    sorted("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
+)
+
+
+def index_key(prefix: str, kind: str) -> str:
+    """A key of the cluster as a whole: *kind* ``nodes``, ``rooms`` or ``seen``."""
+    return f"{prefix}:{{@}}:{kind}"
+
+
+def _lua_char(c: str) -> str:
+    """A room character as a Lua pattern matching just it; any other, a set nothing
+    matches (no room holds a '!')."""
+    if c not in _ROOM_CHARS:
+        return "[%!]"
+    return c if c.isalnum() else "%" + c
+
+
+def glob_to_lua(pattern: str) -> tuple[str, str]:
+    """
+    A glob (``*``, ``?``, ``[...]``, ``[!...]``, as :func:`fnmatch.fnmatchcase`) as
+    an anchored Lua pattern matching the same room names, and its literal prefix
+    (what every match starts with).
+    """
+    out = ["^"]
+    prefix: list[str] = []
+    fixed = True  # still in the literal prefix
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if out[-1] != ".*":
+                out.append(".*")
+            fixed = False
+        elif c == "?":
+            out.append(".")
+            fixed = False
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal '[' (no room holds one)
+                out.append("[%!]")
+                fixed = False
+                continue
+            cls = pattern[i - 1 : j + 1]
+            i = j + 1
+            chars = [ch for ch in _ROOM_CHARS if fnmatchcase(ch, cls)]
+            # No room character: a set nothing matches.
+            out.append("[" + "".join(_lua_char(ch) for ch in chars) + "]" if chars else "[%!]")
+            fixed = False
+        else:
+            out.append(_lua_char(c))
+            if fixed:
+                prefix.append(c)
+    out.append("$")
+    return "".join(out), "".join(prefix)
+
+
+def touch_command(
+    rooms: Iterable[str], *, prefix: str, node: str, shas: Mapping[str, bytes], lifetime: int
+) -> Command:
+    """The command that renews this node's entry in the node list and *rooms* in the
+    room index, and trims what no node renewed."""
+    return (
+        "EVALSHA",
+        shas["touch"],
+        3,
+        index_key(prefix, "rooms"),
+        index_key(prefix, "seen"),
+        index_key(prefix, "nodes"),
+        lifetime,
+        node,
+        *rooms,
+    )
+
+
+def cluster_read_command(
+    action: ReadCluster, *, prefix: str, shas: Mapping[str, bytes], lifetime: int
+) -> Command:
+    """The command a ReadCluster becomes (``members``, ``rooms`` or ``nodes``)."""
+    if action.kind == "presence":
+        return ("EVALSHA", shas["members"], 1, key(prefix, action.room, "p"))
+    if action.kind == "nodes":
+        return ("EVALSHA", shas["nodes"], 1, index_key(prefix, "nodes"), lifetime)
+    lua, literal = glob_to_lua(action.pattern)
+    stop: Arg = b"[" + literal.encode() + b"\xff" if literal else "+"
+    if action.after and action.after >= literal:
+        start: Arg = "(" + action.after
+    else:
+        start = "[" + literal if literal else "-"
+    return (
+        "EVALSHA",
+        shas["rooms"],
+        2,
+        index_key(prefix, "rooms"),
+        index_key(prefix, "seen"),
+        lifetime,
+        start,
+        stop,
+        lua,
+        max(1, action.limit),
+        ROOMS_BUDGET,
+    )
+
+
+def parse_cluster_read(action: ReadCluster, reply: object) -> ClusterRead:
+    """
+    What a ``members``, ``rooms`` or ``nodes`` reply means.
+
+    Raises:
+        ValueError: the reply is not of the kind's shape.
+    """
+    try:
+        value: Any = reply
+        if action.kind == "presence":
+            return ClusterRead(
+                ticket=action.ticket,
+                kind=action.kind,
+                entries=tuple(sorted(parse_member(m) for m in value)),
+            )
+        if action.kind == "nodes":
+            if not isinstance(value, list) or len(value) % 2:
+                raise ValueError
+            nodes = tuple(
+                sorted(
+                    (value[i].decode("ascii"), max(0, int(value[i + 1])))
+                    for i in range(0, len(value), 2)
+                )
+            )
+            return ClusterRead(ticket=action.ticket, kind=action.kind, nodes=nodes)
+        names, last = value
+        return ClusterRead(
+            ticket=action.ticket,
+            kind=action.kind,
+            rooms=tuple(name.decode("ascii") for name in names),
+            more=last.decode("ascii"),
+        )
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"unreadable {action.kind} read") from None
+
+
+__all__ += [
+    "ROOMS_BUDGET",
+    "cluster_read_command",
+    "glob_to_lua",
+    "index_key",
+    "parse_cluster_read",
+    "touch_command",
 ]

@@ -308,10 +308,50 @@ class Control:
     command: ControlCommand
 
 
+@attrs.frozen(kw_only=True)
+class ReadCluster:
+    """
+    Backplane: read what the cluster knows, for the server API; answered with
+    :class:`~roombus.core.events.ClusterRead` echoing *ticket*.
+
+    Attributes:
+        ticket: This node's number for the read.
+        kind: ``presence`` (*room*'s presence entries, every node's), ``rooms`` (the
+            cluster's room index: up to *limit* names matching the glob *pattern*,
+            sorted, after *after*) or ``nodes`` (the live nodes, with their age).
+        room: For ``presence``: the room.
+        pattern: For ``rooms``: a glob (``*``, ``?``, ``[...]``).
+        after: For ``rooms``: list the names after this one ("": from the first).
+        limit: For ``rooms``: at most this many names.
+    """
+
+    ticket: int
+    kind: str
+    room: str = ""
+    pattern: str = "*"
+    after: str = ""
+    limit: int = 100
+
+
+@attrs.frozen(kw_only=True)
+class ClusterAnswered:
+    """
+    The answer to a :class:`ReadCluster` made for the server API.
+
+    Attributes:
+        ticket: The read's ticket.
+        read: Redis's answer (a :class:`~roombus.core.events.ClusterRead`), or None if
+            the link was lost before it came (answer with this node's view).
+    """
+
+    ticket: int
+    read: object | None
+
+
 #: What a server-side request made with a ticket is answered with.
-Answer = PublishAnswered | HistoryAnswered
+Answer = PublishAnswered | HistoryAnswered | ClusterAnswered
 Notice = UserJoined | UserLeft | MessagePublished
-BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream | Control
+BackplaneAction = Subscribe | Unsubscribe | Relay | Announce | ReadStream | Control | ReadCluster
 Action = (
     Deliver
     | SendPing
@@ -325,6 +365,8 @@ Action = (
     | Announce
     | ReadStream
     | Control
+    | ReadCluster
     | PublishAnswered
     | HistoryAnswered
+    | ClusterAnswered
 )

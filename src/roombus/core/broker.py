@@ -29,6 +29,7 @@ from .actions import (
     HistoryAnswered,
     MessagePublished,
     PublishAnswered,
+    ReadCluster,
     SendPing,
     UserJoined,
     UserLeft,
@@ -42,6 +43,7 @@ from .events import (
     BackplaneRestored,
     ClientConnected,
     ClientDisconnected,
+    ClusterRead,
     Event,
     PongReceived,
     RecordReceived,
@@ -154,6 +156,7 @@ _BACKPLANE_EVENTS: Final = (
     BackplaneRestored,
     Relayed,
     StreamRead,
+    ClusterRead,
 )
 
 
@@ -626,6 +629,15 @@ class Broker:
         """The user of a live connection, or None."""
         c = self._conns.get(conn)
         return c.username if c is not None else None
+
+    def nodes_of(self, room: str) -> dict[str, set[str]]:
+        """The users present in *room*, each with the nodes it is on as this node knows
+        (a node alone: its users, on node "")."""
+        return {user: {""} for user in self._present(RoomName(room))}
+
+    def read_cluster(self, read: ReadCluster) -> list[Action]:
+        """Ask the cluster (a node alone has none: nothing, answer with what is here)."""
+        return []
 
     def counts(self, room: str) -> dict[Username, int]:
         """The users present in *room* here, each with its connections here."""

@@ -186,6 +186,29 @@ class ControlReceived:
 
 
 @attrs.frozen(kw_only=True)
+class ClusterRead:
+    """
+    Backplane: the answer to a :class:`~roombus.core.actions.ReadCluster`.
+
+    Attributes:
+        ticket: The read's ``ticket``.
+        kind: The read's ``kind``.
+        entries: ``presence``: ``(node, username)`` of every live entry, sorted.
+        rooms: ``rooms``: the names listed, sorted.
+        more: ``rooms``: where the next page starts after (the last name looked at),
+            or "" if the index holds no more.
+        nodes: ``nodes``: ``(node, ms since it last renewed its entry)``, sorted.
+    """
+
+    ticket: int
+    kind: str
+    entries: tuple[tuple[str, str], ...] = ()
+    rooms: tuple[str, ...] = ()
+    more: str = ""
+    nodes: tuple[tuple[str, int], ...] = ()
+
+
+@attrs.frozen(kw_only=True)
 class BackplaneLost:
     """Backplane: the connection to the other nodes is gone; serve locally meanwhile."""
 
@@ -207,4 +230,5 @@ Event = (
     | Relayed
     | StreamRead
     | ControlReceived
+    | ClusterRead
 )

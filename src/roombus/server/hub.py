@@ -73,6 +73,7 @@ from ..core.actions import (
     Action,
     BackplaneAction,
     Close,
+    ClusterAnswered,
     Deliver,
     HistoryAnswered,
     MessagePublished,
@@ -886,7 +887,7 @@ class HubBase:
                             action,
                             extra={"room": action.room, "user": action.username},
                         )
-            elif isinstance(action, (PublishAnswered, HistoryAnswered)):
+            elif isinstance(action, (PublishAnswered, HistoryAnswered, ClusterAnswered)):
                 self.operations.answered(action, now, timestamp)
             else:
                 self._backplane.append(action)

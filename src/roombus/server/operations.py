@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from .._version import __version__
 from ..core.actions import (
     Answer,
+    ClusterAnswered,
     Control,
     ControlCommand,
     Deliver,
@@ -25,7 +26,9 @@ from ..core.actions import (
     HistoryAnswered,
     KickCommand,
     PublishAnswered,
+    ReadCluster,
 )
+from ..core.events import ClusterRead
 from ..core.names import ConnectionId, RoomName, Username
 from ..core.streams import Position
 from .api import ApiError, Pending, Result, cursor_of, gather, map_result, room_of_cursor
@@ -228,33 +231,84 @@ class HubOperations:
 
     # -- reading -----------------------------------------------------------------------
 
-    def presence(self, room: str, *, now: float, timestamp: int) -> dict[str, object]:
-        broker = self.hub.broker
-        counts = broker.counts(room)
-        ids: dict[str, list[str]] = {}
-        for cid in broker.connections(room):
-            user = broker.username_of(cid)
-            if user is not None:
-                ids.setdefault(user, []).append(self.connection_id(cid))
-        return {
-            "room": room,
-            "users": [
-                {
-                    "username": user,
-                    "connections": counts.get(user, 0),
-                    "connection_ids": ids.get(user, []),
-                }
-                for user in broker.members(room)
-            ],
-        }
+    def _read_cluster(
+        self,
+        now: float,
+        timestamp: int,
+        finish: Callable[[ClusterRead | None], dict[str, object]],
+        **query: object,
+    ) -> Result:
+        """
+        In a cluster, *finish* of Redis's answer to a ReadCluster of *query* (None if
+        the link is lost first); on a node alone or cut off from Redis, *finish* of
+        None at once.
+        """
+        hub = self.hub
 
-    def presence_stats(self, room: str, *, now: float, timestamp: int) -> dict[str, object]:
+        def answer(answered: Answer) -> dict[str, object]:
+            assert isinstance(answered, ClusterAnswered)
+            read = answered.read
+            return finish(read if isinstance(read, ClusterRead) else None)
+
+        ticket, pending = self._wait(now, answer)
+        actions = hub.broker.read_cluster(ReadCluster(ticket=ticket, **query))  # type: ignore[arg-type]
+        if not actions:
+            self._waiting.pop(ticket, None)
+            return finish(None)
+        hub._apply(actions, now, timestamp)
+        return self._settled(pending)
+
+    def _present(self, room: str, read: ClusterRead | None) -> dict[str, set[str]]:
+        """Who is in *room*, on which nodes: Redis's entries of the other nodes with
+        this node's own users (or, with no read, what this node knows)."""
         broker = self.hub.broker
-        return {
-            "room": room,
-            "users": len(broker.members(room)),
-            "connections": len(broker.connections(room)),
-        }
+        if read is None:
+            return broker.nodes_of(room)
+        here = broker.node or ""
+        users: dict[str, set[str]] = {}
+        for node, user in read.entries:
+            if node != here:
+                users.setdefault(user, set()).add(node)
+        for user in broker.counts(room):
+            users.setdefault(user, set()).add(here)
+        return users
+
+    def presence(self, room: str, *, now: float, timestamp: int) -> Result:
+        broker = self.hub.broker
+
+        def finish(read: ClusterRead | None) -> dict[str, object]:
+            counts = broker.counts(room)
+            ids: dict[str, list[str]] = {}
+            for cid in broker.connections(room):
+                user = broker.username_of(cid)
+                if user is not None:
+                    ids.setdefault(user, []).append(self.connection_id(cid))
+            present = self._present(room, read)
+            users: list[dict[str, object]] = []
+            for name in sorted(present):
+                entry: dict[str, object] = {
+                    "username": name,
+                    "connections": counts.get(Username(name), 0),
+                    "connection_ids": ids.get(name, []),
+                }
+                if broker.node is not None:
+                    entry["nodes"] = len(present[name])
+                users.append(entry)
+            return {"room": room, "users": users}
+
+        return self._read_cluster(now, timestamp, finish, kind="presence", room=room)
+
+    def presence_stats(self, room: str, *, now: float, timestamp: int) -> Result:
+        broker = self.hub.broker
+
+        def finish(read: ClusterRead | None) -> dict[str, object]:
+            return {
+                "room": room,
+                "users": len(self._present(room, read)),
+                "connections": len(broker.connections(room)),
+            }
+
+        return self._read_cluster(now, timestamp, finish, kind="presence", room=room)
 
     def history(
         self,
@@ -282,38 +336,66 @@ class HubOperations:
 
     def rooms(
         self, *, pattern: str, cursor: str | None, limit: int, now: float, timestamp: int
-    ) -> dict[str, object]:
+    ) -> Result:
         broker = self.hub.broker
         after = room_of_cursor(cursor) if cursor is not None else None
-        names = sorted(r for r in broker.rooms if fnmatchcase(r, pattern))
-        if after is not None:
-            names = [r for r in names if r > after]
-        page, more = names[:limit], len(names) > limit
-        return {
-            "rooms": [
-                {
+
+        def counts(r: str, read: ClusterRead | None) -> dict[str, object]:
+            if read is None:
+                return {
                     "room": r,
                     "users": len(broker.members(r)),
                     "connections": len(broker.connections(r)),
                 }
-                for r in page
-            ],
-            "cursor": cursor_of(page[-1]) if more else None,
-        }
+            return {
+                "room": r,
+                "users": len(broker.counts(r)),
+                "connections": len(broker.connections(r)),
+            }
 
-    def info(self, *, now: float, timestamp: int) -> dict[str, object]:
+        def finish(read: ClusterRead | None) -> dict[str, object]:
+            if read is not None:  # the cluster's room index
+                return {
+                    "rooms": [counts(r, read) for r in read.rooms],
+                    "cursor": cursor_of(read.more) if read.more else None,
+                }
+            names = sorted(r for r in broker.rooms if fnmatchcase(r, pattern))
+            if after is not None:
+                names = [r for r in names if r > after]
+            page, more = names[:limit], len(names) > limit
+            return {
+                "rooms": [counts(r, None) for r in page],
+                "cursor": cursor_of(page[-1]) if more else None,
+            }
+
+        return self._read_cluster(
+            now, timestamp, finish, kind="rooms", pattern=pattern, after=after or "", limit=limit
+        )
+
+    def info(self, *, now: float, timestamp: int) -> Result:
         hub = self.hub
         broker = hub.broker
-        stats = broker.statistics()
-        return {
-            "version": __version__,
-            "node": broker.node,
-            "connections": stats.connections,
-            "transport_connections": hub.connection_count,
-            "rooms": stats.rooms,
-            "messages_published": stats.messages_published,
-            "backplane": None if broker.node is None else {"online": stats.backplane_online},
-        }
+
+        def finish(read: ClusterRead | None) -> dict[str, object]:
+            stats = broker.statistics()
+            result: dict[str, object] = {
+                "version": __version__,
+                "node": broker.node,
+                "connections": stats.connections,
+                "transport_connections": hub.connection_count,
+                "rooms": stats.rooms,
+                "messages_published": stats.messages_published,
+                "backplane": None if broker.node is None else {"online": stats.backplane_online},
+            }
+            if broker.node is not None:
+                result["nodes"] = (
+                    None
+                    if read is None
+                    else [{"node": n, "seen_ms_ago": age} for n, age in read.nodes]
+                )
+            return result
+
+        return self._read_cluster(now, timestamp, finish, kind="nodes")
 
     # -- control -----------------------------------------------------------------------
 

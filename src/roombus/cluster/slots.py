@@ -116,6 +116,12 @@ def key_slot(key: bytes | str) -> int:
 _EVAL: Final = frozenset({b"EVALSHA", b"EVAL", b"EVALSHA_RO", b"EVAL_RO", b"FCALL"})
 _CHANNEL: Final = frozenset({b"PUBLISH", b"SPUBLISH"})
 _CHANNELS: Final = frozenset({b"SSUBSCRIBE", b"SUNSUBSCRIBE"})
+#: Commands of one key, the first argument (for tools and tests; the backplane sends
+#: scripts and publishes only).
+_FIRST_KEY: Final = frozenset(
+    {b"GET", b"SET", b"INCR", b"EXISTS", b"TTL", b"PTTL", b"PEXPIRE", b"TYPE", b"XADD", b"ZADD"}
+    | {b"ZRANGE", b"ZRANGEBYSCORE", b"ZREM", b"XRANGE", b"XLEN", b"ZCARD", b"DEL", b"STRLEN"}
+)
 #: Commands with no key that every primary must get (a script must be on each).
 _BROADCAST: Final = frozenset({b"SCRIPT"})
 
@@ -135,6 +141,8 @@ def command_keys(command: Sequence[Arg]) -> tuple[bytes, ...]:
         return (_bytes(command[1]),)
     if verb in _CHANNELS:
         return tuple(_bytes(c) for c in command[1:])
+    if verb in _FIRST_KEY and len(command) > 1:
+        return (_bytes(command[1]),)
     return ()
 
 

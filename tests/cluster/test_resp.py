@@ -84,10 +84,13 @@ def test_rediss_is_tls() -> None:
     [
         (
             "http://h",
-            "scheme must be redis://, rediss://, redis\\+sentinel:// or unix://, not http://",
+            "scheme must be redis://, rediss://, redis\\+sentinel://, redis\\+cluster:// or unix://, not http://",
         ),
         ("localhost:6379", "scheme"),
-        ("", "scheme must be redis://, rediss://, redis\\+sentinel:// or unix://, not none"),
+        (
+            "",
+            "scheme must be redis://, rediss://, redis\\+sentinel://, redis\\+cluster:// or unix://, not none",
+        ),
         ("redis://h:port", "port must be a number"),
         ("redis://h:70000", "port must be a number"),
         ("redis://h:0", "port must be a number"),

@@ -53,6 +53,8 @@ from ..core.events import Event
 from ..core.names import RoomName
 from ..node.cluster import cluster_config, generate_node_id, redis_ssl_context
 from ._redis import (
+    ClusterConnection,
+    ClusterSubscriber,
     Confirmation,
     RedisConnection,
     RedisConnectionError,
@@ -60,6 +62,8 @@ from ._redis import (
     RedisSubscriber,
     Replies,
     connect,
+    connect_cluster,
+    connect_cluster_subscriber,
     connect_subscriber,
 )
 
@@ -127,8 +131,8 @@ class RedisBackplane:
         self.ssl_context: Final = None if tls is None else redis_ssl_context(tls)
         self._host: BackplaneHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._command: RedisConnection | None = None
-        self._subscriber: RedisSubscriber | None = None
+        self._command: RedisConnection | ClusterConnection | None = None
+        self._subscriber: RedisSubscriber | ClusterSubscriber | None = None
         self._connecting: dict[Link, asyncio.Task[None]] = {}
         self._session = 0  # +1 at every CloseLinks: a late connect of an older one is dropped
         self._timer: asyncio.TimerHandle | None = None
@@ -283,11 +287,15 @@ class RedisBackplane:
         link, session = command.link, self._session
         try:
             if link is Link.COMMAND:
-                conn: RedisConnection | RedisSubscriber = await connect(
+                opener = connect_cluster if command.address.cluster else connect
+                conn: Any = await opener(
                     command.address, connect_timeout=command.timeout, ssl_context=self.ssl_context
                 )
             else:
-                conn = await connect_subscriber(
+                sub_opener = (
+                    connect_cluster_subscriber if command.address.cluster else connect_subscriber
+                )
+                conn = await sub_opener(
                     command.address,
                     sharded=self._proto.sharded,
                     connect_timeout=command.timeout,
@@ -306,7 +314,7 @@ class RedisBackplane:
                 return
             self._connecting.pop(link, None)
             conn.on_lost = lambda error: self._lost(link, conn, error)
-            if isinstance(conn, RedisSubscriber):
+            if isinstance(conn, (RedisSubscriber, ClusterSubscriber)):
                 self._subscriber = conn
                 conn.on_messages = self._messages
             else:

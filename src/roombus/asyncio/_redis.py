@@ -52,6 +52,7 @@ from ..cluster.resp import (
     RedisError,
     RespProtocolError,
     check_handshake,
+    cluster_node,
     handshake_commands,
     new_reader,
     pack_commands,
@@ -64,10 +65,25 @@ from ..cluster.resp import (
     sharded_from_command_info,
     sharded_from_info,
 )
+from ..cluster.slots import (
+    SHARDS_QUERY,
+    SLOTS_QUERY,
+    Node,
+    Router,
+    Send,
+    SlotMap,
+    command_slot,
+    slot_map_from_shards,
+    slot_map_from_slots,
+)
 from ..node.cluster import redis_ssl_context
 
 __all__ = [
     "Arg",
+    "ClusterConnection",
+    "ClusterSubscriber",
+    "connect_cluster",
+    "connect_cluster_subscriber",
     "RedisAddress",
     "RedisConnection",
     "RedisConnectionError",
@@ -326,6 +342,9 @@ class RedisSubscriber(_Link):
         self._kept: list[tuple[bytes, bytes]] = []
         self._on_messages: MessagesCallback | None = None
         self._login = False  # the first batch is the login's (see _open)
+        #: A channel Redis drops unasked (its slot moved to another shard) breaks the
+        #: connection (a cluster's subscriber: its owner subscribes again elsewhere).
+        self.strict = False
 
     @property
     def on_messages(self) -> MessagesCallback | None:
@@ -442,8 +461,15 @@ class RedisSubscriber(_Link):
                 self._fail(f"unexpected reply from Redis at {self._where}: {reply!r:.80}")
                 return
             # A confirmation: for the oldest request, unless Redis sent it unasked (a
-            # cluster sends ``sunsubscribe`` when a slot moves away).
-            if self._kinds and self._kinds[0] == kind:
+            # cluster sends ``sunsubscribe`` when a slot moves away: fatal when strict).
+            asked = bool(self._kinds) and self._kinds[0] == kind
+            if self.strict and not asked and kind in (b"unsubscribe", b"sunsubscribe"):
+                self._deliver(burst)
+                self._fail(
+                    f"Redis at {self._where} dropped channel {reply[1]!r:.80}: its slot moved"
+                )
+                return
+            if asked:
                 batch = self._pending[0]
                 if not isinstance(reply, RedisError):
                     batch.replies.append(reply)
@@ -652,3 +678,362 @@ async def supports_sharded_pubsub(conn: RedisConnection) -> bool:
             return False
         return sharded_from_info(info)
     return sharded_from_command_info(reply)
+
+
+# --------------------------------------------------------------------------------------
+# Redis Cluster (a redis+cluster:// address): one connection per primary
+
+
+async def _slot_map(conn: RedisConnection, address: RedisAddress, node: Node) -> SlotMap:
+    """The map as *node* sees it: ``CLUSTER SHARDS``, or ``CLUSTER SLOTS`` before Redis 7."""
+    replies = await conn.pipeline([SHARDS_QUERY, SLOTS_QUERY])
+    if not isinstance(replies[0], RedisError):
+        return slot_map_from_shards(replies[0], default_host=node[0], tls=address.tls is not None)
+    if isinstance(replies[1], RedisError):
+        raise replies[1]
+    return slot_map_from_slots(replies[1], default_host=node[0])
+
+
+class ClusterConnection:
+    """Commands to a Redis Cluster: each goes to the primary of its key's slot, on one
+    :class:`RedisConnection` per primary (opened when first needed), redirections
+    followed (:class:`roombus.cluster.slots.Router` decides; this class only sends).
+
+    Open it with :func:`connect_cluster`. Its interface is :class:`RedisConnection`'s:
+    :meth:`send` and ``on_lost`` (a connection to a primary that breaks, or a send
+    that fails, is reported there once), :meth:`execute`, :meth:`pipeline`.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        slot_map: SlotMap,
+        *,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.address: Final = address
+        #: The primary of each slot, as last read (or corrected by a MOVED).
+        self.slot_map = slot_map
+        self.on_lost: LostCallback | None = None
+        self._conns: dict[Node, RedisConnection] = {}
+        self._timeout = connect_timeout
+        self._context = ssl_context
+        self._broken: RedisConnectionError | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._broken is not None
+
+    def _lost(self, error: RedisConnectionError) -> None:
+        if self._broken is None:
+            self._broken = error
+            self._close_all()
+            if self.on_lost is not None:
+                self.on_lost(error)
+
+    def _close_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in self._conns.values():
+            conn.close()
+
+    def close(self) -> None:
+        """Close every connection; ``on_lost`` is not called."""
+        if self._broken is None:
+            self._broken = RedisConnectionError(f"the connection to Redis {self.address} is closed")
+        self._close_all()
+
+    async def aclose(self) -> None:
+        self.close()
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            await conn.aclose()
+
+    def add(self, node: Node, conn: RedisConnection) -> None:
+        self._conns[node] = conn
+        conn.on_lost = self._lost
+
+    async def _node(self, node: Node) -> RedisConnection:
+        conn = self._conns.get(node)
+        if conn is None or conn.closed:
+            conn = await connect(
+                cluster_node(self.address, node),
+                connect_timeout=self._timeout,
+                ssl_context=self._context,
+            )
+            if self._broken is not None:
+                conn.close()
+                raise self._broken
+            self.add(node, conn)
+        return conn
+
+    def send(self, commands: Sequence[tuple[Arg, ...]], deliver: Replies) -> None:
+        """Carry out *commands* (see :meth:`pipeline`); *deliver* gets their replies."""
+        if self._broken is not None:
+            raise self._broken
+        if not commands:
+            raise ValueError("no command to send")
+
+        async def run() -> None:
+            try:
+                replies = await self.pipeline(commands)
+            except (RedisConnectionError, RedisError, OSError, ValueError) as exc:
+                self._lost(
+                    exc
+                    if isinstance(exc, RedisConnectionError)
+                    else RedisConnectionError(f"Redis {self.address}: {exc}")
+                )
+                return
+            deliver(replies)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one command on the primary of its slot; an error reply raises."""
+        (reply,) = await self.pipeline([args])
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Iterable[Sequence[Arg]]) -> list[Any]:
+        """Several commands, one pipeline per primary, at once; the replies in order."""
+        if self._broken is not None:
+            raise self._broken
+        router = Router([tuple(c) for c in commands], self.slot_map)
+        while not router.done:
+            if router.delay:
+                await asyncio.sleep(router.delay)
+            sends = router.plan()
+            results = await asyncio.gather(*(self._send(send) for send in sends))
+            for send, replies in zip(sends, results, strict=True):
+                router.feed(send, replies)
+        self.slot_map = router.slot_map
+        if router.refresh:
+            await self.refresh()
+        return router.replies
+
+    async def _send(self, send: Send) -> list[Any]:
+        conn = await self._node(send.node)
+        return await conn.pipeline(send.commands)
+
+    async def refresh(self) -> None:
+        """Read the slot map again (after a MOVED), from a primary already connected."""
+        for node, conn in list(self._conns.items()):
+            if not conn.closed:
+                slot_map = await _slot_map(conn, self.address, node)
+                if slot_map.ranges:
+                    self.slot_map = slot_map
+                return
+
+
+async def _cluster_map(
+    address: RedisAddress, connect_timeout: float, ssl_context: ssl.SSLContext | None
+) -> tuple[SlotMap, Node, RedisConnection]:
+    """Ask the seeds in turn for a complete slot map (the first that has one wins)."""
+    errors: list[str] = []
+    for seed in address.cluster:
+        try:
+            conn = await connect(
+                cluster_node(address, seed),
+                connect_timeout=connect_timeout,
+                ssl_context=ssl_context,
+            )
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{seed[0]}:{seed[1]}: {exc}")
+            continue
+        try:
+            slot_map = await asyncio.wait_for(_slot_map(conn, address, seed), connect_timeout)
+            if slot_map.complete:
+                return slot_map, seed, conn
+            errors.append(f"{seed[0]}:{seed[1]}: the cluster does not cover every slot")
+        except (RedisConnectionError, RedisError, ValueError, asyncio.TimeoutError) as exc:
+            errors.append(f"{seed[0]}:{seed[1]}: {exc or 'no answer in time'}")
+        conn.close()
+    raise RedisConnectionError(f"no slot map from the Redis {address}: {'; '.join(errors)}")
+
+
+async def connect_cluster(
+    address: RedisAddress | str,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ClusterConnection:
+    """Open a command connection to the Redis Cluster of a ``redis+cluster://``
+    *address*: the slot map from its seeds, then a connection to every primary."""
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    slot_map, seed, first = await _cluster_map(address, connect_timeout, ssl_context)
+    cluster = ClusterConnection(
+        address, slot_map, connect_timeout=connect_timeout, ssl_context=ssl_context
+    )
+    if seed in slot_map.primaries:
+        cluster.add(seed, first)
+    else:
+        first.close()
+    try:
+        for node in slot_map.primaries:
+            await cluster._node(node)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+class ClusterSubscriber:
+    """Pub/sub on a Redis Cluster: a :class:`RedisSubscriber` on every primary (as the
+    map was when it opened). A sharded channel is subscribed on the primary of its slot
+    (one request per slot); a classic one on the first primary (classic messages reach
+    every node of a cluster). A channel whose slot moves breaks the subscriber
+    (``strict``): its owner subscribes again, with a fresh map.
+
+    Open it with :func:`connect_cluster_subscriber`. Its interface is
+    :class:`RedisSubscriber`'s (``request``, ``on_messages``, ``on_lost``).
+    """
+
+    def __init__(
+        self, address: RedisAddress, slot_map: SlotMap, subs: dict[Node, RedisSubscriber]
+    ) -> None:
+        self.address: Final = address
+        self.slot_map: Final = slot_map
+        self._subs = subs
+        self._first = next(iter(subs.values()))
+        self.sharded: Final = self._first.sharded
+        self.on_lost: LostCallback | None = None
+        self._on_messages: MessagesCallback | None = None
+        self._broken = False
+        for sub in subs.values():
+            sub.strict = True
+            sub.on_lost = self._lost
+
+    def _lost(self, error: RedisConnectionError) -> None:
+        if not self._broken:
+            self._broken = True
+            self.close()
+            if self.on_lost is not None:
+                self.on_lost(error)
+
+    @property
+    def closed(self) -> bool:
+        return self._broken or any(sub.closed for sub in self._subs.values())
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        return frozenset().union(*(sub.channels for sub in self._subs.values()))
+
+    @property
+    def on_messages(self) -> MessagesCallback | None:
+        return self._on_messages
+
+    @on_messages.setter
+    def on_messages(self, callback: MessagesCallback | None) -> None:
+        self._on_messages = callback
+        for sub in self._subs.values():
+            sub.on_messages = callback
+
+    def close(self) -> None:
+        self._broken = True
+        for sub in self._subs.values():
+            sub.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        for sub in self._subs.values():
+            await sub.aclose()
+
+    def _groups(self, channels: Sequence[bytes | str]) -> list[tuple[RedisSubscriber, list[Any]]]:
+        if not self.sharded:
+            return [(self._first, list(channels))]
+        groups: dict[int, list[Any]] = {}
+        for chan in channels:
+            slot = command_slot((b"SSUBSCRIBE", chan))
+            assert slot is not None
+            groups.setdefault(slot, []).append(chan)
+        out = []
+        for slot, chans in groups.items():
+            node = self.slot_map.node_of(slot)
+            sub = None if node is None else self._subs.get(node)
+            if sub is None:
+                raise RedisConnectionError(
+                    f"slot {slot} of the Redis {self.address} is on no primary connected"
+                )
+            out.append((sub, chans))
+        return out
+
+    def request(self, verb: bytes, channels: Sequence[bytes | str], done: Confirmation) -> None:
+        """:meth:`RedisSubscriber.request` on the shards concerned (PING: on every one);
+        *done* once all confirmed, with the first error reply or None."""
+        if self._broken:
+            raise RedisConnectionError(f"the subscriber to Redis {self.address} is closed")
+        if verb.upper() == b"PING":
+            parts: list[tuple[RedisSubscriber, list[Any]]] = [(s, []) for s in self._subs.values()]
+        elif not channels:
+            raise ValueError(f"{verb.decode()} needs a channel")
+        else:
+            parts = self._groups(channels)
+        remaining = len(parts)
+        errors: list[RedisError] = []
+
+        def one(error: RedisError | None) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if error is not None:
+                errors.append(error)
+            if remaining == 0:
+                done(errors[0] if errors else None)
+
+        for sub, chans in parts:
+            sub.request(verb, chans, one)
+
+    async def _await(self, verb: bytes, channels: Sequence[bytes | str]) -> None:
+        future: asyncio.Future[RedisError | None] = asyncio.get_running_loop().create_future()
+
+        def done(error: RedisError | None) -> None:
+            if not future.done():
+                future.set_result(error)
+
+        self.request(verb, channels, done)
+        error = await future
+        if error is not None:
+            raise error
+
+    async def subscribe(self, *channels: bytes | str) -> None:
+        await self._await(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", channels)
+
+    async def unsubscribe(self, *channels: bytes | str) -> None:
+        await self._await(b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE", channels)
+
+    async def ping(self) -> None:
+        await self._await(b"PING", ())
+
+
+async def connect_cluster_subscriber(
+    address: RedisAddress | str,
+    *,
+    sharded: bool,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ClusterSubscriber:
+    """Open a pub/sub connection to the Redis Cluster of a ``redis+cluster://``
+    *address*: a subscriber on every primary of the map its seeds give."""
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    slot_map, _, conn = await _cluster_map(address, connect_timeout, ssl_context)
+    conn.close()
+    subs: dict[Node, RedisSubscriber] = {}
+    try:
+        for node in slot_map.primaries:
+            subs[node] = await connect_subscriber(
+                cluster_node(address, node),
+                sharded=sharded,
+                connect_timeout=connect_timeout,
+                ssl_context=ssl_context,
+            )
+    except BaseException:
+        for sub in subs.values():
+            sub.close()
+        raise
+    return ClusterSubscriber(address, slot_map, subs)

@@ -19,7 +19,9 @@ _SERVER_NAME: Final = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 def _address(url: object) -> RedisAddress:
     if not isinstance(url, str):
         raise ConfigError(
-            "redis", f"must be a redis://, rediss://, redis+sentinel:// or unix:// URL, not {url!r}"
+            "redis",
+            f"must be a redis://, rediss://, redis+sentinel://, redis+cluster:// or unix:// URL, "
+            f"not {url!r}",
         )
     try:
         return parse_redis_url(url)
@@ -79,7 +81,9 @@ class ClusterConfig:
     Attributes:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
             ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``
-            (the primary the sentinels know as *name*; ``rediss+sentinel://`` over TLS)
+            (the primary the sentinels know as *name*; ``rediss+sentinel://`` over TLS),
+            ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (a Redis
+            Cluster, through these seed nodes; ``rediss+cluster://`` over TLS)
             or ``unix:///path``.
         node_id: This node's id, unique in the cluster (1-64 characters of
             ``A-Z a-z 0-9 _ . : -``). None: the driver generates one (host name,

@@ -686,7 +686,9 @@ class BackplaneProtocol:
         if not self._check(replies, now):
             return
         shas: dict[str, bytes] = {}
-        self._run = run_id_from_info(replies[-1])
+        # In a Redis Cluster each shard is its own run, and the INFO answered is one
+        # node's: the epochs are then tied to no run (a seq key lost starts one over).
+        self._run = "" if self.address.cluster else run_id_from_info(replies[-1])
         for name, sha in zip(SCRIPTS, replies[:-1], strict=True):
             if not isinstance(sha, bytes):
                 self._fail(f"unreadable SCRIPT LOAD reply {sha!r:.80}", now)

@@ -46,6 +46,7 @@ __all__ = [
     "RespProtocolError",
     "SENTINEL_PORT",
     "check_handshake",
+    "cluster_node",
     "primary_address",
     "sentinel_addresses",
     "sentinel_query",
@@ -202,9 +203,15 @@ class RedisAddress:
     #: and keeps the name, so that its login checks the server's role.
     sentinels: tuple[tuple[str, int], ...] = ()
     master_name: str | None = None
+    #: Of a ``redis+cluster://`` URL: the seed nodes of a Redis Cluster, asked in turn
+    #: for the slot map (then ``host`` and ``port`` are the first seed's). A node of
+    #: the cluster (:func:`cluster_node`) has its own host and port and no seeds.
+    cluster: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
-        if self.sentinels:
+        if self.cluster:
+            where = "cluster " + ",".join(_host_port(h, p) for h, p in self.cluster)
+        elif self.sentinels:
             hosts = ",".join(_host_port(h, p) for h, p in self.sentinels)
             where = f"{self.master_name} via sentinel {hosts}"
         elif self.unix_path is not None:
@@ -257,11 +264,13 @@ def parse_redis_url(url: str) -> RedisAddress:
     scheme = parts.scheme.lower()
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         return _parse_sentinel_url(parts, tls=scheme == "rediss+sentinel")
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _parse_cluster_url(parts, tls=scheme == "rediss+cluster")
     if scheme not in ("redis", "rediss", "unix"):
         shown = f"{scheme}://" if scheme else "none"
         raise ValueError(
-            f"bad Redis URL: the scheme must be redis://, rediss://, redis+sentinel:// or "
-            f"unix://, not {shown}"
+            f"bad Redis URL: the scheme must be redis://, rediss://, redis+sentinel://, "
+            f"redis+cluster:// or unix://, not {shown}"
         )
     try:
         port = parts.port
@@ -316,8 +325,10 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
-def _parse_sentinel_url(parts: Any, *, tls: bool) -> RedisAddress:
-    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``."""
+def _auth_hosts(
+    parts: Any, default_port: int
+) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """The login and the ``host[:port],...`` list of a multi-host URL."""
     auth, _, hosts_text = parts.netloc.rpartition("@")
     username = password = None
     if auth:
@@ -326,10 +337,37 @@ def _parse_sentinel_url(parts: Any, *, tls: bool) -> RedisAddress:
         password = unquote(secret) if colon and secret else None
         if username is not None and password is None:
             raise ValueError("bad Redis URL: a username needs a password")
-    sentinels: list[tuple[str, int]] = []
-    for item in hosts_text.split(","):
-        host, port = _sentinel_host(item.strip())
-        sentinels.append((host, port))
+    hosts = [_sentinel_host(item.strip(), default_port) for item in hosts_text.split(",")]
+    return username, password, hosts
+
+
+def _parse_cluster_url(parts: Any, *, tls: bool) -> RedisAddress:
+    """``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (no db: a
+    cluster has only db 0)."""
+    username, password, seeds = _auth_hosts(parts, DEFAULT_PORT)
+    if parts.path.strip("/") or parts.query:
+        raise ValueError(
+            "bad Redis URL: redis+cluster:// takes no db or query (a Redis Cluster has db 0 "
+            "only): redis+cluster://host:port,host:port"
+        )
+    return RedisAddress(
+        host=seeds[0][0],
+        port=seeds[0][1],
+        username=username,
+        password=password,
+        tls=RedisTLS() if tls else None,
+        cluster=tuple(dict.fromkeys(seeds)),
+    )
+
+
+def cluster_node(address: RedisAddress, node: tuple[str, int]) -> RedisAddress:
+    """The address of one node of the cluster of *address*: its login and TLS, no seeds."""
+    return attrs.evolve(address, host=node[0], port=node[1], cluster=())
+
+
+def _parse_sentinel_url(parts: Any, *, tls: bool) -> RedisAddress:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/name[/db]``."""
+    username, password, sentinels = _auth_hosts(parts, SENTINEL_PORT)
     names = [unquote(p) for p in parts.path.split("/")[1:] if p]
     if not names or len(names) > 2:
         raise ValueError(
@@ -355,7 +393,7 @@ def _parse_sentinel_url(parts: Any, *, tls: bool) -> RedisAddress:
     )
 
 
-def _sentinel_host(text: str) -> tuple[str, int]:
+def _sentinel_host(text: str, default_port: int = SENTINEL_PORT) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -364,9 +402,10 @@ def _sentinel_host(text: str) -> tuple[str, int]:
     else:
         host, _, port_text = text.partition(":")
     if not host:
-        raise ValueError("bad Redis URL: a sentinel without a host")
+        what = "sentinel" if default_port == SENTINEL_PORT else "cluster node"
+        raise ValueError(f"bad Redis URL: a {what} without a host")
     if not port_text:
-        return host, SENTINEL_PORT
+        return host, default_port
     if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError("bad Redis URL: the port must be a number from 1 to 65535")
     return host, int(port_text)

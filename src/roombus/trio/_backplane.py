@@ -49,10 +49,14 @@ from ..cluster.protocol import (
 from ..cluster.resp import RedisError
 from ..node.cluster import cluster_config, generate_node_id, redis_ssl_context
 from ._redis import (
+    ClusterConnection,
+    ClusterSubscriber,
     RedisConnection,
     RedisConnectionError,
     RedisSubscriber,
     connect,
+    connect_cluster,
+    connect_cluster_subscriber,
     connect_subscriber,
 )
 
@@ -137,8 +141,8 @@ class RedisBackplane:
         self._session: trio.CancelScope | None = None
         self._session_nursery: trio.Nursery | None = None
         self._closing = False
-        self._cmd: RedisConnection | None = None
-        self._sub: RedisSubscriber | None = None
+        self._cmd: RedisConnection | ClusterConnection | None = None
+        self._sub: RedisSubscriber | ClusterSubscriber | None = None
         self._cmd_work: deque[Execute] = deque()
         self._cmd_wake = trio.Event()
         self._sub_work: deque[Listen | Unlisten | Ping] = deque()
@@ -294,7 +298,9 @@ class RedisBackplane:
 
     async def _open_command(self, command: OpenLink) -> None:
         async def open_it() -> None:
-            self._cmd = await connect(
+            # A redis+cluster:// address: a connection per primary, commands routed.
+            opener = connect_cluster if command.address.cluster else connect
+            self._cmd = await opener(
                 command.address, connect_timeout=command.timeout, ssl_context=self.ssl_context
             )
             assert self._session_nursery is not None
@@ -305,7 +311,8 @@ class RedisBackplane:
 
     async def _open_subscriber(self, command: OpenLink) -> None:
         async def open_it() -> None:
-            self._sub = await connect_subscriber(
+            opener = connect_cluster_subscriber if command.address.cluster else connect_subscriber
+            self._sub = await opener(
                 command.address,
                 sharded=self.protocol.sharded,
                 connect_timeout=command.timeout,

@@ -67,6 +67,7 @@ from ..cluster.resp import (
     RedisError,
     RespProtocolError,
     check_handshake,
+    cluster_node,
     handshake_commands,
     new_reader,
     pack_commands,
@@ -79,10 +80,25 @@ from ..cluster.resp import (
     sharded_from_command_info,
     sharded_from_info,
 )
+from ..cluster.slots import (
+    SHARDS_QUERY,
+    SLOTS_QUERY,
+    Node,
+    Router,
+    Send,
+    SlotMap,
+    command_slot,
+    slot_map_from_shards,
+    slot_map_from_slots,
+)
 from ..node.cluster import redis_ssl_context
 
 __all__ = [
     "Arg",
+    "ClusterConnection",
+    "ClusterSubscriber",
+    "connect_cluster",
+    "connect_cluster_subscriber",
     "RedisAddress",
     "RedisConnection",
     "RedisConnectionError",
@@ -473,6 +489,9 @@ class RedisSubscriber(_Wire):
         else:
             self._subscribe, self._unsubscribe = b"SUBSCRIBE", b"UNSUBSCRIBE"
             self._message = b"message"
+        #: A channel Redis drops unasked (its slot moved to another shard) breaks the
+        #: connection (a cluster's subscriber: its owner subscribes again elsewhere).
+        self.strict = False
         self._subscribed_kind = self._subscribe.lower()
         self._unsubscribed_kind = self._unsubscribe.lower()
         self._messages: deque[tuple[bytes, bytes]] = deque()
@@ -608,7 +627,14 @@ class RedisSubscriber(_Wire):
             self._fail(f"unexpected reply from Redis at {self._where}: {reply!r:.80}")
             return
         # A confirmation: for the oldest request, unless Redis sent it unasked (a cluster
-        # sends ``sunsubscribe`` when a slot moves away).
+        # sends ``sunsubscribe`` when a slot moves away: fatal when ``strict``).
+        if (
+            self.strict
+            and kind == self._unsubscribed_kind
+            and not (self._pending and self._pending[0].kind == kind)
+        ):
+            self._fail(f"Redis at {self._where} dropped channel {reply[1]!r:.80}: its slot moved")
+            return
         if self._pending and self._pending[0].kind == kind:
             request = self._pending[0]
             request.remaining -= 1
@@ -797,3 +823,312 @@ async def supports_sharded_pubsub(conn: RedisConnection) -> bool:
             return False
         return sharded_from_info(info)
     return sharded_from_command_info(reply)
+
+
+# --------------------------------------------------------------------------------------
+# Redis Cluster (a redis+cluster:// address): one connection per primary
+
+
+async def _slot_map(conn: RedisConnection, address: RedisAddress, node: Node) -> SlotMap:
+    """The map as *node* sees it: ``CLUSTER SHARDS``, or ``CLUSTER SLOTS`` before Redis 7."""
+    replies = await conn.pipeline([SHARDS_QUERY, SLOTS_QUERY])
+    if not isinstance(replies[0], RedisError):
+        return slot_map_from_shards(replies[0], default_host=node[0], tls=address.tls is not None)
+    if isinstance(replies[1], RedisError):
+        raise replies[1]
+    return slot_map_from_slots(replies[1], default_host=node[0])
+
+
+class ClusterConnection:
+    """Commands to a Redis Cluster: each goes to the primary of its key's slot, on one
+    :class:`RedisConnection` per primary (opened when first needed), redirections
+    followed (:class:`roombus.cluster.slots.Router` decides; this class only sends).
+
+    Open it with :func:`connect_cluster`. Its interface is :class:`RedisConnection`'s.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        slot_map: SlotMap,
+        conns: dict[Node, RedisConnection],
+        *,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.address: Final = address
+        #: The primary of each slot, as last read (or corrected by a MOVED).
+        self.slot_map = slot_map
+        self._conns = conns
+        self._timeout = connect_timeout
+        self._context = ssl_context
+        self._broken: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        """A connection to a primary broke (or :meth:`aclose`): unusable for good."""
+        return self._broken is not None or any(c.closed for c in self._conns.values())
+
+    async def _node(self, node: Node) -> RedisConnection:
+        conn = self._conns.get(node)
+        if conn is None or conn.closed:
+            conn = await connect(
+                cluster_node(self.address, node),
+                connect_timeout=self._timeout,
+                ssl_context=self._context,
+            )
+            if self._broken is not None:
+                await conn.aclose()
+                raise RedisConnectionError(self._broken)
+            self._conns[node] = conn
+        return conn
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one command on the primary of its slot; an error reply raises."""
+        (reply,) = await self.pipeline([args])
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Iterable[Sequence[Arg]]) -> list[Any]:
+        """Several commands, one pipeline per primary, at once; the replies in order
+        (error replies in their places, as :meth:`RedisConnection.pipeline`)."""
+        if self._broken is not None:
+            await trio.lowlevel.checkpoint()
+            raise RedisConnectionError(self._broken)
+        router = Router([tuple(c) for c in commands], self.slot_map)
+        while not router.done:
+            if router.delay:
+                await trio.sleep(router.delay)
+            sends = router.plan()
+            results: dict[int, list[Any] | BaseException] = {}
+            async with trio.open_nursery() as nursery:
+                for i, send in enumerate(sends):
+                    nursery.start_soon(self._send, i, send, results)
+            for i, send in enumerate(sends):
+                result = results[i]
+                if isinstance(result, BaseException):
+                    raise result
+                router.feed(send, result)
+        self.slot_map = router.slot_map
+        if router.refresh:
+            await self.refresh()
+        return router.replies
+
+    async def _send(
+        self, i: int, send: Send, results: dict[int, list[Any] | BaseException]
+    ) -> None:
+        try:
+            conn = await self._node(send.node)
+            results[i] = await conn.pipeline(send.commands)
+        except (RedisConnectionError, RedisError) as exc:
+            results[i] = exc
+
+    async def refresh(self) -> None:
+        """Read the slot map again (after a MOVED), from a primary already connected."""
+        for node, conn in list(self._conns.items()):
+            if conn.closed:
+                continue
+            slot_map = await _slot_map(conn, self.address, node)
+            if slot_map.ranges:
+                self.slot_map = slot_map
+                return
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        self._broken = f"the connection to Redis {self.address} is closed"
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            await conn.aclose()
+
+
+async def _cluster_map(
+    address: RedisAddress, connect_timeout: float, ssl_context: ssl.SSLContext | None
+) -> tuple[SlotMap, Node, RedisConnection]:
+    """Ask the seeds in turn for a complete slot map (the first that has one wins)."""
+    errors: list[str] = []
+    for seed in address.cluster:
+        try:
+            conn = await connect(
+                cluster_node(address, seed),
+                connect_timeout=connect_timeout,
+                ssl_context=ssl_context,
+            )
+        except (RedisConnectionError, RedisError) as exc:
+            errors.append(f"{seed[0]}:{seed[1]}: {exc}")
+            continue
+        try:
+            with trio.fail_after(connect_timeout):
+                slot_map = await _slot_map(conn, address, seed)
+            if slot_map.complete:
+                return slot_map, seed, conn
+            errors.append(f"{seed[0]}:{seed[1]}: the cluster does not cover every slot")
+        except (RedisConnectionError, RedisError, ValueError, trio.TooSlowError) as exc:
+            errors.append(f"{seed[0]}:{seed[1]}: {exc or 'no answer in time'}")
+        await conn.aclose()
+    raise RedisConnectionError(f"no slot map from the Redis {address}: {'; '.join(errors)}")
+
+
+async def connect_cluster(
+    address: RedisAddress | str,
+    *,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ClusterConnection:
+    """Open a command connection to the Redis Cluster of a ``redis+cluster://``
+    *address*: the slot map from its seeds, then a connection to every primary."""
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    slot_map, seed, first = await _cluster_map(address, connect_timeout, ssl_context)
+    conns = {seed: first} if seed in slot_map.primaries else {}
+    if not conns:
+        await first.aclose()
+    cluster = ClusterConnection(
+        address, slot_map, conns, connect_timeout=connect_timeout, ssl_context=ssl_context
+    )
+    try:
+        for node in slot_map.primaries:
+            await cluster._node(node)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await cluster.aclose()
+        raise
+    return cluster
+
+
+class ClusterSubscriber:
+    """Pub/sub on a Redis Cluster: a :class:`RedisSubscriber` on every primary (as the
+    map was when it opened). A sharded channel is subscribed on the primary of its slot
+    (one ``SSUBSCRIBE`` per slot); a classic one on the first primary (classic messages
+    reach every node of a cluster). A channel whose slot moves breaks the subscriber
+    (``strict``): its owner subscribes again, with a fresh map.
+
+    Open it with :func:`connect_cluster_subscriber`. Its interface is
+    :class:`RedisSubscriber`'s.
+    """
+
+    def __init__(
+        self, address: RedisAddress, slot_map: SlotMap, subs: dict[Node, RedisSubscriber]
+    ) -> None:
+        self.address: Final = address
+        self.slot_map: Final = slot_map
+        self.sharded: Final = next(iter(subs.values())).sharded
+        self._subs = subs
+        self._first = next(iter(subs.values()))
+        self._messages: deque[tuple[bytes, bytes]] = deque()
+        self._error: BaseException | None = None
+        for sub in subs.values():
+            sub.strict = True
+
+    @property
+    def closed(self) -> bool:
+        return any(sub.closed for sub in self._subs.values())
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        return frozenset().union(*(sub.channels for sub in self._subs.values()))
+
+    def _groups(self, channels: Sequence[bytes | str]) -> list[tuple[RedisSubscriber, list[Any]]]:
+        if not self.sharded:
+            return [(self._first, list(channels))]
+        groups: dict[int, list[Any]] = {}
+        for chan in channels:
+            slot = command_slot((b"SSUBSCRIBE", chan))
+            assert slot is not None
+            groups.setdefault(slot, []).append(chan)
+        out = []
+        for slot, chans in groups.items():
+            node = self.slot_map.node_of(slot)
+            sub = None if node is None else self._subs.get(node)
+            if sub is None:
+                raise RedisConnectionError(
+                    f"slot {slot} of the Redis {self.address} is on no primary connected"
+                )
+            out.append((sub, chans))
+        return out
+
+    async def _all(self, calls: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        errors: list[BaseException] = []
+
+        async def run(call: Any, args: tuple[Any, ...]) -> None:
+            try:
+                await call(*args)
+            except (RedisConnectionError, RedisError) as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for call, args in calls:
+                nursery.start_soon(run, call, args)
+        if errors:
+            raise errors[0]
+
+    async def subscribe(self, *channels: bytes | str) -> None:
+        """Subscribe each channel on its shard; return once every one is confirmed."""
+        await self._all([(sub.subscribe, tuple(c)) for sub, c in self._groups(channels)])
+
+    async def unsubscribe(self, *channels: bytes | str) -> None:
+        """Unsubscribe the channels (every one if none is named)."""
+        if not channels:
+            await self._all([(sub.unsubscribe, ()) for sub in self._subs.values()])
+            return
+        await self._all([(sub.unsubscribe, tuple(c)) for sub, c in self._groups(channels)])
+
+    async def ping(self) -> None:
+        """PING every primary's subscriber."""
+        await self._all([(sub.ping, ()) for sub in self._subs.values()])
+
+    async def receive_many(self) -> list[tuple[bytes, bytes]]:
+        """The next burst of messages of any shard (a reader per shard while it waits;
+        the others are cancelled, which loses nothing)."""
+        if not self._messages and self._error is None:
+            async with trio.open_nursery() as nursery:
+                for sub in self._subs.values():
+                    nursery.start_soon(self._read, sub, nursery.cancel_scope)
+        if self._messages:
+            batch = list(self._messages)
+            self._messages.clear()
+            return batch
+        assert self._error is not None
+        raise self._error
+
+    async def _read(self, sub: RedisSubscriber, scope: trio.CancelScope) -> None:
+        try:
+            self._messages.extend(await sub.receive_many())
+        except RedisConnectionError as exc:
+            if self._error is None:
+                self._error = exc
+        scope.cancel()
+
+    async def aclose(self) -> None:
+        for sub in self._subs.values():
+            await sub.aclose()
+
+
+async def connect_cluster_subscriber(
+    address: RedisAddress | str,
+    *,
+    sharded: bool,
+    connect_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ClusterSubscriber:
+    """Open a pub/sub connection to the Redis Cluster of a ``redis+cluster://``
+    *address*: a subscriber on every primary of the map its seeds give."""
+    if isinstance(address, str):
+        address = parse_redis_url(address)
+    slot_map, _, conn = await _cluster_map(address, connect_timeout, ssl_context)
+    await conn.aclose()
+    subs: dict[Node, RedisSubscriber] = {}
+    try:
+        for node in slot_map.primaries:
+            subs[node] = await connect_subscriber(
+                cluster_node(address, node),
+                sharded=sharded,
+                connect_timeout=connect_timeout,
+                ssl_context=ssl_context,
+            )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for sub in subs.values():
+                await sub.aclose()
+        raise
+    return ClusterSubscriber(address, slot_map, subs)

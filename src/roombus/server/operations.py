@@ -388,10 +388,15 @@ class HubOperations:
                 "backplane": None if broker.node is None else {"online": stats.backplane_online},
             }
             if broker.node is not None:
+                nodes = None if read is None else dict(read.nodes)
+                if nodes is not None and broker.node not in nodes:
+                    # Answering, this node is alive, whether or not it renewed its entry
+                    # yet (a node with no user does at its first presence refresh).
+                    nodes[broker.node] = 0
                 result["nodes"] = (
                     None
-                    if read is None
-                    else [{"node": n, "seen_ms_ago": age} for n, age in read.nodes]
+                    if nodes is None
+                    else [{"node": n, "seen_ms_ago": age} for n, age in sorted(nodes.items())]
                 )
             return result
 

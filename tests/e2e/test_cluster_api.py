@@ -244,3 +244,33 @@ def test_info_on_a_lists_both_nodes_and_b_leaves_within_the_ttl_of_its_death(
     t0 = time.monotonic()
     wait_for(lambda: listed() == ["node-a"], timeout=3 + 2)
     assert time.monotonic() - t0 <= 3 + 0.5  # within the presence TTL
+
+
+def test_the_api_of_a_uvicorn_node_acts_on_the_cluster(redis: RedisProcess, nodes: Any) -> None:
+    """The ASGI app under uvicorn in the same cluster: its API waits for Redis's answers
+    (publish, history) and its disconnect reaches the other nodes."""
+    from tests.e2e.test_cluster_mixed import UvicornNode
+
+    a, b, clients = nodes
+    uv = UvicornNode(redis.url, "node-u", ROOMBUS_API_KEY=KEY)
+    try:
+        wait_for(uv.online)
+        ann = client(clients, a, "lobby", "ann")
+        bob = client(clients, b, "lobby", "bob")
+        until_present(a, "lobby", {"ann", "bob"})
+        status, result = call(uv.port, "publish", {"room": "lobby", "content": "from uvicorn"})
+        assert status == 200, result
+        assert chat(ann, "from uvicorn")["seq"] == result["seq"]
+        assert chat(bob, "from uvicorn")["seq"] == result["seq"]
+        status, history = call(uv.port, "history", {"room": "lobby"})
+        assert status == 200, history
+        assert [m["content"] for m in history["items"]][-1] == "from uvicorn"
+        status, presence = call(uv.port, "presence", {"room": "lobby"})
+        assert status == 200 and {u["username"] for u in presence["users"]} == {"ann", "bob"}
+        status, result = call(uv.port, "disconnect", {"username": "bob", "code": 4002})
+        assert status == 200 and result["cluster"] is True, result
+        closed = bob.until_closed()
+        assert closed.rcvd is not None and closed.rcvd.code == 4002
+        assert "Traceback" not in "".join(uv.lines)
+    finally:
+        uv.stop()

@@ -46,7 +46,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
 class UvicornNode:
     """``uvicorn --factory roombus.asgi:create_app`` on a socket bound here."""
 
-    def __init__(self, redis_url: str, node_id: str) -> None:
+    def __init__(self, redis_url: str, node_id: str, **env: str) -> None:
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
         self.sock.listen(64)
@@ -58,6 +58,7 @@ class UvicornNode:
             ROOMBUS_PRESENCE_TTL=str(TTL),
             PYTHONUNBUFFERED="1",
         )
+        environ.update(env)
         fd = self.sock.fileno()
         app = ("--factory", "roombus.asgi:create_app", "--ws-ping-interval", "20")
         self.proc = subprocess.Popen(

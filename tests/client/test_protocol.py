@@ -69,7 +69,8 @@ def joined(p: ClientProtocol, room: str, epoch: str = "E1", seq: int = 0, **kw: 
 
 
 def chat(p: ClientProtocol, room: str, seq: int, content: Any = None, **kw: Any) -> None:
-    recv(p, type="chat", room=room, seq=seq, username="bob", content=content or seq, **kw)
+    kw.setdefault("username", "bob")
+    recv(p, type="chat", room=room, seq=seq, content=content or seq, **kw)
 
 
 def query(target: str) -> dict[str, str]:
@@ -488,3 +489,39 @@ def test_the_client_package_exports_what_it_lists() -> None:
     assert roombus.client.__all__ == sorted(roombus.client.__all__)
     for name in roombus.client.__all__:
         assert name in vars(roombus.client), name
+
+
+def test_a_chat_whose_sender_id_was_handed_over_is_dropped_even_in_another_epoch() -> None:
+    """A resend whose ack was lost across an epoch change is numbered again: the
+    sender's id, which every receiver gets, says it is a message already shown."""
+    p, _ = opened(options=ClientOptions(dedup_window=300.0))
+    joined(p, "lobby", "E1", 4)
+    chat(p, "lobby", 5, "hi", id="m-1")
+    chat(p, "lobby", 6, "other user, same id", id="m-1", username="cat")
+    recv(p, 1.0, type="reset", room="lobby", epoch="E2", seq=0, reason="epoch_changed")
+    chat(p, "lobby", 1, "hi", id="m-1")  # the same message again, as E2:1
+    chat(p, "lobby", 2, "next")
+    shown = [(e.epoch, e.seq, e.username, e.content) for e in events(p) if isinstance(e, Message)]
+    assert shown == [
+        ("E1", 5, "bob", "hi"),
+        ("E1", 6, "cat", "other user, same id"),
+        ("E2", 2, "bob", "next"),
+    ]
+    assert p.duplicates == 1
+    assert p.positions()["lobby"] == Position("E2", 2)  # no Gap: E2:1 was seen, not shown
+    # Past the window the id is forgotten (the server would publish it anew too).
+    p.received(
+        p.gen,
+        json.dumps(
+            {
+                "type": "chat",
+                "room": "lobby",
+                "seq": 3,
+                "username": "bob",
+                "content": "hi",
+                "id": "m-1",
+            }
+        ),
+        400.0,
+    )
+    assert [e.seq for e in events(p) if isinstance(e, Message)] == [3]

@@ -162,7 +162,9 @@ def test_an_acknowledged_chat_is_published_once() -> None:
     assert [e["type"] for e in inbox(first, 1)] == ["chat", "ack"]
     ack = {"type": "ack", "id": "m-1", "room": "lobby", "epoch": epoch, "seq": 1}
     assert inbox(first, 1)[1] == ack
-    assert "id" not in inbox(first, 1)[0] and "id" not in inbox(first, 2)[0]
+    # Every receiver gets the sender's id with the chat (its dedup key across epochs).
+    assert inbox(first, 1)[0]["id"] == "m-1" and inbox(first, 2)[0]["id"] == "m-1"
+    assert "id" not in inbox(send(b, 2, chat("no id")), 1)[0]
     # The resend (after a reconnect, say) gets the first ack and publishes nothing.
     disconnect(b, 1)
     connect(b, 3, "ann")
@@ -171,7 +173,7 @@ def test_an_acknowledged_chat_is_published_once() -> None:
     assert not any(isinstance(a, MessagePublished) for a in again)
     # Another user's id is their own.
     other = send(b, 2, chat("hi", id="m-1"))
-    assert inbox(other, 2)[-1]["seq"] == 2
+    assert inbox(other, 2)[-1]["seq"] == 3
 
 
 def test_a_duplicate_after_the_window_is_published_again() -> None:

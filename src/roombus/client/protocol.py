@@ -156,6 +156,10 @@ class ClientOptions:
         max_events: The most events waiting for the application.
         partial: Join with ``partial: true``: when not every missed message can be
             replayed, the kept ones are (the rest is reported as lost or skipped).
+        dedup_window: A chat that carries its sender's ``id`` is dropped if the same
+            user's chat with that id was handed over within this long (the server's
+            dedup window, 300 s by default): a resend after an ack lost across an
+            epoch change comes again under a new position.
     """
 
     backoff_initial: float = attrs.field(default=0.5, validator=_positive)
@@ -167,6 +171,7 @@ class ClientOptions:
     outbox_size: int = attrs.field(default=256, validator=_positive)
     max_events: int = attrs.field(default=1024, validator=_positive)
     partial: bool = True
+    dedup_window: float = attrs.field(default=300.0, validator=_positive)
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """The delay before reconnect attempt *attempt* (0 for the first retry)."""
@@ -482,6 +487,7 @@ class ClientProtocol:
         self._events: deque[Event] = deque()
         self._actions: list[Action] = []
         self._settled: list[tuple[str, Outcome]] = []
+        self._ids = SeenIds(self.options.dedup_window)
         self.duplicates = 0  # chats dropped as already handed over
         self.dropped = 0  # chats and presence dropped because the queue was full
         self._behind = False  # some room is behind
@@ -617,7 +623,7 @@ class ClientProtocol:
         r = self._rooms.get(room) if type(room) is str else None
         if kind == "chat":
             if r is not None:
-                self._on_chat(r, msg)
+                self._on_chat(r, msg, now)
         elif kind == "presence":
             if r is not None:
                 self._on_presence(r, msg)
@@ -863,7 +869,7 @@ class ClientProtocol:
                 else:
                     self._behind = True  # its join's answer comes first
 
-    def _on_chat(self, r: _Room, msg: dict[str, Any]) -> None:
+    def _on_chat(self, r: _Room, msg: dict[str, Any], now: float) -> None:
         if r.phase is not RoomPhase.JOINED:
             return  # before the join's answer: the replay brings it
         seq = msg.get("seq")
@@ -882,6 +888,13 @@ class ClientProtocol:
             self.dropped += 1
             return
         username = msg.get("username")
+        msg_id = msg.get("id")
+        if type(msg_id) is str and type(username) is str:
+            # A resend whose ack was lost across an epoch change is numbered again:
+            # the sender's id says it is one already handed over.
+            if not self._ids.first(r.name, username, msg_id, now):
+                self.duplicates += 1
+                return
         timestamp = msg.get("timestamp")
         self._emit(
             Message(
@@ -995,6 +1008,32 @@ class ClientProtocol:
             self._emit(JoinRefused(room=room, code=code, content=content))
             return
         self._inform(ServerError(code=code, content=content, id=err_id))
+
+
+class SeenIds:
+    """
+    The (room, username, id) of chats handed over in the last *window* seconds (the
+    server's dedup window), at most *most* of them: the oldest are forgotten first.
+    """
+
+    def __init__(self, window: float, most: int = 65536) -> None:
+        self.window = window
+        self.most = most
+        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def first(self, room: str, username: str, msg_id: str, now: float) -> bool:
+        """Whether this is the first time; remembered either way."""
+        seen = self._seen
+        while seen:
+            key, at = next(iter(seen.items()))
+            if at > now - self.window and len(seen) < self.most:
+                break
+            del seen[key]
+        key = (room, username, msg_id)
+        if key in seen:
+            return False
+        seen[key] = now
+        return True
 
 
 def _check_room(room: str) -> None:

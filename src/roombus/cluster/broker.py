@@ -704,7 +704,7 @@ class ClusterBroker(Broker):
                 return False
             self._relay_unconfirmed += 1
             return True
-        prefix = codec.chat_prefix(username, content, room, timestamp)
+        prefix = codec.chat_prefix(username, content, room, timestamp, msg_id)
         if prefix is None:
             return False
         self._refs += 1

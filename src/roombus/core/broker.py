@@ -941,7 +941,7 @@ class Broker:
         Returns:
             False if *content* cannot be forwarded (nothing published).
         """
-        prefix = codec.chat_prefix(username, content, room, timestamp)
+        prefix = codec.chat_prefix(username, content, room, timestamp, msg_id)
         if prefix is None:
             return False
         epoch, seq, payload = self._streams.number(

@@ -284,11 +284,15 @@ def encode_chat(
     return None if prefix is None else complete_chat(prefix, seq)
 
 
-def chat_prefix(username: str, content: object, room: str, timestamp: int) -> bytes | None:
+def chat_prefix(
+    username: str, content: object, room: str, timestamp: int, msg_id: str | None = None
+) -> bytes | None:
     """
     A chat envelope up to its ``seq`` value (``...,"seq":``), for a sequence number
     assigned when it is numbered; complete it with :func:`complete_chat`. None as for
-    :func:`encode_chat`.
+    :func:`encode_chat`. With *msg_id* (the sender's ``id``), the envelope carries it:
+    a receiver drops a (username, id) it already has, even in another epoch (a resend
+    after an ack lost across an epoch change is numbered again).
 
     Built from pieces rather than through a dict: this runs once per published
     message, and string content (the common case) needs only the C string escaper.
@@ -300,8 +304,9 @@ def chat_prefix(username: str, content: object, room: str, timestamp: int) -> by
             body = _dumps(content)
         except (ValueError, RecursionError):
             return None
+    ident = "" if msg_id is None else f'"id":{_escape(msg_id)},'
     text = (
-        f'{{"type":"chat","username":{_escape(username)},"content":{body},'
+        f'{{"type":"chat","username":{_escape(username)},"content":{body},{ident}'
         f'"room":{_escape(room)},"timestamp":{int(timestamp)},"seq":'
     )
     try:

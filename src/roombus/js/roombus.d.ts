@@ -53,6 +53,8 @@ export interface ClientOptions {
   outboxSize?: number;
   /** Join with `partial: true` (true): replay what is kept even when not everything is. */
   partial?: boolean;
+  /** Seconds a chat's sender id is remembered (300, the server's dedup window): a chat whose (username, id) was handed over is dropped, even in another epoch. */
+  dedupWindow?: number;
   /** The WebSocket constructor (default: `globalThis.WebSocket`). */
   WebSocket?: typeof WebSocket;
   /** Listen to `online`/`offline`/`visibilitychange` on this target (default: `globalThis` in a browser). */

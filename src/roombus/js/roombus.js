@@ -74,6 +74,7 @@ const DEFAULTS = Object.freeze({
   pingTimeout: 5,
   outboxSize: 256,
   partial: true,
+  dedupWindow: 300,
 });
 
 const EVENTS = [
@@ -118,7 +119,7 @@ function wsUrl(url) {
 export class Client {
   constructor(url, options = {}) {
     const o = { ...DEFAULTS, ...options };
-    for (const key of ["backoffInitial", "backoffMax", "stableAfter", "connectTimeout", "pingInterval", "pingTimeout", "outboxSize"]) {
+    for (const key of ["backoffInitial", "backoffMax", "stableAfter", "connectTimeout", "pingInterval", "pingTimeout", "outboxSize", "dedupWindow"]) {
       if (!(typeof o[key] === "number" && o[key] > 0)) {
         throw new RangeError(`${key} must be a number > 0, not ${o[key]}`);
       }
@@ -160,6 +161,7 @@ export class Client {
     this._timer = null;
     this._saveTimer = null;
     this.duplicates = 0;
+    this._seenIds = new Map(); // JSON [room, username, id] -> when handed over (oldest first)
     this._wakeTarget = null;
     this._onWake = () => this._wake();
     this._onHide = () => this._savePositions();
@@ -576,6 +578,12 @@ export class Client {
       r.position = { epoch: pos.epoch, seq };
       this._saveSoon();
     }
+    if (typeof msg.id === "string" && typeof msg.username === "string" && !this._firstId(r.name, msg.username, msg.id)) {
+      // A resend whose ack was lost across an epoch change is numbered again: the
+      // sender's id says it is a message already handed over.
+      this.duplicates += 1;
+      return;
+    }
     this._emit("message", {
       room: r.name,
       username: typeof msg.username === "string" ? msg.username : "",
@@ -585,6 +593,19 @@ export class Client {
       timestamp: Number.isSafeInteger(msg.timestamp) ? msg.timestamp : null,
       replayed: msg.replayed === true,
     });
+  }
+
+  _firstId(room, username, id) {
+    const now = monotonic();
+    const seen = this._seenIds;
+    for (const [key, at] of seen) {
+      if (at > now - this._o.dedupWindow * 1000 && seen.size < 65536) break;
+      seen.delete(key);
+    }
+    const key = JSON.stringify([room, username, id]);
+    if (seen.has(key)) return false;
+    seen.set(key, now);
+    return true;
   }
 
   _onPresence(r, msg) {

@@ -337,6 +337,24 @@ describe("the client alone", () => {
     assert.deepEqual(c.positions(), { lobby: { epoch: "E2", seq: 4 } });
   });
 
+  test("a chat whose sender id was handed over is dropped even in another epoch", T, async () => {
+    const c = new Client("ws://127.0.0.1:1/ws", { rooms: ["lobby"], WebSocket: FakeSocket, eventTarget: null }).start();
+    clients.push(c);
+    const events = record(c);
+    await until(() => c.state === "open", "open");
+    const ws = FakeSocket.last;
+    ws.deliver({ type: "joined", room: "lobby", epoch: "E1", seq: 4 });
+    ws.deliver({ type: "chat", room: "lobby", username: "bob", content: "hi", id: "m-1", seq: 5 });
+    ws.deliver({ type: "chat", room: "lobby", username: "cat", content: "same id, other user", id: "m-1", seq: 6 });
+    ws.deliver({ type: "reset", room: "lobby", epoch: "E2", seq: 0, reason: "epoch_changed" });
+    ws.deliver({ type: "chat", room: "lobby", username: "bob", content: "hi", id: "m-1", seq: 1 });
+    ws.deliver({ type: "chat", room: "lobby", username: "bob", content: "next", seq: 2 });
+    assert.deepEqual(messages(events, "lobby"), [[5, "hi"], [6, "same id, other user"], [2, "next"]]);
+    assert.equal(c.duplicates, 1);
+    assert.ok(!events.some(([t]) => t === "gap"));
+    assert.deepEqual(c.positions(), { lobby: { epoch: "E2", seq: 2 } });
+  });
+
   test("a reconnect names the last position in the URL and resends the outbox with the same ids", T, async () => {
     const c = new Client("ws://127.0.0.1:1/ws", { rooms: ["lobby", "news"], username: "ann", WebSocket: FakeSocket, eventTarget: null, backoffInitial: 0.01 }).start();
     clients.push(c);

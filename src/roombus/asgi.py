@@ -52,6 +52,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final, Protocol, final
 
@@ -675,14 +676,24 @@ def create_app() -> RoombusASGI:
     cluster, through :class:`roombus.asyncio.RedisBackplane` (an asyncio server only).
     ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger.
 
+    A configuration error is one line on stderr naming the setting
+    (``roombus: ROOMBUS_PORT: invalid value 'abc': ...``) and :class:`SystemExit` with
+    status 2, as ``roombus serve`` exits for one, not a traceback from the ASGI server.
+    An app that wants the :class:`~roombus.ConfigError` itself calls
+    :func:`roombus.node.options.settings_from_environ` and :class:`RoombusASGI`.
+
     Raises:
-        ConfigError: naming the variable, if one is invalid.
+        SystemExit: status 2, for an invalid variable (after the line on stderr).
     """
-    settings = settings_from_environ(os.environ)
-    log.setLevel(settings.log_level.upper())
-    return RoombusASGI(
-        attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
-    )
+    try:
+        settings = settings_from_environ(os.environ)
+        log.setLevel(settings.log_level.upper())
+        return RoombusASGI(
+            attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
+        )
+    except ConfigError as exc:
+        print(f"roombus: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _backplane(settings: Settings) -> Backplane | None:

@@ -105,3 +105,21 @@ def test_uvicorn_with_the_documented_log_config_shows_no_token(tmp_path):
         for part in token.split("."):
             assert part not in logged
     assert SECRET not in logged
+
+
+def test_a_bad_variable_under_uvicorn_is_one_line_and_status_2(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+    environ.update(ROOMBUS_PORT="abc", PYTHONUNBUFFERED="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "--factory", "roombus.asgi:create_app", "--port", "0"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=BOUND,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("roombus: ")]
+    assert len(lines) == 1 and lines[0].startswith("roombus: ROOMBUS_PORT: "), done.stderr

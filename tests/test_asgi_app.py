@@ -186,6 +186,7 @@ def test_create_app_reads_the_environment(
         monkeypatch.delenv(name)
     logger = logging.getLogger("roombus")
     monkeypatch.setattr(logger, "level", logger.level)  # create_app sets it
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # and may add one
     monkeypatch.setenv("ROOMBUS_MAX_MESSAGE_BYTES", "2048")
     monkeypatch.setenv("ROOMBUS_SEND_QUEUE_BYTES", "8192")
     monkeypatch.setenv("ROOMBUS_ALLOWED_ORIGIN", "https://a.example,https://b.example")

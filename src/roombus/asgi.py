@@ -79,6 +79,7 @@ from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
 from .core.names import ConnectionId
+from .logging import use_host_logging
 from .node.assemble import build_broker
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
@@ -674,7 +675,11 @@ def create_app() -> RoombusASGI:
     address and HTTP limits are the server's. ``ROOMBUS_REDIS`` (with
     ``ROOMBUS_NODE_ID``, ``ROOMBUS_PRESENCE_TTL``, ``ROOMBUS_REDIS_PREFIX``) joins a
     cluster, through :class:`roombus.asyncio.RedisBackplane` (an asyncio server only).
-    ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger.
+    ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger, whose lines go to
+    the host's handlers (the root logger's: ``uvicorn --log-config``), or to stderr
+    while the root logger has none (uvicorn's default configures only its own loggers);
+    ``ROOMBUS_LOG_FORMAT`` is that stderr line's format
+    (:func:`roombus.logging.use_host_logging`).
 
     A configuration error is one line on stderr naming the setting
     (``roombus: ROOMBUS_PORT: invalid value 'abc': ...``) and :class:`SystemExit` with
@@ -687,7 +692,7 @@ def create_app() -> RoombusASGI:
     """
     try:
         settings = settings_from_environ(os.environ)
-        log.setLevel(settings.log_level.upper())
+        use_host_logging(settings.log_level, settings.log_format)
         return RoombusASGI(
             attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
         )

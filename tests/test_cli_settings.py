@@ -262,3 +262,13 @@ def test_a_port_that_is_no_number_says_what_a_port_is(tmp_path, args, env, messa
     with pytest.raises(ConfigError) as info:
         settings(tmp_path, toml, *args, env=env)
     assert str(info.value) == message.format(file=tmp_path / "roombus.toml")
+
+
+def test_the_startup_line_has_the_page_url_when_a_page_is_served(tmp_path):
+    from roombus._run import _url
+
+    assert _url(settings(tmp_path, ""), 8765) == (
+        "ws://127.0.0.1:8765/ws, page at http://127.0.0.1:8765/"
+    )
+    # The WebSocket URL first, as the tests and tools that read the line expect.
+    assert _url(settings(tmp_path, "", "--no-page"), 8765) == "ws://127.0.0.1:8765/ws"

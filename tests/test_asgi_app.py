@@ -179,11 +179,14 @@ def test_the_core_heartbeat_must_be_off() -> None:
         RoombusASGI(BrokerConfig())
 
 
-def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_create_app_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in [n for n in os.environ if n.startswith("ROOMBUS_")]:
         monkeypatch.delenv(name)
     logger = logging.getLogger("roombus")
     monkeypatch.setattr(logger, "level", logger.level)  # create_app sets it
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # and may add one
     monkeypatch.setenv("ROOMBUS_MAX_MESSAGE_BYTES", "2048")
     monkeypatch.setenv("ROOMBUS_SEND_QUEUE_BYTES", "8192")
     monkeypatch.setenv("ROOMBUS_ALLOWED_ORIGIN", "https://a.example,https://b.example")
@@ -197,8 +200,11 @@ def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("ROOMBUS_NO_PAGE", "1")
     assert create_app().config.page is None
     monkeypatch.setenv("ROOMBUS_RATE_LIMIT", "-1")
-    with pytest.raises(ConfigError, match="rate-limit"):
+    with pytest.raises(SystemExit) as exited:
         create_app()
+    assert exited.value.code == 2
+    line = capsys.readouterr().err
+    assert line.startswith("roombus: ") and "rate-limit" in line and line.count("\n") == 1
 
 
 class FakeBackplane:

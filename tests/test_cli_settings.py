@@ -198,3 +198,77 @@ def test_a_negative_or_odd_drain_window_is_refused(tmp_path, value):
     with pytest.raises(ConfigError, match="drain-seconds") as info:
         settings(tmp_path, "", "--drain-seconds", value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = true\n", "port: must be a number, not true"),
+        ("api-port = false\n", "api-port: must be a number, not false"),
+        ("rate-limit = true\n", "rate-limit: must be a number, not true"),
+        ("max-connections = false\n", "max-connections: must be a number, not false"),
+        ("history-ttl = true\n", "history-ttl: must be a number, not true"),
+        ("host = true\n", "host: must be a string, not true"),
+        ("allowed-origin = [true]\n", "allowed-origin: must be a string, not true"),
+        ("jwt-secret = true\n", "jwt-secret: must be a string"),
+    ],
+)
+def test_a_boolean_in_the_file_is_no_number(tmp_path, toml, message):
+    # bool is an int in Python: `port = true` would listen on port 1.
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, toml)
+    assert str(info.value) == f"{tmp_path / 'roombus.toml'}: {message}"
+
+
+def test_a_boolean_switch_and_numbers_in_the_file_still_work(tmp_path):
+    s = settings(tmp_path, "no-page = true\nport = 9000\nrate-limit = 2.5\nmax-connections = 0\n")
+    assert s.server.page is None and s.server.port == 9000
+    assert s.broker.rate_limit == 2.5 and s.server.max_connections == 0
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = 70000\n", "port: must be 0-65535, not 70000"),
+        ("port = -1\n", "port: must be 0-65535, not -1"),
+        ("rate-limit = -1\n", "rate-limit: "),
+        ("max-connections = -5\n", "max-connections: "),
+    ],
+)
+def test_a_range_error_from_the_file_names_the_file(tmp_path, toml, message):
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, toml)
+    assert str(info.value).startswith(f"{tmp_path / 'roombus.toml'}: {message}"), info.value
+
+
+def test_a_range_error_from_a_flag_or_variable_names_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match=r"^port: must be 0-65535, not 70000$"):
+        settings(tmp_path, "port = 1\n", "--port", "70000")
+    with pytest.raises(ConfigError, match=r"^port: must be 0-65535, not 70000$"):
+        settings(tmp_path, "", env={"ROOMBUS_PORT": "70000"})
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--port", "abc"], {}, "--port: 'abc' is not a port (0-65535)"),
+        (["--api-port", "8x"], {}, "--api-port: '8x' is not a port (0-65535)"),
+        ([], {"ROOMBUS_PORT": "abc"}, "ROOMBUS_PORT: 'abc' is not a port (0-65535)"),
+        ([], {}, "{file}: port: 'abc' is not a port (0-65535)"),
+    ],
+)
+def test_a_port_that_is_no_number_says_what_a_port_is(tmp_path, args, env, message):
+    toml = "" if args or env else 'port = "abc"\n'
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, toml, *args, env=env)
+    assert str(info.value) == message.format(file=tmp_path / "roombus.toml")
+
+
+def test_the_startup_line_has_the_page_url_when_a_page_is_served(tmp_path):
+    from roombus._run import _url
+
+    assert _url(settings(tmp_path, ""), 8765) == (
+        "ws://127.0.0.1:8765/ws, page at http://127.0.0.1:8765/"
+    )
+    # The WebSocket URL first, as the tests and tools that read the line expect.
+    assert _url(settings(tmp_path, "", "--no-page"), 8765) == "ws://127.0.0.1:8765/ws"

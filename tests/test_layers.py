@@ -61,7 +61,7 @@ LAYERS: Final = {
     "roombus._run": "root",
     "roombus.hub": "root",
     "roombus.lowlevel": "root",
-    "roombus.logging": "root",  # JsonFormatter, RedactTokens: for any program's log
+    "roombus.logging": "node",  # JsonFormatter, RedactTokens: for any program's log, asgi's too
 }
 
 #: Standard modules the layers below ``node`` may not import: sockets, clocks,
@@ -123,6 +123,7 @@ STDLIB_ALLOWED: Final = {
     # the settings of `roombus serve`: the environment, the TLS context of --certfile
     "roombus.node.options": frozenset({"os", "ssl"}),
     "roombus.node.settings": frozenset({"ssl"}),  # the context's type (TYPE_CHECKING)
+    "roombus.logging": frozenset({"time"}),  # JsonFormatter's timestamps
 }
 
 #: ``(importer, imported)`` allowed across the rules: the ASGI app picks a backplane

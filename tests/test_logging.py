@@ -352,3 +352,29 @@ def test_redact_tokens_in_a_dict_config():
     out = json.loads(stream.getvalue())
     assert out["msg"] == f'127.0.0.1:1 - "GET /ws?token={REDACTED} HTTP/1.1" 101'
     assert out["logger"] == "roombus.tests.dictconfig.access"
+
+
+def test_use_host_logging_writes_once_with_or_without_the_hosts_handlers(monkeypatch):
+    from roombus.logging import use_host_logging
+
+    roombus_log, root = logging.getLogger("roombus"), logging.getLogger()
+    for logger in (roombus_log, root):
+        monkeypatch.setattr(logger, "handlers", [])
+        monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(roombus_log, "propagate", True)
+    stream = io.StringIO()
+    use_host_logging("debug", stream=stream)
+    use_host_logging("debug", stream=stream)  # idempotent: still one handler
+    assert len(roombus_log.handlers) == 1 and roombus_log.level == logging.DEBUG
+    roombus_log.debug("refused with 403: %s", f"/ws?token={TOKEN}")
+    assert stream.getvalue().count("refused with 403") == 1
+    assert TOKEN not in stream.getvalue()  # redacted
+    host = io.StringIO()
+    root.addHandler(logging.StreamHandler(host))  # the host's logging, set up later
+    logging.getLogger("roombus.backplane").info("a child's line")
+    assert "a child's line" in host.getvalue() and "a child's line" not in stream.getvalue()
+    root.handlers.clear()  # a host that puts its handler on roombus, propagate off
+    roombus_log.addHandler(logging.StreamHandler(host))
+    roombus_log.propagate = False
+    roombus_log.info("once more")
+    assert host.getvalue().count("once more") == 1 and "once more" not in stream.getvalue()

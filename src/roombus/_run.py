@@ -62,8 +62,14 @@ def run(settings: Settings | None = None, /, **changes: Any) -> None:
 
 
 def _url(settings: Settings, port: int | None) -> str:
-    scheme = "wss" if settings.ssl_context is not None else "ws"
-    return f"{scheme}://{settings.server.host}:{port}/ws"
+    """Where the server listens, for its startup line: the WebSocket URL, and the
+    page's when it serves one (``ws://127.0.0.1:8765/ws, page at http://127.0.0.1:8765/``)."""
+    tls = settings.ssl_context is not None
+    where = f"{settings.server.host}:{port}"
+    url = f"{'wss' if tls else 'ws'}://{where}/ws"
+    if settings.server.page is not None:
+        url += f", page at {'https' if tls else 'http'}://{where}/"
+    return url
 
 
 def _draining(signum: int, settings: Settings) -> bool:

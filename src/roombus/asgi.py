@@ -52,6 +52,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final, Protocol, final
 
@@ -78,6 +79,7 @@ from .core.config import BrokerConfig
 from .core.errors import ConfigError
 from .core.events import Event
 from .core.names import ConnectionId
+from .logging import use_host_logging
 from .node.assemble import build_broker
 from .node.facade import ServerFacade
 from .node.facade import wall as _wall
@@ -673,16 +675,30 @@ def create_app() -> RoombusASGI:
     address and HTTP limits are the server's. ``ROOMBUS_REDIS`` (with
     ``ROOMBUS_NODE_ID``, ``ROOMBUS_PRESENCE_TTL``, ``ROOMBUS_REDIS_PREFIX``) joins a
     cluster, through :class:`roombus.asyncio.RedisBackplane` (an asyncio server only).
-    ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger.
+    ``ROOMBUS_LOG_LEVEL`` sets the level of the ``roombus`` logger, whose lines go to
+    the host's handlers (the root logger's: ``uvicorn --log-config``), or to stderr
+    while the root logger has none (uvicorn's default configures only its own loggers);
+    ``ROOMBUS_LOG_FORMAT`` is that stderr line's format
+    (:func:`roombus.logging.use_host_logging`).
+
+    A configuration error is one line on stderr naming the setting
+    (``roombus: ROOMBUS_PORT: invalid value 'abc': ...``) and :class:`SystemExit` with
+    status 2, as ``roombus serve`` exits for one, not a traceback from the ASGI server.
+    An app that wants the :class:`~roombus.ConfigError` itself calls
+    :func:`roombus.node.options.settings_from_environ` and :class:`RoombusASGI`.
 
     Raises:
-        ConfigError: naming the variable, if one is invalid.
+        SystemExit: status 2, for an invalid variable (after the line on stderr).
     """
-    settings = settings_from_environ(os.environ)
-    log.setLevel(settings.log_level.upper())
-    return RoombusASGI(
-        attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
-    )
+    try:
+        settings = settings_from_environ(os.environ)
+        use_host_logging(settings.log_level, settings.log_format)
+        return RoombusASGI(
+            attrs.evolve(settings, broker=attrs.evolve(settings.broker, heartbeat=False))
+        )
+    except ConfigError as exc:
+        print(f"roombus: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _backplane(settings: Settings) -> Backplane | None:

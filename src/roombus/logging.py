@@ -15,7 +15,7 @@ Logging helpers for a roombus server's log and the ASGI server's around it.
        "filters": {"redact": {"()": "roombus.logging.RedactTokens"}},
        "formatters": {"json": {"()": "roombus.logging.JsonFormatter"}},
        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                               "filters": ["redact"]}},
+                               "filters": ["redact", "use_host_logging"]}},
        "root": {"handlers": ["stderr"], "level": "INFO"},
        "loggers": {"uvicorn": {"propagate": true}, "uvicorn.access": {"propagate": true}}}
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -147,4 +148,50 @@ def _handler(log_format: str, stream: Any) -> logging.Handler:
     return handler
 
 
-__all__ = ["FIELDS", "REDACTED", "TEXT_FORMAT", "JsonFormatter", "RedactTokens", "redact"]
+class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`use_host_logging` puts on the ``roombus`` logger: it writes
+    a record only if no other handler gets it (on its way from its logger up to the
+    root, as :meth:`logging.Logger.callHandlers` goes), so it never doubles a line the
+    host's own logging writes (``--log-config``, ``logging.basicConfig``, set up
+    before or after it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return  # the host's handler writes it
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        super().emit(record)
+
+
+def use_host_logging(level: str, log_format: str = "text", stream: Any = None) -> None:
+    """
+    Make the ``roombus`` logger's lines visible inside a host's process (an ASGI
+    server's): set its level to *level* (``debug`` ...), and give it a stderr handler
+    (*log_format*, with :class:`RedactTokens`) that writes a record only when no
+    handler of the host's gets it (uvicorn's default configures only its own loggers).
+    ``roombus.asgi.create_app`` calls it; idempotent.
+    """
+    logger = logging.getLogger("roombus")
+    logger.setLevel(level.upper())
+    if any(isinstance(h, _Fallback) for h in logger.handlers):
+        return
+    handler = _Fallback(sys.stderr if stream is None else stream)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    handler.addFilter(RedactTokens())
+    logger.addHandler(handler)
+
+
+__all__ = [
+    "FIELDS",
+    "REDACTED",
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "RedactTokens",
+    "redact",
+    "use_host_logging",
+]

@@ -19,7 +19,9 @@ def test_signal_closes_every_client_with_1001_and_exits_0(cli, signum):
     # No drain: all at once, on either signal (tests/e2e/test_drain.py has the drain).
     proc = cli("--port", "0", "--close-timeout", "2", "--drain-seconds", "0")
     port = proc.wait_listening()
-    assert f"listening on ws://127.0.0.1:{port}/ws" in proc.stderr
+    assert f"listening on ws://127.0.0.1:{port}/ws, page at http://127.0.0.1:{port}/" in (
+        proc.stderr
+    )
     ann = open_client(port, "lobby", "ann")
     bob = open_client(port, "lobby", "bob")
     cid = open_client(port, "other", "cid")

@@ -23,6 +23,7 @@ def test_metrics_count_connections_and_messages(make_server):
     srv = make_server()
     before = parse(get(srv.port, "/metrics").body)
     assert before["roombus_websocket_connections"] == 0
+    assert before["roombus_transport_connections"] == 0  # a scrape is no transport
     ann, bob = srv.room("lobby", "ann", "bob")
     ann.chat("hi")
     ann.expect_chat("hi", "ann")
@@ -32,6 +33,7 @@ def test_metrics_count_connections_and_messages(make_server):
     assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     after = parse(resp.body)
     assert after["roombus_websocket_connections"] == 2
+    assert after["roombus_transport_connections"] == 2  # the scrape's own left out
     assert after["roombus_rooms"] == 1
     assert (
         after["roombus_messages_published_total"] == before["roombus_messages_published_total"] + 1
@@ -81,3 +83,10 @@ def test_every_family_has_help_and_the_new_series_count(make_server, caps):
     (info,) = found["roombus_server_info"].samples
     assert info.labels["transport"] == ("asgi" if not caps.owns_protocol else caps.name)
     assert not any(name.startswith("process_") for name in found)  # embedded: not its process
+
+
+def test_probes_are_not_transport_connections(make_server):
+    srv = make_server()
+    for _ in range(3):
+        assert get(srv.port, "/healthz").status == 200
+        assert parse(get(srv.port, "/metrics").body)["roombus_transport_connections"] == 0

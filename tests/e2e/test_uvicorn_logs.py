@@ -105,3 +105,96 @@ def test_uvicorn_with_the_documented_log_config_shows_no_token(tmp_path):
         for part in token.split("."):
             assert part not in logged
     assert SECRET not in logged
+
+
+def test_a_bad_variable_under_uvicorn_is_one_line_and_status_2(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+    environ.update(ROOMBUS_PORT="abc", PYTHONUNBUFFERED="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "--factory", "roombus.asgi:create_app", "--port", "0"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=BOUND,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("roombus: ")]
+    assert len(lines) == 1 and lines[0].startswith("roombus: ROOMBUS_PORT: "), done.stderr
+
+
+def _uvicorn_refusal_log(tmp_path: Path, *extra: str) -> str:
+    """What uvicorn (its default logging, or *extra* options) and roombus write, with
+    ``ROOMBUS_LOG_LEVEL=debug``, for one WebSocket refused for its origin."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ROOMBUS_")}
+    environ.update(
+        ROOMBUS_LOG_LEVEL="debug",
+        ROOMBUS_ALLOWED_ORIGIN="https://good.example",
+        PYTHONUNBUFFERED="1",
+    )
+    with socket.socket() as sock, out.open("w") as stdout, err.open("w") as stderr:
+        sock.bind((HOST, 0))
+        sock.listen(64)
+        port = sock.getsockname()[1]
+        fd = sock.fileno()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "roombus.asgi:create_app",
+                "--fd",
+                str(fd),
+                *extra,
+            ],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=environ,
+        )
+        try:
+            deadline = time.monotonic() + BOUND
+            while True:
+                assert proc.poll() is None, err.read_text()
+                try:
+                    if get(port, "/healthz").status == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.05)
+            request = upgrade_request(headers={"Origin": "https://evil.example"})
+            assert http_exchange(port, request).status == 403
+            time.sleep(0.3)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # our own PID only
+            try:
+                proc.wait(BOUND)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(BOUND)
+    return err.read_text() + out.read_text()
+
+
+def _refusal_lines(logged: str) -> list[str]:
+    return [line for line in logged.splitlines() if "refused with 403" in line]
+
+
+def test_roombus_lines_show_under_uvicorns_default_logging(tmp_path):
+    logged = _uvicorn_refusal_log(tmp_path)
+    lines = _refusal_lines(logged)
+    assert len(lines) == 1, logged  # roombus's line for the refused request, once
+    assert " roombus: " in lines[0] and "origin not allowed" in lines[0], lines
+
+
+def test_roombus_lines_are_not_doubled_under_a_host_log_config(tmp_path):
+    config = tmp_path / "uvicorn-log.json"
+    config.write_text(documented_log_config(), encoding="utf-8")
+    logged = _uvicorn_refusal_log(tmp_path, "--log-config", str(config))
+    assert len(_refusal_lines(logged)) == 1, logged  # the root handler's, not ours too

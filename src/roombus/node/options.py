@@ -81,6 +81,18 @@ def _transport(text: str) -> str:
     return text.strip().lower()
 
 
+class _Said(ValueError):
+    """A conversion's error that says it all: shown as it is, after the setting."""
+
+
+def _port(text: str) -> int:
+    """A TCP port's number (its range is :class:`ServerConfig`'s to check)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise _Said(f"{text!r} is not a port (0-65535)") from None
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -102,7 +114,7 @@ SERVE_OPTIONS = (
         metavar="NAME",
     ),
     _Option("host", str, f"address to listen on (default {_defaults_s.host})", metavar="ADDRESS"),
-    _Option("port", int, f"TCP port (default {_defaults_s.port}; 0 picks one)", metavar="PORT"),
+    _Option("port", _port, f"TCP port (default {_defaults_s.port}; 0 picks one)", metavar="PORT"),
     _Option(
         "ping-interval",
         float,
@@ -286,7 +298,7 @@ SERVE_OPTIONS = (
     ),
     _Option(
         "api-port",
-        int,
+        _port,
         "serve the API (with /metrics and /healthz) on a listener of its own at this port, "
         "and not on the main one (default: on the main listener)",
         metavar="PORT",
@@ -404,7 +416,12 @@ SERVE_OPTIONS = (
 # Settings whose value must never be echoed in an error message.
 _SECRETS = frozenset({"jwt_secret", "redis", "api_key"})
 
-_METAVARS: dict[Callable[[str], Any], str] = {int: "N", float: "SECONDS", str: "TEXT"}
+_METAVARS: dict[Callable[[str], Any], str] = {
+    int: "N",
+    _port: "PORT",
+    float: "SECONDS",
+    str: "TEXT",
+}
 
 
 def _unknown_keys(table: dict[str, Any], path: str) -> ConfigError | None:
@@ -469,9 +486,15 @@ def _room_tables(rooms: object, path: str) -> list[tuple[str, int | None, float 
     return out
 
 
-def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    sources: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """
-    Merge flags over environment variables over the configuration file, and convert.
+    Merge flags over environment variables over the configuration file, and convert;
+    into *sources*, where each value came from (option ``dest`` -> ``--port``,
+    ``ROOMBUS_PORT`` or ``FILE: port``).
 
     Raises:
         ConfigError: naming the flag, variable or file key that is invalid.
@@ -498,8 +521,12 @@ def _settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str,
                 raise ConfigError(source, message) from None
         if raw is None:
             continue
+        if sources is not None:
+            sources[opt.dest] = source
         try:
             values[opt.dest] = [opt.type(r) for r in raw] if opt.repeat else opt.type(raw)
+        except _Said as exc:
+            raise ConfigError(source, str(exc)) from None
         except (ValueError, TypeError) as exc:
             shown = "" if opt.dest in _SECRETS else f" {raw!r}"
             raise ConfigError(source, f"invalid value{shown}: {exc}") from None
@@ -512,14 +539,22 @@ def _from_toml(opt: _Option, value: object) -> Any:
     """A TOML value as the text (or list of texts) a flag would carry."""
     if opt.repeat:
         items = value if isinstance(value, list) else [value]
-        return [_toml_text(v) for v in items]
-    return _toml_text(value)
+        return [_toml_text(opt, v) for v in items]
+    return _toml_text(opt, value)
 
 
-def _toml_text(value: object) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, (str, int, float)):
+#: The conversions whose TOML value must be a number (never a boolean, which Python
+#: counts as an int: ``port = true`` is no port 1).
+_NUMBERS: frozenset[Callable[[str], Any]] = frozenset({int, float, _port})
+
+
+def _toml_text(opt: _Option, value: object) -> str:
+    if type(value) is bool:
+        if opt.is_flag:
+            return "1" if value else "0"
+        wanted = "a number" if opt.type in _NUMBERS else "a string"
+        raise ValueError(f"must be {wanted}, not {str(value).lower()}")
+    if type(value) in (str, int, float):
         return str(value)
     raise ValueError(f"{value!r} is not a string, number or boolean")
 
@@ -625,7 +660,20 @@ def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     Raises:
         ConfigError: naming the flag, variable or file key that is invalid.
     """
-    values = _settings(flags, environ)
+    sources: dict[str, str] = {}
+    try:
+        return _settings_of(_settings(flags, environ, sources))
+    except ConfigError as exc:
+        # A value the file gave and a config class refused: name the file's key.
+        source = sources.get(exc.setting.replace("-", "_"), "")
+        if source.endswith(f": {exc.setting}") and not str(exc).startswith(source):
+            message = str(exc).removeprefix(f"{exc.setting}: ")
+            raise ConfigError(source, message) from None
+        raise
+
+
+def _settings_of(values: dict[str, Any]) -> Settings:
+    """:func:`settings_from`, once the values are merged and converted."""
     level = values.pop("log_level", "info")
     log_format = values.pop("log_format", "text")
     transport = values.pop("transport", "trio")

@@ -226,6 +226,8 @@ class FramedHub(HubBase):
                     self._respond(conn, refusal, now, head=event.method == b"HEAD")
                     return
                 path = event.target.partition(b"?")[0]
+                if path in (b"/metrics", b"/healthz"):
+                    self._probing(conn)  # no transport connection for the gauge
                 if config.metrics and event.method in (b"GET", b"HEAD") and path == b"/metrics":
                     self._respond(conn, self.metrics_response(), now, head=event.method == b"HEAD")
                     return

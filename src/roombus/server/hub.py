@@ -176,6 +176,7 @@ class _Conn:
         "opened",
         "peer",
         "phase",
+        "probe",
         "proxy",
         "queue",
         "refusal",
@@ -221,6 +222,9 @@ class _Conn:
         self.room: str | None = None
         # Its API request's answer is awaited (the backplane's): its input is ignored.
         self.api_waiting = False
+        # Its request was a probe's (/metrics, /healthz): no WebSocket transport, and
+        # left out of ``roombus_transport_connections`` (a scrape would count itself).
+        self.probe = False
 
     def fields(self, **more: object) -> dict[str, object]:
         """The structured fields of a log record about this connection (``extra=``):
@@ -343,6 +347,7 @@ class HubBase:
         #: Bytes waiting in every send queue together, against ``max_queued_bytes``.
         self.budget = ByteBudget(self.config.max_queued_bytes)
         self._conns: dict[ConnectionId, _Conn] = {}
+        self._probes = 0  # those of them whose request is a probe's (_Conn.probe)
         self._peak = 0  # most connections since the table was last copied
         self._ids = itertools.count(1)
         self._dirty: dict[ConnectionId, SendQueue | MessageQueue] = {}
@@ -361,6 +366,18 @@ class HubBase:
     def connection_count(self) -> int:
         """Transport connections the hub still tracks, handshakes included."""
         return len(self._conns)
+
+    @property
+    def probe_count(self) -> int:
+        """Those of :attr:`connection_count` whose request is ``/metrics`` or
+        ``/healthz`` (a scrape, a health check: no WebSocket transport)."""
+        return self._probes
+
+    def _probing(self, conn: _Conn) -> None:
+        """*conn*'s request is a probe's (see :attr:`probe_count`)."""
+        if not conn.probe:
+            conn.probe = True
+            self._probes += 1
 
     @property
     def websocket_count(self) -> int:
@@ -525,6 +542,8 @@ class HubBase:
         conn = conns.pop(cid, None)
         if conn is None:
             return
+        if conn.probe:
+            self._probes -= 1
         if conn.phase is _Phase.OPEN:
             closed = 1006 if code is None else code
             self._closed(closed, "client")

@@ -81,7 +81,8 @@ CATALOGUE: Final[dict[str, Family]] = {
         _f(
             "roombus_transport_connections",
             "gauge",
-            "Transport connections the hub tracks, handshakes and closing ones included.",
+            "Transport connections the hub tracks, handshakes and closing ones included; "
+            "not those of /metrics and /healthz requests.",
         ),
         _f("roombus_websocket_connections", "gauge", "Open WebSocket connections."),
         _f("roombus_rooms", "gauge", "Rooms with at least one member on this node."),
@@ -245,7 +246,7 @@ def collect(hub: HubBase) -> dict[str, float]:
     broker = hub.broker
     stats = broker.statistics()
     values: dict[str, float] = {
-        "roombus_transport_connections": hub.connection_count,
+        "roombus_transport_connections": hub.connection_count - hub.probe_count,
         "roombus_websocket_connections": stats.connections,
         "roombus_rooms": stats.rooms,
         "roombus_messages_published_total": stats.messages_published,

@@ -378,3 +378,24 @@ def test_use_host_logging_writes_once_with_or_without_the_hosts_handlers(monkeyp
     roombus_log.propagate = False
     roombus_log.info("once more")
     assert host.getvalue().count("once more") == 1 and "once more" not in stream.getvalue()
+
+
+def test_a_format_string_naming_a_secret_still_logs_its_line_redacted() -> None:
+    import io
+    import logging
+
+    from roombus.logging import RedactTokens
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RedactTokens())
+    log = logging.getLogger("roombus.test.redact")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("GET /ws?room=a&token=%s from %s", "eyJsecret.part.sig", "10.0.0.1")
+    finally:
+        log.removeHandler(handler)
+    line = out.getvalue()
+    assert "eyJsecret" not in line
+    assert "from 10.0.0.1" in line and "[redacted]" in line

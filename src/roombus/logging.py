@@ -126,8 +126,12 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
-            if isinstance(record.msg, str):
-                record.msg = redact(record.msg)
+            if isinstance(record.msg, str) and redact(record.msg) != record.msg:
+                # The format string itself names a secret's place ("token=%s"): its
+                # placeholders would no longer match the arguments; redact the text.
+                record.msg = redact(record.getMessage())
+                record.args = None
+                return True
             args = record.args
             if isinstance(args, tuple):
                 record.args = tuple(_redact_arg(a) for a in args)

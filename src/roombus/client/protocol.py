@@ -889,12 +889,15 @@ class ClientProtocol:
             return
         username = msg.get("username")
         msg_id = msg.get("id")
-        if type(msg_id) is str and type(username) is str:
-            # A resend whose ack was lost across an epoch change is numbered again:
-            # the sender's id says it is one already handed over.
-            if not self._ids.first(r.name, username, msg_id, now):
-                self.duplicates += 1
-                return
+        # A resend whose ack was lost across an epoch change is numbered again: the
+        # sender's id says it is one already handed over.
+        if (
+            type(msg_id) is str
+            and type(username) is str
+            and not self._ids.first(r.name, username, msg_id, now)
+        ):
+            self.duplicates += 1
+            return
         timestamp = msg.get("timestamp")
         self._emit(
             Message(

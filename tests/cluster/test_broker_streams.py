@@ -262,14 +262,10 @@ def test_a_node_cut_off_numbers_on_its_own_and_says_so() -> None:
     ]
 
 
-def test_an_epoch_change_reaches_a_resumer_whose_replay_went_past_its_seq() -> None:
-    """
-    A resumer's replay floor is a seq of the old epoch: after the room's epoch changed
-    under it (its seq key evicted), with the old epoch's last records lost on the way,
-    it must be told the new epoch, not handed the new epoch's chats as if they followed.
-    """
-    from .model import Snapshot
-
+def _a_resumer_replayed_past_records_on_their_way() -> tuple[Net, str]:
+    """ann (n1) and bob (n2) in room r, bob's chats a1..a8 delivered, a9 and a10
+    numbered (E1:9, 10) but their records still on the way to n1; fay joins on n1 from
+    E1:5 and her replay (6..10, floor 10) is read before them. Returns the net and E1."""
     net = Net()
     net.connect("n1", 1, "ann")
     net.send(1, {"type": "join", "room": "r", "since": None})
@@ -290,7 +286,20 @@ def test_an_epoch_change_reaches_a_resumer_whose_replay_went_past_its_seq() -> N
     while l1.commands:
         net.bp.run_command("n1")
     while l1.replies:
-        net.bp.reply_next("n1")  # fay's replay: 6..10, floor 10
+        net.bp.reply_next("n1")
+    return net, e1
+
+
+def test_an_epoch_change_reaches_a_resumer_whose_replay_went_past_its_seq() -> None:
+    """
+    A resumer's replay floor is a seq of the old epoch: after the room's epoch changed
+    under it (its seq key evicted), with the old epoch's last records lost on the way,
+    it must be told the new epoch, not handed the new epoch's chats as if they followed.
+    """
+    from .model import Snapshot
+
+    net, e1 = _a_resumer_replayed_past_records_on_their_way()
+    l1 = net.bp.links["n1"]
     net.bp.channels["r"].epoch = ""  # the seq key evicted: the next use starts E2
     for i in range(1, 4):
         net.send(2, {"type": "chat", "room": "r", "content": f"b{i}"})
@@ -326,27 +335,8 @@ def test_records_of_an_epoch_the_room_left_are_dropped() -> None:
     """
     from .model import Snapshot
 
-    net = Net()
-    net.connect("n1", 1, "ann")
-    net.send(1, {"type": "join", "room": "r", "since": None})
-    net.connect("n2", 2, "bob")
-    net.send(2, {"type": "join", "room": "r"})
-    net.quiesce()
-    for i in range(1, 9):
-        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
-    net.quiesce()
-    e1 = net.of(1, "joined")[0]["epoch"]
-    for i in (9, 10):
-        net.send(2, {"type": "chat", "room": "r", "content": f"a{i}"})
-    while net.bp.links["n2"].commands:
-        net.bp.run_command("n2")
-    net.connect("n1", 3, "fay")
-    net.send(3, {"type": "join", "room": "r", "since": {"epoch": e1, "seq": 5}})
+    net, e1 = _a_resumer_replayed_past_records_on_their_way()
     l1 = net.bp.links["n1"]
-    while l1.commands:
-        net.bp.run_command("n1")
-    while l1.replies:
-        net.bp.reply_next("n1")  # fay's replay: 6..10, before records 9, 10 arrive
     net.bp.channels["r"].epoch = ""
     for i in range(1, 13):
         net.send(2, {"type": "chat", "room": "r", "content": f"b{i}"})

@@ -98,7 +98,7 @@ def test_shutdown_during_a_drain_closes_the_rest_at_once() -> None:
     hub.shutdown(now=1.0, timestamp=0)
     assert hub.websocket_count == 0
     out = written(hub)
-    assert all(out[cid].endswith((b"server shutting down", DRAINED)) for cid in cids)
+    assert all(out[cid].endswith(DRAINED) for cid in cids)  # as the drain would close them
     hub.drain(now=2.0, timestamp=0)  # too late: no-op
 
 

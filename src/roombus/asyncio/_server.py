@@ -222,13 +222,7 @@ class Server(ServerFacade):
             try:
                 await asyncio.wait_for(self._drained.wait(), max(0.0, end - loop.time()))
             except asyncio.TimeoutError:
-                # The last closes fall due at the window's end, with this wake-up:
-                # make them (1001, "server draining") before aclose() closes the rest.
-                now = loop.time()
-                due = hub.next_deadline()
-                if due is not None and due <= now:
-                    hub.timeout(now=now, timestamp=_wall())
-                    self.transmit()
+                pass  # the last closes fall due now: aclose() makes them (hub.shutdown)
         await self.aclose()
 
     async def aclose(self) -> None:

@@ -730,13 +730,17 @@ class HubBase:
             self._forget(conn, now, timestamp)
 
     def shutdown(self, *, now: float, timestamp: int) -> None:
-        """Close every connection (1001 for clients; handshakes are dropped)."""
+        """Close every connection (1001 for clients; handshakes are dropped). During a
+        drain, those it has not closed yet are closed as it would (``server
+        draining``): its last closes fall due with the shutdown, or a second signal
+        ends it early."""
         self.shutting_down = True
+        reason = "server draining" if self.draining else "server shutting down"
         for conn in list(self._conns.values()):
             if conn.phase is _Phase.HANDSHAKE:
                 self._drop(conn)
             elif conn.phase is _Phase.OPEN:
-                self._close(conn, GOING_AWAY, "server shutting down", now, drop_pending=False)
+                self._close(conn, GOING_AWAY, reason, now, drop_pending=False)
         # Only then tell the broker: every queue is closing, so nobody gets a leave
         # between their last message and the close.
         for conn in list(self._conns.values()):

@@ -279,13 +279,6 @@ class Server(ServerFacade):
             assert end is not None
             with trio.move_on_at(end):
                 await self._drained.wait()
-            # The last closes fall due at the window's end, with this wake-up: make
-            # them (1001, "server draining") before the shutdown closes what is left.
-            now = trio.current_time()
-            due = hub.next_deadline()
-            if due is not None and due <= now:
-                hub.timeout(now=now, timestamp=_wall())
-                self.transmit()
             self._begin_shutdown()
         await self._stopped.wait()
 

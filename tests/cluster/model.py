@@ -27,8 +27,9 @@ implements it with Redis):
 * ``ReadStream(...)``: answered ``StreamRead`` with the latest (or first) ``count``
   kept messages of the range. Answers come on the command connection: they may reach
   the node before or after records published after them (a step of their own).
-* ``Announce(room, user, present)``: add/remove ``(node, user)``; if that changed the
-  set, ``version = INCR`` and publish ``j``/``l <version> <node> <user>``.
+* ``Announce(room, user, present, force)``: add/remove ``(node, user)``; if that changed
+  the set (or for a forced leave), ``version = INCR`` and publish
+  ``j``/``l <version> <node> <user>``.
   (The records are built by ``roombus.cluster.records``, as the driver's scripts build them.)
 * ``Control(command)``: published on the control channel, which every connected node
   listens to (the sender included): each gets ``ControlReceived`` with the message
@@ -45,7 +46,7 @@ implements it with Redis):
   leaves it once the TTL passed with no member in it (:meth:`expire`, :meth:`kill`).
 * Entries expire (TTL) unless refreshed: a dead or disconnected node refreshes none, a
   connected one those of :meth:`ClusterBroker.local_presence`. An expiry is published as an
-  ``l`` record like any removal.
+  ``x`` record (a removal its node did not ask for).
 * A lost connection drops the node's subscriptions, its commands not yet run and
   records not yet delivered; the broker is told ``BackplaneLost``. A Redis restart
   wipes everything (counters, presence, subscriptions) and every node loses its link.
@@ -231,10 +232,19 @@ class ModelBackplane:
         for node in sorted(ch.subscribers):
             self.links[node].inbox.setdefault(room, deque()).append(Record(data, self.published))
 
-    def announce(self, node: str, room: str, user: str, present: bool) -> None:
+    def announce(
+        self,
+        node: str,
+        room: str,
+        user: str,
+        present: bool,
+        *,
+        force: bool = False,
+        expired: bool = False,
+    ) -> None:
         ch = self.channel(room)
         entry = (node, user)
-        if present == (entry in ch.presence):
+        if present == (entry in ch.presence) and not (force and not present):
             return
         if present:
             ch.presence.add(entry)
@@ -243,7 +253,7 @@ class ModelBackplane:
         else:
             ch.presence.discard(entry)
         ch.version += 1
-        self.publish(room, encode_presence(present, ch.version, node, user))
+        self.publish(room, encode_presence(present, ch.version, node, user, expired=expired))
 
     def run_command(self, node: str) -> None:
         link = self.links[node]
@@ -295,7 +305,7 @@ class ModelBackplane:
             link.replies.append(self.read_stream(ch, action))
         else:
             assert isinstance(action, Announce)
-            self.announce(node, room, action.username, action.present)
+            self.announce(node, room, action.username, action.present, force=action.force)
 
     def read_stream(self, ch: Channel, action: ReadStream) -> StreamRead:
         epoch = self.epoch(ch)
@@ -485,7 +495,7 @@ class ModelBackplane:
             if n == node and (room, user) not in refreshed
         ]
         for room, user in gone:
-            self.announce(node, room, user, False)
+            self.announce(node, room, user, False, expired=True)
         # The TTL passed: rooms with no member left leave the index.
         self.index = {r for r in self.index if r in self.channels and self.channels[r].presence}
         return gone

@@ -70,20 +70,29 @@ def announce(room: RoomName = R1, user: str = "ann", present: bool = True) -> An
 
 
 def new(
-    presence: list[tuple[RoomName, list[str]]] | None = None, seed: int = 1
+    presence: list[tuple[RoomName, list[str]]] | None = None,
+    seed: int = 1,
+    *,
+    ttl: float = TTL,
+    keepalive: float | None = None,
 ) -> BackplaneProtocol:
+    """A protocol with the tests' config; *keepalive*: its liveness checks moved out
+    of the way of what a test is about (the protocol derives them from the TTL)."""
     config = ClusterConfig(
         url="redis://127.0.0.1:6390",
         node_id="n1",
-        presence_ttl=TTL,
+        presence_ttl=ttl,
         prefix="rb",
         connect_timeout=TIMEOUT,
     )
-    return BackplaneProtocol(
+    proto = BackplaneProtocol(
         config,
         local_presence=lambda: list(presence or []),
         random=random.Random(seed).random,
     )
+    if keepalive is not None:
+        proto.keepalive = keepalive  # type: ignore[misc]
+    return proto
 
 
 def only(commands: list[DriverCommand], kind: type[Any]) -> Any:
@@ -424,8 +433,33 @@ def test_a_session_that_lasted_resets_the_backoff_and_a_short_one_does_not() -> 
 # Keepalive, refresh, reread
 
 
-def test_keepalive_pings_both_links_and_a_missing_answer_ends_the_session() -> None:
+def test_keepalive_is_an_eighth_of_the_ttl_at_most_five_seconds() -> None:
+    assert new(ttl=0.3).keepalive == new(ttl=2.0).keepalive == 0.25
+    assert new(ttl=3.0).keepalive == 0.375
+    assert new(ttl=15.0).keepalive == 1.875
+    assert new(ttl=40.0).keepalive == KEEPALIVE == new(ttl=600.0).keepalive
+
+
+def test_a_redis_that_stalls_is_lost_before_any_entry_can_expire() -> None:
+    """Nothing answered from 0 on (Redis paused): the session ends within a quarter of
+    the TTL; an entry renewed just before expires a third of the TTL later at the
+    soonest (lifetime two thirds, renewed every third)."""
     proto = new()
+    online(proto)
+    proto.take_commands()
+    lost_at = None
+    while lost_at is None:
+        due = proto.get_timer()
+        assert due is not None and due <= TTL
+        proto.handle_timer(due)
+        proto.take_commands()  # never answered
+        if BackplaneLost() in proto.take_events():
+            lost_at = due
+    assert lost_at <= TTL / 4
+
+
+def test_keepalive_pings_both_links_and_a_missing_answer_ends_the_session() -> None:
+    proto = new(keepalive=KEEPALIVE)
     online(proto)
     assert proto.get_timer() == TTL / 3  # the refresh (1 s) comes before the keepalive
     proto.handle_timer(TTL / 3)  # no local presence: the node's entry only (touch)
@@ -462,8 +496,22 @@ def test_keepalive_pings_both_links_and_a_missing_answer_ends_the_session() -> N
     assert proto.statistics.failures == 1 and not proto.statistics.online
 
 
+def test_a_keepalive_checked_late_waits_one_more_round() -> None:
+    """The timer came a round late (this node's loop was stalled, the answer may sit
+    unread): not a lost Redis yet; still unanswered a round later, it is."""
+    proto = new(keepalive=KEEPALIVE)
+    online(proto)
+    proto.handle_timer(KEEPALIVE)
+    proto.take_commands()  # the pings: not answered
+    proto.handle_timer(2.6 * KEEPALIVE)  # more than half a round late
+    assert proto.phase is Phase.ONLINE and proto.take_commands() == []
+    proto.handle_timer(3.6 * KEEPALIVE)
+    assert proto.take_commands() == [CloseLinks()]
+    assert proto.take_events() == [BackplaneLost()]
+
+
 def test_keepalive_overdue_on_the_subscriber_ends_the_session() -> None:
-    proto = new()
+    proto = new(keepalive=KEEPALIVE)
     online(proto)
     proto.handle_timer(KEEPALIVE)
     for command in proto.take_commands():
@@ -475,7 +523,7 @@ def test_keepalive_overdue_on_the_subscriber_ends_the_session() -> None:
 
 
 def test_the_keepalive_ping_goes_ahead_of_queued_work() -> None:
-    proto = new()
+    proto = new(keepalive=KEEPALIVE)
     online(proto)
     proto.submit([relay()], 0.1)
     first = only(proto.take_commands(), Execute)
@@ -490,7 +538,7 @@ def test_the_keepalive_ping_goes_ahead_of_queued_work() -> None:
 
 
 def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
-    proto = new(presence=[(R1, ["ann", "bob"])])
+    proto = new(presence=[(R1, ["ann", "bob"])], keepalive=KEEPALIVE)
     online(proto)
     proto.handle_timer(TTL / 3)
     refresh = only(proto.take_commands(), Execute)
@@ -504,8 +552,8 @@ def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
     assert proto.get_timer() == pytest.approx(2 * TTL / 3)
 
 
-def test_presence_is_read_again_a_third_of_the_ttl_after_connecting() -> None:
-    proto = new()
+def test_presence_is_read_again_a_presence_ttl_after_connecting() -> None:
+    proto = new(keepalive=KEEPALIVE)
     online(proto)
     proto.submit([Subscribe(room=R2, gen=4), Subscribe(room=R1, gen=2)], 0.0)
     listen = only(proto.take_commands(), Listen)
@@ -513,16 +561,21 @@ def test_presence_is_read_again_a_third_of_the_ttl_after_connecting() -> None:
     snap = only(proto.take_commands(), Execute)
     proto.replies(snap.batch, replies_to(snap), 0.0)
     proto.take_events()
-    proto.handle_timer(TTL / 3)
-    touch = only(proto.take_commands(), Execute)  # the refresh: the node list
-    proto.replies(touch.batch, [None], TTL / 3)
+    for k in (1, 2):  # refreshes only, until a TTL has passed
+        proto.handle_timer(k * TTL / 3)
+        touch = only(proto.take_commands(), Execute)  # the refresh: the node list
+        proto.replies(touch.batch, [None], k * TTL / 3)
+        assert proto.take_commands() == []
+    proto.handle_timer(TTL)
+    touch = only(proto.take_commands(), Execute)
+    proto.replies(touch.batch, [None], TTL)
     again = only(proto.take_commands(), Listen)
     assert again.channels == (b"rb:{r1}:c", b"rb:{r2}:c")
-    proto.confirmed(again.batch, TTL / 3)
+    proto.confirmed(again.batch, TTL)
     snap = only(proto.take_commands(), Execute)
-    proto.replies(snap.batch, replies_to(snap), TTL / 3)
+    proto.replies(snap.batch, replies_to(snap), TTL)
     assert [(e.room, e.gen) for e in proto.take_events()] == [(R1, 2), (R2, 4)]  # type: ignore[union-attr]
-    proto.handle_timer(2 * TTL / 3)  # only once per session
+    proto.handle_timer(2 * TTL)  # only once per session
     assert all(not isinstance(c, Listen) for c in proto.take_commands())
 
 

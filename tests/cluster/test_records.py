@@ -28,8 +28,14 @@ counters = st.integers(min_value=0, max_value=2**63 - 1)
 
 epochs = st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True)
 chat_records = st.builds(ChatRecord, counters, node_ids, counters, epochs, st.binary(max_size=200))
+#: (present, expired): a join, a leave its node said, an expiry.
+_kinds = st.sampled_from([(True, False), (False, False), (False, True)])
 presence_records = st.builds(
-    PresenceRecord, counters, st.booleans(), node_ids, usernames.map(Username)
+    lambda version, kind, node, user: PresenceRecord(version, kind[0], node, user, kind[1]),
+    counters,
+    _kinds,
+    node_ids,
+    usernames.map(Username),
 )
 records = st.one_of(chat_records, presence_records)
 
@@ -37,6 +43,15 @@ records = st.one_of(chat_records, presence_records)
 @given(records)
 def test_parse_undoes_encode(record: ChatRecord | PresenceRecord) -> None:
     assert parse_record(encode_record(record)) == record
+
+
+def test_an_expiry_is_a_leave_and_a_join_cannot_be_one() -> None:
+    record = parse_record(b"x 7 n1 bob")
+    assert record == PresenceRecord(7, False, "n1", Username("bob"), expired=True)
+    assert parse_record(b"l 7 n1 bob") == PresenceRecord(7, False, "n1", Username("bob"))
+    with pytest.raises(ValueError, match="join"):
+        encode_presence(True, 1, "n1", "bob", expired=True)
+    assert lua_presence_record(False, "v", "m", expired=True) == "'x ' .. v .. ' ' .. m"
 
 
 @given(chat_records)
@@ -47,9 +62,11 @@ def test_encode_chat_is_encode_record(record: ChatRecord) -> None:
 
 @given(presence_records)
 def test_a_presence_record_ends_with_its_member(record: PresenceRecord) -> None:
-    data = encode_presence(record.present, record.version, record.node, record.username)
+    data = encode_presence(
+        record.present, record.version, record.node, record.username, expired=record.expired
+    )
     assert data == encode_record(record)
-    kind = b"j" if record.present else b"l"
+    kind = b"j" if record.present else b"x" if record.expired else b"l"
     assert data == b"%s %d " % (kind, record.version) + member(record.node, record.username).encode(
         "utf-8"
     )
@@ -71,7 +88,7 @@ def test_any_bytes_are_a_record_as_written_or_none(data: bytes) -> None:
     _canonical(data)
 
 
-@given(st.sampled_from([b"m ", b"j ", b"l "]), st.binary(max_size=100))
+@given(st.sampled_from([b"m ", b"j ", b"l ", b"x "]), st.binary(max_size=100))
 def test_anything_after_a_record_kind_is_a_record_as_written_or_none(
     kind: bytes, rest: bytes
 ) -> None:
@@ -125,7 +142,7 @@ def test_a_mutated_record_is_a_record_as_written_or_none(
         b"l 1 n a\xe2\x80\x8bb",  # a format character (zero-width space)
         b"j 01 n bob",
         b"j 1 n\x01 bob",
-        b"x 1 n bob",
+        b"y 1 n bob",
         b"J 1 n bob",
         b"jj 1 n bob",
     ],

@@ -44,18 +44,20 @@ SHAS = {
 # SHA1 of every script as loaded (Redis caches scripts by it): a change to a script is
 # a change to the cluster's schema, made on purpose. announce is as the trio backplane
 # loaded it before the schema had a module of its own; relay, read, snapshot and
-# refresh are those of room streams (epoch, history, dedup, a held room's position).
+# refresh are those of room streams (epoch, history, dedup, a held room's position);
+# announce, refresh and snapshot changed again when expiries became ``x`` records and
+# a leave could be forced.
 LOADED = {
     (True, "relay"): "c34914c77d654a2bb191a35d2a0146d5c5eb766b",
     (True, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (True, "announce"): "b53b3697497a791736cdc2f11e74a935f2a02aa4",
-    (True, "refresh"): "0c0acfc4971cdc50cacd6a091510cd7685571fbd",
-    (True, "snapshot"): "fd9aa9975fce7108a13244796ae7bc830b69cd4f",
+    (True, "announce"): "ecbb5cb8b67f07db263bf0d882c95ac29dabd854",
+    (True, "refresh"): "ac067623bd68f29782c4810ecf2a4b81bfa8e8c4",
+    (True, "snapshot"): "8e262c065f94a017b96f388d9219d993450d72af",
     (False, "relay"): "7e8b90c775aabdd408ef69598144eda4a506ce3e",
     (False, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (False, "announce"): "b6456c2582df1c99fe9c203acb96d317077eb2e2",
-    (False, "refresh"): "799282ad9db8ca271349f8d14e075b81e38dab29",
-    (False, "snapshot"): "a04e0a897d2164e75f72b77bd40af0c1a72ae47d",
+    (False, "announce"): "e37613493128cdad012281567aeb1ce55167ae9a",
+    (False, "refresh"): "15eaa24d8cf826474c443e8b5b42c049d0cee3ea",
+    (False, "snapshot"): "e9fd986c28635e70f8354218b98c993c7c5176fd",
 }
 
 

@@ -641,7 +641,13 @@ class ClusterBroker(Broker):
             actions.append(Unsubscribe(room=room))
 
     def _announce(
-        self, room: RoomName, username: Username, present: bool, actions: list[Action]
+        self,
+        room: RoomName,
+        username: Username,
+        present: bool,
+        actions: list[Action],
+        *,
+        force: bool = False,
     ) -> None:
         announced = self._announced
         if present:
@@ -653,7 +659,7 @@ class ClusterBroker(Broker):
                 users.discard(username)
                 if not users:
                     del announced[room]
-        actions.append(Announce(room=room, username=username, present=present))
+        actions.append(Announce(room=room, username=username, present=present, force=force))
 
     def _hold(
         self,
@@ -995,11 +1001,13 @@ class ClusterBroker(Broker):
             # Read before records already applied: stale. A newer one is coming,
             # unless this was the reading meant to settle presence: ask again.
             inp = RoomInput.SNAPSHOT_STALE
-        elif cr.lost_version and event.version < cr.lost_version:
-            # Redis came back without its data, and the other nodes may not have
-            # re-announced yet: keep who was there (no leaves now). The driver reads
-            # the snapshot again a little later, which settles it (SETTLING).
-            inp = RoomInput.SNAPSHOT_BELOW_LOST
+        elif cr.lost_version:
+            # The first snapshot since the link was lost. Redis may have expired the
+            # other nodes' entries meanwhile (it was paused, full, out of reach) or
+            # lost its data, and those nodes may not have re-announced yet: keep who
+            # was there (no leaves now). The driver reads the snapshot again a
+            # presence TTL after connecting, which settles it (SETTLING).
+            inp = RoomInput.SNAPSHOT_AFTER_OUTAGE
         else:
             inp = RoomInput.SNAPSHOT
         effect = cr.step(inp)
@@ -1142,14 +1150,16 @@ class ClusterBroker(Broker):
         # Take back who left during the outage (rather than wait for their entries
         # to expire), then announce everyone here.
         recent, self._recent_leaves = self._recent_leaves, deque(maxlen=MAX_HELD)
+        # Forced: the entry may have expired meanwhile, published as an expiry that the
+        # other nodes hold back while they settle; this tells them the user left.
         for room, user in recent:
             r = registry.get(room)
             if r is None or user not in r.users:
-                actions.append(Announce(room=room, username=user, present=False))
+                actions.append(Announce(room=room, username=user, present=False, force=True))
         for room, users in list(self._announced.items()):
             r = registry.get(room)
             for user in [u for u in users if r is None or u not in r.users]:
-                self._announce(room, user, False, actions)
+                self._announce(room, user, False, actions, force=True)
         for room in self._cluster:
             r = registry.get(room)
             if r is not None:

@@ -62,9 +62,12 @@ to the next Subscribe, in one pipeline (Unsubscribes in one Unlisten, except tho
 room a later Subscribe listens to again); a run of Subscribes is one Listen of their
 rooms (each at its latest ``gen``), then, once confirmed, one pipeline of snapshots,
 which become RoomSynced events. Every third of the presence TTL this node's members
-are refreshed; a third of the TTL after connecting every listened room's presence is
-read again; every :data:`KEEPALIVE` seconds both links are pinged, and a ping that is
-not answered by the next round ends the session, as does any error reply.
+are refreshed; a presence TTL after connecting every listened room's presence is
+read again (the broker keeps who was there until then, see SETTLING); every
+:attr:`~BackplaneProtocol.keepalive` seconds (an eighth of the TTL, between
+:data:`MIN_KEEPALIVE` and :data:`KEEPALIVE`) both links are pinged, and a ping that is
+not answered by the next round ends the session (unless the check itself came half a
+round late: this node was stalled), as does any error reply.
 
 API note: this is the agreed API, unchanged. Members added to it: the attributes
 ``phase``, ``sharded`` (read it when opening the SUBSCRIBER link), ``address``,
@@ -132,6 +135,7 @@ __all__ = [
     "BACKOFF_CAP",
     "BACKOFF_FIRST",
     "KEEPALIVE",
+    "MIN_KEEPALIVE",
     "LINK_TABLE",
     "BackplaneProtocol",
     "BackplaneStatistics",
@@ -155,9 +159,13 @@ log: Final = logging.getLogger("roombus.backplane")
 #: BACKOFF_CAP seconds resets the backoff.
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_CAP: Final = 5.0
-#: Seconds between liveness checks of both links; a check not answered by the next
-#: one ends the session (a Redis that stops answering: a host gone, no reset).
+#: Seconds between liveness checks of both links, at most (an eighth of the presence
+#: TTL if that is less: see :attr:`BackplaneProtocol.keepalive`); a check not answered
+#: by the next one ends the session (a Redis that stops answering: a host gone, no
+#: reset; or paused).
 KEEPALIVE: Final = 5.0
+#: The shortest interval between liveness checks, in seconds.
+MIN_KEEPALIVE: Final = 0.25
 
 #: What an error reply is, in :meth:`BackplaneProtocol.replies`.
 RespError: TypeAlias = RedisError
@@ -375,6 +383,13 @@ class BackplaneProtocol:
         self._lifetime: Final = lifetime_ms(self.presence_ttl)
         self._control: Final = control_channel(prefix).encode()
         self._period: Final = self.presence_ttl / 3
+        #: Seconds between liveness checks: a Redis that stalls is lost within two of
+        #: them, a quarter of the TTL at most, before any entry can expire (a third of
+        #: the TTL after the stall begins, at the soonest): the nodes then take it as an
+        #: outage, and their users do not flicker when Redis answers again.
+        #: (Not below MIN_KEEPALIVE: with a presence TTL under 2 s, a stall may expire
+        #: entries before it is noticed.)
+        self.keepalive: Final = min(KEEPALIVE, max(MIN_KEEPALIVE, self.presence_ttl / 8))
         self._commands: list[DriverCommand] = []
         self._events: list[Event] = []
         self._work: deque[_Work] = deque()
@@ -704,9 +719,9 @@ class BackplaneProtocol:
         stats.online = True
         self._online_since = now
         self._setup_deadline = None
-        self._keepalive_at = now + KEEPALIVE
+        self._keepalive_at = now + self.keepalive
         self._refresh_at = now + self._period
-        self._reread_at = now + self._period
+        self._reread_at = now + self.presence_ttl
         # The control channel, listened to for the whole session (its confirmation
         # is not waited for: a command sent before it is only of the server API).
         self._batch += 1
@@ -723,14 +738,19 @@ class BackplaneProtocol:
     def _online_timers(self, now: float) -> None:
         if self._keepalive_at is not None and now >= self._keepalive_at:
             if self._ping_batch != -1 or self._ping_command_due:
-                self._fail(f"Redis did not answer a PING within {KEEPALIVE}s", now)
-                return
-            self._keepalive_at = now + KEEPALIVE
-            self._batch += 1
-            self._ping_batch = self._batch
-            self._commands.append(Ping(self._batch))
-            self._ping_command_due = True
-            self._work.appendleft(_Commands([_KEEPALIVE_PING], ping=True))
+                if now - self._keepalive_at <= self.keepalive / 2:
+                    self._fail(f"Redis did not answer a PING within {self.keepalive:g}s", now)
+                    return
+                # Called this late, this node was the one stalled (its answer may be
+                # waiting unread): one more round before Redis is taken for lost.
+                self._keepalive_at = now + self.keepalive
+            else:
+                self._keepalive_at = now + self.keepalive
+                self._batch += 1
+                self._ping_batch = self._batch
+                self._commands.append(Ping(self._batch))
+                self._ping_command_due = True
+                self._work.appendleft(_Commands([_KEEPALIVE_PING], ping=True))
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = now + self._period
             local = self._local_presence()
@@ -750,9 +770,10 @@ class BackplaneProtocol:
             commands.append(self._touch(room for room, _ in local))
             self._work.append(_Commands(list(commands)))
         if self._reread_at is not None and now >= self._reread_at:
-            # Read every room's presence again a third of the TTL after connecting: by
-            # then the other nodes have re-announced their users if Redis lost its data,
-            # and the broker settles who really is there (it kept everyone meanwhile).
+            # Read every room's presence again a presence TTL after connecting: by then
+            # the other nodes, reconnecting at their own pace, have re-announced their
+            # users if Redis expired their entries or lost its data meanwhile, and the
+            # broker settles who really is there (it kept everyone meanwhile).
             self._reread_at = None
             self._work.extend(
                 Subscribe(room=room, gen=gen) for room, gen in sorted(self._wanted.items())

@@ -12,6 +12,10 @@ channel). Records are bytes, fields separated by one space, the last field free:
                                            envelope up to its ``seq`` value
 ``j <version> <node> <username>``          *username* became present on *node*
 ``l <version> <node> <username>``          *username* is no longer present on *node*
+                                           (its node said so)
+``x <version> <node> <username>``          *username*'s entry on *node* expired: the
+                                           node stopped renewing it (it died, or was
+                                           cut off from Redis, or Redis was)
 ========================================== =========================================
 
 ``version`` counts a room's presence records; a snapshot of a room's presence carries
@@ -45,7 +49,7 @@ _EPOCH: Final = b"(" + EPOCH_PATTERN.encode() + b")"
 _chat_head: Final = re.compile(
     rb"m " + _NUMBER + b" " + _NODE + b" " + _NUMBER + b" " + _EPOCH + b" "
 ).match
-_presence_head: Final = re.compile(rb"([jl]) " + _NUMBER + b" " + _NODE + b" ").match
+_presence_head: Final = re.compile(rb"([jlx]) " + _NUMBER + b" " + _NODE + b" ").match
 
 
 @attrs.frozen
@@ -63,6 +67,8 @@ class PresenceRecord:
     present: bool
     node: str
     username: Username
+    #: A leave because the entry expired (``x``), not because its node said so (``l``).
+    expired: bool = False
 
 
 def member(node: str, username: str) -> str:
@@ -81,9 +87,19 @@ def encode_chat(seq: int, node: str, ref: int, epoch: str, prefix: bytes) -> byt
     return b"m %d %s %d %s " % (seq, node.encode("ascii"), ref, epoch.encode("ascii")) + prefix
 
 
-def encode_presence(present: bool, version: int, node: str, username: str) -> bytes:
+def _kind(present: bool, expired: bool) -> str:
+    if present:
+        if expired:
+            raise ValueError("a join cannot be an expiry")
+        return "j"
+    return "x" if expired else "l"
+
+
+def encode_presence(
+    present: bool, version: int, node: str, username: str, *, expired: bool = False
+) -> bytes:
     """The record of a presence change (what the presence scripts publish)."""
-    kind = b"j" if present else b"l"
+    kind = _kind(present, expired).encode("ascii")
     return b"%s %d %s" % (kind, version, member(node, username).encode("utf-8"))
 
 
@@ -91,7 +107,9 @@ def encode_record(record: ChatRecord | PresenceRecord) -> bytes:
     """The bytes of *record*: ``parse_record(encode_record(r)) == r``."""
     if isinstance(record, ChatRecord):
         return encode_chat(record.seq, record.node, record.ref, record.epoch, record.prefix)
-    return encode_presence(record.present, record.version, record.node, record.username)
+    return encode_presence(
+        record.present, record.version, record.node, record.username, expired=record.expired
+    )
 
 
 def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
@@ -117,7 +135,9 @@ def parse_record(data: bytes) -> ChatRecord | PresenceRecord | None:
         return None
     if not is_valid_username(username):
         return None
-    return PresenceRecord(int(version), kind == b"j", node.decode("ascii"), Username(username))
+    return PresenceRecord(
+        int(version), kind == b"j", node.decode("ascii"), Username(username), kind == b"x"
+    )
 
 
 def lua_chat_record(seq: str, node: str, ref: str, epoch: str, prefix: str) -> str:
@@ -125,9 +145,9 @@ def lua_chat_record(seq: str, node: str, ref: str, epoch: str, prefix: str) -> s
     return f"'m ' .. {seq} .. ' ' .. {node} .. ' ' .. {ref} .. ' ' .. {epoch} .. ' ' .. {prefix}"
 
 
-def lua_presence_record(present: bool, version: str, member: str) -> str:
+def lua_presence_record(present: bool, version: str, member: str, *, expired: bool = False) -> str:
     """The Lua expression of a presence record, given Lua expressions of its fields."""
-    kind = "j" if present else "l"
+    kind = _kind(present, expired)
     return f"'{kind} ' .. {version} .. ' ' .. {member}"
 
 

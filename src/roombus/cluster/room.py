@@ -46,8 +46,10 @@ class Phase(enum.Enum):
     LOSSY = "lossy"
     #: Remote presence is a snapshot and every record since.
     LIVE = "live"
-    #: Live, but read after Redis lost its data (a snapshot below the version known
-    #: before the outage), with who was there kept: a stale answer asks again.
+    #: Live, but read after an outage, with who was there kept: the other nodes may
+    #: not have re-announced their users yet (Redis expired their entries meanwhile,
+    #: or lost its data). Expiries wait for the settling read (a presence TTL after
+    #: connecting, which makes the room LIVE); a stale answer asks again.
     SETTLING = "settling"
 
 
@@ -74,8 +76,9 @@ class RoomInput(enum.Enum):
     SNAPSHOT = "snapshot"
     #: A snapshot below the known version (read before records already applied).
     SNAPSHOT_STALE = "stale snapshot"
-    #: A fresh snapshot below the version known before the outage: Redis lost its data.
-    SNAPSHOT_BELOW_LOST = "snapshot below lost version"
+    #: The first snapshot since the link was lost (Redis may have expired the other
+    #: nodes' entries, or lost its data).
+    SNAPSHOT_AFTER_OUTAGE = "snapshot after an outage"
     #: The snapshot of a LOSSY room was applied: read the presence again.
     REREAD = "reread"
     #: A connection is allowed in.
@@ -104,7 +107,7 @@ class Effect(enum.Enum):
     APPLY = "apply"
     #: Count a presence gap, buffer the record, Subscribe again.
     RESYNC = "resync"
-    #: Remote presence := the snapshot (in SETTLING: joined with what was known);
+    #: Remote presence := the snapshot (into SETTLING: joined with what was known);
     #: announce the difference; apply the buffered records; join the waiting.
     ADOPT = "adopt"
     #: As ADOPT, then REREAD instead of joining.
@@ -160,15 +163,15 @@ ROOM_TABLE: Final[dict[_Key, _Row]] = {
     # -- snapshots --------------------------------------------------------------------------
     (_P.OFFLINE, _I.SNAPSHOT): (_E.IGNORE, _P.OFFLINE),
     (_P.OFFLINE, _I.SNAPSHOT_STALE): (_E.IGNORE, _P.OFFLINE),
-    (_P.OFFLINE, _I.SNAPSHOT_BELOW_LOST): (_E.IGNORE, _P.OFFLINE),
+    (_P.OFFLINE, _I.SNAPSHOT_AFTER_OUTAGE): (_E.IGNORE, _P.OFFLINE),
     (_P.SYNCING, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.SYNCING),
     (_P.LOSSY, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.LOSSY),
     (_P.LIVE, _I.SNAPSHOT_STALE): (_E.NOTHING, _P.LIVE),
     (_P.SETTLING, _I.SNAPSHOT_STALE): (_E.SUBSCRIBE, _P.SETTLING),
     (_P.SYNCING, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
-    (_P.SYNCING, _I.SNAPSHOT_BELOW_LOST): (_E.ADOPT, _P.SETTLING),
+    (_P.SYNCING, _I.SNAPSHOT_AFTER_OUTAGE): (_E.ADOPT, _P.SETTLING),
     (_P.LOSSY, _I.SNAPSHOT): (_E.ADOPT_REREAD, _P.LIVE),
-    (_P.LOSSY, _I.SNAPSHOT_BELOW_LOST): (_E.ADOPT_REREAD, _P.SETTLING),
+    (_P.LOSSY, _I.SNAPSHOT_AFTER_OUTAGE): (_E.ADOPT_REREAD, _P.SETTLING),
     (_P.LIVE, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
     (_P.SETTLING, _I.SNAPSHOT): (_E.ADOPT, _P.LIVE),
     (_P.SYNCING, _I.REREAD): (_E.NOTHING, _P.SYNCING),  # a gap asked again already
@@ -233,8 +236,9 @@ class ClusterRoom:
         buffer: Presence records that arrived before the snapshot.
         outbox: ``(ref, username, content, timestamp)`` of this node's relayed
             messages not yet back from the backplane.
-        lost_version: The version known when the backplane was lost; a snapshot
-            below it after reconnecting means Redis lost its data (0: none).
+        lost_version: The version known when the backplane was lost (0: the room was
+            not followed through an outage): its first snapshot after reconnecting
+            keeps who was there (SETTLING).
         gen: This listening's number (see :class:`~roombus.cluster.Subscribe`).
         held: Chat messages of connections waiting to join, published once they
             have: ``(conn, content, timestamp, id)``.
@@ -301,12 +305,17 @@ class ClusterRoom:
 
         Returns:
             Whether it was news (newer than what is known). Records of node *own*
-            move the version only: local presence is known first-hand.
+            move the version only: local presence is known first-hand; so do
+            expiries while SETTLING.
         """
         if record.version <= self.version:
             return False
         self.version = record.version
         if record.node == own:
+            return True
+        if record.expired and self.phase is Phase.SETTLING:
+            # After an outage every node's entries may have expired before its node
+            # could renew them: the settling read tells who really is gone.
             return True
         nodes = self.remote.get(record.username)
         if record.present:

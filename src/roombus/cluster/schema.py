@@ -25,11 +25,12 @@ a backplane driver sends what these build and hands back what Redis answers.
 * ``<prefix>:{<room>}:p`` is the room's presence, a sorted set of members
   ``"<node> <username>"`` (:func:`~roombus.cluster.records.member`), one per user per node,
   scored with its expiry (server time, ms). ``<prefix>:{<room>}:v`` counts its
-  changes: each publishes a ``j``/``l`` record numbered by it, so a node reading a
-  snapshot knows which records it reflects. ``announce`` adds or removes a member;
-  ``refresh`` renews a node's members and removes (``reap``) those of nodes that
-  stopped renewing theirs; ``snapshot`` reaps, then answers ``{version, members}``
-  (:func:`parse_snapshot`).
+  changes: each publishes a ``j``/``l``/``x`` record numbered by it, so a node reading a
+  snapshot knows which records it reflects. ``announce`` adds or removes a member (a
+  forced leave is published even if the entry is gone); ``refresh`` renews a node's
+  members and removes (``reap``) those of nodes that stopped renewing theirs,
+  publishing each as an expiry (``x``); ``snapshot`` reaps, then answers
+  ``{version, members}`` (:func:`parse_snapshot`).
 * The cluster's control channel, ``<prefix>:ctl`` (:func:`control_channel`): every
   node listens to it while connected; a command of the server API for every node
   (:class:`~roombus.core.actions.Control`, encoded by :mod:`roombus.cluster.control`)
@@ -87,7 +88,7 @@ _REAP: Final = f"""
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, m in ipairs(dead) do
   redis.call('ZREM', KEYS[1], m)
-  {_publish(lua_presence_record(False, _NEXT_VERSION, "m"))}
+  {_publish(lua_presence_record(False, _NEXT_VERSION, "m", expired=True))}
 end
 """
 _KEEP: Final = """
@@ -201,7 +202,9 @@ end
 return {e, top, first, out}
 """
 )
-# KEYS: presence, version. ARGV: channel, member, "1"/"0", lifetime ms.
+# KEYS: presence, version. ARGV: channel, member, "1" (join) / "0" (leave) / "2" (leave,
+# published even if the entry is gone: it may have expired, and been published as an
+# expiry, which the other nodes may hold back), lifetime ms.
 _ANNOUNCE: Final = (
     _NOW
     + f"""
@@ -209,7 +212,7 @@ if ARGV[3] == '1' then
   if redis.call('ZADD', KEYS[1], now + ARGV[4], ARGV[2]) == 1 then
     {_publish(lua_presence_record(True, _NEXT_VERSION, "ARGV[2]"))}
   end
-elseif redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
+elseif redis.call('ZREM', KEYS[1], ARGV[2]) == 1 or ARGV[3] == '2' then
   {_publish(lua_presence_record(False, _NEXT_VERSION, "ARGV[2]"))}
 end
 """
@@ -367,7 +370,7 @@ def command_for(
         key(prefix, room, "v"),
         key(prefix, room, "c"),
         member(node, action.username),
-        "1" if action.present else "0",
+        "1" if action.present else "2" if action.force else "0",
         lifetime,
     )
 

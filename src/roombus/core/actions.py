@@ -218,11 +218,15 @@ class Announce:
         username: The user.
         present: True when the user's first local connection joined, False when
             its last one left.
+        force: A leave published even if the backplane no longer holds the user's
+            entry (it expired during an outage; the other nodes must still hear that
+            the user left rather than only that the entry expired).
     """
 
     room: RoomName
     username: Username
     present: bool
+    force: bool = False
 
 
 @attrs.frozen(kw_only=True)

@@ -102,8 +102,9 @@ async def test_scripts_publish_what_the_encoders_write(
             replies.append([seq[room], epoch.encode(), 0])
         else:
             user, on = rng.choice(USERS), rng.random() < 0.6
-            action = Announce(room=room, username=user, present=on)
-            if on != ((node, user) in present[room]):
+            force = not on and rng.random() < 0.3  # published even with no entry
+            action = Announce(room=room, username=user, present=on, force=force)
+            if on != ((node, user) in present[room]) or force:
                 (present[room].add if on else present[room].discard)((node, user))
                 version[room] += 1
                 expected.append((room, encode_presence(on, version[room], node, user)))
@@ -162,7 +163,7 @@ async def test_refresh_keeps_its_own_and_reaps_the_dead(redis_server: RedisProce
                 encode_presence(True, 1, "gone", USERS[1]),
                 encode_presence(True, 2, "n1", USERS[0]),
                 encode_presence(True, 3, "n1", USERS[2]),
-                encode_presence(False, 4, "gone", USERS[1]),
+                encode_presence(False, 4, "gone", USERS[1], expired=True),
             ]
             assert await _receive(sub, len(expected)) == [(room, data) for data in expected]
 

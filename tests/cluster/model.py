@@ -8,7 +8,8 @@ implements it with Redis):
   the room at the time, in one order (the same for every subscriber). A node's
   deliveries of one channel are in that order; different channels interleave freely.
 * ``Subscribe(room, gen)``: the node is subscribed (idempotent); THEN the room's
-  presence is read (``version`` and every ``(node, username)`` entry) and answered
+  presence is read (``version``, every ``(node, username)`` entry, and the entries
+  whose node said they left since: ``gone``) and answered
   with ``RoomSynced(..., gen)``. Several Subscribes of a room may be answered once,
   with the latest ``gen``. The answer joins the node's stream of the room's records
   where it was read, but may overtake records ahead of it (published after the
@@ -107,6 +108,7 @@ class Snapshot:
     index: int  # records published when it was read
     epoch: str = ""
     seq: int = 0
+    gone: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.define
@@ -124,6 +126,9 @@ class Channel:
     seq: int = 0
     version: int = 0
     presence: set[tuple[str, str]] = attrs.field(factory=set)
+    #: The leaves (not expiries) the snapshot answers; the model keeps them until
+    #: the entry comes back (the scripts forget them a TTL later).
+    gone: set[tuple[str, str]] = attrs.field(factory=set)
     subscribers: set[str] = attrs.field(factory=set)
     epoch: str = ""
     history: list[tuple[int, bytes]] = attrs.field(factory=list)
@@ -248,10 +253,13 @@ class ModelBackplane:
             return
         if present:
             ch.presence.add(entry)
+            ch.gone.discard(entry)
             self.index.add(room)
             self.nodes.add(node)
         else:
             ch.presence.discard(entry)
+            if not expired:
+                ch.gone.add(entry)
         ch.version += 1
         self.publish(room, encode_presence(present, ch.version, node, user, expired=expired))
 
@@ -346,7 +354,13 @@ class ModelBackplane:
         epoch = self.epoch(ch)
         link.inbox.setdefault(read.room, deque()).append(
             Snapshot(
-                ch.version, tuple(sorted(ch.presence)), read.gen, self.published, epoch, ch.seq
+                ch.version,
+                tuple(sorted(ch.presence)),
+                read.gen,
+                self.published,
+                epoch,
+                ch.seq,
+                tuple(sorted(ch.gone)),
             )
         )
 
@@ -385,6 +399,7 @@ class ModelBackplane:
                     gen=item.gen,
                     epoch=item.epoch,
                     seq=item.seq,
+                    gone=item.gone,
                 ),
             )
         self.delivering = None

@@ -108,3 +108,26 @@ def test_expiries_held_back_until_the_settling_read_only() -> None:
     assert told(bob)[seen:] == [("leave", "ann")]
     back(cl, "n1")
     assert told(bob)[seen:] == [("leave", "ann"), ("join", "ann")]
+
+
+def test_a_node_back_later_drops_at_once_who_left_while_it_was_away() -> None:
+    """n1 is back first and takes dan's leave back while n2 is still cut off: n2 never
+    gets that record, but its first snapshot names dan among those who left, so it
+    does not keep him until it settles."""
+    cl = online_cluster()
+    cl.connect("n1", "ann", "r1")
+    dan = cl.clients[cl.connect("n1", "dan", "r1")]
+    bob = cl.clients[cl.connect("n2", "bob", "r1")]
+    cl.quiesce()
+    seen = len(told(bob))
+    pause(cl)
+    cl.disconnect(dan)
+    back(cl, "n1")
+    back(cl, "n2")
+    assert told(bob)[seen:] == [("leave", "dan")]
+    assert cl.brokers["n2"].members("r1") == ["ann", "bob"]
+    for node in ("n1", "n2"):
+        cl.bp.reread(node)
+    cl.quiesce()
+    assert told(bob)[seen:] == [("leave", "dan")]
+    cl.check_quiet()

@@ -544,10 +544,10 @@ def test_refresh_renews_the_local_members_every_third_of_the_ttl() -> None:
     refresh = only(proto.take_commands(), Execute)
     command, touch = refresh.commands
     assert touch[:3] == ("EVALSHA", SHAS["touch"], 3) and touch[-2:] == ("n1", R1)
-    assert command[:3] == ("EVALSHA", SHAS["refresh"], 4)
+    assert command[:3] == ("EVALSHA", SHAS["refresh"], 5)
     assert command[-2:] == ("n1 ann", "n1 bob")
-    assert command[8] == int(TTL * 2000 / 3)
-    assert command[9] == 86_400_000  # the room's position lives on while it has members
+    assert command[9] == int(TTL * 2000 / 3)
+    assert command[10] == 86_400_000  # the room's position lives on while it has members
     proto.replies(refresh.batch, [0, None], TTL / 3)
     assert proto.get_timer() == pytest.approx(2 * TTL / 3)
 

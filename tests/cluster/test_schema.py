@@ -50,14 +50,14 @@ SHAS = {
 LOADED = {
     (True, "relay"): "c34914c77d654a2bb191a35d2a0146d5c5eb766b",
     (True, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (True, "announce"): "ecbb5cb8b67f07db263bf0d882c95ac29dabd854",
-    (True, "refresh"): "ac067623bd68f29782c4810ecf2a4b81bfa8e8c4",
-    (True, "snapshot"): "8e262c065f94a017b96f388d9219d993450d72af",
+    (True, "announce"): "0a4cd3e8005bc28d1c2e7e7bc832888911cbd4fc",
+    (True, "refresh"): "1455ae068c0c8e221d8d3ac5dfdd51e678b837eb",
+    (True, "snapshot"): "1f25b63c4b23f08d5ef422fd93d41695aad0652d",
     (False, "relay"): "7e8b90c775aabdd408ef69598144eda4a506ce3e",
     (False, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (False, "announce"): "e37613493128cdad012281567aeb1ce55167ae9a",
-    (False, "refresh"): "15eaa24d8cf826474c443e8b5b42c049d0cee3ea",
-    (False, "snapshot"): "e9fd986c28635e70f8354218b98c993c7c5176fd",
+    (False, "announce"): "4e577ad8cccea4c95b5ae20b3ba3d3b4fb989693",
+    (False, "refresh"): "7deb5933886fc88bfff0c89d801417c6044d7a8d",
+    (False, "snapshot"): "8bb1aa567d5122d4a98c784b765c8414b859881f",
 }
 
 
@@ -163,14 +163,17 @@ def test_commands_of_the_actions() -> None:
     oldest = attrs.evolve(read, oldest=True, upto=8)
     command = command_for(oldest, prefix="p", node="n1", shas=SHAS, lifetime=10_000, run="ab")
     assert (command[7], command[-2], command[-1]) == (8, "1", "ab")
-    for present, flag in ((True, "1"), (False, "0")):
-        announce = Announce(room=RoomName("r"), username=Username("bob cy"), present=present)
+    for present, force, flag in ((True, False, "1"), (False, False, "0"), (False, True, "2")):
+        announce = Announce(
+            room=RoomName("r"), username=Username("bob cy"), present=present, force=force
+        )
         assert command_for(announce, prefix="p", node="n1", shas=SHAS, lifetime=10_000) == (
             "EVALSHA",
             SHAS["announce"],
-            2,
+            3,
             "p:{r}:p",
             "p:{r}:v",
+            "p:{r}:g",
             "p:{r}:c",
             "n1 bob cy",
             flag,
@@ -179,11 +182,12 @@ def test_commands_of_the_actions() -> None:
     assert refresh_command("r", ["ann", "bob"], prefix="p", node="n1", shas=SHAS, lifetime=5) == (
         "EVALSHA",
         SHAS["refresh"],
-        4,
+        5,
         "p:{r}:p",
         "p:{r}:v",
         "p:{r}:e",
         "p:{r}:s",
+        "p:{r}:g",
         "p:{r}:c",
         5,
         86_400_000,
@@ -193,12 +197,13 @@ def test_commands_of_the_actions() -> None:
     assert snapshot_command("r", prefix="p", shas=SHAS, position_ms=60_000) == (
         "EVALSHA",
         SHAS["snapshot"],
-        5,
+        6,
         "p:{r}:p",
         "p:{r}:v",
         "p:{r}:e",
         "p:{r}:s",
         "p:{r}:h",
+        "p:{r}:g",
         "p:{r}:c",
         60_000,
         "",
@@ -219,6 +224,9 @@ def test_a_snapshot_reply() -> None:
     assert parse_snapshot(room, 1, [0, [], b"E", 0]) == RoomSynced(
         room=room, version=0, entries=(), gen=1, epoch="E", seq=0
     )
+    with_gone = parse_snapshot(room, 1, [2, [b"n1 ann"], b"E", 0, [b"n2 bob", b"n1 cy"]])
+    assert with_gone.entries == (("n1", "ann"),)
+    assert with_gone.gone == (("n2", "bob"), ("n1", "cy"))
 
 
 @pytest.mark.parametrize(
@@ -235,6 +243,8 @@ def test_a_snapshot_reply() -> None:
         [None, [], b"E", 0],
         [1, [], None, 0],
         [1, [], b"E", b"x"],
+        [1, [], b"E", 0, None],
+        [1, [], b"E", 0, [], []],
         [1, [], b"\xff", 0],
         [1, [], b"no spaces", 0],
         [1, []],

@@ -168,6 +168,40 @@ async def test_refresh_keeps_its_own_and_reaps_the_dead(redis_server: RedisProce
             assert await _receive(sub, len(expected)) == [(room, data) for data in expected]
 
 
+async def test_a_snapshot_names_the_leaves_not_the_expiries(redis_server: RedisProcess) -> None:
+    """``gone``: a leave its node announced (forced or not), until the user is back; an
+    expired entry is not one."""
+    room = ROOMS[0]
+
+    def announce(user: Username, present: bool, node: str = "n1", **kw: Any) -> Any:
+        action = Announce(room=room, username=user, present=present, **kw)
+        return command_for(action, prefix=PREFIX, node=node, shas=shas, lifetime=LIFETIME)
+
+    with trio.fail_after(TIMEOUT):
+        async with await connect(redis_server.url) as conn:
+            shas = await _load(conn, True)
+            await conn.execute("FLUSHALL")
+            ann, bob, cy = USERS[0], USERS[1], USERS[2]
+            await conn.pipeline(
+                [announce(u, True) for u in (ann, bob)]
+                + [announce(ann, False), announce(cy, False, force=True)]
+            )
+            dead = Announce(room=room, username=USERS[3], present=True)
+            await conn.execute(
+                *command_for(dead, prefix=PREFIX, node="gone", shas=shas, lifetime=1)
+            )
+            await trio.sleep(0.05)  # past the dead node's 1 ms lifetime
+            snap = snapshot_command(room, prefix=PREFIX, shas=shas)
+            synced = parse_snapshot(room, 1, await conn.execute(*snap))
+            assert synced.entries == (("n1", bob),)  # the dead one reaped
+            assert set(synced.gone) == {("n1", ann), ("n1", cy)}
+            await conn.execute(*announce(ann, True))  # back: no longer among the gone
+            synced = parse_snapshot(room, 1, await conn.execute(*snap))
+            assert set(synced.gone) == {("n1", cy)}
+            ttl = await conn.execute("PTTL", f"{PREFIX}:{{{room}}}:g")
+            assert isinstance(ttl, int) and ttl > 0  # the key expires too
+
+
 async def _run(conn: RedisConnection, shas: dict[str, bytes], action: object) -> object:
     assert isinstance(action, (Relay, ReadStream))
     return await conn.execute(

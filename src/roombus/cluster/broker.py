@@ -1032,8 +1032,12 @@ class ClusterBroker(Broker):
             if node != self.node and is_valid_username(name):
                 remote.setdefault(Username(name), set()).add(node)
         if cr.phase is Phase.SETTLING:
+            # Who was there is kept, but for those whose node said they left.
+            gone = set(event.gone)
             for user, nodes in cr.remote.items():
-                remote.setdefault(user, set()).update(nodes)
+                kept = {node for node in nodes if (node, user) not in gone}
+                if kept:
+                    remote.setdefault(user, set()).update(kept)
         cr.lost_version = 0
         cr.remote = remote
         cr.version = event.version

@@ -30,7 +30,11 @@ a backplane driver sends what these build and hands back what Redis answers.
   forced leave is published even if the entry is gone); ``refresh`` renews a node's
   members and removes (``reap``) those of nodes that stopped renewing theirs,
   publishing each as an expiry (``x``); ``snapshot`` reaps, then answers
-  ``{version, members}`` (:func:`parse_snapshot`).
+  ``{version, members, epoch, top, gone}`` (:func:`parse_snapshot`).
+  ``<prefix>:{<room>}:g`` keeps the leaves (members whose node said they left, not
+  expiries) for a presence TTL, scored with their end; a member back is taken out:
+  a node settling after an outage drops those at once (it keeps the others until it
+  settles).
 * The cluster's control channel, ``<prefix>:ctl`` (:func:`control_channel`): every
   node listens to it while connected; a command of the server API for every node
   (:class:`~roombus.core.actions.Control`, encoded by :mod:`roombus.cluster.control`)
@@ -95,6 +99,21 @@ _KEEP: Final = """
 redis.call('PEXPIRE', KEYS[1], {key_ttl})
 redis.call('PEXPIRE', KEYS[2], {key_ttl})
 """
+
+
+# The leaves of the last presence TTL (KEYS[key]; ARGV[life] the lifetime, two thirds
+# of the TTL): a member left (its node said so), or came back.
+def _gone(key: int, m: str, life: int) -> str:
+    return (
+        f"redis.call('ZREMRANGEBYSCORE', KEYS[{key}], '-inf', now) "
+        f"redis.call('ZADD', KEYS[{key}], now + math.floor(ARGV[{life}] * 3 / 2), {m})"
+    )
+
+
+def _back(key: int, m: str) -> str:
+    return f"redis.call('ZREM', KEYS[{key}], {m})"
+
+
 # The room's epoch, as Lua: ``local e = epoch(e, s, h, ttl, run)``. KEYS[e] holds
 # "<epoch> <run_id>": an epoch is made (and seq and history start over) when it is
 # missing, when its seq is (evicted), or when it was written by another run of the
@@ -202,23 +221,27 @@ end
 return {e, top, first, out}
 """
 )
-# KEYS: presence, version. ARGV: channel, member, "1" (join) / "0" (leave) / "2" (leave,
-# published even if the entry is gone: it may have expired, and been published as an
-# expiry, which the other nodes may hold back), lifetime ms.
+# KEYS: presence, version, gone. ARGV: channel, member, "1" (join) / "0" (leave) / "2"
+# (leave, published even if the entry is gone: it may have expired, and been published
+# as an expiry, which the other nodes may hold back), lifetime ms. A leave is kept in
+# gone for a TTL, for the snapshots of nodes settling after an outage.
 _ANNOUNCE: Final = (
     _NOW
     + f"""
 if ARGV[3] == '1' then
   if redis.call('ZADD', KEYS[1], now + ARGV[4], ARGV[2]) == 1 then
+    {_back(3, "ARGV[2]")}
     {_publish(lua_presence_record(True, _NEXT_VERSION, "ARGV[2]"))}
   end
 elseif redis.call('ZREM', KEYS[1], ARGV[2]) == 1 or ARGV[3] == '2' then
+  {_gone(3, "ARGV[2]", 4)}
+  redis.call('PEXPIRE', KEYS[3], {{key_ttl}})
   {_publish(lua_presence_record(False, _NEXT_VERSION, "ARGV[2]"))}
 end
 """
     + _KEEP
 )
-# KEYS: presence, version, epoch, seq. ARGV: channel, lifetime ms, position ms,
+# KEYS: presence, version, epoch, seq, gone. ARGV: channel, lifetime ms, position ms,
 # members to keep... Refresh this node's members first (so that a late refresh does
 # not flap them), then reap; a room with members keeps its stream's position.
 _REFRESH: Final = (
@@ -226,26 +249,29 @@ _REFRESH: Final = (
     + f"""
 for i = 4, #ARGV do
   if redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[i]) == 1 then
+    {_back(5, "ARGV[i]")}
     {_publish(lua_presence_record(True, _NEXT_VERSION, "ARGV[i]"))}
   end
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 """
     + _REAP
     + _KEEP
 )
-# KEYS: presence, version, epoch, seq, history. ARGV: channel, position ms, run id.
-# Returns
-# {version, members, epoch, top} (an epoch made if the room has none).
+# KEYS: presence, version, epoch, seq, history, gone. ARGV: channel, position ms, run
+# id. Returns {version, members, epoch, top, gone} (an epoch made if the room has none;
+# gone: the members that left within a TTL).
 _SNAPSHOT: Final = (
     _EPOCH
     + _NOW
     + _REAP
     + """
 local e = epoch(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('ZRANGE', KEYS[1], 0, -1),
-        e, tonumber(redis.call('GET', KEYS[4]) or '0')}
+        e, tonumber(redis.call('GET', KEYS[4]) or '0'), redis.call('ZRANGE', KEYS[6], 0, -1)}
 """
 )
 
@@ -276,7 +302,7 @@ def script_source(name: str, sharded: bool) -> str:
 def key(prefix: str, room: str, kind: str) -> str:
     """
     A room's key: *kind* ``c`` (channel), ``s`` (seq), ``e`` (epoch), ``h`` (history),
-    ``p`` (presence), ``v`` (version).
+    ``p`` (presence), ``v`` (version), ``g`` (the leaves of the last TTL).
     """
     return f"{prefix}:{{{room}}}:{kind}"
 
@@ -365,9 +391,10 @@ def command_for(
     return (
         "EVALSHA",
         shas["announce"],
-        2,
+        3,
         key(prefix, room, "p"),
         key(prefix, room, "v"),
+        key(prefix, room, "g"),
         key(prefix, room, "c"),
         member(node, action.username),
         "1" if action.present else "2" if action.force else "0",
@@ -456,11 +483,12 @@ def refresh_command(
     return (
         "EVALSHA",
         shas["refresh"],
-        4,
+        5,
         key(prefix, room, "p"),
         key(prefix, room, "v"),
         key(prefix, room, "e"),
         key(prefix, room, "s"),
+        key(prefix, room, "g"),
         key(prefix, room, "c"),
         lifetime,
         max(1, position_ms),
@@ -480,12 +508,13 @@ def snapshot_command(
     return (
         "EVALSHA",
         shas["snapshot"],
-        5,
+        6,
         key(prefix, room, "p"),
         key(prefix, room, "v"),
         key(prefix, room, "e"),
         key(prefix, room, "s"),
         key(prefix, room, "h"),
+        key(prefix, room, "g"),
         key(prefix, room, "c"),
         max(1, position_ms),
         run,
@@ -498,12 +527,16 @@ def parse_snapshot(room: RoomName, gen: int, reply: object) -> RoomSynced:
     stream's position then.
 
     Raises:
-        ValueError: the reply is not ``[version, [member, ...], epoch, top]``.
+        ValueError: the reply is not ``[version, [member, ...], epoch, top, [gone,
+            ...]]`` (or the four first, as before the leaves were kept).
     """
     try:
-        quad: Any = reply
-        version, members, epoch, top = quad
+        items: Any = reply
+        version, members, epoch, top, *rest = items
+        if len(rest) > 1:
+            raise ValueError
         entries = tuple(parse_member(m) for m in members)
+        gone = tuple(parse_member(m) for m in rest[0]) if rest else ()
         return RoomSynced(
             room=room,
             version=int(version),
@@ -511,6 +544,7 @@ def parse_snapshot(room: RoomName, gen: int, reply: object) -> RoomSynced:
             gen=gen,
             epoch=_epoch(epoch),
             seq=int(top),
+            gone=gone,
         )
     except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
         raise ValueError(f"unreadable presence snapshot of room {room!r}") from None

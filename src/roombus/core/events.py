@@ -102,6 +102,9 @@ class RoomSynced:
             ignored.
         epoch: The room's stream epoch when the snapshot was read ("": unknown).
         seq: The room's top seq in that epoch then.
+        gone: ``(node, username)`` of the users whose node said they left, within
+            about a presence TTL (a node settling after an outage drops them at once
+            rather than keep them until it settles).
     """
 
     room: RoomName
@@ -110,6 +113,7 @@ class RoomSynced:
     gen: int = 0
     epoch: str = ""
     seq: int = 0
+    gone: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.frozen(kw_only=True)

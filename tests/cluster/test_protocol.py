@@ -579,6 +579,35 @@ def test_presence_is_read_again_a_presence_ttl_after_connecting() -> None:
     assert all(not isinstance(c, Listen) for c in proto.take_commands())
 
 
+def test_the_read_again_is_a_read_of_its_own_even_if_the_first_is_still_queued() -> None:
+    """A room whose first read is still waiting (a batch in flight ahead of it) when the
+    read-again is due is read twice: two Subscribes in a row would be one read, and the
+    broker would stay SETTLING (holding expiries) with no read to end it."""
+    proto = new(keepalive=KEEPALIVE)
+    online(proto)
+    for t in (TTL / 3 + 0.1, 2 * TTL / 3 + 0.1):  # refreshes a little late: the next
+        proto.handle_timer(t)  # is due after the read-again
+        for command in proto.take_commands():
+            assert isinstance(command, Execute)
+            proto.replies(command.batch, replies_to(command), t)
+    proto.submit([relay()], 0.9 * TTL)
+    first = only(proto.take_commands(), Execute)  # in flight
+    proto.submit([Subscribe(room=R1, gen=2)], 0.9 * TTL)  # queued behind it
+    assert proto.get_timer() == TTL
+    proto.handle_timer(TTL)  # the read-again, queued behind the first
+    proto.replies(first.batch, [1], TTL)
+    reads = 0
+    for _ in range(10):
+        for command in proto.take_commands():
+            if isinstance(command, Listen):
+                assert command.channels == (b"rb:{r1}:c",)
+                proto.confirmed(command.batch, TTL)
+            elif isinstance(command, Execute):
+                reads += sum(1 for c in command.commands if c[1] == SHAS["snapshot"])
+                proto.replies(command.batch, replies_to(command), TTL)
+    assert reads == 2
+
+
 # --------------------------------------------------------------------------------------
 # Work
 

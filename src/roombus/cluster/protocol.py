@@ -775,6 +775,10 @@ class BackplaneProtocol:
             # users if Redis expired their entries or lost its data meanwhile, and the
             # broker settles who really is there (it kept everyone meanwhile).
             self._reread_at = None
+            # A read of its own, also for a room whose first read is still queued: a
+            # run of Subscribes is one read per room, and the barrier (no commands)
+            # ends the run before these. The broker leaves SETTLING on the later one.
+            self._work.append(_Commands([]))
             self._work.extend(
                 Subscribe(room=room, gen=gen) for room, gen in sorted(self._wanted.items())
             )

@@ -526,6 +526,31 @@ def test_presence_is_read_again_a_third_of_the_ttl_after_connecting() -> None:
     assert all(not isinstance(c, Listen) for c in proto.take_commands())
 
 
+def test_the_read_again_due_while_the_first_read_is_in_flight_is_a_read_of_its_own() -> None:
+    """The broker's SETTLING waits for a read after the first one after reconnecting: a
+    read-again due before the first snapshot is answered is still answered on its own,
+    after it (tests/cluster/model.py's ``reread`` is this)."""
+    proto = new()
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=2)], 0.0)
+    listen = only(proto.take_commands(), Listen)
+    proto.handle_timer(TTL / 3)  # the refresh and the read-again: queued behind it
+    assert proto.take_commands() == []
+    proto.confirmed(listen.batch, TTL / 3)
+    snap = only(proto.take_commands(), Execute)
+    proto.replies(snap.batch, replies_to(snap), TTL / 3)
+    first = proto.take_events()
+    assert [(e.room, e.gen) for e in first] == [(R1, 2)]  # type: ignore[union-attr]
+    touch = only(proto.take_commands(), Execute)  # the refresh: the node list
+    proto.replies(touch.batch, [None], TTL / 3)
+    again = only(proto.take_commands(), Listen)
+    assert again.channels == (b"rb:{r1}:c",)
+    proto.confirmed(again.batch, TTL / 3)
+    snap = only(proto.take_commands(), Execute)
+    proto.replies(snap.batch, replies_to(snap), TTL / 3)
+    assert [(e.room, e.gen) for e in proto.take_events()] == [(R1, 2)]  # type: ignore[union-attr]
+
+
 # --------------------------------------------------------------------------------------
 # Work
 

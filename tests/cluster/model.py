@@ -11,10 +11,11 @@ implements it with Redis):
   presence is read (``version``, every ``(node, username)`` entry, and the entries
   whose node said they left since: ``gone``) and answered
   with ``RoomSynced(..., gen)``. Several Subscribes of a room may be answered once,
-  with the latest ``gen``. The answer joins the node's stream of the room's records
-  where it was read, but may overtake records ahead of it (published after the
-  subscription, before the read); and, with ``lag``, records published after the read
-  may overtake it (the snapshot comes on another connection than the records).
+  with the latest ``gen`` (not the read-again after reconnecting, below). The answer
+  joins the node's stream of the room's records where it was read, but may overtake
+  records ahead of it (published after the subscription, before the read); and, with
+  ``lag``, records published after the read may overtake it (the snapshot comes on
+  another connection than the records).
 * ``Unsubscribe(room)``: no more of the room's records for the node (with
   ``skip_unsubscribe``, as the trio driver does, not carried out when a later
   Subscribe of the room was asked for meanwhile).
@@ -52,7 +53,10 @@ implements it with Redis):
   records not yet delivered; the broker is told ``BackplaneLost``. A Redis restart
   wipes everything (counters, presence, subscriptions) and every node loses its link.
   Some time after reconnecting, the driver reads again the presence of every room it
-  listens to (``Subscribe`` with the room's latest ``gen``).
+  listens to (``Subscribe`` with the room's latest ``gen``): a read of its own, after
+  the reads asked before it, never answered by one of them (the protocol queues it as
+  new work, sent once the batch in flight is answered; a room that kept who was there
+  when Redis lost its data waits for this second read to settle).
 * Redis may also restart from a snapshot taken earlier (an RDB file, :meth:`save`):
   :meth:`restart` with ``snapshot`` brings back what it held then (counters, presence,
   epochs, seqs, histories, dedup answers; not the subscriptions, which belong to
@@ -136,6 +140,14 @@ class Channel:
     run: int = 0  # the run of the server that made the epoch (the scripts' run_id)
 
 
+@attrs.frozen
+class ReadAgain:
+    """The driver's read of a room's presence again after connecting (see ``reread``)."""
+
+    room: str
+    gen: int
+
+
 @attrs.define
 class Link:
     """One node's connection to the backplane."""
@@ -143,7 +155,7 @@ class Link:
     node: str
     alive: bool = True
     online: bool = False
-    commands: deque[BackplaneAction] = attrs.field(factory=deque)
+    commands: deque[BackplaneAction | ReadAgain] = attrs.field(factory=deque)
     reads: deque[Read] = attrs.field(factory=deque)
     inbox: dict[str, deque[Record | Snapshot]] = attrs.field(factory=dict)
     wanted: dict[str, int] = attrs.field(factory=dict)  # room -> the latest Subscribe's gen
@@ -277,11 +289,17 @@ class ModelBackplane:
         if isinstance(action, ReadCluster):
             link.replies.append(self.read_cluster(action))
             return
+        if isinstance(action, ReadAgain):
+            # Listened to again, and read after every read asked before (not one answer
+            # for both: the broker waits for a read after the first).
+            self.channel(action.room).subscribers.add(node)
+            link.reads.append(Read(action.room, action.gen))
+            return
         room = action.room
         ch = self.channel(room)
         if isinstance(action, Subscribe):
             ch.subscribers.add(node)
-            for read in link.reads:
+            for read in reversed(link.reads):
                 if read.room == room:  # not read yet: one answer, with the latest gen
                     read.gen = action.gen
                     break
@@ -376,7 +394,7 @@ class ModelBackplane:
         link = self.links[node]
         link.reread = False
         for room, gen in sorted(link.wanted.items()):
-            link.commands.append(Subscribe(room=RoomName(room), gen=gen))
+            link.commands.append(ReadAgain(room, gen))
 
     def deliver_next(self, node: str, room: str) -> None:
         link = self.links[node]

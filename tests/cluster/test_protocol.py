@@ -579,6 +579,32 @@ def test_presence_is_read_again_a_presence_ttl_after_connecting() -> None:
     assert all(not isinstance(c, Listen) for c in proto.take_commands())
 
 
+def test_the_read_again_due_while_the_first_read_is_in_flight_is_a_read_of_its_own() -> None:
+    """The broker's SETTLING waits for a read after the first one after reconnecting: a
+    read-again due before the first snapshot is answered is still answered on its own,
+    after it (tests/cluster/model.py's ``reread`` is this)."""
+    proto = new(keepalive=KEEPALIVE)
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=2)], 0.0)
+    listen = only(proto.take_commands(), Listen)
+    for t in (TTL / 3, 2 * TTL / 3, TTL):  # the refreshes and the read-again: queued
+        proto.handle_timer(t)
+    assert proto.take_commands() == []
+    proto.confirmed(listen.batch, TTL)
+    snap = only(proto.take_commands(), Execute)
+    proto.replies(snap.batch, replies_to(snap), TTL)
+    first = proto.take_events()
+    assert [(e.room, e.gen) for e in first] == [(R1, 2)]  # type: ignore[union-attr]
+    touch = only(proto.take_commands(), Execute)  # the refreshes: the node list
+    proto.replies(touch.batch, [None] * len(touch.commands), TTL)
+    again = only(proto.take_commands(), Listen)
+    assert again.channels == (b"rb:{r1}:c",)
+    proto.confirmed(again.batch, TTL)
+    snap = only(proto.take_commands(), Execute)
+    proto.replies(snap.batch, replies_to(snap), TTL)
+    assert [(e.room, e.gen) for e in proto.take_events()] == [(R1, 2)]  # type: ignore[union-attr]
+
+
 def test_the_read_again_is_a_read_of_its_own_even_if_the_first_is_still_queued() -> None:
     """A room whose first read is still waiting (a batch in flight ahead of it) when the
     read-again is due is read twice: two Subscribes in a row would be one read, and the

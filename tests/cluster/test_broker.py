@@ -746,16 +746,26 @@ class ClusterMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.stormy)
     @rule(
-        trouble=st.sampled_from(["lose", "lose", "expire", "kill", "restart", "save", "reload"]),
+        trouble=st.sampled_from(
+            ["lose", "lose", "expire", "kill", "restart", "save", "reload", "pause"]
+        ),
         i=nodes,
     )
     def storm(self, trouble: str, i: int) -> None:
         """A link lost; entries expiring (TTL); a node dying; Redis restarting, empty, or
-        saving a snapshot and (*reload*) restarting with the data of the last one."""
+        saving a snapshot and (*reload*) restarting with the data of the last one; Redis
+        paused past the TTL (*pause*: every link lost, every entry expired, the data
+        kept)."""
         self.step()
         node = self.node(i)
         cl, link = self.cl, self.cl.bp.links[node]
-        if trouble == "restart":
+        if trouble == "pause":
+            for n in cl.live_nodes():
+                if cl.bp.links[n].online:
+                    cl.lose(n)
+            for n in NODES:
+                cl.bp.expire(n, set())
+        elif trouble == "restart":
             cl.restart()
         elif trouble == "save":
             cl.save()

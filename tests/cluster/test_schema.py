@@ -50,12 +50,12 @@ SHAS = {
 LOADED = {
     (True, "relay"): "c34914c77d654a2bb191a35d2a0146d5c5eb766b",
     (True, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (True, "announce"): "0a4cd3e8005bc28d1c2e7e7bc832888911cbd4fc",
+    (True, "announce"): "c9bc268860dacd7db910ccb0a3162328aa32a470",
     (True, "refresh"): "1455ae068c0c8e221d8d3ac5dfdd51e678b837eb",
     (True, "snapshot"): "1f25b63c4b23f08d5ef422fd93d41695aad0652d",
     (False, "relay"): "7e8b90c775aabdd408ef69598144eda4a506ce3e",
     (False, "read"): "3ee813ac291d53a6d699b7cda8cae59d0f0d1327",
-    (False, "announce"): "4e577ad8cccea4c95b5ae20b3ba3d3b4fb989693",
+    (False, "announce"): "29e9dde5455193b48aa9f0debbabb5f3d6f3dc28",
     (False, "refresh"): "7deb5933886fc88bfff0c89d801417c6044d7a8d",
     (False, "snapshot"): "8bb1aa567d5122d4a98c784b765c8414b859881f",
 }

@@ -32,7 +32,7 @@ a backplane driver sends what these build and hands back what Redis answers.
   publishing each as an expiry (``x``); ``snapshot`` reaps, then answers
   ``{version, members, epoch, top, gone}`` (:func:`parse_snapshot`).
   ``<prefix>:{<room>}:g`` keeps the leaves (members whose node said they left, not
-  expiries) for a presence TTL, scored with their end; a member back is taken out:
+  expiries) for three presence TTLs, scored with their end; a member back is taken out:
   a node settling after an outage drops those at once (it keeps the others until it
   settles).
 * The cluster's control channel, ``<prefix>:ctl`` (:func:`control_channel`): every
@@ -101,12 +101,12 @@ redis.call('PEXPIRE', KEYS[2], {key_ttl})
 """
 
 
-# The leaves of the last presence TTL (KEYS[key]; ARGV[life] the lifetime, two thirds
-# of the TTL): a member left (its node said so), or came back.
+# The leaves of the last three presence TTLs (KEYS[key]; ARGV[life] the lifetime, two
+# thirds of the TTL): a member left (its node said so), or came back.
 def _gone(key: int, m: str, life: int) -> str:
     return (
         f"redis.call('ZREMRANGEBYSCORE', KEYS[{key}], '-inf', now) "
-        f"redis.call('ZADD', KEYS[{key}], now + math.floor(ARGV[{life}] * 3 / 2), {m})"
+        f"redis.call('ZADD', KEYS[{key}], now + math.floor(ARGV[{life}] * 9 / 2), {m})"
     )
 
 
@@ -224,7 +224,7 @@ return {e, top, first, out}
 # KEYS: presence, version, gone. ARGV: channel, member, "1" (join) / "0" (leave) / "2"
 # (leave, published even if the entry is gone: it may have expired, and been published
 # as an expiry, which the other nodes may hold back), lifetime ms. A leave is kept in
-# gone for a TTL, for the snapshots of nodes settling after an outage.
+# gone for three TTLs, for the snapshots of nodes settling after an outage.
 _ANNOUNCE: Final = (
     _NOW
     + f"""
@@ -262,7 +262,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 )
 # KEYS: presence, version, epoch, seq, history, gone. ARGV: channel, position ms, run
 # id. Returns {version, members, epoch, top, gone} (an epoch made if the room has none;
-# gone: the members that left within a TTL).
+# gone: the members that left within three TTLs).
 _SNAPSHOT: Final = (
     _EPOCH
     + _NOW

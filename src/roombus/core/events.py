@@ -103,7 +103,7 @@ class RoomSynced:
         epoch: The room's stream epoch when the snapshot was read ("": unknown).
         seq: The room's top seq in that epoch then.
         gone: ``(node, username)`` of the users whose node said they left, within
-            about a presence TTL (a node settling after an outage drops them at once
+            three presence TTLs (a node settling after an outage drops them at once
             rather than keep them until it settles).
     """
 

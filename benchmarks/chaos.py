@@ -53,10 +53,19 @@ after it left, or in another node's own epoch while that node was cut off from
 Redis). "Deliveries accounted" is the number of (receiver, room, message) pairs owed:
 once + duplicated + told + silent.
 
-It prints a table and exits 1 on any silent loss, duplicate, misnumbered message, or
-presence ghost outliving the presence TTL (+1 s of measuring slack) after a departure
-in a healthy cluster; 2 if the run itself failed (a process did not start, the hard
-``--timeout``).
+Presence: the harness reads each node's ``/metrics`` every 0.15 s (is it on Redis?).
+A *ghost* (a departed user still shown) must be gone by its bound: a presence TTL
+after the latest of the departure and the return to Redis of the departed user's
+node (unless killed with it) and of the observer's. An *absence* (a live user missing
+from a screen, by a ``leave`` or from a ``presence_state``) is explained by the user
+being away itself (reconnecting, stalled), by its node's partition (its own link cut
+long enough), or by its node back on Redis more than a TTL after the observer's;
+otherwise it is a *flicker*.
+
+It prints a table and exits 1 on any silent loss, duplicate, misnumbered message,
+presence ghost past its bound (+1 s of measuring slack; observers slow, stalled or
+reconnecting not timed), or flicker; 2 if the run itself failed (a process did not
+start, the hard ``--timeout``).
 """
 
 from __future__ import annotations
@@ -1626,7 +1635,7 @@ def table(r: dict[str, Any]) -> str:
             f"{r['client_anomalies']} / {r['stepbacks']} / {r['gap_events']}",
         ),
         ("departures (clean leaves + clients killed with their node)", f"{r['departures']}"),
-        ("presence ghosts timed (healthy cluster, observer reading)", f"{r['ghosts_counted']}"),
+        ("presence ghosts timed (healthy cluster, observer reading)", f"{r['ghosts_counted']:,}"),
         (
             "  longest, p99",
             f"{r['ghost_max_s']} s, {r['ghost_p99_s']} s (TTL {r['presence_ttl']:g} s)",
@@ -1634,7 +1643,7 @@ def table(r: dict[str, Any]) -> str:
         ("  outliving the TTL (+1 s)", f"{r['ghosts_over_ttl']}"),
         (
             "presence ghosts timed in outages (observer reading)",
-            f"{r['ghosts_timed_in_outages']} (longest {r['ghost_outage_max_s']} s)",
+            f"{r['ghosts_timed_in_outages']:,} (longest {r['ghost_outage_max_s']} s)",
         ),
         (
             "  past their bound (+1 s): every ghost timed; longest excess",
@@ -1642,15 +1651,15 @@ def table(r: dict[str, Any]) -> str:
         ),
         (
             "  not timed: the observer impaired",
-            f"{r['ghosts_not_timed']} (longest {r['ghost_max_any_s']} s)",
+            f"{r['ghosts_not_timed']:,} (longest {r['ghost_max_any_s']} s)",
         ),
         (
             "live users missing from a screen (observer x user), back",
-            f"{r['presence_absences']}, {r['presence_absences_back']}",
+            f"{r['presence_absences']:,}, {r['presence_absences_back']:,}",
         ),
         (
             "  their node partitioned (own link cut), longest",
-            f"{r['flickers_partition']}, {r['flickers_partition_max_s']} s",
+            f"{r['flickers_partition']:,}, {r['flickers_partition_max_s']} s",
         ),
         (
             "  their node back on Redis > TTL after the observer's, longest",
@@ -1658,8 +1667,8 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("  flickers (none of these), longest", f"{r['flickers']}, {r['flicker_max_s']} s"),
         (
-            "missing while reconnecting, stalled or slow themselves (not live)",
-            f"{r['absences_user_reconnecting']}",
+            "missing while reconnecting or stalled themselves (not live)",
+            f"{r['absences_user_reconnecting']:,}",
         ),
         ("harness event-loop lag p99 / max", f"{r['loop_lag_p99_ms']} / {r['loop_lag_max_ms']} ms"),
     ]

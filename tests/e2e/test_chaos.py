@@ -211,6 +211,14 @@ def test_a_live_user_missing_from_a_presence_state_is_an_absence_until_back():
     assert list(h.ghosts) == [("bob", "r", "dan")]  # dan had left: a ghost, not an absence
 
 
+def test_a_ghost_past_its_bound_or_a_flicker_fails_the_run():
+    keys = ("lost_silently", "duplicated", "misnumbered", "client_anomalies")
+    clean = dict.fromkeys((*keys, "ghosts_over_ttl", "ghosts_over_bound", "flickers"), 0)
+    assert chaos.verdict(clean, False) == []
+    assert chaos.verdict({**clean, "ghosts_over_bound": 2}, False) == ["ghosts_over_bound: 2"]
+    assert chaos.verdict({**clean, "flickers": 1}, False) == ["flickers: 1"]
+
+
 @pytest.mark.slow
 def test_the_short_chaos_run_loses_nothing_silently_and_shows_nothing_twice(tmp_path):
     assert shutil.which("redis-server"), "redis-server is needed (.ci/run installs it)"

@@ -1721,7 +1721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "was lost across an epoch change (counted and shown all the same)",
     )
     ap.add_argument("--json", default="", help="also write the summary here")
-    ap.add_argument("--dump", default="", help="write every client's records here (JSON)")
+    ap.add_argument(
+        "--dump",
+        default="",
+        help="write every client's records, the nodes' outages, the ghosts and absences "
+        "here (JSON)",
+    )
     ap.add_argument(
         "--proxy", nargs=2, type=int, metavar=("LISTEN", "TARGET"), help=argparse.SUPPRESS
     )

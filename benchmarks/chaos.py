@@ -1182,8 +1182,8 @@ def republished(msg: Message, got: list[tuple[str, int]], pub: Pub | None) -> bo
 # -- presence -----------------------------------------------------------------------------
 
 #: Why a live user was missing from an observer's screen (Absence.cause), in the order
-#: they are looked for: the user's own connection had ended (it was reconnecting,
-#: stalled or slow: not a live user then); its node was partitioned (its own Redis link
+#: they are looked for: the user's own connection had ended, or may have (it was
+#: reconnecting or stalled: not a live user then); its node was partitioned (its own Redis link
 #: cut while Redis ran, long enough for its entries to expire); its node came back on
 #: Redis more than a TTL after the observer's; none of these: a flicker.
 ABSENCE_CAUSES = ("user", "partition", "late node", "flicker")

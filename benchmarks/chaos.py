@@ -53,10 +53,19 @@ after it left, or in another node's own epoch while that node was cut off from
 Redis). "Deliveries accounted" is the number of (receiver, room, message) pairs owed:
 once + duplicated + told + silent.
 
-It prints a table and exits 1 on any silent loss, duplicate, misnumbered message, or
-presence ghost outliving the presence TTL (+1 s of measuring slack) after a departure
-in a healthy cluster; 2 if the run itself failed (a process did not start, the hard
-``--timeout``).
+Presence: the harness reads each node's ``/metrics`` every 0.15 s (is it on Redis?).
+A *ghost* (a departed user still shown) must be gone by its bound: a presence TTL
+after the latest of the departure and the return to Redis of the departed user's
+node (unless killed with it) and of the observer's. An *absence* (a live user missing
+from a screen, by a ``leave`` or from a ``presence_state``) is explained by the user
+being away itself (reconnecting, stalled), by its node's partition (its own link cut
+long enough), or by its node back on Redis more than a TTL after the observer's;
+otherwise it is a *flicker*.
+
+It prints a table and exits 1 on any silent loss, duplicate, misnumbered message,
+presence ghost past its bound (+1 s of measuring slack; observers slow, stalled or
+reconnecting not timed), or flicker; 2 if the run itself failed (a process did not
+start, the hard ``--timeout``).
 """
 
 from __future__ import annotations
@@ -88,9 +97,11 @@ ROOT = HERE.parent
 HOST = "127.0.0.1"
 INF = math.inf
 TRANSPORTS = ("trio", "asyncio", "asgi")
-#: A ghost may outlive the presence TTL by this much before it counts (the harness's
-#: own delay in reading events on a busy machine).
+#: A ghost may outlive its bound by this much before it counts (the harness's own
+#: delay in reading events on a busy machine); presence windows are widened by as much.
 GHOST_SLACK = 1.0
+#: Seconds between two reads of each node's /metrics (is it on Redis?).
+LINK_POLL = 0.15
 #: Clients with this event queue are the ones that can be made slow.
 SLOW_MAX_EVENTS = 32
 SLOW_DELAY = 0.2
@@ -201,10 +212,10 @@ async def http_get(port: int, path: str, timeout: float = 2.0) -> str:
     return await asyncio.wait_for(get(), timeout)
 
 
-async def metrics(port: int) -> dict[str, float]:
+async def metrics(port: int, timeout: float = 2.0) -> dict[str, float]:
     out: dict[str, float] = {}
     with contextlib.suppress(OSError, asyncio.TimeoutError, TimeoutError):
-        text = await http_get(port, "/metrics")
+        text = await http_get(port, "/metrics", timeout)
         for line in text.partition("\r\n\r\n")[2].splitlines():
             name, _, value = line.partition(" ")
             if name and not name.startswith("#"):
@@ -357,6 +368,60 @@ class Cluster:
         return dict(out)
 
 
+@dataclass
+class Outage:
+    """
+    A node off Redis, as its ``/metrics`` (``roombus_backplane_online``) showed it, with
+    the uncertainty of polling: it began after ``start_lo`` (when the last read that
+    found it online was sent) and by ``start_hi`` (when the first that found it offline
+    came back); it ended after ``end_lo`` (the last read that found it offline was
+    sent) and by ``end_hi`` (the first that found it online again came back; INF: not
+    seen back). ``killed``: its process was killed (``kill -9``) and started again.
+    """
+
+    start_lo: float
+    start_hi: float
+    end_lo: float
+    end_hi: float = INF
+    killed: bool = False
+
+
+class Link:
+    """One node's Redis link through the run: its outages, from reads of its /metrics."""
+
+    def __init__(self) -> None:
+        self.outages: list[Outage] = []
+        self.online_sent = 0.0  # when the last read that found it online was sent
+        self.failures: float | None = None  # roombus_redis_failures_total then
+        self.open: Outage | None = None
+
+    def observe(self, sent: float, got: float, online: bool, failures: float | None) -> None:
+        """A read of /metrics sent at *sent*, answered at *got*."""
+        if not online:
+            if self.open is None:
+                self.open = Outage(self.online_sent, got, sent)
+                self.outages.append(self.open)
+            self.open.end_lo = max(self.open.end_lo, sent)
+            return
+        if self.open is not None:
+            self.open.end_hi = got
+            self.open = None
+        elif failures is not None and self.failures is not None and failures > self.failures:
+            # Lost and back between two reads: its count of lost connections moved.
+            self.outages.append(Outage(self.online_sent, got, self.online_sent, got))
+        self.online_sent = sent
+        self.failures = failures
+
+    def kill(self, t: float) -> None:
+        """Its process was killed at *t* (it is offline until a read finds it online)."""
+        if self.open is None:
+            self.open = Outage(t, t, t)
+            self.outages.append(self.open)
+        self.open.killed = True
+        self.open.end_lo = max(self.open.end_lo, t)
+        self.failures = None  # a new process counts from 0
+
+
 # ---------------------------------------------------------------------------------------
 # the Redis link proxy (a process of its own: python3 benchmarks/chaos.py --proxy L T)
 
@@ -435,11 +500,14 @@ class Peer:
     reading: asyncio.Event = field(default_factory=asyncio.Event)
     slow: bool = False
     node: int | None = None
+    nodes: list[tuple[float, int]] = field(default_factory=list)  # (since, node it dialed)
+    died: bool = False  # killed with its node (else it left cleanly, or lived on)
     task: asyncio.Task[None] | None = None
     client: Any = None
     born: float = 0.0
     ended: float | None = None  # when it died or left (None: alive at the end)
     impaired: list[list[float]] = field(default_factory=list)  # [start, end] of episodes
+    away: list[list[float]] = field(default_factory=list)  # stalled or reconnecting
     shown: dict[str, frozenset[str]] = field(default_factory=dict)
     next_n: int = 0
     connected_since: float | None = None
@@ -470,6 +538,26 @@ class Ghost:
     healthy: bool  # the departure happened with Redis and every link fine
     impaired: bool  # the observer was slow, stalled or reconnecting meanwhile
     still_shown: bool = False
+    bound: float = INF  # when it had to be gone by (presence_bound)
+
+
+@dataclass
+class Absence:
+    """
+    A live user (not departed) missing from an observer's presence of a room: a
+    ``leave``, or not in a ``presence_state`` (the observer joined again), until it is
+    back on that screen (a ``join``, or in a later state), the user departs, the
+    observer does, or the run ends.
+    """
+
+    observer: str
+    room: str
+    user: str
+    start: float
+    via: str  # "leave" or "state"
+    end: float | None = None
+    back: bool = False  # it came back on the observer's screen
+    cause: str = ""  # ABSENCE_CAUSES
 
 
 class Harness:
@@ -486,6 +574,10 @@ class Harness:
         self.gone: dict[str, tuple[float, bool]] = {}  # user -> (when, in a healthy cluster)
         self.ghosts: dict[tuple[str, str, str], Ghost] = {}
         self.closed_ghosts: list[Ghost] = []
+        self.absences: dict[tuple[str, str, str], Absence] = {}  # (observer, room, user)
+        self.closed_absences: list[Absence] = []
+        self.links = [Link() for _ in cluster.nodes]
+        self.cuts: dict[int, list[list[float]]] = defaultdict(list)  # node: [start, end]
         self.unhealthy: list[list[float]] = []  # [start, end] of cluster faults (Redis side)
         self.faults: list[dict[str, Any]] = []
         self.lag: list[float] = []
@@ -537,6 +629,7 @@ class Harness:
                 except (OSError, asyncio.TimeoutError, TimeoutError):
                     continue
                 peer.node = k
+                peer.nodes.append((self.now(), k))
                 return StallableReader(reader, peer.reading), writer
             raise OSError("no node answers")
 
@@ -580,13 +673,14 @@ class Harness:
                 for r in peer.rooms
             ):
                 peer.impaired.append([peer.connected_since, t])
+                peer.away.append([peer.connected_since, t])
                 peer.connected_since = None
         elif isinstance(ev, rc.Reset):
             peer.logs[ev.room].append(("R", t, ev.epoch, ev.seq, ev.reason))
         elif isinstance(ev, rc.Gap):
             peer.logs[ev.room].append(("G", t, ev.first, ev.last))
         elif isinstance(ev, rc.Presence):
-            self.on_presence(peer, ev.room, ev.users, t)
+            self.on_presence(peer, ev.room, ev.users, t, ev.event)
         elif isinstance(ev, (rc.Disconnected, rc.Connecting)):
             if peer.connected_since is None:
                 peer.connected_since = t
@@ -626,7 +720,9 @@ class Harness:
 
     # -- presence -------------------------------------------------------------------------
 
-    def on_presence(self, peer: Peer, room: str, users: frozenset[str], t: float) -> None:
+    def on_presence(
+        self, peer: Peer, room: str, users: frozenset[str], t: float, via: str = "leave"
+    ) -> None:
         before = peer.shown.get(room, frozenset())
         if self.a.dump:
             peer.seen.append((t, room, peer.node, sorted(before ^ users), len(users)))
@@ -636,7 +732,14 @@ class Harness:
             if ghost is not None:
                 ghost.end = t
                 self.closed_ghosts.append(ghost)
+            elif user not in self.gone and user != peer.name:
+                key = (peer.name, room, user)
+                self.absences.setdefault(key, Absence(peer.name, room, user, t, via))
         for user in users - before:
+            absence = self.absences.pop((peer.name, room, user), None)
+            if absence is not None:
+                absence.end, absence.back = t, True
+                self.closed_absences.append(absence)
             if user in self.gone and (peer.name, room, user) not in self.ghosts:
                 healthy = self.gone[user][1]
                 self.ghosts[(peer.name, room, user)] = Ghost(
@@ -648,6 +751,10 @@ class Harness:
         peer.ended = t
         for key in [k for k in self.ghosts if k[0] == peer.name]:
             del self.ghosts[key]  # what a departed client still showed does not matter
+        for key in [k for k in self.absences if peer.name in (k[0], k[2])]:
+            absence = self.absences.pop(key)  # it left, or the observer did
+            absence.end = t
+            self.closed_absences.append(absence)
         healthy = not self.cluster_fault_near(t)
         self.gone[peer.name] = (t, healthy)
         for obs in self.live_peers():
@@ -689,7 +796,9 @@ class Harness:
         victims = [p for p in self.live_peers() if p.node == node.k and p.mortal]
         self.cluster.kill_node(node)
         t = self.now()
+        self.links[node.k].kill(t)
         for peer in victims:  # they die with their node: no goodbye, no reconnect
+            peer.died = True
             self.depart(peer, t)
             if peer.task is not None:
                 peer.task.cancel()
@@ -740,12 +849,15 @@ class Harness:
         self.fault("link-stall" if stall else "link-drop", node=node.k, seconds=round(d, 1))
         span = [self.now(), 0.0]
         self.unhealthy.append(span)
+        cut = [self.now(), INF]
+        self.cuts[node.k].append(cut)
         ch = self.cluster.children
         ch.signal(node.proxy, signal.SIGSTOP if stall else signal.SIGUSR1)
         try:
             await asyncio.sleep(d)
         finally:
             ch.signal(node.proxy, signal.SIGCONT if stall else signal.SIGUSR2)
+            cut[1] = self.now()
         await self.cluster.online()
         span[1] = self.now()
 
@@ -773,6 +885,8 @@ class Harness:
             p.slow = False
             p.reading.set()
             p.impaired.append([t, self.now() + 5])
+            if not slow:  # its node may have ended its connection meanwhile
+                p.away.append([t, self.now()])
 
     def schedule(self) -> tuple[list[str], list[tuple[float, str]]]:
         """The cluster faults in order, and the client faults' times: from the seed alone."""
@@ -835,6 +949,22 @@ class Harness:
                 await self.leave(rng.choice(pool))
                 self.new_peer()
 
+    async def watch_link(self, node: Node) -> None:
+        """Read *node*'s /metrics every LINK_POLL s: when is it on Redis."""
+        link = self.links[node.k]
+        while True:
+            sent = self.now()
+            if node.up:
+                values = await metrics(node.port, timeout=1.0)
+                online = values.get("roombus_backplane_online")
+                # Not answered (busy, or killed meanwhile): nothing learned.
+                if online is not None and node.up:
+                    failures = values.get("roombus_redis_failures_total")
+                    link.observe(sent, self.now(), online == 1, failures)
+            else:
+                link.observe(sent, sent, False, None)
+            await asyncio.sleep(LINK_POLL)
+
     async def watch_lag(self) -> None:
         while True:
             t = time.monotonic()
@@ -846,6 +976,7 @@ class Harness:
     async def run(self) -> None:
         a = self.a
         lag = asyncio.create_task(self.watch_lag())
+        watchers = [asyncio.create_task(self.watch_link(n)) for n in self.cluster.nodes]
         for _ in range(a.clients):
             self.new_peer()
             await asyncio.sleep(a.ramp / a.clients)
@@ -896,6 +1027,8 @@ class Harness:
         self.metrics = await self.cluster.totals()
         log(f"t={self.t_end:6.1f} done; closing the clients")
         lag.cancel()
+        for w in watchers:
+            w.cancel()
         for p in self.live_peers():
             if p.task is not None:
                 p.task.cancel()
@@ -1046,6 +1179,148 @@ def republished(msg: Message, got: list[tuple[str, int]], pub: Pub | None) -> bo
     return (pub.epoch, pub.seq) == got[-1]
 
 
+# -- presence -----------------------------------------------------------------------------
+
+#: Why a live user was missing from an observer's screen (Absence.cause), in the order
+#: they are looked for: the user's own connection had ended, or may have (it was
+#: reconnecting or stalled: not a live user then); its node was partitioned (its own Redis link
+#: cut while Redis ran, long enough for its entries to expire); its node came back on
+#: Redis more than a TTL after the observer's; none of these: a flicker.
+ABSENCE_CAUSES = ("user", "partition", "late node", "flicker")
+
+
+@dataclass
+class Client:
+    """What the presence accounting knows of one client."""
+
+    impaired: list[tuple[float, float]]  # slow, stalled, reconnecting: [start, end]
+    nodes: list[tuple[float, int]]  # (since, the node it dialed)
+    ended: float | None = None  # when it left or died
+    died: bool = False  # killed with its node
+    away: list[tuple[float, float]] = field(default_factory=list)  # stalled, reconnecting
+
+
+@dataclass
+class World:
+    """The presence accounting's input: the clients, the nodes' outages, the link cuts."""
+
+    ttl: float
+    clients: dict[str, Client]
+    outages: dict[int, list[Outage]]
+    cuts: dict[int, list[tuple[float, float]]]  # a node's own link stalled or dropped
+    t_end: float
+
+
+def node_at(nodes: list[tuple[float, int]], t: float) -> int | None:
+    """The node a client was on (or dialing last) at *t*."""
+    at = None
+    for since, k in nodes:
+        if since > t:
+            break
+        at = k
+    return at
+
+
+def nodes_between(nodes: list[tuple[float, int]], a: float, b: float) -> set[int]:
+    """The nodes a client was on at some time in [a, b]."""
+    out = {k for since, k in nodes if a < since <= b}
+    first = node_at(nodes, a)
+    if first is not None:
+        out.add(first)
+    return out
+
+
+def presence_bound(departed: float, ttl: float, outages: list[Outage]) -> float:
+    """
+    When a departure at *departed* must be gone from a screen, given the *outages* of
+    the departed user's node and of the observer's: a TTL after the latest of the
+    departure and the end (the node seen back on Redis) of every outage that began
+    before that time, i.e. that the departure's news may have met.
+    """
+    bound = departed + ttl
+    for o in sorted(outages, key=lambda o: o.start_lo):
+        if o.start_lo > bound:
+            break
+        bound = max(bound, o.end_hi + ttl)
+    return bound
+
+
+def ghost_bound(g: Ghost, departed: float, w: World) -> float:
+    """*g*'s bound: from its user's node (unless killed with it) and the observer's."""
+    user, obs = w.clients[g.user], w.clients[g.observer]
+    outages: list[Outage] = []
+    if not user.died:
+        # A node killed after the departure does not come back for it: its entry
+        # expires (within the TTL), unless the observer's node holds expiries back.
+        k = node_at(user.nodes, departed)
+        outages += [o for o in w.outages.get(k, []) if not o.killed] if k is not None else []
+    k = node_at(obs.nodes, g.end if g.end is not None else w.t_end)
+    outages += w.outages.get(k, []) if k is not None else []
+    return presence_bound(departed, w.ttl, outages)
+
+
+def cut_off(w: World, k: int) -> list[tuple[float, float]]:
+    """[start, back] of node *k*'s own link cuts: back, when it was first seen on Redis."""
+    out = []
+    for start, end in w.cuts.get(k, []):
+        back = end
+        for o in w.outages.get(k, []):
+            if o.start_lo <= end and o.end_hi >= start:
+                back = max(back, o.end_hi)
+        out.append((start, back))
+    return out
+
+
+def absence_cause(a: Absence, w: World) -> str:
+    """Why *a*'s user was missing from its observer's screen (ABSENCE_CAUSES)."""
+    obs, user = w.clients[a.observer], w.clients[a.user]
+    # The leave (or the state without the user) was sent by the observer's node in
+    # [lo, hi]: at hi, when it was read, or earlier if the observer was slow, stalled
+    # or reconnecting then (as early as that episode's start).
+    hi = a.start
+    lo = min((s for s, e in obs.impaired if s <= hi <= e), default=hi)
+    slack, ttl = GHOST_SLACK, w.ttl
+    if any(s - slack <= hi and lo <= e + slack for s, e in user.away):
+        return "user"
+    user_nodes = nodes_between(user.nodes, lo - ttl - slack, hi)
+    for k in user_nodes:
+        for start, back in cut_off(w, k):
+            # Its entries can expire a third of a TTL after its last refresh at the
+            # soonest; the others see its users leave then, and join when it is back.
+            if back - start > ttl / 3 and start <= hi and lo <= back + ttl + slack:
+                return "partition"
+    obs_nodes = nodes_between(obs.nodes, lo, hi)
+    for k in user_nodes:
+        for j in obs_nodes - {k}:
+            for ou in w.outages.get(k, []):
+                for oo in w.outages.get(j, []):
+                    # The observer's node settles a TTL after it is back; the user's
+                    # node, later still, announces its users when it is.
+                    overlap = ou.start_lo <= oo.end_hi and oo.start_lo <= ou.end_hi
+                    late = ou.end_hi - oo.end_lo > ttl
+                    if overlap and late and oo.end_lo <= hi and lo <= ou.end_hi + ttl + slack:
+                        return "late node"
+    return "flicker"
+
+
+def world(h: Harness) -> World:
+    clients = {}
+    for p in h.peers:
+        impaired = [(s, e) for s, e in p.impaired]
+        away = [(s, e) for s, e in p.away]
+        if p.connected_since is not None:  # reconnecting at the end
+            impaired.append((p.connected_since, INF))
+            away.append((p.connected_since, INF))
+        clients[p.name] = Client(impaired, p.nodes, p.ended, p.died, away)
+    return World(
+        h.a.presence_ttl,
+        clients,
+        {k: link.outages for k, link in enumerate(h.links)},
+        {k: [(s, e) for s, e in cuts] for k, cuts in h.cuts.items()},
+        h.t_end,
+    )
+
+
 def account(h: Harness) -> dict[str, Any]:
     messages: dict[str, Message] = {}
     by_pos: dict[tuple[str, str, int], set[str]] = defaultdict(set)
@@ -1129,22 +1404,58 @@ def account(h: Harness) -> dict[str, Any]:
     for g in h.ghosts.values():
         g.end, g.still_shown = t_end, True
         ghosts.append(g)
-    peers = {p.name: p for p in h.peers}
+    w = world(h)
     for g in ghosts:
-        g.healthy = not h.cluster_fault_near(h.gone[g.user][0])
-        obs = peers[g.observer]
+        departed = h.gone[g.user][0]
+        g.healthy = not h.cluster_fault_near(departed)
+        obs = w.clients[g.observer]
         end = g.end if g.end is not None else t_end
         # Excused only if the observer's own view may be stale when the ghost is
         # measured: it was slow, stalled or reconnecting then, or gone itself.
         g.impaired = any(s <= end <= e for s, e in obs.impaired) or (
             obs.ended is not None and obs.ended <= end
         )
-    counted = [g for g in ghosts if g.healthy and not g.impaired]
-    counted_ids = {id(g) for g in counted}
+        g.bound = ghost_bound(g, departed, w)
+    timed = [g for g in ghosts if not g.impaired]
+    counted = [g for g in timed if g.healthy]
+    in_outages = [g for g in timed if not g.healthy]
     limit = h.a.presence_ttl + GHOST_SLACK
     durations = [(g.end or t_end) - g.start for g in counted]
     over = [g for g in counted if (g.end or t_end) - g.start > limit]
+    excess = {id(g): (g.end or t_end) - g.bound for g in timed}
+    over_bound = [g for g in timed if excess[id(g)] > GHOST_SLACK]
+    over_bound.sort(key=lambda g: -excess[id(g)])
     departures = len(h.gone)
+    # presence flickers: a live user missing from a screen
+    absences = list(h.closed_absences)
+    for a in h.absences.values():
+        a.end = None  # still missing at the end
+        absences.append(a)
+    for a in absences:
+        a.cause = absence_cause(a, w)
+    by_cause: dict[str, list[Absence]] = {c: [] for c in ABSENCE_CAUSES}
+    for a in absences:
+        by_cause[a.cause].append(a)
+
+    def longest(items: list[Absence]) -> float:
+        return round(max(((x.end or t_end) - x.start for x in items), default=0.0), 2)
+
+    def told(a: Absence) -> str:
+        node = node_at(w.clients[a.user].nodes, a.start)
+        obs = node_at(w.clients[a.observer].nodes, a.start)
+        gone = (
+            f"back after {(a.end or t_end) - a.start:.1f} s"
+            if a.back
+            else "still missing at the end"
+            if a.end is None
+            else f"until {'it' if w.clients[a.user].ended == a.end else 'the observer'} left"
+        )
+        return (
+            f"{a.observer} (node {obs}) lost {a.user} (node {node}) in {a.room} at "
+            f"t={a.start:.1f} ({a.via}), {gone}"
+        )
+
+    missing = [a for a in absences if a.cause != "user"]
     lag = sorted(h.lag) or [0.0]
     return {
         "seed": h.a.seed,
@@ -1182,11 +1493,30 @@ def account(h: Harness) -> dict[str, Any]:
         "client_anomalies": len(anomalies),
         "departures": departures,
         "ghosts_counted": len(counted),
-        "ghosts_impaired_or_in_outage": len(ghosts) - len(counted),
+        "ghosts_timed_in_outages": len(in_outages),
+        "ghosts_not_timed": len(ghosts) - len(timed),
         "ghost_max_s": round(max(durations, default=0.0), 2),
         "ghost_p99_s": round(quantile(durations, 0.99), 2),
         "ghosts_over_ttl": len(over),
+        "ghost_outage_max_s": round(
+            max(((g.end or t_end) - g.start for g in in_outages), default=0), 2
+        ),
+        "ghost_excess_max_s": round(max(excess.values(), default=-h.a.presence_ttl), 2),
+        "ghosts_over_bound": len(over_bound),
         "ghost_max_any_s": round(max(((g.end or t_end) - g.start for g in ghosts), default=0), 2),
+        "presence_absences": len(missing),
+        "presence_absences_back": sum(1 for a in missing if a.back),
+        "absences_user_reconnecting": len(by_cause["user"]),
+        "flickers_partition": len(by_cause["partition"]),
+        "flickers_partition_max_s": longest(by_cause["partition"]),
+        "flickers_late_node": len(by_cause["late node"]),
+        "flickers_late_node_max_s": longest(by_cause["late node"]),
+        "flickers": len(by_cause["flicker"]),
+        "flicker_max_s": longest(by_cause["flicker"]),
+        "node_outages": {
+            str(k): [[round(o.start_lo, 2), round(o.end_hi, 2)] for o in outs]
+            for k, outs in w.outages.items()
+        },
         "loop_lag_p99_ms": round(1000 * quantile(lag, 0.99), 1),
         "loop_lag_max_ms": round(1000 * lag[-1], 1),
         "node_metrics": {k: v for k, v in sorted(h.metrics.items()) if v},
@@ -1201,14 +1531,25 @@ def account(h: Harness) -> dict[str, Any]:
                 f"after it left (t={g.start:.1f}{', still at the end' if g.still_shown else ''})"
                 for g in over[:10]
             ],
+            "ghosts_over_bound": [
+                f"{g.observer} (node {node_at(w.clients[g.observer].nodes, g.end or t_end)}) "
+                f"saw {g.user} (node {node_at(w.clients[g.user].nodes, h.gone[g.user][0])}"
+                f"{', killed' if w.clients[g.user].died else ''}) in {g.room} until "
+                f"t={g.end or t_end:.1f}, {excess[id(g)]:.1f} s past its bound "
+                f"t={g.bound:.1f} (left t={h.gone[g.user][0]:.1f}"
+                f"{', still at the end' if g.still_shown else ''})"
+                for g in over_bound[:10]
+            ],
+            "flickers": [told(a) for a in by_cause["flicker"][:10]],
+            "flickers_partition": [told(a) for a in by_cause["partition"][:3]],
+            "flickers_late_node": [told(a) for a in by_cause["late node"][:3]],
             "client_errors": [e for p in h.peers for e in p.errors][:10],
             "ghosts_not_timed_over_ttl": [
                 f"{g.observer} saw {g.user} in {g.room} {(g.end or t_end) - g.start:.1f} s "
                 f"after it left (t={g.start:.1f}; {'healthy' if g.healthy else 'outage'}, "
-                f"{'observer impaired' if g.impaired else 'observer reading'}"
-                f"{', still at the end' if g.still_shown else ''})"
+                f"observer impaired{', still at the end' if g.still_shown else ''})"
                 for g in sorted(ghosts, key=lambda g: g.start - (g.end or t_end))
-                if id(g) not in counted_ids and (g.end or t_end) - g.start > limit
+                if g.impaired and (g.end or t_end) - g.start > limit
             ][:10],
         },
     }
@@ -1224,6 +1565,9 @@ def dump(h: Harness, path: Path) -> None:
             "born": p.born,
             "ended": p.ended,
             "impaired": p.impaired,
+            "away": p.away,
+            "nodes": p.nodes,
+            "died": p.died,
             "errors": p.errors,
             "logs": p.logs,
             "presence": p.seen,
@@ -1231,7 +1575,18 @@ def dump(h: Harness, path: Path) -> None:
         for p in h.peers
     ]
     pubs = {k: vars(v) for k, v in h.pubs.items()}
-    data = {"peers": peers, "pubs": pubs, "faults": h.faults, "unhealthy": h.unhealthy}
+    data = {
+        "peers": peers,
+        "pubs": pubs,
+        "faults": h.faults,
+        "unhealthy": h.unhealthy,
+        "presence_ttl": h.a.presence_ttl,
+        "outages": {k: [vars(o) for o in link.outages] for k, link in enumerate(h.links)},
+        "cuts": h.cuts,
+        "gone": h.gone,
+        "ghosts": [vars(g) for g in [*h.closed_ghosts, *h.ghosts.values()]],
+        "absences": [vars(a) for a in [*h.closed_absences, *h.absences.values()]],
+    }
     path.write_text(json.dumps(data, default=str))
 
 
@@ -1280,15 +1635,40 @@ def table(r: dict[str, Any]) -> str:
             f"{r['client_anomalies']} / {r['stepbacks']} / {r['gap_events']}",
         ),
         ("departures (clean leaves + clients killed with their node)", f"{r['departures']}"),
-        ("presence ghosts timed (healthy cluster, observer reading)", f"{r['ghosts_counted']}"),
+        ("presence ghosts timed (healthy cluster, observer reading)", f"{r['ghosts_counted']:,}"),
         (
             "  longest, p99",
             f"{r['ghost_max_s']} s, {r['ghost_p99_s']} s (TTL {r['presence_ttl']:g} s)",
         ),
         ("  outliving the TTL (+1 s)", f"{r['ghosts_over_ttl']}"),
         (
-            "  not timed: during an outage, or the observer impaired",
-            f"{r['ghosts_impaired_or_in_outage']} (longest {r['ghost_max_any_s']} s)",
+            "presence ghosts timed in outages (observer reading)",
+            f"{r['ghosts_timed_in_outages']:,} (longest {r['ghost_outage_max_s']} s)",
+        ),
+        (
+            "  past their bound (+1 s): every ghost timed; longest excess",
+            f"{r['ghosts_over_bound']}; {r['ghost_excess_max_s']} s",
+        ),
+        (
+            "  not timed: the observer impaired",
+            f"{r['ghosts_not_timed']:,} (longest {r['ghost_max_any_s']} s)",
+        ),
+        (
+            "live users missing from a screen (observer x user), back",
+            f"{r['presence_absences']:,}, {r['presence_absences_back']:,}",
+        ),
+        (
+            "  their node partitioned (own link cut), longest",
+            f"{r['flickers_partition']:,}, {r['flickers_partition_max_s']} s",
+        ),
+        (
+            "  their node back on Redis > TTL after the observer's, longest",
+            f"{r['flickers_late_node']}, {r['flickers_late_node_max_s']} s",
+        ),
+        ("  flickers (none of these), longest", f"{r['flickers']}, {r['flicker_max_s']} s"),
+        (
+            "missing while reconnecting or stalled themselves (not live)",
+            f"{r['absences_user_reconnecting']:,}",
         ),
         ("harness event-loop lag p99 / max", f"{r['loop_lag_p99_ms']} / {r['loop_lag_max_ms']} ms"),
     ]
@@ -1306,7 +1686,8 @@ def table(r: dict[str, Any]) -> str:
 def verdict(r: dict[str, Any], allow_republished: bool) -> list[str]:
     bad = []
     dup = "duplicated_unexplained" if allow_republished else "duplicated"
-    for key in ("lost_silently", dup, "misnumbered", "client_anomalies", "ghosts_over_ttl"):
+    keys = ("lost_silently", dup, "misnumbered", "client_anomalies", "ghosts_over_ttl")
+    for key in (*keys, "ghosts_over_bound", "flickers"):
         if r[key]:
             bad.append(f"{key}: {r[key]}")
     return bad
@@ -1340,7 +1721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "was lost across an epoch change (counted and shown all the same)",
     )
     ap.add_argument("--json", default="", help="also write the summary here")
-    ap.add_argument("--dump", default="", help="write every client's records here (JSON)")
+    ap.add_argument(
+        "--dump",
+        default="",
+        help="write every client's records, the nodes' outages, the ghosts and absences "
+        "here (JSON)",
+    )
     ap.add_argument(
         "--proxy", nargs=2, type=int, metavar=("LISTEN", "TARGET"), help=argparse.SUPPRESS
     )

@@ -905,6 +905,13 @@ def proc_stats(pid: int) -> tuple[int, int, float]:
     return rss, fds, cpu
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(all, idle) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
 def start_redis(children: Children, binary: str, workdir: Path) -> tuple[int, int]:
     port = free_port()
     args = [binary, "--port", str(port), "--bind", HOST, "--dir", str(workdir)]
@@ -937,10 +944,18 @@ def server_settings(a: argparse.Namespace, redis_port: int) -> dict[str, str]:
 
 
 #: With --gc-log, the server runs under this: it notes every collection of the oldest
-#: generation, and any other over 5 ms, with its duration, then runs the module.
+#: generation, and any other over 5 ms, with its duration, then runs the module. On
+#: SIGUSR1 it writes a census of the objects the collector tracks, by type.
 GC_HOOK = """
-import gc, os, runpy, sys, time
+import collections, gc, json, os, runpy, signal, sys, time
 path, module = os.environ.pop("SOAK_GC_LOG"), sys.argv.pop(1)
+def census(*_):
+    objs = gc.get_objects()
+    top = collections.Counter(type(o).__qualname__ for o in objs).most_common(30)
+    with open(path + ".census", "a") as f:
+        f.write(json.dumps({"objects": len(objs), "top": top}) + "\\n")
+    del objs
+signal.signal(signal.SIGUSR1, census)
 out = open(path, "a", buffering=1)
 began = [0.0]
 def note(phase, info):
@@ -1088,6 +1103,7 @@ class Soak:
         # the ramp
         self.t_ramp0 = time.monotonic()
         self.cpu_prev = (cpu0, self.t_ramp0)
+        self.machine_prev = machine_cpu()
         self.lg_prev = (self.loadgen_cpu(), self.t_ramp0)
         deadline = self.t_ramp0 + a.ramp_timeout
         next_sample = self.t_ramp0 + a.sample
@@ -1126,6 +1142,8 @@ class Soak:
                 next_sample += a.sample
             self.check_alive()
         self.sample("soak")
+        if self.gc_log is not None:  # what the collector has to walk, by type
+            os.kill(self.server_pid, signal.SIGUSR1)
         # the end: stop, let comebacks finish, drain, account
         pool.ask(("stop",))
         limit = time.monotonic() + LEAVE_WAIT_S + JOIN_WAIT_S + 5
@@ -1139,6 +1157,11 @@ class Soak:
         time.sleep(2.0)  # presence in flight
         final = sum_counters(pool.ask(("final",)))
         self.sample("end")
+        self.census: dict[str, Any] = {}
+        if self.gc_log is not None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                lines = Path(str(self.gc_log) + ".census").read_text().splitlines()
+                self.census = json.loads(lines[-1])
         m = metrics(self.port)
         self.server_closes = {
             k.removeprefix("roombus_closes_total"): int(v)
@@ -1184,6 +1207,9 @@ class Soak:
         m = metrics(self.port)
         prev = self.prev
         self.prev = st
+        mach = machine_cpu()
+        (all0, idle0), self.machine_prev = self.machine_prev, mach
+        busy = 1 - (mach[1] - idle0) / max(1, mach[0] - all0)
         rec: dict[str, Any] = {
             "kind": "sample",
             "phase": phase,
@@ -1195,6 +1221,8 @@ class Soak:
             "fds_base": self.fds_base,
             "cpu_pct": round(100 * (cpu - cpu_prev) / dt, 1),
             "loadgen_cpu_pct": round(100 * (lg - lg_prev) / dt, 1),
+            # the whole machine's CPU in use, 100 per core: this run's and everyone else's
+            "machine_cpu_pct": round(100 * busy * (os.cpu_count() or 1), 1),
             "connected": st["ready"],
             "client_sockets": st["client_sockets"],
             "ghosts": st["ghosts"],
@@ -1290,6 +1318,15 @@ class Soak:
             "unfinished_cycles": final["unfinished"],
             "server_closes": self.server_closes,
         }
+        if self.census:
+            summary["gc_objects"] = self.census["objects"]
+            summary["gc_objects_top"] = self.census["top"]
+        full = [s for s in self.samples if s.get("gc2_count")]
+        if full:
+            summary["gc2_count"] = sum(s["gc2_count"] for s in full if s["phase"] == "soak")
+            summary["gc2_max_ms"] = max(
+                (s["gc2_max_ms"] for s in full if s["phase"] == "soak"), default=0.0
+            )
         limits = Limits(
             rss_frac=a.rss_growth,
             rss_mib=a.rss_growth_mib,
@@ -1398,6 +1435,18 @@ def table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> str:
             f"{summary['error_frames']}",
         ),
     ]
+    if "gc2_count" in summary:
+        rows.append(
+            (
+                "server full GCs after the ramp, longest",
+                f"{summary['gc2_count']}, {summary['gc2_max_ms']:.0f} ms"
+                + (
+                    f" ({summary['gc_objects']:,} objects tracked)"
+                    if "gc_objects" in summary
+                    else ""
+                ),
+            )
+        )
     w = max(len(k) for k, _ in rows)
     lines = [f"| {'':{w}} | |", f"| {'-' * w} | --- |"]
     lines += [f"| {k:{w}} | {v} |" for k, v in rows]

@@ -1497,17 +1497,37 @@ def plot(
 
     t = [s["t"] / 60 for s in samples]
     args = run.get("args", {})
-    fig, axes = plt.subplots(4, 1, figsize=(9, 9.5), sharex=True)
-    series = [
-        ("server RSS, MiB", [s["rss_kb"] / 1024 for s in samples], "tab:blue"),
-        ("open fds", [s["fds"] for s in samples], "tab:orange"),
-        ("connections", [s["connected"] for s in samples], "tab:green"),
-        ("p99 latency, ms", [s["p99_ms"] for s in samples], "tab:red"),
+    fig, axes = plt.subplots(5, 1, figsize=(9, 11), sharex=True)
+    panels: list[tuple[str, list[tuple[str, list[float | None], str]]]] = [
+        ("server RSS, MiB", [("", [s["rss_kb"] / 1024 for s in samples], "tab:blue")]),
+        ("open fds", [("", [s["fds"] for s in samples], "tab:orange")]),
+        (
+            "connections",
+            [
+                ("clients joined", [s["connected"] for s in samples], "tab:green"),
+                ("server's count", [s.get("server_ws") for s in samples], "tab:olive"),
+            ],
+        ),
+        ("p99 latency, ms", [("", [s["p99_ms"] for s in samples], "tab:red")]),
+        (
+            "CPU, % of a core",
+            [
+                ("server", [s["cpu_pct"] for s in samples], "tab:purple"),
+                ("load generator", [s["loadgen_cpu_pct"] for s in samples], "tab:cyan"),
+                ("redis", [s.get("redis_cpu_pct") for s in samples], "tab:brown"),
+                ("whole machine", [s.get("machine_cpu_pct") for s in samples], "tab:gray"),
+            ],
+        ),
     ]
     soak = [s for s in samples if s.get("phase") == "soak"]
-    for ax, (label, ys, color) in zip(axes, series, strict=True):
-        xs = [x for x, y in zip(t, ys, strict=True) if y is not None]
-        ax.plot(xs, [y for y in ys if y is not None], color=color, lw=1.2)
+    for ax, (label, lines) in zip(axes, panels, strict=True):
+        top = 0.0
+        for name, ys, color in lines:
+            pts = [(x, y) for x, y in zip(t, ys, strict=True) if y is not None]
+            if not pts:
+                continue
+            ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, lw=1.1, label=name)
+            top = max(top, max(y for _, y in pts))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if soak:
@@ -1515,21 +1535,26 @@ def plot(
             warm = t_ramp + args.get("warmup", 0.2) * (soak[-1]["t"] - t_ramp)
             ax.axvline(t_ramp / 60, color="grey", ls="--", lw=0.8)
             ax.axvline(warm / 60, color="grey", ls=":", lw=0.8)
-        ax.set_ylim(bottom=0)
-    if "server_ws" in (samples[0] if samples else {}):
-        axes[2].plot(
-            t,
-            [s.get("server_ws") or 0 for s in samples],
-            color="tab:olive",
-            lw=0.8,
-            ls=":",
-            label="server's count",
+        if label.startswith(("open fds", "connections")):
+            ax.margins(y=0.5)  # around the level: a drift shows
+        else:
+            ax.set_ylim(0, top * 1.12 or 1)
+        if len([n for n, _, _ in lines if n]) > 1:
+            ax.legend(loc="lower right", fontsize=7, ncol=4)
+    gcs = [(x, s["p99_ms"]) for x, s in zip(t, samples, strict=True) if s.get("gc2_count")]
+    if gcs:
+        axes[3].plot(
+            [x for x, _ in gcs],
+            [y or 0 for _, y in gcs],
+            "kx",
+            ms=5,
+            label="window with a full GC in the server",
         )
-        axes[2].legend(loc="lower right", fontsize=8)
+        axes[3].legend(loc="upper left", fontsize=7)
     bound = args.get("p99_bound")
     if bound:
         axes[3].axhline(bound, color="grey", ls=":", lw=0.8)
-    axes[3].set_xlabel("minutes (dashed: the ramp's end; dotted: the warm-up's)")
+    axes[4].set_xlabel("minutes (dashed: the ramp's end; dotted: the warm-up's)")
     verdict_s = ""
     if summary:
         verdict_s = "PASS" if summary.get("passed") else "FAIL"

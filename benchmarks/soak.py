@@ -45,7 +45,9 @@ session then has to receive them in order, without a gap, up to the last message
 received before it left; a session still open at the end owes every message up to
 the room's last. ``lost`` counts the owed messages that did not arrive (at the head of
 a session, in a gap, or at the tail of one still open at the end); ``duplicated``
-the messages received twice or out of order. Presence: every session keeps the
+the messages received twice or out of order (a publisher closed by the server, an
+error in itself, makes what it had in flight count as lost, published or not).
+Presence: every session keeps the
 room's member list from its ``presence_state`` and the ``join``/``leave`` events after
 it; a ``join`` of a user it lists, or a ``leave`` of one it does not, is an anomaly,
 and so is a clean or reset churn whose ``leave`` the room's publisher does not see

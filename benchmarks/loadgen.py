@@ -112,6 +112,39 @@ def chat_payload(sid: int, pub: int, seq: int, size: int) -> bytes:
     return b'{"type":"chat","content":"' + content + b'"}'
 
 
+def complete_frames(buf: bytes, data: bytes) -> tuple[bytes, bytes, bool]:
+    """
+    Split ``buf + data`` (server frames, unmasked) into the complete frames and the
+    rest; the flag says whether any of the complete ones is not a final text frame.
+    """
+    if buf:
+        data = buf + data
+    n = len(data)
+    pos = 0
+    special = False
+    # Walk the frame headers to find where the last complete frame ends.
+    while n - pos >= 2:
+        ln = data[pos + 1]
+        if ln < 126:
+            end = pos + 2 + ln
+        elif ln == 126:
+            if n - pos < 4:
+                break
+            end = pos + 4 + ((data[pos + 2] << 8) | data[pos + 3])
+        else:
+            if n - pos < 10:
+                break
+            end = pos + 10 + int.from_bytes(data[pos + 2 : pos + 10], "big")
+        if end > n:
+            break
+        if data[pos] != 0x81:
+            special = True
+        pos = end
+    if pos < n:
+        return data[:pos], data[pos:], special
+    return data, b"", special
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of *pid* from /proc/PID/stat, in seconds."""
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -355,36 +388,9 @@ class Worker:
 
     def on_data(self, c: Conn, data: bytes, now: int) -> None:
         self.rx_bytes += len(data)
-        if c.buf:
-            data = c.buf + data
-        n = len(data)
-        pos = 0
-        special = False
-        # Walk the frame headers to find where the last complete frame ends.
-        while n - pos >= 2:
-            ln = data[pos + 1]
-            if ln < 126:
-                end = pos + 2 + ln
-            elif ln == 126:
-                if n - pos < 4:
-                    break
-                end = pos + 4 + ((data[pos + 2] << 8) | data[pos + 3])
-            else:
-                if n - pos < 10:
-                    break
-                end = pos + 10 + int.from_bytes(data[pos + 2 : pos + 10], "big")
-            if end > n:
-                break
-            if data[pos] != 0x81:
-                special = True
-            pos = end
-        if pos < n:
-            c.buf = data[pos:]
-            if not pos:
-                return
-            data = data[:pos]
-        else:
-            c.buf = b""
+        data, c.buf, special = complete_frames(c.buf, data)
+        if not data:
+            return
         rx = self.chat_re
         if rx is not None:
             found = rx.findall(data)
@@ -586,6 +592,9 @@ class Worker:
         except EOFError:
             self.exit = True
             return
+        self.handle(msg)
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
         op = msg[0]
         if op == "open":
             self.pending.extend(Conn(*spec) for spec in msg[1])
@@ -716,7 +725,8 @@ def log(*args: object) -> None:
 
 
 class Pool:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, target: Callable[..., None] = worker_main) -> None:
+        """*target*: each worker process's main, called as ``worker_main`` is."""
         self.args = args
         self.pid: int = args.server_pid
         self.k: int = args.workers
@@ -727,7 +737,7 @@ class Pool:
         for i in range(self.k):
             a, b = ctx.Pipe()
             p = ctx.Process(
-                target=worker_main,
+                target=target,
                 args=(i, b, args.host, args.port, args.size, inflight, args.poll_pause_ms / 1e3),
                 daemon=True,
             )

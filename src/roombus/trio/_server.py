@@ -91,16 +91,21 @@ class _SocketTransport:
         yielded = False
         while True:
             try:
-                data = sock.recv(RECEIVE_SIZE)
+                data: bytes | None = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
+                data = None
+            except OSError as exc:
+                raise _Broken from exc
+            if data is None:
+                # Waited for outside the handler: a coroutine suspended in an except
+                # block keeps the exception and its traceback alive, two objects more
+                # per idle connection for the garbage collector to walk.
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except (trio.ClosedResourceError, OSError) as exc:
                     raise _Broken from exc
                 yielded = True
                 continue
-            except OSError as exc:
-                raise _Broken from exc
             if not yielded:
                 await trio.lowlevel.checkpoint()
             return data

@@ -10,7 +10,7 @@ renew have expired (:meth:`ModelBackplane.expire`, published as ``x`` records).
 
 from __future__ import annotations
 
-from .test_broker import NODES, Cluster, online_cluster, told
+from .test_broker import NODES, Client, Cluster, online_cluster, told
 
 
 def pause(cl: Cluster) -> None:
@@ -26,6 +26,20 @@ def back(cl: Cluster, node: str) -> None:
     cl.restore(node)
     cl.bp.links[node].reread = False
     cl.bp.drain()
+
+
+def dan_leaves_in_a_pause() -> tuple[Cluster, Client, int]:
+    """ann and dan on n1, bob on n2; Redis pauses and dan leaves meanwhile. Returns
+    the cluster, bob, and how much bob had been told before."""
+    cl = online_cluster()
+    cl.connect("n1", "ann", "r1")
+    dan = cl.clients[cl.connect("n1", "dan", "r1")]
+    bob = cl.clients[cl.connect("n2", "bob", "r1")]
+    cl.quiesce()
+    seen = len(told(bob))
+    pause(cl)
+    cl.disconnect(dan)
+    return cl, bob, seen
 
 
 def test_a_redis_pause_makes_no_one_flicker() -> None:
@@ -57,14 +71,7 @@ def test_a_redis_pause_makes_no_one_flicker() -> None:
 def test_a_user_who_left_during_the_pause_leaves_as_soon_as_their_node_is_back() -> None:
     """dan left n1 during the pause; his entry expired before n1 could take it back.
     n1's forced leave reaches n2 at once: it does not wait for n2's settling read."""
-    cl = online_cluster()
-    cl.connect("n1", "ann", "r1")
-    dan = cl.clients[cl.connect("n1", "dan", "r1")]
-    bob = cl.clients[cl.connect("n2", "bob", "r1")]
-    cl.quiesce()
-    seen = len(told(bob))
-    pause(cl)
-    cl.disconnect(dan)
+    cl, bob, seen = dan_leaves_in_a_pause()
     back(cl, "n2")
     assert told(bob)[seen:] == []
     back(cl, "n1")
@@ -114,14 +121,7 @@ def test_a_node_back_later_drops_at_once_who_left_while_it_was_away() -> None:
     """n1 is back first and takes dan's leave back while n2 is still cut off: n2 never
     gets that record, but its first snapshot names dan among those who left, so it
     does not keep him until it settles."""
-    cl = online_cluster()
-    cl.connect("n1", "ann", "r1")
-    dan = cl.clients[cl.connect("n1", "dan", "r1")]
-    bob = cl.clients[cl.connect("n2", "bob", "r1")]
-    cl.quiesce()
-    seen = len(told(bob))
-    pause(cl)
-    cl.disconnect(dan)
+    cl, bob, seen = dan_leaves_in_a_pause()
     back(cl, "n1")
     back(cl, "n2")
     assert told(bob)[seen:] == [("leave", "dan")]

@@ -73,3 +73,18 @@ def test_claims_nested_past_the_limit_are_refused(depth: int, header: dict[str, 
         assert isinstance(verdict, Identity)
     else:
         assert verdict == Refusal(401, "invalid token")
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"secret": 12345}, "jwt-secret"),
+        ({"secret": SECRET, "public_key": b"key"}, "jwt-secret"),
+        ({}, "jwt-secret"),
+        ({"public_key": b"not a PEM key"}, "jwt-public-key"),
+    ],
+)
+def test_a_bad_key_names_its_setting(settings: dict[str, object], setting: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        JWTAuthenticator(**settings)  # type: ignore[arg-type]
+    assert raised.value.setting == setting

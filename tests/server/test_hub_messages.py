@@ -9,6 +9,7 @@ import pytest
 
 from roombus import BrokerConfig, ConfigError, LocalProtocolError, ServerConfig
 from roombus.core.auth import Identity
+from roombus.core.names import Username
 from roombus.hub import FramedHub, Hub, MessageHub
 from roombus.lowlevel import ConnectionId
 from roombus.server.auth import Refusal
@@ -281,21 +282,27 @@ def test_a_message_for_an_unknown_connection_is_ignored() -> None:
 
 def test_max_queued_bytes_counts_message_queues_and_closes_the_slowest() -> None:
     hub = make_hub(max_queued_bytes=2000, send_queue=1000, send_queue_bytes=100_000)
-    ann, slow = open_ws(hub, "ann"), open_ws(hub, "slow")
+    ann = open_ws(hub, "ann")
+    outbox(hub)
+    # Neither ever reads; "slowest" also holds "slow"'s join and presence.
+    slowest, slow = open_ws(hub, "slowest"), open_ws(hub, "slow")
     queues = dict(hub.take_dirty_messages())
-    for _ in range(20):  # slow never sends
-        hub.receive_message(
-            ann, json.dumps({"type": "chat", "content": "x" * 100}), now=0, timestamp=TS
-        )
+    for _ in range(8):
+        chat = json.dumps({"type": "chat", "content": "x" * 100})
+        hub.receive_message(ann, chat, now=0, timestamp=TS)
         queues.update(hub.take_dirty_messages())
         while queues[ann]:
             queues[ann].consume(len(queues[ann].data()))
         hub.flushed(ann)
     assert hub.budget.used > 2000
+    assert hub.budget.used - queues[slowest].data_bytes <= 2000 - 2000 // 8
     hub.enforce_budget(now=1.0, timestamp=TS)
-    (close,) = queues[slow].data()  # its backlog dropped
+    # Closing the one with the most bytes waiting is enough.
+    (close,) = queues[slowest].data()  # its backlog dropped
     assert isinstance(close, CloseMessage) and close.code == 1008
-    assert hub.budget_closes == 1 and hub.websocket_count == 1
+    assert queues[slow].data()[-1] != close
+    assert hub.budget_closes == 1 and hub.websocket_count == 2
+    assert hub.budget.used <= 2000
 
 
 def test_the_leave_of_a_slow_reader_carries_the_callers_timestamp() -> None:
@@ -313,3 +320,53 @@ def test_the_leave_of_a_slow_reader_carries_the_callers_timestamp() -> None:
                 queue.consume(len(queue.data()))
     leaves = [m for m in seen if m.get("event") == "leave"]
     assert [(m["username"], m["timestamp"]) for m in leaves] == [("slow", TS + 3)]
+
+
+class _Leeway:
+    """Credentials that expire at ``TS + 10``, taken with 5 s of clock skew."""
+
+    leeway = 5.0
+
+    def authenticate(
+        self, *, path: bytes, query: bytes, headers: Any, now: float
+    ) -> Identity | Refusal:
+        return Identity(username=Username("ann"), expires_at=TS + 10)
+
+
+def test_expiring_credentials_close_after_the_authenticators_leeway() -> None:
+    hub = MessageHub(QUIET, ServerConfig(close_timeout=60.0), authenticator=_Leeway())
+    target, headers = b"/ws?room=lobby", [(b"sec-websocket-key", KEY)]
+    ann = hub.open_websocket(target, headers, now=100.0, timestamp=TS)
+    assert not isinstance(ann, HttpResponse)
+    other = hub.open_websocket(target, headers, now=100.0, timestamp=TS)
+    assert not isinstance(other, HttpResponse)
+    hub.receive_message(other, b"\x00", now=100.0, timestamp=TS)  # closing: due at 160
+    outbox(hub)
+    assert hub.next_deadline() == 115.0  # the expiry comes first
+    hub.timeout(now=114.9, timestamp=TS + 14)
+    assert outbox(hub) == {}
+    hub.timeout(now=115.0, timestamp=TS + 15)
+    assert isinstance(outbox(hub)[ann][-1], CloseMessage)
+    assert hub.next_deadline() == 160.0
+
+
+def test_a_lost_connections_leave_carries_the_callers_timestamp() -> None:
+    hub = make_hub()
+    ann, bob = open_ws(hub, "ann"), open_ws(hub, "bob")
+    outbox(hub)
+    hub.lost(bob, now=1.0, timestamp=TS + 9)
+    assert [(m["event"], m["timestamp"]) for m in outbox(hub)[ann]] == [("leave", TS + 9)]
+
+
+def test_close_timeouts_survive_the_table_shrinking() -> None:
+    # Most connections leaving copies the connection table smaller: the deadlines
+    # of those left still hold.
+    hub = make_hub(close_timeout=2.0)
+    cids = [open_ws(hub, f"u{i}") for i in range(300)]
+    hub.receive_message(cids[0], b"\x00", now=1.0, timestamp=TS)  # closing: due at 3
+    for cid in cids[1:]:
+        hub.lost(cid, now=1.5, timestamp=TS)
+    assert hub.connection_count == 1
+    assert hub.next_deadline() == 3.0
+    hub.timeout(now=3.0, timestamp=TS)
+    assert hub.take_to_close() == [cids[0]]

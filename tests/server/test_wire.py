@@ -9,8 +9,17 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Request,
+    TextMessage,
+)
 
 from roombus.server.handshake import Upgrade, route_request
 from roombus.server.wire import (
@@ -328,3 +337,17 @@ def test_a_post_body_is_read_bounded_and_its_end_reported() -> None:
     (event,) = wire.receive_data(None)
     assert isinstance(event, BadRequest) and event.response.status == 400
     assert wire.state is WireState.CLOSED
+
+
+def test_a_websocket_client_takes_the_accept() -> None:
+    client = WSConnection(ConnectionType.CLIENT)
+    data = client.send(Request(host="x", target="/ws?room=lobby&username=ann"))
+    wire = ServerWire()
+    (event,) = wire.receive_data(data)
+    assert isinstance(event, RequestReceived)
+    decision = route_request(event.method, event.target, event.headers)
+    assert isinstance(decision, Upgrade)
+    client.receive_data(wire.accept(decision))
+    assert [type(e) for e in client.events()] == [AcceptConnection]
+    hello = client.send(Message(data="hello"))
+    assert wire.receive_data(hello) == [MessageReceived("hello")]

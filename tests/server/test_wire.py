@@ -351,3 +351,17 @@ def test_a_websocket_client_takes_the_accept() -> None:
     assert [type(e) for e in client.events()] == [AcceptConnection]
     hello = client.send(Message(data="hello"))
     assert wire.receive_data(hello) == [MessageReceived("hello")]
+
+
+def test_max_events_hands_out_the_rest_on_the_next_call() -> None:
+    wire, client = opened(max_events=2)
+    data = b"".join(client.send(TextMessage(data=f"m{i}")) for i in range(5))
+    assert wire.receive_data(data) == [MessageReceived("m0"), MessageReceived("m1")]
+    assert wire.more
+    assert wire.receive_data(b"") == [MessageReceived("m2"), MessageReceived("m3")]
+    # New bytes join what is left, after it.
+    assert wire.receive_data(client.send(TextMessage(data="m5"))) == [
+        MessageReceived("m4"),
+        MessageReceived("m5"),
+    ]
+    assert not wire.more

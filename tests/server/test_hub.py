@@ -9,6 +9,8 @@ from wsproto.events import CloseConnection, Ping, TextMessage
 
 from roombus import BrokerConfig, RoomName, ServerConfig
 from roombus.hub import Hub
+from roombus.lowlevel import ConnectionId
+from roombus.server.metrics import collect
 from roombus.server.queues import SendQueue
 
 KEY = base64.b64encode(b"0123456789abcdef")
@@ -207,3 +209,32 @@ def test_a_mass_disconnect_gives_the_memory_back() -> None:
     assert during - before > 3_000_000  # they did take memory
     assert hub.connection_count == 0
     assert kept < 64_000, kept
+
+
+def test_the_brokers_message_limit_is_the_wires() -> None:
+    # Above the wire's default (64 KiB): the configured limit holds, not the default.
+    hub = Hub(BrokerConfig(max_message_bytes=100_000, send_queue_bytes=1 << 20), ServerConfig())
+    cid = ConnectionId(connect(hub, "lobby", "ann"))
+    written(hub)
+    client = Connection(ConnectionType.CLIENT)
+    chat = '{"type":"chat","content":"' + "x" * 70_000 + '"}'
+    hub.receive(cid, client.send(TextMessage(data=chat)), now=0.0, timestamp=0)
+    assert b"x" * 70_000 in written(hub)[cid]
+    assert hub.take_to_close() == []
+    too_big = '{"type":"chat","content":"' + "x" * 100_000 + '"}'
+    hub.receive(cid, client.send(TextMessage(data=too_big)), now=0.0, timestamp=0)
+    close = written(hub)[cid]
+    assert close[0] == 0x88 and close[2:4] == (1009).to_bytes(2, "big")
+
+
+def test_far_over_max_connections_is_dropped_unanswered_and_counted() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections=1))
+    cids = [hub.open(now=0.0) for _ in range(1 + 64)]  # an answer for all of these
+    assert hub.take_to_close() == []
+    dropped = hub.open(now=0.0)  # more than 64 over: no answer
+    assert hub.take_to_close() == [dropped]
+    assert dropped not in written(hub)
+    assert collect(hub)["roombus_limit_refusals_total"] == 1
+    hub.receive(cids[-1], request("lobby", "ann"), now=0.0, timestamp=0)
+    assert written(hub)[cids[-1]].startswith(b"HTTP/1.1 503 ")
+    assert collect(hub)["roombus_limit_refusals_total"] == 2

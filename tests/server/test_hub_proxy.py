@@ -169,3 +169,20 @@ def test_the_message_hub_reads_forwarding_headers_from_a_trusted_client() -> Non
     )
     assert isinstance(first, int) and isinstance(second, int)
     assert not isinstance(third, int) and third.status == 429
+
+
+def test_the_request_after_a_proxy_header_joins_at_the_callers_time() -> None:
+    hub = hub_with(proxy_protocol=True)
+    cid = hub.open(now=0.0, peer=NGINX)
+    hub.receive(cid, encode_v1(("203.0.113.1", 5000)) + request("ann"), now=0.0, timestamp=TS)
+    (queue,) = [q for c, q in hub.take_dirty() if c == cid]
+    written = b""
+    while queue:
+        chunk = queue.data()
+        written += bytes(chunk)
+        queue.consume(len(chunk))
+    assert written.startswith(b"HTTP/1.1 101 ")
+    assert b'"timestamp":%d' % TS in written.replace(b" ", b"")  # ann's join
+
+
+TS = 1_700_000_000

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Request,
+    TextMessage,
+)
 
 from roombus.server.handshake import Upgrade, route_request
 from roombus.server.wire import (
@@ -265,3 +276,92 @@ def test_a_needlessly_long_length_and_a_text_frame_inside_a_fragmented_message_c
         FragmentReceived()
     ]
     assert closing_code(wire, raw_frame(0x1, b"new")) == 1002
+
+
+def masked_text_frame(payload: bytes, key: bytes) -> bytes:
+    """A final, masked client text frame with the minimal length encoding."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return head + key + masked
+
+
+@functools.cache
+def _hi_then_xs(n: int) -> bytes:
+    key = bytes((0x78 ^ 0x81, 0x78 ^ 0x86, 0, 0))
+    # After a short frame, so a long one's head is also cut past the buffer's start.
+    return masked_text_frame(b"hi", b"\1\2\3\4") + masked_text_frame(b"x" * n, key)
+
+
+@pytest.mark.parametrize("cut", range(24))
+@pytest.mark.parametrize("n", [126, 65535, 65536])
+def test_long_frames_in_pieces_whose_payload_looks_like_a_frame(n: int, cut: int) -> None:
+    # Masked, the payload's first bytes read as the head of a small masked text frame
+    # (0x81 0x86, a key, six NULs): only a correct length keeps the scanner out of it.
+    text = "x" * n
+    data = _hi_then_xs(n)
+    wire, _ = opened(max_message_bytes=1 << 17)
+    events = wire.receive_data(data[:cut]) + wire.receive_data(data[cut:])
+    assert events == [MessageReceived("hi"), MessageReceived(text)]
+
+
+def _post(length: int) -> bytes:
+    return b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length
+
+
+def test_a_post_body_is_read_bounded_and_its_end_reported() -> None:
+    wire = ServerWire(max_body_bytes=10)
+    wire.wants_body = lambda target, headers: True
+    (event,) = wire.receive_data(_post(5) + b"hello")
+    assert isinstance(event, RequestReceived) and event.body == b"hello"
+    assert (event.method, event.target) == (b"POST", b"/api/x")
+    assert (b"content-length", b"5") in event.headers
+    assert wire.state is WireState.CLOSED
+    # Over the limit, announced: the request without its body, nothing more read.
+    wire = ServerWire(max_body_bytes=10)
+    wire.wants_body = lambda target, headers: True
+    (event,) = wire.receive_data(_post(11))
+    assert isinstance(event, RequestReceived) and event.body is None
+    assert (event.method, event.target) == (b"POST", b"/api/x")
+    assert (b"content-length", b"11") in event.headers
+    assert wire.state is WireState.CLOSED
+    # The peer gone mid-body: a truncated request, nothing to hand on.
+    wire = ServerWire(max_body_bytes=10)
+    wire.wants_body = lambda target, headers: True
+    assert wire.receive_data(_post(5) + b"he") == []
+    (event,) = wire.receive_data(None)
+    assert isinstance(event, BadRequest) and event.response.status == 400
+    assert wire.state is WireState.CLOSED
+
+
+def test_a_websocket_client_takes_the_accept() -> None:
+    client = WSConnection(ConnectionType.CLIENT)
+    data = client.send(Request(host="x", target="/ws?room=lobby&username=ann"))
+    wire = ServerWire()
+    (event,) = wire.receive_data(data)
+    assert isinstance(event, RequestReceived)
+    decision = route_request(event.method, event.target, event.headers)
+    assert isinstance(decision, Upgrade)
+    client.receive_data(wire.accept(decision))
+    assert [type(e) for e in client.events()] == [AcceptConnection]
+    hello = client.send(Message(data="hello"))
+    assert wire.receive_data(hello) == [MessageReceived("hello")]
+
+
+def test_max_events_hands_out_the_rest_on_the_next_call() -> None:
+    wire, client = opened(max_events=2)
+    data = b"".join(client.send(TextMessage(data=f"m{i}")) for i in range(5))
+    assert wire.receive_data(data) == [MessageReceived("m0"), MessageReceived("m1")]
+    assert wire.more
+    assert wire.receive_data(b"") == [MessageReceived("m2"), MessageReceived("m3")]
+    # New bytes join what is left, after it.
+    assert wire.receive_data(client.send(TextMessage(data="m5"))) == [
+        MessageReceived("m4"),
+        MessageReceived("m5"),
+    ]
+    assert not wire.more

@@ -208,7 +208,9 @@ def test_a_resume_older_than_the_history_is_told_the_exact_loss() -> None:
     net.quiesce()
     (joined,) = net.of(2, "joined")
     assert (joined["recovered"], joined["reason"]) == (False, "too_old")
-    assert joined["lost"] == {"from": 2, "to": 4} and chats(net, 2) == []
+    assert (joined["reason"], joined["skipped"]) == ("over_limit", {"from": 2, "to": 4}) and chats(
+        net, 2
+    ) == []
     net.send(2, {"type": "join", "room": "r", "since": {"epoch": "gone", "seq": 1}})
     net.quiesce()
     assert net.of(2, "joined")[-1]["reason"] == "epoch_changed"
@@ -650,3 +652,55 @@ TestOnceOrTold = OnceOrTold.TestCase
 TestOnceOrTold.settings = settings(
     max_examples=5 * settings.default.max_examples, stateful_step_count=60
 )
+
+
+@attrs.define
+class MeasuredNet(Net):
+    """A Net that notes the size of every chat delivered to connection 1."""
+
+    sizes: list[int] = attrs.field(factory=list)
+
+    def apply(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Deliver) and 1 in a.conns and b'"type":"chat"' in a.payload:
+                self.sizes.append(len(a.payload))
+        super().apply(node, actions)
+
+
+def _replay_after_missing_four(
+    send_queue_bytes: int,
+) -> tuple[dict[str, Any], list[int], list[int]]:
+    """bob resumes from seq 1 on n2 after five chats of 500 characters, asking for what
+    fits: his ``joined``, the seqs replayed, and the sizes of the chats (as ann got them)."""
+    config = attrs.evolve(
+        CONFIG, max_message_bytes=1000, send_queue_bytes=send_queue_bytes, history_size=10
+    )
+    net = MeasuredNet(config=config)
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for _ in range(5):
+        net.send(1, {"type": "chat", "room": "r", "content": "x" * 500})
+        net.quiesce()
+    epoch = net.brokers["n1"].position("r").epoch
+    net.connect("n2", 2, "bob")
+    since = {"epoch": epoch, "seq": 1}
+    net.send(2, {"type": "join", "room": "r", "since": since, "partial": True})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    return joined, [seq for seq, _, replayed in chats(net, 2) if replayed], net.sizes
+
+
+def test_a_replay_in_a_cluster_is_the_latest_chats_that_fit_half_the_queue_bytes() -> None:
+    """A replay is bounded by half the joiner's send-queue bytes (the rest is for live
+    traffic): the latest chats whose bytes add up to it at most, the earlier ones skipped, and said so."""
+    _, replayed, sizes = _replay_after_missing_four(4 * 1024 * 1024)
+    assert replayed == [2, 3, 4, 5] and len(sizes) == 5
+    two = sizes[3] + sizes[4]
+    assert 2 * two >= 1000 + 1024  # a valid send-queue-bytes
+    joined, replayed, _ = _replay_after_missing_four(2 * two)
+    assert replayed == [4, 5]
+    assert (joined["reason"], joined["skipped"]) == ("over_limit", {"from": 2, "to": 3})
+    joined, replayed, _ = _replay_after_missing_four(2 * two - 2)
+    assert replayed == [5]
+    assert (joined["reason"], joined["skipped"]) == ("over_limit", {"from": 2, "to": 4})

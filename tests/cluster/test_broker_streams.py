@@ -738,3 +738,28 @@ def test_a_connection_waiting_to_join_counts_toward_the_room_limit() -> None:
     assert (error["type"], error["code"]) == ("error", "forbidden")
     assert "is full" in error["content"]
     assert net.brokers["n1"].connections("r") == [1]
+
+
+def test_a_message_missing_from_the_stream_is_told_lost_with_all_before_it() -> None:
+    """The stream lacks seq 3 of the five bob missed (it failed to keep it): asking for
+    what can be had, his replay starts after the hole, and his ``joined`` names 2 to 3
+    lost (never a silent gap)."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(5):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    net.quiesce()
+    ch = net.bp.channels["r"]
+    ch.history = [(seq, prefix) for seq, prefix in ch.history if seq != 3]
+    epoch = net.brokers["n1"].position("r").epoch
+    net.connect("n2", 2, "bob")
+    since = {"epoch": epoch, "seq": 1}
+    net.send(2, {"type": "join", "room": "r", "since": since, "partial": True})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    assert (joined["epoch"], joined["seq"]) == (epoch, 5)
+    assert (joined["recovered"], joined["reason"]) == (False, "too_old")
+    assert joined["lost"] == {"from": 2, "to": 3}
+    assert chats(net, 2) == [(4, 3, True), (5, 4, True)]

@@ -883,7 +883,7 @@ def test_the_config_keeps_its_settings_and_parses_the_url() -> None:
 
 
 def test_the_protocol_needs_a_node_id() -> None:
-    with pytest.raises(ConfigError, match="node-id"):
+    with pytest.raises(ConfigError, match="^node-id: must be set"):
         BackplaneProtocol(ClusterConfig(url="redis://localhost"), local_presence=list)
 
 

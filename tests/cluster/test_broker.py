@@ -521,6 +521,14 @@ class Cluster:
             if c.live and room in c.rooms and c.rooms[room].joined
         }
 
+    def where(self, room: str) -> dict[str, set[str]]:
+        """The nodes each user of *room* is on."""
+        nodes: dict[str, set[str]] = {}
+        for c in self.clients.values():
+            if c.live and room in c.rooms and c.rooms[room].joined:
+                nodes.setdefault(c.user, set()).add(c.node)
+        return nodes
+
     def check_always(self) -> None:
         for node in self.live_nodes():
             broker, link = self.brokers[node], self.bp.links[node]
@@ -593,6 +601,8 @@ class Cluster:
                     assert c.rooms[room].users == truth, f"conn {c.conn} sees {room} wrong"
                 if mine:
                     assert set(self.brokers[node].members(room)) == truth, (node, room)
+                    # who is on which node, as the server API's presence shows it
+                    assert self.brokers[node].nodes_of(room) == self.where(room), (node, room)
             held = {
                 (node, user)
                 for node in self.live_nodes()

@@ -605,6 +605,7 @@ class OnceOrTold(RuleBasedStateMachine):
             return
         if kind == "reset":
             assert held is not None, (f.name, env)
+            assert env["reason"] in ("unavailable", "epoch_changed", "too_old"), env
             f.held[room] = [env["epoch"], env["seq"], env["seq"]]
             return
         assert kind == "chat", env
@@ -650,3 +651,115 @@ TestOnceOrTold = OnceOrTold.TestCase
 TestOnceOrTold.settings = settings(
     max_examples=5 * settings.default.max_examples, stateful_step_count=60
 )
+
+
+@attrs.define
+class MeasuredNet(Net):
+    """A Net that notes the size of every chat delivered to connection 1."""
+
+    sizes: list[int] = attrs.field(factory=list)
+
+    def apply(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Deliver) and 1 in a.conns and b'"type":"chat"' in a.payload:
+                self.sizes.append(len(a.payload))
+        super().apply(node, actions)
+
+
+def _replay_after_missing_four(
+    send_queue_bytes: int,
+) -> tuple[dict[str, Any], list[int], list[int]]:
+    """bob resumes from seq 1 on n2 after five chats of 500 characters, asking for what
+    fits: his ``joined``, the seqs replayed, and the sizes of the chats (as ann got them)."""
+    config = attrs.evolve(
+        CONFIG, max_message_bytes=1000, send_queue_bytes=send_queue_bytes, history_size=10
+    )
+    net = MeasuredNet(config=config)
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for _ in range(5):
+        net.send(1, {"type": "chat", "room": "r", "content": "x" * 500})
+        net.quiesce()
+    epoch = net.brokers["n1"].position("r").epoch
+    net.connect("n2", 2, "bob")
+    since = {"epoch": epoch, "seq": 1}
+    net.send(2, {"type": "join", "room": "r", "since": since, "partial": True})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    return joined, [seq for seq, _, replayed in chats(net, 2) if replayed], net.sizes
+
+
+def test_a_replay_in_a_cluster_is_the_latest_chats_that_fit_half_the_queue_bytes() -> None:
+    """A replay is bounded by half the joiner's send-queue bytes (the rest is for live
+    traffic): the latest chats whose bytes add up to it at most; the earlier ones are
+    skipped, and the joiner is told so."""
+    _, replayed, sizes = _replay_after_missing_four(4 * 1024 * 1024)
+    assert replayed == [2, 3, 4, 5] and len(sizes) == 5
+    two = sizes[3] + sizes[4]
+    assert 2 * two >= 1000 + 1024  # a valid send-queue-bytes
+    joined, replayed, _ = _replay_after_missing_four(2 * two)
+    assert replayed == [4, 5]
+    assert (joined["reason"], joined["skipped"]) == ("over_limit", {"from": 2, "to": 3})
+    joined, replayed, _ = _replay_after_missing_four(2 * two - 2)
+    assert replayed == [5]
+    assert (joined["reason"], joined["skipped"]) == ("over_limit", {"from": 2, "to": 4})
+
+
+def test_a_room_left_with_a_resend_in_flight_is_let_go_when_it_is_answered() -> None:
+    """ann resends an acknowledged chat and leaves at once: the room waits for the
+    resend's answer (a duplicate, whose record never comes), then n1 stops listening."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "x", "id": "m1"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "x", "id": "m1"})
+    net.send(1, {"type": "leave", "room": "r"})
+    assert "r" in net.bp.subscriptions("n1")
+    net.quiesce()
+    assert net.bp.subscriptions("n1") == set()
+
+
+def test_a_connection_waiting_to_join_counts_toward_the_room_limit() -> None:
+    """Two joins before the room's presence is read, in a room for one: the second is
+    refused at once (it would be let in with the first otherwise)."""
+    net = Net(config=attrs.evolve(CONFIG, max_connections_per_room=1))
+    net.connect("n1", 1, "ann")
+    net.connect("n1", 2, "bob")
+    net.send(1, {"type": "join", "room": "r"})
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    assert net.of(1, "presence_state") == [
+        {"type": "presence_state", "room": "r", "users": ["ann"]}
+    ]
+    (error,) = net.got[2]
+    assert (error["type"], error["code"]) == ("error", "forbidden")
+    assert "is full" in error["content"]
+    assert net.brokers["n1"].connections("r") == [1]
+
+
+def test_a_message_missing_from_the_stream_is_told_lost_with_all_before_it() -> None:
+    """The stream lacks seq 3 of the five bob missed (it failed to keep it): asking for
+    what can be had, his replay starts after the hole, and his ``joined`` names 2 to 3
+    lost (never a silent gap)."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    for i in range(5):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    net.quiesce()
+    ch = net.bp.channels["r"]
+    ch.history = [(seq, prefix) for seq, prefix in ch.history if seq != 3]
+    epoch = net.brokers["n1"].position("r").epoch
+    net.connect("n2", 2, "bob")
+    since = {"epoch": epoch, "seq": 1}
+    net.send(2, {"type": "join", "room": "r", "since": since, "partial": True})
+    net.quiesce()
+    (joined,) = net.of(2, "joined")
+    assert (joined["epoch"], joined["seq"]) == (epoch, 5)
+    assert (joined["recovered"], joined["reason"]) == (False, "too_old")
+    assert joined["lost"] == {"from": 2, "to": 3}
+    assert chats(net, 2) == [(4, 3, True), (5, 4, True)]

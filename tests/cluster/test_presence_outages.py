@@ -131,3 +131,39 @@ def test_a_node_back_later_drops_at_once_who_left_while_it_was_away() -> None:
     cl.quiesce()
     assert told(bob)[seen:] == [("leave", "dan")]
     cl.check_quiet()
+
+
+def test_a_leave_lost_with_the_link_is_taken_back_at_once_when_the_node_is_back() -> None:
+    """dan leaves n1 just as Redis pauses: the leave is lost with the link, and his
+    entry expires meanwhile. n1 asks again when it is back, forced (the entry is gone),
+    so n2, settling, drops him at once rather than at its settling read."""
+    cl = online_cluster()
+    cl.connect("n1", "ann", "r1")
+    dan = cl.clients[cl.connect("n1", "dan", "r1")]
+    bob = cl.clients[cl.connect("n2", "bob", "r1")]
+    cl.quiesce()
+    seen = len(told(bob))
+    cl.disconnect(dan)  # its leave not carried out yet
+    pause(cl)
+    back(cl, "n2")
+    assert told(bob)[seen:] == []
+    back(cl, "n1")
+    assert told(bob)[seen:] == [("leave", "dan")]
+    assert cl.brokers["n2"].members("r1") == ["ann", "bob"]
+
+
+def test_who_was_there_is_kept_through_two_outages_in_a_row() -> None:
+    """n2 loses Redis again before its first snapshot after the pause came: the next
+    one still keeps ann and cy (nothing but the settling read lets them go)."""
+    cl = online_cluster()
+    cl.connect("n1", "ann", "r1")
+    bob = cl.clients[cl.connect("n2", "bob", "r1")]
+    cl.connect("n3", "cy", "r1")
+    cl.quiesce()
+    seen = len(told(bob))
+    pause(cl)
+    cl.restore("n2")
+    cl.lose("n2")  # before its snapshot was read
+    back(cl, "n2")
+    assert told(bob)[seen:] == []
+    assert cl.brokers["n2"].members("r1") == ["ann", "bob", "cy"]

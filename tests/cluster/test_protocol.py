@@ -505,7 +505,20 @@ def test_a_keepalive_checked_late_waits_one_more_round() -> None:
     proto.take_commands()  # the pings: not answered
     proto.handle_timer(2.6 * KEEPALIVE)  # more than half a round late
     assert proto.phase is Phase.ONLINE and proto.take_commands() == []
+    proto.handle_timer(3.5 * KEEPALIVE)  # a whole round more, not half
+    assert proto.phase is Phase.ONLINE and proto.take_commands() == []
     proto.handle_timer(3.6 * KEEPALIVE)
+    assert proto.take_commands() == [CloseLinks()]
+    assert proto.take_events() == [BackplaneLost()]
+
+
+def test_a_keepalive_checked_half_a_round_late_is_on_time() -> None:
+    """Half a round late at most, the check counts: an unanswered ping ends the session."""
+    proto = new(keepalive=KEEPALIVE)
+    online(proto)
+    proto.handle_timer(KEEPALIVE)
+    proto.take_commands()  # the pings: not answered
+    proto.handle_timer(2.5 * KEEPALIVE)
     assert proto.take_commands() == [CloseLinks()]
     assert proto.take_events() == [BackplaneLost()]
 
@@ -883,7 +896,7 @@ def test_the_config_keeps_its_settings_and_parses_the_url() -> None:
 
 
 def test_the_protocol_needs_a_node_id() -> None:
-    with pytest.raises(ConfigError, match="node-id"):
+    with pytest.raises(ConfigError, match=r"^node-id: must be set"):
         BackplaneProtocol(ClusterConfig(url="redis://localhost"), local_presence=list)
 
 

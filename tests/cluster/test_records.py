@@ -49,6 +49,9 @@ def test_an_expiry_is_a_leave_and_a_join_cannot_be_one() -> None:
     record = parse_record(b"x 7 n1 bob")
     assert record == PresenceRecord(7, False, "n1", Username("bob"), expired=True)
     assert parse_record(b"l 7 n1 bob") == PresenceRecord(7, False, "n1", Username("bob"))
+    # a leave is one its node said unless told otherwise
+    assert encode_presence(False, 7, "n1", "bob") == b"l 7 n1 bob"
+    assert encode_presence(True, 7, "n1", "bob") == b"j 7 n1 bob"
     with pytest.raises(ValueError, match="join"):
         encode_presence(True, 1, "n1", "bob", expired=True)
     assert lua_presence_record(False, "v", "m", expired=True) == "'x ' .. v .. ' ' .. m"

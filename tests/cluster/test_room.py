@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from roombus import LocalProtocolError, Username
 from roombus.cluster import room as room_module
@@ -19,6 +21,8 @@ from roombus.cluster.room import (
     RoomInput,
     render_room_table,
 )
+
+from ..strategies import few_users
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -145,3 +149,44 @@ def test_a_full_buffer_makes_a_syncing_room_lossy(monkeypatch: pytest.MonkeyPatc
 def test_the_scaling_doc_carries_the_room_table() -> None:
     text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
     assert render_room_table() in text, "docs/scaling.md: paste render_room_table()"
+
+
+OWN = "n1"
+#: (version, present, node, username, expired): a join, a leave its node said, an expiry.
+_records = st.builds(
+    lambda version, kind, node, user: PresenceRecord(
+        version, kind[0], node, Username(user), kind[1]
+    ),
+    st.integers(min_value=0, max_value=12),
+    st.sampled_from([(True, False), (False, False), (False, True)]),
+    st.sampled_from(["n1", "n2", "n3"]),
+    few_users,
+)
+
+
+@given(st.lists(_records, max_size=30), st.sampled_from([Phase.LIVE, Phase.SETTLING]))
+def test_apply_takes_only_news_of_other_nodes(records: list[PresenceRecord], phase: Phase) -> None:
+    """A record at or below the known version is no news and changes nothing (a replay,
+    or one a snapshot already reflected); this node's own records and, while settling,
+    expiries only move the version; the rest set who is where."""
+    cr = ClusterRoom(phase=phase, version=2, remote={Username("ann"): {"n2"}})
+    where = {(Username("ann"), "n2")}
+    for record in records:
+        version, remote = cr.version, {u: set(n) for u, n in cr.remote.items()}
+        news = cr.apply(record, OWN)
+        assert news == (record.version > version)
+        if not news:
+            assert (cr.version, cr.remote) == (version, remote)
+            continue
+        assert cr.version == record.version
+        if record.node == OWN or (record.expired and phase is Phase.SETTLING):
+            assert cr.remote == remote
+            continue
+        if record.present:
+            where.add((record.username, record.node))
+        else:
+            where.discard((record.username, record.node))
+        expected: dict[Username, set[str]] = {}
+        for user, node in where:
+            expected.setdefault(user, set()).add(node)
+        assert cr.remote == expected

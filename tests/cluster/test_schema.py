@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from fnmatch import fnmatchcase
 
 import attrs
 import pytest
@@ -13,11 +15,15 @@ from roombus import RoomName, Username
 from roombus.cluster import Announce, RecordReceived, Relay, RoomSynced
 from roombus.cluster.schema import (
     KEY_TTL_MS,
+    ROOMS_BUDGET,
     SCRIPTS,
     channel,
+    cluster_read_command,
     command_for,
+    glob_to_lua,
     key,
     lifetime_ms,
+    parse_cluster_read,
     parse_read,
     parse_relayed,
     parse_snapshot,
@@ -27,9 +33,10 @@ from roombus.cluster.schema import (
     room_of_channel,
     script_source,
     snapshot_command,
+    touch_command,
 )
-from roombus.core.actions import ReadStream
-from roombus.core.events import Relayed, StreamRead
+from roombus.core.actions import ReadCluster, ReadStream
+from roombus.core.events import ClusterRead, Relayed, StreamRead
 
 from ..strategies import rooms
 
@@ -311,3 +318,143 @@ def test_a_malformed_read_reply_is_a_value_error(reply: object) -> None:
     )
     with pytest.raises(ValueError, match="unreadable stream read"):
         parse_read(action, reply)
+
+
+def lua_pattern(lua: str) -> re.Pattern[str]:
+    """The Lua patterns :func:`glob_to_lua` writes (anchors, ``.``, ``.*``, sets, ``%``
+    escapes) as a Python regex: Lua's matcher, for the names the room index holds."""
+    out = []
+    i = 0
+    while i < len(lua):
+        c = lua[i]
+        if c == "%":
+            out.append(re.escape(lua[i + 1]))
+            i += 2
+            continue
+        out.append(r"\Z" if c == "$" else c if c in "^.*[]" else re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+GLOB_ALPHABET = "ab:-.*?[]!"
+globs = st.text(GLOB_ALPHABET, max_size=8)
+index_names = st.text("ab:-.", min_size=1, max_size=6)
+
+
+@given(globs, st.lists(index_names, max_size=8))
+def test_a_glob_as_lua_matches_the_names_fnmatch_does(pattern: str, names: list[str]) -> None:
+    """The room index is listed by a Lua pattern (in the rooms script) and a range
+    from the glob's literal prefix: both must agree with fnmatchcase on room names."""
+    lua, prefix = glob_to_lua(pattern)
+    assert prefix == re.split(r"[*?\[]", pattern)[0]
+    regex = lua_pattern(lua)
+    for name in [*names, prefix, prefix + "a", pattern]:
+        if not name or not set(name) <= set("ab:-."):
+            continue
+        matches = regex.search(name) is not None
+        assert matches == fnmatchcase(name, pattern), (pattern, lua, name)
+        if matches:
+            assert name.startswith(prefix)
+
+
+def test_globs_as_lua() -> None:
+    assert glob_to_lua("*") == ("^.*$", "")
+    assert glob_to_lua("lobby") == ("^lobby$", "lobby")
+    assert glob_to_lua("a.b-*") == ("^a%.b%-.*$", "a.b-")
+    assert glob_to_lua("a**?b") == ("^a.*.b$", "a")  # a run of stars is one
+    assert glob_to_lua("r[!a-y0]") == ("^r[" + "".join(_not_a_to_y0()) + "]$", "r")
+    assert glob_to_lua("[]a]x") == ("^[a]x$", "")  # a ']' first is in the set
+    assert glob_to_lua("a[b") == ("^a[%!]b$", "a")  # no closing bracket: matches nothing
+    assert glob_to_lua("a[!]") == ("^a[%!][%!][%!]$", "a")  # '[', '!', ']': no room's
+    assert glob_to_lua("a!b") == ("^a[%!]b$", "a!b")  # no room holds a '!'
+
+
+def _not_a_to_y0() -> list[str]:
+    chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
+    return [
+        c if c.isalnum() else "%" + c for c in sorted(chars) if not ("a" <= c <= "y" or c == "0")
+    ]
+
+
+CLUSTER_SHAS = {**SHAS, "touch": b"t" * 40, "rooms": b"o" * 40, "nodes": b"n" * 40}
+CLUSTER_SHAS["members"] = b"m" * 40
+
+
+def test_cluster_read_commands() -> None:
+    def command(**kw: object) -> tuple[object, ...]:
+        read = ReadCluster(ticket=1, **kw)  # type: ignore[arg-type]
+        return cluster_read_command(read, prefix="p", shas=CLUSTER_SHAS, lifetime=9000)
+
+    assert command(kind="presence", room="r") == ("EVALSHA", b"m" * 40, 1, "p:{r}:p")
+    assert command(kind="nodes") == ("EVALSHA", b"n" * 40, 1, "p:{@}:nodes", 9000)
+    head = ("EVALSHA", b"o" * 40, 2, "p:{@}:rooms", "p:{@}:seen", 9000)
+    # the whole index, from the first name or after the last listed
+    assert command(kind="rooms") == (*head, "-", "+", "^.*$", 100, ROOMS_BUDGET)
+    assert command(kind="rooms", after="r7", limit=0)[6:10] == ("(r7", "+", "^.*$", 1)
+    # a literal prefix bounds the range: names from it, up to any name it starts
+    assert command(kind="rooms", pattern="lob*", limit=5)[6:10] == (
+        "[lob",
+        b"[lob\xff",
+        "^lob.*$",
+        5,
+    )
+    # after a name past the prefix: from there; before it: from the prefix still
+    assert command(kind="rooms", pattern="lob*", after="lob")[6] == "(lob"
+    assert command(kind="rooms", pattern="lob*", after="lobby")[6] == "(lobby"
+    assert command(kind="rooms", pattern="lob*", after="la")[6] == "[lob"
+
+
+def test_the_touch_command() -> None:
+    assert touch_command(["r1", "r2"], prefix="p", node="n1", shas=CLUSTER_SHAS, lifetime=9000) == (
+        "EVALSHA",
+        b"t" * 40,
+        3,
+        "p:{@}:rooms",
+        "p:{@}:seen",
+        "p:{@}:nodes",
+        9000,
+        "n1",
+        "r1",
+        "r2",
+    )
+
+
+def test_cluster_read_replies() -> None:
+    presence = ReadCluster(ticket=4, kind="presence", room="r")
+    assert parse_cluster_read(presence, [b"n2 bob", b"n1 ann cy", b"n1 \xff"]) == ClusterRead(
+        ticket=4, kind="presence", entries=(("n1", "ann cy"), ("n1", "\ufffd"), ("n2", "bob"))
+    )
+    nodes = ReadCluster(ticket=5, kind="nodes")
+    assert parse_cluster_read(nodes, [b"n2", 30, b"n1", b"12", b"n3", -4]) == ClusterRead(
+        ticket=5, kind="nodes", nodes=(("n1", 12), ("n2", 30), ("n3", 0))
+    )
+    assert parse_cluster_read(nodes, []) == ClusterRead(ticket=5, kind="nodes")
+    rooms = ReadCluster(ticket=6, kind="rooms")
+    assert parse_cluster_read(rooms, [[b"a", b"b.c"], b"b.c"]) == ClusterRead(
+        ticket=6, kind="rooms", rooms=("a", "b.c"), more="b.c"
+    )
+    assert parse_cluster_read(rooms, [[], b""]) == ClusterRead(ticket=6, kind="rooms")
+
+
+@pytest.mark.parametrize(
+    ("kind", "reply"),
+    [
+        ("presence", None),
+        ("presence", [None]),
+        ("nodes", None),
+        ("nodes", b"n1 3"),
+        ("nodes", [b"n1"]),
+        ("nodes", [b"n1", 3, b"n2"]),
+        ("nodes", [b"n1", b"x"]),
+        ("nodes", [b"\xff", 3]),
+        ("nodes", ["n1", 3]),
+        ("rooms", None),
+        ("rooms", [[b"a"]]),
+        ("rooms", [[b"a"], b"a", b"b"]),
+        ("rooms", [[b"\xff"], b""]),
+        ("rooms", [[b"a"], None]),
+    ],
+)
+def test_an_unreadable_cluster_read_is_a_value_error(kind: str, reply: object) -> None:
+    with pytest.raises(ValueError, match=f"unreadable {kind} read"):
+        parse_cluster_read(ReadCluster(ticket=1, kind=kind, room="r"), reply)

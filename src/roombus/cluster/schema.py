@@ -302,7 +302,7 @@ def script_source(name: str, sharded: bool) -> str:
 def key(prefix: str, room: str, kind: str) -> str:
     """
     A room's key: *kind* ``c`` (channel), ``s`` (seq), ``e`` (epoch), ``h`` (history),
-    ``p`` (presence), ``v`` (version), ``g`` (the leaves of the last TTL).
+    ``p`` (presence), ``v`` (version), ``g`` (the leaves of the last three TTLs).
     """
     return f"{prefix}:{{{room}}}:{kind}"
 

@@ -211,7 +211,8 @@ class ReadStream:
 class Announce:
     """
     Backplane: record that *username* is (or no longer is) present in *room* on this
-    node, and publish the change (``j``/``l <version> <node> <username>``) if it is one.
+    node, and publish the change (``j``/``l <version> <node> <username>``) if it is one
+    (a forced leave is published in any case).
 
     Attributes:
         room: The room.

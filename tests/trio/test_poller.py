@@ -164,3 +164,30 @@ async def test_a_polled_connection_costs_no_task(polled: bool) -> None:
             await client.stream.aclose()
         await eventually(lambda: server.connection_count == 0 and not server._links)
         assert len(nursery.child_tasks) == before
+
+
+async def test_a_bug_loses_one_connection_never_the_server(
+    polled: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of the hub (a bug, not the client's doing) is logged, and drops
+    that connection alone: its leave reaches the others, who go on."""
+    async with running(polled) as server:
+        ann = await join(server, "lobby", "ann")
+        bob = await join(server, "lobby", "bob")
+        await ann.recv()
+        bobs = max(server._links)  # the newest connection
+        receive = server.hub.receive
+
+        def broken(cid: Any, data: Any, **kw: Any) -> None:
+            if cid == bobs and data:
+                raise RuntimeError("a bug")
+            receive(cid, data, **kw)
+
+        server.hub.receive = broken  # type: ignore[method-assign]
+        await bob.send({"type": "chat", "content": "boom"})
+        leave = await ann.recv()
+        assert (leave["event"], leave["username"]) == ("leave", "bob")
+        await ann.send({"type": "chat", "content": "still here"})
+        assert (await until_chat(ann))["content"] == "still here"
+        assert [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+        assert bobs not in server._links

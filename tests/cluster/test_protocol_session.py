@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from roombus.cluster import BackplaneLost, Relay, RoomSynced, Subscribe
+from roombus.cluster import BackplaneLost, Relay, RoomSynced, Subscribe, Unsubscribe
 from roombus.cluster.config import ClusterConfig
 from roombus.cluster.protocol import (
     BACKOFF_CAP,
@@ -23,13 +23,27 @@ from roombus.cluster.protocol import (
     OpenLink,
     Phase,
     Ping,
+    Unlisten,
 )
 from roombus.cluster.resp import RedisError
-from roombus.cluster.schema import ROOMS_BUDGET
-from roombus.core.actions import ReadCluster
-from roombus.core.events import ClusterRead
+from roombus.cluster.schema import ROOMS_BUDGET, script_source
+from roombus.core.actions import Control, KickCommand, ReadCluster
+from roombus.core.events import ClusterRead, Relayed
 
-from .test_protocol import R1, R2, SHAS, TIMEOUT, new, online, only, relay, replies_to
+from .test_protocol import (
+    INFO,
+    R1,
+    R2,
+    SHAS,
+    TIMEOUT,
+    TTL,
+    announce,
+    new,
+    online,
+    only,
+    relay,
+    replies_to,
+)
 
 if TYPE_CHECKING:
     import pytest
@@ -351,3 +365,131 @@ def test_an_unreadable_cluster_read_ends_the_session(caplog: pytest.LogCaptureFi
     assert proto.take_commands() == [CloseLinks()]
     assert proto.take_events() == [BackplaneLost()]
     assert failure_warnings(caplog) == ["redis backplane lost: unreadable nodes read"]
+
+
+# --------------------------------------------------------------------------------------
+# Work
+
+
+def test_acknowledged_relays_are_answered_and_the_others_are_not() -> None:
+    proto = new()
+    online(proto)
+    dedup = Relay(room=R1, ref=1, prefix=b"{", dedup=("ann", "m1"), dedup_ms=60_000)
+    told = Relay(room=R2, ref=2, prefix=b"{", answer=True)
+    proto.submit([dedup, relay(ref=3), told], 0.0)
+    execute = only(proto.take_commands(), Execute)
+    assert len(execute.commands[0]) == len(execute.commands[1]) + 1  # the dedup key
+    proto.replies(execute.batch, [[4, b"E1", 1], [5, b"E1", 0], [6, b"E2", 0]], 0.0)
+    assert proto.take_events() == [
+        Relayed(room=R1, ref=1, epoch="E1", seq=4, duplicate=True),
+        Relayed(room=R2, ref=2, epoch="E2", seq=6, duplicate=False),
+    ]
+    assert proto.statistics.relayed == 3
+
+
+def test_classic_pub_sub_stops_listening_with_unsubscribe() -> None:
+    proto = new()
+    proto.start(0.0)
+    proto.take_commands()
+    proto.link_opened(Link.COMMAND, 0.0)
+    probe = only(proto.take_commands(), Execute)
+    proto.replies(probe.batch, [[None]], 0.0)  # COMMAND INFO: no SPUBLISH
+    load = only(proto.take_commands(), Execute)
+    proto.replies(load.batch, replies_to(load), 0.0)
+    proto.take_commands()
+    proto.link_opened(Link.SUBSCRIBER, 0.0)
+    assert not proto.sharded
+    assert only(proto.take_commands(), Listen).verb == b"SUBSCRIBE"
+    proto.submit([Unsubscribe(room=R1), Control(command=KickCommand(room=R1, username="a"))], 0)
+    unlisten, execute = proto.take_commands()
+    assert unlisten == Unlisten(b"UNSUBSCRIBE", (b"rb:{r1}:c",))
+    assert isinstance(execute, Execute) and execute.commands[0][:2] == ("PUBLISH", "rb:ctl")
+
+
+def test_a_keepalive_ping_queued_behind_a_batch_must_be_answered_itself() -> None:
+    """The answer to the batch ahead of the PING is no answer to the PING."""
+    proto = new(keepalive=KEEPALIVE)
+    online(proto)
+    proto.submit([relay()], 0.0)
+    first = only(proto.take_commands(), Execute)
+    proto.handle_timer(KEEPALIVE)
+    ping = only(proto.take_commands(), Ping)  # the PING on COMMAND waits behind the relay
+    proto.confirmed(ping.batch, KEEPALIVE)
+    proto.replies(first.batch, [1], KEEPALIVE)
+    second = only(proto.take_commands(), Execute)
+    assert second.commands[0] == (b"PING",)  # in flight, never answered
+    proto.handle_timer(2 * KEEPALIVE)
+    assert proto.take_commands() == [CloseLinks()]
+    assert proto.take_events() == [BackplaneLost()]
+
+
+def test_without_command_info_a_redis_7_gets_sharded_pub_sub() -> None:
+    proto = new()
+    proto.start(0.0)
+    proto.take_commands()
+    proto.link_opened(Link.COMMAND, 0.0)
+    probe = only(proto.take_commands(), Execute)
+    proto.replies(probe.batch, [RedisError("ERR unknown command 'COMMAND'")], 0.0)
+    version = only(proto.take_commands(), Execute)
+    proto.replies(version.batch, [INFO], 0.0)  # redis_version:7.2.4
+    load = only(proto.take_commands(), Execute)
+    assert proto.sharded and proto.phase is Phase.LOADING
+    assert load.commands[0] == (b"SCRIPT", b"LOAD", script_source("relay", True))
+
+
+def test_stopping_renews_no_members_and_reads_no_presence_again() -> None:
+    """Once stop() is called the goodbyes are the last word: a refresh due meanwhile
+    would list the leaving users again."""
+    proto = new(presence=[(R1, ["ann"])], keepalive=KEEPALIVE)
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=1)], 0.0)
+    listen = only(proto.take_commands(), Listen)
+    proto.stop(0.1)
+    assert proto.get_timer() == KEEPALIVE  # the keepalive only
+    proto.handle_timer(TTL)  # past the refresh and the read again
+    commands = proto.take_commands()
+    assert all(not isinstance(c, Execute) for c in commands), commands
+    proto.confirmed(listen.batch, TTL)
+    snapshot = only(proto.take_commands(), Execute)
+    proto.submit([announce(present=False)], TTL)  # the goodbye, after the snapshot
+    proto.replies(snapshot.batch, replies_to(snapshot), TTL)
+    assert [type(e) for e in proto.take_events()] == [RoomSynced]
+    commands = proto.take_commands()
+    bye = next(c for c in commands if isinstance(c, Execute) and c.commands[-1][:1] != (b"PING",))
+    assert [c[1] for c in bye.commands if c[0] == "EVALSHA"] == [SHAS["announce"]]
+    for command in commands:
+        if isinstance(command, Execute):
+            proto.replies(command.batch, replies_to(command), TTL)
+    for _ in range(3):
+        for command in proto.take_commands():
+            if isinstance(command, Execute):
+                proto.replies(command.batch, replies_to(command), TTL)
+    assert proto.phase is Phase.CLOSING
+    proto.links_closed(TTL)
+    assert proto.phase is Phase.STOPPED
+
+
+def test_an_unreadable_snapshot_is_the_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="roombus.backplane")
+    proto = new()
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=1)], 0.0)
+    proto.confirmed(only(proto.take_commands(), Listen).batch, 0.0)
+    snapshot = only(proto.take_commands(), Execute)
+    proto.replies(snapshot.batch, [[1, [b"n2 bob"], b"not an epoch", 0]], 0.0)
+    assert failure_warnings(caplog) == [
+        "redis backplane lost: unreadable presence snapshot of room 'r1'"
+    ]
+
+
+def test_a_stop_waits_for_the_snapshot_in_flight_then_closes() -> None:
+    proto = new()
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=1)], 0.0)
+    proto.confirmed(only(proto.take_commands(), Listen).batch, 0.0)
+    snapshot = only(proto.take_commands(), Execute)
+    proto.stop(1.0)
+    assert proto.take_commands() == [] and proto.phase is Phase.ONLINE
+    proto.replies(snapshot.batch, replies_to(snapshot), 2.0)
+    assert proto.take_commands() == [CloseLinks()]
+    assert [type(e) for e in proto.take_events()] == [RoomSynced]

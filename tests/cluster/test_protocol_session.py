@@ -26,8 +26,8 @@ from roombus.cluster.protocol import (
     Unlisten,
 )
 from roombus.cluster.resp import RedisError
-from roombus.cluster.schema import ROOMS_BUDGET, script_source
-from roombus.core.actions import Control, KickCommand, ReadCluster
+from roombus.cluster.schema import ROOMS_BUDGET, command_for, script_source, snapshot_command
+from roombus.core.actions import Control, KickCommand, ReadCluster, ReadStream
 from roombus.core.events import ClusterRead, Relayed
 
 from .test_protocol import (
@@ -493,3 +493,33 @@ def test_a_stop_waits_for_the_snapshot_in_flight_then_closes() -> None:
     proto.replies(snapshot.batch, replies_to(snapshot), 2.0)
     assert proto.take_commands() == [CloseLinks()]
     assert [type(e) for e in proto.take_events()] == [RoomSynced]
+
+
+def test_each_room_s_snapshot_reads_that_room_s_keys() -> None:
+    proto = new()
+    online(proto)
+    proto.submit([Subscribe(room=R1, gen=1, position_ms=60_000), Subscribe(room=R2, gen=3)], 0.0)
+    proto.confirmed(only(proto.take_commands(), Listen).batch, 0.0)
+    snapshot = only(proto.take_commands(), Execute)
+    assert snapshot.commands == tuple(
+        snapshot_command(room, prefix="rb", shas=SHAS, position_ms=86_400_000, run="0a1b2c")
+        for room in (R1, R2)
+    )
+    assert snapshot.commands[0][3] == "rb:{r1}:p" and snapshot.commands[1][3] == "rb:{r2}:p"
+
+
+def test_work_becomes_the_schema_s_commands_for_this_node_and_session() -> None:
+    proto = new()
+    online(proto)
+    work = [
+        relay(),
+        announce(present=False),
+        ReadStream(room=R2, ticket=1, after=0, count=5, keep=9, keep_ms=1),
+    ]
+    proto.submit(work, 0.0)
+    execute = only(proto.take_commands(), Execute)
+    assert execute.commands == tuple(
+        command_for(action, prefix="rb", node="n1", shas=SHAS, lifetime=2000, run="0a1b2c")
+        for action in work
+    )
+    assert execute.commands[1][-3:] == ("n1 ann", "0", 2000)  # this node's member, leaving

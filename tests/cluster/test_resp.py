@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus.cluster.resp import (
+    HIREDIS_MISSING,
     INCOMPLETE,
     SENTINEL_PORT,
     SHARDED_PROBE,
@@ -37,6 +38,7 @@ from roombus.cluster.resp import (
     parse,
     parse_redis_url,
     primary_address,
+    require_hiredis,
     sentinel_addresses,
     sentinel_query,
     sharded_from_command_info,
@@ -571,6 +573,16 @@ def test_addresses_need_no_hiredis_and_encoding_names_the_extra() -> None:
     assert len(lines) == 3
     for line in lines:
         assert line.startswith("the Redis backplane needs hiredis: pip install 'roombus[redis]'")
+
+
+def test_without_hiredis_each_maker_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same in this process (the subprocess above imports the installed package)."""
+    monkeypatch.setitem(sys.modules, "hiredis", None)
+    for make in (require_hiredis, packer, new_reader):
+        with pytest.raises(ModuleNotFoundError) as info:
+            make()
+        assert info.value.name == "hiredis"
+        assert str(info.value).startswith(f"{HIREDIS_MISSING} (")
 
 
 def test_only_the_resp_module_imports_hiredis() -> None:

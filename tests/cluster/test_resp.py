@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import itertools
 import pathlib
+import re
 import subprocess
 import sys
 from typing import Any
@@ -19,7 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus.cluster.resp import (
+    HIREDIS_MISSING,
     INCOMPLETE,
+    SENTINEL_PORT,
     SHARDED_PROBE,
     VERSION_PROBE,
     RedisAddress,
@@ -27,12 +30,17 @@ from roombus.cluster.resp import (
     RedisTLS,
     RespProtocolError,
     check_handshake,
+    cluster_node,
     handshake_commands,
     new_reader,
     pack_commands,
     packer,
     parse,
     parse_redis_url,
+    primary_address,
+    require_hiredis,
+    sentinel_addresses,
+    sentinel_query,
     sharded_from_command_info,
     sharded_from_info,
 )
@@ -111,8 +119,9 @@ def test_rediss_is_tls() -> None:
     ],
 )
 def test_parse_bad_urls(url: str, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         parse_redis_url(url)
+    assert str(info.value).startswith("bad Redis URL: ")  # what the settings error shows
 
 
 def test_passwords_are_not_shown() -> None:
@@ -137,6 +146,218 @@ def test_passwords_are_not_shown() -> None:
 )
 def test_an_address_shows_where_it_is(address: RedisAddress, shown: str) -> None:
     assert str(address) == shown
+
+
+# --------------------------------------------------------------------------------------
+# Sentinel and Cluster URLs (tests/redis runs them against real servers; these need none)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://s1/mymaster",
+            RedisAddress(host="s1", port=26379, sentinels=(("s1", 26379),), master_name="mymaster"),
+        ),
+        (
+            "redis+sentinel://:pw@10.0.0.1:26380,[::1],s3:1/my.master-1/2",
+            RedisAddress(
+                host="10.0.0.1",
+                port=26380,
+                db=2,
+                password="pw",
+                sentinels=(("10.0.0.1", 26380), ("::1", 26379), ("s3", 1)),
+                master_name="my.master-1",
+            ),
+        ),
+        (
+            "redis+sentinel://al:p%40w@[::1]:26381/m?db=4",
+            RedisAddress(
+                host="::1",
+                port=26381,
+                db=4,
+                username="al",
+                password="p@w",
+                sentinels=(("::1", 26381),),
+                master_name="m",
+            ),
+        ),
+        (  # spaces around a host, an empty port, a trailing slash, a quoted name
+            "redis+sentinel://s1:, [::1]:26380 /%6D%31/",
+            RedisAddress(
+                host="s1",
+                port=SENTINEL_PORT,
+                sentinels=(("s1", SENTINEL_PORT), ("::1", 26380)),
+                master_name="m1",
+            ),
+        ),
+        (
+            "REDISS+SENTINEL://u:p:q@s/m/3",
+            RedisAddress(
+                host="s",
+                port=26379,
+                db=3,
+                username="u",
+                password="p:q",
+                tls=RedisTLS(),
+                sentinels=(("s", 26379),),
+                master_name="m",
+            ),
+        ),
+        (  # an empty login is none
+            "redis+sentinel://:@s:65535/m",
+            RedisAddress(host="s", port=65535, sentinels=(("s", 65535),), master_name="m"),
+        ),
+        (
+            "redis+cluster://h1,h1:6379,h2:7000/",  # the seeds once each, in order
+            RedisAddress(host="h1", cluster=(("h1", 6379), ("h2", 7000))),
+        ),
+        (
+            "rediss+cluster://%61l:pw@[::1]:7001,h",
+            RedisAddress(
+                host="::1",
+                port=7001,
+                username="al",
+                password="pw",
+                tls=RedisTLS(),
+                cluster=(("::1", 7001), ("h", 6379)),
+            ),
+        ),
+    ],
+)
+def test_parse_good_sentinel_and_cluster_urls(url: str, expected: RedisAddress) -> None:
+    assert parse_redis_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("redis+sentinel://s1,s2", "needs the primary's name as its path"),
+        ("redis+sentinel://s1/", "needs the primary's name"),
+        ("redis+sentinel://s1/a/1/x", "needs the primary's name"),
+        ("redis+sentinel://s/bad%20name", "the primary's name is 1-128 of"),
+        ("redis+sentinel://s/" + "a" * 129, "the primary's name is 1-128 of"),
+        ("redis+sentinel://s/m/x", "the db must be a number >= 0, not 'x'"),
+        ("redis+sentinel://s/m/1?db=2", "unknown or repeated query parameter 'db'"),
+        ("redis+sentinel://s/m?password=x", "unknown or repeated query parameter 'password'"),
+        ("redis+sentinel://s/m?db=x", "the db must be a number"),
+        ("redis+sentinel://s:0/m", "the port must be a number from 1 to 65535"),
+        ("redis+sentinel://s:65536/m", "the port must be a number from 1 to 65535"),
+        ("redis+sentinel://s:x/m", "the port must be a number from 1 to 65535"),
+        ("redis+sentinel://s:+1/m", "the port must be a number"),
+        ("redis+sentinel://s1,,s2/m", "^bad Redis URL: a sentinel without a host$"),
+        ("redis+sentinel://s1,:26379/m", "a sentinel without a host"),
+        ("redis+sentinel://s1,[::1]x/m", "an unbalanced \\[ in a sentinel's address"),
+        ("redis+sentinel://u@s/m", "a username needs a password"),
+        ("redis+sentinel://u:@s/m", "a username needs a password"),
+        ("redis+cluster://h,:7000", "^bad Redis URL: a cluster node without a host$"),
+        ("redis+cluster://h/0", "takes no db or query"),
+        ("redis+cluster://h?x=1", "takes no db or query"),
+    ],
+)
+def test_parse_bad_sentinel_and_cluster_urls(url: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        parse_redis_url(url)
+    assert str(info.value).startswith("bad Redis URL: ")
+
+
+def test_a_sentinel_url_s_password_is_not_shown() -> None:
+    address = parse_redis_url("redis+sentinel://al:hunter2@s1/m")
+    assert "hunter2" not in repr(address) and "hunter2" not in str(address)
+    with pytest.raises(ValueError, match="port") as info:
+        parse_redis_url("redis+sentinel://al:hunter2@s1:0/m")
+    assert "hunter2" not in str(info.value)
+
+
+def test_the_sentinels_are_asked_for_the_primary_without_its_login() -> None:
+    address = parse_redis_url("rediss+sentinel://al:pw@s1:26380,s2/mymaster/2")
+    assert sentinel_query(address) == (b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", "mymaster")
+    assert sentinel_addresses(address) == [
+        RedisAddress(host="s1", port=26380, tls=RedisTLS()),
+        RedisAddress(host="s2", port=26379, tls=RedisTLS()),
+    ]
+    plain = parse_redis_url("redis+sentinel://s1/m")
+    assert sentinel_addresses(plain) == [RedisAddress(host="s1", port=26379)]
+
+
+def test_the_primary_a_sentinel_names_keeps_the_login_and_checks_its_role() -> None:
+    address = parse_redis_url("rediss+sentinel://al:pw@s1,s2/mymaster/2")
+    resolved = primary_address(address, [b"10.0.0.9", b"6380"])
+    assert resolved == RedisAddress(
+        host="10.0.0.9",
+        port=6380,
+        db=2,
+        username="al",
+        password="pw",
+        tls=RedisTLS(),
+        master_name="mymaster",
+    )
+    assert str(resolved) == "10.0.0.9:6380 (primary mymaster) (TLS) db 2"
+    assert str(address) == "mymaster via sentinel s1:26379,s2:26379 (TLS) db 2"
+    assert handshake_commands(resolved) == [
+        (b"AUTH", "al", "pw"),
+        (b"SELECT", 2),
+        (b"PING",),
+        (b"ROLE",),
+    ]
+    # The sentinels' own addresses, and the unresolved one, do not ask for a role.
+    assert handshake_commands(address) == [(b"AUTH", "al", "pw"), (b"SELECT", 2), (b"PING",)]
+    assert handshake_commands(sentinel_addresses(address)[0]) == [(b"PING",)]
+
+
+@pytest.mark.parametrize(
+    ("reply", "match"),
+    [
+        (None, "^the sentinel knows no primary named 'm'$"),
+        (RedisError("NOAUTH no"), "^the sentinel refused: NOAUTH no$"),
+        ([b"h"], "^unreadable sentinel reply"),
+        ([b"h", b"1", b"2"], "unreadable sentinel reply"),
+        ([b"h", 6379], "unreadable sentinel reply"),
+        ([b"h", b"x"], "unreadable sentinel reply"),
+        ([b"h", b"-1"], "unreadable sentinel reply"),
+        (b"h:6379", "unreadable sentinel reply"),
+    ],
+)
+def test_what_a_sentinel_answers_that_names_no_primary(reply: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        primary_address(parse_redis_url("redis+sentinel://s/m"), reply)
+
+
+def test_a_primary_found_through_sentinels_must_say_it_is_the_primary() -> None:
+    resolved = primary_address(parse_redis_url("redis+sentinel://s/m"), [b"h", b"1"])
+    check_handshake([b"PONG", [b"master", 0, []]], resolved)
+    with pytest.raises(RedisError, match=r"^READONLY h:1 \(primary m\) is a slave, not the"):
+        check_handshake([b"PONG", [b"slave", b"h2", 1, b"connected", 0]], resolved)
+    for role, shown in [([], "[]"), (b"master", "b'master'"), (None, "None")]:
+        with pytest.raises(RedisError, match=f"is a {re.escape(shown)}, not the primary"):
+            check_handshake([b"PONG", role], resolved)
+    with pytest.raises(RedisError, match="is a None, not the primary"):
+        check_handshake([], resolved)
+    error = RedisError("WRONGPASS")
+    with pytest.raises(RedisError) as caught:  # a refused login comes first
+        check_handshake([error, b"PONG", [b"slave"]], resolved)
+    assert caught.value is error
+    # No role to check: a plain address, the sentinels' address, none given.
+    for address in (RedisAddress(), parse_redis_url("redis+sentinel://s/m"), None):
+        check_handshake([b"PONG"], address)
+
+
+def test_a_node_of_a_cluster_keeps_the_login_and_tls_of_its_seeds() -> None:
+    seeds = parse_redis_url("rediss+cluster://al:pw@h1:7000,[::1]:7002")
+    assert str(seeds) == "cluster h1:7000,[::1]:7002 (TLS)"
+    node = cluster_node(seeds, ("10.0.0.1", 7005))
+    assert node == RedisAddress(
+        host="10.0.0.1", port=7005, username="al", password="pw", tls=RedisTLS()
+    )
+    assert str(node) == "10.0.0.1:7005 (TLS)"
+
+
+def test_the_tls_server_name_is_the_setting_s_or_the_host() -> None:
+    assert RedisAddress(host="h").server_name == "h"
+    assert RedisAddress(host="h", tls=RedisTLS()).server_name == "h"
+    assert RedisAddress(host="h", tls=RedisTLS(server_name="cache.example")).server_name == (
+        "cache.example"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -352,6 +573,16 @@ def test_addresses_need_no_hiredis_and_encoding_names_the_extra() -> None:
     assert len(lines) == 3
     for line in lines:
         assert line.startswith("the Redis backplane needs hiredis: pip install 'roombus[redis]'")
+
+
+def test_without_hiredis_each_maker_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same in this process (the subprocess above imports the installed package)."""
+    monkeypatch.setitem(sys.modules, "hiredis", None)
+    for make in (require_hiredis, packer, new_reader):
+        with pytest.raises(ModuleNotFoundError) as info:
+            make()
+        assert info.value.name == "hiredis"
+        assert str(info.value).startswith(f"{HIREDIS_MISSING} (")
 
 
 def test_only_the_resp_module_imports_hiredis() -> None:

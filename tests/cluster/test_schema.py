@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from roombus import RoomName, Username
@@ -342,6 +342,8 @@ index_names = st.text("ab:-.", min_size=1, max_size=6)
 
 
 @given(globs, st.lists(index_names, max_size=8))
+@example("[!]]a", ["ba", "a"])  # a ']' first in a negated set
+@example("a[", ["a"])  # an unclosed bracket at the end
 def test_a_glob_as_lua_matches_the_names_fnmatch_does(pattern: str, names: list[str]) -> None:
     """The room index is listed by a Lua pattern (in the rooms script) and a range
     from the glob's literal prefix: both must agree with fnmatchcase on room names."""
@@ -367,6 +369,14 @@ def test_globs_as_lua() -> None:
     assert glob_to_lua("a[b") == ("^a[%!]b$", "a")  # no closing bracket: matches nothing
     assert glob_to_lua("a[!]") == ("^a[%!][%!][%!]$", "a")  # '[', '!', ']': no room's
     assert glob_to_lua("a!b") == ("^a[%!]b$", "a!b")  # no room holds a '!'
+    # A ']' first in a set is in it, also after a '!': "[!]]b" is any character but ']'.
+    assert glob_to_lua("[!]]b") == ("^[" + "".join(_lua_chars_but("")) + "]b$", "")
+    assert glob_to_lua("[]]") == ("^[%!]$", "")  # only ']': no room character
+
+
+def _lua_chars_but(excluded: str) -> list[str]:
+    chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
+    return [c if c.isalnum() else "%" + c for c in sorted(chars) if c not in excluded]
 
 
 def _not_a_to_y0() -> list[str]:

@@ -89,6 +89,10 @@ class _SocketTransport:
             raise _Broken from exc
 
     async def send(self, data: bytes | memoryview) -> int:
+        if self.sock.fileno() < 0:
+            # Closed before this drainer's first step (its connection dropped meanwhile):
+            # trio would be asked to wait on descriptor -1.
+            raise _Broken
         try:
             await trio.lowlevel.wait_writable(self.sock)
         except (trio.ClosedResourceError, OSError) as exc:
@@ -246,8 +250,8 @@ class Server(ServerFacade):
         self.api_port: int | None = None
         self._api_listeners: list[socket.socket] = []
         self._links: dict[ConnectionId, _Link] = {}
-        #: The poller's sockets (None: every connection has a reader task).
-        self._selector = _new_selector()
+        #: The poller's sockets, while running (None: every connection has a reader task).
+        self._selector: selectors.EpollSelector | None = None
         self._held: list[_Link] = []  # polled links with the rest of a burst to handle
         self._flusher: trio.lowlevel.Task | None = None
         self._flusher_parked = False
@@ -323,6 +327,15 @@ class Server(ServerFacade):
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         """The server's world: listeners, flusher, timer and every connection."""
+        self._selector = _new_selector()
+        try:
+            await self._run_world(task_status)
+        finally:
+            if self._selector is not None:
+                self._selector.close()
+        self._stopped.set()
+
+    async def _run_world(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope(shield=True) as world:
             self._world = world
             async with trio.open_nursery() as nursery:
@@ -342,9 +355,6 @@ class Server(ServerFacade):
                     with trio.move_on_after(self.config.close_timeout):
                         await self.backplane.wait_idle()
                 nursery.cancel_scope.cancel()
-        if self._selector is not None:
-            self._selector.close()
-        self._stopped.set()
 
     def _begin_shutdown(self) -> None:
         """Stop accepting, close everyone with 1001, bound the wait for them."""
@@ -551,6 +561,9 @@ class Server(ServerFacade):
         return len(dirty)
 
     async def _drain(self, cid: ConnectionId, link: _Link, queue: SendQueue) -> None:
+        if self._links.get(cid) is not link:  # dropped before this task's first step
+            link.draining = False
+            return
         try:
             while queue:
                 queue.consume(await link.transport.send(queue.data()))
@@ -576,7 +589,16 @@ class Server(ServerFacade):
         cid = self.hub.open(now=trio.current_time(), peer=peer, api=api)
         link = _Link(_SocketTransport(sock, peer), cid, polled=True)
         self._links[cid] = link
-        self._start_reading(link)
+        try:
+            self._start_reading(link)
+        except OSError as exc:  # ENOSPC (fs.epoll.max_user_watches), ENOMEM: this one only
+            log.warning(
+                "cannot watch %s (%s); dropping the connection",
+                peer,
+                exc,
+                extra={"conn": cid, "peer": peer},
+            )
+            self._drop(link)
         self.transmit()
 
     def _start_reading(self, link: _Link) -> None:
@@ -596,12 +618,14 @@ class Server(ServerFacade):
         if self._links.get(link.cid) is not link:
             return
         del self._links[link.cid]
-        self._stop_reading(link)
-        sock = _sock(link)
-        trio.lowlevel.notify_closing(sock)  # a drainer waiting on it gets ClosedResourceError
-        sock.close()
-        self.hub.lost(link.cid, now=trio.current_time(), timestamp=_wall())
-        self._check_all_closed()
+        try:
+            self._stop_reading(link)
+            sock = _sock(link)
+            trio.lowlevel.notify_closing(sock)  # a drainer waiting on it: ClosedResourceError
+            sock.close()
+        finally:
+            self.hub.lost(link.cid, now=trio.current_time(), timestamp=_wall())
+            self._check_all_closed()
 
     async def _poll_loop(self) -> None:
         selector = self._selector

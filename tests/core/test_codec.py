@@ -99,3 +99,16 @@ def test_presence_state_from_pieces_is_the_same_bytes(room: str, users: set[str]
     names = sorted(users)
     pieces = [codec.user_literal(u) for u in names]
     assert codec.presence_state_of(room, pieces) == codec.encode_presence_state(room, names)
+
+
+def test_refusals_say_what_is_wrong() -> None:
+    """The reason a client reads in its ``error`` envelope names the problem."""
+    assert codec.decode_request('{"type": "bogus"}') == codec.Invalid(
+        codec.BAD_MESSAGE, "unknown message type"
+    )
+    assert codec.decode_request('{"type": 7}') == codec.Invalid(
+        codec.BAD_MESSAGE, "message needs a string type field"
+    )
+    refused = codec.decode_request('{"type": "history", "room": "a", "limit": -1}')
+    assert isinstance(refused, codec.Invalid)
+    assert (refused.code, refused.reason) == (codec.BAD_MESSAGE, "limit must be an integer >= 0")

@@ -400,3 +400,18 @@ def test_acknowledgements_go_before_other_rooms_history() -> None:
         assert s.used_bytes <= 12_000
     _, plan, items = s.recover(quiet, Position(epoch, 0), 2.0, recovery_max=10, partial=False)
     assert plan.recovered and len(items) == 1
+
+
+def test_the_bytes_counted_are_the_bytes_kept_after_acknowledgements_are_evicted() -> None:
+    """Evicting acknowledgements to make room subtracts exactly what each one counted:
+    ``used_bytes`` stays the sum of the kept messages and acknowledgements."""
+    from roombus.core.streams import ACK_OVERHEAD
+
+    s = make(max_bytes=12_000, history_size=10, history_ttl=1000.0, dedup_window=1000.0)
+    busy = RoomName("busy")
+    for n in range(200):
+        s.publish(busy, prefix("busy", n), 1.0, dedup=(Username("flood"), f"id-{n}"))
+        kept = sum(stream.size for stream in s._streams.values())
+        acks = sum(ACK_OVERHEAD + len(key[0]) + len(key[2]) for key in s._acks)
+        assert s.used_bytes == kept + acks
+    assert len(s._acks) < 200  # some were evicted

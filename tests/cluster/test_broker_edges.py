@@ -52,3 +52,22 @@ def test_a_joiner_giving_up_keeps_the_chats_the_others_sent_while_waiting() -> N
     net.quiesce()
     assert chats(net, 3) == [(1, "ann", False)]
     assert chats(net, 1) == [(1, "ann", False)]
+
+
+def test_a_user_who_left_and_came_back_before_an_outage_does_not_flicker_after_it() -> None:
+    """ann leaves r and joins it again; both announces are lost with n1's link. Back
+    online, n1 does not take her entry back (she is here): bob sees nothing of it."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r"})
+    net.quiesce()
+    seen = len(net.got[2])
+    net.send(1, {"type": "leave", "room": "r"})
+    net.send(1, {"type": "join", "room": "r"})
+    net.lose("n1")
+    net.restore("n1")
+    net.quiesce()
+    assert net.got[2][seen:] == []
+    assert net.brokers["n2"].members("r") == ["ann", "bob"]

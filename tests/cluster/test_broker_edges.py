@@ -1,16 +1,21 @@
 """
 Edges of the cluster broker that its other tests pass by: another node's connection
-named in a command, and chats held for joiners when one of them gives up.
+named in a command, chats held for joiners when one of them gives up, a user back in a
+room before an outage, and what Redis is asked to keep.
 """
 
 from __future__ import annotations
 
-from roombus import BrokerConfig, Username
-from roombus.cluster import BackplaneRestored, ClusterBroker
+import json
+from typing import Any
+
+from roombus import BrokerConfig, RoomName, Username
+from roombus.cluster import BackplaneRestored, ClusterBroker, Relay, RoomSynced, Subscribe
 from roombus.cluster.control import encode_control
-from roombus.core.actions import DisconnectCommand
+from roombus.core.actions import DisconnectCommand, ReadStream
 from roombus.core.events import ControlReceived
-from roombus.lowlevel import ClientConnected, Close, ConnectionId
+from roombus.core.streams import RoomPolicy
+from roombus.lowlevel import ClientConnected, Close, ConnectionId, Event, TextReceived
 
 from .test_broker_streams import Net, chats
 
@@ -71,3 +76,43 @@ def test_a_user_who_left_and_came_back_before_an_outage_does_not_flicker_after_i
     net.quiesce()
     assert net.got[2][seen:] == []
     assert net.brokers["n2"].members("r") == ["ann", "bob"]
+
+
+def test_what_redis_is_asked_to_keep_is_what_the_config_says() -> None:
+    """The backplane keeps a room's history, positions and acknowledged ids as long as
+    the node's config says (per room where it says so): every Subscribe, Relay and
+    ReadStream carries it."""
+    config = BrokerConfig(
+        heartbeat=False,
+        rate_limit=0,
+        history_size=7,
+        history_ttl=30.5,
+        position_ttl=3600.25,
+        dedup_window=12.5,
+        room_history=(("quiet*", RoomPolicy(size=2, ttl=9.0)),),
+    )
+    broker = ClusterBroker(config, node="n1")
+
+    def handle(event: Event) -> list[Any]:
+        return broker.handle(event, now=1.0, timestamp=0)
+
+    handle(BackplaneRestored())
+    handle(ClientConnected(conn=ConnectionId(1), username=Username("ann")))
+    for room in ("r", "quiet1"):
+        (subscribe,) = handle(TextReceived(conn=ConnectionId(1), text=join(room)))
+        assert isinstance(subscribe, Subscribe) and subscribe.position_ms == 3_600_250
+        handle(RoomSynced(room=RoomName(room), version=0, entries=(), gen=subscribe.gen, epoch="E"))
+    for room, keep, keep_ms in (("r", 7, 30_500), ("quiet1", 2, 9000)):
+        text = json.dumps({"type": "chat", "room": room, "content": 1, "id": "m"})
+        (relay,) = handle(TextReceived(conn=ConnectionId(1), text=text))
+        assert isinstance(relay, Relay)
+        assert (relay.keep, relay.keep_ms, relay.position_ms) == (keep, keep_ms, 3_600_250)
+        assert (relay.dedup, relay.dedup_ms) == (("ann", "m"), 12_500)
+        text = json.dumps({"type": "history", "room": room})
+        (read,) = handle(TextReceived(conn=ConnectionId(1), text=text))
+        assert isinstance(read, ReadStream)
+        assert (read.keep, read.keep_ms, read.position_ms) == (keep, keep_ms, 3_600_250)
+
+
+def join(room: str) -> str:
+    return json.dumps({"type": "join", "room": room})

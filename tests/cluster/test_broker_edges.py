@@ -1,7 +1,7 @@
 """
 Edges of the cluster broker that its other tests pass by: another node's connection
 named in a command, chats held for joiners when one of them gives up, a user back in a
-room before an outage, and what Redis is asked to keep.
+room before an outage, what Redis is asked to keep, and the notice of a relayed chat.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from roombus import BrokerConfig, RoomName, Username
+import attrs
+
+from roombus import BrokerConfig, MessagePublished, RoomName, Username
 from roombus.cluster import BackplaneRestored, ClusterBroker, Relay, RoomSynced, Subscribe
 from roombus.cluster.control import encode_control
 from roombus.core.actions import DisconnectCommand, ReadStream
@@ -17,7 +19,7 @@ from roombus.core.events import ControlReceived
 from roombus.core.streams import RoomPolicy
 from roombus.lowlevel import ClientConnected, Close, ConnectionId, Event, TextReceived
 
-from .test_broker_streams import Net, chats
+from .test_broker_streams import TS, Net, chats
 
 CONFIG = BrokerConfig(heartbeat=False, rate_limit=0)
 
@@ -116,3 +118,36 @@ def test_what_redis_is_asked_to_keep_is_what_the_config_says() -> None:
 
 def join(room: str) -> str:
     return json.dumps({"type": "join", "room": room})
+
+
+@attrs.define
+class NoticedNet(Net):
+    """A Net that keeps the MessagePublished notices, by node."""
+
+    notices: list[tuple[str, MessagePublished]] = attrs.field(factory=list)
+
+    def apply(self, node: str, actions: list[Any]) -> None:
+        self.notices.extend((node, a) for a in actions if isinstance(a, MessagePublished))
+        super().apply(node, actions)
+
+
+def test_the_notice_of_a_relayed_chat_has_the_position_redis_gave_it() -> None:
+    net = NoticedNet()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.quiesce()
+    net.send(1, {"type": "chat", "room": "r", "content": "x"})
+    net.quiesce()
+    epoch = net.bp.channels["r"].epoch
+    (notice,) = net.notices
+    assert notice == (
+        "n1",
+        MessagePublished(
+            room=RoomName("r"),
+            username=Username("ann"),
+            content="x",
+            seq=1,
+            timestamp=TS,
+            epoch=epoch,
+        ),
+    )

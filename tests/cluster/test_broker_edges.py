@@ -1,7 +1,8 @@
 """
 Edges of the cluster broker that its other tests pass by: another node's connection
 named in a command, chats held for joiners when one of them gives up, a user back in a
-room before an outage, what Redis is asked to keep, and the notice of a relayed chat.
+room before an outage, what Redis is asked to keep, the notice of a relayed chat, records waiting for a
+repair when the link goes, and how many chats a joiner may hold.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import attrs
 
 from roombus import BrokerConfig, MessagePublished, RoomName, Username
 from roombus.cluster import BackplaneRestored, ClusterBroker, Relay, RoomSynced, Subscribe
+from roombus.cluster.broker import MAX_HELD
 from roombus.cluster.control import encode_control
 from roombus.core.actions import DisconnectCommand, ReadStream
 from roombus.core.events import ControlReceived
@@ -151,3 +153,37 @@ def test_the_notice_of_a_relayed_chat_has_the_position_redis_gave_it() -> None:
             epoch=epoch,
         ),
     )
+
+
+def test_records_waiting_for_a_repair_when_the_link_goes_are_not_delivered() -> None:
+    """n2 waits for a repair read (record 2 lost, 3 behind it) when its link goes: bob is
+    reset to n2's own numbering after 1, and never sent 3 across the gap."""
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})
+    net.connect("n2", 2, "bob")
+    net.send(2, {"type": "join", "room": "r", "since": None})
+    net.quiesce()
+    for i in range(1, 4):
+        net.send(1, {"type": "chat", "room": "r", "content": i})
+    while net.bp.links["n1"].commands:
+        net.bp.run_command("n1")
+    del net.bp.links["n2"].inbox["r"][1]  # record 2 never reaches n2
+    while "r" in net.bp.links["n2"].inbox:
+        net.bp.deliver_next("n2", "r")  # 1, then 3: a gap, read from the stream
+    net.lose("n2")
+    assert chats(net, 2) == [(1, 1, False)]
+    (reset,) = net.of(2, "reset")
+    assert (reset["seq"], reset["reason"]) == (1, "unavailable")
+
+
+def test_a_joiner_holds_at_most_max_held_chats_and_is_told_past_that() -> None:
+    net = Net()
+    net.connect("n1", 1, "ann")
+    net.send(1, {"type": "join", "room": "r"})  # waits for r's presence
+    for i in range(MAX_HELD + 1):
+        net.send(1, {"type": "chat", "room": "r", "content": i, "id": f"m{i}"})
+    (error,) = net.of(1, "error")
+    assert (error["code"], error["id"]) == ("not_joined", f"m{MAX_HELD}")
+    net.quiesce()
+    assert [content for _, content, _ in chats(net, 1)] == list(range(MAX_HELD))

@@ -238,3 +238,14 @@ def test_far_over_max_connections_is_dropped_unanswered_and_counted() -> None:
     hub.receive(cids[-1], request("lobby", "ann"), now=0.0, timestamp=0)
     assert written(hub)[cids[-1]].startswith(b"HTTP/1.1 503 ")
     assert collect(hub)["roombus_limit_refusals_total"] == 2
+
+
+def test_lost_is_idempotent_and_ignores_connections_it_does_not_know() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    hub.lost(ConnectionId(999), now=0.0, timestamp=0)
+    assert hub.connection_count == 1
+    hub.lost(cid, now=0.0, timestamp=0)
+    hub.lost(cid, now=0.0, timestamp=0)
+    assert hub.connection_count == 0 and hub.websocket_count == 0
+    assert hub.closes[(1006, "client")] == 1  # counted once

@@ -365,3 +365,24 @@ def test_max_events_hands_out_the_rest_on_the_next_call() -> None:
         MessageReceived("m5"),
     ]
     assert not wire.more
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_each_fragmented_message_is_measured_afresh_to_the_byte(over: int) -> None:
+    """Messages in two fragments (UTF-8 bytes plus one fragment's overhead), one after
+    another: each one exactly at the limit passes; a byte more closes 1009."""
+    limit = 256
+    wire, client = opened(max_message_bytes=limit)
+    head = "a" * 10
+    tail = "é" * ((limit - FRAGMENT_OVERHEAD - len(head)) // 2)  # 2 bytes each: 256 in all
+    assert len(head) + FRAGMENT_OVERHEAD + len(tail.encode()) == limit
+    for _ in range(3):
+        data = client.send(TextMessage(data=head, message_finished=False))
+        data += client.send(TextMessage(data=tail, message_finished=True))
+        assert wire.receive_data(data) == [FragmentReceived(), MessageReceived(head + tail)]
+    data = client.send(TextMessage(data=head + "b" * over, message_finished=False))
+    data += client.send(TextMessage(data=tail, message_finished=True))
+    if over:
+        assert closing_code(wire, data) == 1009
+    else:
+        assert wire.receive_data(data)[-1] == MessageReceived(head + tail)

@@ -215,11 +215,11 @@ def test_an_api_refusal_in_a_message_hub_names_the_peer_and_status(caplog):
 
 
 def test_every_line_about_a_connection_reads_whole_and_names_its_peer(caplog):
-    """Through the paths that log (a refusal, a bad request, refused input, a peer's
-    close and loss, a slow reader, the byte budget, a handshake timeout), every record
+    """Through the paths that log (a refusal, a bad request, a flooder, refused input, a
+    peer's close and loss, a slow reader, the byte budget, a handshake timeout), every record
     formats, and one that has a ``peer`` field says it in its text too."""
     hub = Hub(
-        BrokerConfig(send_queue=8, rate_limit=0),
+        BrokerConfig(send_queue=8, rate_limit=1, rate_burst=3),
         ServerConfig(max_queued_bytes=4096, max_connections_per_ip=0),
     )
     peers = iter(f"10.0.0.{i}:4000" for i in range(1, 100))
@@ -232,7 +232,11 @@ def test_every_line_about_a_connection_reads_whole_and_names_its_peer(caplog):
             cid = hub.open(now=0.0, peer=next(peers))
             hub.receive(cid, request("lobby", name), now=0.0, timestamp=0)
             users[name] = cid
+        flooder = hub.open(now=0.0, peer=next(peers))  # alone in its room: rate-limited
+        hub.receive(flooder, request("flood", "flo"), now=0.0, timestamp=0)
         written(hub)
+        chat = frame(TextMessage(data='{"type":"chat","content":1}'))
+        hub.receive(flooder, chat * 20, now=0.1, timestamp=0)
         hub.receive(users["bin"], b"\x82\x81abcd\x00", now=0.1, timestamp=0)
         hub.receive(users["bye"], frame(CloseConnection(code=1000)), now=0.1, timestamp=0)
         hub.lost(users["gone"], now=0.1, timestamp=0)

@@ -181,3 +181,13 @@ def test_a_bare_api_path_is_the_api_s_and_healthz_is_a_probe(api_port: int | Non
     assert hub.metrics()["roombus_transport_connections"] == 2
     out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\nok\n")
+
+
+def test_a_head_request_for_the_api_gets_its_405_without_a_body() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY]))
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000")
+    hub.receive(cid, b"HEAD /api/info HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: POST" in head
+    assert body == b""

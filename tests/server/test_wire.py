@@ -386,3 +386,17 @@ def test_each_fragmented_message_is_measured_afresh_to_the_byte(over: int) -> No
         assert closing_code(wire, data) == 1009
     else:
         assert wire.receive_data(data)[-1] == MessageReceived(head + tail)
+
+
+@pytest.mark.parametrize("pieces", [3, 7])
+@pytest.mark.parametrize("n", [126, 65536])
+def test_a_long_frame_in_many_reads_is_one_message(n: int, pieces: int) -> None:
+    """A frame whose rest keeps coming over several reads (wsproto has begun it): each
+    read hands it exactly the bytes that are the frame's, and the next frame follows."""
+    data = _hi_then_xs(n) + masked_text_frame(b"after", b"\5\6\7\x08")
+    wire, _ = opened(max_message_bytes=1 << 17)
+    cuts = [8 + i * (len(data) - 8) // pieces for i in range(pieces)] + [len(data)]
+    events = wire.receive_data(data[: cuts[0]])
+    for a, b in itertools.pairwise(cuts):
+        events += wire.receive_data(data[a:b])
+    assert events == [MessageReceived("hi"), MessageReceived("x" * n), MessageReceived("after")]

@@ -183,11 +183,17 @@ def test_a_bare_api_path_is_the_api_s_and_healthz_is_a_probe(api_port: int | Non
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\nok\n")
 
 
-def test_a_head_request_for_the_api_gets_its_405_without_a_body() -> None:
-    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY]))
-    cid = hub.open(now=0.0, peer="10.0.0.1:1000")
-    hub.receive(cid, b"HEAD /api/info HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+@pytest.mark.parametrize(
+    ("api_port", "target", "status"),
+    [(None, b"/api/info", b"405"), (0, b"/api/info", b"405"), (0, b"/ws?room=a", b"404")],
+)
+def test_a_head_request_on_the_api_s_paths_is_answered_without_a_body(
+    api_port: int | None, target: bytes, status: bytes
+) -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY], api_port=api_port))
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000", api=api_port is not None)
+    hub.receive(cid, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % target, now=0.0, timestamp=0)
     out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
     head, _, body = out.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: POST" in head
-    assert body == b""
+    assert head.startswith(b"HTTP/1.1 " + status + b" ")
+    assert body == b"" and int(head.partition(b"content-length: ")[2].split(b"\r")[0]) > 0

@@ -74,6 +74,20 @@ def published_to(hub: Hub, cid: int) -> bytes:
     return out
 
 
+def overflowed_by_a_client(hub: Hub, cid: int) -> bytes:
+    """It reads nothing; another client's messages overflow its queue."""
+    out = b""
+    sender = Connection(ConnectionType.CLIENT)
+    for i in range(40):
+        chat = sender.send(TextMessage(data=json.dumps({"type": "chat", "content": i})))
+        hub.receive(cid - 1, chat, now=1.0, timestamp=T)
+        for c, queue in hub.take_dirty():
+            while c != cid and queue:
+                out += queue.data()
+                queue.consume(len(queue.data()))
+    return out
+
+
 def over_the_budget(hub: Hub, cid: int) -> bytes:
     """It reads nothing (the others do): past max-queued-bytes, it is closed."""
     out = b""
@@ -96,6 +110,7 @@ def over_the_budget(hub: Hub, cid: int) -> bytes:
         drained_now,
         drained_later,
         published_to,
+        overflowed_by_a_client,
         over_the_budget,
     ],
 )

@@ -146,3 +146,27 @@ def test_a_slow_reader_overflowed_by_a_timeout_s_leaves_is_let_go_at_its_timesta
     hub.timeout(now=2.5, timestamp=T)  # the dead one's pong is late
     assert dead not in hub.broker and slow not in hub.broker and ann in hub.broker
     assert leaves(written(hub)[ann]) == {"dead": T, "slow": T}
+
+
+def test_a_flooder_of_unsolicited_pongs_leaves_at_the_timestamp_of_its_flood() -> None:
+    hub = Hub(BrokerConfig(rate_limit=1, rate_burst=3), ServerConfig())
+    ann = connect(hub, "lobby", "ann")
+    bob = connect(hub, "lobby", "bob")
+    written(hub)
+    hub.receive(bob, frame(Pong()) * 20, now=1.0, timestamp=T)  # each one charged
+    assert bob not in hub.broker
+    assert leaves(written(hub)[ann]) == {"bob": T}
+
+
+def test_a_client_s_chat_carries_the_timestamp_of_the_call_it_came_in() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    ann = connect(hub, "lobby", "ann")
+    bob = connect(hub, "lobby", "bob")
+    written(hub)
+    chat = frame(TextMessage(data='{"type":"chat","content":"hi"}'))
+    hub.receive(ann, chat, now=1.0, timestamp=T)
+    ws = Connection(ConnectionType.CLIENT)
+    ws.receive_data(written(hub)[bob])
+    (event,) = list(ws.events())
+    assert isinstance(event, TextMessage)
+    assert json.loads(event.data)["timestamp"] == T

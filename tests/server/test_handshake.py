@@ -216,6 +216,11 @@ def test_any_request_gets_a_decision(method: bytes, target: bytes, headers: list
         (b"&since=e1:0&partial=1", True, Position("e1", 0), True),
         (b"&since=e1:7&partial=0", True, Position("e1", 7), False),
         (b"&since=e1:7&partial=true&since=x:1", True, Position("e1", 7), True),
+        # An empty or false partial= asks for the whole replay; the first one counts.
+        (b"&since=e1:7&partial=", True, Position("e1", 7), False),
+        (b"&since=e1:7&partial=false", True, Position("e1", 7), False),
+        (b"&since=e1:7&partial=0&partial=1", True, Position("e1", 7), False),
+        (b"&since=e1:" + b"9" * 19, True, Position("e1", 10**19 - 1), False),
     ],
 )
 def test_a_position_in_the_query(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from roombus import BrokerConfig, RoomName, ServerConfig
 from roombus.hub import Hub
@@ -238,3 +238,80 @@ def test_far_over_max_connections_is_dropped_unanswered_and_counted() -> None:
     hub.receive(cids[-1], request("lobby", "ann"), now=0.0, timestamp=0)
     assert written(hub)[cids[-1]].startswith(b"HTTP/1.1 503 ")
     assert collect(hub)["roombus_limit_refusals_total"] == 2
+
+
+def test_lost_is_idempotent_and_ignores_connections_it_does_not_know() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    hub.lost(ConnectionId(999), now=0.0, timestamp=0)
+    assert hub.connection_count == 1
+    hub.lost(cid, now=0.0, timestamp=0)
+    hub.lost(cid, now=0.0, timestamp=0)
+    assert hub.connection_count == 0 and hub.websocket_count == 0
+    assert hub.closes[(1006, "client")] == 1  # counted once
+
+
+class _OnlyAnnInVip:
+    """An authorizer with no authenticator: it decides by the query's username."""
+
+    def may_join(self, identity, room) -> bool:  # type: ignore[no-untyped-def]
+        return room != "vip" or identity.username == "ann"
+
+    def may_publish(self, identity, room) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+    def may_see_presence(self, identity, room) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+
+def test_an_authorizer_without_an_authenticator_decides_by_the_query_s_username() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(), authorizer=_OnlyAnnInVip())
+    out = {}
+    for user in ("bob", "ann"):
+        cid = hub.open(now=0.0)
+        hub.receive(cid, request("vip", user), now=0.0, timestamp=0)
+        out[user] = written(hub)[cid]
+    assert out["bob"].startswith(b"HTTP/1.1 403 ")
+    assert out["ann"].startswith(b"HTTP/1.1 101 ")
+
+
+class _ReadOnlySeat:
+    """An authenticator whose identities may join every room and publish nowhere."""
+
+    def authenticate(self, *, path, query, headers, now):  # type: ignore[no-untyped-def]
+        from roombus.core.auth import Identity, RoomRules
+
+        return Identity(username="ann", rooms=RoomRules(join=["*"], presence=["*"]))
+
+
+def test_the_identity_s_room_rules_hold_on_the_open_websocket() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(), authenticator=_ReadOnlySeat())
+    cid = connect(hub, "lobby", "ignored")
+    assert written(hub)[cid].startswith(b"HTTP/1.1 101 ")
+    msg = Connection(ConnectionType.CLIENT).send(TextMessage(data='{"type":"chat","content":1}'))
+    hub.receive(cid, msg, now=0.0, timestamp=0)
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(written(hub)[cid])
+    (event,) = list(client.events())
+    assert isinstance(event, TextMessage) and '"code":"forbidden"' in event.data
+
+
+def test_probes_are_counted_out_one_by_one() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    probes = [hub.open(now=0.0) for _ in range(3)]
+    for cid in probes:
+        hub.receive(cid, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    assert hub.probe_count == 3
+    for n, cid in enumerate(probes):
+        hub.lost(cid, now=0.0, timestamp=0)
+        assert hub.probe_count == 2 - n
+
+
+def test_a_pong_tells_the_adapter_the_deadline_may_have_moved() -> None:
+    hub = Hub(BrokerConfig(ping_interval=1, ping_timeout=1), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    written(hub)
+    hub.timeout(now=1.0, timestamp=0)  # pinged
+    hub.deadline_moved = False  # the adapter read the deadline
+    hub.receive(cid, Connection(ConnectionType.CLIENT).send(Pong()), now=1.1, timestamp=0)
+    assert hub.deadline_moved

@@ -122,3 +122,78 @@ def test_a_batch_waiting_on_a_silent_redis_answers_before_the_connection_s_deadl
     assert {r["error"]["code"] for r in results} == {"backplane_timeout"}
     assert "Control" not in sent
     assert t <= 6.0
+
+
+def test_a_call_waiting_on_the_backplane_outlives_the_handshake_timeout_and_ignores_input() -> None:
+    """The connection of a call whose answer is awaited is held past its handshake
+    timeout (up to the operations' timeout and the close timeout), and what its client
+    sends meanwhile is not read: the answer is the call's."""
+    from roombus.cluster import BackplaneRestored, ClusterBroker
+
+    hub = Hub(
+        broker=ClusterBroker(BrokerConfig(heartbeat=False, rate_limit=0), node="n1"),
+        config=ServerConfig(api_keys=[KEY], handshake_timeout=1.0, close_timeout=2.0),
+    )
+    hub.backplane_event(BackplaneRestored(), now=0.0, timestamp=0)
+    hub.take_backplane()
+    body = json.dumps({"room": "lobby", "content": "hi"}).encode()
+    cid = _call(hub, "/api/publish", body)
+    assert [type(a).__name__ for a in hub.take_backplane()]  # the relay, unanswered
+    hub.receive(cid, b"GET /healthz HTTP/1.1\r\n\r\n", now=0.5, timestamp=0)
+    hub.receive(cid, b"\x00garbage\r\n\r\n", now=0.6, timestamp=0)
+    out = b""
+    t = 0.0
+    while not out and t < 10.0:
+        assert hub.take_to_close() == [], t  # not dropped at its handshake timeout
+        t += 0.5
+        hub.timeout(now=t, timestamp=int(t))
+        out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    assert out.startswith(b"HTTP/1.1 503"), (t, out[:60])
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["error"]["code"] == "backplane_timeout"
+    assert 1.0 < t <= hub.operations.timeout + 0.5
+    hub.timeout(now=t + 2.0, timestamp=0)  # unread, it goes at the close timeout
+    assert hub.take_to_close() == [cid]
+
+
+@pytest.mark.parametrize("api_port", [None, 0])
+def test_a_bare_api_path_is_the_api_s_and_healthz_is_a_probe(api_port: int | None) -> None:
+    """``/api`` names no method but is the API's (404 from it, JSON; a GET its 405),
+    on whichever listener serves the API; ``/healthz`` is a probe there too."""
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY], api_port=api_port))
+    api = api_port is not None
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000", api=api)
+    hub.receive(
+        cid,
+        f"POST /api HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {KEY}\r\n"
+        "Content-Length: 2\r\n\r\n{}".encode(),
+        now=0.0,
+        timestamp=0,
+    )
+    status, answer = _answer(hub, cid)
+    assert status == 404 and answer["error"]["code"] == "not_found"
+    cid = hub.open(now=0.0, peer="10.0.0.1:1001", api=api)
+    hub.receive(cid, b"GET /api?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    status, answer = _answer(hub, cid)
+    assert status == 405 and answer["error"]["code"] == "method_not_allowed"
+    cid = hub.open(now=0.0, peer="10.0.0.1:1002", api=api)
+    hub.receive(cid, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    assert hub.probe_count == 1  # not counted as a transport connection
+    assert hub.metrics()["roombus_transport_connections"] == 2
+    out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize(
+    ("api_port", "target", "status"),
+    [(None, b"/api/info", b"405"), (0, b"/api/info", b"405"), (0, b"/ws?room=a", b"404")],
+)
+def test_a_head_request_on_the_api_s_paths_is_answered_without_a_body(
+    api_port: int | None, target: bytes, status: bytes
+) -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(api_keys=[KEY], api_port=api_port))
+    cid = hub.open(now=0.0, peer="10.0.0.1:1000", api=api_port is not None)
+    hub.receive(cid, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % target, now=0.0, timestamp=0)
+    out = b"".join(q.data() for c, q in hub.take_dirty() if c == cid)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status + b" ")
+    assert body == b"" and int(head.partition(b"content-length: ")[2].split(b"\r")[0]) > 0

@@ -212,3 +212,46 @@ def test_an_api_refusal_in_a_message_hub_names_the_peer_and_status(caplog):
     (refused,) = find(caplog, "refused with 403")
     assert fields(refused) == {"peer": "10.0.0.9:1", "status": 403, "reason": "origin not allowed"}
     assert TOKEN not in caplog.text
+
+
+def test_every_line_about_a_connection_reads_whole_and_names_its_peer(caplog):
+    """Through the paths that log (a refusal, a bad request, a flooder, refused input, a
+    peer's close and loss, a slow reader, the byte budget, a handshake timeout), every record
+    formats, and one that has a ``peer`` field says it in its text too."""
+    hub = Hub(
+        BrokerConfig(send_queue=8, rate_limit=1, rate_burst=3),
+        ServerConfig(max_queued_bytes=4096, max_connections_per_ip=0),
+    )
+    peers = iter(f"10.0.0.{i}:4000" for i in range(1, 100))
+    with caplog.at_level(logging.DEBUG, logger="roombus"):
+        for data in (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x01 nonsense\r\n\r\n"):
+            hub.receive(hub.open(now=0.0, peer=next(peers)), data, now=0.0, timestamp=0)
+        hub.open(now=0.0, peer=next(peers))  # says nothing: timed out
+        users = {}
+        for name in ("ann", "bin", "bye", "gone", "slow", "big"):
+            cid = hub.open(now=0.0, peer=next(peers))
+            hub.receive(cid, request("lobby", name), now=0.0, timestamp=0)
+            users[name] = cid
+        flooder = hub.open(now=0.0, peer=next(peers))  # alone in its room: rate-limited
+        hub.receive(flooder, request("flood", "flo"), now=0.0, timestamp=0)
+        written(hub)
+        chat = frame(TextMessage(data='{"type":"chat","content":1}'))
+        hub.receive(flooder, chat * 20, now=0.1, timestamp=0)
+        hub.receive(users["bin"], b"\x82\x81abcd\x00", now=0.1, timestamp=0)
+        hub.receive(users["bye"], frame(CloseConnection(code=1000)), now=0.1, timestamp=0)
+        hub.lost(users["gone"], now=0.1, timestamp=0)
+        written(hub)
+        for i in range(10):  # "slow" overflows; "big" stops reading half-way: over the budget
+            hub.publish("lobby", "x" * 1000 + str(i), username="server", now=0.2, timestamp=0)
+            for cid, queue in hub.take_dirty():
+                while (cid == users["ann"] or (cid == users["big"] and i < 5)) and queue:
+                    queue.consume(len(queue.data()))
+        hub.enforce_budget(now=0.3, timestamp=0)
+        hub.timeout(now=60.0, timestamp=0)
+    records = [r for r in caplog.records if r.name == "roombus"]
+    assert len(records) > 10
+    for record in records:
+        text = record.getMessage()
+        peer = record.__dict__.get("peer")
+        if peer:
+            assert peer in text, text

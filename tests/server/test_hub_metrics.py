@@ -236,3 +236,43 @@ def test_the_plain_histogram_and_counts() -> None:
 def test_the_docs_have_the_metrics_table() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert render_table() in text, "docs/configuration.md: paste render_table() under 'Metrics'"
+
+
+def test_the_depth_sample_is_every_eighth_queue_handed_out_the_first_included() -> None:
+    """Which queues are observed, across take_dirty() calls of any size: the 1st, 9th,
+    17th... handed out since the start (one phase, kept from call to call)."""
+    hub = Hub(BrokerConfig(rate_limit=0), ServerConfig(max_connections_per_ip=0))
+    rooms = [f"r{i}" for i in range(13)]
+    for room in rooms:
+        connect(hub, room, "ann")
+    handed: list[int] = []  # the depth of every queue handed out, in order
+
+    def take() -> None:
+        for cid, queue in hub.take_dirty():
+            handed.append(queue.messages)
+            while queue:
+                queue.consume(len(queue.data()))
+            hub.flushed(cid)
+
+    take()
+    for step in range(1, 12):  # batches of 1 to 13 queues, of 1 to 7 messages each
+        for i, room in enumerate(rooms[: 1 + (step * 5) % 13]):
+            for k in range(1 + (i + step) % 7):
+                hub.publish(room, k, username="server", now=1.0, timestamp=0)
+        take()
+    sampled = handed[::SAMPLE_EVERY]
+    assert len(set(handed)) > 3 and len(handed) > 4 * SAMPLE_EVERY
+    assert hub.queue_depth.count == len(sampled)
+    assert hub.queue_depth.sum == sum(sampled)
+
+
+def test_label_values_and_help_are_escaped_as_the_text_format_says() -> None:
+    from roombus.server.metrics import Family, render_text
+
+    odd = 'a\\b\n"c"'
+    family = Family("roombus_odd_total", "counter", "help with \\ and\na newline", ("v",))
+    text = render_text([(family, {(odd,): 3})])
+    (parsed,) = text_string_to_metric_families(text)
+    assert parsed.documentation == "help with \\ and\na newline"
+    ((_, labels, v),) = [(s.name, s.labels, s.value) for s in parsed.samples]
+    assert labels == {"v": odd} and v == 3

@@ -186,3 +186,17 @@ def test_the_request_after_a_proxy_header_joins_at_the_callers_time() -> None:
 
 
 TS = 1_700_000_000
+
+
+def test_a_forwarded_client_is_named_by_its_address_in_the_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = hub_with(forwarded_allow_ips="127.0.0.1")
+    with caplog.at_level(logging.INFO, logger="roombus"):
+        cid = hub.open(now=0.0, peer=NGINX)
+        data = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
+        hub.receive(cid, data, now=0.0, timestamp=0)
+    assert status(hub, cid) == 404
+    (record,) = [r for r in caplog.records if "refused with 404" in r.getMessage()]
+    assert record.__dict__["peer"] == "203.0.113.9"
+    assert record.getMessage().startswith("203.0.113.9 refused")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 from wsproto.frame_protocol import Opcode
@@ -135,14 +136,15 @@ def test_a_reader_that_does_not_keep_up_with_a_burst_is_still_closed() -> None:
 # -- the server-wide budget -----------------------------------------------------------
 
 
-def write_some(hub: Hub, readers: set[int]) -> None:
+def write_some(hub: Hub, readers: set[int], *, enforce: bool = True) -> None:
     """A flush where only *readers* read: the others' sockets take nothing."""
     for cid, queue in hub.take_dirty():
         if cid in readers:
             while queue:
                 queue.consume(len(queue.data()))
             hub.flushed(cid)
-    hub.enforce_budget(now=0.0, timestamp=0)
+    if enforce:
+        hub.enforce_budget(now=0.0, timestamp=0)
 
 
 def test_over_the_budget_the_readers_with_most_queued_are_closed_first() -> None:
@@ -195,3 +197,103 @@ def test_a_lost_connection_leaves_the_budget() -> None:
     assert hub.budget.used > 0  # its 101 and presence
     hub.lost(cid, now=0.0, timestamp=0)
     assert hub.budget.used == 0
+
+
+def test_the_budget_counts_every_byte_a_reader_holds_up_control_frames_too() -> None:
+    """The slowest reader is the one with the most bytes waiting, whatever they are:
+    one that never read its 101 holds those bytes too, and goes before one with a few
+    more data bytes but nothing else waiting."""
+    hub = Hub(
+        BrokerConfig(rate_limit=0),
+        ServerConfig(max_queued_bytes=8000, max_connections_per_ip=0),
+    )
+    sender = connect(hub, "lobby", "ann")
+    written(hub)
+    mute = connect(hub, "lobby", "mute")  # never reads, not even its 101
+    write_some(hub, {sender})
+    late = connect(hub, "lobby", "late")  # reads up to here, then stops
+    write_some(hub, {sender, late})
+    q_mute, q_late = hub.queue(mute), hub.queue(late)
+    assert q_mute is not None and q_late is not None
+    peer = Peer()
+    while q_late.data_bytes <= q_mute.data_bytes:  # errors for it alone
+        hub.receive(late, peer.ws.send(TextMessage(data="{nope")), now=0.0, timestamp=0)
+    for i in range(4):
+        hub.receive(sender, peer.chat("x" * 1000 + str(i)), now=0.0, timestamp=0)
+    write_some(hub, {sender}, enforce=False)
+    assert q_late.data_bytes > q_mute.data_bytes and q_late.nbytes < q_mute.nbytes
+    assert q_mute.nbytes + q_late.nbytes == hub.budget.used > 8000
+    hub.enforce_budget(now=0.0, timestamp=0)
+    assert mute not in hub.broker  # over 8000: the one holding the most bytes went
+    assert late in hub.broker and sender in hub.broker
+    assert hub.budget_closes == 1
+
+
+def slow_readers(limit: int) -> tuple[Hub, list[int]]:
+    """A hub with *limit* as max-queued-bytes and four readers that stopped reading
+    one message apart (the first one earliest), the sender keeping up; the budget is
+    not enforced yet."""
+    hub = Hub(
+        BrokerConfig(rate_limit=0),
+        ServerConfig(max_queued_bytes=limit, max_connections_per_ip=0),
+    )
+    sender = connect(hub, "lobby", "ann")
+    readers = [connect(hub, "lobby", f"r{i}") for i in range(4)]
+    written(hub)
+    peer = Peer()
+    for i in range(8):
+        hub.receive(sender, peer.chat("x" * 500 + str(i)), now=0.0, timestamp=0)
+        write_some(hub, {sender, *readers[i + 1 :]}, enforce=False)  # r{j} reads j of them
+    return hub, readers
+
+
+def queued(hub: Hub, cids: list[int]) -> list[int]:
+    return [hub.queue(cid).nbytes for cid in cids]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("over", ["at the limit", "7/8 left exactly", "just over 7/8"])
+def test_the_budget_closes_the_fewest_slowest_readers_that_leave_seven_eighths(
+    over: str,
+) -> None:
+    """Nobody is closed at the limit itself (only over it); over it, the slowest
+    readers go, one at a time, until the bytes left are at most 7/8 of the limit."""
+    held = queued(*slow_readers(0))  # the same bytes, whatever the limit
+    total = sum(held)
+    assert held == sorted(held, reverse=True) and len(set(held)) == 4
+    if over == "at the limit":
+        limit, closed = total, 0
+    else:
+        # The limit whose 7/8 is exactly what is left without the slowest reader,
+        # or a byte less than that: then the next slowest goes too.
+        left = total - held[0] - (over == "just over 7/8")
+        limit = next(n for n in range(left, 2 * left) if n - n // 8 == left)
+        closed = 1 if over == "7/8 left exactly" else 2
+    hub, readers = slow_readers(limit)
+    assert hub.budget.used == total and queued(hub, readers) == held
+    hub.enforce_budget(now=0.0, timestamp=0)
+    assert [cid in hub.broker for cid in readers] == [False] * closed + [True] * (4 - closed)
+    assert hub.budget_closes == closed
+
+
+def test_an_http_answer_waiting_counts_in_the_budget_but_only_websockets_are_closed() -> None:
+    page = b"<p>" + b"x" * 20_000 + b"</p>"
+    held = sum(queued(*slow_readers(0)))
+    hub = Hub(
+        BrokerConfig(rate_limit=0),
+        ServerConfig(max_queued_bytes=held + len(page), max_connections_per_ip=0, page=page),
+    )
+    reader = hub.open(now=0.0)  # asks for the page, and reads none of it
+    hub.receive(reader, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    sender = connect(hub, "lobby", "ann")
+    readers = [connect(hub, "lobby", f"r{i}") for i in range(4)]
+    write_some(hub, {sender, *readers}, enforce=False)
+    peer = Peer()
+    for i in range(8):
+        hub.receive(sender, peer.chat("x" * 500 + str(i)), now=0.0, timestamp=0)
+        write_some(hub, {sender, *readers[i + 1 :]}, enforce=False)
+    assert hub.budget.used > held + len(page)
+    hub.enforce_budget(now=0.0, timestamp=0)
+    assert hub.budget_closes >= 1 and readers[0] not in hub.broker
+    queue = hub.queue(reader)
+    assert queue is not None and queue.nbytes > len(page)  # all of its answer still to go
+    assert hub.closes[(1008, "server")] == hub.budget_closes

@@ -365,3 +365,38 @@ def test_max_events_hands_out_the_rest_on_the_next_call() -> None:
         MessageReceived("m5"),
     ]
     assert not wire.more
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_each_fragmented_message_is_measured_afresh_to_the_byte(over: int) -> None:
+    """Messages in two fragments (UTF-8 bytes plus one fragment's overhead), one after
+    another: each one exactly at the limit passes; a byte more closes 1009."""
+    limit = 256
+    wire, client = opened(max_message_bytes=limit)
+    head = "a" * 10
+    tail = "é" * ((limit - FRAGMENT_OVERHEAD - len(head)) // 2)  # 2 bytes each: 256 in all
+    assert len(head) + FRAGMENT_OVERHEAD + len(tail.encode()) == limit
+    for _ in range(3):
+        data = client.send(TextMessage(data=head, message_finished=False))
+        data += client.send(TextMessage(data=tail, message_finished=True))
+        assert wire.receive_data(data) == [FragmentReceived(), MessageReceived(head + tail)]
+    data = client.send(TextMessage(data=head + "b" * over, message_finished=False))
+    data += client.send(TextMessage(data=tail, message_finished=True))
+    if over:
+        assert closing_code(wire, data) == 1009
+    else:
+        assert wire.receive_data(data)[-1] == MessageReceived(head + tail)
+
+
+@pytest.mark.parametrize("pieces", [3, 7])
+@pytest.mark.parametrize("n", [126, 65536])
+def test_a_long_frame_in_many_reads_is_one_message(n: int, pieces: int) -> None:
+    """A frame whose rest keeps coming over several reads (wsproto has begun it): each
+    read hands it exactly the bytes that are the frame's, and the next frame follows."""
+    data = _hi_then_xs(n) + masked_text_frame(b"after", b"\5\6\7\x08")
+    wire, _ = opened(max_message_bytes=1 << 17)
+    cuts = [8 + i * (len(data) - 8) // pieces for i in range(pieces)] + [len(data)]
+    events = wire.receive_data(data[: cuts[0]])
+    for a, b in itertools.pairwise(cuts):
+        events += wire.receive_data(data[a:b])
+    assert events == [MessageReceived("hi"), MessageReceived("x" * n), MessageReceived("after")]

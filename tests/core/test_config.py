@@ -15,3 +15,13 @@ def test_a_bad_dedup_window_names_its_setting(value: float) -> None:
     with pytest.raises(ConfigError) as info:
         BrokerConfig(dedup_window=value)
     assert "dedup-window" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [("max_message_bytes", "max-message-bytes"), ("dedup_window", "dedup-window")],
+)
+def test_a_bad_value_is_named_as_on_the_command_line(field: str, name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        BrokerConfig(**{field: 0})  # type: ignore[arg-type]
+    assert name in str(info.value)

@@ -415,3 +415,21 @@ def test_the_bytes_counted_are_the_bytes_kept_after_acknowledgements_are_evicted
         acks = sum(ACK_OVERHEAD + len(key[0]) + len(key[2]) for key in s._acks)
         assert s.used_bytes == kept + acks
     assert len(s._acks) < 200  # some were evicted
+
+
+def test_a_replay_is_the_latest_chats_that_fit_its_bytes() -> None:
+    s = make(history_size=10)
+    room = RoomName("a")
+    for n in range(6):
+        s.publish(room, prefix("a", n), 0.0)
+    epoch = s.position(room, 0.0).epoch
+    size = len(s.recover(room, Position(epoch, 5), 0.0, recovery_max=10, partial=True)[2][0])
+    for budget, fits in ((size * 2, 2), (size * 2 - 1, 1), (size * 3, 3)):
+        _, plan, items = s.recover(
+            room, Position(epoch, 0), 0.0, recovery_max=10, partial=True, max_bytes=budget
+        )
+        assert len(items) == fits and not plan.recovered, budget
+        assert (
+            items
+            == s.recover(room, Position(epoch, 6 - fits), 0.0, recovery_max=10, partial=True)[2]
+        )

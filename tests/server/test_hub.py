@@ -315,3 +315,20 @@ def test_a_pong_tells_the_adapter_the_deadline_may_have_moved() -> None:
     hub.deadline_moved = False  # the adapter read the deadline
     hub.receive(cid, Connection(ConnectionType.CLIENT).send(Pong()), now=1.1, timestamp=0)
     assert hub.deadline_moved
+
+
+def test_crossing_closes_keep_what_was_queued_before_ours() -> None:
+    """The server closes (a shutdown) while messages wait in the queue, and the client's
+    own close crosses ours: what was queued before our close frame still goes out, then
+    the close frame, and then the transport goes."""
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = connect(hub, "lobby", "ann")
+    written(hub)
+    hub.publish("lobby", "before the close", username="server", now=0.0, timestamp=0)
+    hub.shutdown(now=0.0, timestamp=0)  # our close frame, queued after the chat
+    client = Connection(ConnectionType.CLIENT)
+    hub.receive(cid, client.send(CloseConnection(code=1000)), now=0.0, timestamp=0)
+    out = written(hub)[cid]
+    assert b"before the close" in out
+    assert out.index(b"before the close") < out.index(b"server shutting down")
+    assert cid in hub.take_to_close()

@@ -332,3 +332,33 @@ def test_crossing_closes_keep_what_was_queued_before_ours() -> None:
     assert b"before the close" in out
     assert out.index(b"before the close") < out.index(b"server shutting down")
     assert cid in hub.take_to_close()
+
+
+def test_the_hub_holds_upgrades_to_the_configured_origins() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(allowed_origins=["https://chat.example"]))
+
+    def upgrade(origin: str) -> tuple[ConnectionId, bytes]:
+        cid = hub.open(now=0.0)
+        head = request("lobby", "ann").replace(
+            b"\r\n\r\n", f"\r\nOrigin: {origin}\r\n\r\n".encode()
+        )
+        hub.receive(cid, head, now=0.0, timestamp=0)
+        return cid, written(hub).get(cid, b"")
+
+    _, refused = upgrade("https://evil.example")
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert hub.websocket_count == 0
+    _, accepted = upgrade("https://chat.example")
+    assert accepted.startswith(b"HTTP/1.1 101")
+    assert hub.websocket_count == 1
+
+
+def test_a_head_request_refused_by_admission_gets_no_body() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig(max_connections=1))
+    connect(hub, "lobby", "ann")
+    written(hub)
+    cid = hub.open(now=0.0)  # over the limit: refused whatever it asks
+    hub.receive(cid, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0)
+    head, _, body = written(hub)[cid].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"content-length:" in head.lower()
+    assert body == b""

@@ -36,6 +36,7 @@ from roombus.cluster.protocol import (
     BACKOFF_FIRST,
     KEEPALIVE,
     LINK_TABLE,
+    MIN_BACKOFF_CAP,
     BackplaneProtocol,
     CloseLinks,
     DriverCommand,
@@ -416,8 +417,20 @@ def test_backoff_doubles_to_the_cap_with_jitter_from_the_given_random() -> None:
     expected = [
         round(b * (0.5 + 0.5 * jitter.random()), 9) for b in (0.2, 0.4, 0.8, 1.6, 3.2, 5, 5, 5)
     ]
-    assert backoff_waits(new(seed=7), 8) == expected
+    assert backoff_waits(new(seed=7, ttl=40.0), 8) == expected
     assert new(seed=7).statistics.failures == 0
+
+
+def test_the_backoff_cap_is_a_quarter_of_the_ttl_at_most_five_seconds() -> None:
+    # Once Redis takes connections again, every node is back within a quarter of
+    # the TTL of the others: none of their live users is taken for gone.
+    assert new(ttl=0.3).backoff_cap == new(ttl=2.0).backoff_cap == MIN_BACKOFF_CAP == 0.5
+    assert new(ttl=4.0).backoff_cap == 1.0
+    assert new(ttl=15.0).backoff_cap == 3.75
+    assert new(ttl=20.0).backoff_cap == BACKOFF_CAP == new(ttl=600.0).backoff_cap == 5.0
+    jitter = random.Random(7)
+    expected = [round(b * (0.5 + 0.5 * jitter.random()), 9) for b in (0.2, 0.4, 0.75, 0.75)]
+    assert backoff_waits(new(seed=7, ttl=3.0), 4) == expected
 
 
 def test_a_session_that_lasted_resets_the_backoff_and_a_short_one_does_not() -> None:
@@ -426,7 +439,7 @@ def test_a_session_that_lasted_resets_the_backoff_and_a_short_one_does_not() -> 
     assert backoff_waits(new(seed=3), 3, online_for=BACKOFF_CAP + 0.01) == lasted
     jitter = random.Random(3)
     short = [round(b * (0.5 + 0.5 * jitter.random()), 9) for b in (0.2, 0.4, 0.8)]
-    assert backoff_waits(new(seed=3), 3, online_for=BACKOFF_CAP - 0.01) == short
+    assert backoff_waits(new(seed=3, ttl=40.0), 3, online_for=BACKOFF_CAP - 0.01) == short
 
 
 # --------------------------------------------------------------------------------------

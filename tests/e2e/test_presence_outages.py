@@ -105,17 +105,29 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def online_since(nodes: list[CliServer], t0: float, timeout: float = 30.0) -> list[float]:
-    """When each node was first seen connected to Redis again after *t0* (polled)."""
-    seen: list[float | None] = [None] * len(nodes)
-    deadline = time.monotonic() + timeout
-    while None in seen:
-        assert time.monotonic() < deadline, f"nodes not back: {seen}"
-        for i, node in enumerate(nodes):
-            if seen[i] is None and metric(node, "roombus_backplane_online") == 1:
-                seen[i] = time.monotonic()
-        time.sleep(0.05)
-    return [max(t0, t) for t in seen if t is not None]
+class OnlineSince:
+    """When each node is first seen connected to Redis again from now on (polled in a
+    thread, so that a node back while the outage is being ended is timed then)."""
+
+    def __init__(self, nodes: list[CliServer], timeout: float = 30.0) -> None:
+        self.t0 = time.monotonic()
+        self._nodes = nodes
+        self._seen: list[float | None] = [None] * len(nodes)
+        self._deadline = self.t0 + timeout
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while None in self._seen and time.monotonic() < self._deadline:
+            for i, node in enumerate(self._nodes):
+                if self._seen[i] is None and metric(node, "roombus_backplane_online") == 1:
+                    self._seen[i] = time.monotonic()
+            time.sleep(0.05)
+
+    def result(self) -> list[float]:
+        self._thread.join(max(0.0, self._deadline - time.monotonic()) + 1)
+        assert None not in self._seen, f"nodes not back: {self._seen}"
+        return [t for t in self._seen if t is not None]
 
 
 def run_outage(nodes: list[CliServer], start: Callable[[], None], end: Callable[[], None]) -> None:
@@ -136,9 +148,16 @@ def run_outage(nodes: list[CliServer], start: Callable[[], None], end: Callable[
         dan = None
         left = time.monotonic()
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - left)))
-        back = time.monotonic()
+        since = OnlineSince(nodes)
+        back = since.t0
         end()
-        online = online_since(nodes, back)
+        online = since.result()
+        # The precondition of the promise: the nodes reconnect within a quarter of
+        # the TTL of Redis taking them (the backoff's cap), so within the TTL of
+        # each other.
+        spread = max(online) - min(online)
+        print(f"nodes back {[round(t - back, 2) for t in online]} s after the outage")
+        assert spread < TTL, f"nodes back {spread:.2f} s apart"
         time.sleep(2 * TTL + 1)  # every settling read done, and then some
         for w in watchers:
             assert not w.closed, f"{w.name}'s connection ended"
@@ -173,9 +192,9 @@ def test_redis_at_maxclients_letting_the_nodes_back_one_by_one(
         admin("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
 
     def one_by_one() -> None:
-        for slots in (3, 5):  # a node's two links at a time, a second apart
+        for slots in (3, 5):  # a node's two links at a time, half a second apart
             admin("CONFIG", "SET", "maxclients", str(slots))
-            time.sleep(1.0)
+            time.sleep(0.5)
         admin("CONFIG", "SET", "maxclients", "10000")
 
     try:

@@ -53,7 +53,9 @@ the table (:func:`render_link_table`; tested).
 * any open phase --failure--> CLOSING: ``CloseLinks``; from ONLINE, event
   BackplaneLost and the queued work is dropped (and counted).
 * CLOSING --links closed--> DOWN: wait ``backoff x U(0.5, 1)``; the backoff is 0.1 s
-  after a session that lasted 5 s, else twice the last one, up to 5 s.
+  after a session that lasted 5 s, else twice the last one, up to
+  :attr:`~BackplaneProtocol.backoff_cap` (5 s, or a quarter of the presence TTL if
+  that is less, not under 0.5 s).
 * :meth:`~BackplaneProtocol.stop`: once the queued work is written (idle),
   ``CloseLinks`` and then STOPPED; :meth:`~BackplaneProtocol.abort`: at once.
 
@@ -135,6 +137,7 @@ __all__ = [
     "BACKOFF_CAP",
     "BACKOFF_FIRST",
     "KEEPALIVE",
+    "MIN_BACKOFF_CAP",
     "MIN_KEEPALIVE",
     "LINK_TABLE",
     "BackplaneProtocol",
@@ -155,10 +158,13 @@ __all__ = [
 
 log: Final = logging.getLogger("roombus.backplane")
 
-#: Reconnection backoff, in seconds: first wait and cap. A session that lasted
-#: BACKOFF_CAP seconds resets the backoff.
+#: Reconnection backoff, in seconds: first wait and cap (a quarter of the presence
+#: TTL if that is less: see :attr:`BackplaneProtocol.backoff_cap`). A session that
+#: lasted BACKOFF_CAP seconds resets the backoff.
 BACKOFF_FIRST: Final = 0.1
 BACKOFF_CAP: Final = 5.0
+#: The lowest backoff cap, in seconds (however short the presence TTL).
+MIN_BACKOFF_CAP: Final = 0.5
 #: Seconds between liveness checks of both links, at most (an eighth of the presence
 #: TTL if that is less: see :attr:`BackplaneProtocol.keepalive`); a check not answered
 #: by the next one ends the session (a Redis that stops answering: a host gone, no
@@ -390,6 +396,11 @@ class BackplaneProtocol:
         #: (Not below MIN_KEEPALIVE: with a presence TTL under 2 s, a stall may expire
         #: entries before it is noticed.)
         self.keepalive: Final = min(KEEPALIVE, max(MIN_KEEPALIVE, self.presence_ttl / 8))
+        #: The longest wait between two attempts to reconnect, in seconds: once Redis
+        #: takes them again, every node is back within a quarter of the TTL of the
+        #: others, so none of their live users is taken for gone (docs/scaling.md,
+        #: "Presence through an outage").
+        self.backoff_cap: Final = min(BACKOFF_CAP, max(MIN_BACKOFF_CAP, self.presence_ttl / 4))
         self._commands: list[DriverCommand] = []
         self._events: list[Event] = []
         self._work: deque[_Work] = deque()
@@ -530,7 +541,7 @@ class BackplaneProtocol:
             return
         self._set_phase(Input.CLOSED, now)
         # A session that lasted resets the backoff; flapping backs off further.
-        self._backoff = BACKOFF_FIRST if self._lasted else min(self._backoff * 2, BACKOFF_CAP)
+        self._backoff = BACKOFF_FIRST if self._lasted else min(self._backoff * 2, self.backoff_cap)
         self._backoff_at = now + self._backoff * (0.5 + 0.5 * self._random())
 
     def replies(self, batch: int, replies: list[object], now: float) -> None:

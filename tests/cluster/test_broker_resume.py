@@ -270,6 +270,34 @@ def test_a_replay_catching_up_when_the_link_goes_restarts_after_this_node_s_chat
     assert net.brokers["n1"].statistics().relay_unconfirmed == 1
 
 
+def test_every_resumer_of_a_room_is_answered_when_the_link_goes() -> None:
+    """fay's replay is catching up (past records on their way) and gil's read is still
+    queued when n1 is cut off: both are answered, each as its stage asks (fay reset past
+    n1's chats, gil joined unavailable), whatever the order they came in."""
+    net, e1 = _a_resumer_replayed_past_records_on_their_way()
+    net.connect("n1", 4, "gil")
+    net.send(4, {"type": "join", "room": "r", "since": {"epoch": e1, "seq": 5}})
+    net.lose("n1")
+    local = net.of(1, "reset")[0]["epoch"]
+    assert net.got[3][-1] == {
+        "type": "reset",
+        "room": "r",
+        "epoch": local,
+        "seq": 8,
+        "reason": "unavailable",
+    }
+    assert net.of(4, "joined") == [
+        {
+            "type": "joined",
+            "room": "r",
+            "epoch": local,
+            "seq": 8,
+            "recovered": False,
+            "reason": "unavailable",
+        }
+    ]
+
+
 def test_a_caught_up_resumer_gets_the_chats_numbered_here_when_the_link_goes() -> None:
     """bob resumed and caught up at once; ann's chat is on its way when n1 is cut off: both
     are reset to n1's numbering, then get it."""

@@ -119,3 +119,27 @@ def test_server_envelopes_are_compact_utf8_json(content: object, seq: int, ts: i
         json.loads(codec.encode_presence("leave", "zoë", "lobby", ts))["content"]
         == "zoë left the room"
     )
+
+
+def _decoded(parse: Any, text: str) -> object:
+    """What *parse* makes of *text*: the value, or the kind of error it raised."""
+    try:
+        return ("value", parse(text))
+    except (ValueError, RecursionError) as e:
+        return ("error", type(e).__name__)
+
+
+_WHITESPACE = st.sampled_from(["", " ", "\n", "\t ", "\r\n"])
+_TEXTS = st.one_of(
+    st.tuples(_WHITESPACE, json_values, _WHITESPACE, st.sampled_from(["", "", "x", "}", "1"])).map(
+        lambda t: t[0] + json.dumps(t[1], ensure_ascii=False) + t[2] + t[3]
+    ),
+    st.text(max_size=40),
+    st.sampled_from(["NaN", "[Infinity]", '{"a": -Infinity}', "[" * 3000, '{"a": }', "{", ""]),
+)
+
+
+@given(_TEXTS)
+def test_the_decoders_fast_path_decodes_as_json_does(text: str) -> None:
+    """The C scanner called directly agrees with ``JSONDecoder.decode``, errors included."""
+    assert _decoded(codec._parse, text) == _decoded(codec._decoder.decode, text)

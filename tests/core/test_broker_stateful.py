@@ -442,6 +442,7 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.broker = Broker(CONFIG)
+        self.texts = 0  # messages handed in so far
         self.model = Model(lambda room: self.broker.position(room).epoch)
         self.pipes: dict[int, Pipe] = {}
         self.retired: list[Pipe] = []  # pipes of connections whose id was reused
@@ -459,8 +460,16 @@ class CoreMachine(RuleBasedStateMachine):
     # -- carrying out a step, as the trio adapter does ----------------------------------
 
     def call(self, event: object, expected: Expected) -> None:
-        """Hand *event* to the broker, compare its actions with the model's, carry them out."""
-        actions = self.broker.handle(event, now=self.now, timestamp=self.ts)  # type: ignore[arg-type]
+        """Hand *event* to the broker, compare its actions with the model's, carry them out.
+        Every other message goes in through ``handle_text`` (the drivers' path), the
+        others as a ``TextReceived``: both must do the same."""
+        if isinstance(event, TextReceived) and self.texts % 2:
+            actions = self.broker.handle_text(
+                event.conn, event.text, now=self.now, timestamp=self.ts
+            )
+        else:
+            actions = self.broker.handle(event, now=self.now, timestamp=self.ts)  # type: ignore[arg-type]
+        self.texts += isinstance(event, TextReceived)
         self.check_shape(actions)
         assert [normalize(a) for a in actions] == expected
         self.apply(actions)

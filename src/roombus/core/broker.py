@@ -410,30 +410,11 @@ class Broker:
             LocalProtocolError: on a driver mistake, such as connecting an id that is
                 already connected. Never because of a client's input.
         """
+        if isinstance(event, TextReceived):
+            return self.handle_text(event.conn, event.text, now=now, timestamp=timestamp)
         actions: list[Action] = []
         self._now = now
-        if isinstance(event, TextReceived):
-            c = self._conns.get(event.conn)
-            if c is not None:
-                limiter = c.limiter
-                decision = (
-                    RateDecision.ALLOW
-                    if limiter is None
-                    else limiter.take(now, 1 + (len(event.text) >> 12))
-                )
-                if decision is RateDecision.ALLOW:
-                    self._on_text(event.conn, c, event.text, timestamp, actions)
-                elif decision is RateDecision.REFUSE:
-                    msg_id = codec.request_id(event.text)
-                    self._error(
-                        event.conn, codec.RATE_LIMITED, "too many messages", actions, msg_id
-                    )
-                else:
-                    actions.append(
-                        Close(conn=event.conn, code=POLICY_VIOLATION, reason="rate limit exceeded")
-                    )
-                    self._disconnect(event.conn, c, timestamp, actions)
-        elif isinstance(event, PongReceived):
+        if isinstance(event, PongReceived):
             c = self._conns.get(event.conn)
             if c is not None:
                 beat = self.config.heartbeat
@@ -453,6 +434,32 @@ class Broker:
                 self._shrink()
         else:
             self._handle_other(event, timestamp, actions)
+        return actions
+
+    def handle_text(
+        self, conn: ConnectionId, text: str, *, now: float, timestamp: int
+    ) -> list[Action]:
+        """
+        ``handle(TextReceived(conn=conn, text=text), now=now, timestamp=timestamp)``,
+        without making the event: a driver's path for every message a client sends.
+        """
+        actions: list[Action] = []
+        self._now = now
+        c = self._conns.get(conn)
+        if c is None:
+            return actions
+        limiter = c.limiter
+        decision = (
+            RateDecision.ALLOW if limiter is None else limiter.take(now, 1 + (len(text) >> 12))
+        )
+        if decision is RateDecision.ALLOW:
+            self._on_text(conn, c, text, timestamp, actions)
+        elif decision is RateDecision.REFUSE:
+            msg_id = codec.request_id(text)
+            self._error(conn, codec.RATE_LIMITED, "too many messages", actions, msg_id)
+        else:
+            actions.append(Close(conn=conn, code=POLICY_VIOLATION, reason="rate limit exceeded"))
+            self._disconnect(conn, c, timestamp, actions)
         return actions
 
     def _handle_other(self, event: Event, timestamp: int, actions: list[Action]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring
 
 import attrs
@@ -104,7 +104,7 @@ def _no_constants(text: str) -> object:
 # and is refused when the envelope is encoded (allow_nan=False); checking every float
 # while decoding would cost a Python call per number.
 _decoder = json.JSONDecoder(parse_constant=_no_constants)
-_scan_once = _decoder.scan_once
+_scan_once: Callable[[str, int], tuple[object, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _parse(text: str) -> object:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Final, cast
 
-from ..core.events import PongReceived, TextReceived
+from ..core.events import PongReceived
 from ..core.names import ConnectionId
 from .api import MAX_BODY_BYTES, ApiError, Pending, authenticate, error_response
 from .forwarded import forwarded_client, normalize_ip
@@ -335,8 +335,9 @@ class FramedHub(HubBase):
             kind = type(event)
             if kind is MessageReceived:
                 self._apply(
-                    broker.handle(
-                        TextReceived(conn=cid, text=event.text),  # type: ignore[union-attr]
+                    broker.handle_text(
+                        cid,
+                        event.text,  # type: ignore[union-attr]
                         now=now,
                         timestamp=timestamp,
                     ),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import cast
 
-from ..core.events import TextReceived
 from ..core.names import ConnectionId
 from .forwarded import forwarded_client
 from .handshake import Upgrade, draining_refusal, route_websocket
@@ -143,7 +142,7 @@ class MessageHub(HubBase):
             self._refuse(conn, MESSAGE_TOO_BIG, "message too big", now, timestamp)
             return
         self._apply(
-            self.broker.handle(TextReceived(conn=cid, text=message), now=now, timestamp=timestamp),
+            self.broker.handle_text(cid, message, now=now, timestamp=timestamp),
             now,
             timestamp,
         )

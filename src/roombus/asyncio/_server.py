@@ -411,7 +411,7 @@ class Server(ServerFacade):
         cid = proto.cid
         if queue is not None and cid is not None:
             proto.stalled = None
-            self._write(cid, proto, queue)
+            self._write(cid, proto, queue, self._loop.time())
             self.transmit()
 
     # -- carrying out the hub's outputs ------------------------------------------------
@@ -468,20 +468,22 @@ class Server(ServerFacade):
             self._flush_handle = None
         links = self._links
         dirty = self.hub.take_dirty()
+        now = self._loop.time()  # the sweep's: one clock read, not one per queue
         for cid, queue in dirty:
             proto = links.get(cid)
             if proto is not None:
-                self._write(cid, proto, queue)
+                self._write(cid, proto, queue, now)
         self._flush_delay = WRITE_DELAY if len(dirty) >= BUSY_SWEEP else 0.0
-        self.hub.enforce_budget(now=self._loop.time(), timestamp=_wall())
+        self.hub.enforce_budget(now=now, timestamp=_wall())
         if self._held:
             held, self._held = self._held, []
             for proto in held:
                 self._loop.call_soon(self._read_more, proto)
         self.transmit()
 
-    def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue) -> None:
-        """Hand the queue to the transport until it is empty or the transport pauses."""
+    def _write(self, cid: ConnectionId, proto: _Protocol, queue: SendQueue, now: float) -> None:
+        """Hand the queue to the transport until it is empty or the transport pauses
+        (*now*: the clock as the write began)."""
         transport = proto.transport
         if transport is None or transport.is_closing():
             return  # connection_lost follows
@@ -492,7 +494,7 @@ class Server(ServerFacade):
         if queue:
             proto.stalled = queue
         else:
-            self.hub.flushed(cid, now=self._loop.time())
+            self.hub.flushed(cid, now=now)
 
     def _arm_timer(self) -> None:
         deadline = self.hub.next_deadline()

@@ -596,8 +596,9 @@ class HubBase:
 
     def flushed(self, cid: ConnectionId, *, now: float | None = None) -> None:
         """
-        *cid*'s queue was written out completely. With *now* (the driver's clock), the
-        time its oldest message waited is observed (``write_latency``; one in
+        *cid*'s queue was written out completely. With *now* (the driver's clock as the
+        write began: a flusher passes its sweep's for every queue it writes), the time
+        its oldest message waited is observed (``write_latency``; one in
         :data:`SAMPLE_EVERY` writes).
         """
         conn = self._conns.get(cid)

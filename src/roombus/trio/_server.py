@@ -552,7 +552,7 @@ class Server(ServerFacade):
                 self._break(link)
                 continue
             if not queue:
-                hub.flushed(cid, now=trio.current_time())
+                hub.flushed(cid, now=now)  # the sweep's clock: one read, not one per queue
             elif nursery is not None:
                 link.draining = True
                 nursery.start_soon(self._drain, cid, link, queue)

@@ -370,3 +370,26 @@ def test_close_timeouts_survive_the_table_shrinking() -> None:
     assert hub.next_deadline() == 3.0
     hub.timeout(now=3.0, timestamp=TS)
     assert hub.take_to_close() == [cids[0]]
+
+
+class _NoLeeway:
+    """An authenticator with no ``leeway`` attribute: no clock skew is allowed."""
+
+    def authenticate(
+        self, *, path: bytes, query: bytes, headers: Any, now: float
+    ) -> Identity | Refusal:
+        return Identity(username=Username("ann"), expires_at=TS + 10)
+
+
+def test_expiring_credentials_of_an_authenticator_without_leeway_close_at_their_expiry() -> None:
+    hub = MessageHub(QUIET, ServerConfig(), authenticator=_NoLeeway())
+    ann = hub.open_websocket(
+        b"/ws?room=lobby", [(b"sec-websocket-key", KEY)], now=100.0, timestamp=TS
+    )
+    assert not isinstance(ann, HttpResponse)
+    outbox(hub)
+    assert hub.next_deadline() == 110.0
+    hub.timeout(now=109.9, timestamp=TS + 9)
+    assert outbox(hub) == {}
+    hub.timeout(now=110.0, timestamp=TS + 10)
+    assert isinstance(outbox(hub)[ann][-1], CloseMessage)

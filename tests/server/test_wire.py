@@ -431,3 +431,21 @@ def test_a_refused_request_says_why_in_its_body() -> None:
     assert wire.receive_data(None) == [
         BadRequest(HttpResponse(status=400, body=b"malformed HTTP request\n"))
     ]
+
+
+@pytest.mark.parametrize(("tail", "too_big"), [(138, False), (139, True)])
+def test_a_fragmented_message_counts_the_bytes_of_parts_too_short_to_measure(
+    tail: int, too_big: bool
+) -> None:
+    """Its first part is short enough to go by characters alone (30 of them and a
+    fragment's overhead, under a quarter of the limit); once the message is long enough
+    to count its UTF-8 bytes, that part's 60 bytes are counted too: 60 + 64 + 2 * tail
+    against the limit of 400, to the byte."""
+    wire, client = opened(max_message_bytes=400)
+    first = client.send(TextMessage(data="é" * 30, message_finished=False))
+    assert wire.receive_data(first) == [FragmentReceived()]
+    last = client.send(TextMessage(data="é" * tail, message_finished=True))
+    if too_big:
+        assert closing_code(wire, last) == 1009
+    else:
+        assert wire.receive_data(last) == [MessageReceived("é" * (30 + tail))]

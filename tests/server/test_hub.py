@@ -273,6 +273,7 @@ def test_an_authorizer_without_an_authenticator_decides_by_the_query_s_username(
         hub.receive(cid, request("vip", user), now=0.0, timestamp=0)
         out[user] = written(hub)[cid]
     assert out["bob"].startswith(b"HTTP/1.1 403 ")
+    assert out["bob"].endswith(b"\r\n\r\nnot allowed in room 'vip'\n")  # the broker's reason
     assert out["ann"].startswith(b"HTTP/1.1 101 ")
 
 
@@ -401,3 +402,15 @@ def test_a_chain_of_overflows_is_worked_through_at_one_stack_depth() -> None:
             out += queue.data()
             queue.consume(len(queue.data()))
         assert out.endswith(b"\x88\x25\x03\xf0send queue full: reading too slowly"), cid
+
+
+def test_a_connection_opened_after_shutdown_is_dropped_at_once() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    hub.shutdown(now=0.0, timestamp=0)
+    cid = hub.open(now=1.0, peer="10.0.0.1:1")
+    assert hub.take_to_close() == [cid]
+    hub.receive(cid, request("lobby", "ann"), now=1.0, timestamp=0)  # read before the close
+    assert written(hub) == {}
+    assert hub.take_to_close() == []
+    hub.lost(cid, now=1.0, timestamp=0)
+    assert hub.connection_count == 0

@@ -54,8 +54,12 @@ def outbox(hub: MessageHub) -> dict[ConnectionId, list[Any]]:
 
 def test_the_heartbeat_must_be_off() -> None:
     for config in (None, BrokerConfig()):
-        with pytest.raises(ConfigError, match="heartbeat"):
+        with pytest.raises(ConfigError, match="heartbeat") as raised:
             MessageHub(config)
+        assert str(raised.value) == (
+            "heartbeat: must be off for a transport that owns pings (a MessageHub): "
+            "use the server's own ping setting"
+        )
 
 
 def test_each_hub_takes_only_its_own_kind_of_connection() -> None:

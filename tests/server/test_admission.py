@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,6 +12,9 @@ from hypothesis import strategies as st
 from roombus import ServerConfig
 from roombus.core.names import ConnectionId
 from roombus.server.admission import PROBE_BUDGET, RETRY_AFTER, Admission
+
+if TYPE_CHECKING:
+    import pytest
 
 
 def test_within_the_limits_there_is_no_answer_to_give() -> None:
@@ -89,3 +94,36 @@ def test_counts_follow_opens_and_losses(steps: list[tuple[bool, str | None]]) ->
         for address in ("10.0.0.1", "::1"):
             assert admission.count(address) == model[address]
     assert set(admission._per_ip) == {ip for ip, n in model.items() if n and ip is not None}
+
+
+def test_each_refusal_says_which_limit_in_its_body_and_its_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    admission = Admission(ServerConfig(max_connections=3, max_connections_per_ip=1))
+    admission.add("10.0.0.1", 1)
+    per_ip = admission.add("10.0.0.1", 2)
+    total = admission.add("10.0.0.2", 4)
+    assert per_ip is not None and per_ip.body == b"too many connections from your address\n"
+    assert total is not None and total.body == b"server full: too many connections\n"
+    with caplog.at_level(logging.INFO, logger="roombus"):
+        admission.refused("10.0.0.1:5000", per_ip, cid=ConnectionId(2))
+        admission.refused("10.0.0.2:5000", total)
+    assert [r.getMessage() for r in caplog.records] == [
+        "10.0.0.1:5000 refused: over max-connections-per-ip (1)",
+        "10.0.0.2:5000 refused: over max-connections (3)",
+    ]
+    first, second = (
+        {k: r.__dict__.get(k) for k in ("peer", "status", "reason", "conn")} for r in caplog.records
+    )
+    assert first == {
+        "peer": "10.0.0.1:5000",
+        "status": 429,
+        "reason": "max-connections-per-ip",
+        "conn": 2,
+    }
+    assert second == {
+        "peer": "10.0.0.2:5000",
+        "status": 503,
+        "reason": "max-connections",
+        "conn": None,
+    }

@@ -79,3 +79,9 @@ def test_the_edges_of_each_range_are_accepted(settings: dict[str, Any]) -> None:
 def test_origins_are_kept_normalized() -> None:
     config = ServerConfig(allowed_origins=["HTTPS://Example.com/", " http://a.test\t"])
     assert config.allowed_origins == frozenset({"https://example.com", "http://a.test"})
+
+
+def test_an_api_port_without_a_key_says_the_api_is_off_without_one() -> None:
+    with pytest.raises(ConfigError) as raised:
+        ServerConfig(api_port=8080)
+    assert str(raised.value) == "api-port: needs --api-key (the API is off without one)"

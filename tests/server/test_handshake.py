@@ -250,3 +250,12 @@ def test_a_malformed_position_is_refused_with_400(query: bytes) -> None:
     decision = route_request(b"GET", b"/ws?room=lobby&username=ann" + query, UPGRADE)
     assert isinstance(decision, HttpResponse) and decision.status == 400
     assert b"since" in decision.body or b"partial" in decision.body
+
+
+def test_an_unsupported_websocket_version_is_named_with_the_one_spoken() -> None:
+    headers = [*UPGRADE[:3], (b"sec-websocket-version", b"8"), *UPGRADE[4:]]
+    decision = route_request(b"GET", b"/ws?room=lobby&username=ann", headers)
+    assert isinstance(decision, HttpResponse)
+    assert decision.status == 426
+    assert decision.body == b"unsupported WebSocket version (13 only)\n"
+    assert (b"sec-websocket-version", b"13") in decision.headers

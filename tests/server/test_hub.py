@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sys
 
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
@@ -272,6 +273,7 @@ def test_an_authorizer_without_an_authenticator_decides_by_the_query_s_username(
         hub.receive(cid, request("vip", user), now=0.0, timestamp=0)
         out[user] = written(hub)[cid]
     assert out["bob"].startswith(b"HTTP/1.1 403 ")
+    assert out["bob"].endswith(b"\r\n\r\nnot allowed in room 'vip'\n")  # the broker's reason
     assert out["ann"].startswith(b"HTTP/1.1 101 ")
 
 
@@ -362,3 +364,53 @@ def test_a_head_request_refused_by_admission_gets_no_body() -> None:
     head, _, body = written(hub)[cid].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and b"content-length:" in head.lower()
     assert body == b""
+
+
+def _stack_depth() -> int:
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
+
+
+def test_a_chain_of_overflows_is_worked_through_at_one_stack_depth() -> None:
+    """Each slow reader's leave overflows the next one only: a chain as long as the room.
+    The hub works through it as a worklist, so its stack does not grow with the chain
+    (a recursion per link would blow the stack of a large room)."""
+    n = 200
+    hub = Hub(
+        BrokerConfig(send_queue=n + 1, rate_limit=0, heartbeat=False),
+        ServerConfig(max_connections_per_ip=0),
+    )
+    # Nobody reads. The i-th to join holds the room's state and the later joins: the
+    # first holds n + 1 messages (full), each later one a message less.
+    readers = [connect(hub, "lobby", f"u{i}") for i in range(n)]
+    assert hub.overflows == 0
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_stack_depth() + 300)  # a recursion per link needs far more
+    try:
+        hub.publish("lobby", "x", username="server", now=1.0, timestamp=0)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert hub.overflows == n
+    assert hub.websocket_count == 0
+    for cid in readers:
+        queue = hub.queue(cid)
+        assert isinstance(queue, SendQueue)
+        out = b""
+        while queue:
+            out += queue.data()
+            queue.consume(len(queue.data()))
+        assert out.endswith(b"\x88\x25\x03\xf0send queue full: reading too slowly"), cid
+
+
+def test_a_connection_opened_after_shutdown_is_dropped_at_once() -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    hub.shutdown(now=0.0, timestamp=0)
+    cid = hub.open(now=1.0, peer="10.0.0.1:1")
+    assert hub.take_to_close() == [cid]
+    hub.receive(cid, request("lobby", "ann"), now=1.0, timestamp=0)  # read before the close
+    assert written(hub) == {}
+    assert hub.take_to_close() == []
+    hub.lost(cid, now=1.0, timestamp=0)
+    assert hub.connection_count == 0

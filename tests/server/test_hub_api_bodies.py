@@ -197,3 +197,30 @@ def test_a_head_request_on_the_api_s_paths_is_answered_without_a_body(
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 " + status + b" ")
     assert body == b"" and int(head.partition(b"content-length: ")[2].split(b"\r")[0]) > 0
+
+
+@pytest.mark.parametrize("gone", ["lost", "shut down"])
+def test_the_answer_of_a_call_whose_connection_went_while_it_waited_is_dropped(gone: str) -> None:
+    """The connection went (the adapter said it was lost, or a shutdown dropped it)
+    before the backplane answered: the answer, when it comes, is written nowhere."""
+    from roombus.cluster import BackplaneRestored, ClusterBroker
+
+    hub = Hub(
+        broker=ClusterBroker(BrokerConfig(heartbeat=False, rate_limit=0), node="n1"),
+        config=ServerConfig(api_keys=[KEY]),
+    )
+    hub.backplane_event(BackplaneRestored(), now=0.0, timestamp=0)
+    hub.take_backplane()
+    body = json.dumps({"room": "lobby", "content": "hi"}).encode()
+    cid = _call(hub, "/api/publish", body)
+    assert hub.take_backplane()  # the relay, unanswered
+    assert not [c for c, _ in hub.take_dirty() if c == cid]
+    if gone == "lost":
+        hub.lost(cid, now=1.0, timestamp=1)
+    else:
+        hub.shutdown(now=1.0, timestamp=1)
+        assert hub.take_to_close() == [cid]
+    for t in range(2, 12):  # past the operations' timeout: the call is answered 503
+        hub.timeout(now=float(t), timestamp=t)
+        assert not [c for c, _ in hub.take_dirty() if c == cid], t
+    assert hub.take_to_close() == []

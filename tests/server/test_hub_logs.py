@@ -255,3 +255,22 @@ def test_every_line_about_a_connection_reads_whole_and_names_its_peer(caplog):
         peer = record.__dict__.get("peer")
         if peer:
             assert peer in text, text
+
+
+def test_refused_input_is_logged_with_its_close_code_and_reason(caplog):
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = hub.open(now=0.0, peer="10.0.0.7:4000")
+    hub.receive(cid, request("lobby", "ann"), now=0.0, timestamp=0)
+    written(hub)
+    with caplog.at_level(logging.INFO, logger="roombus"):
+        hub.receive(cid, b"\x81\x02hi", now=0.1, timestamp=0)  # unmasked: a protocol error
+    (closing,) = find(caplog, "refused its input")
+    assert closing.getMessage() == f"closing conn {cid} (10.0.0.7:4000): 1002 (refused its input)"
+    assert fields(closing) == {
+        "conn": cid,
+        "peer": "10.0.0.7:4000",
+        "user": "ann",
+        "room": "lobby",
+        "code": 1002,
+        "reason": "refused its input",
+    }

@@ -54,8 +54,12 @@ def outbox(hub: MessageHub) -> dict[ConnectionId, list[Any]]:
 
 def test_the_heartbeat_must_be_off() -> None:
     for config in (None, BrokerConfig()):
-        with pytest.raises(ConfigError, match="heartbeat"):
+        with pytest.raises(ConfigError, match="heartbeat") as raised:
             MessageHub(config)
+        assert str(raised.value) == (
+            "heartbeat: must be off for a transport that owns pings (a MessageHub): "
+            "use the server's own ping setting"
+        )
 
 
 def test_each_hub_takes_only_its_own_kind_of_connection() -> None:
@@ -370,3 +374,26 @@ def test_close_timeouts_survive_the_table_shrinking() -> None:
     assert hub.next_deadline() == 3.0
     hub.timeout(now=3.0, timestamp=TS)
     assert hub.take_to_close() == [cids[0]]
+
+
+class _NoLeeway:
+    """An authenticator with no ``leeway`` attribute: no clock skew is allowed."""
+
+    def authenticate(
+        self, *, path: bytes, query: bytes, headers: Any, now: float
+    ) -> Identity | Refusal:
+        return Identity(username=Username("ann"), expires_at=TS + 10)
+
+
+def test_expiring_credentials_of_an_authenticator_without_leeway_close_at_their_expiry() -> None:
+    hub = MessageHub(QUIET, ServerConfig(), authenticator=_NoLeeway())
+    ann = hub.open_websocket(
+        b"/ws?room=lobby", [(b"sec-websocket-key", KEY)], now=100.0, timestamp=TS
+    )
+    assert not isinstance(ann, HttpResponse)
+    outbox(hub)
+    assert hub.next_deadline() == 110.0
+    hub.timeout(now=109.9, timestamp=TS + 9)
+    assert outbox(hub) == {}
+    hub.timeout(now=110.0, timestamp=TS + 10)
+    assert isinstance(outbox(hub)[ann][-1], CloseMessage)

@@ -87,6 +87,12 @@ def test_no_valid_header_is_closed_logged_once_and_counted(
     assert lines == [
         f"{NGINX} sent no valid PROXY protocol header, closed: no PROXY protocol signature"
     ]
+    (record,) = caplog.records
+    assert {k: record.__dict__[k] for k in ("conn", "peer", "reason")} == {
+        "conn": cid,
+        "peer": NGINX,
+        "reason": "no PROXY protocol signature",
+    }
 
 
 def test_a_header_that_never_completes_has_the_handshake_timeout() -> None:

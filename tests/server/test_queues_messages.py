@@ -94,3 +94,19 @@ def test_within_bounds_and_in_order(
             assert sent == accepted[: len(sent)]
             accepted = accepted[len(sent) :]
     assert drain(q) == accepted or q.state is QueueState.OVERFLOWED
+
+
+def test_consume_is_bounded_by_what_is_left_of_the_batch() -> None:
+    """Part of a batch sent, only the rest may be reported: a driver that counts twice
+    must not make the queue's counts (and the shared budget) go below zero."""
+    q = MessageQueue(10, 1000)
+    for payload in (b"a", b"bb", b"ccc"):
+        q.push(payload)
+    assert q.data() == [b"a", b"bb", b"ccc"]
+    q.consume(2)
+    with pytest.raises(ValueError, match="cannot consume 2 of 1 messages"):
+        q.consume(2)
+    assert (q.messages, q.data_bytes, q.budget.used) == (1, 3, 3)
+    q.consume(1)
+    assert (q.messages, q.data_bytes, q.budget.used) == (0, 0, 0)
+    assert not q

@@ -22,6 +22,7 @@ from wsproto.events import (
 )
 
 from roombus.server.handshake import Upgrade, route_request
+from roombus.server.http import HttpResponse
 from roombus.server.wire import (
     FRAGMENT_OVERHEAD,
     BadRequest,
@@ -400,3 +401,51 @@ def test_a_long_frame_in_many_reads_is_one_message(n: int, pieces: int) -> None:
     for a, b in itertools.pairwise(cuts):
         events += wire.receive_data(data[a:b])
     assert events == [MessageReceived("hi"), MessageReceived("x" * n), MessageReceived("after")]
+
+
+def test_a_stream_that_ends_before_any_request_is_a_peer_s_abnormal_close() -> None:
+    """Nothing to answer: the peer went (1006, by the peer), and the wire is closed."""
+    wire = ServerWire()
+    assert wire.receive_data(b"") == []
+    assert wire.receive_data(None) == [Closed(code=1006, data=b"", by_peer=True)]
+    assert wire.state is WireState.CLOSED
+
+
+def test_a_refused_request_says_why_in_its_body() -> None:
+    # Too large, whole in one read (h11 bounds only what is incomplete) or still growing.
+    for pieces in (
+        [b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 200 + b"\r\n\r\n"],
+        [b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 60, b"a" * 60],
+    ):
+        wire = ServerWire(max_header_bytes=100)
+        events = [e for piece in pieces for e in wire.receive_data(piece)]
+        assert events == [
+            BadRequest(HttpResponse(status=431, body=b"request header too large\n"))
+        ], pieces
+    # Malformed in its head, or in its body (the peer gone mid-body).
+    (event,) = ServerWire().receive_data(b"\x16\x03\x01 not http\r\n\r\n")
+    assert event == BadRequest(HttpResponse(status=400, body=b"malformed HTTP request\n"))
+    wire = ServerWire(max_body_bytes=10)
+    wire.wants_body = lambda target, headers: True
+    assert wire.receive_data(_post(5) + b"he") == []
+    assert wire.receive_data(None) == [
+        BadRequest(HttpResponse(status=400, body=b"malformed HTTP request\n"))
+    ]
+
+
+@pytest.mark.parametrize(("tail", "too_big"), [(138, False), (139, True)])
+def test_a_fragmented_message_counts_the_bytes_of_parts_too_short_to_measure(
+    tail: int, too_big: bool
+) -> None:
+    """Its first part is short enough to go by characters alone (30 of them and a
+    fragment's overhead, under a quarter of the limit); once the message is long enough
+    to count its UTF-8 bytes, that part's 60 bytes are counted too: 60 + 64 + 2 * tail
+    against the limit of 400, to the byte."""
+    wire, client = opened(max_message_bytes=400)
+    first = client.send(TextMessage(data="é" * 30, message_finished=False))
+    assert wire.receive_data(first) == [FragmentReceived()]
+    last = client.send(TextMessage(data="é" * tail, message_finished=True))
+    if too_big:
+        assert closing_code(wire, last) == 1009
+    else:
+        assert wire.receive_data(last) == [MessageReceived("é" * (30 + tail))]

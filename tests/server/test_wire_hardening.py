@@ -133,6 +133,7 @@ def test_an_upgrade_with_a_body_is_refused_400(header: bytes) -> None:
         b"GET", b"/ws?room=lobby&username=ann", [*_headers(REQUEST), _split(header)]
     )
     assert isinstance(decision, HttpResponse) and decision.status == 400
+    assert decision.body == b"a WebSocket upgrade has no body (Content-Length, Transfer-Encoding)\n"
 
 
 def test_a_plain_request_may_still_carry_a_body_length() -> None:

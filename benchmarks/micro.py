@@ -10,6 +10,8 @@ Micro-benchmarks of the sans-IO hub's hot paths (no sockets, one process, timeit
 * ``fanout-write``: ``fanout`` and then its 1000 queues taken and written out, each
   reported with ``flushed(cid, now=...)`` (what the metrics observe: the send-queue
   depth per queue taken, the publish-to-write latency per queue written).
+* ``rooms``: 100 rooms of 10, every member chatting; the queues written out every
+  100 chats. Microseconds per chat (its 10 deliveries included).
 * ``observe``: one ``Histogram.observe`` (what each of those observations costs), in ns.
 
 Run: ``python benchmarks/micro.py [--repeat 7]``. Prints the best of the repeats, in
@@ -108,6 +110,37 @@ def churn(repeat: int, number: int = 2000, *, handshake: bool = True) -> float:
     return min(times) / number * 1e6
 
 
+def rooms(repeat: int, rounds: int = 5) -> float:
+    """100 rooms of 10; every member sends a chat, the queues are written out every
+    100 chats (as a busy flusher's sweep finds them). Microseconds per chat."""
+    hub = Hub(
+        BrokerConfig(rate_limit=0, heartbeat=False),
+        ServerConfig(max_connections=0, max_connections_per_ip=0),
+    )
+    cids = []
+    for r in range(100):
+        for m in range(10):
+            cid = hub.open(now=0.0, peer=f"127.0.0.1:{len(cids)}")
+            hub.receive(cid, request(f"room{r}", f"u{r}_{m}"), now=0.0, timestamp=TS)
+            cids.append(cid)
+    drain(hub)
+    frame = Connection(ConnectionType.CLIENT).send(
+        TextMessage('{"type":"chat","content":"hello from the benchmark, a typical chat line"}')
+    )
+    clock = [0.0]
+
+    def round_() -> None:
+        clock[0] += 0.001
+        now = clock[0]
+        for i, cid in enumerate(cids):
+            hub.receive(cid, frame, now=now, timestamp=TS)
+            if i % 100 == 99:
+                drain(hub, now)
+
+    times = timeit.Timer(round_).repeat(repeat, rounds)
+    return min(times) / (rounds * len(cids)) * 1e6
+
+
 def observe(repeat: int, number: int = 200_000) -> float:
     histogram = Histogram(LATENCY_BUCKETS)
     times = timeit.Timer(lambda: histogram.observe(0.003)).repeat(repeat, number)
@@ -127,6 +160,7 @@ def main() -> None:
                 "churn_us": round(churn(args.repeat), 2),
                 "open_lost_us": round(churn(args.repeat, handshake=False), 3),
                 "fanout_write_us": round(fanout(args.repeat, write=True), 2),
+                "rooms_chat_us": round(rooms(args.repeat), 2),
                 "observe_ns": round(observe(args.repeat), 1),
             }
         )

@@ -101,6 +101,7 @@ ops = st.lists(
         st.tuples(st.just("push"), st.binary(min_size=1, max_size=40)),
         st.tuples(st.just("control"), st.binary(min_size=1, max_size=4)),
         st.tuples(st.just("write"), st.integers(min_value=0, max_value=100)),
+        st.tuples(st.just("take"), st.none()),
         st.tuples(st.just("close"), st.booleans()),
     ),
     max_size=60,
@@ -126,6 +127,8 @@ def test_queue_against_a_model(max_messages: int, max_bytes: int, ops: list) -> 
         elif op == "close":
             if q.close_with(b"<CLOSE>", drop_pending=arg):
                 accepted.append(b"<CLOSE>")
+        elif op == "take":
+            written += bytes(q.take())
         else:
             data = q.data()
             n = min(arg, len(data))
@@ -148,3 +151,30 @@ def test_queue_against_a_model(max_messages: int, max_bytes: int, ops: list) -> 
         assert i < len(accepted), f"written bytes {written!r} not made of frames {accepted!r}"
         rest = rest[len(accepted[i]) :]
         i += 1
+
+
+def _state(q: SendQueue) -> tuple[object, ...]:
+    return (q.state, q.messages, q.data_bytes, q.nbytes, q.budget.used, bool(q))
+
+
+@given(max_messages=st.integers(1, 6), max_bytes=st.integers(1, 120), ops=ops)
+def test_take_is_data_consumed_in_full(max_messages: int, max_bytes: int, ops: list) -> None:
+    """``take()`` hands out what ``data()`` would and leaves the queue as
+    ``consume(len(data))`` would, at every step (partial writes included)."""
+    a, b = SendQueue(max_messages, max_bytes), SendQueue(max_messages, max_bytes)
+    for op, arg in ops:
+        for q in (a, b):
+            if op == "push":
+                q.push(arg)
+            elif op == "control":
+                q.push_control(arg)
+            elif op == "close":
+                q.close_with(b"<CLOSE>", drop_pending=arg)
+            elif op == "write":
+                data = q.data()
+                q.consume(min(arg, len(data)))
+        if op == "take":
+            expected = bytes(b.data())
+            b.consume(len(expected))
+            assert bytes(a.take()) == expected
+        assert _state(a) == _state(b)

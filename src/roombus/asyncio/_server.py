@@ -488,9 +488,7 @@ class Server(ServerFacade):
         if transport is None or transport.is_closing():
             return  # connection_lost follows
         while queue and not proto.paused:
-            data = queue.data()
-            transport.write(data)  # may call pause_writing() before it returns
-            queue.consume(len(data))
+            transport.write(queue.take())  # may call pause_writing() before it returns
         if queue:
             proto.stalled = queue
         else:

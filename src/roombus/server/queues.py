@@ -223,6 +223,30 @@ class SendQueue:
             return memoryview(self._chunk)[self._chunk_sent :]
         return self._chunk
 
+    def take(self) -> bytes | memoryview:
+        """
+        :meth:`data`, reported written in full (``consume(len(data))``): for a
+        transport that takes every byte it is handed (asyncio's ``transport.write``
+        buffers what the kernel does not take). One call per write instead of two.
+        """
+        if self._chunk:  # a chunk partly written: its rest
+            data = self.data()
+            self.consume(len(data))
+            return data
+        pending = self._pending
+        if not pending:
+            return b""
+        chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+        n = len(chunk)
+        self._data_frames -= len(pending) - self._pending_control
+        self._data_bytes -= n - self._pending_control_bytes
+        self._nbytes -= n
+        self.budget.used -= n
+        pending.clear()
+        self._pending_control = self._pending_control_bytes = 0
+        self._pending_pong = -1
+        return chunk
+
     def consume(self, n: int) -> None:
         """Report that the first *n* bytes of :meth:`data` were written."""
         if n == 0:

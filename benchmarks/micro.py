@@ -30,6 +30,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
 from roombus import BrokerConfig, ServerConfig
+from roombus.core.names import ConnectionId
 from roombus.core.stats import Histogram
 from roombus.hub import Hub
 from roombus.server.metrics import LATENCY_BUCKETS
@@ -117,7 +118,7 @@ def rooms(repeat: int, rounds: int = 5) -> float:
         BrokerConfig(rate_limit=0, heartbeat=False),
         ServerConfig(max_connections=0, max_connections_per_ip=0),
     )
-    cids = []
+    cids: list[ConnectionId] = []
     for r in range(100):
         for m in range(10):
             cid = hub.open(now=0.0, peer=f"127.0.0.1:{len(cids)}")

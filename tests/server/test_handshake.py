@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roombus.core.streams import Position
-from roombus.server.handshake import HttpResponse, Upgrade, accept_token, route_request
+from roombus.server.handshake import (
+    HttpResponse,
+    Upgrade,
+    accept_token,
+    route_request,
+    route_websocket,
+)
 from roombus.server.http import StaticFile, response_head
 
 KEY = base64.b64encode(b"0123456789abcdef")
@@ -259,3 +265,12 @@ def test_an_unsupported_websocket_version_is_named_with_the_one_spoken() -> None
     assert decision.status == 426
     assert decision.body == b"unsupported WebSocket version (13 only)\n"
     assert (b"sec-websocket-version", b"13") in decision.headers
+
+
+def test_a_websocket_an_asgi_server_passes_with_a_bad_key_is_refused_saying_so() -> None:
+    """An ASGI server checked the handshake, but not every one checks the key."""
+    refused = route_websocket(
+        b"/ws?room=lobby&username=ann", [(b"sec-websocket-key", b"not a key")]
+    )
+    assert isinstance(refused, HttpResponse)
+    assert (refused.status, refused.body) == (400, b"missing or invalid Sec-WebSocket-Key\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import sys
 
+import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
@@ -414,3 +415,47 @@ def test_a_connection_opened_after_shutdown_is_dropped_at_once() -> None:
     assert hub.take_to_close() == []
     hub.lost(cid, now=1.0, timestamp=0)
     assert hub.connection_count == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [(b"/healthz", b"200"), (b"/no-such-page", b"404"), (b"/ws", b"426")]
+)
+def test_a_head_request_routed_to_an_answer_gets_its_head_only(path: bytes, status: bytes) -> None:
+    """HEAD gets the status and length GET would, and no body (RFC 9110 9.3.2)."""
+    answers = {}
+    for method in (b"GET", b"HEAD"):
+        hub = Hub(BrokerConfig(), ServerConfig())
+        cid = hub.open(now=0.0)
+        hub.receive(
+            cid, method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n", now=0.0, timestamp=0
+        )
+        answers[method] = written(hub)[cid].partition(b"\r\n\r\n")
+    get_head, _, get_body = answers[b"GET"]
+    head_head, _, head_body = answers[b"HEAD"]
+    assert get_head.startswith(b"HTTP/1.1 " + status) and get_body
+    assert head_head.startswith(b"HTTP/1.1 " + status) and head_body == b""
+    length = [h for h in get_head.lower().split(b"\r\n") if h.startswith(b"content-length:")]
+    assert length and length[0] in head_head.lower().split(b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (
+            b"GET /ws?room=lobby&username=ann HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            b"missing or invalid Sec-WebSocket-Key",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: one\r\n  two\r\n\r\n",
+            b"malformed HTTP request: folded header lines are not accepted",
+        ),
+    ],
+)
+def test_a_bad_upgrade_or_request_says_why_in_its_400(raw: bytes, words: bytes) -> None:
+    hub = Hub(BrokerConfig(), ServerConfig())
+    cid = hub.open(now=0.0)
+    hub.receive(cid, raw, now=0.0, timestamp=0)
+    head, _, body = written(hub)[cid].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert body == words + b"\n"

@@ -276,3 +276,17 @@ def test_label_values_and_help_are_escaped_as_the_text_format_says() -> None:
     assert parsed.documentation == "help with \\ and\na newline"
     ((_, labels, v),) = [(s.name, s.labels, s.value) for s in parsed.samples]
     assert labels == {"v": odd} and v == 3
+
+
+def test_extra_metrics_are_counters_by_their_total_suffix_and_say_where_from(hub: Hub) -> None:
+    """A backplane's figures (``extra_metrics``) not in the catalogue: a ``_total`` is a
+    counter, anything else a gauge, each with a help line naming its source."""
+    hub.extra_metrics = lambda: {"roombus_widgets_total": 3.0, "roombus_widgets_open": 2.0}
+    found = scrape(hub)
+    assert found["roombus_widgets"]["type"] == "counter"
+    assert value(found, "roombus_widgets_total") == 3.0
+    assert found["roombus_widgets_open"]["type"] == "gauge"
+    assert value(found, "roombus_widgets_open") == 2.0
+    for name in ("roombus_widgets_total", "roombus_widgets_open"):
+        base = name.removesuffix("_total")
+        assert found[base]["help"] == f"{name} (from the server's extra_metrics)."

@@ -36,6 +36,21 @@ def connect(hub: Hub, room: str, user: str) -> int:
     return cid
 
 
+#: The close frame of a reader closed for being slow (1008).
+SLOW_CLOSE = b"\x88\x25\x03\xf0send queue full: reading too slowly"
+
+
+def left_in_queue(hub: Hub, cid: int) -> bytes:
+    """Everything *cid*'s send queue still holds, written out."""
+    queue = hub.queue(cid)
+    assert isinstance(queue, SendQueue)
+    out = b""
+    while queue:
+        out += queue.data()
+        queue.consume(len(queue.data()))
+    return out
+
+
 def written(hub: Hub) -> dict[int, bytes]:
     """Write out everything the hub asks for, as a driver with fast peers would."""
     out: dict[int, bytes] = {}
@@ -66,13 +81,7 @@ def test_a_thousand_slow_consumers_overflowing_at_once_do_not_recurse() -> None:
     assert hub.overflows >= n
     assert hub.websocket_count <= 1  # the last to join may still be within its bounds
     for cid in slow[:-1]:
-        queue = hub.queue(cid)
-        assert isinstance(queue, SendQueue)
-        out = b""
-        while queue:
-            out += queue.data()
-            queue.consume(len(queue.data()))
-        assert out.endswith(b"\x88\x25\x03\xf0send queue full: reading too slowly")
+        assert left_in_queue(hub, cid).endswith(SLOW_CLOSE)
 
 
 def test_a_ping_after_our_close_gets_no_pong_and_breaks_nothing() -> None:
@@ -396,13 +405,7 @@ def test_a_chain_of_overflows_is_worked_through_at_one_stack_depth() -> None:
     assert hub.overflows == n
     assert hub.websocket_count == 0
     for cid in readers:
-        queue = hub.queue(cid)
-        assert isinstance(queue, SendQueue)
-        out = b""
-        while queue:
-            out += queue.data()
-            queue.consume(len(queue.data()))
-        assert out.endswith(b"\x88\x25\x03\xf0send queue full: reading too slowly"), cid
+        assert left_in_queue(hub, cid).endswith(SLOW_CLOSE), cid
 
 
 def test_a_connection_opened_after_shutdown_is_dropped_at_once() -> None:

@@ -53,7 +53,7 @@ from ..node.facade import ServerFacade
 from ..node.facade import wall as _wall
 from ..node.metrics import ServerMetrics
 from ..node.settings import Settings
-from ..node.tuning import BUSY_SWEEP, WRITE_DELAY
+from ..node.tuning import BUSY_SWEEP, RECEIVE_SIZE, WRITE_DELAY
 from ..server.config import ServerConfig
 from ..server.framed import FramedHub
 from ..server.peer import peer_label
@@ -79,8 +79,16 @@ class Backplane(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Protocol(asyncio.Protocol):
-    """One connection: hands the loop's callbacks to the server."""
+class _Protocol(asyncio.BufferedProtocol):
+    """
+    One connection: hands the loop's callbacks to the server.
+
+    Reads land in the server's one receive buffer (:meth:`get_buffer`), and what was
+    read is copied out of it at once: asyncio's own reads (``data_received``) allocate
+    256 KiB per read, which glibc serves with ``mmap`` and ``munmap`` (a system call
+    pair, and a page fault, per read). The in-memory transports call
+    :meth:`data_received`.
+    """
 
     def __init__(self, server: Server, api: bool = False) -> None:
         self.server = server
@@ -95,6 +103,13 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.server._open(self, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        server = self.server
+        server._receive(self, server._buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         self.server._receive(self, data)
@@ -173,6 +188,8 @@ class Server(ServerFacade):
         self.api_port: int | None = None
         self._loop = asyncio.get_running_loop()
         self._links: dict[ConnectionId, _Protocol] = {}
+        # Every read lands here (one callback runs at a time), and is copied out at once.
+        self._buffer = memoryview(bytearray(RECEIVE_SIZE))
         self._listeners: list[asyncio.AbstractServer] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delay = 0.0

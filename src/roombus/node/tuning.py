@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Final
 
-#: Bytes one read asks the kernel for (roombus.trio's socket reads).
+#: Bytes one read asks the kernel for (roombus.trio's socket reads; roombus.asyncio's
+#: receive buffer).
 RECEIVE_SIZE: Final = 65536
 
 #: A sweep that writes to this many connections means the server is busy ...

@@ -77,6 +77,7 @@ from ..cluster.slots import (
     slot_map_from_slots,
 )
 from ..node.cluster import redis_ssl_context
+from ..node.tuning import RECEIVE_SIZE
 
 __all__ = [
     "Arg",
@@ -131,11 +132,15 @@ class _Batch:
 _L = TypeVar("_L", bound="_Link")
 
 
-class _Link(asyncio.Protocol):
-    """What both kinds of connection share: the transport, the parser, breaking."""
+class _Link(asyncio.BufferedProtocol):
+    """What both kinds of connection share: the transport, the parser, breaking.
+
+    Reads land in the link's own buffer (as in :mod:`roombus.asyncio`'s server: not
+    256 KiB allocated per read) and are copied out at once."""
 
     def __init__(self, where: str) -> None:
         self._where = where
+        self._buffer = memoryview(bytearray(RECEIVE_SIZE))
         self._reader = new_reader()
         self._transport: asyncio.Transport | None = None
         self._broken: RedisConnectionError | None = None
@@ -150,6 +155,12 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         try:

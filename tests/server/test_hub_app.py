@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
+
 from roombus import BrokerConfig, MessagePublished, ServerConfig, UserJoined, UserLeft
 from roombus.hub import Hub
 
@@ -50,6 +53,34 @@ def test_the_notice_hook_sees_every_notice_and_its_failure_breaks_nothing(
     hub.lost(ann, now=0.0, timestamp=0)
     assert [type(n) for n in seen] == [UserJoined, MessagePublished, UserLeft]
     assert isinstance(seen[1], MessagePublished) and seen[1].content == "x"
+
+
+def test_the_broker_makes_chat_notices_only_while_there_is_a_hook() -> None:
+    seen: list[object] = []
+    hub = Hub(BrokerConfig(), ServerConfig())
+    assert not hub.broker.notices  # no one would read them
+    ann = connect(hub, "lobby", "ann")
+    bob = connect(hub, "lobby", "bob")
+    written(hub)
+
+    def chat(text: str, now: float) -> dict[int, bytes]:
+        frame = Connection(ConnectionType.CLIENT).send(
+            TextMessage(data=f'{{"type":"chat","content":"{text}"}}')
+        )
+        hub.receive(ann, frame, now=now, timestamp=5)
+        return written(hub)
+
+    out = chat("one", 1.0)
+    assert all(b'"content":"one"' in out[c] for c in (ann, bob))  # delivered all the same
+    hub.on_notice = seen.append
+    assert hub.broker.notices and hub.on_notice == seen.append
+    out = chat("two", 2.0)
+    assert b'"seq":2' in out[bob]
+    assert [(type(n), getattr(n, "content", None)) for n in seen] == [(MessagePublished, "two")]
+    hub.on_notice = None
+    assert not hub.broker.notices
+    chat("three", 3.0)
+    assert len(seen) == 1
 
 
 METRICS = {

@@ -174,6 +174,8 @@ class Broker:
         epoch_prefix: The start of the epochs of this broker's room streams: unique
             per process, so that a restart starts new epochs (1-24 characters of
             ``A-Z a-z 0-9 _ -``). None: a random one.
+        notices: False: a chat a client publishes makes no
+            :class:`~roombus.MessagePublished` (:attr:`notices`).
 
     A node of a cluster uses :class:`~roombus.cluster.ClusterBroker` instead.
 
@@ -194,15 +196,26 @@ class Broker:
     #: for a broker on its own.
     node: str | None = None
 
+    #: Whether a chat a client publishes makes a :class:`~roombus.MessagePublished`
+    #: notice (True by default). A driver with no use for the notices turns it off: one
+    #: object less per message (a hub does when it has no ``on_notice`` hook). A
+    #: publish from server-side code (:meth:`publish`) makes one all the same: it
+    #: carries the message's position. Joins and leaves always make theirs, and so does
+    #: a :class:`~roombus.cluster.ClusterBroker` (its chats' notices come with Redis's
+    #: numbering, after a round trip that costs far more).
+    notices: bool = True
+
     def __init__(
         self,
         config: BrokerConfig | None = None,
         *,
         authorizer: Authorizer | None = None,
         epoch_prefix: str | None = None,
+        notices: bool = True,
     ) -> None:
         self.config: Final = config if config is not None else BrokerConfig()
         self.authorizer: Final = authorizer
+        self.notices = notices
         config = self.config
         self._streams = MemoryStreams(
             epoch_prefix=epoch_prefix if epoch_prefix is not None else secrets.token_urlsafe(6),
@@ -518,12 +531,12 @@ class Broker:
 
         With *msg_id* (an idempotency key, as a chat's ``id``), a message of the same
         *username* and id to the same room within ``dedup_window`` (in this epoch) is
-        not published again: no :class:`~roombus.lowlevel.MessagePublished` then, and
+        not published again: no :class:`~roombus.MessagePublished` then, and
         :meth:`acknowledged` has the first one's position.
 
         The message is numbered and kept in the room's history even if the room has
         no members now (a client that joins with a position is sent it); the
-        :class:`~roombus.lowlevel.MessagePublished` among the actions has its position.
+        :class:`~roombus.MessagePublished` among the actions has its position.
 
         Args:
             now: The driver's monotonic clock (None: as of the last event handled, 0.0
@@ -963,16 +976,17 @@ class Broker:
                 )
                 if members:
                     self._deliver(members, payload, actions)
-            actions.append(
-                MessagePublished(
-                    room=room,
-                    username=username,
-                    content=content,
-                    seq=seq,
-                    timestamp=timestamp,
-                    epoch=epoch,
+            if conn is None or self.notices:
+                actions.append(
+                    MessagePublished(
+                        room=room,
+                        username=username,
+                        content=content,
+                        seq=seq,
+                        timestamp=timestamp,
+                        epoch=epoch,
+                    )
                 )
-            )
         if msg_id is not None and conn is not None:
             self._deliver((conn,), codec.encode_ack(msg_id, room, Position(epoch, seq)), actions)
         return True

@@ -253,6 +253,8 @@ class HubBase:
         config: Transport-level settings (timeouts, origins, page, header limit).
         on_notice: Called with every notice (a user joined or left, a message was
             published), synchronously; an exception it raises is logged and ignored.
+            The hub turns its broker's :attr:`~roombus.lowlevel.Broker.notices` off
+            while there is no hook (:attr:`on_notice` may be set later).
         framed: Needed by neither class; if given, it must be the class's own
             (:attr:`framed`), so that ``Hub(framed=False)`` names the class to use.
         authenticator: Decides who a client is from its request (401/403 before the
@@ -332,6 +334,7 @@ class HubBase:
         self.handshake_duration = Histogram(HANDSHAKE_BUCKETS)
         self._written = SAMPLE_EVERY - 1  # queues written out (the latency's sample)
         self._taken = 0  # queues handed out to be written (the depth's sample)
+        self._on_notice: NoticeHook | None = None
         self.on_notice = on_notice
         self.shutting_down = False
         #: Set by :meth:`drain`: ``/healthz`` answers 503, new WebSockets are refused.
@@ -561,6 +564,18 @@ class HubBase:
         self._dirty.pop(cid, None)
         conn.queue.detach()
         self._forget(conn, now, timestamp)
+
+    @property
+    def on_notice(self) -> NoticeHook | None:
+        """The notice hook, or None. Without one the broker makes no notice of a
+        client's chat (:attr:`Broker.notices <roombus.lowlevel.Broker.notices>`): no
+        one would read it."""
+        return self._on_notice
+
+    @on_notice.setter
+    def on_notice(self, hook: NoticeHook | None) -> None:
+        self._on_notice = hook
+        self.broker.notices = hook is not None
 
     def enforce_budget(self, *, now: float, timestamp: int) -> None:
         """
@@ -902,9 +917,10 @@ class HubBase:
                     # (its echoes, the error explaining the close) goes out first.
                     self._close(conn, action.code, action.reason, now, drop_pending=False)
             elif isinstance(action, (UserJoined, UserLeft, MessagePublished)):
-                if self.on_notice is not None:
+                hook = self._on_notice
+                if hook is not None:
                     try:
-                        self.on_notice(action)
+                        hook(action)
                     except Exception:
                         log.exception(
                             "on_notice hook failed for %r",

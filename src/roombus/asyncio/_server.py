@@ -4,10 +4,11 @@ The asyncio adapter: transports, callbacks and the loop's clock around a sans-IO
 
 Theory of operation
 -------------------
-Every connection is an :class:`asyncio.Protocol` (on a TCP or TLS transport, or on
-an in-memory one: :meth:`Server.connect_in_memory`). What arrives goes to the hub, and
-the hub's outputs are carried out (:meth:`Server.transmit`) before the callback
-returns. asyncio runs one callback at a time, so the hub needs no lock.
+Every connection is an :class:`asyncio.BufferedProtocol` (on a TCP or TLS transport,
+or on an in-memory one: :meth:`Server.connect_in_memory`). Its reads land in the
+server's one receive buffer and are copied out at once. What arrives goes to the hub,
+and the hub's outputs are carried out (:meth:`Server.transmit`) before the callback
+returns. asyncio runs one callback at a time, so the hub (and the buffer) need no lock.
 
 Writing never blocks a broadcast, and never grows without bound. The hub frames a
 broadcast once and appends the same bytes to each receiver's send queue; one *flush*
